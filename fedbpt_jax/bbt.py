@@ -1,0 +1,265 @@
+"""Centralized Black-Box Tuning (BBT): one CMA-ES, the whole population scored in one forward pass.
+
+BBT (Sun et al., 2022) is FedBPT with one client: CMA-ES searches ``z ∈ R^d``, each candidate's
+fitness is the loss of the frozen model's label-word logits with prompt ``A z``. Here a generation is
+one batched forward pass over population × examples, and generations run inside ``lax.scan``.
+
+Functional API (keys first, then state, then read-only inputs; every step returns
+``(state, metrics)``)::
+
+    strategy = make_strategy(config)
+    state = init(key, config, strategy)
+    state, metrics = step(key, state, lm_params, projection, ctx, batch, spec, config=..., scorer=..., strategy=...)
+    state, history = run_generations(key, state, ..., num_generations=50)   # lax.scan
+
+:func:`tune` is the host-side driver with a progress bar and dev-set model selection.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import objective, prompt
+from .objective import Scorer
+from .types import ScoringSpec, TokenBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class BBTConfig:
+    """Static configuration of centralized BBT (hashable: shapes and names).
+
+    Defaults follow BBT's ``bbt.py``: d = 500, 50 prompt tokens, population 20, σ₀ = 1, CE loss,
+    "normal" projection with α = σ = 1, budget 8000 calls = 400 generations.
+    """
+
+    intrinsic_dim: int = 500
+    n_prompt_tokens: int = 50
+    population_size: int = 20
+    num_generations: int = 400
+    sigma0: float = 1.0
+    loss: str = "ce"
+    projection: str = "normal"
+    alpha: float = 1.0
+    layout: str | None = None
+    chunk_size: int = 0
+    eval_every: int = 25
+
+    def __post_init__(self):
+        for name in ("intrinsic_dim", "n_prompt_tokens", "num_generations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.population_size < 2:
+            raise ValueError(f"population_size must be >= 2, got {self.population_size}")
+        if not self.sigma0 > 0:
+            raise ValueError(f"sigma0 must be > 0, got {self.sigma0}")
+        if self.loss not in objective.LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; accepted: {objective.LOSSES}")
+        if self.projection not in prompt.PROJECTIONS:
+            raise ValueError(f"unknown projection {self.projection!r}; accepted: {prompt.PROJECTIONS}")
+
+
+@functools.lru_cache(maxsize=None)
+def make_strategy(population_size: int, intrinsic_dim: int):
+    """The evosax CMA-ES strategy object (built once per shape: it is static under jit)."""
+    from evosax.algorithms import CMA_ES
+
+    return CMA_ES(population_size=population_size, solution=jnp.zeros(intrinsic_dim))
+
+
+@flax.struct.dataclass
+class BBTState:
+    """BBT state.
+
+    Attributes:
+      es: evosax CMA-ES state (mean ``[d]``, std, C ``[d, d]``, …).
+      best_z: ``[d]`` best candidate seen (lowest training fitness).
+      best_fitness: scalar.
+      generation: int32 scalar.
+    """
+
+    es: Any
+    best_z: jax.Array
+    best_fitness: jax.Array
+    generation: jax.Array
+
+
+def init(key: jax.Array, config: BBTConfig) -> tuple[BBTState, Any]:
+    """Initial state (mean z = 0, σ = σ₀) and the strategy's numeric params."""
+    strategy = make_strategy(config.population_size, config.intrinsic_dim)
+    es_params = strategy.default_params.replace(std_init=jnp.asarray(config.sigma0, jnp.float32))
+    es = strategy.init(key, jnp.zeros(config.intrinsic_dim), es_params)
+    state = BBTState(
+        es=es,
+        best_z=jnp.zeros(config.intrinsic_dim),
+        best_fitness=jnp.asarray(jnp.inf, jnp.float32),
+        generation=jnp.asarray(0, jnp.int32),
+    )
+    return state, es_params
+
+
+def step(
+    key: jax.Array,
+    state: BBTState,
+    es_params: Any,
+    lm_params: Any,
+    projection: jax.Array,
+    ctx: Any,
+    batch: TokenBatch,
+    spec: ScoringSpec,
+    *,
+    config: BBTConfig,
+    scorer: Scorer,
+    hidden_size: int,
+) -> tuple[BBTState, dict]:
+    """One CMA-ES generation: ask, score the whole population in one pass, tell."""
+    strategy = make_strategy(config.population_size, config.intrinsic_dim)
+    key_ask, key_tell = jax.random.split(key)
+    z, es = strategy.ask(key_ask, state.es, es_params)
+    prompts = prompt.to_prompt(projection, z, hidden_size)
+    fit, clean = objective.population_fitness(
+        scorer, lm_params, ctx, None, batch, spec, prompts, loss=config.loss, chunk_size=config.chunk_size
+    )
+    # A NaN/inf fitness ranks worst and never reaches the CMA-ES update.
+    safe = jnp.where(jnp.isfinite(fit), fit, jnp.finfo(fit.dtype).max)
+    es, _ = strategy.tell(key_tell, z, safe, es, es_params)
+    i = jnp.argmin(safe)
+    better = safe[i] < state.best_fitness
+    new = BBTState(
+        es=es,
+        best_z=jnp.where(better, z[i], state.best_z),
+        best_fitness=jnp.where(better, safe[i], state.best_fitness),
+        generation=state.generation + 1,
+    )
+    metrics = {
+        "fitness_min": jnp.min(safe),
+        "fitness_mean": jnp.mean(safe),
+        "loss_mean": jnp.mean(clean),
+        "sigma": es.std,
+        "nonfinite": jnp.sum(~jnp.isfinite(fit)),
+    }
+    return new, metrics
+
+
+def run_generations(
+    key: jax.Array,
+    state: BBTState,
+    es_params: Any,
+    lm_params: Any,
+    projection: jax.Array,
+    ctx: Any,
+    batch: TokenBatch,
+    spec: ScoringSpec,
+    *,
+    config: BBTConfig,
+    scorer: Scorer,
+    hidden_size: int,
+    num_generations: int,
+) -> tuple[BBTState, dict]:
+    """``num_generations`` steps inside one ``lax.scan``; metrics stacked over generations."""
+
+    def body(carry, k):
+        return step(k, carry, es_params, lm_params, projection, ctx, batch, spec,
+                    config=config, scorer=scorer, hidden_size=hidden_size)
+
+    return jax.lax.scan(body, state, jax.random.split(key, num_generations))
+
+
+@dataclasses.dataclass
+class BBTResult:
+    """What :func:`tune` returns (host side)."""
+
+    z: np.ndarray  # the selected z (best on dev if a dev set was given, else the final mean)
+    final_mean: np.ndarray
+    history: dict[str, np.ndarray]
+    dev_history: list[tuple[int, float]]
+    projection: Any
+
+
+def tune(
+    key: jax.Array,
+    lm,
+    train: TokenBatch,
+    spec: ScoringSpec,
+    config: BBTConfig = BBTConfig(),
+    *,
+    dev: TokenBatch | None = None,
+    progress: bool = True,
+    eval_chunk: int = 64,
+) -> BBTResult:
+    """Runs BBT on ``train`` with a progress bar; returns the tuned z.
+
+    Generations run in jitted ``lax.scan`` segments of ``config.eval_every``; after each segment the
+    current mean is scored on ``dev`` (when given) and the best-on-dev z is kept, as BBT does.
+    """
+    from tqdm.auto import tqdm
+
+    key_proj, key_init, key_run = jax.random.split(key, 3)
+    scorer = objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens)
+    projection = prompt.make_projection(
+        key_proj, lm.input_embeddings(), intrinsic_dim=config.intrinsic_dim,
+        n_prompt_tokens=config.n_prompt_tokens, kind=config.projection, alpha=config.alpha, sigma=config.sigma0,
+    )
+    state, es_params = init(key_init, config)
+    hidden = lm.hidden_size
+    ctx = jax.jit(scorer.prepare)(lm.params, train)
+    segment = max(1, min(config.eval_every or config.num_generations, config.num_generations))
+    run = jax.jit(functools.partial(run_generations, config=config, scorer=scorer, hidden_size=hidden),
+                  static_argnames=("num_generations",))
+    evaluator = Evaluator(lm, scorer, dev, spec, chunk=eval_chunk) if dev is not None else None
+
+    history: dict[str, list] = {}
+    dev_history: list[tuple[int, float]] = []
+    best_dev, best_z = -1.0, np.zeros(config.intrinsic_dim, np.float32)
+    done = 0
+    keys = jax.random.split(key_run, -(-config.num_generations // segment))
+    with tqdm(total=config.num_generations, desc="BBT", unit="gen", disable=not progress) as bar:
+        for k in keys:
+            n = min(segment, config.num_generations - done)
+            state, metrics = run(k, state, es_params, lm.params, projection, ctx, train, spec, num_generations=n)
+            metrics = jax.device_get(metrics)
+            for name, v in metrics.items():
+                history.setdefault(name, []).extend(np.asarray(v).tolist())
+            done += n
+            postfix = {"loss": f"{history['loss_mean'][-1]:.4f}", "σ": f"{history['sigma'][-1]:.3f}"}
+            if evaluator is not None:
+                acc = evaluator.accuracy(projection, state.es.mean)
+                dev_history.append((done, acc))
+                if acc > best_dev:
+                    best_dev, best_z = acc, np.asarray(state.es.mean)
+                postfix["dev"] = f"{acc:.3f}"
+            bar.set_postfix(postfix)
+            bar.update(n)
+    final_mean = np.asarray(state.es.mean)
+    z = best_z if evaluator is not None else final_mean
+    return BBTResult(z=z, final_mean=final_mean, history={k: np.asarray(v) for k, v in history.items()},
+                     dev_history=dev_history, projection=projection)
+
+
+class Evaluator:
+    """Scores one z on a fixed example set (chunked, jitted once)."""
+
+    def __init__(self, lm, scorer: Scorer, batch: TokenBatch, spec: ScoringSpec, *, chunk: int = 64):
+        self.lm, self.scorer = lm, scorer
+        self.chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, chunk))
+        self.spec = spec
+        hidden = lm.hidden_size
+
+        def metrics(params, chunks, spec, projection, z):
+            p = None if z is None else prompt.to_prompt(projection, z, hidden)
+            logits = objective.evaluate_logits(scorer, params, chunks, spec, p)
+            return objective.classification_metrics(logits, chunks.labels, chunks.example_mask)
+
+        self._metrics = jax.jit(metrics)
+
+    def metrics(self, projection, z) -> dict[str, float]:
+        out = self._metrics(self.lm.params, self.chunks, self.spec, projection, z)
+        return {k: float(v) for k, v in out.items()}
+
+    def accuracy(self, projection, z) -> float:
+        return self.metrics(projection, z)["accuracy"]
