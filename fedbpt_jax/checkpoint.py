@@ -1,0 +1,144 @@
+"""Persistence: orbax checkpoints of a whole simulation and atomic result files.
+
+* :class:`Checkpointer` wraps an ``orbax.checkpoint.CheckpointManager``: each save is one step
+  directory holding the simulation carry (server state, best-so-far, the run key) as a
+  ``StandardSave`` pytree and a JSON item with the metrics history and a configuration fingerprint.
+  orbax writes to a temporary directory and renames it when complete, so a run killed mid-save keeps
+  its previous checkpoint. Restoring checks the fingerprint: a checkpoint from another configuration
+  is a clear error, never a silent mix.
+* :func:`write_json_atomic` / :func:`write_csv_atomic` write to a temporary file in the same folder and
+  ``os.replace`` it, so results on disk are always complete.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _to_builtin(x):
+    if isinstance(x, dict):
+        return {str(k): _to_builtin(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_builtin(v) for v in x]
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return _to_builtin(np.asarray(x).tolist())
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    return x
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path, obj: Any) -> Path:
+    """Writes ``obj`` (numpy/jax arrays allowed) as JSON; the file is replaced atomically."""
+    return _write_atomic(Path(path), json.dumps(_to_builtin(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv_atomic(path, rows: list[dict]) -> Path:
+    """Writes a list of flat dicts as CSV (columns = union of keys, in first-seen order), atomically."""
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _to_builtin(v) for k, v in r.items()})
+    return _write_atomic(Path(path), buf.getvalue())
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of configuration objects (their ``repr``)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint was written by a run with another configuration."""
+
+
+class Checkpointer:
+    """Saves and restores a simulation's carry and history with orbax.
+
+    Args:
+      directory: where step directories go.
+      fingerprint: a string identifying the configuration (see :func:`fingerprint`).
+      max_to_keep: checkpoints kept (older ones are deleted).
+    """
+
+    def __init__(self, directory, fingerprint: str, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        self.fingerprint = fingerprint
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=False),
+            item_names=("carry", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, carry: Any, meta: dict) -> None:
+        ocp = self._ocp
+        meta = dict(meta, fingerprint=self.fingerprint)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(carry=ocp.args.StandardSave(carry), meta=ocp.args.JsonSave(_to_builtin(meta))),
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[int, Any, dict]:
+        """Restores ``(step, carry, meta)``; ``template`` gives the carry's structure/dtypes."""
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("fingerprint") != self.fingerprint:
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory}/{step} was written by a run with configuration "
+                f"{meta.get('fingerprint')!r}, this run's is {self.fingerprint!r}; resume with the same "
+                "configuration or use a new checkpoint directory"
+            )
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        carry = self.manager.restore(step, args=ocp.args.Composite(carry=ocp.args.StandardRestore(abstract)))["carry"]
+        return step, carry, meta
+
+    def close(self) -> None:
+        self.manager.close()
