@@ -1,0 +1,333 @@
+"""FedBPT and its baselines as :class:`FederatedAlgorithm`s.
+
+* :func:`fedbpt` — FedBPT (paper §4, reference §2.2): every sampled client starts from the server's
+  CMA-ES state (mean, σ, C and its eigendecomposition; evolution paths reset), runs I local CMA-ES
+  generations of λ candidates on its perturbation-regularised fitness, uploads (final mean, its
+  fitness, σ history); the server combines the client means with a server-level CMA-ES step
+  (variant "reference" or "paper", see :mod:`fedbpt_jax.strategy`).
+* :func:`fedavg_bbt` — FedAvg-BBT: local BBT (plain fitness), then the clients' means, σ and C are
+  averaged, weighted by example counts.
+* :func:`centralized_bbt` — BBT on the union of all clients' data (one CMA-ES, I generations a round).
+* :func:`manual_prompt` — z = 0: the template alone (placeholders only in "add" mode).
+* :func:`fedprompt` — FedPrompt, the white-box baseline: local Adam on the soft prompt embeddings
+  (gradients of the same loss), FedAvg of the prompts weighted by example counts.
+
+Per-client code is written for one client and ``vmap``ped (and sharded) over the client axis; each
+client's population is scored in one batched forward pass per generation, so a generation of all K
+clients is one pass over clients × population × examples.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from .. import accounting, objective, prompt, strategy
+from ..objective import Scorer
+from ..types import ScoringSpec, TokenBatch
+from .config import FedConfig, HParams
+from .core import FederatedAlgorithm, FederatedData, ModelInputs, client_keys, gather_clients, map_clients, sample_clients
+
+
+@flax.struct.dataclass
+class ClientUpload:
+    """What one client sends back (FedBPT): final mean, its fitness, σ history; plus local metrics.
+
+    Attributes:
+      mean: ``[d]`` final local mean z^k.
+      fitness: scalar f(z^k) (the perturbation ratio when perturbation is on).
+      sigmas: ``[I]`` σ recorded before each local ask.
+      loss: scalar clean mean loss of z^k on the local data (metrics only).
+      nonfinite: int32 number of non-finite candidate fitnesses seen locally (metrics only).
+    """
+
+    mean: jax.Array
+    fitness: jax.Array
+    sigmas: jax.Array
+    loss: jax.Array
+    nonfinite: jax.Array
+    local_state: Any = None  # FedAvg-BBT needs σ and C
+
+
+def _scorer(config: FedConfig, lm) -> Scorer:
+    return objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens)
+
+
+def _local_es(
+    key: jax.Array,
+    server: Any,
+    batch: TokenBatch,
+    spec: ScoringSpec,
+    hp: HParams,
+    model: ModelInputs,
+    *,
+    config: FedConfig,
+    scorer: Scorer,
+    hidden: int,
+    perturb: bool,
+    keep_state: bool = False,
+) -> ClientUpload:
+    """One client's local CMA-ES (unbatched; vmapped over clients by the caller)."""
+    key_pert, key_gens = jax.random.split(key)
+    es_params = strategy.local_params(config.population_size, config.intrinsic_dim)
+    local = strategy.client_init(server, es_params)
+    clean_ctx = scorer.prepare(model.params, batch)
+
+    def perturbed_ctx(k):
+        pert = objective.perturb(k, batch, hp.perturb_rate, spec, exempt_special=config.exempt_special)
+        return scorer.prepare(model.params, pert)
+
+    round_ctx = perturbed_ctx(key_pert) if perturb and config.perturb_every == "round" else None
+
+    def score(z, k):
+        prompts = prompt.to_prompt(model.projection, z, hidden)
+        pert_ctx = round_ctx
+        if perturb and config.perturb_every == "generation":
+            pert_ctx = perturbed_ctx(k)
+        return objective.population_fitness(
+            scorer, model.params, clean_ctx, pert_ctx, batch, spec, prompts,
+            loss=config.loss, form=config.fitness_form,
+        )
+
+    def generation(local, k):
+        k_ask, k_pert = jax.random.split(k)
+        sigma = strategy.sigma_of(local)
+        z, local = strategy.ask(k_ask, local, es_params)
+        fit, _ = score(z, k_pert)
+        local = strategy.tell(z, fit, local, es_params)
+        return local, (sigma, jnp.sum(~jnp.isfinite(fit)))
+
+    local, (sigmas, nonfinite) = jax.lax.scan(generation, local, jax.random.split(key_gens, config.local_generations))
+    mean = strategy.mean_of(local)
+    fit, loss = score(mean[None], jax.random.fold_in(key_gens, config.local_generations))
+    return ClientUpload(mean=mean, fitness=fit[0], sigmas=sigmas, loss=loss[0], nonfinite=jnp.sum(nonfinite),
+                        local_state=local if keep_state else None)
+
+
+@flax.struct.dataclass
+class FedBPTState:
+    """Server state of FedBPT / FedAvg-BBT.
+
+    Attributes:
+      server: the server CMA-ES state (mean ``[d]``, σ, C ``[d, d]`` with B, D, paths, counters).
+      round: int32 rounds done.
+    """
+
+    server: Any
+    round: jax.Array
+
+
+def _round_metrics(up: ClientUpload, active: jax.Array, extra: dict) -> dict:
+    w = active.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    finite_loss = jnp.where(jnp.isfinite(up.loss), up.loss, 0.0)
+    return {
+        "client_loss": jnp.sum(finite_loss * w) / n,
+        "client_fitness_min": jnp.min(jnp.where(active & jnp.isfinite(up.fitness), up.fitness, jnp.inf)),
+        "active_clients": jnp.sum(active.astype(jnp.int32)),
+        "nonfinite_fitness": jnp.sum(up.nonfinite * active) + jnp.sum((~jnp.isfinite(up.fitness)) & active),
+        **extra,
+    }
+
+
+def _sampled(key, state_round, data: FederatedData, hp: HParams, config: FedConfig):
+    key_sample, key_drop, key_clients = jax.random.split(key, 3)
+    idx = sample_clients(key_sample, data.counts, config.clients_per_round, config.sampling)
+    batch, counts = gather_clients(data, idx)
+    active = (jax.random.uniform(key_drop, (config.clients_per_round,)) >= hp.dropout_rate) & (counts > 0)
+    keys = client_keys(key_clients, config.clients_per_round, config.client_keys)
+    return idx, batch, counts, active, keys
+
+
+def _comm(config: FedConfig, lm, *, covariance: bool) -> accounting.CommBytes:
+    if covariance:
+        return accounting.fedavg_bbt_bytes(config.intrinsic_dim, lm.num_params())
+    return accounting.fedbpt_bytes(config.intrinsic_dim, config.local_generations, lm.num_params())
+
+
+def fedbpt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
+    """FedBPT (see the module docstring and :class:`FedConfig` for every option)."""
+    scorer = _scorer(config, lm)
+    hidden = lm.hidden_size
+
+    def init(key, hp: HParams):
+        del key  # deterministic start: z = 0, σ = σ₀, C = I
+        return FedBPTState(
+            server=strategy.server_init(config.intrinsic_dim, hp.sigma0, config.clients_per_round),
+            round=jnp.asarray(0, jnp.int32),
+        )
+
+    def round_fn(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
+        idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
+        local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=config.perturb)
+        up = map_clients(lambda k, b: local(k, state.server, b, data.spec, hp, model),
+                         (keys, batch), config.chunk_clients, mesh)
+        server, smetrics = strategy.server_update(
+            state.server, up.mean, up.fitness, up.sigmas, active,
+            variant=config.server_variant, local_population=config.population_size,
+        )
+        metrics = _round_metrics(up, active, {"sigma": strategy.sigma_of_server(server), **smetrics})
+        return FedBPTState(server=server, round=state.round + 1), metrics
+
+    def global_prompt(state: FedBPTState, model: ModelInputs):
+        return prompt.to_prompt(model.projection, strategy.mean_of_server(state.server), hidden)
+
+    calls = config.local_generations * config.population_size + 1
+    calls *= 2 if config.perturb else 1
+    return FederatedAlgorithm("fedbpt", init, round_fn, global_prompt, config, _comm(config, lm, covariance=False), calls)
+
+
+def fedavg_bbt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
+    """FedAvg-BBT: local BBT, then example-weighted averages of the clients' means, σ and C."""
+    scorer = _scorer(config, lm)
+    hidden = lm.hidden_size
+    base = fedbpt(config, lm, mesh=mesh)
+
+    def round_fn(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
+        idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
+        local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden,
+                                  perturb=False, keep_state=True)
+        up = map_clients(lambda k, b: local(k, state.server, b, data.spec, hp, model),
+                         (keys, batch), config.chunk_clients, mesh)
+        weights = counts.astype(jnp.float32) * active
+        server, smetrics = strategy.fedavg_aggregate(state.server, up.local_state, weights)
+        metrics = _round_metrics(up, active, {"sigma": strategy.sigma_of_server(server), **smetrics})
+        return FedBPTState(server=server, round=state.round + 1), metrics
+
+    calls = config.local_generations * config.population_size + 1
+    return base._replace(name="fedavg_bbt", round=round_fn, comm=_comm(config, lm, covariance=True), forward_calls=calls)
+
+
+@flax.struct.dataclass
+class CentralState:
+    """Centralized BBT: one evosax CMA-ES state and the round counter."""
+
+    es: Any
+    round: jax.Array
+
+
+def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None) -> FederatedAlgorithm:
+    """BBT on the union of all clients' data: one CMA-ES, ``local_generations`` generations a round."""
+    from .. import bbt as bbt_mod
+
+    scorer = _scorer(config, lm)
+    hidden = lm.hidden_size
+    pop = population_size or config.population_size
+    bcfg = bbt_mod.BBTConfig(intrinsic_dim=config.intrinsic_dim, n_prompt_tokens=config.n_prompt_tokens,
+                             population_size=pop, num_generations=config.local_generations, loss=config.loss,
+                             projection=config.projection, layout=config.layout)
+
+    def init(key, hp: HParams):
+        s, _ = bbt_mod.init(key, bcfg)
+        return CentralState(es=s, round=jnp.asarray(0, jnp.int32))
+
+    def round_fn(key, state: CentralState, data: FederatedData, hp: HParams, model: ModelInputs):
+        flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), data.train)
+        strat = bbt_mod.make_strategy(pop, config.intrinsic_dim)
+        es_params = strat.default_params.replace(std_init=hp.sigma0)
+        ctx = scorer.prepare(model.params, flat)
+        s, m = bbt_mod.run_generations(key, state.es, es_params, model.params, model.projection, ctx, flat,
+                                       data.spec, config=bcfg, scorer=scorer, hidden_size=hidden,
+                                       num_generations=config.local_generations)
+        metrics = {"client_loss": m["loss_mean"][-1], "sigma": s.es.std,
+                   "nonfinite_fitness": jnp.sum(m["nonfinite"]), "active_clients": jnp.asarray(1, jnp.int32)}
+        return CentralState(es=s, round=state.round + 1), metrics
+
+    def global_prompt(state: CentralState, model: ModelInputs):
+        return prompt.to_prompt(model.projection, state.es.es.mean, hidden)
+
+    comm = accounting.CommBytes(0, 0, 0)
+    return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, config, comm,
+                              config.local_generations * pop)
+
+
+def manual_prompt(config: FedConfig, lm) -> FederatedAlgorithm:
+    """The manual prompt baseline: z = 0 (the template alone); rounds do nothing."""
+
+    def init(key, hp):
+        return jnp.asarray(0, jnp.int32)
+
+    def round_fn(key, state, data, hp, model):
+        return state + 1, {"client_loss": jnp.asarray(jnp.nan), "sigma": jnp.asarray(0.0),
+                           "nonfinite_fitness": jnp.asarray(0, jnp.int32), "active_clients": jnp.asarray(0, jnp.int32)}
+
+    def global_prompt(state, model):
+        return None
+
+    return FederatedAlgorithm("manual", init, round_fn, global_prompt, config, accounting.CommBytes(0, 0, 0), 0)
+
+
+@flax.struct.dataclass
+class PromptState:
+    """FedPrompt server state: the global soft prompt ``[n, H]`` and the round counter."""
+
+    prompt: jax.Array
+    round: jax.Array
+
+
+def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=None) -> FederatedAlgorithm:
+    """FedPrompt: white-box soft-prompt tuning (gradients w.r.t. the prompt embeddings, Adam via optax),
+    FedAvg of the prompts weighted by example counts. Local steps default to ``local_generations``."""
+    import optax
+
+    scorer = _scorer(config, lm)
+    steps = local_steps or config.local_generations
+    n, hidden = config.n_prompt_tokens, lm.hidden_size
+
+    def init(key, hp):
+        # Same start as FedBPT's z = 0 in "add" mode; a small random prompt for the other layouts.
+        return PromptState(prompt=jnp.zeros((n, hidden), jnp.float32), round=jnp.asarray(0, jnp.int32))
+
+    def client(key, p0, batch, spec, hp, model):
+        opt = optax.adam(hp.learning_rate)
+        ctx = scorer.prepare(model.params, batch)
+
+        def loss_fn(p):
+            logits = scorer.logits(model.params, ctx, spec, p)
+            return objective.masked_mean(objective.per_example_loss(logits, batch.labels, config.loss), batch.example_mask)
+
+        def step(carry, _):
+            p, s = carry
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            upd, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, upd), s), loss
+
+        (p, _), losses = jax.lax.scan(step, (p0, opt.init(p0)), None, length=steps)
+        return p, loss_fn(p)
+
+    def round_fn(key, state: PromptState, data: FederatedData, hp: HParams, model: ModelInputs):
+        idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
+        prompts, losses = map_clients(lambda k, b: client(k, state.prompt, b, data.spec, hp, model),
+                                      (keys, batch), config.chunk_clients, mesh)
+        w = counts.astype(jnp.float32) * active
+        total = jnp.sum(w)
+        new = jnp.where(total > 0, jnp.einsum("k,knh->nh", w, prompts) / jnp.maximum(total, 1e-12), state.prompt)
+        nw = jnp.maximum(jnp.sum(active), 1)
+        metrics = {"client_loss": jnp.sum(jnp.where(active, losses, 0.0)) / nw, "sigma": jnp.asarray(0.0),
+                   "nonfinite_fitness": jnp.asarray(0, jnp.int32), "active_clients": jnp.sum(active.astype(jnp.int32))}
+        return PromptState(prompt=new, round=state.round + 1), metrics
+
+    def global_prompt(state: PromptState, model):
+        return state.prompt
+
+    comm = accounting.prompt_bytes(n, hidden, lm.num_params())
+    return FederatedAlgorithm("fedprompt", init, round_fn, global_prompt, config, comm, 3 * steps)
+
+
+ALGORITHMS = {
+    "fedbpt": fedbpt,
+    "fedavg_bbt": fedavg_bbt,
+    "centralized_bbt": centralized_bbt,
+    "manual": manual_prompt,
+    "fedprompt": fedprompt,
+}
+
+
+def make(name: str, config: FedConfig, lm, **kwargs) -> FederatedAlgorithm:
+    """Builds an algorithm by name (``sorted(ALGORITHMS)``)."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; accepted: {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name](config, lm, **kwargs)

@@ -1,0 +1,129 @@
+"""Static configuration and numeric hyperparameters of a federated simulation.
+
+Shapes, counts and names are static (a frozen, hashable dataclass validated on construction); floats
+that a sweep may vary (σ₀, the perturbation rate, the dropout rate, learning rates) live in the
+:class:`HParams` pytree passed to every call, so a sweep is a ``vmap``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax.numpy as jnp
+
+from .. import objective, prompt
+
+SERVER_VARIANTS = ("reference", "paper")
+CLIENT_KEYS = ("independent", "shared")
+PERTURB_EVERY = ("round", "generation")
+SAMPLING = ("uniform", "weighted")
+
+
+@dataclasses.dataclass(frozen=True)
+class FedConfig:
+    """Static configuration of a federated prompt-tuning simulation.
+
+    Defaults follow the paper's setting (reference §3.1): d = 500, 50 prompt tokens, λ = 5 local
+    candidates, I = 8 local generations, 10 clients all participating, CE loss, perturbation on with
+    the reference's r_p default 0.5 (in :class:`HParams`), the reference server.
+
+    Attributes:
+      num_clients: N, clients held (as padded arrays).
+      clients_per_round: K, clients sampled each round (static; uniform without replacement).
+      population_size: λ, local CMA-ES population.
+      local_generations: I, local CMA-ES generations per round.
+      intrinsic_dim: d.
+      n_prompt_tokens: soft prompt length.
+      loss: "ce" | "hinge" | "accuracy".
+      perturb: use the perturbation-regularised fitness (reference flag ``perturb``).
+      fitness_form: "ratio_of_means" (reference code, default) | "mean_of_ratios" (paper eq. 7).
+      perturb_every: "round" (reference: one perturbed copy per round) | "generation".
+      exempt_special: keep special/placeholder/mask tokens out of the perturbation (reference: no).
+      server_variant: "reference" (pycma-3.4-like server, default) | "paper" (eq. 6 σ').
+      client_keys: "independent" (every client and round its own key, default) | "shared" (the
+        reference's identical CMA-ES draws on all clients, every round).
+      sampling: "uniform" (default) | "weighted" (probability ∝ example count), without replacement.
+      projection: "normal" | "uniform" (see :mod:`fedbpt_jax.prompt`).
+      layout: prompt placement (encoder "add"/"cat", decoder "after"/"before"; None = backbone default).
+      chunk_clients: clients scored per vmapped chunk (0 = all K at once); bounds peak memory.
+      local_lr, local_steps: FedPrompt's optimiser settings (local_steps defaults to I).
+    """
+
+    num_clients: int = 10
+    clients_per_round: int = 10
+    population_size: int = 5
+    local_generations: int = 8
+    intrinsic_dim: int = 500
+    n_prompt_tokens: int = 50
+    loss: str = "ce"
+    perturb: bool = True
+    fitness_form: str = "ratio_of_means"
+    perturb_every: str = "round"
+    exempt_special: bool = False
+    server_variant: str = "reference"
+    client_keys: str = "independent"
+    sampling: str = "uniform"
+    projection: str = "normal"
+    layout: str | None = None
+    chunk_clients: int = 0
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        need(self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}")
+        need(1 <= self.clients_per_round <= self.num_clients,
+             f"clients_per_round (K={self.clients_per_round}) must be in [1, num_clients={self.num_clients}]")
+        need(self.population_size >= 2, f"population_size must be >= 2, got {self.population_size}")
+        need(self.local_generations >= 1, f"local_generations must be >= 1, got {self.local_generations}")
+        need(self.intrinsic_dim >= 1, f"intrinsic_dim (d) must be >= 1, got {self.intrinsic_dim}")
+        need(self.n_prompt_tokens >= 1, f"n_prompt_tokens must be >= 1, got {self.n_prompt_tokens}")
+        need(self.loss in objective.LOSSES, f"unknown loss {self.loss!r}; accepted: {objective.LOSSES}")
+        need(not (self.perturb and self.loss == "accuracy"),
+             "the perturbation ratio needs a positive loss: use loss 'ce' or 'hinge', or perturb=False")
+        need(self.fitness_form in objective.FITNESS_FORMS,
+             f"unknown fitness_form {self.fitness_form!r}; accepted: {objective.FITNESS_FORMS}")
+        need(self.perturb_every in PERTURB_EVERY,
+             f"unknown perturb_every {self.perturb_every!r}; accepted: {PERTURB_EVERY}")
+        need(self.server_variant in SERVER_VARIANTS,
+             f"unknown server_variant {self.server_variant!r}; accepted: {SERVER_VARIANTS}")
+        need(self.client_keys in CLIENT_KEYS, f"unknown client_keys {self.client_keys!r}; accepted: {CLIENT_KEYS}")
+        need(self.sampling in SAMPLING, f"unknown sampling {self.sampling!r}; accepted: {SAMPLING}")
+        need(self.projection in prompt.PROJECTIONS,
+             f"unknown projection {self.projection!r}; accepted: {prompt.PROJECTIONS}")
+        need(self.chunk_clients >= 0, f"chunk_clients must be >= 0, got {self.chunk_clients}")
+
+
+@flax.struct.dataclass
+class HParams:
+    """Numeric hyperparameters (a pytree: sweeps are a ``vmap`` over it).
+
+    Attributes:
+      sigma0: initial server σ (σ₁ = 1 in the paper and code).
+      perturb_rate: r_p ∈ [0, 1] (reference default 0.5; the paper's best 0.6 SST-2, 0.4 AG's News).
+      dropout_rate: probability that a sampled client drops out of a round (straggler simulation).
+      learning_rate: FedPrompt's local Adam learning rate.
+    """
+
+    sigma0: float = 1.0
+    perturb_rate: float = 0.5
+    dropout_rate: float = 0.0
+    learning_rate: float = 0.3
+
+    def validate(self) -> "HParams":
+        """Host-side check of concrete values (call before jitting)."""
+        r = float(self.perturb_rate)
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"perturb_rate must be in [0, 1], got {r}")
+        dr = float(self.dropout_rate)
+        if not 0.0 <= dr < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dr}")
+        if not float(self.sigma0) > 0:
+            raise ValueError(f"sigma0 must be > 0, got {float(self.sigma0)}")
+        return jax_tree_asarray(self)
+
+
+def jax_tree_asarray(hp: HParams) -> HParams:
+    return HParams(*(jnp.asarray(v, jnp.float32) for v in (hp.sigma0, hp.perturb_rate, hp.dropout_rate, hp.learning_rate)))
