@@ -47,6 +47,7 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, kind: str = "ce") -> 
       ``[..., B]`` float32 losses.
     """
     logits = logits.astype(jnp.float32)
+    labels = jnp.broadcast_to(labels, logits.shape[:-1])
     true = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     if kind == "ce":
         return jax.nn.logsumexp(logits, axis=-1) - true
@@ -314,6 +315,8 @@ def evaluate_logits(scorer: Scorer, params, chunks: TokenBatch, spec: ScoringSpe
 
 def classification_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     """Accuracy, CE loss and binary F1 (positive class 1) over masked examples; any leading axes."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels, mask = labels.reshape(-1), mask.reshape(-1)
     pred = jnp.argmax(logits, axis=-1)
     m = mask.astype(jnp.float32)
     acc = jnp.sum((pred == labels) * m) / jnp.maximum(jnp.sum(m), 1.0)

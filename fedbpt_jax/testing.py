@@ -1,0 +1,84 @@
+"""Tiny random backbones and synthetic data for tests, examples and the tiny-model benchmarks.
+
+Nothing here is downloaded: the models are random (seeded) and small enough for a 2-core CPU; they
+exercise exactly the code paths the real backbones use.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .models.base import LanguageModel
+from .types import ScoringSpec, TokenBatch
+
+
+def tiny_decoder(seed: int = 0, *, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
+                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
+                 tokenizer=None, tie_word_embeddings: bool = True) -> LanguageModel:
+    """A random Llama-style decoder (GQA, RoPE, SwiGLU) as a :class:`LanguageModel`."""
+    from .models import decoder
+
+    vocab_size = max(vocab_size, len(tokenizer)) if tokenizer is not None else vocab_size
+    cfg = decoder.DecoderConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hidden_size // num_heads,
+                                intermediate_size=intermediate_size, tie_word_embeddings=tie_word_embeddings,
+                                max_position_embeddings=512)
+    params = decoder.init_params(cfg, jax.random.key(seed))
+    return LanguageModel(name=f"tiny-decoder-{seed}", kind="decoder", config=cfg, params=params,
+                         tokenizer=tokenizer, module=None)
+
+
+def tiny_encoder(seed: int = 0, *, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
+                 num_heads: int = 4, intermediate_size: int = 128, tokenizer=None,
+                 family: str = "roberta") -> LanguageModel:
+    """A random RoBERTa-style masked LM as a :class:`LanguageModel`."""
+    from .models import encoder
+
+    vocab_size = max(vocab_size, len(tokenizer)) if tokenizer is not None else vocab_size
+    cfg = encoder.EncoderConfig(family=family, vocab_size=vocab_size, hidden_size=hidden_size,
+                                num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
+                                max_position_embeddings=514)
+    params = encoder.init_params(cfg, jax.random.key(seed))
+    return LanguageModel(name=f"tiny-encoder-{seed}", kind="encoder", config=cfg, params=params,
+                         tokenizer=tokenizer, module=None)
+
+
+def random_batch(seed: int, num_examples: int, seq_len: int, vocab_size: int, *, num_labels: int = 2,
+                 kind: str = "decoder", min_len: int | None = None, leading: tuple[int, ...] = ()) -> TokenBatch:
+    """Random token examples of varying length (decoder: left-padded; encoder: right-padded with the
+    answer position at the last real token). ``leading`` adds axes in front (e.g. clients)."""
+    rng = np.random.default_rng(seed)
+    shape = leading + (num_examples,)
+    min_len = min_len or max(2, seq_len // 2)
+    lengths = rng.integers(min_len, seq_len + 1, size=shape)
+    ids = rng.integers(3, vocab_size, size=shape + (seq_len,)).astype(np.int32)
+    pos = np.arange(seq_len)
+    if kind == "decoder":
+        mask = (pos >= seq_len - lengths[..., None]).astype(np.int32)
+        answer = np.full(shape, seq_len - 1, np.int32)
+    else:
+        mask = (pos < lengths[..., None]).astype(np.int32)
+        answer = (lengths - 1).astype(np.int32)
+    ids = np.where(mask > 0, ids, 0).astype(np.int32)
+    labels = rng.integers(0, num_labels, size=shape).astype(np.int32)
+    return TokenBatch(input_ids=ids, attention_mask=mask, answer_pos=answer, labels=labels,
+                      example_mask=np.ones(shape, np.float32))
+
+
+def random_spec(vocab_size: int, num_labels: int = 2, cue_len: int = 2, seed: int = 0) -> ScoringSpec:
+    """A scoring spec with distinct random label ids and a random answer cue."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(np.arange(3, vocab_size), size=num_labels + cue_len, replace=False).astype(np.int32)
+    return ScoringSpec(label_ids=jnp.asarray(ids[:num_labels]), cue_ids=jnp.asarray(ids[num_labels:]),
+                       exempt_ids=jnp.asarray([0, 1, 2], jnp.int32), vocab_size=vocab_size)
+
+
+def assert_trees_all_close(a, b, *, rtol: float = 1e-6, atol: float = 0.0) -> None:
+    """Asserts two pytrees have the same structure and numerically close leaves."""
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    if ta != tb:
+        raise AssertionError(f"tree structures differ: {ta} vs {tb}")
+    for i, (x, y) in enumerate(zip(la, lb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=f"leaf {i}")
