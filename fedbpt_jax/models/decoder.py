@@ -1,0 +1,611 @@
+"""Llama-family causal decoder (SmolLM2, Llama-2) in Flax linen, with a reusable text-prefix cache.
+
+The model takes *embeddings*, not ids, so a soft prompt enters the sequence as ``[n, H]`` vectors.
+Everything here is a pure function of ``(config, params, inputs)``: params are an argument (never a
+closure), every function is jittable, and scoring functions are unbatched over the population, so a
+caller ``vmap``s them over candidate prompts.
+
+Parameter tree (float32; the layer axis ``L`` is stacked because the layers run under ``nn.scan``)::
+
+    embed_tokens/embedding                 [V, H]
+    layers/input_layernorm/scale           [L, H]
+    layers/self_attn/{q,k,v,o}_proj/kernel [L, H, Nq*D] / [L, H, Nkv*D] / [L, H, Nkv*D] / [L, Nq*D, H]
+    layers/post_attention_layernorm/scale  [L, H]
+    layers/mlp/{gate,up}_proj/kernel       [L, H, F];  layers/mlp/down_proj/kernel [L, F, H]
+    norm/scale                             [H]
+    lm_head/embedding                      [V, H]   (only when the head is not tied to embed_tokens)
+
+Q/K weights are in Hugging Face row order (RoPE in the rotate-half form). ``rope_interleaved=True``
+switches to the pair rotation ``(x[2i], x[2i+1])`` that llama.cpp's row-permuted Q/K weights need;
+:mod:`fedbpt_jax.models.gguf` un-permutes instead, so every loader yields the same tree.
+
+Padding: positions are ``cumsum(mask) - 1`` and padded keys are masked out of attention, so a
+left-padded row (or a row padded in the middle, as in layout "before") gives exactly the result of
+the unpadded sequence.
+
+Example::
+
+    cfg = DecoderConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=8, intermediate_size=64)
+    params = init_params(cfg, jax.random.key(0))
+    cache = prefix_cache(cfg, params, batch)                       # text part, once
+    scores = jax.vmap(lambda p: label_logits_cached(cfg, params, cache, spec, p))(prompts)  # [P, B, C]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..types import ScoringSpec, TokenBatch
+
+LAYOUTS = ("before", "after")
+
+# A finite "minus infinity": rows whose keys are all masked (left-pad queries) give a uniform softmax
+# instead of NaN, and NaN can then never leak into valid rows through 0 * NaN.
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Static shape and numeric constants of a Llama-style decoder (hashable: a jit static argument).
+
+    Attributes:
+      vocab_size: rows of the (input and output) embedding, ``V``.
+      hidden_size: model width ``H``.
+      num_layers: number of transformer blocks ``L``.
+      num_heads: query heads ``Nq``.
+      num_kv_heads: key/value heads ``Nkv`` (grouped-query attention; divides ``num_heads``).
+      head_dim: per-head width ``D`` (even; need not equal ``H / Nq``).
+      intermediate_size: SwiGLU hidden width ``F``.
+      rope_theta: RoPE base.
+      rms_norm_eps: RMSNorm epsilon.
+      tie_word_embeddings: the output head reuses ``embed_tokens`` (no ``lm_head`` parameter).
+      max_position_embeddings: longest sequence the checkpoint was trained for (informational).
+      rope_interleaved: rotate pairs ``(x[2i], x[2i+1])`` (Q/K rows as stored in GGUF files) instead
+        of HF's rotate-half pairs ``(x[i], x[i + D/2])``.
+      bos_token_id / eos_token_id / pad_token_id: special ids (``None`` if the checkpoint has none).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 2048
+    rope_interleaved: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"DecoderConfig.num_kv_heads must divide num_heads; got num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads} (accepted: any divisor of {self.num_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"DecoderConfig.head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not value > 0:
+                raise ValueError(f"DecoderConfig.{name} must be a positive number, got {value!r}")
+        for name in ("tie_word_embeddings", "rope_interleaved"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DecoderConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"DecoderConfig.{name} must be None or an integer in [0, {self.vocab_size}), got {value!r}"
+                )
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+
+def _first_id(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if value else None
+    return int(value)
+
+
+def config_from_hf(hf_config: Any, *, rope_interleaved: bool = False) -> DecoderConfig:
+    """:class:`DecoderConfig` from a ``transformers`` Llama-like config (``AutoConfig``; no torch).
+
+    Accepts transformers 4.x (``rope_theta`` attribute) and 5.x (``rope_parameters`` dict) configs.
+
+    Raises:
+      ValueError: a feature this implementation does not have (biases, another activation, RoPE
+        scaling, sliding-window attention), named with what is accepted.
+    """
+    get = lambda name, default=None: getattr(hf_config, name, default)  # noqa: E731
+    act = get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"hidden_act={act!r} is not supported; accepted: 'silu' (SwiGLU)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if get(flag, False):
+            raise ValueError(f"{flag}=True is not supported; accepted: False (Llama has no biases)")
+    if get("sliding_window", None) and get("use_sliding_window", True):
+        raise ValueError("sliding-window attention is not supported; accepted: sliding_window=None")
+    rope = get("rope_parameters", None) or {}
+    scaling = get("rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", None)) or scaling.get("rope_type", scaling.get("type", None))
+    if rope_type not in (None, "default"):
+        raise ValueError(f"RoPE scaling {rope_type!r} is not supported; accepted: 'default' (no scaling)")
+    theta = rope.get("rope_theta", None) or get("rope_theta", None) or 10000.0
+    num_heads = int(get("num_attention_heads"))
+    num_kv = get("num_key_value_heads", None) or num_heads
+    head_dim = get("head_dim", None) or int(get("hidden_size")) // num_heads
+    return DecoderConfig(
+        vocab_size=int(get("vocab_size")),
+        hidden_size=int(get("hidden_size")),
+        num_layers=int(get("num_hidden_layers")),
+        num_heads=num_heads,
+        num_kv_heads=int(num_kv),
+        head_dim=int(head_dim),
+        intermediate_size=int(get("intermediate_size")),
+        rope_theta=float(theta),
+        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        max_position_embeddings=int(get("max_position_embeddings", 2048) or 2048),
+        rope_interleaved=rope_interleaved,
+        bos_token_id=_first_id(get("bos_token_id")),
+        eos_token_id=_first_id(get("eos_token_id")),
+        pad_token_id=_first_id(get("pad_token_id")),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Linen modules
+# ----------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        mean_sq = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(mean_sq + self.eps) * scale
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bool) -> jax.Array:
+    """Rotary position embedding of ``x [B, S, N, D]`` at integer ``positions [B, S]``.
+
+    Frequency ``k`` (``0 <= k < D/2``) rotates the pair ``(x[k], x[k + D/2])`` (rotate-half, HF order)
+    or ``(x[2k], x[2k+1])`` (interleaved, llama.cpp order) by ``position * theta^(-2k/D)``.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    if interleaved:
+        pairs = x.reshape(*x.shape[:-1], d // 2, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        return jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(x.shape)
+    a, b = x[..., : d // 2], x[..., d // 2 :]
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention over ``[past keys, new keys]``."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_valid, past_k, past_v):
+        c = self.config
+        b, s, _ = x.shape
+        dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
+        q = dense(c.num_heads * c.head_dim, "q_proj")(x).reshape(b, s, c.num_heads, c.head_dim)
+        k = dense(c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
+        v = dense(c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
+        q = apply_rope(q, positions, c.rope_theta, c.rope_interleaved)
+        k = apply_rope(k, positions, c.rope_theta, c.rope_interleaved)
+
+        keys = jnp.concatenate([past_k, k], axis=1)  # [B, Tp+S, Nkv, D]
+        values = jnp.concatenate([past_v, v], axis=1)
+        tp = past_k.shape[1]
+        # Query head h uses key/value head h // groups (HF's repeat_kv order), without repeating K/V.
+        qg = q.reshape(b, s, c.num_kv_heads, c.num_groups, c.head_dim)
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys) / math.sqrt(c.head_dim)
+        causal = jnp.arange(tp + s)[None, :] <= tp + jnp.arange(s)[:, None]  # [S, Tp+S]
+        allowed = causal[None, None, None] & key_valid[:, None, None, None, :].astype(bool)
+        scores = jnp.where(allowed, scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, values).reshape(b, s, c.num_heads * c.head_dim)
+        return dense(c.hidden_size, "o_proj")(out), k, v
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = nn.Dense(c.intermediate_size, use_bias=False, name="gate_proj")(x)
+        up = nn.Dense(c.intermediate_size, use_bias=False, name="up_proj")(x)
+        return nn.Dense(c.hidden_size, use_bias=False, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; the scan carry is the residual stream, the scanned input the layer's past K/V."""
+
+    config: DecoderConfig
+    collect_kv: bool = False
+
+    @nn.compact
+    def __call__(self, x, past_k, past_v, positions, key_valid):
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x)
+        attn, k, v = Attention(c, name="self_attn")(h, positions, key_valid, past_k, past_v)
+        x = x + attn
+        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
+        return x, ((k, v) if self.collect_kv else None)
+
+
+class LlamaDecoder(nn.Module):
+    """The transformer trunk: embeddings in, final-normed hidden states out.
+
+    ``__call__(embeds [B,S,H], positions [B,S], key_valid [B,Tp+S], past_k/past_v [L,B,Tp,Nkv,D])``
+    returns ``(hidden [B,S,H], (k, v) [L,B,S,Nkv,D] or None)``. Token embedding and the output head
+    are plain gathers/matmuls on the param tree (see :func:`word_embeddings`, :func:`output_embedding`).
+    """
+
+    config: DecoderConfig
+    collect_kv: bool = False
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(0.02))
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, 0, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+        )(c, self.collect_kv)
+        self.norm = RMSNorm(c.rms_norm_eps)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(0.02))
+
+    def __call__(self, embeds, positions, key_valid, past_k, past_v):
+        x, kv = self.layers(embeds, past_k, past_v, positions, key_valid)
+        return self.norm(x), kv
+
+    def init_all(self, ids, positions, key_valid, past_k, past_v):
+        """Touches every parameter (for :func:`init_params`)."""
+        hidden, _ = self(self.embed_tokens(ids), positions, key_valid, past_k, past_v)
+        head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        return head.attend(hidden)
+
+
+def _empty_past(config: DecoderConfig, batch: int) -> tuple[jax.Array, jax.Array]:
+    shape = (config.num_layers, batch, 0, config.num_kv_heads, config.head_dim)
+    return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+
+
+def init_params(config: DecoderConfig, key: jax.Array) -> dict:
+    """Random parameters (normal(0.02) weights, unit norms) in the tree :func:`params_from_hf` builds."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    past_k, past_v = _empty_past(config, 1)
+    variables = LlamaDecoder(config).init(
+        key, ids, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), past_k, past_v,
+        method=LlamaDecoder.init_all,
+    )
+    return jax.tree_util.tree_map(lambda x: x, dict(variables["params"]))
+
+
+def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=None, collect_kv=False):
+    if past_k is None:
+        past_k, past_v = _empty_past(config, embeds.shape[0])
+    return LlamaDecoder(config, collect_kv=collect_kv).apply(
+        {"params": params}, embeds, positions, key_valid, past_k, past_v
+    )
+
+
+def _positions(mask: jax.Array) -> jax.Array:
+    """Position of each real token = number of real tokens before it (pads get a harmless 0)."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------------
+def word_embeddings(params) -> jax.Array:
+    """``[V, H]`` input embedding matrix."""
+    return params["embed_tokens"]["embedding"]
+
+
+def output_embedding(config: DecoderConfig, params) -> jax.Array:
+    """``[V, H]`` output head rows (the input embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"]
+    return params["lm_head"]["embedding"]
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown decoder layout {layout!r}; accepted: {LAYOUTS}")
+
+
+def _suffix_embeds(params, batch_size: int, spec: ScoringSpec, prompt: jax.Array | None) -> jax.Array:
+    """``[B, n + Tc, H]``: the soft prompt (if any) followed by the cue tokens, for every example."""
+    emb = word_embeddings(params)
+    parts = []
+    if prompt is not None:
+        parts.append(prompt.astype(emb.dtype))
+    parts.append(emb[jnp.asarray(spec.cue_ids, jnp.int32)])
+    suffix = jnp.concatenate(parts, axis=0)
+    return jnp.broadcast_to(suffix[None], (batch_size, *suffix.shape))
+
+
+def _label_rows_logits(config, params, hidden_last: jax.Array, spec: ScoringSpec) -> jax.Array:
+    rows = output_embedding(config, params)[jnp.asarray(spec.label_ids, jnp.int32)]  # [C, H]
+    return hidden_last @ rows.T
+
+
+def label_logits(
+    config: DecoderConfig,
+    params,
+    batch: TokenBatch,
+    spec: ScoringSpec,
+    prompt: jax.Array | None,
+    layout: str,
+) -> jax.Array:
+    """Label-word logits at the last position: ``[B, C]``.
+
+    The sequence is ``[prompt, text, cue]`` (layout ``"before"``, the paper's) or ``[text, prompt,
+    cue]`` (``"after"``); ``batch.input_ids [B, T]`` is the left-padded text, ``spec.cue_ids [Tc]`` the
+    shared answer cue, ``prompt [n, H]`` soft-prompt embeddings or ``None``. Only the rows
+    ``spec.label_ids`` of the output embedding are projected, only at the last position.
+    """
+    _check_layout(layout)
+    ids = jnp.asarray(batch.input_ids, jnp.int32)
+    text_mask = jnp.asarray(batch.attention_mask, jnp.int32)
+    b = ids.shape[0]
+    text = word_embeddings(params)[ids]
+    suffix = _suffix_embeds(params, b, spec, None if layout == "before" else prompt)
+    parts, masks = [text, suffix], [text_mask, jnp.ones(suffix.shape[:2], jnp.int32)]
+    if layout == "before" and prompt is not None:
+        pre = jnp.broadcast_to(prompt.astype(text.dtype)[None], (b, *prompt.shape))
+        parts.insert(0, pre)
+        masks.insert(0, jnp.ones(pre.shape[:2], jnp.int32))
+    embeds = jnp.concatenate(parts, axis=1)
+    mask = jnp.concatenate(masks, axis=1)
+    hidden, _ = _trunk(config, params, embeds, _positions(mask), mask)
+    return _label_rows_logits(config, params, hidden[:, -1], spec)
+
+
+@flax.struct.dataclass
+class PrefixCache:
+    """Keys/values of the text part, computed once and shared by every candidate prompt.
+
+    Attributes:
+      k, v: ``[L, B, T, Nkv, D]`` per-layer keys (after RoPE) and values of the left-padded text.
+      mask: ``[B, T]`` int32, 1 for real tokens.
+      lengths: ``[B]`` int32 real tokens per row (the position of the first suffix token).
+      last_hidden: ``[B, H]`` final-normed hidden state at the last text position (the answer when
+        there is neither prompt nor cue).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    last_hidden: jax.Array
+
+
+def prefix_cache(config: DecoderConfig, params, batch: TokenBatch) -> PrefixCache:
+    """Runs the text part once and keeps its per-layer K/V (see :func:`label_logits_cached`)."""
+    ids = jnp.asarray(batch.input_ids, jnp.int32)
+    mask = jnp.asarray(batch.attention_mask, jnp.int32)
+    hidden, (k, v) = _trunk(config, params, word_embeddings(params)[ids], _positions(mask), mask,
+                            collect_kv=True)
+    return PrefixCache(k=k, v=v, mask=mask, lengths=jnp.sum(mask, axis=-1), last_hidden=hidden[:, -1])
+
+
+def label_logits_cached(
+    config: DecoderConfig, params, cache: PrefixCache, spec: ScoringSpec, prompt: jax.Array | None
+) -> jax.Array:
+    """``label_logits(..., layout="after")`` from a :class:`PrefixCache`: ``[B, C]``.
+
+    Only the ``n + Tc`` suffix tokens (prompt, then cue) run through the model; they attend to the
+    cached text keys. ``vmap`` over ``prompt`` with the cache unbatched shares the cache across the
+    population.
+    """
+    b = cache.mask.shape[0]
+    suffix = _suffix_embeds(params, b, spec, prompt)
+    s = suffix.shape[1]
+    if s == 0:
+        return _label_rows_logits(config, params, cache.last_hidden, spec)
+    positions = cache.lengths[:, None] + jnp.arange(s)[None, :]
+    key_valid = jnp.concatenate([cache.mask, jnp.ones((b, s), jnp.int32)], axis=1)
+    hidden, _ = _trunk(config, params, suffix, positions, key_valid, cache.k, cache.v)
+    return _label_rows_logits(config, params, hidden[:, -1], spec)
+
+
+def logits(config: DecoderConfig, params, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Full-vocabulary logits ``[B, T, V]`` (tests and generation only; scoring never needs them)."""
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    hidden, _ = _trunk(config, params, word_embeddings(params)[ids], _positions(mask), mask)
+    return hidden @ output_embedding(config, params).T
+
+
+def greedy_next_token(config: DecoderConfig, params, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """``[B]`` argmax next token after each (left-padded) row."""
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    hidden, _ = _trunk(config, params, word_embeddings(params)[ids], _positions(mask), mask)
+    return jnp.argmax(hidden[:, -1] @ output_embedding(config, params).T, axis=-1).astype(jnp.int32)
+
+
+def greedy_generate(config: DecoderConfig, params, input_ids, num_tokens: int) -> np.ndarray:
+    """Host loop of :func:`greedy_next_token` on one unpadded sequence ``[T]`` (slow; for checks)."""
+    ids = list(np.asarray(input_ids).tolist())
+    step = jax.jit(greedy_next_token, static_argnums=0)
+    for _ in range(num_tokens):
+        ids.append(int(step(config, params, jnp.asarray([ids]))[0]))
+    return np.asarray(ids[len(ids) - num_tokens:], np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP accounting
+# ----------------------------------------------------------------------------------------------
+def matmul_params_per_token(config: DecoderConfig) -> int:
+    """Weights every token multiplies by in the trunk (projections + MLP; no embedding, no head)."""
+    c = config
+    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return c.num_layers * (attn + mlp)
+
+
+def flops_per_token(config: DecoderConfig, num_keys: int | float, num_output_rows: int = 0) -> float:
+    """Forward FLOPs of one query token attending ``num_keys`` keys, plus ``num_output_rows`` head rows.
+
+    ``2 * matmul params`` + per layer ``4 * Nq * D * num_keys`` (scores and weighted values)
+    + ``2 * H * num_output_rows``. Norms, RoPE, softmax and activations are not counted.
+    """
+    c = config
+    attn = 4 * c.num_layers * c.num_heads * c.head_dim * num_keys
+    return float(2 * matmul_params_per_token(c) + attn + 2 * c.hidden_size * num_output_rows)
+
+
+def flops_per_example(config: DecoderConfig, num_query_tokens: int, num_keys: int, num_labels: int = 2) -> float:
+    """Forward FLOPs to score one example: ``num_query_tokens`` new tokens, the last attending ``num_keys``.
+
+    Earlier query tokens attend causally fewer keys (query ``i`` of ``Q`` sees ``num_keys - Q + 1 + i``).
+    Uncached scoring: ``Q = K = total length``. Cached (layout "after"): ``Q = n + Tc``,
+    ``K = T + n + Tc``. The head projects ``num_labels`` rows at the last position only.
+    """
+    q, k = int(num_query_tokens), int(num_keys)
+    if q < 0 or k < q:
+        raise ValueError(f"need 0 <= num_query_tokens <= num_keys, got {q} and {k}")
+    total_keys = q * (k - q) + q * (q + 1) / 2
+    c = config
+    return float(
+        2 * matmul_params_per_token(c) * q
+        + 4 * c.num_layers * c.num_heads * c.head_dim * total_keys
+        + 2 * c.hidden_size * num_labels
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+# ----------------------------------------------------------------------------------------------
+_LAYER_TENSORS = {
+    # HF name suffix: (path in the layer subtree, transpose?, expected shape as a function of config)
+    "input_layernorm.weight": (("input_layernorm", "scale"), False, lambda c: (c.hidden_size,)),
+    "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), False, lambda c: (c.hidden_size,)),
+    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), True, lambda c: (c.num_heads * c.head_dim, c.hidden_size)),
+    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), True, lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size)),
+    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), True, lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size)),
+    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), True, lambda c: (c.hidden_size, c.num_heads * c.head_dim)),
+    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True, lambda c: (c.intermediate_size, c.hidden_size)),
+    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True, lambda c: (c.intermediate_size, c.hidden_size)),
+    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True, lambda c: (c.hidden_size, c.intermediate_size)),
+}
+
+
+def expected_hf_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape (``[out, in]`` for linear weights) that ``config`` requires."""
+    c = config
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    for i in range(c.num_layers):
+        for suffix, (_, _, shape) in _LAYER_TENSORS.items():
+            shapes[f"model.layers.{i}.{suffix}"] = shape(c)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return shapes
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def params_from_hf(config: DecoderConfig, tensors: Mapping[str, np.ndarray]) -> dict:
+    """Param tree from HF Llama tensors (``model.embed_tokens.weight``, ``model.layers.N.…``, ``lm_head.weight``).
+
+    Linear weights are transposed (HF ``[out, in]`` -> linen ``[in, out]``), layers stacked, every array
+    converted to float32. ``lm_head.weight`` is ignored when the head is tied; rotary ``inv_freq``
+    buffers of old checkpoints are ignored.
+
+    Raises:
+      ValueError: missing tensors (all listed), or a tensor whose shape does not match the config
+        (name, shape and expected shape).
+    """
+    expected = expected_hf_shapes(config)
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        shown = missing if len(missing) <= 20 else missing[:20] + [f"... ({len(missing) - 20} more)"]
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the config requires: {shown}")
+    for name, shape in expected.items():
+        got = tuple(np.shape(tensors[name]))
+        if got != shape:
+            raise ValueError(f"tensor {name!r} has shape {got}, expected {shape} for this config")
+    known = set(expected) | {"lm_head.weight"}
+    unknown = [n for n in tensors if n not in known and not n.endswith("rotary_emb.inv_freq")]
+    if unknown:
+        warnings.warn(f"ignoring {len(unknown)} unexpected tensor(s): {unknown[:10]}", stacklevel=2)
+
+    f32 = lambda name: np.asarray(tensors[name], dtype=np.float32)  # noqa: E731
+    params: dict = {"embed_tokens": {"embedding": f32("model.embed_tokens.weight")},
+                    "norm": {"scale": f32("model.norm.weight")}}
+    layers: dict = {}
+    for suffix, (path, transpose, _) in _LAYER_TENSORS.items():
+        per_layer = [f32(f"model.layers.{i}.{suffix}") for i in range(config.num_layers)]
+        _set(layers, path, np.stack([w.T for w in per_layer] if transpose else per_layer))  # one copy
+    params["layers"] = layers
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"embedding": f32("lm_head.weight")}
+    return jax.tree_util.tree_map(jax.device_put, params)  # device_put: no per-shape compiled copy
+
+
+def load_hf_decoder(directory: str | Path) -> tuple[DecoderConfig, dict]:
+    """``(config, params)`` from a local HF checkpoint directory (config.json + safetensors, sharded or not)."""
+    from . import hf
+
+    config = config_from_hf(hf.load_config(directory))
+    return config, params_from_hf(config, hf.read_safetensors(directory))
+
+
+__all__ = [
+    "LAYOUTS", "DecoderConfig", "config_from_hf", "RMSNorm", "apply_rope", "Attention", "MLP", "DecoderLayer",
+    "LlamaDecoder", "init_params", "word_embeddings", "output_embedding", "label_logits", "PrefixCache",
+    "prefix_cache", "label_logits_cached", "logits", "greedy_next_token", "greedy_generate",
+    "matmul_params_per_token", "flops_per_token", "flops_per_example", "expected_hf_shapes",
+    "params_from_hf", "load_hf_decoder",
+]

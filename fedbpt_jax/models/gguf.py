@@ -1,0 +1,348 @@
+"""GGUF (llama.cpp) checkpoints -> :class:`~fedbpt_jax.models.decoder.DecoderConfig`, params, tokenizer.
+
+Used for the embedded default model, SmolLM2-135M-Instruct as a Q4_1 GGUF (see
+:mod:`fedbpt_jax.assets`). Everything comes from the one file: the config from the ``llama.*``
+metadata, the weights dequantized to float32 with ``gguf.quants.dequantize``, and the tokenizer from
+``tokenizer.ggml.*`` (GPT-2 style byte-level BPE) as a ``transformers.PreTrainedTokenizerFast``.
+
+**Q/K row order.** llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` within each head
+so that RoPE rotates adjacent pairs ``(x[2i], x[2i+1])``. This loader *un-permutes* them back to the
+Hugging Face order and returns ``rope_interleaved=False``: every loader (HF safetensors or GGUF) then
+yields the same parameter tree with the same RoPE form. ``load_gguf(..., rope_interleaved=True)``
+returns the rows as llama.cpp stores them with the interleaved rotation instead (same outputs).
+
+**Cache.** Dequantizing takes seconds, so the first load writes the converted model (the float32 param
+tree as safetensors, the config as JSON, the tokenizer files) to a directory under
+``fedbpt_jax.assets.cache_dir() / "converted"``, keyed by the GGUF file's name, size and mtime and by
+:data:`CONVERSION_VERSION`. It is written to a temporary directory and renamed into place, so a
+half-written cache is never read; later loads read only that directory.
+
+Example::
+
+    from fedbpt_jax import assets
+    from fedbpt_jax.models import gguf
+    config, params, tokenizer = gguf.load_gguf(assets.fetch("smollm2-135m-instruct-gguf"))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import decoder
+
+#: Bump when the conversion changes: old cache entries are then ignored.
+CONVERSION_VERSION = 2
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_TOKENIZER_MODELS = ("gpt2",)
+SUPPORTED_PRE_TOKENIZERS = ("smollm", "gpt2", "gpt-2", "default")
+
+# GGUF token types (llama.cpp's llama_token_type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+# ----------------------------------------------------------------------------------------------
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """llama.cpp tensor name -> HF Llama name (``None`` for tensors this model does not use)."""
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output_norm.weight":
+        return "model.norm.weight"
+    if gguf_name == "output.weight":
+        return "lm_head.weight"
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+def config_from_gguf(reader) -> decoder.DecoderConfig:
+    """:class:`DecoderConfig` from the ``general.*``/``llama.*``/``tokenizer.ggml.*`` metadata (HF Q/K order)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"GGUF general.architecture={arch!r} is not supported; accepted: {SUPPORTED_ARCHITECTURES}")
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ValueError(f"GGUF {arch}.rope.scaling.type={scaling!r} is not supported; accepted: 'none'")
+
+    def req(key):
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    hidden = int(req("embedding_length"))
+    heads = int(req("attention.head_count"))
+    head_dim = _field(reader, f"{arch}.rope.dimension_count") or _field(reader, f"{arch}.attention.key_length")
+    vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    names = {t.name for t in reader.tensors}
+    ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    return decoder.DecoderConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        num_layers=int(req("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv") or heads),
+        head_dim=int(head_dim or hidden // heads),
+        intermediate_size=int(req("feed_forward_length")),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(req("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings="output.weight" not in names,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        rope_interleaved=False,
+        bos_token_id=None if ids["bos"] is None else int(ids["bos"]),
+        eos_token_id=None if ids["eos"] is None else int(ids["eos"]),
+        pad_token_id=None if ids["padding"] is None else int(ids["padding"]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's Q/K row order -> HF order: within each head, row ``2i + a`` becomes ``a * D/2 + i``."""
+    rows = weight.shape[0]
+    d = rows // num_heads
+    return weight.reshape(num_heads, d // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def permute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """HF Q/K row order -> llama.cpp's (inverse of :func:`unpermute_rows`)."""
+    rows = weight.shape[0]
+    d = rows // num_heads
+    return weight.reshape(num_heads, 2, d // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def hf_tensors_from_gguf(reader, config: decoder.DecoderConfig) -> dict[str, np.ndarray]:
+    """Every used tensor dequantized to float32 under its HF name, Q/K rows in HF order."""
+    from gguf.quants import dequantize
+
+    out: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        w = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if name.endswith("q_proj.weight"):
+            w = unpermute_rows(w, config.num_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_rows(w, config.num_kv_heads)
+        out[name] = w
+    return out
+
+
+def to_interleaved(config: decoder.DecoderConfig, params: dict) -> tuple[decoder.DecoderConfig, dict]:
+    """HF-order params -> llama.cpp Q/K order with ``rope_interleaved=True`` (identical outputs)."""
+    import jax.numpy as jnp
+
+    def perm(kernel, heads):  # kernel [L, H, N*D]: rows of the HF weight are the last axis here
+        k = np.asarray(kernel)
+        return jnp.asarray(np.stack([permute_rows(k[i].T, heads).T for i in range(k.shape[0])]))
+
+    attn = dict(params["layers"]["self_attn"])
+    attn["q_proj"] = {"kernel": perm(attn["q_proj"]["kernel"], config.num_heads)}
+    attn["k_proj"] = {"kernel": perm(attn["k_proj"]["kernel"], config.num_kv_heads)}
+    layers = dict(params["layers"], self_attn=attn)
+    return dataclasses.replace(config, rope_interleaved=True), dict(params, layers=layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+def tokenizer_from_gguf(reader):
+    """``transformers.PreTrainedTokenizerFast`` from ``tokenizer.ggml.*`` (byte-level BPE).
+
+    Pre-tokenizer ``"smollm"``: every digit on its own, then GPT-2's ByteLevel regex; ``"gpt2"``:
+    ByteLevel only. Control tokens become special added tokens, user-defined ones plain added tokens.
+    BOS is prepended only when ``tokenizer.ggml.add_bos_token`` is true (false for SmolLM2).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind not in SUPPORTED_TOKENIZER_MODELS:
+        raise ValueError(f"GGUF tokenizer.ggml.model={kind!r} is not supported; accepted: {SUPPORTED_TOKENIZER_MODELS}")
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in SUPPORTED_PRE_TOKENIZERS:
+        raise ValueError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; accepted: {SUPPORTED_PRE_TOKENIZERS}")
+    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
+    types = _field(reader, "tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                               byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+
+    special = lambda key: _field(reader, f"tokenizer.ggml.{key}_token_id")  # noqa: E731
+    name_of = lambda i: None if i is None else tokens[int(i)]  # noqa: E731
+    bos, eos, unk, pad = (special(k) for k in ("bos", "eos", "unknown", "padding"))
+    post = [processors.ByteLevel(trim_offsets=False)]
+    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+        post.append(processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B",
+            special_tokens=[(tokens[bos], int(bos))]))
+    tok.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+
+    kwargs = dict(bos_token=name_of(bos), eos_token=name_of(eos), unk_token=name_of(unk), pad_token=name_of(pad))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        kwargs["chat_template"] = template
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading with a converted cache
+# ----------------------------------------------------------------------------------------------
+def flatten_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """``{"layers.self_attn.q_proj.kernel": array, ...}`` (dots join the tree path)."""
+    flat: dict[str, np.ndarray] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, name + "."))
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
+    """Inverse of :func:`flatten_params`."""
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def converted_dir(path: str | Path) -> Path:
+    """Where the converted HF-layout copy of GGUF file ``path`` lives (keyed by name, size, mtime)."""
+    from .. import assets
+
+    st = Path(path).stat()
+    return assets.cache_dir() / "converted" / f"{Path(path).stem}-{st.st_size}-{st.st_mtime_ns}-v{CONVERSION_VERSION}"
+
+
+def convert_gguf(path: str | Path, target: str | Path) -> None:
+    """Converts GGUF file ``path`` into cache directory ``target`` (written to a temp dir, then renamed).
+
+    ``target`` holds ``params.safetensors`` (the float32 param tree, flattened with
+    :func:`flatten_params`: already stacked and transposed, so reading it back is a plain copy),
+    ``decoder_config.json`` (the :class:`DecoderConfig` fields) and the tokenizer files.
+    """
+    import gguf
+    from safetensors.numpy import save_file
+
+    reader = gguf.GGUFReader(str(path))
+    config = config_from_gguf(reader)
+    tokenizer = tokenizer_from_gguf(reader)
+    params = decoder.params_from_hf(config, hf_tensors_from_gguf(reader, config))
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        save_file(flatten_params(params), str(tmp / "params.safetensors"), metadata={"source": Path(path).name})
+        (tmp / "decoder_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: its copy is as good as ours
+            if not (target / "params.safetensors").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_converted(target: Path):
+    import jax
+    from safetensors.numpy import load_file
+    from transformers import PreTrainedTokenizerFast
+
+    config = decoder.DecoderConfig(**json.loads((target / "decoder_config.json").read_text()))
+    params = jax.tree_util.tree_map(jax.device_put, unflatten_params(load_file(str(target / "params.safetensors"))))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True)
+    return config, params, tokenizer
+
+
+def load_gguf(path: str | Path, *, rope_interleaved: bool = False, use_cache: bool = True):
+    """Loads a llama-architecture GGUF file.
+
+    Args:
+      path: the ``.gguf`` file.
+      rope_interleaved: return Q/K rows in llama.cpp's order with the interleaved RoPE form instead of
+        the default HF order with rotate-half (the outputs are the same).
+      use_cache: read/write the converted float32 copy under ``assets.cache_dir()/converted``; with
+        ``False`` everything is converted in memory from the GGUF file.
+
+    Returns:
+      ``(DecoderConfig, params, tokenizer)`` with a ``transformers.PreTrainedTokenizerFast`` built from
+      the GGUF metadata (chat template included when present).
+
+    Raises:
+      ValueError: an unsupported architecture, tokenizer or RoPE scaling (named with what is accepted).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    if use_cache:
+        target = converted_dir(path)
+        if not (target / "params.safetensors").is_file():
+            convert_gguf(path, target)
+        config, params, tokenizer = _load_converted(target)
+    else:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        config = config_from_gguf(reader)
+        params = decoder.params_from_hf(config, hf_tensors_from_gguf(reader, config))
+        tokenizer = tokenizer_from_gguf(reader)
+    if rope_interleaved:
+        config, params = to_interleaved(config, params)
+    return config, params, tokenizer
+
+
+__all__ = [
+    "CONVERSION_VERSION", "load_gguf", "convert_gguf", "converted_dir", "config_from_gguf", "tokenizer_from_gguf",
+    "hf_tensors_from_gguf", "hf_tensor_name", "flatten_params", "unflatten_params", "unpermute_rows", "permute_rows", "to_interleaved",
+]
