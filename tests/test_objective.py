@@ -61,9 +61,7 @@ def test_perturbation_vmaps_over_clients():
     keys = jax.random.split(jax.random.key(0), 3)
     batched = jax.vmap(lambda k, x: objective.perturb(k, x, 0.5, spec))(keys, b)
     for i in range(3):
-        one = objective.perturb(keys[i], b.take(slice(None)).replace(
-            input_ids=b.input_ids[i], attention_mask=b.attention_mask[i], answer_pos=b.answer_pos[i],
-            labels=b.labels[i], example_mask=b.example_mask[i]), 0.5, spec)
+        one = objective.perturb(keys[i], jax.tree_util.tree_map(lambda a: a[i], b), 0.5, spec)
         np.testing.assert_array_equal(batched.input_ids[i], one.input_ids)
 
 
@@ -92,11 +90,13 @@ def test_population_scoring_equals_loop_and_chunks(kind, layout):
     spec = testing.random_spec(256)
     sc = objective.make_scorer(lm, layout, n_prompt_tokens=3)
     prompts = jax.random.normal(jax.random.key(0), (5, 3, 64)) * 0.02
-    ctx = sc.prepare(lm.params, b)
-    batched = objective.population_logits(sc, lm.params, ctx, spec, prompts)
-    loop = jnp.stack([sc.logits(lm.params, ctx, spec, p) for p in prompts])
+    ctx = jax.jit(sc.prepare)(lm.params, b)
+    pop = jax.jit(objective.population_logits, static_argnums=0, static_argnames="chunk_size")
+    batched = pop(sc, lm.params, ctx, spec, prompts)
+    one = jax.jit(sc.logits)
+    loop = jnp.stack([one(lm.params, ctx, spec, p) for p in prompts])
     np.testing.assert_allclose(batched, loop, rtol=1e-5, atol=1e-5)
-    chunked = objective.population_logits(sc, lm.params, ctx, spec, prompts, chunk_size=2)
+    chunked = pop(sc, lm.params, ctx, spec, prompts, chunk_size=2)
     np.testing.assert_allclose(chunked, batched, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(batched[0] - batched[1]).max()) > 0  # the prompt matters
 
@@ -108,8 +108,9 @@ def test_prefix_cache_scorer_equals_uncached():
     cached = objective.make_scorer(lm, "after", n_prompt_tokens=4)
     plain = objective.make_scorer(lm, "after", use_cache=False, n_prompt_tokens=4)
     prompts = jax.random.normal(jax.random.key(0), (3, 4, 64)) * 0.05
-    a = objective.population_logits(cached, lm.params, cached.prepare(lm.params, b), spec, prompts)
-    c = objective.population_logits(plain, lm.params, plain.prepare(lm.params, b), spec, prompts)
+    pop = jax.jit(objective.population_logits, static_argnums=0)
+    a = pop(cached, lm.params, jax.jit(cached.prepare)(lm.params, b), spec, prompts)
+    c = pop(plain, lm.params, plain.prepare(lm.params, b), spec, prompts)
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
 
 
