@@ -1,0 +1,147 @@
+"""Small real Hugging Face tokenizers for tests, trained offline on ../shared/data text.
+
+* :func:`roberta_like_tokenizer`: byte-level BPE with RoBERTa's specials (``<s>`` 0, ``<pad>`` 1,
+  ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4 with ``lstrip``) and RoBERTa's ``<s> … </s>`` post-processor.
+* :func:`chatml_tokenizer`: byte-level BPE with ``<|endoftext|>`` 0, ``<|im_start|>`` 1 (bos),
+  ``<|im_end|>`` 2 (eos, pad), no post-processor (adds no BOS), optionally with a ChatML chat template
+  that adds a system line (as SmolLM2's does).
+* :func:`smollm2_tokenizer`: SmolLM2-135M-Instruct's own tokenizer rebuilt from the GGUF file's vocab
+  and merges, if that asset is cached (else ``None``).
+
+Both trained tokenizers have a vocabulary of at least 1,050 so that BBT's placeholder ids 1000… exist.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+VOCAB_SIZE = 1500
+
+# Words every task's verbalizers use, repeated so the trainer makes them single tokens.
+_LABEL_WORDS = ("bad great World Sports Business Tech Technology Company Education Artist Athlete Office "
+                "Transportation Building Natural Village Animal Plant Album Film Written No Yes Maybe "
+                "negative positive company school artist athlete politician transportation building "
+                "nature village animal plant album film book True False Sentiment Review Category")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a test assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def data_dir() -> Path:
+    env = os.environ.get("FEDBPT_JAX_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _corpus(max_lines: int = 4000):
+    root = data_dir()
+    for task in ("sst2", "ag_news", "yelp_polarity", "mr"):
+        path = root / task / "train.tsv"
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as f:
+            next(f)
+            for i, line in enumerate(f):
+                if i >= max_lines:
+                    break
+                yield line.rsplit("\t", 1)[0]
+    for _ in range(300):
+        # with and without a leading space: BBT's encoder verbalizer is encoded without one
+        yield _LABEL_WORDS + " " + _LABEL_WORDS.lower() + "\nSentiment: Answer: Question:"
+        yield "\n".join(_LABEL_WORDS.split())
+
+
+def _train(special_tokens: list[str]) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def _roberta_json() -> str:
+    tok = _train(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
+                                                      add_prefix_space=False)
+    spec = json.loads(tok.to_str())
+    for added in spec["added_tokens"]:
+        if added["content"] == "<mask>":
+            added["lstrip"] = True  # as RoBERTa's: "was <mask>" -> "Ġwas", "<mask>"
+    return json.dumps(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _chatml_json() -> str:
+    return _train(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).to_str()
+
+
+def roberta_like_tokenizer() -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_roberta_json()),
+        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+        pad_token="<pad>", mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, special=True),
+        model_max_length=512,
+    )
+    return tok
+
+
+def chatml_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_chatml_json()),
+        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        unk_token=None, model_max_length=2048,
+    )
+    if chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def _smollm2_json() -> str | None:
+    try:
+        from fedbpt_jax import assets
+        import gguf
+    except ImportError:
+        return None
+    if not assets.is_cached("smollm2-135m-instruct-gguf"):
+        return None
+    reader = gguf.GGUFReader(str(assets.cached_path("smollm2-135m-instruct-gguf")))
+
+    def strings(key):
+        f = reader.fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    tokens = strings("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([t for t in tokens[:17] if t.startswith("<")])
+    return tok.to_str()
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer from the cached GGUF (no chat template), or ``None``."""
+    js = _smollm2_json()
+    if js is None:
+        return None
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(js), bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>", model_max_length=8192)
