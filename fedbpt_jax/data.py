@@ -1165,15 +1165,20 @@ def federated(task: Task | str, tokenizer, kind: str, *, num_clients: int, shots
               min_size: int = 1, pad_to: int | None = None) -> FederatedData:
     """Task → BBT few-shot train/dev → tokenised → partitioned over clients (IID, or Dirichlet(α)).
 
+    ``seed`` drives the few-shot draw and the partition; ``test_size`` keeps a fixed random subset of
+    the test split (the same for every seed). Train and dev share one static length ``T``.
+
     Example:
       >>> data = federated("sst2", tok, "encoder", num_clients=10, shots_per_class=40, alpha=1.0)
       >>> data.train.input_ids.shape   # [10, E, T]
     """
     task = tasks_lib.get(task)
-    pool = load_task_data(task, source, "train", seed=seed)
-    test = load_task_data(task, source, "test", seed=seed)
+    # The pool/test split (embedded data) and the test subsample do not depend on ``seed``: runs with
+    # different seeds are evaluated on the same examples.
+    pool = load_task_data(task, source, "train")
+    test = load_task_data(task, source, "test")
     if test_size is not None and test_size < len(test):
-        test = test.take(np.sort(np.random.default_rng(seed).permutation(len(test))[:test_size]))
+        test = test.take(np.sort(np.random.default_rng(0).permutation(len(test))[:test_size]))
     train, dev = few_shot(pool, shots_per_class, seed)
     kw = dict(n_prompt=n_prompt, max_length=max_length, max_positions=max_positions)
     if kind == DECODER:

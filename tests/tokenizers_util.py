@@ -110,38 +110,91 @@ def chatml_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
     return tok
 
 
+_GGUF_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8",
+                11: "<i8", 12: "<f8"}
+
+
+def gguf_metadata(path, keys) -> dict:
+    """Reads the named key/value pairs of a GGUF header (a few lines instead of gguf.GGUFReader,
+    which parses every tensor too and takes seconds)."""
+    import mmap
+    import struct
+
+    import numpy as np
+
+    out = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        pos = 8
+        _, n_kv = struct.unpack_from("<QQ", mm, pos)
+        pos += 16
+
+        def string(p):
+            (n,) = struct.unpack_from("<Q", mm, p)
+            return mm[p + 8:p + 8 + n].decode("utf-8"), p + 8 + n
+
+        def value(t, p, want):
+            if t == 8:
+                return string(p)
+            if t == 9:
+                et, n = struct.unpack_from("<IQ", mm, p)
+                p += 12
+                if et in _GGUF_SCALAR:
+                    size = np.dtype(_GGUF_SCALAR[et]).itemsize * n
+                    v = np.frombuffer(mm, _GGUF_SCALAR[et], n, p).tolist() if want else None
+                    return v, p + size
+                items = []
+                for _ in range(n):
+                    v, p = value(et, p, want)
+                    if want:
+                        items.append(v)
+                return items, p
+            dt = np.dtype(_GGUF_SCALAR[t])
+            return np.frombuffer(mm, dt, 1, p)[0].item(), p + dt.itemsize
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (t,) = struct.unpack_from("<I", mm, pos)
+            v, pos = value(t, pos + 4, key in keys)
+            if key in keys:
+                out[key] = v
+                if len(out) == len(keys):
+                    break
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _smollm2_json() -> str | None:
-    try:
-        from fedbpt_jax import assets
-        import gguf
-    except ImportError:
-        return None
+    from fedbpt_jax import assets
+
     if not assets.is_cached("smollm2-135m-instruct-gguf"):
         return None
-    reader = gguf.GGUFReader(str(assets.cached_path("smollm2-135m-instruct-gguf")))
-
-    def strings(key):
-        f = reader.fields[key]
-        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
-
-    tokens = strings("tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    meta = gguf_metadata(assets.cached_path("smollm2-135m-instruct-gguf"),
+                         {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template"})
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([t for t in tokens[:17] if t.startswith("<")])
-    return tok.to_str()
+    return json.dumps({"tokenizer": tok.to_str(), "chat_template": meta.get("tokenizer.chat_template")})
 
 
-def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer from the cached GGUF (no chat template), or ``None``."""
+def smollm2_tokenizer(chat_template: bool = False):
+    """SmolLM2-135M-Instruct's tokenizer from the cached GGUF, or ``None`` if the asset is absent.
+
+    With ``chat_template`` it carries the GGUF's chat template (rendering it needs jinja2)."""
     js = _smollm2_json()
     if js is None:
         return None
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(js), bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", pad_token="<|im_end|>", model_max_length=8192)
+    spec = json.loads(js)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(spec["tokenizer"]),
+                                  bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  model_max_length=8192)
+    if chat_template:
+        tok.chat_template = spec["chat_template"]
+    return tok
