@@ -319,11 +319,13 @@ def init_params(config: DecoderConfig, key: jax.Array) -> dict:
     """Random parameters (normal(0.02) weights, unit norms) in the tree :func:`params_from_hf` builds."""
     ids = jnp.zeros((1, 2), jnp.int32)
     past_k, past_v = _empty_past(config, 1)
-    variables = LlamaDecoder(config).init(
-        key, ids, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32), past_k, past_v,
-        method=LlamaDecoder.init_all,
-    )
-    return jax.tree_util.tree_map(lambda x: x, dict(variables["params"]))
+
+    @jax.jit  # eager init of a scanned module dispatches op by op (seconds even for tiny configs)
+    def init(key):
+        return LlamaDecoder(config).init(key, ids, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32),
+                                         past_k, past_v, method=LlamaDecoder.init_all)["params"]
+
+    return dict(init(key))
 
 
 def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=None, collect_kv=False):
