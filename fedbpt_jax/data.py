@@ -779,9 +779,8 @@ def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
 
     fields_i = [{f: by_field[f][i] for f in by_field} for i in range(n)]
     built = [build(i, fields_i[i]) for i in range(n)]
-    enc = _encode_batch(tokenizer, [b[0] for b in built], offsets=True)
+    enc = _encode_batch(tokenizer, [b[0] for b in built])  # offsets only for texts to truncate
     ids_list = [list(x) for x in enc["input_ids"]]
-    offs_list = [list(x) for x in enc["offset_mapping"]] if n else []
 
     def with_bos(ids):
         return bos + ids if bos and (not ids or ids[0] != bos[0]) else ids
@@ -814,7 +813,8 @@ def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
         while len(ids) > T:  # cut the longest example text at a token boundary, re-tokenise
             tries += 1
             fields, (s, spans) = fields_i[i], built[i]
-            offs = offs_list[i]
+            e = _encode_batch(tokenizer, [s], offsets=True)
+            offs = list(e["offset_mapping"][0])
             excess = len(ids) - T
             per = {f: [k for k, (a, b) in enumerate(offs) if a >= spans[f][0] and b <= spans[f][1] and b > a]
                    for f in spans}
@@ -831,8 +831,7 @@ def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
                 fields[f] = fields[f][:-1]
             fields_i[i] = fields
             built[i] = build(i, fields)
-            e = _encode_batch(tokenizer, [built[i][0]], offsets=True)
-            ids_list[i], offs_list[i] = list(e["input_ids"][0]), list(e["offset_mapping"][0])
+            ids_list[i] = list(_encode_batch(tokenizer, [built[i][0]])["input_ids"][0])
             ids = with_bos(ids_list[i])
         out_ids[i, T - len(ids):] = ids
         att[i, T - len(ids):] = 1

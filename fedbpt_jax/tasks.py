@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Iterable
 
 import numpy as np
@@ -461,6 +462,10 @@ def render_decoder_template(task: Task | str, tokenizer=None, style: str | None 
     if t.style == "completion":
         return RenderedDecoderTemplate("completion", "", t.text, t.cue, t.label_words)
     use = _chat_template_available(tokenizer) if use_chat_template is None else use_chat_template
+    if use_chat_template is None and not use and getattr(tokenizer, "chat_template", None):
+        warnings.warn("the tokenizer has a chat template but jinja2 is not installed: using the fixed "
+                      "ChatML form instead (no default system line); pip install jinja2 to use the "
+                      "model's own template", stacklevel=2)
     if use:
         if not _chat_template_available(tokenizer):
             raise ValueError("use_chat_template=True but the tokenizer has no chat_template or jinja2 "

@@ -188,3 +188,11 @@ def test_smollm2_chat_template_renders_as_measured(smollm2_tok):
                              "Answer with one word.\n\nReview: ")
     assert r.cue == "<|im_end|>\n<|im_start|>assistant\n"
     assert tasks.label_token_ids("sst2", tok, "decoder", style="chat").tolist() == [17728, 16185]
+
+
+@pytest.mark.skipif(HAS_JINJA, reason="only without jinja2")
+def test_chat_template_without_jinja_warns_and_falls_back():
+    tok = tu.chatml_tokenizer(chat_template=True)
+    with pytest.warns(UserWarning, match="jinja2"):
+        r = tasks.render_decoder_template("sst2", tok, "chat")
+    assert r.head == "<|im_start|>user\n"
