@@ -280,6 +280,9 @@ def test_greedy_next_token_left_padded_rows(tied):
     got = np.asarray(greedy_next_token(config, params, batch.input_ids, batch.attention_mask))
     want = np.argmax(np.asarray(logits(config, params, batch.input_ids, batch.attention_mask))[:, -1], axis=-1)
     np.testing.assert_array_equal(got, want)
+    generated = dec.greedy_generate(config, params, ROWS[1], 2)
+    assert generated[0] == got[1]
+    assert generated[1] == int(greedy_next_token(config, params, jnp.asarray([ROWS[1] + [int(got[1])]]))[0])
 
 
 # ----------------------------------------------------------------------------------------------

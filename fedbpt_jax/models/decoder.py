@@ -231,17 +231,21 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, c.rope_theta, c.rope_interleaved)
         k = apply_rope(k, positions, c.rope_theta, c.rope_interleaved)
 
-        keys = jnp.concatenate([past_k, k], axis=1)  # [B, Tp+S, Nkv, D]
-        values = jnp.concatenate([past_v, v], axis=1)
         tp = past_k.shape[1]
+        valid = key_valid.astype(bool)
         # Query head h uses key/value head h // groups (HF's repeat_kv order), without repeating K/V.
-        qg = q.reshape(b, s, c.num_kv_heads, c.num_groups, c.head_dim)
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys) / math.sqrt(c.head_dim)
-        causal = jnp.arange(tp + s)[None, :] <= tp + jnp.arange(s)[:, None]  # [S, Tp+S]
-        allowed = causal[None, None, None] & key_valid[:, None, None, None, :].astype(bool)
-        scores = jnp.where(allowed, scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, values).reshape(b, s, c.num_heads * c.head_dim)
+        qg = q.reshape(b, s, c.num_kv_heads, c.num_groups, c.head_dim) / math.sqrt(c.head_dim)
+        # Past and new keys are scored separately and never concatenated: under a vmap over candidate
+        # prompts the shared (unbatched) past K/V is then never broadcast to the population.
+        s_past = jnp.einsum("bskgd,btkd->bkgst", qg, past_k)  # [B, Nkv, G, S, Tp]
+        s_new = jnp.einsum("bskgd,btkd->bkgst", qg, k)  # [B, Nkv, G, S, S]
+        s_past = jnp.where(valid[:, None, None, None, :tp], s_past, _MASK_VALUE)
+        causal = jnp.tril(jnp.ones((s, s), bool))
+        s_new = jnp.where(causal & valid[:, None, None, None, tp:], s_new, _MASK_VALUE)
+        probs = jax.nn.softmax(jnp.concatenate([s_past, s_new], axis=-1), axis=-1)
+        out = (jnp.einsum("bkgst,btkd->bskgd", probs[..., :tp], past_v)
+               + jnp.einsum("bkgst,btkd->bskgd", probs[..., tp:], v))
+        out = out.reshape(b, s, c.num_heads * c.head_dim)
         return dense(c.hidden_size, "o_proj")(out), k, v
 
 
