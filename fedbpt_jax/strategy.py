@@ -1,0 +1,826 @@
+"""Local (client) and server-level CMA-ES of FedBPT — the only module that imports evosax.
+
+Everything here is a pure, jittable JAX function written for *one* client or *one* server and meant to
+be ``vmap``ped over a client axis at the call site. Nothing calls ``jax.jit``; the caller jits at the
+edge.
+
+**Client** (reference §2.2 "Client start state", "Local CMA-ES loop"). The reference client is pycma
+3.4.0's ``CMAEvolutionStrategy`` with ``popsize = λ``, obtained from the server's ES with
+``_copy_light``: it copies mean, σ and C, and resets the evolution paths and counters. Here it is
+:class:`LocalCMA`, a subclass of ``evosax.algorithms.CMA_ES`` (same ``Params``/``State`` types,
+extended) that reproduces pycma's client step:
+
+* pycma's default strategy constants for (λ, d), **not** evosax's: recombination weights
+  ``ln((λ+1)/2) − ln i`` with the *active* (negative) weights finalised as
+  ``RecombinationWeights.finalize_negative_weights`` does; c_σ = (μ_eff+2)/(d+μ_eff+3);
+  d_σ = 0.5 + min(1, (n_mirr/(0.159 λ) − 1)²)/2 + 2 max(0, √((μ_eff−1)/(d+1)) − 1) + c_σ;
+  c_c = (4 + μ_eff/d)/(d + 4 + 2μ_eff/d); c_1 = min(1, λ/6)·2/((d+1.3)² + μ_eff);
+  c_μ = min(1 − c_1, 2(0.25 + μ_eff − 2 + 1/μ_eff)/((d+2)² + μ_eff)); E‖N(0,I)‖ as pycma's
+  ``Mh.chiN`` (exact for d ≤ 6). For λ = 5, d = 500 this gives weights (0.7304, 0.2696, 0, −0.7265,
+  −1.2901), c_σ ≈ 0.0072, d_σ ≈ 0.540, c_1 ≈ 6.6e-6, c_μ ≈ 4.0e-6 (reference §2.2).
+  evosax's defaults differ in c_μ (no 0.25 offset), d_σ (no mirror term), the negative-weight scale,
+  hsig (evosax: ‖p_σ‖-based with 1.4 + 2/(d+1)) and E‖N(0,I)‖ (1/21 vs 1/26).
+* pycma's update order and formulas in ``tell``: mean, p_σ (with the *current* B, D), hsig
+  ``‖p_σ‖²/(1−(1−c_σ)^{2t})/d − 1 < 1 + 4/(d+1)``, p_c, C ← (1 − c_1a − c_μ Σw) C + c_1 p_c p_cᵀ +
+  c_μ Σ w_i y_i y_iᵀ with negative weights rescaled by d/(‖C^{-1/2} y_i‖ + 1e-9)², and CSA
+  σ ← σ·exp(clip((c_σ/d_σ)(‖p_σ‖/E‖N‖ − 1), ±1)).
+* **Lazy eigendecomposition** (pycma's ``GaussFullSampler.update_now``): B, D are recomputed from C
+  only when at least ``1/(10 d (c_1+c_μ))`` tells have passed since the last decomposition (≈ 18.8
+  generations at d = 500, λ = 5, so never inside the paper's 8 local generations). evosax's ``ask``
+  runs ``eigh`` every generation (O(d³), ~20 ms per client-generation at d = 500 on a 2-core CPU).
+  The decomposition sits in a ``lax.cond`` whose batching rule (``jax.custom_batching``) turns a
+  per-client predicate into one ``any`` over the client axis, so under ``vmap`` the ``eigh`` is still
+  skipped at run time when no client is due (a plain ``lax.cond`` would become a ``select`` and always
+  run it). When a decomposition is due, pycma's ``_decompose_C`` is mirrored: C is symmetrised, ``eigh``
+  gives ascending eigenvalues, and a non-positive-definite C is retried once with the diagonal loaded
+  by min(D_old)² (pycma retries recursively; remaining non-positive eigenvalues are floored here).
+* **Selective mirrored sampling** (pycma turns it on for λ < 6 with one mirror, ``CMA_mirrormethod``
+  2, "selective with delay"): after each tell the worst candidate x_w gives the direction
+  m_old − x_w; the next ask puts m + f·(m_old − x_w) in row 0, with f = 1 if its Mahalanobis length
+  ‖C^{-1/2}(m_old − x_w)‖/σ ≤ √d and otherwise f = ‖N(0, I)‖/that length; a mirror is not mirrored
+  again; a mirrored candidate that ranks among the negative weights gets weight 0
+  (``CMA_active_injected = 0``).
+* The client starts from the server's broadcast B, D (it does *not* recompute ``eigh`` as pycma's
+  ``_copy_light`` does, unless ``client_init(..., refresh_eigen=True)``): the server's decomposition
+  is at most one lazy-update gap old, the staleness pycma itself accepts.
+
+Left out of the client, on purpose: pycma's random stream (numpy's global RNG reseeded identically on
+every client, reference §2.2 — here each client gets its own JAX key), the replacement of NaN fitness
+by the median (here NaN/±inf rank *worst*; a non-finite candidate never gets a positive weight; if every
+candidate fails the distribution is left unchanged), boundary handling (the reference runs unbounded),
+``alleviate_conditioning`` (condition numbers > 1e8/1e12 never occur with c_1 + c_μ ≈ 1e-5) and the
+termination criteria (the loop runs a fixed number of generations). Ties in fitness are broken by
+index (pycma's unstable ``np.argsort`` may order ties differently).
+
+**Server** (reference §2.2 "Server aggregation"): :func:`server_update` treats the uploaded client
+means as a population with their fitnesses and runs one step of pycma's ``tell`` for a
+``CMAEvolutionStrategy(0, σ₀, {popsize: m, CMA_mu: m})``: positive half of the log-rank weights of a
+2m population, Mahalanobis repair of the injected means (‖C^{-1/2}(x−m)‖/σ' ≤ √d + 2d/(d+2)),
+rank-one + rank-μ update, CSA; pycma's lazy eigendecomposition, its initial C = diag(exp(10⁻⁴ i/d))
+("prevent equal eigenvalues") and its constants (c_1 from ``sm.parameters`` with λ = 2m, the lazy gap
+from ``sp.c1`` with λ = m, the mirror term in d_σ for m < 6). The step length used inside the step is
+σ' (variant below); the broadcast σ moves by the CSA factor only: σ_{t+1} = σ_t · σ_after/σ'.
+The reference's σ clamps are no-ops (reference §2.2, step 4) and are not reproduced.
+
+* ``variant="reference"``: σ' = √(Σ_k Σ_j (σ^k_j)² / (|S| μ_loc)), μ_loc = ⌊λ/2⌋ (the code).
+* ``variant="paper"``: σ' = 2 √(Σ_{k∈S'} Σ_j (σ^k_j)² / (|S| λ)), S' = the ⌈|S|/2⌉ active clients
+  with the lowest fitness (eq. 6; the paper says |S|/2 — for odd |S| the half is rounded up).
+
+|S| is the number of *usable* clients: ``mask`` true and a finite fitness, mean and σ history.
+Unusable clients (dropouts, stragglers, failures) contribute nothing: they rank after all usable
+ones with weight 0 and are left out of σ'. The step is then exactly pycma's server step for
+``popsize = CMA_mu = |S|`` (weights, μ_eff and learning rates are recomputed from |S| in the graph;
+with every client usable this is the reference with m); only the lazy-update gap stays that of m.
+With no usable client the state is returned unchanged.
+
+:func:`fedavg_aggregate` is the FedAvg-BBT baseline: example-count-weighted averages of the clients'
+final means, σ and C.
+
+Example (one FedBPT round with a toy fitness; vmap over clients)::
+
+    import jax, jax.numpy as jnp
+    from fedbpt_jax import strategy as st
+
+    d, m, lam, gens = 20, 4, 5, 8
+    server = st.server_init(d, 1.0, m)
+    params = st.local_params(lam, d)
+
+    def client(key, target):
+        local = st.client_init(server, params)
+        def gen(local, k):
+            sigma = st.sigma_of(local)
+            z, local = st.ask(k, local, params)
+            local = st.tell(z, jnp.sum((z - target) ** 2, -1), local, params)
+            return local, sigma
+        local, sigmas = jax.lax.scan(gen, local, jax.random.split(key, gens))
+        mean = st.mean_of(local)
+        return mean, jnp.sum((mean - target) ** 2), sigmas
+
+    keys = jax.random.split(jax.random.key(0), m)
+    means, fits, sigmas = jax.vmap(client)(keys, jnp.ones((m, d)))
+    server, metrics = st.server_update(server, means, fits, sigmas, variant="reference",
+                                       local_population=lam)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from evosax.algorithms import CMA_ES
+from evosax.algorithms.base import update_best_solution_and_fitness
+from evosax.algorithms.distribution_based import cma_es as _evosax_cma
+from evosax.core.fitness_shaping import identity_fitness_shaping_fn
+from flax import struct
+
+__all__ = [
+    "LocalCMA",
+    "LocalCMAConfig",
+    "LocalCMAParams",
+    "LocalCMAState",
+    "ServerCMAState",
+    "ask",
+    "client_init",
+    "fedavg_aggregate",
+    "local_params",
+    "local_strategy",
+    "mean_of",
+    "mean_of_server",
+    "server_init",
+    "server_update",
+    "server_update_paper",
+    "server_update_reference",
+    "sigma_of",
+    "sigma_of_server",
+    "tell",
+]
+
+# --------------------------------------------------------------------------------------------------
+# pycma 3.4.0 default strategy constants (host side, float64)
+# --------------------------------------------------------------------------------------------------
+
+
+def _chi_n(d: int) -> float:
+    """E‖N(0, I_d)‖ as pycma's ``Mh.chiN``: exact for d ≤ 6, else √d (1 − 1/(4d) + 1/(26d²))."""
+    if d <= 6:
+        return math.sqrt(2.0) * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))
+    return math.sqrt(d) * (1.0 - 1.0 / (4 * d) + 1.0 / (26 * d * d))
+
+
+def _num_mirrors(popsize: int, d: int) -> int:
+    """pycma's ``sp.lam_mirr`` for the default option ``CMA_mirrors = popsize < 6``."""
+    if popsize < 6:
+        return int(0.5 + 0.16 * min(popsize, 2 * d + 2) + 0.29)
+    return 0
+
+
+def _c1(lam_for_c1: float, mueff: float, d: int) -> float:
+    return min(1.0, lam_for_c1 / 6) * 2.0 / ((d + 1.3) ** 2 + mueff)
+
+
+def _cmu(c1: float, mueff: float, d: int) -> float:
+    return min(1.0 - c1, 2.0 * (0.25 + mueff - 2.0 + 1.0 / mueff) / ((d + 2) ** 2 + mueff))
+
+
+def _damps(mueff: float, d: int, popsize: float, lam_mirr: float, cs: float) -> float:
+    return (0.5 + min(1.0, (lam_mirr / (0.159 * popsize) - 1.0) ** 2) / 2
+            + 2.0 * max(0.0, math.sqrt((mueff - 1.0) / (d + 1)) - 1.0) + cs)
+
+
+def _lazy_gap(c1: float, cmu: float, d: int) -> float:
+    """Tells between two eigendecompositions: pycma's ``lazy_update_gap``."""
+    return 1.0 / (c1 + cmu + 1e-23) / d / 10
+
+
+def _pycma_weights(lam: int, d: int) -> tuple[np.ndarray, float]:
+    """pycma's default ``RecombinationWeights(lam)`` after ``finalize_negative_weights``.
+
+    Returns (weights [lam], mueff). Positive weights sum to 1; the negative ones are scaled so that
+    their sum is −(1 + c_1/c_μ), then limited to −(1 − c_1 − c_μ)/(c_μ d) and to
+    −(1 + 2 μ_eff⁻/(μ_eff + 2)), in that order.
+    """
+    if lam < 2:
+        raise ValueError(f"population_size must be >= 2 (pycma needs two weights), got {lam}")
+    i = np.arange(1, lam + 1, dtype=np.float64)
+    w = np.log((lam + 1) / 2.0) - np.log(i)
+    mu = int(np.sum(w > 0))
+    w = w / np.sum(w[:mu])
+    mueff = 1.0 / np.sum(w[:mu] ** 2)
+    neg_sum = np.sum(w[mu:])
+    if neg_sum != 0:
+        w[mu:] = w[mu:] / -neg_sum
+    c1 = _c1(lam, mueff, d)
+    cmu = _cmu(c1, mueff, d)
+    if w[-1] < 0 and cmu > 0:
+        neg = w[mu:]
+
+        def scale_to(value):
+            s = np.sum(neg)
+            return neg * abs(value / s)
+
+        def limit(neg, value):
+            s = np.sum(neg)
+            if s < -abs(value):
+                neg = neg * abs(value / s)
+            return neg
+
+        neg = scale_to(1.0 + c1 / cmu)
+        neg = limit(neg, (1.0 - c1 - cmu) / cmu / d)
+        mueff_minus = np.sum(neg) ** 2 / np.sum(neg ** 2)
+        neg = limit(neg, 1.0 + 2.0 * mueff_minus / (mueff + 2.0))
+        w[mu:] = neg
+    return w, float(mueff)
+
+
+# --------------------------------------------------------------------------------------------------
+# Lazy eigendecomposition (lax.cond that stays a cond under vmap)
+# --------------------------------------------------------------------------------------------------
+
+
+def _eigendecompose(C: jax.Array, D_old: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """pycma's ``GaussFullSampler._decompose_C`` on ``[..., d, d]``: returns (C symmetrised, B, D)."""
+    d = C.shape[-1]
+    C = 0.5 * (C + jnp.swapaxes(C, -1, -2))
+    evals, B = jnp.linalg.eigh(C)  # ascending, as pycma's _sortBD leaves them
+    bad = evals[..., 0] <= 0
+
+    def retry(args):
+        C, evals, B = args
+        load = jnp.min(D_old, axis=-1) ** 2
+        C2 = jnp.where(bad[..., None, None], C + load[..., None, None] * jnp.eye(d, dtype=C.dtype), C)
+        ev2, B2 = jnp.linalg.eigh(C2)
+        return C2, jnp.where(bad[..., None], ev2, evals), jnp.where(bad[..., None, None], B2, B)
+
+    C, evals, B = jax.lax.cond(jnp.any(bad), retry, lambda a: a, (C, evals, B))
+    tiny = jnp.finfo(C.dtype).tiny
+    return C, B, jnp.sqrt(jnp.maximum(evals, tiny))
+
+
+@jax.custom_batching.custom_vmap
+def _masked_eigen(flag, due, C, B, D):
+    """If ``flag``: (C, B, D) ← eigendecomposition where ``due`` (``due`` has C's leading shape)."""
+
+    def run(C, B, D):
+        Cn, Bn, Dn = _eigendecompose(C, D)
+        return (jnp.where(due[..., None, None], Cn, C), jnp.where(due[..., None, None], Bn, B),
+                jnp.where(due[..., None], Dn, D))
+
+    return jax.lax.cond(flag, run, lambda C, B, D: (C, B, D), C, B, D)
+
+
+@_masked_eigen.def_vmap
+def _masked_eigen_vmap(axis_size, in_batched, flag, due, C, B, D):
+    # Fold the vmapped axis into the arrays and reduce the predicate with `any`, so the cond keeps a
+    # scalar predicate (a batched one would turn into a select that always runs eigh). Recursing
+    # handles nested vmaps one level at a time.
+    def bcast(x, batched):
+        return x if batched else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+
+    flag, due, C, B, D = (bcast(x, b) for x, b in zip((flag, due, C, B, D), in_batched))
+    due = due & flag.reshape(flag.shape + (1,) * (due.ndim - 1))
+    return _masked_eigen(jnp.any(flag), due, C, B, D), (True, True, True)
+
+
+def _lazy_eigen_step(C, B, D, count, last, gap):
+    """pycma's ``update_now``: decompose iff ``count − last ≥ gap`` and at least one tell happened."""
+    elapsed = count - last
+    due = (elapsed > 0) & (elapsed.astype(C.dtype) >= gap.astype(C.dtype))
+    C, B, D = _masked_eigen(due, due, C, B, D)
+    return C, B, D, jnp.where(due, count, last), due
+
+
+def _inv_sqrt_C(B, D, v):
+    """C^{-1/2} v with C = B diag(D²) Bᵀ (pycma's ``transform_inverse``); v is [d] or [n, d]."""
+    return ((v @ B) / D) @ B.T
+
+
+def _mahalanobis(B, D, v):
+    """‖C^{-1/2} v‖ per row (pycma's ``sm.norm``)."""
+    return jnp.sqrt(jnp.sum(((v @ B) / D) ** 2, axis=-1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The CMA-ES tell shared by client and server (pycma's order of operations)
+# --------------------------------------------------------------------------------------------------
+
+
+class _Consts(NamedTuple):
+    mueff: jax.Array
+    cs: jax.Array
+    damps: jax.Array
+    cc: jax.Array
+    c1: jax.Array
+    cmu: jax.Array
+    chi_n: jax.Array
+
+
+class _Update(NamedTuple):
+    mean: jax.Array
+    p_sigma: jax.Array
+    p_c: jax.Array
+    C: jax.Array
+    csa_factor: jax.Array
+    hsig: jax.Array
+
+
+def _cma_update(mean, sigma, p_sigma, p_c, C, B, D, iteration, x, w, c: _Consts) -> _Update:
+    """One CMA-ES tell, as pycma 3.4.0 does it (c_mean = 1, sigma_vec = 1).
+
+    ``x`` [n, d] are the (repaired) solutions, ``w`` [n] their recombination weights in row order
+    (positive for the mean, negative ones only in C); ``iteration`` counts tells including this one.
+    """
+    dt = mean.dtype
+    d = mean.shape[-1]
+    y = (x - mean) / sigma                                              # ~ N(0, C)
+    dm = sigma * (jnp.maximum(w, 0) @ y)                                # m_new − m_old
+    # CSA path with the B, D used for sampling (pycma CMAAdaptSigmaCSA._update_ps).
+    z = _inv_sqrt_C(B, D, dm) * (jnp.sqrt(c.mueff) / sigma)
+    p_sigma = (1 - c.cs) * p_sigma + jnp.sqrt(c.cs * (2 - c.cs)) * z
+    t = iteration.astype(dt)
+    hsig = jnp.sum(p_sigma**2) / (1 - (1 - c.cs) ** (2 * t)) / d - 1 < 1 + 4.0 / (d + 1)
+    h = hsig.astype(dt)
+    c1a = c.c1 * (1 - (1 - h) * c.cc * (2 - c.cc))                     # variance lost to hsig = 0
+    p_c = (1 - c.cc) * p_c + h * jnp.sqrt(c.cc * (2 - c.cc) * c.mueff) / sigma * dm
+    # Rank-one + rank-μ (active): decay with the unscaled weights, then rescale negative ones.
+    wc = c.cmu * w
+    decay = 1 - c1a - jnp.sum(wc)
+    wc = jnp.where(wc < 0, wc * d / (_mahalanobis(B, D, y) + 1e-9) ** 2, wc)
+    C = decay * C + c.c1 * jnp.outer(p_c, p_c) + (y.T * wc) @ y
+    log_factor = jnp.clip(c.cs / c.damps * (jnp.linalg.norm(p_sigma) / c.chi_n - 1), -1.0, 1.0)
+    return _Update(mean + dm, p_sigma, p_c, C, jnp.exp(log_factor), hsig)
+
+
+def _ranks(key: jax.Array) -> jax.Array:
+    """0-based rank of each entry (stable: ties keep index order)."""
+    order = jnp.argsort(key, stable=True)
+    return jnp.zeros(key.shape, jnp.int32).at[order].set(jnp.arange(key.shape[0], dtype=jnp.int32))
+
+
+def _where_tree(cond, a, b):
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Client: LocalCMA (evosax CMA_ES with pycma's client behaviour)
+# --------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class LocalCMAState(_evosax_cma.State):
+    """evosax's CMA-ES state plus the lazy-eigen counter and the selective-mirror memory.
+
+    Inherited: ``mean`` [d], ``std`` σ (scalar), ``p_std`` p_σ [d], ``p_c`` [d], ``C`` [d, d],
+    ``B`` [d, d] (columns: eigenvectors of C), ``D`` [d] (√eigenvalues, ascending),
+    ``best_solution`` [d], ``best_fitness``, ``generation_counter`` (tells since ``client_init``).
+
+    Attributes:
+      last_eigen_update: int32, ``generation_counter`` at which B, D were last computed from C.
+      mirror_direction: [d], m_old − x_worst of the last tell (used by the next ask).
+      mirror_valid: bool, whether the next ask injects the mirror in row 0.
+      mirror_in_row0: bool, whether row 0 of the population just asked is an injected mirror.
+    """
+
+    last_eigen_update: jax.Array
+    mirror_direction: jax.Array
+    mirror_valid: jax.Array
+    mirror_in_row0: jax.Array
+
+
+@struct.dataclass
+class LocalCMAParams(_evosax_cma.Params):
+    """evosax's CMA-ES params with pycma's values, plus the lazy-eigen gap and the mirror count.
+
+    ``weights`` [λ] are pycma's (active) recombination weights by rank; ``c_mean`` = 1;
+    ``std_min``/``std_max`` are 0/inf (pycma does not clip σ; ``std_init`` is used only by evosax's
+    ``init``; FedBPT clients take σ from the server).
+
+    Attributes:
+      eigen_gap: tells between two eigendecompositions, 1/(10 d (c_1 + c_μ)).
+      num_mirrors: static, 0 or 1 selectively mirrored candidates per generation.
+    """
+
+    eigen_gap: jax.Array
+    num_mirrors: int = struct.field(pytree_node=False, default=0)
+
+
+def local_params(population_size: int, num_dims: int, *, num_mirrors: int | None = None,
+                 sigma0: float = 1.0) -> LocalCMAParams:
+    """pycma's default strategy constants for a client with population λ in dimension d.
+
+    Args:
+      population_size: λ (≥ 2).
+      num_dims: d.
+      num_mirrors: selectively mirrored candidates per generation; ``None`` = pycma's default
+        (1 for λ < 6, else 0). Only 0 and 1 are supported (pycma's default never exceeds 1).
+      sigma0: ``std_init`` for evosax's ``init`` (unused by :func:`client_init`).
+
+    Returns:
+      LocalCMAParams (a pytree of scalars and the [λ] weights; ``num_mirrors`` is static).
+    """
+    lam, d = int(population_size), int(num_dims)
+    if d < 1:
+        raise ValueError(f"num_dims must be >= 1, got {d}")
+    mirrors = _num_mirrors(lam, d) if num_mirrors is None else int(num_mirrors)
+    if mirrors not in (0, 1) or mirrors > lam // 2:
+        raise ValueError(f"num_mirrors must be 0 or 1 and at most population_size // 2, got {mirrors}")
+    w, mueff = _pycma_weights(lam, d)
+    c1 = _c1(lam, mueff, d)
+    cmu = _cmu(c1, mueff, d)
+    cs = (mueff + 2.0) / (d + mueff + 3.0)
+    return LocalCMAParams(
+        std_init=jnp.asarray(sigma0, dtype=float),
+        std_min=0.0,
+        std_max=float("inf"),
+        weights=jnp.asarray(w, dtype=float),
+        mu_eff=jnp.asarray(mueff, dtype=float),
+        c_mean=1.0,
+        c_std=jnp.asarray(cs, dtype=float),
+        d_std=jnp.asarray(_damps(mueff, d, lam, mirrors, cs), dtype=float),
+        c_c=jnp.asarray((4.0 + mueff / d) / (d + 4.0 + 2.0 * mueff / d), dtype=float),
+        c_1=jnp.asarray(c1, dtype=float),
+        c_mu=jnp.asarray(cmu, dtype=float),
+        chi_n=jnp.asarray(_chi_n(d), dtype=float),
+        eigen_gap=jnp.asarray(_lazy_gap(c1, cmu, d), dtype=float),
+        num_mirrors=mirrors,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalCMAConfig:
+    """Static description of the client CMA-ES: population λ, dimension d, mirror count.
+
+    ``num_mirrors=None`` is pycma's default (1 for λ < 6, else 0).
+    """
+
+    population_size: int
+    num_dims: int
+    num_mirrors: int | None = None
+
+    def params(self) -> LocalCMAParams:
+        return local_params(self.population_size, self.num_dims, num_mirrors=self.num_mirrors)
+
+    def strategy(self) -> "LocalCMA":
+        return local_strategy(self.population_size, self.num_dims, self.params().num_mirrors)
+
+
+def _consts_of(params: LocalCMAParams, dt) -> _Consts:
+    f = lambda a: jnp.asarray(a).astype(dt)  # noqa: E731
+    return _Consts(f(params.mu_eff), f(params.c_std), f(params.d_std), f(params.c_c), f(params.c_1),
+                   f(params.c_mu), f(params.chi_n))
+
+
+class LocalCMA(CMA_ES):
+    """evosax ``CMA_ES`` with pycma's client behaviour (lazy eigen, active weights, mirrors).
+
+    Build once per (λ, d, mirrors) — :func:`local_strategy` caches instances — because ``self`` is a
+    static argument of evosax's jitted ``ask``/``tell``. The evosax interface works as usual
+    (``init(key, mean, params)``, ``ask(key, state, params)``, ``tell(key, pop, fitness, state,
+    params)`` returning ``(state, metrics)``); the module functions :func:`ask`/:func:`tell` are the
+    key-less, metrics-less FedBPT entry points on the same math. Fitness is minimised.
+    """
+
+    def __init__(self, population_size: int, num_dims: int, num_mirrors: int | None = None):
+        with jax.ensure_compile_time_eval():  # may first be built inside a trace: keep it concrete
+            super().__init__(population_size, jnp.zeros(num_dims),
+                             fitness_shaping_fn=identity_fitness_shaping_fn)
+        self.num_mirrors = _num_mirrors(population_size, num_dims) if num_mirrors is None else num_mirrors
+
+    @property
+    def _default_params(self) -> LocalCMAParams:
+        return local_params(self.population_size, self.num_dims, num_mirrors=self.num_mirrors)
+
+    def _init(self, key: jax.Array, params: LocalCMAParams) -> LocalCMAState:
+        d = self.num_dims
+        server = server_init(d, params.std_init, 2)
+        return client_init(server, params).replace(mean=jnp.full((d,), jnp.nan, server.mean.dtype))
+
+    def _ask(self, key, state: LocalCMAState, params: LocalCMAParams):
+        lam, d = self.population_size, self.num_dims
+        dt = state.mean.dtype
+        C, B, D, last, _ = _lazy_eigen_step(state.C, state.B, state.D, state.generation_counter,
+                                            state.last_eigen_update, params.eigen_gap)
+        key_z, key_len = jax.random.split(key)
+        z = jax.random.normal(key_z, (lam, d), dt)
+        population = state.mean + state.std * ((z * D) @ B.T)             # x = m + σ B D z
+        in_row0 = jnp.zeros((), bool)
+        if self.num_mirrors:
+            direction = state.mirror_direction
+            maha = _mahalanobis(B, D, direction) / state.std
+            length = jnp.linalg.norm(jax.random.normal(key_len, (d,), dt))
+            long = maha > math.sqrt(d)
+            factor = jnp.where(long, length / jnp.where(long, maha, 1), 1)
+            in_row0 = state.mirror_valid
+            population = population.at[0].set(
+                jnp.where(in_row0, state.mean + factor * direction, population[0]))
+        state = state.replace(C=C, B=B, D=D, last_eigen_update=last, mirror_in_row0=in_row0,
+                              mirror_valid=jnp.zeros((), bool))
+        return population, state
+
+    def _tell(self, key, population, fitness, state: LocalCMAState, params: LocalCMAParams):
+        dt = state.mean.dtype
+        finite = jnp.isfinite(fitness)
+        ranks = _ranks(jnp.where(finite, fitness, jnp.inf))
+        w = params.weights.astype(dt)[ranks]
+        w = jnp.where(~finite & (w > 0), 0, w)  # a failed evaluation never pulls the mean
+        if self.num_mirrors:
+            w = w.at[0].set(jnp.where(state.mirror_in_row0 & (w[0] < 0), 0, w[0]))
+        upd = _cma_update(state.mean, state.std, state.p_std, state.p_c, state.C, state.B, state.D,
+                          state.generation_counter + 1, population, w, _consts_of(params, dt))
+        new = state.replace(mean=upd.mean, p_std=upd.p_sigma, p_c=upd.p_c, C=upd.C,
+                            std=jnp.clip(state.std * upd.csa_factor, params.std_min, params.std_max))
+        new = _where_tree(jnp.any(finite), new, state)
+        if self.num_mirrors:
+            worst = jnp.argmax(ranks)
+            new = new.replace(
+                mirror_direction=state.mean - population[worst],
+                mirror_valid=~(state.mirror_in_row0 & (worst == 0)) & jnp.any(finite))
+        return new
+
+
+@functools.lru_cache(maxsize=None)
+def local_strategy(population_size: int, num_dims: int, num_mirrors: int | None = None) -> LocalCMA:
+    """The cached :class:`LocalCMA` for (λ, d, mirrors) — one static object per shape."""
+    return LocalCMA(int(population_size), int(num_dims), num_mirrors)
+
+
+def _strategy_for(state: LocalCMAState, params: LocalCMAParams) -> LocalCMA:
+    return local_strategy(params.weights.shape[-1], state.mean.shape[-1], params.num_mirrors)
+
+
+def client_init(server_state: "ServerCMAState", params: LocalCMAParams | None = None, *,
+                refresh_eigen: bool = False) -> LocalCMAState:
+    """A client's start state from the broadcast server state (pycma ``_copy_light``).
+
+    Copies mean, σ, C and the server's eigendecomposition (B, D); resets p_σ, p_c, the counters, the
+    best-so-far and the mirror memory. ``params`` is accepted for symmetry and not needed.
+
+    Args:
+      server_state: the broadcast :class:`ServerCMAState`.
+      params: unused.
+      refresh_eigen: recompute B, D from C as pycma's ``_copy_light`` does (O(d³); under ``vmap``
+        with the server state unbatched it is computed once, not per client). By default the
+        server's (lazily updated) B, D are reused.
+    """
+    del params
+    s = server_state
+    dt = s.mean.dtype
+    d = s.mean.shape[-1]
+    C, B, D = s.C, s.B, s.D
+    if refresh_eigen:
+        C, B, D = _eigendecompose(C, D)
+    zero = jnp.zeros((), jnp.int32)
+    return LocalCMAState(
+        mean=s.mean, std=s.sigma, p_std=jnp.zeros((d,), dt), p_c=jnp.zeros((d,), dt), C=C, B=B, D=D,
+        best_solution=jnp.full((d,), jnp.nan, dt), best_fitness=jnp.asarray(jnp.inf, dt),
+        generation_counter=zero, last_eigen_update=zero, mirror_direction=jnp.zeros((d,), dt),
+        mirror_valid=jnp.zeros((), bool), mirror_in_row0=jnp.zeros((), bool),
+    )
+
+
+def ask(key: jax.Array, state: LocalCMAState, params: LocalCMAParams) -> tuple[jax.Array, LocalCMAState]:
+    """λ candidates ``[λ, d]`` for one client (lazy eigen update first, then mirror + samples).
+
+    Record ``sigma_of(state)`` *before* calling this to build the σ history the server needs.
+    """
+    return _strategy_for(state, params)._ask(key, state, params)
+
+
+def tell(population: jax.Array, fitness: jax.Array, state: LocalCMAState,
+         params: LocalCMAParams) -> LocalCMAState:
+    """Updates one client's state with the fitness ``[λ]`` of ``population`` ``[λ, d]`` (minimised).
+
+    NaN/±inf fitness ranks worst and never gets a positive weight; if all are non-finite, mean, σ,
+    paths and C stay as they were.
+    """
+    strategy = _strategy_for(state, params)
+    best_solution, best_fitness = update_best_solution_and_fitness(
+        population, jnp.where(jnp.isfinite(fitness), fitness, jnp.nan), state.best_solution,
+        state.best_fitness)
+    state = state.replace(best_solution=best_solution, best_fitness=best_fitness.astype(state.best_fitness.dtype))
+    state = strategy._tell(None, population, fitness, state, params)
+    return state.replace(generation_counter=state.generation_counter + 1)
+
+
+def sigma_of(state: LocalCMAState) -> jax.Array:
+    """The client's current σ (record it before each ask)."""
+    return state.std
+
+
+def mean_of(state: LocalCMAState) -> jax.Array:
+    """The client's current mean ``[d]``."""
+    return state.mean
+
+
+# --------------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class ServerCMAState:
+    """Server-level CMA-ES state (what FedBPT broadcasts: mean, σ, C with its eigendecomposition).
+
+    Attributes:
+      mean: [d] global mean z_t.
+      sigma: scalar broadcast σ_t (the clients' starting σ).
+      C: [d, d] covariance.
+      B: [d, d] eigenvectors of C (columns) at ``last_eigen_update``.
+      D: [d] square roots of C's eigenvalues (ascending) at ``last_eigen_update``.
+      p_sigma: [d] CSA evolution path.
+      p_c: [d] covariance evolution path.
+      iteration: int32, server tells done (pycma's ``countiter``).
+      last_eigen_update: int32, ``iteration`` of the last eigendecomposition.
+      eigen_gap: scalar constant, tells between two eigendecompositions (pycma's lazy gap for m).
+    """
+
+    mean: jax.Array
+    sigma: jax.Array
+    C: jax.Array
+    B: jax.Array
+    D: jax.Array
+    p_sigma: jax.Array
+    p_c: jax.Array
+    iteration: jax.Array
+    last_eigen_update: jax.Array
+    eigen_gap: jax.Array
+
+
+def _server_weights_mueff(m: int) -> float:
+    w = np.log(m + 0.5) - np.log(np.arange(1, m + 1, dtype=np.float64))
+    w = w / w.sum()
+    return float(1.0 / np.sum(w**2))
+
+
+def server_init(num_dims: int, sigma0: Any, num_clients_per_round: int, *, dtype=None) -> ServerCMAState:
+    """Server state of ``CMAEvolutionStrategy(zeros(d), σ₀, {popsize: m, CMA_mu: m})``.
+
+    C starts as pycma's diag(exp(10⁻⁴ i / d)), i = 0..d−1 (its guard against equal eigenvalues), with
+    B = I and D = √diag(C); the lazy eigendecomposition gap is pycma's for popsize m.
+
+    Args:
+      num_dims: d.
+      sigma0: initial σ (may be a traced scalar).
+      num_clients_per_round: m, the server population (clients per round).
+      dtype: float dtype of the state (default: JAX's default float).
+    """
+    d, m = int(num_dims), int(num_clients_per_round)
+    if d < 1 or m < 1:
+        raise ValueError(f"num_dims and num_clients_per_round must be >= 1, got {d}, {m}")
+    dt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+    mueff = _server_weights_mueff(m)
+    sp_c1 = _c1(m, mueff, d)
+    gap = _lazy_gap(sp_c1, _cmu(sp_c1, mueff, d), d)
+    var = np.exp((1e-4 / d) * np.arange(d))
+    return ServerCMAState(
+        mean=jnp.zeros((d,), dt),
+        sigma=jnp.asarray(sigma0).astype(dt),
+        C=jnp.diag(jnp.asarray(var, dt)),
+        B=jnp.eye(d, dtype=dt),
+        D=jnp.asarray(np.sqrt(var), dt),
+        p_sigma=jnp.zeros((d,), dt),
+        p_c=jnp.zeros((d,), dt),
+        iteration=jnp.zeros((), jnp.int32),
+        last_eigen_update=jnp.zeros((), jnp.int32),
+        eigen_gap=jnp.asarray(gap, dt),
+    )
+
+
+def _server_consts(k: jax.Array, m: int, d: int, dt) -> tuple[jax.Array, _Consts]:
+    """Weights [m] (zero beyond rank k) and pycma's server constants for popsize = CMA_mu = k."""
+    kf = jnp.maximum(k, 1).astype(dt)
+    i = jnp.arange(1, m + 1, dtype=dt)
+    raw = jnp.where(i <= kf, jnp.log(kf + 0.5) - jnp.log(i), 0)
+    w = raw / jnp.sum(raw)
+    mueff = 1 / jnp.sum(w**2)
+    cs = (mueff + 2) / (d + mueff + 3)
+    lam_mirr = jnp.where(kf < 6, jnp.floor(0.5 + 0.16 * jnp.minimum(kf, 2 * d + 2) + 0.29), 0)
+    damps = (0.5 + jnp.minimum(1, (lam_mirr / (0.159 * kf) - 1) ** 2) / 2
+             + 2 * jnp.maximum(0, jnp.sqrt((mueff - 1) / (d + 1)) - 1) + cs)
+    c1 = jnp.minimum(1, 2 * kf / 6) * 2 / ((d + 1.3) ** 2 + mueff)  # sampler's c1: λ = 2k weights
+    cmu = jnp.minimum(1 - c1, 2 * (0.25 + mueff - 2 + 1 / mueff) / ((d + 2) ** 2 + mueff))
+    cc = (4 + mueff / d) / (d + 4 + 2 * mueff / d)
+    return w, _Consts(mueff, cs, damps, cc, c1, cmu, jnp.asarray(_chi_n(d), dt))
+
+
+def _usable(mask, fitness, *arrays):
+    ok = mask & jnp.isfinite(fitness)
+    for a in arrays:
+        ok = ok & jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=-1)
+    return ok
+
+
+def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness: jax.Array,
+                  client_sigmas: jax.Array, mask: jax.Array | None = None, *, variant: str = "reference",
+                  local_population: int = 5, local_mu: int | None = None) -> tuple[ServerCMAState, dict]:
+    """One FedBPT server aggregation: σ', a server CMA-ES tell on the client means, broadcast σ.
+
+    Args:
+      state: server state of the round (what was broadcast).
+      client_means: [m, d] uploaded final local means.
+      client_fitness: [m] their fitness (minimised).
+      client_sigmas: [m, I] each client's σ before each local ask.
+      mask: [m] bool, clients that reported (None: all). Unusable clients (masked, or with a
+        non-finite fitness, mean or σ) get weight 0 and are left out of σ'.
+      variant: "reference" (the NVFlare code) or "paper" (eq. 6); see the module docstring.
+      local_population: λ of the clients (the "paper" σ' divides by it).
+      local_mu: μ_loc for the "reference" σ' (default ⌊λ/2⌋, pycma's μ for λ).
+
+    Returns:
+      (new_state, metrics) with scalar metrics: ``num_active`` (usable clients), ``num_nonfinite``
+      (reported clients dropped for non-finite values), ``sigma_prime``, ``csa_factor``
+      (σ_{t+1}/σ_t), ``hsig``, ``eigen_updated``, ``num_repaired`` (means clipped in Mahalanobis
+      length), ``best_fitness`` (min over usable clients, inf if none).
+    """
+    if variant not in ("reference", "paper"):
+        raise ValueError(f"variant must be 'reference' or 'paper', got {variant!r}")
+    m, d = client_means.shape
+    dt = state.mean.dtype
+    lam = int(local_population)
+    mu_loc = lam // 2 if local_mu is None else int(local_mu)
+    mask = jnp.ones((m,), bool) if mask is None else jnp.asarray(mask).astype(bool)
+    fitness = client_fitness.astype(dt)
+    sigmas = client_sigmas.astype(dt).reshape(m, -1)
+    usable = _usable(mask, fitness, client_means, sigmas) & jnp.all(sigmas > 0, axis=-1)
+    k = jnp.sum(usable.astype(jnp.int32))
+    kf = jnp.maximum(k, 1).astype(dt)
+    ranks = _ranks(jnp.where(usable, fitness, jnp.inf))  # usable first, by fitness
+
+    # σ' (reference code, or eq. 6 of the paper).
+    sq = jnp.where(usable, jnp.sum(sigmas**2, axis=-1), 0)
+    if variant == "reference":
+        sigma_prime = jnp.sqrt(jnp.sum(sq) / (kf * mu_loc))
+    else:
+        best_half = usable & (ranks < (k + 1) // 2)
+        sigma_prime = 2 * jnp.sqrt(jnp.sum(jnp.where(best_half, sq, 0)) / (kf * lam))
+
+    # pycma's ask (its samples are discarded): only the lazy eigendecomposition matters.
+    C, B, D, last, eigen_updated = _lazy_eigen_step(state.C, state.B, state.D, state.iteration,
+                                                    state.last_eigen_update, state.eigen_gap)
+    # tell: repair the injected means, then the CMA-ES update with step length σ'.
+    mold = state.mean
+    x = jnp.where(usable[:, None], client_means.astype(dt), mold)
+    dx = x - mold
+    upper = math.sqrt(d) + 2 * d / (d + 2)
+    fac = _mahalanobis(B, D, dx) / sigma_prime / upper
+    repaired = usable & (fac > 1)
+    x = jnp.where(repaired[:, None], dx / jnp.where(repaired, fac, 1)[:, None] + mold, x)
+    w_rank, consts = _server_consts(k, m, d, dt)
+    w = jnp.where(usable, w_rank[jnp.minimum(ranks, m - 1)], 0)
+    upd = _cma_update(mold, sigma_prime, state.p_sigma, state.p_c, C, B, D, state.iteration + 1, x, w,
+                      consts)
+    new = state.replace(mean=upd.mean, sigma=state.sigma * upd.csa_factor, C=upd.C, B=B, D=D,
+                        p_sigma=upd.p_sigma, p_c=upd.p_c, iteration=state.iteration + 1,
+                        last_eigen_update=last)
+    ok = k > 0
+    new = _where_tree(ok, new, state)
+    metrics = {
+        "num_active": k,
+        "num_nonfinite": jnp.sum((mask & ~usable).astype(jnp.int32)),
+        "sigma_prime": sigma_prime,
+        "csa_factor": jnp.where(ok, upd.csa_factor, 1).astype(dt),
+        "hsig": upd.hsig & ok,
+        "eigen_updated": eigen_updated & ok,
+        "num_repaired": jnp.sum(repaired.astype(jnp.int32)),
+        "best_fitness": jnp.min(jnp.where(usable, fitness, jnp.inf)),
+    }
+    return new, metrics
+
+
+server_update_reference = functools.partial(server_update, variant="reference")
+server_update_reference.__doc__ = "``server_update(..., variant='reference')``: σ' as in the NVFlare code."
+server_update_paper = functools.partial(server_update, variant="paper")
+server_update_paper.__doc__ = "``server_update(..., variant='paper')``: σ' as in eq. 6 of the paper."
+
+
+def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Array,
+                     mask: jax.Array | None = None) -> tuple[ServerCMAState, dict]:
+    """FedAvg-BBT: example-count-weighted averages of the clients' final mean, σ and C.
+
+    Args:
+      state: server state (mean, σ, C are replaced; paths are kept as they are unused by FedAvg).
+      client_states: batched client states with ``mean`` [m, d], ``std`` [m] and ``C`` [m, d, d]
+        (e.g. a vmapped :class:`LocalCMAState`).
+      weights: [m] client example counts (zero for inactive clients is fine).
+      mask: [m] bool, clients that reported (None: all). Clients with non-finite values are dropped.
+
+    Returns:
+      (new_state, metrics). B, D are recomputed from the averaged C (one ``eigh`` per round on the
+      server, not per client). With zero total weight the state is unchanged.
+    """
+    means, stds, covs = client_states.mean, client_states.std, client_states.C
+    m = means.shape[0]
+    dt = state.mean.dtype
+    mask = jnp.ones((m,), bool) if mask is None else jnp.asarray(mask).astype(bool)
+    weights = weights.astype(dt)
+    usable = _usable(mask & (weights > 0), weights, means, stds.reshape(m, 1), covs)
+    w = jnp.where(usable, weights, 0)
+    total = jnp.sum(w)
+    ok = total > 0
+    wn = w / jnp.where(ok, total, 1)
+    clean = lambda a: jnp.where(usable.reshape((m,) + (1,) * (a.ndim - 1)), a.astype(dt), 0)  # noqa: E731
+    C = jnp.einsum("k,kij->ij", wn, clean(covs))
+    C, B, D, last, _ = _lazy_eigen_step(C, state.B, state.D, state.iteration + 1, state.iteration,
+                                        jnp.zeros((), dt))
+    new = state.replace(mean=wn @ clean(means), sigma=wn @ clean(stds), C=C, B=B, D=D,
+                        iteration=state.iteration + 1, last_eigen_update=last)
+    new = _where_tree(ok, new, state)
+    metrics = {
+        "num_active": jnp.sum(usable.astype(jnp.int32)),
+        "num_nonfinite": jnp.sum((mask & (weights > 0) & ~usable).astype(jnp.int32)),
+        "weight_total": total,
+    }
+    return new, metrics
+
+
+def sigma_of_server(state: ServerCMAState) -> jax.Array:
+    """The broadcast σ."""
+    return state.sigma
+
+
+def mean_of_server(state: ServerCMAState) -> jax.Array:
+    """The global mean z ``[d]``."""
+    return state.mean
