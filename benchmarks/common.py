@@ -1,0 +1,329 @@
+"""Shared helpers of the benchmark scripts: timing, the matmul peak, machine facts, memory, FLOPs, tables.
+
+Import this module *before* numpy/jax in a script (it sets ``OPENBLAS_NUM_THREADS=1``: scipy's OpenBLAS
+threads fight XLA's on a 2-core CPU, see docs/environment.md).
+
+Timing rules followed everywhere: compile is timed separately (AOT ``lower().compile()`` or the first
+call), one warm-up call runs before any timed call, every timed call ends in ``block_until_ready``.
+The float32 matmul peak is measured in the same process, right before and right after each timed item,
+because the development machine is shared: the fraction of peak of an item is its GFLOP/s over the
+mean of the two peak measurements that bracket it (same load), and the run's best peak is reported too.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import datetime
+import importlib.metadata
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine facts
+# ----------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
+    except OSError:
+        pass
+    return ""
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "evosax", "cma", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import jax
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "versions": versions(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+def block(x):
+    import jax
+
+    return jax.block_until_ready(x)
+
+
+def time_call(fn: Callable, *args, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """Warm-up calls, then ``repeats`` timed calls (each blocked). Returns seconds and the last output."""
+    first = None
+    out = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        out = block(fn(*args))
+        if i == 0:
+            first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = block(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return {"first_s": first, "times_s": times, "median_s": statistics.median(times), "min_s": min(times),
+            "out": out}
+
+
+def aot_compile(jitted, *args) -> tuple[Any, float]:
+    """``jitted.lower(*args).compile()`` and the seconds it took (tracing + XLA compilation)."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+class Peak:
+    """The float32 matmul peak of this machine, measured now (jitted ``n x n @ n x n``, best of a few)."""
+
+    def __init__(self, n: int = 2048, repeats: int = 4):
+        import jax
+        import jax.numpy as jnp
+
+        self.n, self.repeats = n, repeats
+        key_a, key_b = jax.random.split(jax.random.key(0))
+        self.a = jax.random.normal(key_a, (n, n), jnp.float32)
+        self.b = jax.random.normal(key_b, (n, n), jnp.float32)
+        self.fn = jax.jit(lambda a, b: a @ b)
+        block(self.fn(self.a, self.b))
+        self.history: list[float] = []
+
+    def measure(self) -> float:
+        t = time_call(self.fn, self.a, self.b, repeats=self.repeats, warmup=1)["min_s"]
+        g = 2 * self.n**3 / t / 1e9
+        self.history.append(g)
+        return g
+
+    @property
+    def best(self) -> float:
+        return max(self.history) if self.history else float("nan")
+
+    def bracket(self, fn: Callable[[], Any]) -> tuple[Any, float, float]:
+        """Runs ``fn()`` between two peak measurements; returns (its result, peak before, peak after)."""
+        before = self.measure()
+        out = fn()
+        after = self.measure()
+        return out, before, after
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory (host RSS: on the CPU backend device memory is process memory)
+# ----------------------------------------------------------------------------------------------
+def _status(field: str) -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
+
+
+def rss_bytes() -> int:
+    return _status("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's RSS (since start or the last :func:`reset_peak_rss`)."""
+    hwm = _status("VmHWM")
+    if hwm < 0:
+        import resource
+
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return hwm
+
+
+def reset_peak_rss() -> bool:
+    """Resets VmHWM to the current RSS (Linux ``/proc/self/clear_refs`` 5); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def device_memory_stats() -> dict | None:
+    import jax
+
+    try:
+        return jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001  (CPU backends may not implement it)
+        return None
+
+
+def tree_bytes(tree) -> int:
+    import jax
+
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and data
+# ----------------------------------------------------------------------------------------------
+MODELS = ("tiny", "smollm2")
+
+
+def load_model(name: str):
+    """``"tiny"``: the random 2-layer decoder of :mod:`fedbpt_jax.testing`; ``"smollm2"``: the real
+    SmolLM2-135M-Instruct (GGUF, offline)."""
+    if name == "tiny":
+        from fedbpt_jax import testing
+
+        return testing.tiny_decoder(0)
+    if name == "smollm2":
+        from fedbpt_jax import models
+
+        return models.load("smollm2-135m-instruct")
+    raise ValueError(f"unknown model {name!r}; accepted: {MODELS}")
+
+
+def scoring_batch(lm, num_examples: int, max_length: int, n_prompt: int, *, seed: int = 0):
+    """``(TokenBatch [B, T], ScoringSpec, source)`` at SST-2 lengths.
+
+    With a tokenizer: ``num_examples`` real SST-2 test sentences (random, fixed seed), tokenised by
+    :func:`fedbpt_jax.data.tokenize` with the decoder completion template (``Review: {text}`` and the
+    cue ``\\nSentiment:``), texts cut to ``max_length`` tokens. Without one (tiny model): random tokens
+    of lengths in ``[max_length*3/4, max_length]`` and a random 4-token cue.
+    """
+    import jax.numpy as jnp
+    from fedbpt_jax import data as fdata
+    from fedbpt_jax import testing
+
+    if lm.tokenizer is not None:
+        examples = fdata.load_task_data("sst2", None, "test")
+        idx = np.sort(np.random.default_rng(seed).permutation(len(examples))[:num_examples])
+        examples = examples.take(idx)
+        batch = fdata.tokenize("sst2", examples, lm.tokenizer, "decoder", n_prompt=n_prompt, max_length=max_length)
+        spec = fdata.scoring_spec("sst2", lm.tokenizer, "decoder", n_prompt=n_prompt)
+        source = "sst2-test"
+    else:
+        batch = testing.random_batch(seed, num_examples, max_length, lm.vocab_size, min_len=max(2, 3 * max_length // 4))
+        spec = testing.random_spec(lm.vocab_size, cue_len=4)
+        source = "random-tokens"
+    import jax
+
+    return jax.tree_util.tree_map(jnp.asarray, batch), spec, source
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs actually executed (padding and masked attention entries included)
+# ----------------------------------------------------------------------------------------------
+def executed_flops_per_example(cfg, num_query_tokens: int, num_keys: int, num_labels: int = 2) -> float:
+    """FLOPs XLA really runs to push ``num_query_tokens`` tokens of one example through the trunk.
+
+    The decoder computes every (query, key) score, masked ones included (padding, causal upper
+    triangle), so each query costs ``flops_per_token(cfg, num_keys)`` (weights + full attention row);
+    the head projects the label rows at the last position only. Compare with
+    ``decoder.flops_per_example`` (the *useful* count: causal triangle, same padded length).
+    """
+    from fedbpt_jax.models import decoder
+
+    return num_query_tokens * decoder.flops_per_token(cfg, num_keys) + 2 * cfg.hidden_size * num_labels
+
+
+def scoring_flops(cfg, *, num_examples: int, text_len: int, n_prompt: int, cue_len: int, cached: bool,
+                  num_labels: int = 2) -> float:
+    """Executed FLOPs of scoring ONE candidate on ``num_examples`` examples (cache already built)."""
+    total = text_len + n_prompt + cue_len
+    q = n_prompt + cue_len if cached else total
+    return num_examples * executed_flops_per_example(cfg, q, total, num_labels)
+
+
+def prepare_flops(cfg, *, num_examples: int, text_len: int) -> float:
+    """Executed FLOPs of building the text-prefix cache (the text part through every layer)."""
+    return num_examples * (executed_flops_per_example(cfg, text_len, text_len, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, np.integer)):
+        return f"{int(x):,}"
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if x != x:
+            return "nan"
+        if x == 0:
+            return "0"
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """A GitHub markdown table of ``rows`` with ``columns = [(key, header), ...]``."""
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=1))
+    os.replace(tmp, path)

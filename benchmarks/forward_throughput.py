@@ -1,0 +1,215 @@
+"""Forward throughput of black-box population scoring (issue 2).
+
+Measures, in one process:
+
+* this machine's float32 matmul peak (jitted 2048x2048 @ 2048x2048; measured again right before and
+  after every timed item, since the machine may be shared: fractions use the bracketing pair);
+* for each model (SmolLM2-135M with real weights and real SST-2 sentences; the tiny random decoder) and
+  each decoder layout — "after" with the text-prefix cache (the default), "after" uncached
+  (``make_scorer(use_cache=False)``) and "before" (the paper's prompt-first layout):
+  - scoring a population of P candidates in ONE batched pass (``objective.population_logits``,
+    vmapped over candidates) vs one candidate per pass (a Python loop over a jitted single-candidate
+    call, each result read back to the host, as the reference code does);
+  - executed GFLOP/s (``decoder.flops_per_token`` per query token over every key it really computes:
+    padding and masked entries included) and the fraction of the bracketing matmul peak;
+* the prefix-cache speedup per pass and amortised over a FedBPT round (cache built once, then
+  I + 1 = 9 passes: 8 generations and the final mean).
+
+Checks before timing: the batched logits equal the per-candidate loop's, and the cached "after"
+logits equal the uncached ones.
+
+    python benchmarks/forward_throughput.py --quick                 # tiny model only, < 60 s
+    python benchmarks/forward_throughput.py --json benchmarks/results/forward_throughput.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy/jax)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedbpt_jax import objective, prompt  # noqa: E402
+
+LAYOUTS = (("after", True, "after+cache"), ("after", False, "after (no cache)"), ("before", False, "before"))
+PASSES_PER_ROUND = 9  # FedBPT: I = 8 local generations + the final mean, one shared cache
+
+
+def bench_model(name: str, args, peak: common.Peak) -> dict:
+    t0 = time.perf_counter()
+    lm = common.load_model(name)
+    load_s = time.perf_counter() - t0
+    cfg = lm.config
+    n = args.n_prompt
+    batch, spec, source = common.scoring_batch(lm, args.examples, args.text_len, n, seed=0)
+    B, T = batch.input_ids.shape
+    cue = int(spec.cue_ids.shape[0])
+    real_len = float(np.mean(np.sum(np.asarray(batch.attention_mask), -1)))
+    print(f"\n== {name}: {lm.num_params() / 1e6:.1f}M params, L={cfg.num_layers} H={cfg.hidden_size}; "
+          f"{source}: B={B} examples, text T={T} (mean real {real_len:.1f}), n_prompt={n}, cue={cue} "
+          f"(load {load_s:.1f} s)", flush=True)
+    A = prompt.make_projection(jax.random.key(1), lm.input_embeddings(), intrinsic_dim=args.intrinsic_dim,
+                               n_prompt_tokens=n)
+    params = lm.params
+    rows, checks = [], {}
+    for P in args.populations:
+        z = jax.random.normal(jax.random.key(P), (P, args.intrinsic_dim), jnp.float32)
+        prompts = prompt.to_prompt(A, z, cfg.hidden_size)
+        ref_logits = {}
+        for layout, cached, label in LAYOUTS:
+            scorer = objective.make_scorer(lm, layout, use_cache=cached, n_prompt_tokens=n)
+            prepare = jax.jit(scorer.prepare)
+            prepare_c, prepare_compile = common.aot_compile(prepare, params, batch)
+            prep = common.time_call(prepare_c, params, batch, repeats=args.repeats)
+            ctx = prep.pop("out")
+
+            batched = jax.jit(lambda p, c, pr, sc=scorer: objective.population_logits(sc, p, c, spec, pr))
+            single = jax.jit(lambda p, c, pr, sc=scorer: sc.logits(p, c, spec, pr))
+            batched_c, batched_compile = common.aot_compile(batched, params, ctx, prompts)
+            single_c, single_compile = common.aot_compile(single, params, ctx, prompts[0])
+
+            def loop(p, c, prs):
+                # The reference's way: one forward call per candidate, each result read on the host.
+                return np.stack([np.asarray(single_c(p, c, prs[i])) for i in range(prs.shape[0])])
+
+            # --- checks (before timing) ---
+            out_b = np.asarray(batched_c(params, ctx, prompts))
+            out_l = loop(params, ctx, prompts)
+            diff_loop = float(np.max(np.abs(out_b - out_l)))
+            ref_logits[label] = out_b
+            checks[f"{name}/P={P}/{label}: batched vs loop max|diff|"] = diff_loop
+
+            flops = P * common.scoring_flops(cfg, num_examples=B, text_len=T, n_prompt=n, cue_len=cue,
+                                             cached=cached)
+            useful = P * B * scorer.flops_per_example(T, cue)
+            for mode, fn in (("batched", batched_c), ("loop", loop)):
+                if mode == "loop" and not args.loop_all and not cached and P > 1 and name != "tiny":
+                    continue  # same FLOPs as the cached loop's ratio shows; skipped to save time
+                timed, before, after = peak.bracket(
+                    lambda fn=fn: common.time_call(fn, params, ctx, prompts, repeats=args.repeats))
+                t = timed["median_s"]
+                ref_peak = 0.5 * (before + after)
+                rows.append({
+                    "model": name, "P": P, "layout": label, "mode": mode, "B": B, "T": T, "n_prompt": n,
+                    "cue": cue, "seconds": t, "seconds_min": timed["min_s"], "times_s": timed["times_s"],
+                    "first_call_s": timed["first_s"],
+                    "compile_s": batched_compile if mode == "batched" else single_compile,
+                    "prepare_s": prep["median_s"] if cached else 0.0, "prepare_compile_s": prepare_compile,
+                    "gflop_executed": flops / 1e9, "gflop_useful": useful / 1e9,
+                    "gflops": flops / t / 1e9, "peak_gflops": ref_peak, "frac_peak": flops / t / 1e9 / ref_peak,
+                    "candidates_per_s": P / t, "query_tokens_per_s":
+                        P * B * ((n + cue) if cached else (T + n + cue)) / t,
+                })
+                r = rows[-1]
+                print(f"  P={P:<3d} {label:<17s} {mode:<8s} {t * 1e3:10.1f} ms  {r['gflops']:7.1f} GFLOP/s "
+                      f"({100 * r['frac_peak']:5.1f}% of peak {ref_peak:.0f})  compile {r['compile_s']:.1f} s",
+                      flush=True)
+        checks[f"{name}/P={P}: cached vs uncached 'after' max|diff|"] = float(
+            np.max(np.abs(ref_logits["after+cache"] - ref_logits["after (no cache)"])))
+        scale = float(np.max(np.abs(ref_logits["after (no cache)"])))
+        checks[f"{name}/P={P}: logits max|value|"] = scale
+    return {"model": name, "num_params": lm.num_params(), "rows": rows, "checks": checks, "source": source,
+            "mean_real_text_tokens": real_len, "load_s": load_s}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    keys = sorted({(r["model"], r["P"]) for r in rows}, key=lambda k: (common.MODELS.index(k[0]), k[1]))
+    for model, P in keys:
+        get = {(r["layout"], r["mode"]): r for r in rows if r["model"] == model and r["P"] == P}
+        c, u, b = get.get(("after+cache", "batched")), get.get(("after (no cache)", "batched")), get.get(("before", "batched"))
+        s = {"model": model, "P": P}
+        for label in ("after+cache", "after (no cache)", "before"):
+            if (label, "batched") in get and (label, "loop") in get:
+                s[f"batched_speedup[{label}]"] = get[(label, "loop")]["seconds"] / get[(label, "batched")]["seconds"]
+        if c and u:
+            s["cache_speedup_per_pass"] = u["seconds"] / c["seconds"]
+            s["cache_speedup_per_round"] = (PASSES_PER_ROUND * u["seconds"]) / (
+                c["prepare_s"] + PASSES_PER_ROUND * c["seconds"])
+        if c and b:
+            s["cache_speedup_vs_before"] = b["seconds"] / c["seconds"]
+        if c:
+            s["frac_peak_cached_batched"] = c["frac_peak"]
+        out.append(s)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model only, small sizes (< 60 s)")
+    ap.add_argument("--models", default=None, help="comma list of tiny,smollm2 (default: both; --quick: tiny)")
+    ap.add_argument("--populations", default="5", help="comma list of population sizes P")
+    ap.add_argument("--examples", type=int, default=16, help="examples per pass (SST-2-like: 16-32)")
+    ap.add_argument("--text-len", type=int, default=40, help="padded text length T (SST-2 texts: ~30-40)")
+    ap.add_argument("--n-prompt", type=int, default=10)
+    ap.add_argument("--intrinsic-dim", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loop-all", action="store_true",
+                    help="also time the one-candidate loop for the uncached layouts of the real model")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
+    args.populations = [int(p) for p in args.populations.split(",")]
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
+
+    info = common.machine_info()
+    print(f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
+          f"load average {info['loadavg_start']}")
+    peak = common.Peak()
+    p0 = peak.measure()
+    print(f"float32 matmul peak (2048^3, jitted): {p0:.1f} GFLOP/s", flush=True)
+    results = [bench_model(m, args, peak) for m in models]
+    rows = [r for res in results for r in res["rows"]]
+    summary = summarise(rows)
+
+    print(f"\nfloat32 matmul peak in this run: best {peak.best:.1f} GFLOP/s, "
+          f"all {[round(x, 1) for x in peak.history]}; load average now {list(os.getloadavg())}\n")
+    print(common.table(rows, [("model", "model"), ("P", "P"), ("layout", "layout"), ("mode", "mode"),
+                              ("B", "B"), ("T", "T"), ("n_prompt", "n"), ("cue", "cue"),
+                              ("seconds", "s / pass"), ("candidates_per_s", "cand/s"),
+                              ("gflop_executed", "GFLOP/pass"), ("gflops", "GFLOP/s"),
+                              ("peak_gflops", "peak"), ("frac_peak", "frac of peak"), ("compile_s", "compile s")]))
+    print()
+    print(common.table(summary, [("model", "model"), ("P", "P"),
+                                 ("batched_speedup[after+cache]", "batched/loop (cache)"),
+                                 ("batched_speedup[after (no cache)]", "batched/loop (no cache)"),
+                                 ("batched_speedup[before]", "batched/loop (before)"),
+                                 ("cache_speedup_per_pass", "cache speedup/pass"),
+                                 ("cache_speedup_per_round", "cache speedup/round"),
+                                 ("cache_speedup_vs_before", "cache vs before"),
+                                 ("frac_peak_cached_batched", "frac peak (cache, batched)")]))
+    print("\nchecks (max |difference| of label logits):")
+    for res in results:
+        for k, v in res["checks"].items():
+            print(f"  {k}: {v:.3g}")
+    targets = {}
+    for s in summary:
+        if s["model"] == "smollm2":
+            targets[f"P={s['P']}: population scoring >= 50% of matmul peak"] = s.get("frac_peak_cached_batched", 0) >= 0.5
+            targets[f"P={s['P']}: prefix cache >= 2x uncached 'after' (per pass)"] = s.get("cache_speedup_per_pass", 0) >= 2
+    for k, v in targets.items():
+        print(f"target {k}: {'MET' if v else 'NOT MET'}")
+    ok = all(v < 1e-3 for res in results for k, v in res["checks"].items() if "max|diff|" in k)
+    info["loadavg_end"] = list(os.getloadavg())
+    out = {"benchmark": "forward_throughput", "machine": info, "args": vars(args), "peak_gflops_history": peak.history,
+           "peak_gflops_best": peak.best, "rows": rows, "summary": summary, "targets": targets,
+           "checks": {k: v for res in results for k, v in res["checks"].items()}, "checks_ok": ok,
+           "models": [{k: v for k, v in res.items() if k != "rows"} for res in results]}
+    if args.json:
+        common.write_json(args.json, out)
+        print(f"wrote {args.json}")
+    if not ok:
+        print("CHECK FAILED: batched and loop (or cached and uncached) logits differ by > 1e-3")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

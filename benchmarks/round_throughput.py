@@ -1,0 +1,532 @@
+"""Throughput of whole FedBPT rounds (issue 3): the vectorized engine vs the reference code's way.
+
+For each configuration (model, K clients per round, all K sampled from N = K clients):
+
+* **vectorized**: ``jax.jit(fedbpt(config, lm).round)`` — clients vmapped (``lax.map`` over chunks of
+  ``chunk_clients`` for large K), each client's population scored in one batched pass per
+  generation, the local CMA-ES and the server CMA-ES in the same compiled program. Compile time (AOT
+  ``lower().compile()``) is reported apart from steady state; a warm-up round runs before the timed
+  rounds (except where ``--no-warmup-smollm2`` is kept for the expensive K = 10 real-model round, in
+  which case the first execution after AOT compilation is timed).
+* **reference-style**: the NVFlare reference's structure: clients one after another; per client one
+  pycma 3.4.0 ``CMAEvolutionStrategy`` made by ``server_es._copy_light`` (popsize λ, the server's
+  mean/σ/C), I = 8 ask/tell iterations on the host, every candidate scored by its own jitted forward
+  call (clean and perturbed: two calls per candidate, each loss read back on the host), then f of the
+  final mean; the server aggregates with its own pycma ES (σ' as in the reference code, ask, tell on
+  the client means). The same scorer (layout "after" with the prefix cache, the library default) is
+  used by both paths, so the ratio measures batching and the ES placement, not the cache. For large K
+  only ``--ref-clients`` clients are timed and the client time is extrapolated linearly to K (said in
+  the output).
+* **ES share**: the same vectorized round with the model call replaced by a trivial function of the
+  prompt (the CMA-ES ask/tell, perturbation, prompt projection and server aggregation remain).
+* **memory**: each configuration runs in its own subprocess; peak RSS (``VmHWM``, reset through
+  ``/proc/self/clear_refs`` after setup) during compilation and during the timed rounds, next to one
+  model copy's bytes. (On the CPU backend ``memory_stats()`` is not available.)
+* **FLOPs**: executed FLOPs of a round (prefix caches of the clean and perturbed copies + (I·λ + 1)
+  clean and perturbed passes per client, padding included) from the decoder's flops helpers, over the
+  float32 matmul peak measured right before and after the timed rounds in the same process.
+
+Before timing, each configuration checks that the vectorized fitness (``population_fitness`` vmapped
+over clients and candidates) equals the reference-style per-candidate fitness for the same candidate
+sets and the same perturbed data (relative 1e-4).
+
+    python benchmarks/round_throughput.py --quick              # tiny model, K in {1, 10}, < 60 s
+    python benchmarks/round_throughput.py --models tiny        # tiny only, K in {1, 10, 100, 1000}
+    python benchmarks/round_throughput.py --json benchmarks/results/round_throughput.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy/jax)
+
+import numpy as np  # noqa: E402
+
+DEFAULT_KS = {"tiny": (1, 10, 100, 1000), "smollm2": (1, 10)}
+QUICK_KS = {"tiny": (1, 10), "smollm2": (1,)}
+
+
+# ==================================================================================================
+# One configuration (runs inside a worker process, or in-process with --quick)
+# ==================================================================================================
+def _federated_data(lm, K: int, E: int, T: int, n_prompt: int, seed: int = 0):
+    """``(FederatedData, source)``: K clients with E examples each, text padded to T."""
+    import jax
+    import jax.numpy as jnp
+    from fedbpt_jax import data as fdata
+    from fedbpt_jax import testing
+    from fedbpt_jax.federated.core import FederatedData
+
+    if lm.tokenizer is not None:
+        shots = -(-K * E // 2)
+        fd = fdata.federated("sst2", lm.tokenizer, "decoder", num_clients=K, shots_per_class=shots, alpha=None,
+                             seed=seed, n_prompt=n_prompt, max_length=T, pad_to=E)
+        train, counts, spec, source = fd.train, fd.train_counts, fd.spec, "sst2 few-shot, IID split"
+    else:
+        train = testing.random_batch(seed, E, T, lm.vocab_size, leading=(K,), min_len=max(2, T // 2))
+        counts = np.full((K,), E, np.int32)
+        spec = testing.random_spec(lm.vocab_size, cue_len=4)
+        source = "random tokens"
+    data = FederatedData(train=jax.tree_util.tree_map(jnp.asarray, train),
+                         counts=jnp.asarray(counts, jnp.int32), spec=spec)
+    return data, source
+
+
+def _cheap_scorer(num_labels: int):
+    """A stand-in for the model: label logits as a trivial function of the prompt (keeps the ES honest)."""
+    import jax.numpy as jnp
+    from fedbpt_jax.objective import Scorer
+
+    def prepare(params, batch):
+        return batch
+
+    def logits(params, batch, spec, prompt):
+        s = jnp.mean(prompt) * jnp.arange(1, num_labels + 1, dtype=jnp.float32)
+        return s[None, :] + 0.01 * batch.attention_mask[:, :num_labels].astype(jnp.float32)
+
+    return Scorer(prepare, logits, "after", lambda *a, **k: 0.0)
+
+
+def _make_algo(cfg, lm, scorer=None):
+    """``fedbpt(cfg, lm)``; with ``scorer``, the factory's internal scorer is swapped for it.
+
+    The library's factories build their scorer internally (``algorithms._scorer``); there is no
+    argument to pass another one, so the benchmark patches that module attribute while building.
+    """
+    from fedbpt_jax.federated import algorithms
+
+    if scorer is None:
+        return algorithms.fedbpt(cfg, lm)
+    original = algorithms._scorer
+    algorithms._scorer = lambda config, lm_: scorer
+    try:
+        return algorithms.fedbpt(cfg, lm)
+    finally:
+        algorithms._scorer = original
+
+
+class _RefStyle:
+    """The reference code's execution structure (see the module docstring), on the same model."""
+
+    def __init__(self, lm, cfg, data, model, hp):
+        import jax
+        from fedbpt_jax import objective, prompt
+
+        self.lm, self.cfg, self.data, self.model, self.hp = lm, cfg, data, model, hp
+        self.scorer = scorer = objective.make_scorer(lm, cfg.layout, n_prompt_tokens=cfg.n_prompt_tokens)
+        spec, hidden = data.spec, lm.hidden_size
+
+        def one_loss(params, A, ctx, labels, mask, z):
+            logits = scorer.logits(params, ctx, spec, prompt.to_prompt(A, z, hidden))
+            return objective.masked_mean(objective.per_example_loss(logits, labels, cfg.loss), mask)
+
+        def perturbed(key, batch, rate):
+            return objective.perturb(key, batch, rate, spec, exempt_special=cfg.exempt_special)
+
+        self.loss = jax.jit(one_loss)
+        self.prepare = jax.jit(scorer.prepare)
+        self.perturb = jax.jit(perturbed)
+        self.es_seconds = 0.0
+
+    def client_batch(self, k: int):
+        import jax
+
+        return jax.tree_util.tree_map(lambda a: a[k], self.data.train)
+
+    def contexts(self, key, batch):
+        pert = self.perturb(key, batch, self.hp.perturb_rate)
+        return self.prepare(self.model.params, batch), self.prepare(self.model.params, pert)
+
+    def fitness(self, clean_ctx, pert_ctx, batch, z) -> float:
+        """f(z) = L_clean / L_pert: two forward calls, each loss read back on the host."""
+        p, A = self.model.params, self.model.projection
+        z = np.asarray(z, np.float32)
+        lc = float(self.loss(p, A, clean_ctx, batch.labels, batch.example_mask, z))
+        if not self.cfg.perturb:
+            return lc
+        lp = float(self.loss(p, A, pert_ctx, batch.labels, batch.example_mask, z))
+        return lc / lp
+
+    def client(self, server_es, k: int, key, seed: int):
+        import cma  # noqa: F401
+
+        batch = self.client_batch(k)
+        clean_ctx, pert_ctx = self.contexts(key, batch)
+        t0 = time.perf_counter()
+        es = server_es._copy_light(inopts={"seed": seed, "maxiter": self.cfg.local_generations,
+                                           "popsize": self.cfg.population_size, "CMA_mu": None})
+        self.es_seconds += time.perf_counter() - t0
+        sigmas = []
+        for _ in range(self.cfg.local_generations):
+            sigmas.append(es.sigma)
+            t0 = time.perf_counter()
+            X = es.ask()
+            self.es_seconds += time.perf_counter() - t0
+            fits = [self.fitness(clean_ctx, pert_ctx, batch, x) for x in X]
+            t0 = time.perf_counter()
+            es.tell(X, fits)
+            self.es_seconds += time.perf_counter() - t0
+        mean = np.array(es.mean)
+        return mean, self.fitness(clean_ctx, pert_ctx, batch, mean), sigmas
+
+    def server(self, server_es, means, fits, sigmas):
+        t0 = time.perf_counter()
+        m = len(means)
+        mu_loc = self.cfg.population_size // 2
+        server_es.sigma = float(np.sqrt(np.sum(np.square(sigmas)) / (m * mu_loc)))
+        server_es.ask()
+        if m < server_es.popsize:  # K = 1: pycma refuses popsize 1, so the one upload is told twice
+            means, fits = list(means) * server_es.popsize, list(fits) * server_es.popsize
+        server_es.tell([np.asarray(x) for x in means[:server_es.popsize]], [float(f) for f in fits[:server_es.popsize]])
+        dt = time.perf_counter() - t0
+        self.es_seconds += dt
+        return dt
+
+    @staticmethod
+    def server_es(d: int, sigma0: float, m: int, rounds: int = 100):
+        import cma
+
+        m = max(m, 2)  # pycma: "population size 1 is too small" (the reference cannot run m = 1 either)
+        return cma.CMAEvolutionStrategy(np.zeros(d), sigma0, {"seed": 1234, "popsize": m, "CMA_mu": m,
+                                                               "maxiter": rounds, "verbose": -9})
+
+
+def _check_fitness(ref: _RefStyle, cfg, data, model, num_clients: int) -> float:
+    """Max relative difference between vectorized and reference-style fitness of the same candidates."""
+    import jax
+    import jax.numpy as jnp
+    from fedbpt_jax import objective, prompt
+
+    k = num_clients
+    scorer, spec, hidden = ref.scorer, data.spec, ref.lm.hidden_size
+    batch = jax.tree_util.tree_map(lambda a: a[:k], data.train)
+    keys = jax.random.split(jax.random.key(7), k)
+    Z = 0.5 * jax.random.normal(jax.random.key(8), (k, cfg.population_size, cfg.intrinsic_dim), jnp.float32)
+
+    @jax.jit
+    def vectorized(params, A, batch, keys, Z):
+        def one(b, key, z):
+            pert = objective.perturb(key, b, ref.hp.perturb_rate, spec, exempt_special=cfg.exempt_special)
+            fit, _ = objective.population_fitness(scorer, params, scorer.prepare(params, b),
+                                                  scorer.prepare(params, pert) if cfg.perturb else None, b, spec,
+                                                  prompt.to_prompt(A, z, hidden), loss=cfg.loss,
+                                                  form=cfg.fitness_form)
+            return fit
+
+        return jax.vmap(one)(batch, keys, Z)
+
+    vec = np.asarray(vectorized(model.params, model.projection, batch, keys, Z))
+    out = np.zeros_like(vec)
+    for c in range(k):
+        b = ref.client_batch(c)
+        clean_ctx, pert_ctx = ref.contexts(keys[c], b)
+        out[c] = [ref.fitness(clean_ctx, pert_ctx, b, Z[c, j]) for j in range(cfg.population_size)]
+    return float(np.max(np.abs(vec - out) / np.maximum(np.abs(out), 1e-12)))
+
+
+def run_config(model_name: str, K: int, args, lm=None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from fedbpt_jax import prompt
+    from fedbpt_jax.federated import FedConfig, HParams
+    from fedbpt_jax.federated.core import ModelInputs
+
+    res: dict = {"model": model_name, "K": K}
+    t0 = time.perf_counter()
+    lm = lm or common.load_model(model_name)
+    res["load_s"] = time.perf_counter() - t0
+    E, T, n = args.examples, args.text_len, args.n_prompt
+    data, source = _federated_data(lm, K, E, T, n)
+    chunk = args.chunk if (args.chunk and K > args.chunk) else 0
+    cfg = FedConfig(num_clients=K, clients_per_round=K, population_size=args.population,
+                    local_generations=args.generations, intrinsic_dim=args.intrinsic_dim, n_prompt_tokens=n,
+                    chunk_clients=chunk)
+    hp = HParams(sigma0=1.0, perturb_rate=0.5).validate()
+    A = prompt.make_projection(jax.random.key(1), lm.input_embeddings(), intrinsic_dim=cfg.intrinsic_dim,
+                               n_prompt_tokens=n)
+    model = ModelInputs(lm.params, A)
+    cue = int(data.spec.cue_ids.shape[0])
+    T = int(data.train.input_ids.shape[-1])
+    E = int(data.train.input_ids.shape[-2])
+    res.update({"source": source, "E": E, "T": T, "n_prompt": n, "cue": cue, "d": cfg.intrinsic_dim,
+                "population": cfg.population_size, "generations": cfg.local_generations, "chunk_clients": chunk,
+                "model_bytes": common.tree_bytes(lm.params), "projection_bytes": common.tree_bytes(A),
+                "num_params": lm.num_params()})
+    peak = common.Peak()
+    peak.measure()
+    cfgm = lm.config
+    passes = cfg.local_generations * cfg.population_size + 1  # fitness evaluations per client per round
+    fwd_per_eval = 2 if cfg.perturb else 1
+    flops_round = K * (fwd_per_eval * common.prepare_flops(cfgm, num_examples=E, text_len=T)
+                       + passes * fwd_per_eval * common.scoring_flops(cfgm, num_examples=E, text_len=T,
+                                                                      n_prompt=n, cue_len=cue, cached=True))
+    tokens_round = K * fwd_per_eval * (E * T + passes * E * (n + cue))
+    res.update({"gflop_per_round": flops_round / 1e9, "tokens_per_round": tokens_round,
+                "evals_per_round": K * passes, "forward_calls_per_round_ref": K * passes * fwd_per_eval})
+
+    # ---- deterministic check: vectorized vs reference-style fitness of the same candidates -------
+    ref = _RefStyle(lm, cfg, data, model, hp)
+    res["check_clients"] = min(K, args.check_clients)
+    res["check_max_rel_diff"] = _check_fitness(ref, cfg, data, model, res["check_clients"])
+    res["check_ok"] = res["check_max_rel_diff"] <= 1e-4
+    print(f"[{model_name} K={K}] check: vectorized vs reference-style fitness, {res['check_clients']} client(s) x "
+          f"{cfg.population_size} candidates: max rel diff {res['check_max_rel_diff']:.2e}", flush=True)
+
+    # ---- vectorized round ----------------------------------------------------------------------
+    algo = _make_algo(cfg, lm)
+    state = algo.init(jax.random.key(0), hp)
+    round_jit = jax.jit(algo.round)
+    key = jax.random.key(3)
+    res["rss_before_compile"] = common.rss_bytes()
+    common.reset_peak_rss()
+    compiled, res["compile_s"] = common.aot_compile(round_jit, key, state, data, hp, model)
+    res["peak_rss_compile"] = common.peak_rss_bytes()
+    warm = args.warmup if not (model_name == "smollm2" and K >= 10 and args.no_warmup_smollm2) else 0
+    rounds = args.rounds_smollm2 if model_name == "smollm2" else (args.rounds_tiny_large if K >= 1000 else args.rounds)
+    res["rss_before_run"] = common.rss_bytes()
+    common.reset_peak_rss()
+
+    def run_rounds():
+        nonlocal state
+        times, first = [], None
+        for r in range(warm + rounds):
+            t0 = time.perf_counter()
+            state, metrics = compiled(jax.random.fold_in(key, r), state, data, hp, model)
+            common.block((state, metrics))
+            dt = time.perf_counter() - t0
+            if r < warm:
+                first = first if first is not None else dt
+            else:
+                times.append(dt)
+        return times, first, metrics
+
+    (times, first, metrics), pb, pa = peak.bracket(run_rounds)
+    res["peak_rss_run"] = common.peak_rss_bytes()
+    res["device_memory_stats"] = common.device_memory_stats()
+    t = float(np.median(times))
+    ref_peak = 0.5 * (pb + pa)
+    res.update({"warmup_rounds": warm, "timed_rounds": rounds, "round_times_s": times, "first_round_s": first,
+                "round_s": t, "rounds_per_s": 1 / t, "client_generations_per_s": K * cfg.local_generations / t,
+                "candidate_evals_per_s": K * passes / t, "tokens_per_s": tokens_round / t,
+                "gflops": flops_round / t / 1e9, "peak_gflops": ref_peak, "frac_peak": flops_round / t / 1e9 / ref_peak,
+                "metrics_last_round": {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}})
+    print(f"[{model_name} K={K}] vectorized: compile {res['compile_s']:.1f} s, round {t:.3f} s "
+          f"({res['gflops']:.1f} GFLOP/s, {100 * res['frac_peak']:.1f}% of peak {ref_peak:.0f}), "
+          f"peak RSS {res['peak_rss_run'] / 2**20:.0f} MiB (model {res['model_bytes'] / 2**20:.0f} MiB)", flush=True)
+    del compiled
+
+    # ---- ES share: the same round with a trivial model ------------------------------------------
+    es_algo = _make_algo(cfg, lm, _cheap_scorer(int(data.spec.label_ids.shape[0])))
+    es_state = es_algo.init(jax.random.key(0), hp)
+    es_compiled, res["es_compile_s"] = common.aot_compile(jax.jit(es_algo.round), key, es_state, data, hp, model)
+    es_times = []
+    for r in range(1 + max(rounds, 2)):
+        t0 = time.perf_counter()
+        es_state, _ = common.block(es_compiled(jax.random.fold_in(key, r), es_state, data, hp, model))
+        if r:
+            es_times.append(time.perf_counter() - t0)
+    res["es_round_s"] = float(np.median(es_times))
+    res["es_share"] = res["es_round_s"] / t
+    del es_compiled
+
+    # ---- reference-style round ------------------------------------------------------------------
+    S = K if args.ref_clients <= 0 else min(K, args.ref_clients)
+    server_es = _RefStyle.server_es(cfg.intrinsic_dim, 1.0, K)
+    keys = jax.random.split(jax.random.key(11), K)
+    ref.client(server_es, 0, keys[0], seed=1234)  # warm-up: compiles the jitted calls, loads pycma
+    ref.es_seconds = 0.0
+    uploads, client_s = [], []
+    for c in range(S):
+        t0 = time.perf_counter()
+        uploads.append(ref.client(server_es, c, keys[c], seed=1234 + c))
+        client_s.append(time.perf_counter() - t0)
+    es_client_s = ref.es_seconds
+    means = [uploads[c % S][0] for c in range(K)]
+    fits = [uploads[c % S][1] for c in range(K)]
+    sig = [uploads[c % S][2] for c in range(K)]
+    server_s = ref.server(server_es, means, fits, sig)
+    ref_round = sum(client_s) / S * K + server_s
+    res.update({"ref_clients_timed": S, "ref_extrapolated": S < K, "ref_client_s_mean": float(np.mean(client_s)),
+                "ref_server_s": server_s, "ref_round_s": ref_round,
+                "ref_es_s": es_client_s / S * K + server_s, "ref_gflops": flops_round / ref_round / 1e9,
+                "ref_frac_peak": flops_round / ref_round / 1e9 / ref_peak, "speedup": ref_round / t})
+    res["ref_es_share"] = res["ref_es_s"] / ref_round
+    print(f"[{model_name} K={K}] reference-style: {S} client(s) timed{' (extrapolated to K)' if S < K else ''}, "
+          f"round {ref_round:.3f} s, pycma share {100 * res['ref_es_share']:.1f}%; vectorized speedup "
+          f"{res['speedup']:.1f}x; ES share of vectorized round {100 * res['es_share']:.1f}%", flush=True)
+    res["peak_gflops_history"] = peak.history
+    res["loadavg_end"] = list(os.getloadavg())
+    return res
+
+
+# ==================================================================================================
+# Orchestration
+# ==================================================================================================
+def _worker_cmd(model: str, K: int, args, out: str) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, str(K), out]
+    for name in ("examples", "text_len", "n_prompt", "intrinsic_dim", "population", "generations", "chunk",
+                 "rounds", "rounds_tiny_large", "rounds_smollm2", "warmup", "ref_clients", "ref_clients_smollm2",
+                 "check_clients"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.no_warmup_smollm2:
+        cmd.append("--no-warmup-smollm2")
+    return cmd
+
+
+def _plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for model, color in (("tiny", "tab:blue"), ("smollm2", "tab:red")):
+        rs = sorted((r for r in results if r["model"] == model and "round_s" in r), key=lambda r: r["K"])
+        if not rs:
+            continue
+        ks = [r["K"] for r in rs]
+        ax.plot(ks, [r["round_s"] for r in rs], "o-", color=color, label=f"{model}: vectorized (jit, vmap)")
+        ax.plot(ks, [r["ref_round_s"] for r in rs], "s--", color=color, alpha=0.7,
+                label=f"{model}: reference-style (loop, pycma)")
+        for r in rs:
+            if r.get("ref_extrapolated"):
+                ax.annotate("extrap.", (r["K"], r["ref_round_s"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("clients per round K")
+    ax.set_ylabel("seconds per round")
+    ax.set_title("FedBPT round time (CPU, 2 cores; d=500, lambda=5, I=8)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+COLUMNS = [("model", "model"), ("K", "K"), ("chunk_clients", "chunk"), ("round_s", "s/round"),
+           ("rounds_per_s", "rounds/s"), ("client_generations_per_s", "client-gens/s"),
+           ("candidate_evals_per_s", "cand evals/s"), ("tokens_per_s", "tokens/s"), ("gflops", "GFLOP/s"),
+           ("frac_peak", "frac peak"), ("compile_s", "compile s"), ("peak_rss_mib", "peak RSS MiB"),
+           ("mem_x_model", "RSS / model"), ("es_share", "ES share"), ("ref_round_s", "ref s/round"),
+           ("ref_es_share", "ref pycma share"), ("speedup", "speedup"), ("check_max_rel_diff", "check rel diff")]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny model, K in {1, 10}, 2 reference-style clients timed, in-process (< 60 s)")
+    ap.add_argument("--models", default=None, help="comma list of tiny,smollm2 (default both; --quick: tiny)")
+    ap.add_argument("--ks", default=None, help="comma list of K (default: tiny 1,10,100,1000; smollm2 1,10)")
+    ap.add_argument("--examples", type=int, default=4, help="examples per client E (SST-2 few-shot split)")
+    ap.add_argument("--text-len", type=int, default=48, help="padded text length T")
+    ap.add_argument("--n-prompt", type=int, default=10)
+    ap.add_argument("--intrinsic-dim", type=int, default=500)
+    ap.add_argument("--population", type=int, default=5)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=100, help="chunk_clients used when K > chunk (0: never)")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (tiny, K < 1000)")
+    ap.add_argument("--rounds-tiny-large", type=int, default=2, help="timed rounds (tiny, K >= 1000)")
+    ap.add_argument("--rounds-smollm2", type=int, default=1, help="timed rounds (SmolLM2)")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing")
+    ap.add_argument("--no-warmup-smollm2", action=argparse.BooleanOptionalAction, default=True,
+                    help="SmolLM2 K>=10: time the first execution after AOT compilation (saves a round)")
+    ap.add_argument("--ref-clients", type=int, default=100, help="reference-style: clients timed (<=0: all)")
+    ap.add_argument("--ref-clients-smollm2", type=int, default=1, help="reference-style clients timed, SmolLM2")
+    ap.add_argument("--check-clients", type=int, default=2)
+    ap.add_argument("--no-subprocess", action="store_true", help="run every configuration in this process")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG path (default benchmarks/results/round_throughput[_quick].png)")
+    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "K", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        model, K, out = args.worker[0], int(args.worker[1]), args.worker[2]
+        if model == "smollm2":
+            args.ref_clients = args.ref_clients_smollm2
+        res = run_config(model, K, args)
+        common.write_json(out, res)
+        return 0
+
+    models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
+    if args.quick:
+        args.no_subprocess = True
+        args.rounds, args.check_clients, args.ref_clients = 2, 1, 2
+    info = common.machine_info()
+    print(f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
+          f"cma {info['versions']['cma']}, load average {info['loadavg_start']}", flush=True)
+    results = []
+    for model in models:
+        ks = [int(k) for k in args.ks.split(",")] if args.ks else (QUICK_KS if args.quick else DEFAULT_KS)[model]
+        lm = None
+        for K in ks:
+            t0 = time.perf_counter()
+            if args.no_subprocess:
+                if model == "smollm2":
+                    args.ref_clients = args.ref_clients_smollm2
+                lm = lm or common.load_model(model)
+                res = run_config(model, K, args, lm)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = os.path.join(tmp, "res.json")
+                    proc = subprocess.run(_worker_cmd(model, K, args, out))
+                    if proc.returncode != 0 or not os.path.exists(out):
+                        print(f"[{model} K={K}] worker failed (exit {proc.returncode})", flush=True)
+                        results.append({"model": model, "K": K, "error": f"exit {proc.returncode}"})
+                        continue
+                    res = json.load(open(out))
+            res["wall_s"] = time.perf_counter() - t0
+            res["peak_rss_mib"] = res["peak_rss_run"] / 2**20
+            res["mem_x_model"] = res["peak_rss_run"] / res["model_bytes"]
+            res["subprocess"] = not args.no_subprocess
+            results.append(res)
+
+    ok_rows = [r for r in results if "round_s" in r]
+    print(f"\nload average now {list(os.getloadavg())}\n")
+    print(common.table(ok_rows, COLUMNS))
+    print("\nES share: CMA-ES ask/tell + perturbation + projection + server aggregation, timed as the same "
+          "compiled round with the model replaced by a trivial function, over the full round time. "
+          "'ref' = reference-style run (clients in sequence, one jitted call per candidate and pass, pycma on "
+          "the host); speedup = ref s/round / vectorized s/round, measured in the same process.")
+    for r in ok_rows:
+        if r.get("ref_extrapolated"):
+            print(f"  {r['model']} K={r['K']}: reference-style time extrapolated linearly from "
+                  f"{r['ref_clients_timed']} timed client(s) (+ the measured server step).")
+        if not r["check_ok"]:
+            print(f"  {r['model']} K={r['K']}: CHECK FAILED (rel diff {r['check_max_rel_diff']:.2e} > 1e-4)")
+    targets = {}
+    for r in ok_rows:
+        if r["model"] == "tiny" and r["K"] == 100:
+            targets["tiny K=100: vectorized >= 20x reference-style"] = r["speedup"] >= 20
+        if r["model"] == "smollm2" and r["K"] == 10:
+            targets["smollm2 K=10: round >= 50% of matmul peak"] = r["frac_peak"] >= 0.5
+            targets["smollm2 K=10: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
+            targets["smollm2 K=10: peak RSS <= 3x one model copy"] = r["mem_x_model"] <= 3
+        if r["model"] == "smollm2" and r["K"] == 1:
+            targets["smollm2 K=1: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
+    for k, v in targets.items():
+        print(f"target {k}: {'MET' if v else 'NOT MET'}")
+
+    plot = args.plot or str(common.RESULTS_DIR / ("round_throughput_quick.png" if args.quick else "round_throughput.png"))
+    if ok_rows:
+        os.makedirs(os.path.dirname(plot), exist_ok=True)
+        _plot(ok_rows, plot)
+        print(f"wrote {plot}")
+    info["loadavg_end"] = list(os.getloadavg())
+    if args.json:
+        common.write_json(args.json, {"benchmark": "round_throughput", "machine": info,
+                                      "args": {k: v for k, v in vars(args).items() if k != "worker"},
+                                      "results": results, "targets": targets, "plot": plot})
+        print(f"wrote {args.json}")
+    return 0 if all(r.get("check_ok", False) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
