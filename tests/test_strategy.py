@@ -16,7 +16,14 @@ import pytest
 
 from fedbpt_jax import strategy as st
 
-server_update = jax.jit(st.server_update, static_argnames=("variant", "local_population", "local_mu"))
+_server_update = jax.jit(st.server_update, static_argnames=("variant", "local_population", "local_mu"))
+
+
+def server_update(*args, variant="reference", local_population=5):
+    """Jitted server step, always called with the same static keywords (one compilation per shape)."""
+    return _server_update(*args, variant=variant, local_population=local_population)
+
+
 fedavg_aggregate = jax.jit(st.fedavg_aggregate)
 eigendecompose = jax.jit(st._eigendecompose)
 client_init = jax.jit(st.client_init, static_argnames=("refresh_eigen",))
@@ -306,7 +313,7 @@ def _local_setup(d=12, lam=5, dtype=jnp.float32):
 def test_lazy_eigen_schedule_and_skip():
     """B, D change only at the generations pycma would decompose C (gap 3.5 → after tells 4 and 8)."""
     server, params = _local_setup()
-    params = params.replace(eigen_gap=jnp.asarray(3.5))
+    params = params.replace(eigen_gap=jnp.asarray(3.5, params.eigen_gap.dtype))
     s = client_init(server, params)
     updates, B_prev = [], s.B
     for g in range(10):
@@ -328,8 +335,8 @@ def test_lazy_eigen_with_interval_one_equals_eager():
     """With gap ≤ 1 the lazy client decomposes before every ask, i.e. it is the eager algorithm."""
     with jax.enable_x64(True):
         server, params = _local_setup(dtype=jnp.float64)
-        lazy_p = params.replace(eigen_gap=jnp.asarray(1.0))
-        eager_p = params.replace(eigen_gap=jnp.asarray(1e9))  # never lazily; decomposed by hand below
+        lazy_p = params.replace(eigen_gap=jnp.asarray(1.0, params.eigen_gap.dtype))
+        eager_p = params.replace(eigen_gap=jnp.asarray(1e9, params.eigen_gap.dtype))  # decomposed by hand
         lazy = eager = client_init(server, params)
         for g in range(6):
             if g > 0:
@@ -347,7 +354,7 @@ def test_lazy_eigen_with_interval_one_equals_eager():
 def test_vmap_over_clients_equals_loop():
     """Deterministic pieces only: the eigendecomposition is not due in these 4 generations."""
     server, params = _local_setup()
-    params = params.replace(eigen_gap=jnp.asarray(100.0))
+    params = params.replace(eigen_gap=jnp.asarray(100.0, params.eigen_gap.dtype))
     keys = jax.random.split(jax.random.key(3), 3)
     targets = jnp.stack([jnp.full((12,), v) for v in (0.5, -1.0, 2.0)])
     batched = jax.vmap(lambda _: st.client_init(server, params))(jnp.arange(3))
