@@ -121,9 +121,10 @@ class FedBPTState:
 
 
 def _round_metrics(up: ClientUpload, active: jax.Array, extra: dict) -> dict:
-    w = active.astype(jnp.float32)
+    ok = active & jnp.isfinite(up.loss)
+    w = ok.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(w), 1.0)
-    finite_loss = jnp.where(jnp.isfinite(up.loss), up.loss, 0.0)
+    finite_loss = jnp.where(ok, up.loss, 0.0)
     return {
         "client_loss": jnp.sum(finite_loss * w) / n,
         "client_fitness_min": jnp.min(jnp.where(active & jnp.isfinite(up.fitness), up.fitness, jnp.inf)),
@@ -177,7 +178,9 @@ def fedbpt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
 
     calls = config.local_generations * config.population_size + 1
     calls *= 2 if config.perturb else 1
-    return FederatedAlgorithm("fedbpt", init, round_fn, global_prompt, config, _comm(config, lm, covariance=False), calls)
+    prefix = 1 + ((1 if config.perturb_every == "round" else config.local_generations + 1) if config.perturb else 0)
+    return FederatedAlgorithm("fedbpt", init, round_fn, global_prompt, config, _comm(config, lm, covariance=False),
+                              calls, prefix_passes=prefix, mesh=mesh)
 
 
 def fedavg_bbt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
@@ -198,54 +201,74 @@ def fedavg_bbt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
         return FedBPTState(server=server, round=state.round + 1), metrics
 
     calls = config.local_generations * config.population_size + 1
-    return base._replace(name="fedavg_bbt", round=round_fn, comm=_comm(config, lm, covariance=True), forward_calls=calls)
+    return base._replace(name="fedavg_bbt", round=round_fn, comm=_comm(config, lm, covariance=True), forward_calls=calls,
+                         prefix_passes=1)
 
 
 @flax.struct.dataclass
 class CentralState:
-    """Centralized BBT: one evosax CMA-ES state and the round counter."""
+    """Centralized BBT: one client-style CMA-ES state that persists across rounds, and the round counter.
+
+    Attributes:
+      es: :class:`fedbpt_jax.strategy.LocalCMAState` (mean ``[d]``, σ, C ``[d, d]``, B, D, paths, counters).
+      round: int32 rounds done.
+    """
 
     es: Any
     round: jax.Array
 
 
-def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None) -> FederatedAlgorithm:
-    """BBT on the union of all clients' data: one CMA-ES, ``local_generations`` generations a round."""
-    from .. import bbt as bbt_mod
+def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None, mesh=None) -> FederatedAlgorithm:
+    """BBT on the union of all clients' data: one CMA-ES, ``local_generations`` generations a round.
 
+    The CMA-ES is :mod:`fedbpt_jax.strategy`'s pycma-like client (pycma's constants, lazy
+    eigendecomposition, selective mirroring) started like FedBPT's server (z = 0, σ₀, pycma's initial
+    C) and kept across rounds (paths and counters are *not* reset: one continuous BBT run). Fitness is
+    the plain mean loss on all examples (no perturbation); NaN/inf rank worst.
+    """
+    del mesh  # one CMA-ES: nothing to shard over clients
     scorer = _scorer(config, lm)
-    hidden = lm.hidden_size
+    hidden, d = lm.hidden_size, config.intrinsic_dim
     pop = population_size or config.population_size
-    bcfg = bbt_mod.BBTConfig(intrinsic_dim=config.intrinsic_dim, n_prompt_tokens=config.n_prompt_tokens,
-                             population_size=pop, num_generations=config.local_generations, loss=config.loss,
-                             projection=config.projection, layout=config.layout)
+    es_params = strategy.local_params(pop, d)
 
     def init(key, hp: HParams):
-        s, _ = bbt_mod.init(key, bcfg)
-        return CentralState(es=s, round=jnp.asarray(0, jnp.int32))
+        del key  # deterministic start, as FedBPT's server
+        es = strategy.client_init(strategy.server_init(d, hp.sigma0, 2), es_params)
+        return CentralState(es=es, round=jnp.asarray(0, jnp.int32))
 
     def round_fn(key, state: CentralState, data: FederatedData, hp: HParams, model: ModelInputs):
         flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), data.train)
-        strat = bbt_mod.make_strategy(pop, config.intrinsic_dim)
-        es_params = strat.default_params.replace(std_init=hp.sigma0)
         ctx = scorer.prepare(model.params, flat)
-        s, m = bbt_mod.run_generations(key, state.es, es_params, model.params, model.projection, ctx, flat,
-                                       data.spec, config=bcfg, scorer=scorer, hidden_size=hidden,
-                                       num_generations=config.local_generations)
-        metrics = {"client_loss": m["loss_mean"][-1], "sigma": s.es.std,
-                   "nonfinite_fitness": jnp.sum(m["nonfinite"]), "active_clients": jnp.asarray(1, jnp.int32)}
-        return CentralState(es=s, round=state.round + 1), metrics
+
+        def score(z):
+            prompts = prompt.to_prompt(model.projection, z, hidden)
+            return objective.population_fitness(scorer, model.params, ctx, None, flat, data.spec, prompts,
+                                                loss=config.loss)
+
+        def generation(es, k):
+            z, es = strategy.ask(k, es, es_params)
+            fit, _ = score(z)
+            return strategy.tell(z, fit, es, es_params), jnp.sum(~jnp.isfinite(fit))
+
+        es, nonfinite = jax.lax.scan(generation, state.es, jax.random.split(key, config.local_generations))
+        _, loss = score(strategy.mean_of(es)[None])
+        metrics = {"client_loss": loss[0], "sigma": strategy.sigma_of(es),
+                   "nonfinite_fitness": jnp.sum(nonfinite).astype(jnp.int32),
+                   "active_clients": jnp.asarray(1, jnp.int32)}
+        return CentralState(es=es, round=state.round + 1), metrics
 
     def global_prompt(state: CentralState, model: ModelInputs):
-        return prompt.to_prompt(model.projection, state.es.es.mean, hidden)
+        return prompt.to_prompt(model.projection, strategy.mean_of(state.es), hidden)
 
     comm = accounting.CommBytes(0, 0, 0)
     return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, config, comm,
-                              config.local_generations * pop)
+                              config.local_generations * pop + 1, prefix_passes=1, pooled=True)
 
 
-def manual_prompt(config: FedConfig, lm) -> FederatedAlgorithm:
-    """The manual prompt baseline: z = 0 (the template alone); rounds do nothing."""
+def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
+    """The manual prompt baseline: no soft prompt (the template alone); rounds do nothing."""
+    del lm, mesh
 
     def init(key, hp):
         return jnp.asarray(0, jnp.int32)
@@ -302,19 +325,26 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
         idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
         prompts, losses = map_clients(lambda k, b: client(k, state.prompt, b, data.spec, hp, model),
                                       (keys, batch), config.chunk_clients, mesh)
-        w = counts.astype(jnp.float32) * active
+        # A client whose loss or prompt is not finite is dropped from the average (it would poison it).
+        finite = jnp.isfinite(losses) & jnp.all(jnp.isfinite(prompts.reshape(prompts.shape[0], -1)), axis=-1)
+        usable = active & finite
+        w = counts.astype(jnp.float32) * usable
         total = jnp.sum(w)
-        new = jnp.where(total > 0, jnp.einsum("k,knh->nh", w, prompts) / jnp.maximum(total, 1e-12), state.prompt)
-        nw = jnp.maximum(jnp.sum(active), 1)
-        metrics = {"client_loss": jnp.sum(jnp.where(active, losses, 0.0)) / nw, "sigma": jnp.asarray(0.0),
-                   "nonfinite_fitness": jnp.asarray(0, jnp.int32), "active_clients": jnp.sum(active.astype(jnp.int32))}
+        clean = jnp.where(usable[:, None, None], prompts, 0.0)
+        new = jnp.where(total > 0, jnp.einsum("k,knh->nh", w, clean) / jnp.maximum(total, 1e-12), state.prompt)
+        nw = jnp.maximum(jnp.sum(usable), 1)
+        metrics = {"client_loss": jnp.sum(jnp.where(usable, losses, 0.0)) / nw, "sigma": jnp.asarray(0.0),
+                   "nonfinite_fitness": jnp.sum((active & ~finite).astype(jnp.int32)),
+                   "active_clients": jnp.sum(active.astype(jnp.int32)), "weight_total": total}
         return PromptState(prompt=new, round=state.round + 1), metrics
 
     def global_prompt(state: PromptState, model):
         return state.prompt
 
     comm = accounting.prompt_bytes(n, hidden, lm.num_params())
-    return FederatedAlgorithm("fedprompt", init, round_fn, global_prompt, config, comm, 3 * steps)
+    # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.
+    return FederatedAlgorithm("fedprompt", init, round_fn, global_prompt, config, comm, 3 * steps + 1,
+                              prefix_passes=1, mesh=mesh)
 
 
 ALGORITHMS = {

@@ -103,7 +103,8 @@ class HParams:
     Attributes:
       sigma0: initial server σ (σ₁ = 1 in the paper and code).
       perturb_rate: r_p ∈ [0, 1] (reference default 0.5; the paper's best 0.6 SST-2, 0.4 AG's News).
-      dropout_rate: probability that a sampled client drops out of a round (straggler simulation).
+      dropout_rate: probability that a sampled client drops out of a round (straggler simulation);
+        1 drops every client (the round then leaves the server state as it was).
       learning_rate: FedPrompt's local Adam learning rate.
     """
 
@@ -118,8 +119,10 @@ class HParams:
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"perturb_rate must be in [0, 1], got {r}")
         dr = float(self.dropout_rate)
-        if not 0.0 <= dr < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {dr}")
+        if not 0.0 <= dr <= 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1], got {dr}")
+        if not float(self.learning_rate) > 0:
+            raise ValueError(f"learning_rate must be > 0, got {float(self.learning_rate)}")
         if not float(self.sigma0) > 0:
             raise ValueError(f"sigma0 must be > 0, got {float(self.sigma0)}")
         return jax_tree_asarray(self)

@@ -60,7 +60,14 @@ class FederatedAlgorithm(NamedTuple):
         the test set by :func:`fedbpt_jax.federated.run`); None means "no prompt" (manual prompt).
       config: the algorithm's static config.
       comm: per-client bytes per round (:class:`fedbpt_jax.accounting.CommBytes`).
-      forward_calls: model forward passes over a client's local batch per active client per round.
+      forward_calls: model forward passes over a client's local batch per active client per round
+        (a backward pass counts as two).
+      prefix_passes: passes over a client's local batch that only build the decoder's text-prefix
+        key/value cache (:meth:`fedbpt_jax.objective.Scorer.prepare`), per active client per round.
+      pooled: the algorithm trains on the union of all clients' data (centralized BBT): its forward
+        calls run over all ``N × E`` examples, once per round.
+      mesh: the device mesh whose ``"clients"`` axis shards the client axis (None: the ambient mesh
+        set by :func:`fedbpt_jax.federated.run` or ``jax.set_mesh``, if any).
     """
 
     name: str
@@ -70,6 +77,9 @@ class FederatedAlgorithm(NamedTuple):
     config: Any
     comm: Any
     forward_calls: int
+    prefix_passes: int = 0
+    pooled: bool = False
+    mesh: Any = None
 
 
 def sample_clients(key: jax.Array, counts: jax.Array, k: int, how: str = "uniform") -> jax.Array:
@@ -103,16 +113,37 @@ def client_keys(key: jax.Array, k: int, mode: str) -> jax.Array:
     return jax.random.split(key, k)
 
 
-def constrain_clients(tree, mesh):
-    """Shards the leading (client) axis of every leaf over ``mesh``'s client axis (no-op without mesh)."""
-    if mesh is None:
-        return tree
+def _client_sharding(mesh):
+    """The sharding of a client-leading array: ``mesh`` or, without one, the ambient mesh (if it has a
+    ``"clients"`` axis); None when there is nothing to shard over."""
     from jax.sharding import NamedSharding, PartitionSpec as P
+
+    if mesh is None:
+        ambient = jax.sharding.get_abstract_mesh()
+        if ambient.empty or CLIENT_AXIS not in ambient.axis_names:
+            return None
+        return P(CLIENT_AXIS)  # resolved against the ambient mesh
+    if CLIENT_AXIS not in mesh.axis_names:
+        raise ValueError(f"the mesh needs an axis named {CLIENT_AXIS!r}, got axes {mesh.axis_names}; "
+                         "build it with fedbpt_jax.federated.client_mesh()")
+    return NamedSharding(mesh, P(CLIENT_AXIS))
+
+
+def constrain_clients(tree, mesh=None):
+    """Shards the leading (client) axis of every leaf over the mesh's ``"clients"`` axis.
+
+    ``mesh=None`` uses the ambient mesh (``jax.set_mesh``, as :func:`fedbpt_jax.federated.run` sets it)
+    and is a no-op without one. A client count that the device count does not divide is fine inside
+    ``jit``: XLA pads the last shard.
+    """
+    sharding = _client_sharding(mesh)
+    if sharding is None:
+        return tree
 
     def one(x):
         if getattr(x, "ndim", 0) == 0:
             return x
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(CLIENT_AXIS)))
+        return jax.lax.with_sharding_constraint(x, sharding)
 
     return jax.tree_util.tree_map(one, tree)
 
@@ -130,3 +161,92 @@ def map_clients(fn: Callable, xs, chunk: int = 0, mesh=None):
     else:
         out = jax.vmap(lambda x: fn(*x))(xs)
     return constrain_clients(out, mesh)
+
+
+def _host_value(x):
+    """``x`` as numpy when its values can be read on this host (None for a multi-process global array)."""
+    import numpy as np
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def validate_data(data: FederatedData, config, *, vocab_size: int | None = None) -> None:
+    """Host-side checks of the federated data against ``config`` (clear errors before anything compiles).
+
+    Checks: ``[N, E, T]`` shapes with N = ``config.num_clients``; every client has at least one example;
+    ``counts`` agree with the example masks and fit the padded width E; labels index the task's label
+    words; token ids fit the vocabulary; the perturbation has a vocabulary to draw from. Values of a
+    multi-process global array are not read (only its shapes are checked).
+
+    Raises:
+      ValueError: naming the offending value.
+    """
+    import numpy as np
+
+    train, n_cfg = data.train, config.num_clients
+    counts_shape = tuple(np.shape(data.counts))
+    if len(counts_shape) != 1:
+        raise ValueError(f"data.counts must have shape [num_clients], got shape {counts_shape}")
+    n = counts_shape[0]
+    if n != n_cfg:
+        raise ValueError(f"data holds {n} clients but the config says num_clients={n_cfg}")
+    ids_shape = tuple(np.shape(train.input_ids))
+    if len(ids_shape) != 3 or ids_shape[0] != n:
+        raise ValueError(f"data.train.input_ids must have shape [num_clients={n}, examples, tokens], "
+                         f"got {ids_shape}")
+    e = ids_shape[1]
+    for name in ("attention_mask",):
+        if tuple(np.shape(getattr(train, name))) != ids_shape:
+            raise ValueError(f"data.train.{name} has shape {tuple(np.shape(getattr(train, name)))}, "
+                             f"expected {ids_shape} like input_ids")
+    for name in ("labels", "example_mask", "answer_pos"):
+        if tuple(np.shape(getattr(train, name))) != (n, e):
+            raise ValueError(f"data.train.{name} has shape {tuple(np.shape(getattr(train, name)))}, expected {(n, e)}")
+    num_labels = int(np.shape(data.spec.label_ids)[0])
+    if num_labels < 2:
+        raise ValueError(f"the task needs at least 2 label words, got {num_labels}")
+    if config.perturb and data.spec.vocab_size < 1:
+        raise ValueError(f"perturbation needs data.spec.vocab_size >= 1, got {data.spec.vocab_size}")
+    counts = _host_value(data.counts)
+    if counts is not None:
+        empty = np.flatnonzero(counts <= 0)
+        if empty.size:
+            shown = empty[:10].tolist()
+            raise ValueError(f"{empty.size} client(s) have no training examples (e.g. clients {shown}, "
+                             f"counts {counts[empty[:10]].tolist()}): every client needs at least 1 example")
+        if counts.max() > e:
+            i = int(np.argmax(counts))
+            raise ValueError(f"client {i} has counts={int(counts[i])} examples but the padded width is E={e}")
+        mask = _host_value(train.example_mask)
+        if mask is not None:
+            real = np.sum(mask > 0, axis=1)
+            bad = np.flatnonzero(real != counts)
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(f"client {i}: counts says {int(counts[i])} examples but its example_mask has "
+                                 f"{int(real[i])} real rows")
+    labels, mask = _host_value(train.labels), _host_value(train.example_mask)
+    if labels is not None and mask is not None:
+        real = labels[mask > 0]
+        if real.size and (real.min() < 0 or real.max() >= num_labels):
+            bad = int(real.max()) if real.max() >= num_labels else int(real.min())
+            raise ValueError(f"a training label is {bad}, outside [0, {num_labels}) (the task has {num_labels} label words)")
+    ids = _host_value(train.input_ids)
+    if vocab_size is not None and ids is not None and ids.size and (ids.max() >= vocab_size or ids.min() < 0):
+        bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
+        raise ValueError(f"a training token id is {bad}, outside the model's vocabulary [0, {vocab_size})")
+
+
+def validate_test(test: TokenBatch, num_labels: int) -> None:
+    """Host-side checks of the test set: at least one real example, labels in range."""
+    import numpy as np
+
+    mask = np.asarray(test.example_mask)
+    if mask.ndim < 1 or np.sum(mask > 0) == 0:
+        raise ValueError(f"the test set has no examples (example_mask shape {mask.shape}, {int(np.sum(mask > 0))} real rows)")
+    labels = np.asarray(test.labels)[mask > 0]
+    if labels.min() < 0 or labels.max() >= num_labels:
+        bad = int(labels.max()) if labels.max() >= num_labels else int(labels.min())
+        raise ValueError(f"a test label is {bad}, outside [0, {num_labels}) (the task has {num_labels} label words)")

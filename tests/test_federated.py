@@ -1,0 +1,397 @@
+"""The federated engine: compile-once runs, scale, dropouts, non-finite fitness, determinism, resume,
+bad input, accounting and the baselines. Most tests share configuration A (N = 10,000, K = 8; see
+``federated_setup``) so the round compiles once per process."""
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import federated_setup as fs
+from fedbpt_jax import objective, testing
+from fedbpt_jax import federated as fl
+from fedbpt_jax.checkpoint import CheckpointMismatch
+from fedbpt_jax.federated import algorithms as algs
+from fedbpt_jax.federated.core import FederatedData, ModelInputs
+from fedbpt_jax.models import decoder
+
+
+def _leaves_equal(a, b):
+    la, ta = jax.tree_util.tree_flatten(fl.host(a))
+    lb, tb = jax.tree_util.tree_flatten(fl.host(b))
+    assert ta == tb
+    return all(np.array_equal(x, y, equal_nan=True) for x, y in zip(la, lb))
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile once, scale, accounting
+# ------------------------------------------------------------------------------------------------
+def test_run_compiles_once_scales_to_10000_clients_and_accounts_flops():
+    """N = 10,000 held, K = 8 per round; the second run call (and every segment) reuses the compiled
+    segment; the per-round accounting (bytes, calls, FLOPs) is the hand-computed one."""
+    before = fl.trace_count("fedbpt"), fl.compile_count("fedbpt"), fl.trace_count("fedbpt/eval")
+    carry, hist = fs.run_a(0, num_rounds=2)            # 2 segments of E = 1 round
+    once = fl.trace_count("fedbpt"), fl.compile_count("fedbpt"), fl.trace_count("fedbpt/eval")
+    fresh = int(before[0] == 0)                          # 1 unless an earlier test already compiled it
+    assert once == (before[0] + fresh, before[1] + fresh, before[2] + fresh)  # once for both segments
+    t0 = time.perf_counter()
+    carry2, hist2 = fs.run_a(5, num_rounds=2)          # second call, other key: no retrace, no recompile
+    steady = time.perf_counter() - t0
+    assert (fl.trace_count("fedbpt"), fl.compile_count("fedbpt"), fl.trace_count("fedbpt/eval")) == once
+    assert fl.trace_count("fedbpt") >= 1 and fl.compile_count("fedbpt") >= 1
+    print(f"\nN=10,000 K=8 tiny decoder: steady run of 2 rounds + 3 evals {steady:.3f} s; "
+          f"round seconds {[round(r['seconds'], 4) for r in hist2.rounds]}")
+
+    # Only the K sampled clients' CMA-ES states exist: the carried state has no client axis.
+    shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(carry.state)}
+    assert max(len(s) for s in shapes) <= 2 and (8, 8) in shapes and all(fs.N_A not in s for s in shapes)
+    assert int(carry.state.round) == 2 and len(hist.rounds) == 2 and [e["round"] for e in hist.evals] == [0, 1, 2]
+    assert np.all(np.isfinite(np.asarray(carry.state.server.mean)))
+
+    # Best round = the first evaluation with the highest accuracy.
+    accs = [e["accuracy"] for e in hist.evals]
+    assert float(carry.best_accuracy) == pytest.approx(max(accs))
+    assert int(carry.best_round) == hist.evals[int(np.argmax(accs))]["round"]
+
+    # Accounting: FedBPT with perturbation: (I·λ + 1) clean + as many perturbed calls per client, and
+    # two prefix-cache passes (clean once, perturbed once per round).
+    cfg, lm = fs.config_a(), fs.tiny_lm()
+    calls = 2 * (cfg.local_generations * cfg.population_size + 1)
+    n = cfg.n_prompt_tokens
+    fpe = decoder.flops_per_example(lm.config, n + 2, fs.SEQ + n + 2)
+    prefix = decoder.flops_per_example(lm.config, fs.SEQ, fs.SEQ)
+    for row in hist.rounds:
+        k = row["active_clients"]
+        assert k == fs.K_A
+        assert row["forward_calls"] == calls * k
+        assert row["model_flops"] == pytest.approx(k * fs.EXAMPLES * (calls * fpe + 2 * prefix), rel=1e-9)
+        assert row["bytes_up_per_client"] == 4 * (cfg.intrinsic_dim + 1 + cfg.local_generations)
+        assert row["fedavg_full_model_bytes_per_client"] == 4 * lm.num_params()
+        assert row["bytes_up_per_client"] < row["fedavg_full_model_bytes_per_client"]
+        assert row["nonfinite_fitness"] == 0
+    assert hist.evals[0]["eval_flops"] > 0
+
+
+def _count_eqns(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for sub in _subs(eqn):
+            n += _count_eqns(sub)
+    return n
+
+
+def _subs(eqn):
+    out = []
+    for v in eqn.params.values():
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+                out.append(x.jaxpr)
+            elif hasattr(x, "eqns"):
+                out.append(x)
+    return out
+
+
+def _eigh_outside_cond(jaxpr, inside=False) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "eigh" and not inside:
+            n += 1
+        for sub in _subs(eqn):
+            n += _eigh_outside_cond(sub, inside or eqn.primitive.name == "cond")
+    return n
+
+
+def _round_jaxpr(algo, n):
+    data = fs.make_data(n)
+    hp = fl.HParams().validate()
+    state = algo.init(jax.random.key(0), hp)
+    return jax.make_jaxpr(algo.round)(jax.random.key(1), state, data, hp, fs.model()).jaxpr
+
+
+def test_round_program_size_does_not_grow_with_clients_and_eigh_is_lazy():
+    """The traced round has the same number of operations for (N=10, K=2) and (N=10,000, K=8): nothing
+    unrolls over clients. Every eigh sits inside a cond (the lazy eigendecomposition), for FedBPT,
+    FedAvg-BBT and centralized BBT: none runs unconditionally per generation."""
+    lm = fs.tiny_lm()
+    small = _round_jaxpr(fl.fedbpt(fs.config_a(num_clients=10, clients_per_round=2), lm), 10)
+    big = _round_jaxpr(fs.algo_a(), fs.N_A)
+    assert _count_eqns(small) == _count_eqns(big) > 100
+    assert _eigh_outside_cond(big) == 0
+    cfg = fs.config_a(num_clients=10, clients_per_round=2)
+    for make in (fl.fedavg_bbt, fl.centralized_bbt):
+        jx = _round_jaxpr(make(cfg, lm), 10)
+        assert _eigh_outside_cond(jx) == 0, make.__name__
+
+
+# ------------------------------------------------------------------------------------------------
+# Determinism, resume, checkpoints
+# ------------------------------------------------------------------------------------------------
+def test_same_key_same_numbers_other_key_other_numbers():
+    c1, h1 = fs.run_a(0, num_rounds=2)
+    c2, h2 = fs.run_a(0, num_rounds=2)
+    c3, h3 = fs.run_a(1, num_rounds=2)
+    assert _leaves_equal(c1, c2) and _strip(h1.rounds) == _strip(h2.rounds) and h1.evals == h2.evals
+    assert not np.allclose(np.asarray(c1.state.server.mean), np.asarray(c3.state.server.mean))
+    assert _strip(h1.rounds) != _strip(h3.rounds)
+
+
+def test_resume_is_bit_identical_and_results_are_written(tmp_path):
+    full_c, full_h = fs.run_a(0, num_rounds=3, results_dir=tmp_path / "full")
+    ck = tmp_path / "ckpt"
+    part_c, part_h = fs.run_a(0, num_rounds=3, checkpoint_dir=ck, stop_after=1)
+    assert int(part_c.rounds_done) == 1 and len(part_h.rounds) == 1
+    compiled = fl.trace_count("fedbpt"), fl.compile_count("fedbpt")
+    res_c, res_h = fs.run_a(0, num_rounds=3, checkpoint_dir=ck, results_dir=tmp_path / "resumed")
+    assert (fl.trace_count("fedbpt"), fl.compile_count("fedbpt")) == compiled   # resuming reuses the program
+    assert _leaves_equal(res_c, full_c)
+    assert _strip(res_h.rounds) == _strip(full_h.rounds) and res_h.evals == full_h.evals
+    for d in ("full", "resumed"):
+        js = json.loads((tmp_path / d / "metrics.json").read_text())
+        assert len(js["rounds"]) == 3 and js["best_round"] == int(full_c.best_round)
+        assert (tmp_path / d / "rounds.csv").read_text().count("\n") == 4
+        assert not list((tmp_path / d).glob(".*.tmp"))
+    # Another configuration in the same directory: a clear error naming the differing value.
+    with pytest.raises(CheckpointMismatch, match=r"hp\.perturb_rate: checkpoint 0\.5, this run 0\.3"):
+        fs.run_a(0, num_rounds=3, checkpoint_dir=ck, hp=fl.HParams(perturb_rate=0.3))
+    other = fl.fedbpt(fs.config_a(population_size=5), fs.tiny_lm())
+    with pytest.raises(CheckpointMismatch, match=r"config\.population_size: checkpoint 4, this run 5"):
+        fl.run(other, jax.random.key(0), fs.data_a(), fs.test_set(), fs.tiny_lm(), fs.model(), num_rounds=3,
+               checkpoint_dir=ck, progress=False)
+    with pytest.raises(CheckpointMismatch, match="key"):
+        fs.run_a(7, num_rounds=3, checkpoint_dir=ck)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropouts and non-finite fitness
+# ------------------------------------------------------------------------------------------------
+def test_all_clients_dropped_leaves_state_unchanged():
+    hp = fl.HParams(dropout_rate=1.0)
+    carry, hist = fs.run_a(0, num_rounds=1, hp=hp)
+    init = fs.algo_a().init(None, hp.validate())
+    assert _leaves_equal(carry.state.server, init.server)      # σ, mean, C, paths and counters
+    assert int(carry.state.round) == 1                          # only the round counter moved
+    row = hist.rounds[0]
+    assert row["active_clients"] == 0 and row["num_active"] == 0 and row["forward_calls"] == 0
+    assert row["model_flops"] == 0
+    assert not any(isinstance(v, float) and np.isnan(v) for v in row.values()), row
+    assert all(np.isfinite(e["loss"]) for e in hist.evals)
+
+
+def test_dropped_client_contributes_nothing():
+    """Changing the data of a sampled-but-dropped client does not change the round at all."""
+    hp = fl.HParams(dropout_rate=0.5)
+    data = fs.data_a()
+    hpv = hp.validate()
+    for seed in range(20):
+        idx, _, _, active, _ = algs._sampled(fl.round_key(jax.random.key(seed), 0), None, data, hpv, fs.config_a())
+        if 0 < int(jnp.sum(active)) < fs.K_A:
+            break
+    else:
+        pytest.fail("no key with a partial dropout")
+    dropped = np.asarray(idx)[~np.asarray(active)]
+    carry, hist = fs.run_a(seed, num_rounds=1, hp=hp)
+    assert hist.rounds[0]["active_clients"] == int(jnp.sum(active))
+    rng = np.random.default_rng(3)
+    ids = np.asarray(data.train.input_ids).copy()
+    ids[dropped] = rng.integers(3, fs.VOCAB - 1, size=ids[dropped].shape) * (ids[dropped] > 0)
+    changed = data.replace(train=data.train.replace(input_ids=jnp.asarray(ids)))
+    carry2, hist2 = fs.run_a(seed, num_rounds=1, hp=hp, data=changed)
+    assert _leaves_equal(carry.state, carry2.state)
+    assert _strip(hist.rounds) == _strip(hist2.rounds)
+
+
+def test_nonfinite_fitness_ranks_worst_is_counted_and_never_poisons_the_server():
+    """Clients whose text holds a token with a NaN embedding get NaN logits (every candidate); the
+    server state stays finite and the metrics count the non-finite fitnesses."""
+    lm, pid = fs.tiny_lm(), fs.poison_id()
+    params = jax.tree_util.tree_map(lambda x: x, lm.params)
+    emb = decoder.word_embeddings(params)
+    poisoned_emb = emb.at[pid].set(jnp.nan)
+    params = jax.tree_util.tree_map(lambda x: poisoned_emb if x is emb else x, params)
+    assert np.isnan(np.asarray(decoder.word_embeddings(params))[pid]).all()
+    train, counts = fs.host_data()
+    ids = train.input_ids.copy()
+    ids[::2, :, -1] = pid                                        # even clients: last token poisoned
+    data = fs.make_data(train=train.replace(input_ids=ids), counts=counts)
+    carry, hist = fs.run_a(0, num_rounds=2, data=data, model_inputs=ModelInputs(params, fs.model().projection))
+    server = fl.host(carry.state.server)
+    for leaf in (server.mean, server.sigma, server.C, server.B, server.D, server.p_sigma, server.p_c):
+        assert np.all(np.isfinite(leaf))
+    assert sum(r["nonfinite_fitness"] for r in hist.rounds) > 0
+    assert sum(r["num_nonfinite"] for r in hist.rounds) > 0       # poisoned uploads left out
+    assert any(r["num_active"] > 0 for r in hist.rounds)          # clean clients still moved the server
+    assert not np.allclose(server.mean, 0)
+    assert all(np.isfinite(e["loss"]) for e in hist.evals)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the value, raised before anything compiles
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, match", [
+    (dict(clients_per_round=11), r"K=11.*num_clients=10"),
+    (dict(population_size=1), r"population_size must be >= 2, got 1"),
+    (dict(intrinsic_dim=0), r"intrinsic_dim \(d\) must be >= 1, got 0"),
+    (dict(local_generations=0), r"local_generations must be >= 1, got 0"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fs.config_a(num_clients=10, **{**dict(clients_per_round=2), **kw})
+
+
+@pytest.mark.parametrize("hp, match", [
+    (fl.HParams(perturb_rate=1.5), r"perturb_rate must be in \[0, 1\], got 1.5"),
+    (fl.HParams(perturb_rate=-0.1), r"perturb_rate must be in \[0, 1\], got -0.1"),
+    (fl.HParams(dropout_rate=2.0), r"dropout_rate must be in \[0, 1\], got 2.0"),
+    (fl.HParams(sigma0=0.0), r"sigma0 must be > 0, got 0.0"),
+])
+def test_bad_hparams(hp, match):
+    with pytest.raises(ValueError, match=match):
+        hp.validate()
+
+
+def _small(n=10, counts=None, **cfg):
+    algo = fl.fedbpt(fs.config_a(num_clients=cfg.pop("num_clients", n), clients_per_round=2, **cfg), fs.tiny_lm())
+    return algo, fs.make_data(n, counts=counts)
+
+
+def _run_small(algo, data, test=None, **kw):
+    kw.setdefault("num_rounds", 2)
+    return fl.run(algo, jax.random.key(0), data, fs.test_set() if test is None else test, fs.tiny_lm(), fs.model(),
+                  progress=False, **kw)
+
+
+def test_bad_run_input():
+    algo, data = _small()
+    with pytest.raises(ValueError, match=r"num_rounds \(3\) must be a positive multiple of eval_every \(2\)"):
+        _run_small(algo, data, num_rounds=3, eval_every=2)
+    with pytest.raises(ValueError, match=r"num_rounds must be a positive integer, got 0"):
+        _run_small(algo, data, num_rounds=0)
+    with pytest.raises(ValueError, match=r"stop_after \(1\) must be a non-negative multiple of eval_every \(2\)"):
+        _run_small(algo, data, num_rounds=4, eval_every=2, stop_after=1)
+    with pytest.raises(ValueError, match=r"data holds 12 clients but the config says num_clients=10"):
+        _run_small(algo, fs.make_data(12))
+    counts = np.full(10, fs.EXAMPLES)
+    counts[[3, 7]] = 0
+    with pytest.raises(ValueError, match=r"2 client\(s\) have no training examples \(e.g. clients \[3, 7\]"):
+        _run_small(algo, fs.make_data(10, counts=counts))
+    bad = data.replace(counts=data.counts.at[4].set(fs.EXAMPLES + 1))
+    with pytest.raises(ValueError, match=r"client 4 has counts=5 examples but the padded width is E=4"):
+        _run_small(algo, bad)
+    bad = data.replace(counts=data.counts.at[5].set(2))
+    with pytest.raises(ValueError, match=r"client 5: counts says 2 examples but its example_mask has 4"):
+        _run_small(algo, bad)
+    bad = data.replace(train=data.train.replace(labels=data.train.labels.at[1, 0].set(2)))
+    with pytest.raises(ValueError, match=r"a training label is 2, outside \[0, 2\)"):
+        _run_small(algo, bad)
+    bad = data.replace(train=data.train.replace(input_ids=data.train.input_ids.at[0, 0, -1].set(fs.VOCAB)))
+    with pytest.raises(ValueError, match=rf"token id is {fs.VOCAB}, outside the model's vocabulary \[0, {fs.VOCAB}\)"):
+        _run_small(algo, bad)
+    test = fs.test_set()
+    with pytest.raises(ValueError, match=r"the test set has no examples"):
+        _run_small(algo, data, test=test.replace(example_mask=np.zeros_like(test.example_mask)))
+    with pytest.raises(ValueError, match=r"a test label is 5, outside \[0, 2\)"):
+        _run_small(algo, data, test=test.replace(labels=np.full_like(test.labels, 5)))
+    with pytest.raises(ValueError, match=r"mesh needs an axis named 'clients'"):
+        mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+        jax.jit(lambda x: fl.core.constrain_clients(x, mesh))(jnp.ones(2))
+
+
+def test_distributed_helpers_validate_and_mesh_is_auto():
+    mesh = fl.client_mesh()
+    assert mesh.axis_names == ("clients",) and mesh.devices.size == len(jax.devices())
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\), got 2"):
+        fl.init_distributed("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match=r"num_processes must be >= 1, got 0"):
+        fl.init_distributed("127.0.0.1:1234", 0, 0)
+    with pytest.raises(ValueError, match=r"coordinator must be 'host:port', got 'localhost'"):
+        fl.init_distributed("localhost", 2, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines (small configuration: N = 4 clients, all sampled)
+# ------------------------------------------------------------------------------------------------
+def _cfg_b(**kw):
+    return fs.config_a(num_clients=4, clients_per_round=4, **kw)
+
+
+def _learnable_data(n=4, counts=None):
+    """A learnable synthetic task: 75 % of the labels are 1, so a prompt can lower the loss."""
+    train, counts = fs.host_data(n, seed=2, counts=counts)
+    labels = (np.random.default_rng(4).random(train.labels.shape) < 0.75).astype(np.int32)
+    return fs.make_data(n, train=train.replace(labels=labels), counts=counts)
+
+
+def test_manual_prompt_equals_scoring_without_prompt():
+    lm = fs.tiny_lm()
+    algo = fl.manual_prompt(_cfg_b(), lm)
+    carry, hist = fl.run(algo, jax.random.key(0), _learnable_data(), fs.test_set(), lm, fs.model(), num_rounds=1,
+                         eval_chunk=16, progress=False)
+    scorer = objective.make_scorer(lm, None, n_prompt_tokens=2)
+    chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(fs.test_set(), 16))
+    logits = objective.evaluate_logits(scorer, lm.params, chunks, fs.spec(), None)
+    want = objective.classification_metrics(logits, chunks.labels, chunks.example_mask)
+    for ev in hist.evals:
+        assert ev["accuracy"] == pytest.approx(float(want["accuracy"]), abs=1e-6)
+        assert ev["loss"] == pytest.approx(float(want["loss"]), rel=1e-5)
+    assert hist.rounds[0]["forward_calls"] == 0 and hist.rounds[0]["bytes_up_per_client"] == 0
+
+
+def test_fedprompt_lowers_the_training_loss():
+    lm = fs.tiny_lm()
+    algo = fl.fedprompt(_cfg_b(local_generations=3), lm)
+    carry, hist = fl.run(algo, jax.random.key(0), _learnable_data(), fs.test_set(), lm, fs.model(), num_rounds=4,
+                         hp=fl.HParams(learning_rate=0.05), eval_every=4, eval_chunk=16, progress=False)
+    losses = [r["client_loss"] for r in hist.rounds]
+    assert losses[-1] < losses[0] - 0.02, losses
+    assert np.all(np.isfinite(np.asarray(carry.state.prompt))) and not np.allclose(np.asarray(carry.state.prompt), 0)
+    assert hist.rounds[0]["weight_total"] == 4 * fs.EXAMPLES
+
+
+def test_fedavg_bbt_weights_follow_example_counts(monkeypatch):
+    captured = {}
+    original = algs.strategy.fedavg_aggregate
+
+    def spy(state, client_states, weights, mask=None):
+        new, metrics = original(state, client_states, weights, mask)
+        return new, {**metrics, "spy_weights": weights, "spy_means": client_states.mean}
+
+    monkeypatch.setattr(algs.strategy, "fedavg_aggregate", spy)
+    lm = fs.tiny_lm()
+    algo = fl.fedavg_bbt(_cfg_b(), lm)
+    counts = np.array([1, 2, 3, 4], np.int32)
+    data = _learnable_data(counts=counts)
+    hp = fl.HParams().validate()
+    state = algo.init(jax.random.key(0), hp)
+    new, m = jax.jit(algo.round)(jax.random.key(3), state, data, hp, fs.model())
+    idx = algs._sampled(jax.random.key(3), None, data, hp, algo.config)[0]
+    np.testing.assert_array_equal(np.asarray(m["spy_weights"]), counts[np.asarray(idx)].astype(np.float32))
+    w = counts[np.asarray(idx)] / counts.sum()
+    np.testing.assert_allclose(np.asarray(new.server.mean), w @ np.asarray(m["spy_means"]), rtol=1e-5, atol=1e-6)
+    assert float(m["weight_total"]) == counts.sum()
+    assert not np.allclose(np.asarray(new.server.mean), np.asarray(m["spy_means"]).mean(0), atol=1e-4)
+
+
+def test_centralized_bbt_pools_all_clients():
+    """Centralized BBT sees the union of the clients' data: reordering the clients does not change it."""
+    lm = fs.tiny_lm()
+    algo = fl.centralized_bbt(_cfg_b(), lm)
+    data = _learnable_data()
+    perm = np.array([2, 0, 3, 1])
+    shuffled = data.replace(train=jax.tree_util.tree_map(lambda a: a[perm], data.train), counts=data.counts[perm])
+    runs = [fl.run(algo, jax.random.key(0), d, fs.test_set(), lm, fs.model(), num_rounds=2, eval_every=2,
+                   eval_chunk=16, progress=False) for d in (data, shuffled)]
+    (c1, h1), (c2, h2) = runs
+    np.testing.assert_allclose(np.asarray(c1.state.es.mean), np.asarray(c2.state.es.mean), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(c1.state.es.mean), 0)
+    assert h1.rounds[0]["examples_per_call"] == 4 * fs.EXAMPLES and h1.rounds[0]["active_clients"] == 1
+    assert int(c1.state.es.generation_counter) == 2 * algo.config.local_generations   # one continuous run
