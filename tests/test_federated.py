@@ -1,10 +1,21 @@
 """The federated engine: compile-once runs, scale, dropouts, non-finite fitness, determinism, resume,
-bad input, accounting and the baselines. Most tests share configuration A (N = 10,000, K = 8; see
-``federated_setup``) so the round compiles once per process."""
+bad input, accounting, the baselines, sharding over 8 devices and a two-process run. Most tests share
+configuration A (N = 10,000, K = 8; see ``federated_setup``) so the round compiles once per process.
+
+The sharded (8 forced CPU devices) and multi-host (two processes on 127.0.0.1) runs need a fresh
+process each (the device count and ``jax.distributed`` must be set before JAX starts): a module
+fixture starts them in the background when the module starts, so they compile while the other tests
+run; the last two tests collect them (hard timeouts: they can never hang the suite).
+"""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +63,7 @@ def test_run_compiles_once_scales_to_10000_clients_and_accounts_flops():
 
     # Only the K sampled clients' CMA-ES states exist: the carried state has no client axis.
     shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(carry.state)}
-    assert max(len(s) for s in shapes) <= 2 and (8, 8) in shapes and all(fs.N_A not in s for s in shapes)
+    assert max(len(s) for s in shapes) <= 2 and (fs.D_A, fs.D_A) in shapes and all(fs.N_A not in s for s in shapes)
     assert int(carry.state.round) == 2 and len(hist.rounds) == 2 and [e["round"] for e in hist.evals] == [0, 1, 2]
     assert np.all(np.isfinite(np.asarray(carry.state.server.mean)))
 
@@ -395,3 +406,98 @@ def test_centralized_bbt_pools_all_clients():
     assert not np.allclose(np.asarray(c1.state.es.mean), 0)
     assert h1.rounds[0]["examples_per_call"] == 4 * fs.EXAMPLES and h1.rounds[0]["active_clients"] == 1
     assert int(c1.state.es.generation_counter) == 2 * algo.config.local_generations   # one continuous run
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded over 8 devices, and two processes (subprocess workers started at module start)
+# ------------------------------------------------------------------------------------------------
+WORKER = str(Path(__file__).with_name("federated_worker.py"))
+SHARDED_TEST = "test_sharded_over_8_devices_matches_one_device"
+MULTIHOST_TEST = "test_two_processes_match_single_process"
+WORKER_TIMEOUT_S = 300
+
+
+def _env(xla_flags: str = "") -> dict:
+    env = dict(os.environ)
+    # Optimisation level 0 compiles about a third faster here; results still agree to rounding.
+    env.update(JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"--xla_backend_optimization_level=0 {xla_flags}".strip())
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Job:
+    """Worker processes with logs in files (no pipe to fill) and a deadline."""
+
+    def __init__(self, folder: Path, argvs: list[list[str]], env: dict):
+        self.out = folder / "result.json"
+        self.logs = [folder / f"log{i}.txt" for i in range(len(argvs))]
+        self.deadline = time.monotonic() + WORKER_TIMEOUT_S
+        self.procs = []
+        for argv, log in zip(argvs, self.logs):
+            with open(log, "w") as f:
+                self.procs.append(subprocess.Popen([sys.executable, WORKER, *argv, str(self.out)], stdout=f,
+                                                   stderr=subprocess.STDOUT, env=env))
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def result(self) -> dict:
+        try:
+            for p in self.procs:
+                p.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"worker timed out after {WORKER_TIMEOUT_S} s:\n" + self._tail())
+        assert all(p.returncode == 0 for p in self.procs), self._tail()
+        return json.loads(self.out.read_text())
+
+    def _tail(self) -> str:
+        return "\n----\n".join(log.read_text()[-3000:] for log in self.logs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def workers(request, tmp_path_factory):
+    selected = {item.name for item in request.session.items}
+    jobs = {}
+    if SHARDED_TEST in selected:
+        folder = tmp_path_factory.mktemp("sharded")
+        jobs["sharded"] = _Job(folder, [["sharded"]], _env("--xla_force_host_platform_device_count=8"))
+    if MULTIHOST_TEST in selected:
+        folder, port = tmp_path_factory.mktemp("multihost"), str(_free_port())
+        jobs["multihost"] = _Job(folder, [["multihost", port, str(i)] for i in range(2)], _env())
+    yield jobs
+    for job in jobs.values():
+        job.kill()
+
+
+@pytest.mark.slow
+def test_sharded_over_8_devices_matches_one_device(workers):
+    """Configuration A with the client axis sharded over 8 CPU devices (and over 3: K = 8 and N = 10,000
+    not divisible) reproduces the single-device run to rounding."""
+    got = workers["sharded"].result()
+    assert got["devices"] == 8
+    assert got["round_constrains_clients"]
+    assert got["data_sharding"] == ["clients"]                          # N = 10,000 = 8 · 1250
+    assert got["uneven_data_sharding"] == []                            # 10,000 % 3 != 0: replicated
+    assert got["carry_sharding"] in ([], [None])                        # results come back replicated
+    want = fs.reference_summary(0, 2)
+    fs.assert_summaries_close(got["mesh8"], want)
+    fs.assert_summaries_close(got["mesh3"], want)
+
+
+@pytest.mark.slow
+def test_two_processes_match_single_process(workers):
+    """Two processes (jax.distributed on 127.0.0.1, gloo CPU collectives), each holding only its half of
+    the clients, reproduce the single-process run to rounding."""
+    got = workers["multihost"].result()
+    assert got["processes"] == 2
+    fs.assert_summaries_close(got["summary"], fs.reference_summary(0, 2))

@@ -1,11 +1,38 @@
-"""The federated engine: FedBPT and its baselines as jitted, vmapped, sharded rounds."""
-from .algorithms import ALGORITHMS, centralized_bbt, fedavg_bbt, fedbpt, fedprompt, make, manual_prompt
+"""The federated engine: FedBPT and its baselines as jitted, vmapped, sharded rounds.
+
+The algorithms (which import evosax through :mod:`fedbpt_jax.strategy`) are imported lazily (PEP 562):
+importing evosax starts the XLA backend, and ``jax.distributed.initialize`` (:func:`init_distributed`)
+must come before that.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .config import FedConfig, HParams
 from .core import FederatedAlgorithm, FederatedData, ModelInputs, validate_data
 from .distributed import client_mesh, clients_to_global, host, init_distributed, to_global
-from .run import History, RunCarry, round_cost, compile_count, round_key, run, trace_count, write_results
+from .run import History, RunCarry, compile_count, round_cost, round_key, run, trace_count, write_results
+
+_LAZY = ("ALGORITHMS", "centralized_bbt", "fedavg_bbt", "fedbpt", "fedprompt", "make", "manual_prompt")
 
 __all__ = ["ALGORITHMS", "FedConfig", "HParams", "FederatedAlgorithm", "FederatedData", "ModelInputs", "History",
-           "RunCarry", "run", "round_key", "round_cost", "trace_count", "compile_count", "write_results", "validate_data", "make",
-           "fedbpt", "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh",
-           "init_distributed", "to_global", "clients_to_global", "host"]
+           "RunCarry", "run", "round_key", "round_cost", "trace_count", "compile_count", "write_results",
+           "validate_data", "make", "fedbpt", "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt",
+           "client_mesh", "init_distributed", "to_global", "clients_to_global", "host"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(".algorithms", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .algorithms import ALGORITHMS, centralized_bbt, fedavg_bbt, fedbpt, fedprompt, make, manual_prompt  # noqa: F401
