@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 import federated_setup as fs
-from fedbpt_jax import objective, testing
+from fedbpt_jax import objective
 from fedbpt_jax import federated as fl
 from fedbpt_jax.checkpoint import CheckpointMismatch
 from fedbpt_jax.federated import algorithms as algs
-from fedbpt_jax.federated.core import FederatedData, ModelInputs
+from fedbpt_jax.federated.core import ModelInputs
 from fedbpt_jax.models import decoder
 
 
@@ -489,6 +489,7 @@ def test_sharded_over_8_devices_matches_one_device(workers):
     assert got["data_sharding"] == ["clients"]                          # N = 10,000 = 8 · 1250
     assert got["uneven_data_sharding"] == []                            # 10,000 % 3 != 0: replicated
     assert got["carry_sharding"] in ([], [None])                        # results come back replicated
+    assert got["resume_identical"] and got["segment_compiles"] == 1    # sharded checkpoint round trip
     want = fs.reference_summary(0, 2)
     fs.assert_summaries_close(got["mesh8"], want)
     fs.assert_summaries_close(got["mesh3"], want)

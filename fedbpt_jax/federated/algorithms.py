@@ -149,9 +149,24 @@ def _comm(config: FedConfig, lm, *, covariance: bool) -> accounting.CommBytes:
     return accounting.fedbpt_bytes(config.intrinsic_dim, config.local_generations, lm.num_params())
 
 
-def fedbpt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
-    """FedBPT (see the module docstring and :class:`FedConfig` for every option)."""
-    scorer = _scorer(config, lm)
+def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) -> FederatedAlgorithm:
+    """FedBPT (see the module docstring and :class:`FedConfig` for every option).
+
+    Args:
+      config: static configuration.
+      lm: the backbone bundle.
+      mesh: shard the client axis over this mesh's ``"clients"`` axis (see :func:`~fedbpt_jax.federated.client_mesh`);
+        None: the ambient mesh, if any (``run(..., mesh=...)`` sets it).
+      scorer: the black-box scorer (default: :func:`fedbpt_jax.objective.make_scorer` for ``config.layout``);
+        e.g. an uncached one to measure the prefix cache's effect.
+
+    Example::
+
+        algo = fl.fedbpt(fl.FedConfig(num_clients=10, clients_per_round=4), lm)
+        state = algo.init(jax.random.key(0), fl.HParams().validate())
+        state, metrics = jax.jit(algo.round)(jax.random.key(1), state, data, fl.HParams().validate(), model)
+    """
+    scorer = scorer or _scorer(config, lm)
     hidden = lm.hidden_size
 
     def init(key, hp: HParams):
@@ -180,14 +195,14 @@ def fedbpt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
     calls *= 2 if config.perturb else 1
     prefix = 1 + ((1 if config.perturb_every == "round" else config.local_generations + 1) if config.perturb else 0)
     return FederatedAlgorithm("fedbpt", init, round_fn, global_prompt, config, _comm(config, lm, covariance=False),
-                              calls, prefix_passes=prefix, mesh=mesh)
+                              calls, prefix_passes=prefix, mesh=mesh, scorer=scorer)
 
 
-def fedavg_bbt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
+def fedavg_bbt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) -> FederatedAlgorithm:
     """FedAvg-BBT: local BBT, then example-weighted averages of the clients' means, σ and C."""
-    scorer = _scorer(config, lm)
+    scorer = scorer or _scorer(config, lm)
     hidden = lm.hidden_size
-    base = fedbpt(config, lm, mesh=mesh)
+    base = fedbpt(config, lm, mesh=mesh, scorer=scorer)
 
     def round_fn(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
         idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
@@ -218,7 +233,8 @@ class CentralState:
     round: jax.Array
 
 
-def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None, mesh=None) -> FederatedAlgorithm:
+def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None, mesh=None,
+                    scorer: Scorer | None = None) -> FederatedAlgorithm:
     """BBT on the union of all clients' data: one CMA-ES, ``local_generations`` generations a round.
 
     The CMA-ES is :mod:`fedbpt_jax.strategy`'s pycma-like client (pycma's constants, lazy
@@ -227,7 +243,7 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
     the plain mean loss on all examples (no perturbation); NaN/inf rank worst.
     """
     del mesh  # one CMA-ES: nothing to shard over clients
-    scorer = _scorer(config, lm)
+    scorer = scorer or _scorer(config, lm)
     hidden, d = lm.hidden_size, config.intrinsic_dim
     pop = population_size or config.population_size
     es_params = strategy.local_params(pop, d)
@@ -263,7 +279,7 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
 
     comm = accounting.CommBytes(0, 0, 0)
     return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, config, comm,
-                              config.local_generations * pop + 1, prefix_passes=1, pooled=True)
+                              config.local_generations * pop + 1, prefix_passes=1, pooled=True, scorer=scorer)
 
 
 def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
@@ -291,12 +307,13 @@ class PromptState:
     round: jax.Array
 
 
-def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=None) -> FederatedAlgorithm:
+def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=None,
+              scorer: Scorer | None = None) -> FederatedAlgorithm:
     """FedPrompt: white-box soft-prompt tuning (gradients w.r.t. the prompt embeddings, Adam via optax),
     FedAvg of the prompts weighted by example counts. Local steps default to ``local_generations``."""
     import optax
 
-    scorer = _scorer(config, lm)
+    scorer = scorer or _scorer(config, lm)
     steps = local_steps or config.local_generations
     n, hidden = config.n_prompt_tokens, lm.hidden_size
 
@@ -344,7 +361,7 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
     comm = accounting.prompt_bytes(n, hidden, lm.num_params())
     # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.
     return FederatedAlgorithm("fedprompt", init, round_fn, global_prompt, config, comm, 3 * steps + 1,
-                              prefix_passes=1, mesh=mesh)
+                              prefix_passes=1, mesh=mesh, scorer=scorer)
 
 
 ALGORITHMS = {

@@ -68,6 +68,8 @@ class FederatedAlgorithm(NamedTuple):
         calls run over all ``N × E`` examples, once per round.
       mesh: the device mesh whose ``"clients"`` axis shards the client axis (None: the ambient mesh
         set by :func:`fedbpt_jax.federated.run` or ``jax.set_mesh``, if any).
+      scorer: the :class:`~fedbpt_jax.objective.Scorer` the rounds use (:func:`~fedbpt_jax.federated.run`
+        evaluates and counts FLOPs with it; None: the backbone's default scorer).
     """
 
     name: str
@@ -80,6 +82,7 @@ class FederatedAlgorithm(NamedTuple):
     prefix_passes: int = 0
     pooled: bool = False
     mesh: Any = None
+    scorer: Any = None
 
 
 def sample_clients(key: jax.Array, counts: jax.Array, k: int, how: str = "uniform") -> jax.Array:

@@ -175,10 +175,15 @@ def _replicated(mesh):
     return NamedSharding(mesh, P())
 
 
+def _algo_scorer(algo: FederatedAlgorithm, kind: str, model_config):
+    cfg = algo.config
+    return algo.scorer if algo.scorer is not None else _scorer(kind, model_config, cfg.layout, cfg.n_prompt_tokens)
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted(algo: FederatedAlgorithm, kind: str, model_config, eval_every: int, hidden: int, key_impl, mesh):
     cfg = algo.config
-    scorer = _scorer(kind, model_config, cfg.layout, cfg.n_prompt_tokens)
+    scorer = _algo_scorer(algo, kind, model_config)
     out = _replicated(mesh)
     segment = jax.jit(make_segment(algo, scorer, eval_every, cfg.n_prompt_tokens, hidden, key_impl), out_shardings=out)
     initial = jax.jit(make_initial_eval(algo, scorer, cfg.n_prompt_tokens, hidden), out_shardings=out)
@@ -189,14 +194,20 @@ def _mesh_context(mesh):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
-def _flops_per_example(lm, scorer, seq_len: int, cue_len: int) -> tuple[float, float]:
-    """(FLOPs of one forward call per example, FLOPs of one prefix-cache pass per example)."""
+def _flops_per_example(lm, scorer, seq_len: int, cue_len: int, n_prompt: int) -> tuple[float, float]:
+    """(FLOPs of one forward call per example, FLOPs of one prefix-cache pass per example).
+
+    A decoder scorer with layout "after" that counts only the prompt and cue tokens per call caches
+    the text prefix: each ``prepare`` then costs one pass over the text.
+    """
     fwd = float(scorer.flops_per_example(seq_len, cue_len))
     prefix = 0.0
     if lm.kind == "decoder" and scorer.layout == "after":
         from ..models import decoder
 
-        prefix = float(decoder.flops_per_example(lm.config, seq_len, seq_len))
+        s = n_prompt + cue_len
+        if fwd == float(decoder.flops_per_example(lm.config, s, seq_len + s)):
+            prefix = float(decoder.flops_per_example(lm.config, seq_len, seq_len))
     return fwd, prefix
 
 
@@ -208,11 +219,10 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
     calls · examples · FLOPs/example + prefix passes · examples · prefix FLOPs/example. Padding rows
     are computed, so they are counted.
     """
-    cfg = algo.config
-    scorer = _scorer(lm.kind, lm.config, cfg.layout, cfg.n_prompt_tokens)
+    scorer = _algo_scorer(algo, lm.kind, lm.config)
     n, e, t = np.shape(data.train.input_ids)
     cue = int(np.shape(data.spec.cue_ids)[0])
-    fwd, prefix = _flops_per_example(lm, scorer, t, cue)
+    fwd, prefix = _flops_per_example(lm, scorer, t, cue, algo.config.n_prompt_tokens)
     examples = n * e if algo.pooled else e
     flops = algo.forward_calls * examples * fwd + algo.prefix_passes * examples * prefix
     return {"examples_per_call": examples, "forward_calls": algo.forward_calls, "prefix_passes": algo.prefix_passes,
@@ -220,10 +230,9 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
 
 
 def _eval_flops(lm, algo, chunks: TokenBatch, cue: int) -> float:
-    cfg = algo.config
-    scorer = _scorer(lm.kind, lm.config, cfg.layout, cfg.n_prompt_tokens)
+    scorer = _algo_scorer(algo, lm.kind, lm.config)
     c, b, t = np.shape(chunks.input_ids)
-    fwd, prefix = _flops_per_example(lm, scorer, t, cue)
+    fwd, prefix = _flops_per_example(lm, scorer, t, cue, algo.config.n_prompt_tokens)
     return c * b * (fwd + prefix)
 
 
