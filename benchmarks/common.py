@@ -88,8 +88,20 @@ def block(x):
     return jax.block_until_ready(x)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def time_call(fn: Callable, *args, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
-    """Warm-up calls, then ``repeats`` timed calls (each blocked). Returns seconds and the last output."""
+    """Warm-up calls, then ``repeats`` timed calls (each blocked). Returns seconds and the last output.
+
+    ``cpu_util`` is the process's CPU time over wall time x cores during the timed calls: well below 1
+    on a compute-bound item means other processes took cores (the machine was shared).
+    """
     first = None
     out = None
     for i in range(warmup):
@@ -98,12 +110,14 @@ def time_call(fn: Callable, *args, repeats: int = 3, warmup: int = 1) -> dict[st
         if i == 0:
             first = time.perf_counter() - t0
     times = []
+    c0, w0 = cpu_seconds(), time.perf_counter()
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = block(fn(*args))
         times.append(time.perf_counter() - t0)
+    util = (cpu_seconds() - c0) / max(time.perf_counter() - w0, 1e-9) / (os.cpu_count() or 1)
     return {"first_s": first, "times_s": times, "median_s": statistics.median(times), "min_s": min(times),
-            "out": out}
+            "cpu_util": util, "out": out}
 
 
 def aot_compile(jitted, *args) -> tuple[Any, float]:
@@ -114,7 +128,12 @@ def aot_compile(jitted, *args) -> tuple[Any, float]:
 
 
 class Peak:
-    """The float32 matmul peak of this machine, measured now (jitted ``n x n @ n x n``, best of a few)."""
+    """The float32 matmul peak of this machine, measured now (jitted ``n x n @ n x n``, best of a few).
+
+    ``best`` (the highest measurement of the run) is the machine's capability and the conservative
+    reference for fractions of peak; :meth:`bracket` also gives the peak measured right before and
+    after an item, i.e. under the same load from other processes (the development machine is shared).
+    """
 
     def __init__(self, n: int = 2048, repeats: int = 4):
         import jax
@@ -138,11 +157,12 @@ class Peak:
     def best(self) -> float:
         return max(self.history) if self.history else float("nan")
 
-    def bracket(self, fn: Callable[[], Any]) -> tuple[Any, float, float]:
-        """Runs ``fn()`` between two peak measurements; returns (its result, peak before, peak after)."""
-        before = self.measure()
+    def bracket(self, fn: Callable[[], Any], samples: int = 1) -> tuple[Any, float, float]:
+        """Runs ``fn()`` between peak measurements (``samples`` each side, best kept); returns
+        (its result, peak before, peak after)."""
+        before = max(self.measure() for _ in range(samples))
         out = fn()
-        after = self.measure()
+        after = max(self.measure() for _ in range(samples))
         return out, before, after
 
 

@@ -93,23 +93,24 @@ def bench_model(name: str, args, peak: common.Peak) -> dict:
                     continue  # same FLOPs as the cached loop's ratio shows; skipped to save time
                 timed, before, after = peak.bracket(
                     lambda fn=fn: common.time_call(fn, params, ctx, prompts, repeats=args.repeats))
-                t = timed["median_s"]
+                t = timed["min_s"]  # best of the repeats: the machine is shared (see cpu_util)
                 ref_peak = 0.5 * (before + after)
                 rows.append({
                     "model": name, "P": P, "layout": label, "mode": mode, "B": B, "T": T, "n_prompt": n,
-                    "cue": cue, "seconds": t, "seconds_min": timed["min_s"], "times_s": timed["times_s"],
+                    "cue": cue, "seconds": t, "seconds_median": timed["median_s"], "times_s": timed["times_s"],
                     "first_call_s": timed["first_s"],
                     "compile_s": batched_compile if mode == "batched" else single_compile,
                     "prepare_s": prep["median_s"] if cached else 0.0, "prepare_compile_s": prepare_compile,
                     "gflop_executed": flops / 1e9, "gflop_useful": useful / 1e9,
-                    "gflops": flops / t / 1e9, "peak_gflops": ref_peak, "frac_peak": flops / t / 1e9 / ref_peak,
+                    "gflops": flops / t / 1e9, "peak_adjacent": ref_peak,
+                    "frac_adjacent": flops / t / 1e9 / ref_peak, "cpu_util": timed["cpu_util"],
                     "candidates_per_s": P / t, "query_tokens_per_s":
                         P * B * ((n + cue) if cached else (T + n + cue)) / t,
                 })
                 r = rows[-1]
                 print(f"  P={P:<3d} {label:<17s} {mode:<8s} {t * 1e3:10.1f} ms  {r['gflops']:7.1f} GFLOP/s "
-                      f"({100 * r['frac_peak']:5.1f}% of peak {ref_peak:.0f})  compile {r['compile_s']:.1f} s",
-                      flush=True)
+                      f"({100 * r['frac_adjacent']:5.1f}% of the adjacent peak {ref_peak:.0f}, cpu util "
+                      f"{r['cpu_util']:.2f})  compile {r['compile_s']:.1f} s", flush=True)
         checks[f"{name}/P={P}: cached vs uncached 'after' max|diff|"] = float(
             np.max(np.abs(ref_logits["after+cache"] - ref_logits["after (no cache)"])))
         scale = float(np.max(np.abs(ref_logits["after (no cache)"])))
@@ -136,6 +137,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             s["cache_speedup_vs_before"] = b["seconds"] / c["seconds"]
         if c:
             s["frac_peak_cached_batched"] = c["frac_peak"]
+            s["frac_adjacent_cached_batched"] = c["frac_adjacent"]
         out.append(s)
     return out
 
@@ -167,15 +169,24 @@ def main(argv=None):
     print(f"float32 matmul peak (2048^3, jitted): {p0:.1f} GFLOP/s", flush=True)
     results = [bench_model(m, args, peak) for m in models]
     rows = [r for res in results for r in res["rows"]]
+    for _ in range(2):
+        peak.measure()
+    for r in rows:  # conservative: against the best peak measured anywhere in this run
+        r["peak_best"] = peak.best
+        r["frac_peak"] = r["gflops"] / peak.best
     summary = summarise(rows)
 
-    print(f"\nfloat32 matmul peak in this run: best {peak.best:.1f} GFLOP/s, "
+    print(f"\nfractions: 'frac of best peak' = GFLOP/s over the best float32 matmul peak measured in this run "
+          f"(conservative); 'adjacent' = over the peak measured right before/after the item (same load).")
+    print(f"float32 matmul peak in this run: best {peak.best:.1f} GFLOP/s, "
           f"all {[round(x, 1) for x in peak.history]}; load average now {list(os.getloadavg())}\n")
     print(common.table(rows, [("model", "model"), ("P", "P"), ("layout", "layout"), ("mode", "mode"),
                               ("B", "B"), ("T", "T"), ("n_prompt", "n"), ("cue", "cue"),
-                              ("seconds", "s / pass"), ("candidates_per_s", "cand/s"),
+                              ("seconds", "s / pass (best)"), ("candidates_per_s", "cand/s"),
                               ("gflop_executed", "GFLOP/pass"), ("gflops", "GFLOP/s"),
-                              ("peak_gflops", "peak"), ("frac_peak", "frac of peak"), ("compile_s", "compile s")]))
+                              ("frac_peak", "frac of best peak"), ("peak_adjacent", "adjacent peak"),
+                              ("frac_adjacent", "frac of adjacent"), ("cpu_util", "cpu util"),
+                              ("compile_s", "compile s")]))
     print()
     print(common.table(summary, [("model", "model"), ("P", "P"),
                                  ("batched_speedup[after+cache]", "batched/loop (cache)"),
@@ -184,7 +195,8 @@ def main(argv=None):
                                  ("cache_speedup_per_pass", "cache speedup/pass"),
                                  ("cache_speedup_per_round", "cache speedup/round"),
                                  ("cache_speedup_vs_before", "cache vs before"),
-                                 ("frac_peak_cached_batched", "frac peak (cache, batched)")]))
+                                 ("frac_peak_cached_batched", "frac best peak (cache, batched)"),
+                                 ("frac_adjacent_cached_batched", "frac adjacent peak")]))
     print("\nchecks (max |difference| of label logits):")
     for res in results:
         for k, v in res["checks"].items():
@@ -192,7 +204,8 @@ def main(argv=None):
     targets = {}
     for s in summary:
         if s["model"] == "smollm2":
-            targets[f"P={s['P']}: population scoring >= 50% of matmul peak"] = s.get("frac_peak_cached_batched", 0) >= 0.5
+            targets[f"P={s['P']}: population scoring >= 50% of the best matmul peak of the run"] = (
+                s.get("frac_peak_cached_batched", 0) >= 0.5)
             targets[f"P={s['P']}: prefix cache >= 2x uncached 'after' (per pass)"] = s.get("cache_speedup_per_pass", 0) >= 2
     for k, v in targets.items():
         print(f"target {k}: {'MET' if v else 'NOT MET'}")
