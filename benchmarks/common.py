@@ -63,10 +63,26 @@ def versions() -> dict[str, str]:
     return out
 
 
+def git_revision() -> str:
+    """The repository's HEAD commit (with ``+dirty`` if tracked files under fedbpt_jax/ differ)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedbpt_jax"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     import jax
 
     return {
+        "git": git_revision(),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),

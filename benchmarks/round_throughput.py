@@ -96,21 +96,10 @@ def _cheap_scorer(num_labels: int):
 
 
 def _make_algo(cfg, lm, scorer=None):
-    """``fedbpt(cfg, lm)``; with ``scorer``, the factory's internal scorer is swapped for it.
-
-    The library's factories build their scorer internally (``algorithms._scorer``); there is no
-    argument to pass another one, so the benchmark patches that module attribute while building.
-    """
+    """``fedbpt(cfg, lm)``, with another black-box scorer when given (the ES-share measurement)."""
     from fedbpt_jax.federated import algorithms
 
-    if scorer is None:
-        return algorithms.fedbpt(cfg, lm)
-    original = algorithms._scorer
-    algorithms._scorer = lambda config, lm_: scorer
-    try:
-        return algorithms.fedbpt(cfg, lm)
-    finally:
-        algorithms._scorer = original
+    return algorithms.fedbpt(cfg, lm, scorer=scorer)
 
 
 class _RefStyle:
@@ -262,8 +251,8 @@ def run_config(model_name: str, K: int, args, lm=None) -> dict:
                 "population": cfg.population_size, "generations": cfg.local_generations, "chunk_clients": chunk,
                 "model_bytes": common.tree_bytes(lm.params), "projection_bytes": common.tree_bytes(A),
                 "num_params": lm.num_params()})
-    peak = common.Peak()
-    for _ in range(2):
+    peak = common.Peak(repeats=args.peak_repeats)
+    for _ in range(args.peak_samples):
         peak.measure()
     cfgm = lm.config
     passes = cfg.local_generations * cfg.population_size + 1  # fitness evaluations per client per round
@@ -317,7 +306,7 @@ def run_config(model_name: str, K: int, args, lm=None) -> dict:
         return times, first, metrics, util
 
     t_start = time.perf_counter()
-    (times, first, metrics, util), pb, pa = peak.bracket(run_rounds, samples=2)
+    (times, first, metrics, util), pb, pa = peak.bracket(run_rounds, samples=args.peak_samples)
     res["peak_rss_run"] = common.peak_rss_bytes()
     res["device_memory_stats"] = common.device_memory_stats()
     t = float(np.min(times))  # best of the timed rounds: the machine is shared (see cpu_util)
@@ -393,7 +382,7 @@ def run_config(model_name: str, K: int, args, lm=None) -> dict:
         print(f"[{model_name} K={K}] reference-style, paper layout 'before' (no cache): {S2} client(s) timed"
               f"{' (extrapolated to K)' if S2 < K else ''}, round {res['ref_before_round_s']:.3f} s; vectorized "
               f"('after' + cache) speedup {res['speedup_vs_ref_before']:.1f}x", flush=True)
-    for _ in range(2):
+    for _ in range(args.peak_samples):
         peak.measure()
     res["peak_gflops_history"] = peak.history
     res["peak_best_worker"] = peak.best
@@ -408,7 +397,8 @@ def _worker_cmd(model: str, K: int, args, out: str) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, str(K), out]
     for name in ("examples", "text_len", "n_prompt", "intrinsic_dim", "population", "generations", "chunk",
                  "rounds", "rounds_tiny_large", "rounds_smollm2", "warmup", "ref_clients", "ref_clients_smollm2",
-                 "check_clients", "ref_before_clients", "ref_before_clients_smollm2", "es_ks"):
+                 "check_clients", "ref_before_clients", "ref_before_clients_smollm2", "es_ks", "peak_samples",
+                 "peak_repeats"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.no_warmup_smollm2:
         cmd.append("--no-warmup-smollm2")
@@ -491,6 +481,8 @@ def main(argv=None):
     ap.add_argument("--ref-before-clients-smollm2", type=int, default=0,
                     help="the same for SmolLM2 (default 0: ~5x the cached cost per client)")
     ap.add_argument("--check-clients", type=int, default=2)
+    ap.add_argument("--peak-samples", type=int, default=2, help="matmul-peak measurements at each point")
+    ap.add_argument("--peak-repeats", type=int, default=4, help="timed matmuls per peak measurement")
     ap.add_argument("--es-ks", default="all", help="comma list of K whose ES share is measured (default: all)")
     ap.add_argument("--no-subprocess", action="store_true", help="run every configuration in this process")
     ap.add_argument("--json", default=None)
@@ -512,14 +504,14 @@ def main(argv=None):
         # Time box (< 60 s on a 2-core CPU): compilation dominates, so the ES-only round is compiled and
         # timed for K = 1 only, and the paper-layout reference run is left out.
         args.rounds, args.check_clients, args.ref_clients, args.ref_before_clients = 2, 1, 2, 0
-        args.es_ks = "1"
+        args.es_ks, args.peak_samples, args.peak_repeats = "1", 1, 2
     info = common.machine_info()
     print(f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
           f"cma {info['versions']['cma']}, load average {info['loadavg_start']}", flush=True)
     import jax  # noqa: F401  (the parent measures the peak too; it is idle while a worker runs)
 
-    peak = common.Peak()
-    for _ in range(3):
+    peak = common.Peak(repeats=args.peak_repeats)
+    for _ in range(args.peak_samples + 1):
         peak.measure()
     results = []
     for model in models:
@@ -551,7 +543,7 @@ def main(argv=None):
             res["subprocess"] = not args.no_subprocess
             results.append(res)
 
-    for _ in range(3):
+    for _ in range(args.peak_samples + 1):
         peak.measure()
     best = max([peak.best] + [r.get("peak_best_worker", 0) for r in results])
     ok_rows = [r for r in results if "round_s" in r]
