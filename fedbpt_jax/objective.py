@@ -131,14 +131,17 @@ class Scorer(NamedTuple):
     Attributes:
       prepare, logits: the functions.
       layout: where the prompt goes (encoder: "add"/"cat"; decoder: "before"/"after").
-      tokens_per_candidate: callable ``(batch) -> int`` of tokens one candidate costs per example (for
-        FLOP and token accounting).
+      flops_per_example: callable ``(seq_len, cue_len) -> float``, forward FLOPs one candidate costs
+        per example (for FLOP accounting).
+      caches_prefix: ``prepare`` does real, prompt-independent work (the decoder's prefix cache), so
+        its result is worth keeping across calls (e.g. for a fixed test set).
     """
 
     prepare: Callable[[Any, TokenBatch], Any]
     logits: Callable[[Any, Any, ScoringSpec, jax.Array | None], jax.Array]
     layout: str
     flops_per_example: Callable[..., float]
+    caches_prefix: bool = False
 
 
 ENCODER_LAYOUTS = ("add", "cat")
@@ -194,6 +197,7 @@ def make_scorer(lm, layout: str | None = None, *, use_cache: bool = True, n_prom
         def flops(batch_seq_len: int, cue_len: int = 0) -> float:
             return decoder.flops_per_example(cfg, n_prompt_tokens + cue_len, batch_seq_len + n_prompt_tokens + cue_len)
 
+        return Scorer(prepare, logits, layout, flops, caches_prefix=True)
     else:
 
         def prepare(params, batch):
@@ -311,6 +315,17 @@ def evaluate_logits(scorer: Scorer, params, chunks: TokenBatch, spec: ScoringSpe
         return scorer.logits(params, scorer.prepare(params, chunk), spec, prompt)
 
     return jax.lax.map(one, chunks)
+
+
+def prepare_chunks(scorer: Scorer, params, chunks: TokenBatch) -> Any:
+    """``scorer.prepare`` of every chunk ``[chunks, size, T]`` (``lax.map``): e.g. a fixed test set's prefix
+    cache, computed once and reused by every later evaluation (:func:`evaluate_prepared`)."""
+    return jax.lax.map(lambda c: scorer.prepare(params, c), chunks)
+
+
+def evaluate_prepared(scorer: Scorer, params, ctx, spec: ScoringSpec, prompt) -> jax.Array:
+    """Label logits ``[chunks, size, C]`` of one prompt on chunks already prepared by :func:`prepare_chunks`."""
+    return jax.lax.map(lambda c: scorer.logits(params, c, spec, prompt), ctx)
 
 
 def classification_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:

@@ -108,10 +108,30 @@ def round_key(key: jax.Array, r: int | jax.Array) -> jax.Array:
     return jax.random.fold_in(key_rounds, r)
 
 
-def _eval(algo: FederatedAlgorithm, state, model: ModelInputs, test: TokenBatch, spec, scorer):
+@flax.struct.dataclass
+class EvalSet:
+    """The test set as a segment sees it: chunks ``[C, S, T]`` (``ctx`` is the raw chunks, or their
+    prefix caches when ``prepared``: computed once per run, not once per evaluation)."""
+
+    ctx: Any
+    labels: jax.Array
+    example_mask: jax.Array
+    prepared: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def _eval(algo: FederatedAlgorithm, state, model: ModelInputs, test: EvalSet, spec, scorer):
     p = algo.global_prompt(state, model)
-    logits = objective.evaluate_logits(scorer, model.params, test, spec, p)
+    if test.prepared:
+        logits = objective.evaluate_prepared(scorer, model.params, test.ctx, spec, p)
+    else:
+        logits = objective.evaluate_logits(scorer, model.params, test.ctx, spec, p)
     return objective.classification_metrics(logits, test.labels, test.example_mask), p
+
+
+def _eval_cache_bytes(scorer, lm, chunks: TokenBatch) -> int:
+    shapes = jax.eval_shape(lambda c: objective.prepare_chunks(scorer, lm.params, c),
+                            jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), chunks))
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
 
 
 def _keep_best(carry: RunCarry, ev, p, at_round, n_prompt: int, hidden: int) -> RunCarry:
@@ -132,7 +152,7 @@ def make_segment(algo: FederatedAlgorithm, scorer, eval_every: int, n_prompt: in
     rounds' key (``jax.random.key_data``), so it can be a global array on a multi-host mesh.
     """
 
-    def segment(key_data, carry: RunCarry, data: FederatedData, hp: HParams, model: ModelInputs, test: TokenBatch):
+    def segment(key_data, carry: RunCarry, data: FederatedData, hp: HParams, model: ModelInputs, test: EvalSet):
         TRACE_COUNTS[algo.name] += 1  # Python side effect: runs only while tracing
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
 
@@ -153,7 +173,7 @@ def make_segment(algo: FederatedAlgorithm, scorer, eval_every: int, n_prompt: in
 def make_initial_eval(algo: FederatedAlgorithm, scorer, n_prompt: int, hidden: int):
     """The jittable evaluation of the initial state: ``(carry, data, model, test) -> (carry, eval)``."""
 
-    def initial(carry: RunCarry, data: FederatedData, model: ModelInputs, test: TokenBatch):
+    def initial(carry: RunCarry, data: FederatedData, model: ModelInputs, test: EvalSet):
         TRACE_COUNTS[algo.name + "/eval"] += 1
         ev, p = _eval(algo, carry.state, model, test, data.spec, scorer)
         return _keep_best(carry, ev, p, carry.rounds_done, n_prompt, hidden), ev
@@ -188,6 +208,11 @@ def _jitted(algo: FederatedAlgorithm, kind: str, model_config, eval_every: int, 
     segment = jax.jit(make_segment(algo, scorer, eval_every, cfg.n_prompt_tokens, hidden, key_impl), out_shardings=out)
     initial = jax.jit(make_initial_eval(algo, scorer, cfg.n_prompt_tokens, hidden), out_shardings=out)
     return segment, initial
+
+
+@functools.lru_cache(maxsize=16)
+def _prepare_eval(scorer):
+    return jax.jit(functools.partial(objective.prepare_chunks, scorer))
 
 
 def _mesh_context(mesh):
@@ -229,11 +254,11 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
             "flops_per_client": flops}
 
 
-def _eval_flops(lm, algo, chunks: TokenBatch, cue: int) -> float:
+def _eval_flops(lm, algo, chunks: TokenBatch, cue: int, prefix_cached: bool = False) -> float:
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     c, b, t = np.shape(chunks.input_ids)
     fwd, prefix = _flops_per_example(lm, scorer, t, cue, algo.config.n_prompt_tokens)
-    return c * b * (fwd + prefix)
+    return c * b * (fwd + (0.0 if prefix_cached else prefix))
 
 
 def _describe(algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, data: FederatedData, lm,
@@ -312,6 +337,8 @@ def run(
     progress: bool = True,
     stop_after: int | None = None,
     mesh=None,
+    cache_eval_prefix: bool | None = None,
+    eval_cache_budget: int = 2 << 30,
 ) -> tuple[RunCarry, History]:
     """Runs ``num_rounds`` rounds of ``algo`` and evaluates the global prompt every ``eval_every`` rounds.
 
@@ -340,6 +367,9 @@ def run(
       stop_after: stop (as if killed) after this many rounds (a multiple of ``eval_every``); for resume
         tests and time-boxed runs.
       mesh: shard the client axis over this mesh's devices (default: ``algo.mesh``; None: one device).
+      cache_eval_prefix: keep the test set's prefix cache (decoder, layout "after") for the whole run,
+        so an evaluation costs only the prompt and cue tokens per example. ``None`` (default): on
+        when the cache fits ``eval_cache_budget`` bytes.
 
     Returns:
       ``(carry, history)``: the final carry (state, best accuracy, best round, best prompt) and the
@@ -377,7 +407,6 @@ def run(
     segment, initial = _jitted(algo, lm.kind, lm.config, eval_every, lm.hidden_size, impl, mesh)
     chunks = objective.chunk_examples(test, eval_chunk)
     cost = round_cost(algo, lm, data)
-    eval_flops = _eval_flops(lm, algo, chunks, int(np.shape(data.spec.cue_ids)[0]))
 
     carry = RunCarry(
         state=algo.init(key_init, hp),
@@ -392,6 +421,17 @@ def run(
         model, hp, chunks, carry, key_data = to_global((model, hp, chunks, carry, key_data), mesh)
     else:
         chunks = jax.tree_util.tree_map(jnp.asarray, chunks)
+    scorer = _algo_scorer(algo, lm.kind, lm.config)
+    if cache_eval_prefix is None:
+        cache_eval_prefix = scorer.caches_prefix and _eval_cache_bytes(scorer, lm, chunks) <= eval_cache_budget
+    cache_eval_prefix = bool(cache_eval_prefix and scorer.caches_prefix)
+    if cache_eval_prefix:
+        with _mesh_context(mesh):
+            ctx = _prepare_eval(scorer)(model.params, chunks)
+        evalset = EvalSet(ctx, chunks.labels, chunks.example_mask, prepared=True)
+    else:
+        evalset = EvalSet(chunks, chunks.labels, chunks.example_mask)
+    eval_flops = _eval_flops(lm, algo, chunks, int(np.shape(data.spec.cue_ids)[0]), cache_eval_prefix)
 
     history = History()
     ckpt = None
@@ -408,7 +448,7 @@ def run(
             history = History(rounds=_decode(meta["rounds"]), evals=_decode(meta["evals"]))
     if not history.evals:
         with _mesh_context(mesh):
-            carry, ev = initial(carry, data, model, chunks)
+            carry, ev = initial(carry, data, model, evalset)
         history.evals.append({"round": 0, **{k: float(v) for k, v in host(ev).items()}, "eval_flops": eval_flops})
 
     comm = algo.comm
@@ -418,7 +458,7 @@ def run(
         while done < last:
             t0 = time.perf_counter()
             with _mesh_context(mesh):
-                carry, metrics, ev = segment(key_data, carry, data, hp, model, chunks)
+                carry, metrics, ev = segment(key_data, carry, data, hp, model, evalset)
             metrics, ev = host((metrics, ev))
             dt = time.perf_counter() - t0
             done += eval_every
