@@ -1,1 +1,44 @@
+"""fedbpt-jax: a JAX-vectorized simulator of FedBPT (federated black-box prompt tuning).
 
+Public API (submodules and names are imported lazily, so ``jax.distributed.initialize`` can run first)::
+
+    import jax, fedbpt_jax as fb
+    lm = fb.models.load("smollm2-135m-instruct")
+    fed = fb.data.federated("sst2", lm.tokenizer, lm.kind, num_clients=10, shots_per_class=16, alpha=1.0)
+    cfg = fb.FedConfig(num_clients=10, clients_per_round=10, n_prompt_tokens=5)
+    algo = fb.fedbpt(cfg, lm)
+    model = fb.ModelInputs.build(jax.random.key(0), lm, cfg)
+    carry, history = fb.run(algo, jax.random.key(1), fb.FederatedData.from_host(fed), fed.test, lm, model,
+                            num_rounds=10)
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("assets", "bbt", "checkpoint", "accounting", "data", "federated", "models", "objective", "prompt",
+               "strategy", "tasks", "testing", "types")
+_FEDERATED = ("FedConfig", "HParams", "FederatedAlgorithm", "FederatedData", "ModelInputs", "run", "make", "fedbpt",
+              "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh", "init_distributed",
+              "History", "RunCarry")
+_OTHER = {"TokenBatch": "types", "ScoringSpec": "types", "BBTConfig": "bbt"}
+
+__all__ = [*_SUBMODULES, *_FEDERATED, *_OTHER, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    elif name in _FEDERATED:
+        value = getattr(importlib.import_module(".federated", __name__), name)
+    elif name in _OTHER:
+        value = getattr(importlib.import_module(f".{_OTHER[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -50,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     sim = sub.add_parser("simulate", help="run a federated simulation (the default command)")
-    _common(sim, shots=16, n_prompt=5, d=500, test_size=500)
+    _common(sim, shots=16, n_prompt=5, d=500, test_size=300)
     sim.add_argument("--algorithm", default="fedbpt",
                      choices=("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt"))
     sim.add_argument("--clients", type=int, default=10, help="N clients (default: %(default)s)")
     sim.add_argument("--per-round", type=int, default=None, help="K clients sampled per round (default: N)")
     sim.add_argument("--alpha", type=float, default=1.0,
                      help="Dirichlet label-skew concentration; 0 means IID (default: %(default)s, the paper's)")
-    sim.add_argument("--rounds", type=int, default=6)
+    sim.add_argument("--rounds", type=int, default=5)
     sim.add_argument("--population", type=int, default=5, help="local CMA-ES population λ (default: %(default)s)")
     sim.add_argument("--local-generations", type=int, default=8, help="I (default: %(default)s)")
     sim.add_argument("--perturb-rate", type=float, default=0.5, help="r_p (default: %(default)s, reference)")
@@ -134,9 +134,8 @@ def cmd_bbt(args) -> int:
 
 def cmd_simulate(args) -> int:
     import jax
-    import jax.numpy as jnp
 
-    from . import federated as fl, prompt
+    from . import federated as fl
     from .federated.core import FederatedData, ModelInputs
 
     lm = _load(args)
@@ -149,13 +148,9 @@ def cmd_simulate(args) -> int:
                        fitness_form=args.fitness_form, server_variant=args.server, client_keys=args.client_keys,
                        layout=args.layout, chunk_clients=args.chunk_clients)
     hp = fl.HParams(sigma0=args.sigma0, perturb_rate=args.perturb_rate, dropout_rate=args.dropout)
-    key = jax.random.key(args.seed)
-    key_proj, key_run = jax.random.split(key)
-    projection = prompt.make_projection(key_proj, lm.input_embeddings(), intrinsic_dim=args.d,
-                                        n_prompt_tokens=args.n_prompt, kind=cfg.projection, alpha=cfg.alpha)
-    model = ModelInputs(params=lm.params, projection=projection)
-    data = FederatedData(train=jax.tree_util.tree_map(jnp.asarray, fed.train),
-                         counts=jnp.asarray(fed.train_counts, jnp.int32), spec=fed.spec)
+    key_proj, key_run = jax.random.split(jax.random.key(args.seed))
+    model = ModelInputs.build(key_proj, lm, cfg)
+    data = FederatedData.from_host(fed)
     algo = fl.make(args.algorithm, cfg, lm)
     c = algo.comm
     print(f"{algo.name}: N={args.clients} K={k} λ={args.population} I={args.local_generations} d={args.d} "

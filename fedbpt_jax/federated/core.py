@@ -35,6 +35,12 @@ class FederatedData:
     def num_clients(self) -> int:
         return self.counts.shape[0]
 
+    @classmethod
+    def from_host(cls, fed) -> "FederatedData":
+        """From :func:`fedbpt_jax.data.federated`'s host-side result (numpy arrays) to device arrays."""
+        return cls(train=jax.tree_util.tree_map(jnp.asarray, fed.train),
+                   counts=jnp.asarray(fed.train_counts, jnp.int32), spec=fed.spec)
+
 
 @flax.struct.dataclass
 class ModelInputs:
@@ -47,6 +53,17 @@ class ModelInputs:
 
     params: Any
     projection: Any
+
+    @classmethod
+    def build(cls, key: jax.Array, lm, config) -> "ModelInputs":
+        """The backbone's params and a projection A built from ``key`` as BBT builds it (see
+        :func:`fedbpt_jax.prompt.make_projection`), sized by ``config`` (d, n_prompt, kind, α)."""
+        from .. import prompt
+
+        projection = prompt.make_projection(key, lm.input_embeddings(), intrinsic_dim=config.intrinsic_dim,
+                                            n_prompt_tokens=config.n_prompt_tokens, kind=config.projection,
+                                            alpha=config.alpha)
+        return cls(params=lm.params, projection=projection)
 
 
 class FederatedAlgorithm(NamedTuple):
