@@ -209,8 +209,24 @@ def peak_rss_bytes() -> int:
     return hwm
 
 
-def reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux ``/proc/self/clear_refs`` 5); False if not possible."""
+def release_freed_memory() -> None:
+    """``gc.collect()`` and glibc ``malloc_trim(0)``: returns memory that was freed but kept by the
+    allocator to the OS, so that a peak measured next counts memory really held, not retention."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss(release: bool = True) -> bool:
+    """Resets VmHWM to the current RSS (Linux ``/proc/self/clear_refs`` 5; after
+    :func:`release_freed_memory` unless ``release=False``); False if not possible."""
+    if release:
+        release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
