@@ -333,7 +333,7 @@ def run_config(model_name: str, K: int, args, lm=None) -> dict:
     del compiled
 
     # ---- ES share: the same round with a trivial model ------------------------------------------
-    if args.es_ks in ("", "all") or K in [int(k) for k in args.es_ks.split(",")]:
+    if args.es_ks in ("", "all") or (args.es_ks != "none" and K in [int(k) for k in args.es_ks.split(",")]):
         es_algo = _make_algo(cfg, lm, _cheap_scorer(int(data.spec.label_ids.shape[0])))
         es_state = es_algo.init(jax.random.key(0), hp)
         es_compiled, res["es_compile_s"] = common.aot_compile(jax.jit(es_algo.round), key, es_state, data, hp,
@@ -502,7 +502,7 @@ def main(argv=None):
     ap.add_argument("--check-clients", type=int, default=2)
     ap.add_argument("--peak-samples", type=int, default=2, help="matmul-peak measurements at each point")
     ap.add_argument("--peak-repeats", type=int, default=4, help="timed matmuls per peak measurement")
-    ap.add_argument("--es-ks", default="all", help="comma list of K whose ES share is measured (default: all)")
+    ap.add_argument("--es-ks", default="all", help="comma list of K whose ES share is measured, 'all' (default) or 'none'")
     ap.add_argument("--no-subprocess", action="store_true", help="run every configuration in this process")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG path (default benchmarks/results/round_throughput[_quick].png)")
