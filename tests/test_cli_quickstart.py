@@ -63,3 +63,16 @@ def test_readme_quickstart_runs(tiny_lm):
                             num_rounds=2, progress=False)
     assert len(history.rounds) == 2 and np.isfinite(history.rounds[-1]["client_loss"])
     assert int(carry.rounds_done) == 2
+
+
+def test_experiment_script_runs_on_a_tiny_config(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "compare_algorithms.py"
+    spec = importlib.util.spec_from_file_location("compare_algorithms", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--algorithms", "manual,fedbpt", "--splits", "noniid", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["results"]) == {"manual/noniid", "fedbpt/noniid"}
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
