@@ -51,8 +51,10 @@ def test_run_compiles_once_scales_to_10000_clients_and_accounts_flops():
     before = fl.trace_count("fedbpt"), fl.compile_count("fedbpt"), fl.trace_count("fedbpt/eval")
     carry, hist = fs.run_a(0, num_rounds=2)            # 2 segments of E = 1 round
     once = fl.trace_count("fedbpt"), fl.compile_count("fedbpt"), fl.trace_count("fedbpt/eval")
-    fresh = int(before[0] == 0)                          # 1 unless an earlier test already compiled it
-    assert once == (before[0] + fresh, before[1] + fresh, before[2] + fresh)  # once for both segments
+    # At most one trace/compile for both segments (none if an earlier test compiled this configuration;
+    # other tests compile other shapes under the same algorithm name, so compare differences).
+    assert all(0 <= o - b <= 1 for o, b in zip(once, before)), (before, once)
+    assert len({o - b for o, b in zip(once, before)}) == 1
     t0 = time.perf_counter()
     carry2, hist2 = fs.run_a(5, num_rounds=2)          # second call, other key: no retrace, no recompile
     steady = time.perf_counter() - t0
