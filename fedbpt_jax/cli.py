@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dropout", type=float, default=0.0, help="client dropout probability per round")
     sim.add_argument("--sigma0", type=float, default=1.0)
     sim.add_argument("--eval-every", type=int, default=1)
-    sim.add_argument("--chunk-clients", type=int, default=0, help="clients per vmapped chunk (0 = all)")
+    sim.add_argument("--chunk-clients", type=int, default=2,
+                     help="clients per vmapped chunk, bounds peak memory (0 = all K at once; default %(default)s)")
     sim.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints; resumes if present")
     bbt = sub.add_parser("bbt", help="centralized black-box tuning with dev-set selection")
     _common(bbt, shots=16, n_prompt=5, d=500, test_size=500)
