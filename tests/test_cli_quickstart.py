@@ -59,7 +59,12 @@ def test_readme_quickstart_runs(tiny_lm):
                        intrinsic_dim=8, n_prompt_tokens=2)
     algo = fb.fedbpt(cfg, lm)
     model = fb.ModelInputs.build(jax.random.key(0), lm, cfg)
-    carry, history = fb.run(algo, jax.random.key(1), fb.FederatedData.from_host(fed), fed.test, lm, model,
+    hp = fb.HParams(sigma0=1.0, perturb_rate=0.5)
+    data = fb.FederatedData.from_host(fed)
+    state = algo.init(jax.random.key(1), hp)
+    state, metrics = jax.jit(algo.round)(jax.random.key(2), state, data, hp, model)
+    assert int(state.round) == 1 and np.isfinite(float(metrics["client_loss"]))
+    carry, history = fb.run(algo, jax.random.key(1), data, fed.test, lm, model, hp=hp,
                             num_rounds=2, progress=False)
     assert len(history.rounds) == 2 and np.isfinite(history.rounds[-1]["client_loss"])
     assert int(carry.rounds_done) == 2
