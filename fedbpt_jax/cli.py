@@ -160,6 +160,10 @@ def cmd_simulate(args) -> int:
     carry, hist = fl.run(algo, key_run, data, fed.test, lm, model, num_rounds=args.rounds, hp=hp,
                          eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir,
                          results_dir=args.results_dir, progress=not args.no_progress)
+    last = hist.rounds[-1]
+    print(f"per round: {last['forward_calls']} model forward calls over local batches, "
+          f"{last['model_flops'] / 1e12:.2f} TFLOP, {last['active_clients']} active clients, "
+          f"{last['bytes_up_per_client']} B up per client; steady round time {last['seconds']:.1f}s")
     z0 = hist.evals[0]["accuracy"]
     final = hist.evals[-1]["accuracy"]
     print(f"test accuracy  z=0: {z0:.4f}   final (round {hist.evals[-1]['round']}): {final:.4f}   "

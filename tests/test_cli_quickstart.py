@@ -25,6 +25,7 @@ def test_cli_simulate_end_to_end(tiny_lm, monkeypatch, tmp_path, capsys):
                    "--test-size", "24", "--no-progress", "--results-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
+    assert re.search(r"per round: \d+ model forward calls over local batches, [0-9.]+ TFLOP", out), out
     m = re.search(r"z=0: ([0-9.]+)\s+final \(round 2\): ([0-9.]+)\s+best: ([0-9.]+)", out)
     assert m, out
     z0, final, best = map(float, m.groups())
