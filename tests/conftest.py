@@ -19,3 +19,22 @@ def pytest_sessionstart(session):
                 assets.fetch(name)
             except RuntimeError as err:  # no registry: dependent tests skip
                 print(f"[conftest] could not fetch {name}: {str(err).splitlines()[0]}")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def enc_tok():
+    """A RoBERTa-like byte-level BPE tokenizer trained offline on the shared data (tests/tokenizers_util.py)."""
+    import tokenizers_util as tu
+
+    return tu.roberta_like_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def dec_tok():
+    """A ChatML-style byte-level BPE tokenizer trained offline on the shared data."""
+    import tokenizers_util as tu
+
+    return tu.chatml_tokenizer()

@@ -16,16 +16,6 @@ needs_data = pytest.mark.skipif(not (DATA / "sst2").is_dir(), reason=f"shared da
 needs_rt = pytest.mark.skipif(not assets.is_cached("rotten-tomatoes-csv"), reason="Rotten Tomatoes asset not cached")
 
 
-@pytest.fixture(scope="module")
-def enc_tok():
-    return tu.roberta_like_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def dec_tok():
-    return tu.chatml_tokenizer()
-
-
 def _ex(task, rows):
     return data.Examples.from_rows(task, rows)
 

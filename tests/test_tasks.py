@@ -12,16 +12,6 @@ from fedbpt_jax import tasks
 HAS_JINJA = importlib.util.find_spec("jinja2") is not None
 
 
-@pytest.fixture(scope="module")
-def enc_tok():
-    return tu.roberta_like_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def dec_tok():
-    return tu.chatml_tokenizer()
-
-
 def test_registry_names_aliases_and_unknown():
     assert set(tasks.TASK_NAMES) == {"sst2", "yelp_polarity", "ag_news", "mr", "dbpedia", "mrpc", "rte", "snli",
                                      "rotten_tomatoes"}
