@@ -242,23 +242,33 @@ def tune(
 
 
 class Evaluator:
-    """Scores one z on a fixed example set (chunked, jitted once)."""
+    """Scores one z on a fixed example set (chunked, jitted once).
 
-    def __init__(self, lm, scorer: Scorer, batch: TokenBatch, spec: ScoringSpec, *, chunk: int = 64):
+    With a caching scorer (decoder, prompt after the text) the examples' prefix cache is computed once
+    here, when it fits ``cache_budget`` bytes, so every later evaluation costs only prompt + cue tokens.
+    """
+
+    def __init__(self, lm, scorer: Scorer, batch: TokenBatch, spec: ScoringSpec, *, chunk: int = 64,
+                 cache_budget: int = 2 << 30):
         self.lm, self.scorer = lm, scorer
-        self.chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, chunk))
+        chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, chunk))
+        self.labels, self.example_mask = chunks.labels, chunks.example_mask
         self.spec = spec
+        self.prepared = scorer.caches_prefix and objective.prepared_bytes(scorer, lm.params, chunks) <= cache_budget
+        self.ctx = (jax.jit(functools.partial(objective.prepare_chunks, scorer))(lm.params, chunks)
+                    if self.prepared else chunks)
         hidden = lm.hidden_size
+        score = objective.evaluate_prepared if self.prepared else objective.evaluate_logits
 
-        def metrics(params, chunks, spec, projection, z):
+        def metrics(params, ctx, labels, mask, spec, projection, z):
             p = None if z is None else prompt.to_prompt(projection, z, hidden)
-            logits = objective.evaluate_logits(scorer, params, chunks, spec, p)
-            return objective.classification_metrics(logits, chunks.labels, chunks.example_mask)
+            logits = score(scorer, params, ctx, spec, p)
+            return objective.classification_metrics(logits, labels, mask)
 
         self._metrics = jax.jit(metrics)
 
     def metrics(self, projection, z) -> dict[str, float]:
-        out = self._metrics(self.lm.params, self.chunks, self.spec, projection, z)
+        out = self._metrics(self.lm.params, self.ctx, self.labels, self.example_mask, self.spec, projection, z)
         return {k: float(v) for k, v in out.items()}
 
     def accuracy(self, projection, z) -> float:

@@ -323,6 +323,15 @@ def prepare_chunks(scorer: Scorer, params, chunks: TokenBatch) -> Any:
     return jax.lax.map(lambda c: scorer.prepare(params, c), chunks)
 
 
+def prepared_bytes(scorer: Scorer, params, chunks: TokenBatch) -> int:
+    """Bytes :func:`prepare_chunks` would hold for ``chunks`` (shape inference only, nothing computed)."""
+    import numpy as np
+
+    spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), chunks)
+    shapes = jax.eval_shape(lambda c: prepare_chunks(scorer, params, c), spec)
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
+
+
 def evaluate_prepared(scorer: Scorer, params, ctx, spec: ScoringSpec, prompt) -> jax.Array:
     """Label logits ``[chunks, size, C]`` of one prompt on chunks already prepared by :func:`prepare_chunks`."""
     return jax.lax.map(lambda c: scorer.logits(params, c, spec, prompt), ctx)

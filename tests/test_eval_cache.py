@@ -24,3 +24,20 @@ def test_cached_eval_prefix_equals_recomputed():
     cached, plain = ([(e["accuracy"], e["loss"]) for e in h.evals] for h in runs)
     np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-6)
     assert runs[0].evals[0]["eval_flops"] < runs[1].evals[0]["eval_flops"]
+
+
+def test_bbt_evaluator_prepared_once_equals_recomputed():
+    from fedbpt_jax import bbt, objective
+
+    lm = testing.tiny_decoder(0, num_layers=1)
+    batch = testing.random_batch(2, 13, 10, 256)
+    spec = testing.random_spec(256)
+    scorer = objective.make_scorer(lm, "after", n_prompt_tokens=2)
+    cached = bbt.Evaluator(lm, scorer, batch, spec, chunk=4)
+    plain = bbt.Evaluator(lm, scorer, batch, spec, chunk=4, cache_budget=0)
+    assert cached.prepared and not plain.prepared
+    A = prompt.make_projection(jax.random.key(1), lm.input_embeddings(), intrinsic_dim=8, n_prompt_tokens=2)
+    for z in (jnp.zeros(8), jax.random.normal(jax.random.key(3), (8,))):
+        a, b = cached.metrics(A, z), plain.metrics(A, z)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -128,12 +128,6 @@ def _eval(algo: FederatedAlgorithm, state, model: ModelInputs, test: EvalSet, sp
     return objective.classification_metrics(logits, test.labels, test.example_mask), p
 
 
-def _eval_cache_bytes(scorer, lm, chunks: TokenBatch) -> int:
-    shapes = jax.eval_shape(lambda c: objective.prepare_chunks(scorer, lm.params, c),
-                            jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), chunks))
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
-
-
 def _keep_best(carry: RunCarry, ev, p, at_round, n_prompt: int, hidden: int) -> RunCarry:
     p = jnp.zeros((n_prompt, hidden), jnp.float32) if p is None else p.astype(jnp.float32)
     better = ev["accuracy"] > carry.best_accuracy
@@ -423,7 +417,7 @@ def run(
         chunks = jax.tree_util.tree_map(jnp.asarray, chunks)
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     if cache_eval_prefix is None:
-        cache_eval_prefix = scorer.caches_prefix and _eval_cache_bytes(scorer, lm, chunks) <= eval_cache_budget
+        cache_eval_prefix = scorer.caches_prefix and objective.prepared_bytes(scorer, lm.params, chunks) <= eval_cache_budget
     cache_eval_prefix = bool(cache_eval_prefix and scorer.caches_prefix)
     if cache_eval_prefix:
         with _mesh_context(mesh):
