@@ -125,6 +125,7 @@ __all__ = [
     "ServerCMAState",
     "ask",
     "client_init",
+    "eigen_refresh_due",
     "fedavg_aggregate",
     "local_params",
     "local_strategy",
@@ -307,11 +308,13 @@ class _Update(NamedTuple):
     hsig: jax.Array
 
 
-def _cma_update(mean, sigma, p_sigma, p_c, C, B, D, iteration, x, w, c: _Consts) -> _Update:
+def _cma_update(mean, sigma, p_sigma, p_c, C, B, D, iteration, x, w, c: _Consts, *,
+                update_covariance: bool = True) -> _Update:
     """One CMA-ES tell, as pycma 3.4.0 does it (c_mean = 1, sigma_vec = 1).
 
     ``x`` [n, d] are the (repaired) solutions, ``w`` [n] their recombination weights in row order
     (positive for the mean, negative ones only in C); ``iteration`` counts tells including this one.
+    ``update_covariance=False`` (static) returns C unchanged (for callers that never read it again).
     """
     dt = mean.dtype
     d = mean.shape[-1]
@@ -326,10 +329,11 @@ def _cma_update(mean, sigma, p_sigma, p_c, C, B, D, iteration, x, w, c: _Consts)
     c1a = c.c1 * (1 - (1 - h) * c.cc * (2 - c.cc))                     # variance lost to hsig = 0
     p_c = (1 - c.cc) * p_c + h * jnp.sqrt(c.cc * (2 - c.cc) * c.mueff) / sigma * dm
     # Rank-one + rank-μ (active): decay with the unscaled weights, then rescale negative ones.
-    wc = c.cmu * w
-    decay = 1 - c1a - jnp.sum(wc)
-    wc = jnp.where(wc < 0, wc * d / (_mahalanobis(B, D, y) + 1e-9) ** 2, wc)
-    C = decay * C + c.c1 * jnp.outer(p_c, p_c) + (y.T * wc) @ y
+    if update_covariance:
+        wc = c.cmu * w
+        decay = 1 - c1a - jnp.sum(wc)
+        wc = jnp.where(wc < 0, wc * d / (_mahalanobis(B, D, y) + 1e-9) ** 2, wc)
+        C = decay * C + c.c1 * jnp.outer(p_c, p_c) + (y.T * wc) @ y
     log_factor = jnp.clip(c.cs / c.damps * (jnp.linalg.norm(p_sigma) / c.chi_n - 1), -1.0, 1.0)
     return _Update(mean + dm, p_sigma, p_c, C, jnp.exp(log_factor), hsig)
 
@@ -478,11 +482,14 @@ class LocalCMA(CMA_ES):
         server = server_init(d, params.std_init, 2)
         return client_init(server, params).replace(mean=jnp.full((d,), jnp.nan, server.mean.dtype))
 
-    def _ask(self, key, state: LocalCMAState, params: LocalCMAParams):
+    def _ask(self, key, state: LocalCMAState, params: LocalCMAParams, frozen_eigen: bool = False):
         lam, d = self.population_size, self.num_dims
         dt = state.mean.dtype
-        C, B, D, last, _ = _lazy_eigen_step(state.C, state.B, state.D, state.generation_counter,
-                                            state.last_eigen_update, params.eigen_gap)
+        if frozen_eigen:  # the caller guarantees no decomposition is due: B, D stay as they are
+            C, B, D, last = state.C, state.B, state.D, state.last_eigen_update
+        else:
+            C, B, D, last, _ = _lazy_eigen_step(state.C, state.B, state.D, state.generation_counter,
+                                                state.last_eigen_update, params.eigen_gap)
         key_z, key_len = jax.random.split(key)
         z = jax.random.normal(key_z, (lam, d), dt)
         population = state.mean + state.std * ((z * D) @ B.T)             # x = m + σ B D z
@@ -496,11 +503,13 @@ class LocalCMA(CMA_ES):
             in_row0 = state.mirror_valid
             population = population.at[0].set(
                 jnp.where(in_row0, state.mean + factor * direction, population[0]))
-        state = state.replace(C=C, B=B, D=D, last_eigen_update=last, mirror_in_row0=in_row0,
-                              mirror_valid=jnp.zeros((), bool))
+        if not frozen_eigen:
+            state = state.replace(C=C, B=B, D=D, last_eigen_update=last)
+        state = state.replace(mirror_in_row0=in_row0, mirror_valid=jnp.zeros((), bool))
         return population, state
 
-    def _tell(self, key, population, fitness, state: LocalCMAState, params: LocalCMAParams):
+    def _tell(self, key, population, fitness, state: LocalCMAState, params: LocalCMAParams,
+              track_covariance: bool = True):
         dt = state.mean.dtype
         finite = jnp.isfinite(fitness)
         ranks = _ranks(jnp.where(finite, fitness, jnp.inf))
@@ -509,15 +518,23 @@ class LocalCMA(CMA_ES):
         if self.num_mirrors:
             w = w.at[0].set(jnp.where(state.mirror_in_row0 & (w[0] < 0), 0, w[0]))
         upd = _cma_update(state.mean, state.std, state.p_std, state.p_c, state.C, state.B, state.D,
-                          state.generation_counter + 1, population, w, _consts_of(params, dt))
-        new = state.replace(mean=upd.mean, p_std=upd.p_sigma, p_c=upd.p_c, C=upd.C,
-                            std=jnp.clip(state.std * upd.csa_factor, params.std_min, params.std_max))
-        new = _where_tree(jnp.any(finite), new, state)
+                          state.generation_counter + 1, population, w, _consts_of(params, dt),
+                          update_covariance=track_covariance)
+        # Only the leaves the update changes are selected (a `where` over an unchanged, unbatched C/B/D
+        # would broadcast it to every client under vmap).
+        ok = jnp.any(finite)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        changed = dict(mean=keep(upd.mean, state.mean), p_std=keep(upd.p_sigma, state.p_std),
+                       p_c=keep(upd.p_c, state.p_c),
+                       std=keep(jnp.clip(state.std * upd.csa_factor, params.std_min, params.std_max), state.std))
+        if track_covariance:
+            changed["C"] = keep(upd.C, state.C)
+        new = state.replace(**changed)
         if self.num_mirrors:
             worst = jnp.argmax(ranks)
             new = new.replace(
                 mirror_direction=state.mean - population[worst],
-                mirror_valid=~(state.mirror_in_row0 & (worst == 0)) & jnp.any(finite))
+                mirror_valid=~(state.mirror_in_row0 & (worst == 0)) & ok)
         return new
 
 
@@ -561,27 +578,54 @@ def client_init(server_state: "ServerCMAState", params: LocalCMAParams | None = 
     )
 
 
-def ask(key: jax.Array, state: LocalCMAState, params: LocalCMAParams) -> tuple[jax.Array, LocalCMAState]:
+def eigen_refresh_due(population_size: int, num_dims: int, generations: int) -> bool:
+    """Whether a client starting from a fresh decomposition re-decomposes C within ``generations`` asks.
+
+    The lazy rule decomposes at an ask once ``tells since the last decomposition ≥ gap``; the asks of
+    ``generations`` generations see at most ``generations − 1`` tells. False (the FedBPT default: gap
+    ≈ 18.8 at d = 500, λ = 5, against I = 8) means B and D stay the broadcast ones for the whole local
+    run, so :func:`ask`/:func:`tell` may run with ``frozen_eigen=True``.
+    """
+    lam, d = int(population_size), int(num_dims)
+    w, mueff = _pycma_weights(lam, d)
+    c1 = _c1(lam, mueff, d)
+    gap = _lazy_gap(c1, _cmu(c1, mueff, d), d)
+    return generations - 1 >= gap
+
+
+def ask(key: jax.Array, state: LocalCMAState, params: LocalCMAParams, *,
+        frozen_eigen: bool = False) -> tuple[jax.Array, LocalCMAState]:
     """λ candidates ``[λ, d]`` for one client (lazy eigen update first, then mirror + samples).
 
     Record ``sigma_of(state)`` *before* calling this to build the σ history the server needs.
+
+    ``frozen_eigen=True`` (static) skips the lazy-update check and samples with the state's B, D as
+    they are, leaving C, B, D untouched. Correct only while no decomposition is due (see
+    :func:`eigen_refresh_due`); then it gives the same numbers, and under ``vmap`` with the clients'
+    B, D coming from one broadcast server state they stay unbatched: every client's sampling and
+    Mahalanobis norms become one matrix product over the client axis instead of K mat-vecs against
+    K copies of B.
     """
-    return _strategy_for(state, params)._ask(key, state, params)
+    return _strategy_for(state, params)._ask(key, state, params, frozen_eigen)
 
 
 def tell(population: jax.Array, fitness: jax.Array, state: LocalCMAState,
-         params: LocalCMAParams) -> LocalCMAState:
+         params: LocalCMAParams, *, track_covariance: bool = True) -> LocalCMAState:
     """Updates one client's state with the fitness ``[λ]`` of ``population`` ``[λ, d]`` (minimised).
 
     NaN/±inf fitness ranks worst and never gets a positive weight; if all are non-finite, mean, σ,
     paths and C stay as they were.
+
+    ``track_covariance=False`` (static) leaves C as it was: for a client whose C is never read again
+    (a FedBPT client uploads only its mean, fitness and σ history, and with ``frozen_eigen`` never
+    decomposes C), the O(λ d²) rank-μ update per generation is dead work.
     """
     strategy = _strategy_for(state, params)
     best_solution, best_fitness = update_best_solution_and_fitness(
         population, jnp.where(jnp.isfinite(fitness), fitness, jnp.nan), state.best_solution,
         state.best_fitness)
     state = state.replace(best_solution=best_solution, best_fitness=best_fitness.astype(state.best_fitness.dtype))
-    state = strategy._tell(None, population, fitness, state, params)
+    state = strategy._tell(None, population, fitness, state, params, track_covariance)
     return state.replace(generation_counter=state.generation_counter + 1)
 
 

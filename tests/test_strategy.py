@@ -372,6 +372,47 @@ def test_vmap_over_clients_equals_loop():
             np.testing.assert_allclose(getattr(batched, name)[i], getattr(single[i], name), rtol=1e-5, atol=1e-6)
 
 
+def test_frozen_eigen_shared_B_equals_general_path():
+    """FedBPT's fast client path (broadcast B, D shared by all clients, no covariance update) gives the
+    same candidates, means, σ and paths as the general lazy-eigen path while no decomposition is due,
+    also when a client sees non-finite fitness; and it never copies B per client."""
+    d, lam, gens = 12, 5, 4
+    gap = float(st.local_params(lam, 500).eigen_gap)  # the paper's setting: gap ≈ 18.8 > I = 8
+    assert 18 < gap < 19
+    assert not st.eigen_refresh_due(lam, 500, 8) and not st.eigen_refresh_due(lam, 500, 19)
+    assert st.eigen_refresh_due(lam, 500, 20)
+    server, params = _local_setup(d=d, lam=lam)
+    params = params.replace(eigen_gap=jnp.asarray(100.0, params.eigen_gap.dtype))  # never due in 4 gens
+    targets = jnp.stack([jnp.full((d,), v) for v in (0.5, -1.0, 2.0)])
+    keys = jax.random.split(jax.random.key(4), 3)
+
+    def run(frozen):
+        def client(key, target, poison):
+            s = st.client_init(server, params)
+
+            def gen(s, g):
+                z, s = st.ask(jax.random.fold_in(key, g), s, params, frozen_eigen=frozen)
+                fit = jnp.sum((z - target) ** 2, -1)
+                fit = jnp.where(poison & (g == 1), jnp.nan, fit)
+                return st.tell(z, fit, s, params, track_covariance=not frozen), z
+
+            return jax.lax.scan(gen, s, jnp.arange(gens))
+
+        return jax.jit(jax.vmap(client))(keys, targets, jnp.array([False, True, False]))
+
+    (fast, zf), (slow, zs) = run(True), run(False)
+    np.testing.assert_allclose(zf, zs, rtol=1e-6, atol=1e-6)
+    for name in ("mean", "std", "p_std", "p_c", "mirror_direction", "best_fitness"):
+        np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(fast.C[0], server.C)  # left alone, C is never read by a FedBPT client
+    assert not np.allclose(slow.C[0], server.C)
+    # No [K, d, d] operand in the fast path's sampling: B enters every dot_general unbatched.
+    jaxpr = jax.make_jaxpr(jax.vmap(lambda k, s: st.ask(k, s, params, frozen_eigen=True), in_axes=(0, None)))(
+        keys, st.client_init(server, params))
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and all(len(v.aval.shape) <= 2 or v.aval.shape[-2:] != (d, d) for e in dots for v in e.invars)
+
+
 def _eigh_enclosures(jaxpr, chain=()):
     """Chains of enclosing primitives (with the cond predicate shapes) of every eigh equation."""
     found = []

@@ -51,7 +51,9 @@ LAYOUTS = ("before", "after")
 
 # A finite "minus infinity": rows whose keys are all masked (left-pad queries) give a uniform softmax
 # instead of NaN, and NaN can then never leak into valid rows through 0 * NaN.
-_MASK_VALUE = float(np.finfo(np.float32).min)
+# Additive attention-mask bias: finite, and so large that score + bias rounds to the bias itself for
+# any score below ~1e22 (a fully masked row still gets a uniform softmax, never NaN).
+_MASK_BIAS = -1e30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,31 +223,51 @@ class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, positions, key_valid, past_k, past_v):
+    def __call__(self, x, positions, key_valid, past_k, past_v, last_only: bool = False):
+        """``last_only``: keys/values for every new position, queries (and the output) for the last only."""
         c = self.config
         b, s, _ = x.shape
+        sq = 1 if last_only else s
         dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
-        q = dense(c.num_heads * c.head_dim, "q_proj")(x).reshape(b, s, c.num_heads, c.head_dim)
+        q = dense(c.num_heads * c.head_dim, "q_proj")(x[:, s - sq:]).reshape(b, sq, c.num_heads, c.head_dim)
         k = dense(c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         v = dense(c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
-        q = apply_rope(q, positions, c.rope_theta, c.rope_interleaved)
+        q = apply_rope(q, positions[:, s - sq:], c.rope_theta, c.rope_interleaved)
         k = apply_rope(k, positions, c.rope_theta, c.rope_interleaved)
 
         tp = past_k.shape[1]
         valid = key_valid.astype(bool)
+        nkv, g, hd = c.num_kv_heads, c.num_groups, c.head_dim
         # Query head h uses key/value head h // groups (HF's repeat_kv order), without repeating K/V.
-        qg = q.reshape(b, s, c.num_kv_heads, c.num_groups, c.head_dim) / math.sqrt(c.head_dim)
-        # Past and new keys are scored separately and never concatenated: under a vmap over candidate
-        # prompts the shared (unbatched) past K/V is then never broadcast to the population.
-        s_past = jnp.einsum("bskgd,btkd->bkgst", qg, past_k)  # [B, Nkv, G, S, Tp]
-        s_new = jnp.einsum("bskgd,btkd->bkgst", qg, k)  # [B, Nkv, G, S, S]
-        s_past = jnp.where(valid[:, None, None, None, :tp], s_past, _MASK_VALUE)
-        causal = jnp.tril(jnp.ones((s, s), bool))
-        s_new = jnp.where(causal & valid[:, None, None, None, tp:], s_new, _MASK_VALUE)
-        probs = jax.nn.softmax(jnp.concatenate([s_past, s_new], axis=-1), axis=-1)
-        out = (jnp.einsum("bkgst,btkd->bskgd", probs[..., :tp], past_v)
-               + jnp.einsum("bkgst,btkd->bskgd", probs[..., tp:], v))
-        out = out.reshape(b, s, c.num_heads * c.head_dim)
+        # Heads-major layout [B, Nkv, G·Sq, D] for queries and [B, Nkv, T, D] for keys/values: every
+        # product below is then a batched GEMM in the order XLA's dot emits (no transposed copies of
+        # the score tensors).
+        qh = jnp.transpose(q.reshape(b, sq, nkv, g, hd), (0, 2, 3, 1, 4)).reshape(b, nkv, g * sq, hd)
+        qh = qh / math.sqrt(hd)
+        heads = lambda t: jnp.transpose(t, (0, 2, 1, 3))  # noqa: E731  [B, T, Nkv, D] -> [B, Nkv, T, D]
+        # Past and new keys are scored as two blocks that share one softmax (common max and
+        # denominator) and are never concatenated: under a vmap over candidate prompts the shared
+        # (unbatched) past K/V is never broadcast to the population, and no concatenated score tensor,
+        # masked copy or slice of the probabilities is materialised. Masks are additive biases.
+        causal = jnp.arange(s)[None, :] <= jnp.arange(s - sq, s)[:, None]  # query i is new position s - sq + i
+        causal = jnp.tile(causal, (g, 1))  # rows: (group, query)
+        bias_new = jnp.where(causal[None] & valid[:, None, tp:], 0.0, _MASK_BIAS)[:, None]  # [B, 1, G·Sq, S]
+        s_new = jnp.einsum("bkqd,bktd->bkqt", qh, heads(k)) + bias_new  # [B, Nkv, G·Sq, S]
+        m = jnp.max(s_new, axis=-1, keepdims=True)
+        if tp:
+            bias_past = jnp.where(valid[:, None, None, :tp], 0.0, _MASK_BIAS)  # [B, 1, 1, Tp]
+            s_past = jnp.einsum("bkqd,bktd->bkqt", qh, heads(past_k)) + bias_past  # [B, Nkv, G·Sq, Tp]
+            m = jnp.maximum(m, jnp.max(s_past, axis=-1, keepdims=True))
+        m = jax.lax.stop_gradient(m)
+        e_new = jnp.exp(s_new - m)
+        denom = jnp.sum(e_new, axis=-1, keepdims=True)
+        out = jnp.einsum("bkqt,bktd->bkqd", e_new, heads(v))
+        if tp:
+            e_past = jnp.exp(s_past - m)
+            denom = denom + jnp.sum(e_past, axis=-1, keepdims=True)
+            out = out + jnp.einsum("bkqt,bktd->bkqd", e_past, heads(past_v))
+        out = (out / denom).reshape(b, nkv, g, sq, hd)
+        out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, sq, c.num_heads * hd)
         return dense(c.hidden_size, "o_proj")(out), k, v
 
 
@@ -269,12 +291,17 @@ class DecoderLayer(nn.Module):
     collect_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, past_k, past_v, positions, key_valid):
+    def __call__(self, x, past_k, past_v, positions, key_valid, last_only: bool = False):
+        """``last_only``: the block's output is computed for the last position only (the other rows of
+        the returned residual stream are its input, unchanged); keys/values cover every position."""
         c = self.config
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x)
-        attn, k, v = Attention(c, name="self_attn")(h, positions, key_valid, past_k, past_v)
+        attn, k, v = Attention(c, name="self_attn")(h, positions, key_valid, past_k, past_v, last_only)
+        rest, x = (x[:, :-1], x[:, -1:]) if last_only else (None, x)
         x = x + attn
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
+        if last_only:
+            x = jnp.concatenate([rest, x], axis=1)
         return x, ((k, v) if self.collect_kv else None)
 
 
@@ -332,12 +359,32 @@ def init_params(config: DecoderConfig, key: jax.Array) -> dict:
     return dict(init(key))
 
 
-def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=None, collect_kv=False):
+def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=None, collect_kv=False,
+           last_only=False):
+    """The decoder trunk on the stacked parameter tree, as a ``lax.scan`` over layers.
+
+    ``last_only=True``: the caller reads the final hidden state at the last position only (label
+    scoring, the prefix cache's ``last_hidden``, greedy decoding), so the *last* layer computes its
+    keys/values for every position (they are what a cache keeps) but queries, attention output and MLP
+    for the last position alone; the other rows of the returned hidden states are then not the model's
+    (they hold the last layer's input). Earlier layers run in full. The switch is a ``lax.cond`` on the
+    layer index inside the scan, so it stays one compiled layer body (and a cond, not a select, under
+    vmaps over candidates or clients).
+    """
     if past_k is None:
         past_k, past_v = _empty_past(config, embeds.shape[0])
-    return LlamaDecoder(config, collect_kv=collect_kv).apply(
-        {"params": params}, embeds, positions, key_valid, past_k, past_v
-    )
+    layer = DecoderLayer(config, collect_kv)
+    num_layers = config.num_layers
+
+    def body(x, xs):
+        p, pk, pv, i = xs
+        run = lambda last: lambda x: layer.apply({"params": p}, x, pk, pv, positions, key_valid, last)  # noqa: E731
+        if not last_only or num_layers == 1:
+            return run(last_only)(x)
+        return jax.lax.cond(i == num_layers - 1, run(True), run(False), x)
+
+    x, kv = jax.lax.scan(body, embeds, (params["layers"], past_k, past_v, jnp.arange(num_layers)))
+    return RMSNorm(config.rms_norm_eps).apply({"params": params["norm"]}, x), kv
 
 
 def _positions(mask: jax.Array) -> jax.Array:
@@ -409,7 +456,7 @@ def label_logits(
         masks.insert(0, jnp.ones(pre.shape[:2], jnp.int32))
     embeds = jnp.concatenate(parts, axis=1)
     mask = jnp.concatenate(masks, axis=1)
-    hidden, _ = _trunk(config, params, embeds, _positions(mask), mask)
+    hidden, _ = _trunk(config, params, embeds, _positions(mask), mask, last_only=True)
     return _label_rows_logits(config, params, hidden[:, -1], spec)
 
 
@@ -437,7 +484,7 @@ def prefix_cache(config: DecoderConfig, params, batch: TokenBatch) -> PrefixCach
     ids = jnp.asarray(batch.input_ids, jnp.int32)
     mask = jnp.asarray(batch.attention_mask, jnp.int32)
     hidden, (k, v) = _trunk(config, params, word_embeddings(params)[ids], _positions(mask), mask,
-                            collect_kv=True)
+                            collect_kv=True, last_only=True)
     return PrefixCache(k=k, v=v, mask=mask, lengths=jnp.sum(mask, axis=-1), last_hidden=hidden[:, -1])
 
 
@@ -457,7 +504,7 @@ def label_logits_cached(
         return _label_rows_logits(config, params, cache.last_hidden, spec)
     positions = cache.lengths[:, None] + jnp.arange(s)[None, :]
     key_valid = jnp.concatenate([cache.mask, jnp.ones((b, s), jnp.int32)], axis=1)
-    hidden, _ = _trunk(config, params, suffix, positions, key_valid, cache.k, cache.v)
+    hidden, _ = _trunk(config, params, suffix, positions, key_valid, cache.k, cache.v, last_only=True)
     return _label_rows_logits(config, params, hidden[:, -1], spec)
 
 
@@ -473,7 +520,7 @@ def greedy_next_token(config: DecoderConfig, params, input_ids: jax.Array, atten
     """``[B]`` argmax next token after each (left-padded) row."""
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    hidden, _ = _trunk(config, params, word_embeddings(params)[ids], _positions(mask), mask)
+    hidden, _ = _trunk(config, params, word_embeddings(params)[ids], _positions(mask), mask, last_only=True)
     return jnp.argmax(hidden[:, -1] @ output_embedding(config, params).T, axis=-1).astype(jnp.int32)
 
 
