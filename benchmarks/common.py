@@ -305,13 +305,19 @@ def executed_flops_per_example(cfg, num_query_tokens: int, num_keys: int, num_la
     """FLOPs XLA really runs to push ``num_query_tokens`` tokens of one example through the trunk.
 
     The decoder computes every (query, key) score, masked ones included (padding, causal upper
-    triangle), so each query costs ``flops_per_token(cfg, num_keys)`` (weights + full attention row);
-    the head projects the label rows at the last position only. Compare with
-    ``decoder.flops_per_example`` (the *useful* count: causal triangle, same padded length).
+    triangle), so each query costs ``flops_per_token(cfg, num_keys)`` per layer share (weights + full
+    attention row); the last layer runs only its key/value projections for every token and the rest
+    for the last position (``decoder._trunk(last_only=True)``); the head projects the label rows at
+    the last position only. Compare with ``decoder.flops_per_example`` (the *useful* count: causal
+    triangle, same padded length).
     """
     from fedbpt_jax.models import decoder
 
-    return num_query_tokens * decoder.flops_per_token(cfg, num_keys) + 2 * cfg.hidden_size * num_labels
+    q, L = num_query_tokens, cfg.num_layers
+    per_layer_token = decoder.flops_per_token(cfg, num_keys) / L  # weights + one full attention row
+    kv = 2 * decoder.kv_params_per_layer(cfg)
+    last = kv * q + (per_layer_token - kv) if q > 0 else 0.0
+    return (L - 1) * q * per_layer_token + last + 2 * cfg.hidden_size * num_labels
 
 
 def scoring_flops(cfg, *, num_examples: int, text_len: int, n_prompt: int, cue_len: int, cached: bool,

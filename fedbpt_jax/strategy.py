@@ -43,6 +43,12 @@ extended) that reproduces pycma's client step:
 * The client starts from the server's broadcast B, D (it does *not* recompute ``eigh`` as pycma's
   ``_copy_light`` does, unless ``client_init(..., refresh_eigen=True)``): the server's decomposition
   is at most one lazy-update gap old, the staleness pycma itself accepts.
+* **Shared B, D** (``ask(..., frozen_eigen=True)``, ``tell(..., track_covariance=False)``, both static):
+  when :func:`eigen_refresh_due` says no client re-decomposes within its local run (FedBPT's I = 8
+  against a gap of ≈ 18.8), every client samples with the broadcast B, D, which then stay *unbatched*
+  under the client ``vmap``: the K clients' sampling and Mahalanobis norms are one GEMM against one
+  [d, d] matrix instead of K mat-vecs against K copies, and a FedBPT client, which uploads no C, skips
+  the O(λ d²) covariance update. Same numbers as the general path; the FedBPT round picks it itself.
 
 Left out of the client, on purpose: pycma's random stream (numpy's global RNG reseeded identically on
 every client, reference §2.2 — here each client gets its own JAX key), the replacement of NaN fitness

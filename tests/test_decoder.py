@@ -295,9 +295,15 @@ def test_flops_golden_numbers():
     assert dec.flops_per_token(c, num_keys=10) == 2 * 2304 + 4 * 4 * 4 * 10
     assert dec.flops_per_token(c, num_keys=10, num_output_rows=2) == 2 * 2304 + 640 + 2 * 16 * 2
     # 3 queries after 5 cached keys attend 6 + 7 + 8 = 21 keys.
-    assert dec.flops_per_example(c, 3, 8, num_labels=2) == 3 * 2 * 2304 + 64 * 21 + 64
+    assert dec.flops_per_example(c, 3, 8, num_labels=2, last_only=False) == 3 * 2 * 2304 + 64 * 21 + 64
     # uncached, causal over 4 tokens: 1 + 2 + 3 + 4 = 10 keys.
-    assert dec.flops_per_example(c, 4, 4, num_labels=0) == 4 * 2 * 2304 + 64 * 10
+    assert dec.flops_per_example(c, 4, 4, num_labels=0, last_only=False) == 4 * 2 * 2304 + 64 * 10
+    # What scoring runs: the (here only) last layer projects k, v (256 weights) for all 3 queries and the
+    # rest of the block (2048 weights) for the last one, which attends all 8 keys.
+    assert dec.kv_params_per_layer(c) == 256
+    assert dec.flops_per_example(c, 3, 8, num_labels=2) == 3 * 2 * 256 + 2 * 2048 + 64 * 8 + 64
+    c2 = dec.DecoderConfig(**{**BASE, "num_layers": 2})  # first layer in full, second pruned
+    assert dec.flops_per_example(c2, 3, 8, num_labels=0) == (3 * 2 * 2304 + 64 * 21) + (3 * 2 * 256 + 2 * 2048 + 64 * 8)
     with pytest.raises(ValueError):
         dec.flops_per_example(c, 5, 4)
 

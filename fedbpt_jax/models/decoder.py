@@ -555,23 +555,35 @@ def flops_per_token(config: DecoderConfig, num_keys: int | float, num_output_row
     return float(2 * matmul_params_per_token(c) + attn + 2 * c.hidden_size * num_output_rows)
 
 
-def flops_per_example(config: DecoderConfig, num_query_tokens: int, num_keys: int, num_labels: int = 2) -> float:
+def kv_params_per_layer(config: DecoderConfig) -> int:
+    """Weights of one layer's key and value projections (what the last layer still runs for every token)."""
+    return 2 * config.hidden_size * config.num_kv_heads * config.head_dim
+
+
+def flops_per_example(config: DecoderConfig, num_query_tokens: int, num_keys: int, num_labels: int = 2, *,
+                      last_only: bool = True) -> float:
     """Forward FLOPs to score one example: ``num_query_tokens`` new tokens, the last attending ``num_keys``.
 
     Earlier query tokens attend causally fewer keys (query ``i`` of ``Q`` sees ``num_keys - Q + 1 + i``).
     Uncached scoring: ``Q = K = total length``. Cached (layout "after"): ``Q = n + Tc``,
     ``K = T + n + Tc``. The head projects ``num_labels`` rows at the last position only.
+    ``last_only`` (what scoring and the prefix cache run): the last layer computes keys/values for
+    every query token but the rest of the block for the last one only.
     """
     q, k = int(num_query_tokens), int(num_keys)
     if q < 0 or k < q:
         raise ValueError(f"need 0 <= num_query_tokens <= num_keys, got {q} and {k}")
-    total_keys = q * (k - q) + q * (q + 1) / 2
     c = config
-    return float(
-        2 * matmul_params_per_token(c) * q
-        + 4 * c.num_layers * c.num_heads * c.head_dim * total_keys
-        + 2 * c.hidden_size * num_labels
-    )
+    per_layer = matmul_params_per_token(c) // c.num_layers
+    attn = 4 * c.num_heads * c.head_dim  # per (query, key) pair: scores + weighted values
+    total_keys = q * (k - q) + q * (q + 1) / 2
+    pruned = last_only and q > 0
+    full_layers = c.num_layers - 1 if pruned else c.num_layers
+    flops = full_layers * (2 * per_layer * q + attn * total_keys)
+    if pruned:
+        kv = kv_params_per_layer(c)
+        flops += 2 * kv * q + 2 * (per_layer - kv) + attn * k
+    return float(flops + 2 * c.hidden_size * num_labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,6 +671,6 @@ __all__ = [
     "LAYOUTS", "DecoderConfig", "config_from_hf", "RMSNorm", "apply_rope", "Attention", "MLP", "DecoderLayer",
     "LlamaDecoder", "init_params", "word_embeddings", "output_embedding", "label_logits", "PrefixCache",
     "prefix_cache", "label_logits_cached", "logits", "greedy_next_token", "greedy_generate",
-    "matmul_params_per_token", "flops_per_token", "flops_per_example", "expected_hf_shapes",
+    "matmul_params_per_token", "kv_params_per_layer", "flops_per_token", "flops_per_example", "expected_hf_shapes",
     "params_from_hf", "load_hf_decoder",
 ]
