@@ -394,6 +394,30 @@ def test_fedavg_bbt_weights_follow_example_counts(monkeypatch):
     assert not np.allclose(np.asarray(new.server.mean), np.asarray(m["spy_means"]).mean(0), atol=1e-4)
 
 
+@pytest.mark.parametrize("make", [fl.fedbpt, fl.fedavg_bbt])
+def test_shared_eigen_fast_path_equals_general_client_path(monkeypatch, make):
+    """Configuration B never re-decomposes within I = 2 (gap 1.66), so the round runs the fast client path
+    (shared B, D; FedBPT without the client covariance update). Forcing the general path (per-client
+    lazy eigen check, full updates) gives the same server state and metrics."""
+    lm, data, hp = fs.tiny_lm(), _learnable_data(), fl.HParams().validate()
+    cfg = _cfg_b()
+    assert not algs.strategy.eigen_refresh_due(cfg.population_size, cfg.intrinsic_dim, cfg.local_generations)
+
+    def one_round():
+        algo = make(cfg, lm)
+        state = algo.init(jax.random.key(0), hp)
+        return jax.jit(algo.round)(jax.random.key(3), state, data, hp, fs.model())
+
+    fast, m_fast = one_round()
+    monkeypatch.setattr(algs.strategy, "eigen_refresh_due", lambda *a: True)
+    slow, m_slow = one_round()
+    for name in ("mean", "sigma", "C", "p_sigma", "p_c"):
+        np.testing.assert_allclose(np.asarray(getattr(fast.server, name)), np.asarray(getattr(slow.server, name)),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(float(m_fast["client_loss"]), float(m_slow["client_loss"]), rtol=1e-5)
+    assert not np.allclose(np.asarray(fast.server.mean), 0)
+
+
 def test_centralized_bbt_pools_all_clients():
     """Centralized BBT sees the union of the clients' data: reordering the clients does not change it."""
     lm = fs.tiny_lm()
