@@ -1,0 +1,41 @@
+"""Atomic results files: content, permissions, and nothing lost or left behind when a write fails."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from fedbpt_jax import checkpoint
+
+
+def test_json_and_csv_round_trip_with_arrays_and_non_finite(tmp_path):
+    path = checkpoint.write_json_atomic(tmp_path / "sub" / "m.json",
+                                        {"a": np.arange(3), "x": np.float32(0.5), "bad": float("nan")})
+    assert json.loads(path.read_text()) == {"a": [0, 1, 2], "x": 0.5, "bad": None}
+    csv = checkpoint.write_csv_atomic(tmp_path / "r.csv", [{"round": 1, "acc": 0.5}, {"round": 2, "loss": 0.1}])
+    assert csv.read_text().splitlines() == ["round,acc,loss", "1,0.5,", "2,,0.1"]
+
+
+def test_results_files_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = checkpoint.write_json_atomic(tmp_path / "m.json", {"k": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = checkpoint.write_json_atomic(tmp_path / "m.json", {"round": 1})
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write_json_atomic(path, {"round": 2})
+    assert json.loads(path.read_text()) == {"round": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
