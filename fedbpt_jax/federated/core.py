@@ -78,7 +78,8 @@ class FederatedAlgorithm(NamedTuple):
       config: the algorithm's static config.
       comm: per-client bytes per round (:class:`fedbpt_jax.accounting.CommBytes`).
       forward_calls: model forward passes over a client's local batch per active client per round
-        (a backward pass counts as two).
+        (a backward pass counts as two; a candidate's clean and perturbed copies count as two, as in the
+        reference code, although the engine runs them as one batched pass).
       prefix_passes: passes over a client's local batch that only build the decoder's text-prefix
         key/value cache (:meth:`fedbpt_jax.objective.Scorer.prepare`), per active client per round.
       pooled: the algorithm trains on the union of all clients' data (centralized BBT): its forward
