@@ -593,7 +593,7 @@ def eigen_refresh_due(population_size: int, num_dims: int, generations: int) -> 
     run, so :func:`ask`/:func:`tell` may run with ``frozen_eigen=True``.
     """
     lam, d = int(population_size), int(num_dims)
-    w, mueff = _pycma_weights(lam, d)
+    _, mueff = _pycma_weights(lam, d)
     c1 = _c1(lam, mueff, d)
     gap = _lazy_gap(c1, _cmu(c1, mueff, d), d)
     return generations - 1 >= gap

@@ -49,10 +49,9 @@ from ..types import ScoringSpec, TokenBatch
 
 LAYOUTS = ("before", "after")
 
-# A finite "minus infinity": rows whose keys are all masked (left-pad queries) give a uniform softmax
-# instead of NaN, and NaN can then never leak into valid rows through 0 * NaN.
-# Additive attention-mask bias: finite, and so large that score + bias rounds to the bias itself for
-# any score below ~1e22 (a fully masked row still gets a uniform softmax, never NaN).
+# Additive attention-mask bias, a finite "minus infinity": score + bias rounds to the bias itself for any
+# score below ~1e22, so rows whose keys are all masked (left-pad queries) get a uniform softmax instead of
+# NaN, and NaN can never leak into valid rows through 0 * NaN.
 _MASK_BIAS = -1e30
 
 
