@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end on the tiny model (smallest settings) and their built-in checks
+pass: the vectorized fitness equals the reference-style one, batched logits equal per-candidate logits,
+cached equal uncached. No timing is asserted (figures are printed, never tested)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_round_throughput_quick_runs_and_checks_agree(tmp_path):
+    out, png = tmp_path / "round.json", tmp_path / "round.png"
+    proc = _run("round_throughput.py", "--quick", "--ks", "1", "--rounds", "1", "--peak-samples", "1",
+                "--peak-repeats", "1", "--ref-clients", "1", "--ref-before-clients", "1",
+                "--json", str(out), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert [r["K"] for r in res] == [1] and res[0]["model"] == "tiny"
+    r = res[0]
+    assert r["check_ok"] and r["check_max_rel_diff"] <= 1e-4
+    assert r["round_s"] > 0 and r["ref_round_s"] > 0 and r["speedup"] > 0 and 0 < r["es_share"] < 1
+    assert r["gflop_per_round"] > 0 and r["evals_per_round"] == 8 * 5 + 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| tiny | 1 |" in proc.stdout
+
+
+def test_forward_throughput_quick_runs_and_checks_agree(tmp_path):
+    out = tmp_path / "fwd.json"
+    proc = _run("forward_throughput.py", "--quick", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["checks_ok"]
+    layouts = {(r["layout"], r["mode"]) for r in d["rows"]}
+    assert {("after+cache", "batched"), ("after (no cache)", "batched"), ("before", "batched")} <= layouts
+    assert all(r["gflops"] > 0 and r["gflop_executed"] > 0 for r in d["rows"])
