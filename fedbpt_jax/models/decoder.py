@@ -376,13 +376,18 @@ def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=Non
     num_layers = config.num_layers
 
     def body(x, xs):
-        p, pk, pv, i = xs
+        p, i = xs
+        # The past keys/values are indexed per layer rather than scanned over: under vmaps over clients
+        # (whose scans move batched constants to the front) a scanned [L, ...] cache would first be
+        # transposed to layer-major as a whole, a full copy of every client's cache.
+        pk = jax.lax.dynamic_index_in_dim(past_k, i, axis=0, keepdims=False)
+        pv = jax.lax.dynamic_index_in_dim(past_v, i, axis=0, keepdims=False)
         run = lambda last: lambda x: layer.apply({"params": p}, x, pk, pv, positions, key_valid, last)  # noqa: E731
         if not last_only or num_layers == 1:
             return run(last_only)(x)
         return jax.lax.cond(i == num_layers - 1, run(True), run(False), x)
 
-    x, kv = jax.lax.scan(body, embeds, (params["layers"], past_k, past_v, jnp.arange(num_layers)))
+    x, kv = jax.lax.scan(body, embeds, (params["layers"], jnp.arange(num_layers)))
     return RMSNorm(config.rms_norm_eps).apply({"params": params["norm"]}, x), kv
 
 
