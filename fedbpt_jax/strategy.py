@@ -397,6 +397,13 @@ class LocalCMAParams(_evosax_cma.Params):
     num_mirrors: int = struct.field(pytree_node=False, default=0)
 
 
+def _local_rates(lam: int, d: int) -> tuple[np.ndarray, float, float, float]:
+    """pycma's client weights, μ_eff, c_1 and c_μ for (λ, d), on the host (float64)."""
+    w, mueff = _pycma_weights(lam, d)
+    c1 = _c1(lam, mueff, d)
+    return w, mueff, c1, _cmu(c1, mueff, d)
+
+
 def local_params(population_size: int, num_dims: int, *, num_mirrors: int | None = None,
                  sigma0: float = 1.0) -> LocalCMAParams:
     """pycma's default strategy constants for a client with population λ in dimension d.
@@ -417,9 +424,7 @@ def local_params(population_size: int, num_dims: int, *, num_mirrors: int | None
     mirrors = _num_mirrors(lam, d) if num_mirrors is None else int(num_mirrors)
     if mirrors not in (0, 1) or mirrors > lam // 2:
         raise ValueError(f"num_mirrors must be 0 or 1 and at most population_size // 2, got {mirrors}")
-    w, mueff = _pycma_weights(lam, d)
-    c1 = _c1(lam, mueff, d)
-    cmu = _cmu(c1, mueff, d)
+    w, mueff, c1, cmu = _local_rates(lam, d)
     cs = (mueff + 2.0) / (d + mueff + 3.0)
     return LocalCMAParams(
         std_init=jnp.asarray(sigma0, dtype=float),
@@ -590,13 +595,12 @@ def eigen_refresh_due(population_size: int, num_dims: int, generations: int) -> 
     The lazy rule decomposes at an ask once ``tells since the last decomposition ≥ gap``; the asks of
     ``generations`` generations see at most ``generations − 1`` tells. False (the FedBPT default: gap
     ≈ 18.8 at d = 500, λ = 5, against I = 8) means B and D stay the broadcast ones for the whole local
-    run, so :func:`ask`/:func:`tell` may run with ``frozen_eigen=True``.
+    run, so :func:`ask`/:func:`tell` may run with ``frozen_eigen=True``. Host-side (static) arithmetic
+    on the constants :func:`local_params` uses for ``eigen_gap``.
     """
-    lam, d = int(population_size), int(num_dims)
-    _, mueff = _pycma_weights(lam, d)
-    c1 = _c1(lam, mueff, d)
-    gap = _lazy_gap(c1, _cmu(c1, mueff, d), d)
-    return generations - 1 >= gap
+    d = int(num_dims)
+    _, _, c1, cmu = _local_rates(int(population_size), d)
+    return generations - 1 >= _lazy_gap(c1, cmu, d)
 
 
 def ask(key: jax.Array, state: LocalCMAState, params: LocalCMAParams, *,

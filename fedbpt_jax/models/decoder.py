@@ -284,7 +284,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; the scan carry is the residual stream, the scanned input the layer's past K/V."""
+    """One pre-norm block: the residual stream in and out, plus this layer's past K/V (and its new K/V
+    when ``collect_kv``)."""
 
     config: DecoderConfig
     collect_kv: bool = False
@@ -305,7 +306,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaDecoder(nn.Module):
-    """The transformer trunk: embeddings in, final-normed hidden states out.
+    """The transformer trunk as a linen module: it defines the parameter tree (:func:`init_params`) and
+    is a plain reference forward (every layer in full, past K/V scanned over). Scoring, the prefix cache
+    and decoding run :func:`_trunk` on the same tree, which prunes the last layer and indexes the cache
+    per layer.
 
     ``__call__(embeds [B,S,H], positions [B,S], key_valid [B,Tp+S], past_k/past_v [L,B,Tp,Nkv,D])``
     returns ``(hidden [B,S,H], (k, v) [L,B,S,Nkv,D] or None)``. Token embedding and the output head
