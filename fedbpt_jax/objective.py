@@ -19,6 +19,7 @@ position. For decoders the answer cue is not part of ``input_ids`` and is never 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -120,8 +121,22 @@ def perturb(
 # ----------------------------------------------------------------------------------------------
 # Scorer: a backbone seen as a black box
 # ----------------------------------------------------------------------------------------------
+class ScoreCost(NamedTuple):
+    """Forward FLOPs per example of a scorer's two functions (2 per multiply-add; matmuls and attention
+    products, which dominate; norms, softmax and activations are not counted).
+
+    Attributes:
+      forward: one call of ``logits`` (one candidate prompt) per example.
+      prepare: one call of ``prepare`` per example (the decoder's text-prefix cache; 0 when ``prepare``
+        is the identity).
+    """
+
+    forward: float
+    prepare: float
+
+
 class Scorer(NamedTuple):
-    """A backbone as a black box, as a pair of pure functions.
+    """A backbone as a black box, as a pair of pure functions plus what they cost.
 
     ``prepare(params, batch) -> ctx`` does the per-data work that does not depend on the prompt (the
     decoder's text-prefix key/value cache for layout "after"; the identity otherwise), so it runs once
@@ -131,8 +146,9 @@ class Scorer(NamedTuple):
     Attributes:
       prepare, logits: the functions.
       layout: where the prompt goes (encoder: "add"/"cat"; decoder: "before"/"after").
-      flops_per_example: callable ``(seq_len, cue_len) -> float``, forward FLOPs one candidate costs
-        per example (for FLOP accounting).
+      cost: ``(seq_len, cue_len, num_labels) -> ScoreCost``: the one cost model every FLOP figure of
+        the package (``run``, the CLI, the benchmarks) is computed from. ``seq_len`` is the padded text
+        length ``T`` of the batch (padding is computed, so it is counted).
       caches_prefix: ``prepare`` does real, prompt-independent work (the decoder's prefix cache), so
         its result is worth keeping across calls (e.g. for a fixed test set).
     """
@@ -140,33 +156,56 @@ class Scorer(NamedTuple):
     prepare: Callable[[Any, TokenBatch], Any]
     logits: Callable[[Any, Any, ScoringSpec, jax.Array | None], jax.Array]
     layout: str
-    flops_per_example: Callable[..., float]
+    cost: Callable[[int, int, int], ScoreCost]
     caches_prefix: bool = False
+
+    def flops_per_example(self, seq_len: int, cue_len: int = 0, num_labels: int = 2) -> float:
+        """``cost(seq_len, cue_len, num_labels).forward``: FLOPs of one candidate per example."""
+        return self.cost(seq_len, cue_len, num_labels).forward
 
 
 ENCODER_LAYOUTS = ("add", "cat")
 DECODER_LAYOUTS = ("before", "after")
+LAYOUTS = {"encoder": ENCODER_LAYOUTS, "decoder": DECODER_LAYOUTS}
 
 
 def make_scorer(lm, layout: str | None = None, *, use_cache: bool = True, n_prompt_tokens: int = 0) -> Scorer:
-    """Builds the :class:`Scorer` of a :class:`~fedbpt_jax.models.base.LanguageModel`.
+    """Builds the :class:`Scorer` of a :class:`~fedbpt_jax.models.base.LanguageModel`
+    (:func:`scorer_for` its kind and config)."""
+    return scorer_for(lm.kind, lm.config, layout, use_cache=use_cache, n_prompt_tokens=n_prompt_tokens)
+
+
+@functools.lru_cache(maxsize=128)
+def scorer_for(kind: str, config, layout: str | None = None, *, use_cache: bool = True,
+               n_prompt_tokens: int = 0) -> Scorer:
+    """The :class:`Scorer` of a backbone of ``kind`` (``"encoder"``/``"decoder"``) and static ``config``.
+
+    The same arguments give the same (cached) object, so jitted callers keyed on it never retrace.
 
     Args:
-      lm: the backbone bundle.
+      kind: the backbone kind.
+      config: its ``EncoderConfig`` / ``DecoderConfig``.
       layout: encoders ``"add"`` (BBT default) or ``"cat"``; decoders ``"after"`` (default here: the
         text prefix's key/value cache is shared by all candidates) or ``"before"`` (the paper's
         layout: prompt, then text).
       use_cache: decoders with layout "after" reuse the text-prefix cache (results equal the uncached
         computation; turn off only to measure the cache's effect).
-      n_prompt_tokens: the soft prompt length (for FLOP accounting).
+      n_prompt_tokens: the soft prompt length (for the cost model).
+
+    Raises:
+      ValueError: an unknown kind or a layout the kind does not support (named, with what is accepted).
     """
     from .models import decoder, encoder
 
-    cfg = lm.config
-    if lm.kind == "encoder":
-        layout = layout or "add"
-        if layout not in ENCODER_LAYOUTS:
-            raise ValueError(f"unknown encoder layout {layout!r}; accepted: {ENCODER_LAYOUTS}")
+    if kind not in LAYOUTS:
+        raise ValueError(f"unknown model kind {kind!r}; accepted: {tuple(LAYOUTS)}")
+    layout = layout or LAYOUTS[kind][0 if kind == "encoder" else 1]
+    if layout not in LAYOUTS[kind]:
+        raise ValueError(f"unknown {kind} layout {layout!r}; accepted: {LAYOUTS[kind]}")
+    n = int(n_prompt_tokens)
+    cfg = config
+
+    if kind == "encoder":
 
         def prepare(params, batch):
             return batch
@@ -174,17 +213,12 @@ def make_scorer(lm, layout: str | None = None, *, use_cache: bool = True, n_prom
         def logits(params, batch, spec, prompt):
             return encoder.label_logits(cfg, params, batch, spec, prompt, mode=layout)
 
-        def flops(batch_seq_len: int, cue_len: int = 0) -> float:
-            extra = n_prompt_tokens if layout == "cat" else 0
-            return encoder.flops_per_example(cfg, batch_seq_len + extra)
+        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2) -> ScoreCost:
+            # The head runs at the <mask> position only, on the label rows only.
+            return ScoreCost(float(encoder.flops_per_example(cfg, seq_len, n_prompt=n, mode=layout,
+                                                             num_labels=num_labels)), 0.0)
 
-        return Scorer(prepare, logits, layout, flops)
-
-    if lm.kind != "decoder":
-        raise ValueError(f"unknown model kind {lm.kind!r}; accepted: ('encoder', 'decoder')")
-    layout = layout or "after"
-    if layout not in DECODER_LAYOUTS:
-        raise ValueError(f"unknown decoder layout {layout!r}; accepted: {DECODER_LAYOUTS}")
+        return Scorer(prepare, logits, layout, cost)
 
     if layout == "after" and use_cache:
 
@@ -194,23 +228,24 @@ def make_scorer(lm, layout: str | None = None, *, use_cache: bool = True, n_prom
         def logits(params, cache, spec, prompt):
             return decoder.label_logits_cached(cfg, params, cache, spec, prompt)
 
-        def flops(batch_seq_len: int, cue_len: int = 0) -> float:
-            return decoder.flops_per_example(cfg, n_prompt_tokens + cue_len, batch_seq_len + n_prompt_tokens + cue_len)
+        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2) -> ScoreCost:
+            s = n + cue_len
+            return ScoreCost(decoder.flops_per_example(cfg, s, seq_len + s, num_labels),
+                             decoder.flops_per_example(cfg, seq_len, seq_len, 0))
 
-        return Scorer(prepare, logits, layout, flops, caches_prefix=True)
-    else:
+        return Scorer(prepare, logits, layout, cost, caches_prefix=True)
 
-        def prepare(params, batch):
-            return batch
+    def prepare(params, batch):
+        return batch
 
-        def logits(params, batch, spec, prompt):
-            return decoder.label_logits(cfg, params, batch, spec, prompt, layout=layout)
+    def logits(params, batch, spec, prompt):
+        return decoder.label_logits(cfg, params, batch, spec, prompt, layout=layout)
 
-        def flops(batch_seq_len: int, cue_len: int = 0) -> float:
-            total = batch_seq_len + n_prompt_tokens + cue_len
-            return decoder.flops_per_example(cfg, total, total)
+    def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2) -> ScoreCost:
+        total = seq_len + n + cue_len
+        return ScoreCost(decoder.flops_per_example(cfg, total, total, num_labels), 0.0)
 
-    return Scorer(prepare, logits, layout, flops)
+    return Scorer(prepare, logits, layout, cost)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_params_match_random_init_tree():
 
 def test_bfloat16_compute_is_close():
     config, params, inputs, ref = _roberta()
-    bf = dataclasses.replace(config, dtype="bfloat16")
+    bf = dataclasses.replace(config, compute_dtype="bfloat16")
     out = np.asarray(encoder.logits(bf, params, inputs["input_ids"], inputs["attention_mask"]))
     assert out.dtype == np.float32
     assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()

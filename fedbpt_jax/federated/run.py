@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import math
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +175,6 @@ def make_initial_eval(algo: FederatedAlgorithm, scorer, n_prompt: int, hidden: i
     return initial
 
 
-@functools.lru_cache(maxsize=64)
-def _scorer(kind: str, model_config, layout, n_prompt: int):
-    return objective.make_scorer(types.SimpleNamespace(kind=kind, config=model_config), layout, n_prompt_tokens=n_prompt)
-
-
 def _replicated(mesh):
     if mesh is None:
         return None
@@ -191,7 +185,9 @@ def _replicated(mesh):
 
 def _algo_scorer(algo: FederatedAlgorithm, kind: str, model_config):
     cfg = algo.config
-    return algo.scorer if algo.scorer is not None else _scorer(kind, model_config, cfg.layout, cfg.n_prompt_tokens)
+    if algo.scorer is not None:
+        return algo.scorer
+    return objective.scorer_for(kind, model_config, cfg.layout, n_prompt_tokens=cfg.n_prompt_tokens)
 
 
 @functools.lru_cache(maxsize=64)
@@ -213,46 +209,33 @@ def _mesh_context(mesh):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
-def _flops_per_example(lm, scorer, seq_len: int, cue_len: int, n_prompt: int) -> tuple[float, float]:
-    """(FLOPs of one forward call per example, FLOPs of one prefix-cache pass per example).
-
-    A decoder scorer with layout "after" that counts only the prompt and cue tokens per call caches
-    the text prefix: each ``prepare`` then costs one pass over the text.
-    """
-    fwd = float(scorer.flops_per_example(seq_len, cue_len))
-    prefix = 0.0
-    if lm.kind == "decoder" and scorer.layout == "after":
-        from ..models import decoder
-
-        s = n_prompt + cue_len
-        if fwd == float(decoder.flops_per_example(lm.config, s, seq_len + s)):
-            prefix = float(decoder.flops_per_example(lm.config, seq_len, seq_len))
-    return fwd, prefix
+def _costs(scorer, data_spec, seq_len: int) -> objective.ScoreCost:
+    """The scorer's cost model for a batch of padded text length ``seq_len`` and this task's spec."""
+    return scorer.cost(int(seq_len), int(np.shape(data_spec.cue_ids)[0]), int(np.shape(data_spec.label_ids)[0]))
 
 
 def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, float]:
-    """Model compute per *active* client per round, from the scorer's FLOP count and the batch shapes.
+    """Model compute per *active* client per round, from the scorer's cost model and the batch shapes.
 
     Returns ``examples_per_call`` (the padded local batch E, or N·E for a pooled algorithm),
     ``forward_calls`` (over that batch), ``prefix_passes`` and ``flops_per_client`` =
-    calls · examples · FLOPs/example + prefix passes · examples · prefix FLOPs/example. Padding rows
-    are computed, so they are counted.
+    calls · examples · forward FLOPs/example + prefix passes · examples · prepare FLOPs/example. Padding
+    rows are computed, so they are counted.
     """
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     n, e, t = np.shape(data.train.input_ids)
-    cue = int(np.shape(data.spec.cue_ids)[0])
-    fwd, prefix = _flops_per_example(lm, scorer, t, cue, algo.config.n_prompt_tokens)
+    cost = _costs(scorer, data.spec, t)
     examples = n * e if algo.pooled else e
-    flops = algo.forward_calls * examples * fwd + algo.prefix_passes * examples * prefix
+    flops = algo.forward_calls * examples * cost.forward + algo.prefix_passes * examples * cost.prepare
     return {"examples_per_call": examples, "forward_calls": algo.forward_calls, "prefix_passes": algo.prefix_passes,
             "flops_per_client": flops}
 
 
-def _eval_flops(lm, algo, chunks: TokenBatch, cue: int, prefix_cached: bool = False) -> float:
+def _eval_flops(lm, algo, chunks: TokenBatch, spec, prefix_cached: bool = False) -> float:
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     c, b, t = np.shape(chunks.input_ids)
-    fwd, prefix = _flops_per_example(lm, scorer, t, cue, algo.config.n_prompt_tokens)
-    return c * b * (fwd + (0.0 if prefix_cached else prefix))
+    cost = _costs(scorer, spec, t)
+    return c * b * (cost.forward + (0.0 if prefix_cached else cost.prepare))
 
 
 def _describe(algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, data: FederatedData, lm,
@@ -425,7 +408,7 @@ def run(
         evalset = EvalSet(ctx, chunks.labels, chunks.example_mask, prepared=True)
     else:
         evalset = EvalSet(chunks, chunks.labels, chunks.example_mask)
-    eval_flops = _eval_flops(lm, algo, chunks, int(np.shape(data.spec.cue_ids)[0]), cache_eval_prefix)
+    eval_flops = _eval_flops(lm, algo, chunks, data.spec, cache_eval_prefix)
 
     history = History()
     ckpt = None

@@ -5,7 +5,9 @@ Everything here is a pure function of ``(config, params, inputs)``: params are a
 closure), every function is jittable, and scoring functions are unbatched over the population, so a
 caller ``vmap``s them over candidate prompts.
 
-Parameter tree (float32; the layer axis ``L`` is stacked because the layers run under ``nn.scan``)::
+Parameter tree (the layer axis ``L`` is stacked because the layers run under ``nn.scan``; weight
+matrices and embeddings in the config's ``compute_dtype``, norm scales float32, see
+:mod:`fedbpt_jax.models.precision`)::
 
     embed_tokens/embedding                 [V, H]
     layers/input_layernorm/scale           [L, H]
@@ -46,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..types import ScoringSpec, TokenBatch
+from . import precision
 
 LAYOUTS = ("before", "after")
 
@@ -77,6 +80,10 @@ class DecoderConfig:
       rope_interleaved: rotate pairs ``(x[2i], x[2i+1])`` (Q/K rows as stored in GGUF files) instead
         of HF's rotate-half pairs ``(x[i], x[i + D/2])``.
       bos_token_id / eos_token_id / pad_token_id: special ids (``None`` if the checkpoint has none).
+      compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype weight matrices, embeddings and cached
+        keys/values are stored in and matmuls take as inputs (always accumulating in float32); the
+        residual stream, norms, softmax and logits are float32 either way
+        (:mod:`fedbpt_jax.models.precision`).
     """
 
     vocab_size: int
@@ -94,8 +101,10 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
+        precision.check(self.compute_dtype)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)
@@ -138,7 +147,7 @@ def _first_id(value) -> int | None:
     return int(value)
 
 
-def config_from_hf(hf_config: Any, *, rope_interleaved: bool = False) -> DecoderConfig:
+def config_from_hf(hf_config: Any, *, rope_interleaved: bool = False, compute_dtype: str = "float32") -> DecoderConfig:
     """:class:`DecoderConfig` from a ``transformers`` Llama-like config (``AutoConfig``; no torch).
 
     Accepts transformers 4.x (``rope_theta`` attribute) and 5.x (``rope_parameters`` dict) configs.
@@ -181,6 +190,7 @@ def config_from_hf(hf_config: Any, *, rope_interleaved: bool = False) -> Decoder
         bos_token_id=_first_id(get("bos_token_id")),
         eos_token_id=_first_id(get("eos_token_id")),
         pad_token_id=_first_id(get("pad_token_id")),
+        compute_dtype=compute_dtype,
     )
 
 
@@ -193,6 +203,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x = x.astype(jnp.float32)
         mean_sq = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
         return x * jax.lax.rsqrt(mean_sq + self.eps) * scale
 
@@ -216,6 +227,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bo
     return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
+def _dense(config: DecoderConfig, features: int, name: str) -> nn.Dense:
+    """A bias-free projection: inputs and kernel in the compute dtype, float32 accumulation and result."""
+    return nn.Dense(features, use_bias=False, dtype=jnp.dtype(config.compute_dtype),
+                    dot_general=precision.f32_accumulating_dot_general, name=name)
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention over ``[past keys, new keys]``."""
 
@@ -227,12 +244,16 @@ class Attention(nn.Module):
         c = self.config
         b, s, _ = x.shape
         sq = 1 if last_only else s
-        dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
+        dense = lambda n, name: _dense(c, n, name)  # noqa: E731
+        cd = c.compute_dtype
         q = dense(c.num_heads * c.head_dim, "q_proj")(x[:, s - sq:]).reshape(b, sq, c.num_heads, c.head_dim)
         k = dense(c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         v = dense(c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         q = apply_rope(q, positions[:, s - sq:], c.rope_theta, c.rope_interleaved)
-        k = apply_rope(k, positions, c.rope_theta, c.rope_interleaved)
+        # Keys/values leave the layer (and enter a prefix cache) in the compute dtype: they only ever
+        # feed a matmul that takes that dtype.
+        k = apply_rope(k, positions, c.rope_theta, c.rope_interleaved).astype(cd)
+        v = v.astype(cd)
 
         tp = past_k.shape[1]
         valid = key_valid.astype(bool)
@@ -251,20 +272,20 @@ class Attention(nn.Module):
         causal = jnp.arange(s)[None, :] <= jnp.arange(s - sq, s)[:, None]  # query i is new position s - sq + i
         causal = jnp.tile(causal, (g, 1))  # rows: (group, query)
         bias_new = jnp.where(causal[None] & valid[:, None, tp:], 0.0, _MASK_BIAS)[:, None]  # [B, 1, G·Sq, S]
-        s_new = jnp.einsum("bkqd,bktd->bkqt", qh, heads(k)) + bias_new  # [B, Nkv, G·Sq, S]
+        s_new = precision.einsum("bkqd,bktd->bkqt", qh, heads(k), cd) + bias_new  # [B, Nkv, G·Sq, S]
         m = jnp.max(s_new, axis=-1, keepdims=True)
         if tp:
             bias_past = jnp.where(valid[:, None, None, :tp], 0.0, _MASK_BIAS)  # [B, 1, 1, Tp]
-            s_past = jnp.einsum("bkqd,bktd->bkqt", qh, heads(past_k)) + bias_past  # [B, Nkv, G·Sq, Tp]
+            s_past = precision.einsum("bkqd,bktd->bkqt", qh, heads(past_k), cd) + bias_past  # [B, Nkv, G·Sq, Tp]
             m = jnp.maximum(m, jnp.max(s_past, axis=-1, keepdims=True))
         m = jax.lax.stop_gradient(m)
         e_new = jnp.exp(s_new - m)
         denom = jnp.sum(e_new, axis=-1, keepdims=True)
-        out = jnp.einsum("bkqt,bktd->bkqd", e_new, heads(v))
+        out = precision.einsum("bkqt,bktd->bkqd", e_new, heads(v), cd)
         if tp:
             e_past = jnp.exp(s_past - m)
             denom = denom + jnp.sum(e_past, axis=-1, keepdims=True)
-            out = out + jnp.einsum("bkqt,bktd->bkqd", e_past, heads(past_v))
+            out = out + precision.einsum("bkqt,bktd->bkqd", e_past, heads(past_v), cd)
         out = (out / denom).reshape(b, nkv, g, sq, hd)
         out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, sq, c.num_heads * hd)
         return dense(c.hidden_size, "o_proj")(out), k, v
@@ -278,9 +299,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = nn.Dense(c.intermediate_size, use_bias=False, name="gate_proj")(x)
-        up = nn.Dense(c.intermediate_size, use_bias=False, name="up_proj")(x)
-        return nn.Dense(c.hidden_size, use_bias=False, name="down_proj")(jax.nn.silu(gate) * up)
+        gate = _dense(c, c.intermediate_size, "gate_proj")(x)
+        up = _dense(c, c.intermediate_size, "up_proj")(x)
+        return _dense(c, c.hidden_size, "down_proj")(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -346,11 +367,23 @@ class LlamaDecoder(nn.Module):
 
 def _empty_past(config: DecoderConfig, batch: int) -> tuple[jax.Array, jax.Array]:
     shape = (config.num_layers, batch, 0, config.num_kv_heads, config.head_dim)
-    return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+    dt = jnp.dtype(config.compute_dtype)
+    return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+
+
+def _keeps_float32(path: tuple[str, ...]) -> bool:
+    return path[-1] == "scale"  # RMSNorm scales; every other leaf is a matrix or an embedding table
+
+
+def cast_params(config: DecoderConfig, params) -> dict:
+    """``params`` in the storage dtypes of ``config.compute_dtype`` (matrices and embeddings in that
+    dtype, norm scales float32)."""
+    return precision.cast_tree(params, config.compute_dtype, _keeps_float32)
 
 
 def init_params(config: DecoderConfig, key: jax.Array) -> dict:
-    """Random parameters (normal(0.02) weights, unit norms) in the tree :func:`params_from_hf` builds."""
+    """Random parameters (normal(0.02) weights, unit norms) in the tree :func:`params_from_hf` builds,
+    stored as ``config.compute_dtype`` asks (:func:`cast_params`)."""
     ids = jnp.zeros((1, 2), jnp.int32)
     past_k, past_v = _empty_past(config, 1)
 
@@ -359,7 +392,7 @@ def init_params(config: DecoderConfig, key: jax.Array) -> dict:
         return LlamaDecoder(config).init(key, ids, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32),
                                          past_k, past_v, method=LlamaDecoder.init_all)["params"]
 
-    return dict(init(key))
+    return dict(cast_params(config, init(key)))
 
 
 def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=None, collect_kv=False,
@@ -404,8 +437,13 @@ def _positions(mask: jax.Array) -> jax.Array:
 # Pure functions
 # ----------------------------------------------------------------------------------------------
 def word_embeddings(params) -> jax.Array:
-    """``[V, H]`` input embedding matrix."""
+    """``[V, H]`` input embedding matrix (in its storage dtype)."""
     return params["embed_tokens"]["embedding"]
+
+
+def embed(params, ids: jax.Array) -> jax.Array:
+    """Input embeddings of token ``ids`` as float32 (the residual stream's dtype)."""
+    return word_embeddings(params)[ids].astype(jnp.float32)
 
 
 def output_embedding(config: DecoderConfig, params) -> jax.Array:
@@ -422,18 +460,17 @@ def _check_layout(layout: str) -> None:
 
 def _suffix_embeds(params, batch_size: int, spec: ScoringSpec, prompt: jax.Array | None) -> jax.Array:
     """``[B, n + Tc, H]``: the soft prompt (if any) followed by the cue tokens, for every example."""
-    emb = word_embeddings(params)
     parts = []
     if prompt is not None:
-        parts.append(prompt.astype(emb.dtype))
-    parts.append(emb[jnp.asarray(spec.cue_ids, jnp.int32)])
+        parts.append(prompt.astype(jnp.float32))
+    parts.append(embed(params, jnp.asarray(spec.cue_ids, jnp.int32)))
     suffix = jnp.concatenate(parts, axis=0)
     return jnp.broadcast_to(suffix[None], (batch_size, *suffix.shape))
 
 
 def _label_rows_logits(config, params, hidden_last: jax.Array, spec: ScoringSpec) -> jax.Array:
     rows = output_embedding(config, params)[jnp.asarray(spec.label_ids, jnp.int32)]  # [C, H]
-    return hidden_last @ rows.T
+    return hidden_last.astype(jnp.float32) @ rows.astype(jnp.float32).T  # float32: C rows only
 
 
 def label_logits(
@@ -455,11 +492,11 @@ def label_logits(
     ids = jnp.asarray(batch.input_ids, jnp.int32)
     text_mask = jnp.asarray(batch.attention_mask, jnp.int32)
     b = ids.shape[0]
-    text = word_embeddings(params)[ids]
+    text = embed(params, ids)
     suffix = _suffix_embeds(params, b, spec, None if layout == "before" else prompt)
     parts, masks = [text, suffix], [text_mask, jnp.ones(suffix.shape[:2], jnp.int32)]
     if layout == "before" and prompt is not None:
-        pre = jnp.broadcast_to(prompt.astype(text.dtype)[None], (b, *prompt.shape))
+        pre = jnp.broadcast_to(prompt.astype(jnp.float32)[None], (b, *prompt.shape))
         parts.insert(0, pre)
         masks.insert(0, jnp.ones(pre.shape[:2], jnp.int32))
     embeds = jnp.concatenate(parts, axis=1)
@@ -491,7 +528,7 @@ def prefix_cache(config: DecoderConfig, params, batch: TokenBatch) -> PrefixCach
     """Runs the text part once and keeps its per-layer K/V (see :func:`label_logits_cached`)."""
     ids = jnp.asarray(batch.input_ids, jnp.int32)
     mask = jnp.asarray(batch.attention_mask, jnp.int32)
-    hidden, (k, v) = _trunk(config, params, word_embeddings(params)[ids], _positions(mask), mask,
+    hidden, (k, v) = _trunk(config, params, embed(params, ids), _positions(mask), mask,
                             collect_kv=True, last_only=True)
     return PrefixCache(k=k, v=v, mask=mask, lengths=jnp.sum(mask, axis=-1), last_hidden=hidden[:, -1])
 
@@ -520,16 +557,17 @@ def logits(config: DecoderConfig, params, input_ids: jax.Array, attention_mask: 
     """Full-vocabulary logits ``[B, T, V]`` (tests and generation only; scoring never needs them)."""
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    hidden, _ = _trunk(config, params, word_embeddings(params)[ids], _positions(mask), mask)
-    return hidden @ output_embedding(config, params).T
+    hidden, _ = _trunk(config, params, embed(params, ids), _positions(mask), mask)
+    return precision.dense(hidden, output_embedding(config, params).T, config.compute_dtype)
 
 
 def greedy_next_token(config: DecoderConfig, params, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
     """``[B]`` argmax next token after each (left-padded) row."""
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    hidden, _ = _trunk(config, params, word_embeddings(params)[ids], _positions(mask), mask, last_only=True)
-    return jnp.argmax(hidden[:, -1] @ output_embedding(config, params).T, axis=-1).astype(jnp.int32)
+    hidden, _ = _trunk(config, params, embed(params, ids), _positions(mask), mask, last_only=True)
+    scores = precision.dense(hidden[:, -1], output_embedding(config, params).T, config.compute_dtype)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
 def greedy_generate(config: DecoderConfig, params, input_ids, num_tokens: int) -> np.ndarray:
@@ -632,8 +670,9 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 def params_from_hf(config: DecoderConfig, tensors: Mapping[str, np.ndarray]) -> dict:
     """Param tree from HF Llama tensors (``model.embed_tokens.weight``, ``model.layers.N.…``, ``lm_head.weight``).
 
-    Linear weights are transposed (HF ``[out, in]`` -> linen ``[in, out]``), layers stacked, every array
-    converted to float32. ``lm_head.weight`` is ignored when the head is tied; rotary ``inv_freq``
+    Linear weights are transposed (HF ``[out, in]`` -> linen ``[in, out]``), layers stacked; matrices and
+    embeddings are stored in ``config.compute_dtype`` (a bfloat16 checkpoint loaded for bfloat16
+    compute is never widened to float32 on the way), norm scales in float32. ``lm_head.weight`` is ignored when the head is tied; rotary ``inv_freq``
     buffers of old checkpoints are ignored.
 
     Raises:
@@ -654,31 +693,34 @@ def params_from_hf(config: DecoderConfig, tensors: Mapping[str, np.ndarray]) -> 
     if unknown:
         warnings.warn(f"ignoring {len(unknown)} unexpected tensor(s): {unknown[:10]}", stacklevel=2)
 
+    store = np.dtype(jnp.dtype(config.compute_dtype))
     f32 = lambda name: np.asarray(tensors[name], dtype=np.float32)  # noqa: E731
-    params: dict = {"embed_tokens": {"embedding": f32("model.embed_tokens.weight")},
+    mat = lambda name: np.asarray(tensors[name], dtype=store)  # noqa: E731
+    params: dict = {"embed_tokens": {"embedding": mat("model.embed_tokens.weight")},
                     "norm": {"scale": f32("model.norm.weight")}}
     layers: dict = {}
     for suffix, (path, transpose, _) in _LAYER_TENSORS.items():
-        per_layer = [f32(f"model.layers.{i}.{suffix}") for i in range(config.num_layers)]
+        load = f32 if _keeps_float32(path) else mat
+        per_layer = [load(f"model.layers.{i}.{suffix}") for i in range(config.num_layers)]
         _set(layers, path, np.stack([w.T for w in per_layer] if transpose else per_layer))  # one copy
     params["layers"] = layers
     if not config.tie_word_embeddings:
-        params["lm_head"] = {"embedding": f32("lm_head.weight")}
+        params["lm_head"] = {"embedding": mat("lm_head.weight")}
     return jax.tree_util.tree_map(jax.device_put, params)  # device_put: no per-shape compiled copy
 
 
-def load_hf_decoder(directory: str | Path) -> tuple[DecoderConfig, dict]:
+def load_hf_decoder(directory: str | Path, *, compute_dtype: str = "float32") -> tuple[DecoderConfig, dict]:
     """``(config, params)`` from a local HF checkpoint directory (config.json + safetensors, sharded or not)."""
     from . import hf
 
-    config = config_from_hf(hf.load_config(directory))
-    return config, params_from_hf(config, hf.read_safetensors(directory))
+    config = config_from_hf(hf.load_config(directory), compute_dtype=compute_dtype)
+    return config, params_from_hf(config, hf.read_safetensors(directory, keep_bf16=compute_dtype == "bfloat16"))
 
 
 __all__ = [
     "LAYOUTS", "DecoderConfig", "config_from_hf", "RMSNorm", "apply_rope", "Attention", "MLP", "DecoderLayer",
     "LlamaDecoder", "init_params", "word_embeddings", "output_embedding", "label_logits", "PrefixCache",
     "prefix_cache", "label_logits_cached", "logits", "greedy_next_token", "greedy_generate",
-    "matmul_params_per_token", "kv_params_per_layer", "flops_per_token", "flops_per_example", "expected_hf_shapes",
+    "embed", "cast_params", "matmul_params_per_token", "kv_params_per_layer", "flops_per_token", "flops_per_example", "expected_hf_shapes",
     "params_from_hf", "load_hf_decoder",
 ]

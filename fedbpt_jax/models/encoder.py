@@ -9,8 +9,9 @@ and in the head activation (RoBERTa: exact gelu always; BERT: ``hidden_act``).
 The layers are one ``nn.scan`` over stacked parameters (leading axis = layer), so a 24-layer model
 compiles as fast as a one-layer one.
 
-Parameters are the linen variable dict ``{"params": {...}}`` of float32 arrays, always passed as an
-argument. All functions below are pure and unbatched over the population: vmap ``label_logits`` over
+Parameters are the linen variable dict ``{"params": {...}}``, always passed as an argument: kernels
+and embedding tables in the config's ``compute_dtype``, LayerNorm and bias vectors in float32 (see
+:mod:`fedbpt_jax.models.precision`). All functions below are pure and unbatched over the population: vmap ``label_logits`` over
 ``prompt`` to score a CMA-ES population in one forward pass.
 
 Example::
@@ -33,10 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..types import ScoringSpec, TokenBatch
+from . import precision
 
 FAMILIES = ("roberta", "bert")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
-DTYPES = ("float32", "bfloat16")
+DTYPES = precision.COMPUTE_DTYPES
 MODES = ("add", "cat")
 
 
@@ -54,8 +56,9 @@ class EncoderConfig:
       layer_norm_eps: LayerNorm epsilon (RoBERTa 1e-5, BERT 1e-12).
       pad_token_id: id of the padding token.
       hidden_act: FFN activation, one of :data:`ACTIVATIONS` (``"gelu"`` is the exact erf form).
-      dtype: compute dtype of matmuls (``"float32"`` or ``"bfloat16"``); parameters stay float32 and
-        LayerNorm, softmax and the returned logits are float32.
+      compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype kernels and embedding tables are stored
+        in and matmuls take as inputs (always accumulating in float32); LayerNorm, softmax, the residual
+        stream and the returned logits are float32 either way.
     """
 
     family: str
@@ -69,15 +72,15 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 1
     hidden_act: str = "gelu"
-    dtype: str = "float32"
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"EncoderConfig.family={self.family!r}; accepted values: {FAMILIES}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"EncoderConfig.hidden_act={self.hidden_act!r}; accepted values: {ACTIVATIONS}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"EncoderConfig.dtype={self.dtype!r}; accepted values: {DTYPES}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"EncoderConfig.compute_dtype={self.compute_dtype!r}; accepted values: {DTYPES}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
             value = getattr(self, name)
@@ -118,7 +121,7 @@ class EncoderConfig:
         return self.max_position_embeddings - self.position_offset
 
 
-def config_from_hf(hf_config: Any, *, dtype: str = "float32") -> EncoderConfig:
+def config_from_hf(hf_config: Any, *, compute_dtype: str = "float32") -> EncoderConfig:
     """Build an :class:`EncoderConfig` from a ``transformers`` RobertaConfig / BertConfig (or a dict).
 
     Raises:
@@ -153,7 +156,7 @@ def config_from_hf(hf_config: Any, *, dtype: str = "float32") -> EncoderConfig:
         layer_norm_eps=float(get("layer_norm_eps", 1e-12)),
         pad_token_id=int(pad if pad is not None else (1 if family == "roberta" else 0)),
         hidden_act=str(get("hidden_act", "gelu")),
-        dtype=dtype,
+        compute_dtype=compute_dtype,
     )
 
 
@@ -202,9 +205,16 @@ class Embeddings(nn.Module):
             positions = jnp.cumsum(real, axis=-1) * real + c.pad_token_id
         else:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-        h = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        h = h + self.token_type_embeddings(token_type_ids)
-        return self.layer_norm(h.astype(jnp.float32))
+        f32 = lambda e: e.astype(jnp.float32)  # noqa: E731  (tables may be stored in bfloat16)
+        h = f32(self.word_embeddings(input_ids)) + f32(self.position_embeddings(positions))
+        h = h + f32(self.token_type_embeddings(token_type_ids))
+        return self.layer_norm(h)
+
+
+def _dense(config: EncoderConfig, features: int, name: str | None = None) -> nn.Dense:
+    """Inputs and kernel in the compute dtype, float32 accumulation and result (bias added in float32)."""
+    return nn.Dense(features, dtype=jnp.dtype(config.compute_dtype), kernel_init=_init(),
+                    dot_general=precision.f32_accumulating_dot_general, name=name)
 
 
 class Layer(nn.Module):
@@ -215,22 +225,22 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, h, mask_bias):
         c = self.config
-        dt = jnp.dtype(c.dtype)
-        dense = lambda n, name: nn.Dense(n, dtype=dt, kernel_init=_init(), name=name)  # noqa: E731
+        dense = lambda n, name: _dense(c, n, name)  # noqa: E731
+        cd = c.compute_dtype
         B, T, _ = h.shape
         split = lambda x: x.reshape(B, T, c.num_heads, c.head_dim)  # noqa: E731
         q = split(dense(c.hidden_size, "query")(h))
         k = split(dense(c.hidden_size, "key")(h))
         v = split(dense(c.hidden_size, "value")(h))
-        scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) / math.sqrt(c.head_dim)
-        probs = jax.nn.softmax(scores + mask_bias, axis=-1).astype(dt)
-        ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(B, T, c.hidden_size)
+        scores = precision.einsum("bqnd,bknd->bnqk", q, k, cd) / math.sqrt(c.head_dim)
+        probs = jax.nn.softmax(scores + mask_bias, axis=-1)
+        ctx = precision.einsum("bnqk,bknd->bqnd", probs, v, cd).reshape(B, T, c.hidden_size)
         h = _layer_norm(c.layer_norm_eps, "attention_layer_norm")(
-            dense(c.hidden_size, "attention_output")(ctx).astype(jnp.float32) + h
+            dense(c.hidden_size, "attention_output")(ctx) + h
         )
         ffn = _activation(c.hidden_act)(dense(c.intermediate_size, "intermediate")(h))
         h = _layer_norm(c.layer_norm_eps, "output_layer_norm")(
-            dense(c.hidden_size, "output")(ffn).astype(jnp.float32) + h
+            dense(c.hidden_size, "output")(ffn) + h
         )
         return h, None
 
@@ -246,7 +256,7 @@ class MLMHead(nn.Module):
 
     def setup(self):
         c = self.config
-        self.dense = nn.Dense(c.hidden_size, dtype=jnp.dtype(c.dtype), kernel_init=_init())
+        self.dense = _dense(c, c.hidden_size)
         self.layer_norm = _layer_norm(c.layer_norm_eps)
         self.bias = self.param("bias", nn.initializers.zeros, (c.vocab_size,))
 
@@ -255,11 +265,12 @@ class MLMHead(nn.Module):
         c = self.config
         # RobertaLMHead hard-codes exact gelu; BERT's head uses hidden_act.
         act = _activation("gelu" if c.family == "roberta" else c.hidden_act)
-        x = self.layer_norm(act(self.dense(h)).astype(jnp.float32))
-        bias = self.bias
+        x = self.layer_norm(act(self.dense(h)))
+        bias = self.bias.astype(jnp.float32)
         if rows is not None:
             table, bias = table[rows], bias[rows]
-        return x @ table.T.astype(jnp.float32) + bias
+            return x @ table.T.astype(jnp.float32) + bias  # C rows: float32 throughout
+        return precision.dense(x, table.T, self.config.compute_dtype) + bias
 
 
 class Encoder(nn.Module):
@@ -310,7 +321,13 @@ def init_params(config: EncoderConfig, key: jax.Array) -> dict:
     """Random parameters (BERT-style N(0, 0.02) init, LayerNorm 1/0, LM bias 0): for tests and
     benchmarks at real shapes without a checkpoint."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    return Encoder(config).init(key, ids, jnp.ones_like(ids))
+    return cast_params(config, Encoder(config).init(key, ids, jnp.ones_like(ids)))
+
+
+def cast_params(config: EncoderConfig, params) -> dict:
+    """``params`` in the storage dtypes of ``config.compute_dtype``: kernels and embedding tables in that
+    dtype, LayerNorm scales and every bias in float32."""
+    return precision.cast_tree(params, config.compute_dtype, lambda path: path[-1] in ("scale", "bias"))
 
 
 def word_embeddings(params) -> jax.Array:
@@ -408,7 +425,7 @@ def label_logits(
         h = module.embed(ids, jnp.zeros_like(ids))  # [B, T, H]
         m, p = mask, pos
         if prompt is not None:
-            pr = prompt.astype(h.dtype)
+            pr = prompt.astype(jnp.float32)
             if mode == "add":
                 h = h.at[:, prompt_start : prompt_start + pr.shape[0]].add(pr)
             else:
@@ -467,7 +484,9 @@ def _ln_names(base: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def params_from_hf(config: EncoderConfig, tensors: Mapping[str, np.ndarray], *, zero_lm_bias: bool = True) -> dict:
-    """Map HF tensor names to this module's parameter tree (float32 jax arrays).
+    """Map HF tensor names to this module's parameter tree (jax arrays in the storage dtypes of
+    ``config.compute_dtype``, see :func:`cast_params`; bfloat16 tensors read with
+    ``read_safetensors(keep_bf16=True)`` are never widened to float32 for bfloat16 compute).
 
     Accepts ``roberta.*`` + ``lm_head.*`` (RobertaForMaskedLM), ``bert.*`` + ``cls.predictions.*``
     (BertForMaskedLM/BertForPreTraining), and checkpoints without the model prefix
@@ -502,7 +521,6 @@ def params_from_hf(config: EncoderConfig, tensors: Mapping[str, np.ndarray], *, 
                 if tuple(x.shape) != shape:
                     bad.append(f"{name}: shape {tuple(x.shape)}, expected {shape}")
                     return np.zeros(shape[::-1] if transpose else shape, np.float32)
-                x = x.astype(np.float32)
                 return x.T if transpose else x
         if required:
             missing.append(names[0])
@@ -571,4 +589,4 @@ def params_from_hf(config: EncoderConfig, tensors: Mapping[str, np.ndarray], *, 
     if head_present:
         head["bias"] = np.zeros_like(bias) if zero_lm_bias else bias
         p["lm_head"] = head
-    return {"params": jax.tree_util.tree_map(jnp.asarray, p)}
+    return cast_params(config, {"params": jax.tree_util.tree_map(jnp.asarray, p)})

@@ -11,11 +11,14 @@ Hugging Face order and returns ``rope_interleaved=False``: every loader (HF safe
 yields the same parameter tree with the same RoPE form. ``load_gguf(..., rope_interleaved=True)``
 returns the rows as llama.cpp stores them with the interleaved rotation instead (same outputs).
 
-**Cache.** Dequantizing takes seconds, so the first load writes the converted model (the float32 param
-tree as safetensors, the config as JSON, the tokenizer files) to a directory under
-``fedbpt_jax.assets.cache_dir() / "converted"``, keyed by the GGUF file's name, size and mtime and by
-:data:`CONVERSION_VERSION`. It is written to a temporary directory and renamed into place, so a
-half-written cache is never read; later loads read only that directory.
+**Cache.** Dequantizing takes seconds, so the first load writes the converted model (the param tree
+as safetensors, one file per compute dtype, ``params-float32.safetensors`` /
+``params-bfloat16.safetensors``, each written once when first asked for; the config as JSON; the
+tokenizer files) to a directory under ``fedbpt_jax.assets.cache_dir() / "converted"``, keyed by the GGUF
+file's name, size and mtime and by :data:`CONVERSION_VERSION`. The directory is written to a temporary
+directory and renamed into place, and a second precision's file is written to a temporary file and
+renamed, so a half-written cache is never read; later loads read only that directory. A bfloat16 copy
+is cast from the dequantized float32 values (the GGUF's quantized blocks are no more exact than that).
 
 Example::
 
@@ -35,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from . import decoder
+from . import decoder, precision
 
 #: Bump when the conversion changes: old cache entries are then ignored.
-CONVERSION_VERSION = 2
+CONVERSION_VERSION = 3
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TOKENIZER_MODELS = ("gpt2",)
@@ -150,7 +153,15 @@ def hf_tensors_from_gguf(reader, config: decoder.DecoderConfig) -> dict[str, np.
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
-        w = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        try:
+            w = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        except (NotImplementedError, ValueError, KeyError) as err:
+            kind = getattr(tensor.tensor_type, "name", tensor.tensor_type)
+            raise ValueError(
+                f"GGUF tensor {tensor.name!r} has type {kind}, which this loader cannot dequantize to float32 "
+                f"or cast to bfloat16 ({type(err).__name__}: {err}); accepted: F32, F16, BF16 and the "
+                "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, the IQ and TQ types and MXFP4 (what gguf.quants.dequantize implements)"
+            ) from err
         if name.endswith("q_proj.weight"):
             w = unpermute_rows(w, config.num_heads)
         elif name.endswith("k_proj.weight"):
@@ -263,57 +274,97 @@ def converted_dir(path: str | Path) -> Path:
     return assets.cache_dir() / "converted" / f"{Path(path).stem}-{st.st_size}-{st.st_mtime_ns}-v{CONVERSION_VERSION}"
 
 
-def convert_gguf(path: str | Path, target: str | Path) -> None:
+def params_file(compute_dtype: str) -> str:
+    """Name of a converted cache's param file for ``compute_dtype``."""
+    return f"params-{compute_dtype}.safetensors"
+
+
+def _save_params(params: dict, path: Path, source: str) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(flatten_params(params), str(path), metadata={"source": source})
+
+
+def convert_gguf(path: str | Path, target: str | Path, *, compute_dtype: str = "float32") -> None:
     """Converts GGUF file ``path`` into cache directory ``target`` (written to a temp dir, then renamed).
 
-    ``target`` holds ``params.safetensors`` (the float32 param tree, flattened with
-    :func:`flatten_params`: already stacked and transposed, so reading it back is a plain copy),
-    ``decoder_config.json`` (the :class:`DecoderConfig` fields) and the tokenizer files.
+    ``target`` holds :func:`params_file` ``(compute_dtype)`` (the param tree in that precision,
+    flattened with :func:`flatten_params`: already stacked and transposed, so reading it back is a plain
+    copy), ``decoder_config.json`` (the :class:`DecoderConfig` fields, float32) and the tokenizer files.
     """
     import gguf
-    from safetensors.numpy import save_file
 
     reader = gguf.GGUFReader(str(path))
     config = config_from_gguf(reader)
     tokenizer = tokenizer_from_gguf(reader)
-    params = decoder.params_from_hf(config, hf_tensors_from_gguf(reader, config))
+    params = decoder.params_from_hf(dataclasses.replace(config, compute_dtype=compute_dtype),
+                                    hf_tensors_from_gguf(reader, config))
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        save_file(flatten_params(params), str(tmp / "params.safetensors"), metadata={"source": Path(path).name})
+        _save_params(params, tmp / params_file(compute_dtype), Path(path).name)
         (tmp / "decoder_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
         tokenizer.save_pretrained(str(tmp))
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: its copy is as good as ours
-            if not (target / "params.safetensors").is_file():
+            if not (target / "decoder_config.json").is_file():
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_converted(target: Path):
+def _add_precision(target: Path, compute_dtype: str) -> None:
+    """Writes ``target``'s param file for ``compute_dtype`` cast from one it already has (atomic rename)."""
+    from safetensors.numpy import load_file
+
+    have = [d for d in precision.COMPUTE_DTYPES if (target / params_file(d)).is_file()]
+    if not have:
+        raise FileNotFoundError(f"converted cache {str(target)!r} holds no param file")
+    config = decoder.DecoderConfig(**{**json.loads((target / "decoder_config.json").read_text()),
+                                      "compute_dtype": compute_dtype})
+    params = decoder.cast_params(config, unflatten_params(load_file(str(target / params_file(have[0])))))
+    fd, tmp = tempfile.mkstemp(prefix=params_file(compute_dtype) + ".tmp-", dir=target)
+    os.close(fd)
+    try:
+        _save_params(jax_to_numpy(params), Path(tmp), target.name)
+        os.replace(tmp, target / params_file(compute_dtype))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def jax_to_numpy(params: dict) -> dict:
+    """The same tree with numpy leaves (for writing)."""
+    return {k: jax_to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in params.items()}
+
+
+def _load_converted(target: Path, compute_dtype: str = "float32"):
     import jax
     from safetensors.numpy import load_file
     from transformers import PreTrainedTokenizerFast
 
-    config = decoder.DecoderConfig(**json.loads((target / "decoder_config.json").read_text()))
-    params = jax.tree_util.tree_map(jax.device_put, unflatten_params(load_file(str(target / "params.safetensors"))))
+    config = decoder.DecoderConfig(**{**json.loads((target / "decoder_config.json").read_text()),
+                                      "compute_dtype": compute_dtype})
+    flat = load_file(str(target / params_file(compute_dtype)))
+    params = jax.tree_util.tree_map(jax.device_put, unflatten_params(flat))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True)
     return config, params, tokenizer
 
 
-def load_gguf(path: str | Path, *, rope_interleaved: bool = False, use_cache: bool = True):
+def load_gguf(path: str | Path, *, rope_interleaved: bool = False, use_cache: bool = True,
+              compute_dtype: str = "float32"):
     """Loads a llama-architecture GGUF file.
 
     Args:
       path: the ``.gguf`` file.
       rope_interleaved: return Q/K rows in llama.cpp's order with the interleaved RoPE form instead of
         the default HF order with rotate-half (the outputs are the same).
-      use_cache: read/write the converted float32 copy under ``assets.cache_dir()/converted``; with
-        ``False`` everything is converted in memory from the GGUF file.
+      use_cache: read/write the converted copy under ``assets.cache_dir()/converted`` (one file per
+        compute dtype); with ``False`` everything is converted in memory from the GGUF file.
+      compute_dtype: ``"float32"`` or ``"bfloat16"`` (see :mod:`fedbpt_jax.models.precision`).
 
     Returns:
       ``(DecoderConfig, params, tokenizer)`` with a ``transformers.PreTrainedTokenizerFast`` built from
@@ -322,19 +373,22 @@ def load_gguf(path: str | Path, *, rope_interleaved: bool = False, use_cache: bo
     Raises:
       ValueError: an unsupported architecture, tokenizer or RoPE scaling (named with what is accepted).
     """
+    precision.check(compute_dtype)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
     if use_cache:
         target = converted_dir(path)
-        if not (target / "params.safetensors").is_file():
-            convert_gguf(path, target)
-        config, params, tokenizer = _load_converted(target)
+        if not (target / "decoder_config.json").is_file():
+            convert_gguf(path, target, compute_dtype=compute_dtype)
+        elif not (target / params_file(compute_dtype)).is_file():
+            _add_precision(target, compute_dtype)
+        config, params, tokenizer = _load_converted(target, compute_dtype)
     else:
         import gguf
 
         reader = gguf.GGUFReader(str(path))
-        config = config_from_gguf(reader)
+        config = dataclasses.replace(config_from_gguf(reader), compute_dtype=compute_dtype)
         params = decoder.params_from_hf(config, hf_tensors_from_gguf(reader, config))
         tokenizer = tokenizer_from_gguf(reader)
     if rope_interleaved:
@@ -343,6 +397,6 @@ def load_gguf(path: str | Path, *, rope_interleaved: bool = False, use_cache: bo
 
 
 __all__ = [
-    "CONVERSION_VERSION", "load_gguf", "convert_gguf", "converted_dir", "config_from_gguf", "tokenizer_from_gguf",
+    "CONVERSION_VERSION", "load_gguf", "convert_gguf", "params_file", "converted_dir", "config_from_gguf", "tokenizer_from_gguf",
     "hf_tensors_from_gguf", "hf_tensor_name", "flatten_params", "unflatten_params", "unpermute_rows", "permute_rows", "to_interleaved",
 ]

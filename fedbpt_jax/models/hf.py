@@ -120,17 +120,23 @@ def _header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _read_bf16(path: Path, info: dict[str, Any], data_start: int) -> np.ndarray:
-    """bfloat16 is the top half of float32: widen the raw uint16 words exactly (numpy has no bf16)."""
+def _read_bf16(path: Path, info: dict[str, Any], data_start: int, keep: bool = False) -> np.ndarray:
+    """The raw bfloat16 words, as ``ml_dtypes.bfloat16`` (``keep``) or widened exactly to float32
+    (bfloat16 is the top half of a float32)."""
     begin, end = info["data_offsets"]
     raw = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=data_start + begin)
+    if keep:
+        import ml_dtypes
+
+        return raw.view(ml_dtypes.bfloat16).reshape(info["shape"])
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
-def read_safetensors(directory: str | Path) -> dict[str, np.ndarray]:
+def read_safetensors(directory: str | Path, *, keep_bf16: bool = False) -> dict[str, np.ndarray]:
     """Read every tensor of a checkpoint (single file or sharded) into numpy arrays.
 
-    bfloat16 tensors are converted exactly to float32 (numpy has no bfloat16); every other dtype is
+    bfloat16 tensors are converted exactly to float32, or kept as ``ml_dtypes.bfloat16`` arrays with
+    ``keep_bf16`` (loading for bfloat16 compute: no float32 copy is ever made); every other dtype is
     returned as stored.
 
     Args:
@@ -157,7 +163,7 @@ def read_safetensors(directory: str | Path) -> dict[str, np.ndarray]:
                     tensors[name] = f.get_tensor(name)
         for name, info in header.items():
             if info["dtype"] == "BF16":
-                tensors[name] = _read_bf16(path, info, data_start)
+                tensors[name] = _read_bf16(path, info, data_start, keep_bf16)
     return tensors
 
 
