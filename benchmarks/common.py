@@ -5,9 +5,11 @@ threads fight XLA's on a 2-core CPU, see docs/environment.md).
 
 Timing rules followed everywhere: compile is timed separately (AOT ``lower().compile()`` or the first
 call), one warm-up call runs before any timed call, every timed call ends in ``block_until_ready``.
-The float32 matmul peak is measured in the same process, right before and right after each timed item,
-because the development machine is shared: the fraction of peak of an item is its GFLOP/s over the
-mean of the two peak measurements that bracket it (same load), and the run's best peak is reported too.
+The matmul peak *of the item's compute dtype* (float32, or bfloat16 inputs with float32 accumulation)
+is measured in the same process, right before and right after each timed item, because the development
+machine is shared: the fraction of peak of an item is its GFLOP/s over the mean of the two peak
+measurements that bracket it (same load), and the run's best peak is reported too. FLOPs come from the
+package's one cost model (``Scorer.cost``, ``federated.round_cost``).
 """
 from __future__ import annotations
 
@@ -144,22 +146,23 @@ def aot_compile(jitted, *args) -> tuple[Any, float]:
 
 
 class Peak:
-    """The float32 matmul peak of this machine, measured now (jitted ``n x n @ n x n``, best of a few).
+    """The matmul peak of this machine in ``dtype``, measured now (jitted ``n x n @ n x n``, best of a
+    few; bfloat16 inputs accumulate in float32, as the models' matmuls do).
 
     ``best`` (the highest measurement of the run) is the machine's capability and the conservative
     reference for fractions of peak; :meth:`bracket` also gives the peak measured right before and
     after an item, i.e. under the same load from other processes (the development machine is shared).
     """
 
-    def __init__(self, n: int = 2048, repeats: int = 4):
+    def __init__(self, n: int = 2048, repeats: int = 4, dtype: str = "float32"):
         import jax
         import jax.numpy as jnp
 
-        self.n, self.repeats = n, repeats
+        self.n, self.repeats, self.dtype = n, repeats, dtype
         key_a, key_b = jax.random.split(jax.random.key(0))
-        self.a = jax.random.normal(key_a, (n, n), jnp.float32)
-        self.b = jax.random.normal(key_b, (n, n), jnp.float32)
-        self.fn = jax.jit(lambda a, b: a @ b)
+        self.a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+        self.b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
+        self.fn = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
         block(self.fn(self.a, self.b))
         self.history: list[float] = []
 
@@ -256,17 +259,25 @@ def tree_bytes(tree) -> int:
 MODELS = ("tiny", "smollm2")
 
 
-def load_model(name: str):
-    """``"tiny"``: the random 2-layer decoder of :mod:`fedbpt_jax.testing`; ``"smollm2"``: the real
-    SmolLM2-135M-Instruct (GGUF, offline)."""
-    if name == "tiny":
-        from fedbpt_jax import testing
+DTYPES = ("float32", "bfloat16")
 
-        return testing.tiny_decoder(0)
+
+def load_model(name: str, compute_dtype: str = "float32"):
+    """``"tiny"``: the random 2-layer decoder of :mod:`fedbpt_jax.testing`; ``"smollm2"``: the real
+    SmolLM2-135M-Instruct (GGUF, offline); in ``compute_dtype``."""
+    if name == "tiny":
+        import dataclasses
+
+        from fedbpt_jax import testing
+        from fedbpt_jax.models import decoder
+
+        lm = testing.tiny_decoder(0)
+        cfg = dataclasses.replace(lm.config, compute_dtype=compute_dtype)
+        return dataclasses.replace(lm, config=cfg, params=decoder.cast_params(cfg, lm.params))
     if name == "smollm2":
         from fedbpt_jax import models
 
-        return models.load("smollm2-135m-instruct")
+        return models.load("smollm2-135m-instruct", compute_dtype=compute_dtype)
     raise ValueError(f"unknown model {name!r}; accepted: {MODELS}")
 
 
@@ -296,41 +307,6 @@ def scoring_batch(lm, num_examples: int, max_length: int, n_prompt: int, *, seed
     import jax
 
     return jax.tree_util.tree_map(jnp.asarray, batch), spec, source
-
-
-# ----------------------------------------------------------------------------------------------
-# FLOPs actually executed (padding and masked attention entries included)
-# ----------------------------------------------------------------------------------------------
-def executed_flops_per_example(cfg, num_query_tokens: int, num_keys: int, num_labels: int = 2) -> float:
-    """FLOPs XLA really runs to push ``num_query_tokens`` tokens of one example through the trunk.
-
-    The decoder computes every (query, key) score, masked ones included (padding, causal upper
-    triangle), so each query costs ``flops_per_token(cfg, num_keys)`` per layer share (weights + full
-    attention row); the last layer runs only its key/value projections for every token and the rest
-    for the last position (``decoder._trunk(last_only=True)``); the head projects the label rows at
-    the last position only. Compare with ``decoder.flops_per_example`` (the *useful* count: causal
-    triangle, same padded length).
-    """
-    from fedbpt_jax.models import decoder
-
-    q, L = num_query_tokens, cfg.num_layers
-    per_layer_token = decoder.flops_per_token(cfg, num_keys) / L  # weights + one full attention row
-    kv = 2 * decoder.kv_params_per_layer(cfg)
-    last = kv * q + (per_layer_token - kv) if q > 0 else 0.0
-    return (L - 1) * q * per_layer_token + last + 2 * cfg.hidden_size * num_labels
-
-
-def scoring_flops(cfg, *, num_examples: int, text_len: int, n_prompt: int, cue_len: int, cached: bool,
-                  num_labels: int = 2) -> float:
-    """Executed FLOPs of scoring ONE candidate on ``num_examples`` examples (cache already built)."""
-    total = text_len + n_prompt + cue_len
-    q = n_prompt + cue_len if cached else total
-    return num_examples * executed_flops_per_example(cfg, q, total, num_labels)
-
-
-def prepare_flops(cfg, *, num_examples: int, text_len: int) -> float:
-    """Executed FLOPs of building the text-prefix cache (the text part through every layer)."""
-    return num_examples * (executed_flops_per_example(cfg, text_len, text_len, 0))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,17 +1,20 @@
-"""Forward throughput of black-box population scoring (issue 2).
+"""Forward throughput of black-box population scoring, in float32 and bfloat16.
 
 Measures, in one process:
 
-* this machine's float32 matmul peak (jitted 2048x2048 @ 2048x2048; measured again right before and
-  after every timed item, since the machine may be shared: fractions use the bracketing pair);
+* this machine's matmul peak in each compute dtype (jitted 2048x2048 @ 2048x2048, bfloat16 inputs with
+  float32 accumulation; measured again right before and after every timed item, since the machine may
+  be shared: fractions use the bracketing pair of the item's own dtype);
 * for each model (SmolLM2-135M with real weights and real SST-2 sentences; the tiny random decoder) and
   each decoder layout — "after" with the text-prefix cache (the default), "after" uncached
   (``make_scorer(use_cache=False)``) and "before" (the paper's prompt-first layout):
   - scoring a population of P candidates in ONE batched pass (``objective.population_logits``,
     vmapped over candidates) vs one candidate per pass (a Python loop over a jitted single-candidate
     call, each result read back to the host, as the reference code does);
-  - executed GFLOP/s (``decoder.flops_per_token`` per query token over every key it really computes:
-    padding and masked entries included) and the fraction of the bracketing matmul peak;
+  - GFLOP/s from the scorer's cost model (``Scorer.cost``: padding included, masked attention entries
+    of the causal triangle not counted, about 1 % of the work at these lengths) and the fraction of the
+    bracketing matmul peak of the same dtype;
+* for each precision (``--dtypes``): the bfloat16 / float32 speed ratio of the same item;
 * the prefix-cache speedup per pass and amortised over a FedBPT round (cache built once, then
   I + 1 = 9 passes: 8 generations and the final mean).
 
@@ -41,9 +44,9 @@ LAYOUTS = (("after", True, "after+cache"), ("after", False, "after (no cache)"),
 PASSES_PER_ROUND = 9  # FedBPT: I = 8 local generations + the final mean, one shared cache
 
 
-def bench_model(name: str, args, peak: common.Peak) -> dict:
+def bench_model(name: str, args, peak: common.Peak, dtype: str = "float32") -> dict:
     t0 = time.perf_counter()
-    lm = common.load_model(name)
+    lm = common.load_model(name, dtype)
     load_s = time.perf_counter() - t0
     cfg = lm.config
     n = args.n_prompt
@@ -51,7 +54,7 @@ def bench_model(name: str, args, peak: common.Peak) -> dict:
     B, T = batch.input_ids.shape
     cue = int(spec.cue_ids.shape[0])
     real_len = float(np.mean(np.sum(np.asarray(batch.attention_mask), -1)))
-    print(f"\n== {name}: {lm.num_params() / 1e6:.1f}M params, L={cfg.num_layers} H={cfg.hidden_size}; "
+    print(f"\n== {name} [{dtype}]: {lm.num_params() / 1e6:.1f}M params, L={cfg.num_layers} H={cfg.hidden_size}; "
           f"{source}: B={B} examples, text T={T} (mean real {real_len:.1f}), n_prompt={n}, cue={cue} "
           f"(load {load_s:.1f} s)", flush=True)
     A = prompt.make_projection(jax.random.key(1), lm.input_embeddings(), intrinsic_dim=args.intrinsic_dim,
@@ -83,11 +86,10 @@ def bench_model(name: str, args, peak: common.Peak) -> dict:
             out_l = loop(params, ctx, prompts)
             diff_loop = float(np.max(np.abs(out_b - out_l)))
             ref_logits[label] = out_b
-            checks[f"{name}/P={P}/{label}: batched vs loop max|diff|"] = diff_loop
+            checks[f"{name}/{dtype}/P={P}/{label}: batched vs loop max|diff|"] = diff_loop
 
-            flops = P * common.scoring_flops(cfg, num_examples=B, text_len=T, n_prompt=n, cue_len=cue,
-                                             cached=cached)
-            useful = P * B * scorer.flops_per_example(T, cue)
+            num_labels = int(spec.label_ids.shape[0])
+            flops = P * B * scorer.cost(T, cue, num_labels).forward
             for mode, fn in (("batched", batched_c), ("loop", loop)):
                 if mode == "loop" and not args.loop_all and not cached and P > 1 and name != "tiny":
                     continue  # same FLOPs as the cached loop's ratio shows; skipped to save time
@@ -96,36 +98,37 @@ def bench_model(name: str, args, peak: common.Peak) -> dict:
                 t = timed["min_s"]  # best of the repeats: the machine is shared (see cpu_util)
                 ref_peak = 0.5 * (before + after)
                 rows.append({
-                    "model": name, "P": P, "layout": label, "mode": mode, "B": B, "T": T, "n_prompt": n,
+                    "model": name, "dtype": dtype, "P": P, "layout": label, "mode": mode, "B": B, "T": T, "n_prompt": n,
                     "cue": cue, "seconds": t, "seconds_median": timed["median_s"], "times_s": timed["times_s"],
                     "first_call_s": timed["first_s"],
                     "compile_s": batched_compile if mode == "batched" else single_compile,
                     "prepare_s": prep["median_s"] if cached else 0.0, "prepare_compile_s": prepare_compile,
-                    "gflop_executed": flops / 1e9, "gflop_useful": useful / 1e9,
+                    "gflop": flops / 1e9,
                     "gflops": flops / t / 1e9, "peak_adjacent": ref_peak,
                     "frac_adjacent": flops / t / 1e9 / ref_peak, "cpu_util": timed["cpu_util"],
                     "candidates_per_s": P / t, "query_tokens_per_s":
                         P * B * ((n + cue) if cached else (T + n + cue)) / t,
                 })
                 r = rows[-1]
-                print(f"  P={P:<3d} {label:<17s} {mode:<8s} {t * 1e3:10.1f} ms  {r['gflops']:7.1f} GFLOP/s "
+                print(f"  {dtype:<8s} P={P:<3d} {label:<17s} {mode:<8s} {t * 1e3:10.1f} ms  {r['gflops']:7.1f} GFLOP/s "
                       f"({100 * r['frac_adjacent']:5.1f}% of the adjacent peak {ref_peak:.0f}, cpu util "
                       f"{r['cpu_util']:.2f})  compile {r['compile_s']:.1f} s", flush=True)
-        checks[f"{name}/P={P}: cached vs uncached 'after' max|diff|"] = float(
+        checks[f"{name}/{dtype}/P={P}: cached vs uncached 'after' max|diff|"] = float(
             np.max(np.abs(ref_logits["after+cache"] - ref_logits["after (no cache)"])))
         scale = float(np.max(np.abs(ref_logits["after (no cache)"])))
-        checks[f"{name}/P={P}: logits max|value|"] = scale
-    return {"model": name, "num_params": lm.num_params(), "rows": rows, "checks": checks, "source": source,
+        checks[f"{name}/{dtype}/P={P}: logits max|value|"] = scale
+    return {"model": name, "dtype": dtype, "model_bytes": common.tree_bytes(lm.params), "num_params": lm.num_params(), "rows": rows, "checks": checks, "source": source,
             "mean_real_text_tokens": real_len, "load_s": load_s}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
-    keys = sorted({(r["model"], r["P"]) for r in rows}, key=lambda k: (common.MODELS.index(k[0]), k[1]))
-    for model, P in keys:
-        get = {(r["layout"], r["mode"]): r for r in rows if r["model"] == model and r["P"] == P}
+    keys = sorted({(r["model"], r["dtype"], r["P"]) for r in rows},
+                  key=lambda k: (common.MODELS.index(k[0]), common.DTYPES.index(k[1]), k[2]))
+    for model, dtype, P in keys:
+        get = {(r["layout"], r["mode"]): r for r in rows if r["model"] == model and r["P"] == P and r["dtype"] == dtype}
         c, u, b = get.get(("after+cache", "batched")), get.get(("after (no cache)", "batched")), get.get(("before", "batched"))
-        s = {"model": model, "P": P}
+        s = {"model": model, "dtype": dtype, "P": P}
         for label in ("after+cache", "after (no cache)", "before"):
             if (label, "batched") in get and (label, "loop") in get:
                 s[f"batched_speedup[{label}]"] = get[(label, "loop")]["seconds"] / get[(label, "batched")]["seconds"]
@@ -138,6 +141,15 @@ def summarise(rows: list[dict]) -> list[dict]:
         if c:
             s["frac_peak_cached_batched"] = c["frac_peak"]
             s["frac_adjacent_cached_batched"] = c["frac_adjacent"]
+            f32 = [r for r in rows if r["model"] == model and r["P"] == P and r["dtype"] == "float32"
+                   and r["layout"] == "after+cache" and r["mode"] == "batched"]
+            if dtype != "float32" and f32:
+                s["speed_vs_float32[after+cache]"] = f32[0]["seconds"] / c["seconds"]
+        for label in ("after (no cache)", "before"):
+            f32 = [r for r in rows if r["model"] == model and r["P"] == P and r["dtype"] == "float32"
+                   and r["layout"] == label and r["mode"] == "batched"]
+            if dtype != "float32" and f32 and (label, "batched") in get:
+                s[f"speed_vs_float32[{label}]"] = f32[0]["seconds"] / get[(label, "batched")]["seconds"]
         out.append(s)
     return out
 
@@ -154,8 +166,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loop-all", action="store_true",
                     help="also time the one-candidate loop for the uncached layouts of the real model")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    dtypes = args.dtypes.split(",")
+    for d in dtypes:
+        if d not in common.DTYPES:
+            ap.error(f"unknown dtype {d!r}; accepted: {common.DTYPES}")
     models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
     args.populations = [int(p) for p in args.populations.split(",")]
     if args.quick:
@@ -164,31 +181,35 @@ def main(argv=None):
     info = common.machine_info()
     print(f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
           f"load average {info['loadavg_start']}")
-    peak = common.Peak()
-    p0 = peak.measure()
-    print(f"float32 matmul peak (2048^3, jitted): {p0:.1f} GFLOP/s", flush=True)
-    results = [bench_model(m, args, peak) for m in models]
+    peaks = {d: common.Peak(dtype=d) for d in dtypes}
+    for d, pk in peaks.items():
+        print(f"{d} matmul peak (2048^3, jitted, float32 accumulation): {pk.measure():.1f} GFLOP/s", flush=True)
+    results = [bench_model(m, args, peaks[d], d) for m in models for d in dtypes]
     rows = [r for res in results for r in res["rows"]]
-    for _ in range(2):
-        peak.measure()
-    for r in rows:  # conservative: against the best peak measured anywhere in this run
-        r["peak_best"] = peak.best
-        r["frac_peak"] = r["gflops"] / peak.best
+    for pk in peaks.values():
+        for _ in range(2):
+            pk.measure()
+    for r in rows:  # conservative: against the best peak of the item's dtype measured anywhere in this run
+        r["peak_best"] = peaks[r["dtype"]].best
+        r["frac_peak"] = r["gflops"] / r["peak_best"]
     summary = summarise(rows)
 
-    print(f"\nfractions: 'frac of best peak' = GFLOP/s over the best float32 matmul peak measured in this run "
-          f"(conservative); 'adjacent' = over the peak measured right before/after the item (same load).")
-    print(f"float32 matmul peak in this run: best {peak.best:.1f} GFLOP/s, "
-          f"all {[round(x, 1) for x in peak.history]}; load average now {list(os.getloadavg())}\n")
-    print(common.table(rows, [("model", "model"), ("P", "P"), ("layout", "layout"), ("mode", "mode"),
+    print(f"\nfractions: 'frac of best peak' = GFLOP/s over the best matmul peak of the item's dtype measured in "
+          f"this run (conservative); 'adjacent' = over the peak measured right before/after the item (same load).")
+    for d, pk in peaks.items():
+        print(f"{d} matmul peak in this run: best {pk.best:.1f} GFLOP/s, all {[round(x, 1) for x in pk.history]}")
+    print(f"load average now {list(os.getloadavg())}\n")
+    print(common.table(rows, [("model", "model"), ("dtype", "dtype"), ("P", "P"), ("layout", "layout"), ("mode", "mode"),
                               ("B", "B"), ("T", "T"), ("n_prompt", "n"), ("cue", "cue"),
                               ("seconds", "s / pass (best)"), ("candidates_per_s", "cand/s"),
-                              ("gflop_executed", "GFLOP/pass"), ("gflops", "GFLOP/s"),
+                              ("gflop", "GFLOP/pass"), ("gflops", "GFLOP/s"),
                               ("frac_peak", "frac of best peak"), ("peak_adjacent", "adjacent peak"),
                               ("frac_adjacent", "frac of adjacent"), ("cpu_util", "cpu util"),
                               ("compile_s", "compile s")]))
     print()
-    print(common.table(summary, [("model", "model"), ("P", "P"),
+    print(common.table(summary, [("model", "model"), ("dtype", "dtype"), ("P", "P"),
+                                 ("speed_vs_float32[after+cache]", "speed vs float32 (cache)"),
+                                 ("speed_vs_float32[before]", "speed vs float32 (before)"),
                                  ("batched_speedup[after+cache]", "batched/loop (cache)"),
                                  ("batched_speedup[after (no cache)]", "batched/loop (no cache)"),
                                  ("batched_speedup[before]", "batched/loop (before)"),
@@ -203,16 +224,17 @@ def main(argv=None):
             print(f"  {k}: {v:.3g}")
     targets = {}
     for s in summary:
-        if s["model"] == "smollm2":
+        if s["model"] == "smollm2" and s["dtype"] == "float32":
             targets[f"P={s['P']}: population scoring >= 50% of the best matmul peak of the run"] = (
                 s.get("frac_peak_cached_batched", 0) >= 0.5)
             targets[f"P={s['P']}: prefix cache >= 2x uncached 'after' (per pass)"] = s.get("cache_speedup_per_pass", 0) >= 2
     for k, v in targets.items():
         print(f"target {k}: {'MET' if v else 'NOT MET'}")
-    ok = all(v < 1e-3 for res in results for k, v in res["checks"].items() if "max|diff|" in k)
+    ok = all(v < 1e-3 for res in results for k, v in res["checks"].items() if "max|diff|" in k and "float32" in k)
     info["loadavg_end"] = list(os.getloadavg())
-    out = {"benchmark": "forward_throughput", "machine": info, "args": vars(args), "peak_gflops_history": peak.history,
-           "peak_gflops_best": peak.best, "rows": rows, "summary": summary, "targets": targets,
+    out = {"benchmark": "forward_throughput", "machine": info, "args": vars(args),
+           "peak_gflops_history": {d: pk.history for d, pk in peaks.items()},
+           "peak_gflops_best": {d: pk.best for d, pk in peaks.items()}, "rows": rows, "summary": summary, "targets": targets,
            "checks": {k: v for res in results for k, v in res["checks"].items()}, "checks_ok": ok,
            "models": [{k: v for k, v in res.items() if k != "rows"} for res in results]}
     if args.json:

@@ -1,6 +1,7 @@
-"""Throughput of whole FedBPT rounds (issue 3): the vectorized engine vs the reference code's way.
+"""Throughput of whole FedBPT rounds: the vectorized engine vs the reference code's way, vs pure
+inference of the same model on the same tokens, in float32 and bfloat16.
 
-For each configuration (model, K clients per round, all K sampled from N = K clients):
+For each configuration (model, compute dtype, K clients per round, all K sampled from N = K clients):
 
 * **vectorized**: ``jax.jit(fedbpt(config, lm).round)`` — clients vmapped (``lax.map`` over chunks of
   ``chunk_clients`` for large K), each client's population scored in one batched pass per
@@ -22,9 +23,12 @@ For each configuration (model, K clients per round, all K sampled from N = K cli
 * **memory**: each configuration runs in its own subprocess; peak RSS (``VmHWM``, reset through
   ``/proc/self/clear_refs`` after setup) during compilation and during the timed rounds, next to one
   model copy's bytes. (On the CPU backend ``memory_stats()`` is not available.)
-* **FLOPs**: executed FLOPs of a round (prefix caches of the clean and perturbed copies + (I·λ + 1)
-  clean and perturbed passes per client, padding included) from the decoder's flops helpers, over the
-  float32 matmul peak measured right before and after the timed rounds in the same process.
+* **FLOPs**: FLOPs of a round from the package's cost model (``federated.round_cost``: prefix caches of
+  the clean and perturbed copies + (I·λ + 1) clean and perturbed passes per client, padding included),
+  over the matmul peak *of the same dtype* measured right before and after the timed rounds.
+* **fraction of pure inference**: the round's tokens/s over the tokens/s of a plain batched forward of
+  the same model on the same tokens (every client's clean and perturbed copy: its prefix cache, then
+  all I·λ + 1 candidate prompts in one vmapped pass; no ES, no perturbation, no host work).
 
 Before timing, each configuration checks that the vectorized fitness (``population_fitness`` vmapped
 over clients and candidates) equals the reference-style per-candidate fitness for the same candidate
@@ -83,7 +87,7 @@ def _federated_data(lm, K: int, E: int, T: int, n_prompt: int, seed: int = 0):
 def _cheap_scorer(num_labels: int):
     """A stand-in for the model: label logits as a trivial function of the prompt (keeps the ES honest)."""
     import jax.numpy as jnp
-    from fedbpt_jax.objective import Scorer
+    from fedbpt_jax.objective import ScoreCost, Scorer
 
     def prepare(params, batch):
         return batch
@@ -92,7 +96,7 @@ def _cheap_scorer(num_labels: int):
         s = jnp.mean(prompt) * jnp.arange(1, num_labels + 1, dtype=jnp.float32)
         return s[None, :] + 0.01 * batch.attention_mask[:, :num_labels].astype(jnp.float32)
 
-    return Scorer(prepare, logits, "after", lambda *a, **k: 0.0)
+    return Scorer(prepare, logits, "after", lambda *a, **k: ScoreCost(0.0, 0.0))
 
 
 def _make_algo(cfg, lm, scorer=None):
@@ -221,18 +225,43 @@ def _check_fitness(ref: _RefStyle, cfg, data, model, num_clients: int) -> float:
     return float(np.max(np.abs(vec - out) / np.maximum(np.abs(out), 1e-12)))
 
 
-def run_config(model_name: str, K: int, args, lm=None) -> dict:
+def _pure_inference(lm, scorer, data, A, P: int, chunk: int):
+    """The plain forward the round's model work amounts to: ``(params, batches [K, 2, E, T], Z [K, P, d])
+    -> logits [K, 2, P, E, C]``, jitted (clients chunked like the round when ``chunk``)."""
+    import jax
+    from fedbpt_jax import objective, prompt
+
+    spec, hidden = data.spec, lm.hidden_size
+
+    def client(params, A, b2, z):
+        prompts = prompt.to_prompt(A, z, hidden)
+
+        def copy(b):
+            return objective.population_logits(scorer, params, scorer.prepare(params, b), spec, prompts)
+
+        return jax.vmap(copy)(b2)
+
+    def run(params, A, batches, Z):
+        one = lambda bz: client(params, A, *bz)  # noqa: E731
+        if chunk:
+            return jax.lax.map(one, (batches, Z), batch_size=chunk)
+        return jax.vmap(one)((batches, Z))
+
+    return jax.jit(run)
+
+
+def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
     from fedbpt_jax import prompt
     from fedbpt_jax.federated import FedConfig, HParams
     from fedbpt_jax.federated.core import ModelInputs
 
-    res: dict = {"model": model_name, "K": K}
+    res: dict = {"model": model_name, "dtype": dtype, "K": K}
     jax.devices()
     res["rss_runtime"] = common.rss_bytes()  # Python + jaxlib + libraries, before any model or data
     t0 = time.perf_counter()
-    lm = lm or common.load_model(model_name)
+    lm = lm or common.load_model(model_name, dtype)
     res["load_s"] = time.perf_counter() - t0
     E, T, n = args.examples, args.text_len, args.n_prompt
     data, source = _federated_data(lm, K, E, T, n)
@@ -251,15 +280,15 @@ def run_config(model_name: str, K: int, args, lm=None) -> dict:
                 "population": cfg.population_size, "generations": cfg.local_generations, "chunk_clients": chunk,
                 "model_bytes": common.tree_bytes(lm.params), "projection_bytes": common.tree_bytes(A),
                 "num_params": lm.num_params()})
-    peak = common.Peak(repeats=args.peak_repeats)
+    peak = common.Peak(repeats=args.peak_repeats, dtype=dtype)
     for _ in range(args.peak_samples):
         peak.measure()
-    cfgm = lm.config
+    from fedbpt_jax.federated import round_cost
+
     passes = cfg.local_generations * cfg.population_size + 1  # fitness evaluations per client per round
     fwd_per_eval = 2 if cfg.perturb else 1
-    flops_round = K * (fwd_per_eval * common.prepare_flops(cfgm, num_examples=E, text_len=T)
-                       + passes * fwd_per_eval * common.scoring_flops(cfgm, num_examples=E, text_len=T,
-                                                                      n_prompt=n, cue_len=cue, cached=True))
+    algo = _make_algo(cfg, lm)
+    flops_round = K * round_cost(algo, lm, data)["flops_per_client"]
     tokens_round = K * fwd_per_eval * (E * T + passes * E * (n + cue))
     res.update({"gflop_per_round": flops_round / 1e9, "tokens_per_round": tokens_round,
                 "evals_per_round": K * passes, "forward_calls_per_round_ref": K * passes * fwd_per_eval})
@@ -273,7 +302,6 @@ def run_config(model_name: str, K: int, args, lm=None) -> dict:
           f"{cfg.population_size} candidates: max rel diff {res['check_max_rel_diff']:.2e}", flush=True)
 
     # ---- vectorized round ----------------------------------------------------------------------
-    algo = _make_algo(cfg, lm)
     state = algo.init(jax.random.key(0), hp)
     round_jit = jax.jit(algo.round)
     key = jax.random.key(3)
@@ -331,6 +359,26 @@ def run_config(model_name: str, K: int, args, lm=None) -> dict:
           f"best peak so far {peak.best:.0f}, cpu util {util:.2f}), "
           f"peak RSS {res['peak_rss_run'] / 2**20:.0f} MiB (model {res['model_bytes'] / 2**20:.0f} MiB)", flush=True)
     del compiled
+
+    # ---- pure inference: the same model on the same tokens, nothing else ---------------------------
+    if not args.skip_pure:
+        from fedbpt_jax import objective as obj
+
+        pure = _pure_inference(lm, algo.scorer or obj.make_scorer(lm, cfg.layout, n_prompt_tokens=n), data, A,
+                               passes, chunk)
+        key_pert, key_z = jax.random.split(jax.random.key(21))
+        pert = obj.perturb(key_pert, data.train, hp.perturb_rate, data.spec)
+        batches = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b], axis=1), data.train, pert)
+        Z = jax.random.normal(key_z, (K, passes, cfg.intrinsic_dim), jnp.float32)
+        pure_c, res["pure_compile_s"] = common.aot_compile(pure, lm.params, A, batches, Z)
+        timed = common.time_call(pure_c, lm.params, A, batches, Z, repeats=max(rounds, 1),
+                                 warmup=1 if model_name == "tiny" or K < 10 else 0)
+        res["pure_s"] = timed["min_s"]
+        res["pure_tokens_per_s"] = tokens_round / res["pure_s"]
+        res["frac_pure_inference"] = res["pure_s"] / t
+        print(f"[{model_name} K={K}] pure inference of the same tokens: {res['pure_s']:.3f} s; the round runs at "
+              f"{100 * res['frac_pure_inference']:.1f}% of pure-inference tokens/s", flush=True)
+        del pure_c
 
     # ---- ES share: the same round with a trivial model ------------------------------------------
     if args.es_ks in ("", "all") or (args.es_ks != "none" and K in [int(k) for k in args.es_ks.split(",")]):
@@ -406,8 +454,8 @@ def run_config(model_name: str, K: int, args, lm=None) -> dict:
 # ==================================================================================================
 # Orchestration
 # ==================================================================================================
-def _worker_cmd(model: str, K: int, args, out: str) -> list[str]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, str(K), out]
+def _worker_cmd(model: str, K: int, args, out: str, dtype: str = "float32") -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, str(K), out, "--dtypes", dtype]
     for name in ("examples", "text_len", "n_prompt", "intrinsic_dim", "population", "generations", "chunk",
                  "rounds", "rounds_tiny_large", "rounds_smollm2", "warmup", "ref_clients", "ref_clients_smollm2",
                  "check_clients", "ref_before_clients", "ref_before_clients_smollm2", "es_ks", "peak_samples",
@@ -417,6 +465,8 @@ def _worker_cmd(model: str, K: int, args, out: str) -> list[str]:
         cmd.append("--warmup-smollm2")
     if args.skip_ref:
         cmd.append("--skip-ref")
+    if args.skip_pure:
+        cmd.append("--skip-pure")
     return cmd
 
 
@@ -457,19 +507,21 @@ def _plot(results: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-COLUMNS = [("model", "model"), ("K", "K"), ("chunk_clients", "chunk"), ("round_s", "s/round"),
+COLUMNS = [("model", "model"), ("dtype", "dtype"), ("K", "K"), ("chunk_clients", "chunk"), ("round_s", "s/round"),
            ("rounds_per_s", "rounds/s"), ("client_generations_per_s", "client-gens/s"),
            ("candidate_evals_per_s", "cand evals/s"), ("tokens_per_s", "tokens/s"), ("gflops", "GFLOP/s"),
            ("frac_peak", "frac best peak"), ("frac_adjacent", "frac adj. peak"), ("cpu_util", "cpu util"),
-           ("compile_s", "compile s"), ("es_share", "ES share")]
-REF_COLUMNS = [("model", "model"), ("K", "K"), ("round_s", "vectorized s/round"), ("ref_round_s", "ref s/round"),
+           ("compile_s", "compile s"), ("es_share", "ES share"), ("frac_pure_inference", "frac of pure inference"),
+           ("speed_vs_float32", "speed vs float32")]
+REF_COLUMNS = [("model", "model"), ("dtype", "dtype"), ("K", "K"), ("round_s", "vectorized s/round"), ("ref_round_s", "ref s/round"),
                ("ref_clients_timed", "ref clients timed"), ("ref_es_share", "ref pycma share"),
                ("speedup", "speedup"), ("ref_before_round_s", "ref 'before' s/round"),
                ("speedup_vs_ref_before", "speedup vs ref 'before'"), ("check_max_rel_diff", "check rel diff")]
-MEM_COLUMNS = [("model", "model"), ("K", "K"), ("model_mib", "model MiB"), ("runtime_rss_mib", "runtime RSS MiB"),
+MEM_COLUMNS = [("model", "model"), ("dtype", "dtype"), ("K", "K"), ("model_mib", "model MiB"), ("runtime_rss_mib", "runtime RSS MiB"),
                ("peak_rss_compile_mib", "peak RSS compile MiB"), ("peak_rss_mib", "peak RSS run MiB"),
                ("round_working_set_mib", "round working set MiB"), ("mem_x_model", "peak RSS / model"),
-               ("mem_above_runtime_x_model", "(peak - runtime) / model")]
+               ("mem_above_runtime_x_model", "(peak - runtime) / model"), ("peak_rss_vs_float32", "peak RSS vs float32"),
+               ("above_runtime_vs_float32", "(peak - runtime) vs float32")]
 
 
 def main(argv=None):
@@ -499,6 +551,8 @@ def main(argv=None):
     ap.add_argument("--ref-before-clients-smollm2", type=int, default=0,
                     help="the same for SmolLM2 (default 0: ~5x the cached cost per client)")
     ap.add_argument("--skip-ref", action="store_true", help="leave out the reference-style runs")
+    ap.add_argument("--skip-pure", action="store_true", help="leave out the pure-inference comparison")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
     ap.add_argument("--check-clients", type=int, default=2)
     ap.add_argument("--peak-samples", type=int, default=2, help="matmul-peak measurements at each point")
     ap.add_argument("--peak-repeats", type=int, default=4, help="timed matmuls per peak measurement")
@@ -515,7 +569,7 @@ def main(argv=None):
         model, K, out = args.worker[0], int(args.worker[1]), args.worker[2]
         if model == "smollm2":
             args.ref_clients, args.ref_before_clients = args.ref_clients_smollm2, args.ref_before_clients_smollm2
-        res = run_config(model, K, args)
+        res = run_config(model, K, args, dtype=args.dtypes)
         common.write_json(out, res)
         return 0
 
@@ -537,28 +591,33 @@ def main(argv=None):
           f"cma {info['versions']['cma']}, load average {info['loadavg_start']}", flush=True)
     import jax  # noqa: F401  (the parent measures the peak too; it is idle while a worker runs)
 
-    peak = common.Peak(repeats=args.peak_repeats)
-    for _ in range(args.peak_samples + 1):
-        peak.measure()
+    dtypes = args.dtypes.split(",")
+    for d in dtypes:
+        if d not in common.DTYPES:
+            ap.error(f"unknown dtype {d!r}; accepted: {common.DTYPES}")
+    peaks = {d: common.Peak(repeats=args.peak_repeats, dtype=d) for d in dtypes}
+    for pk in peaks.values():
+        for _ in range(args.peak_samples + 1):
+            pk.measure()
     results = []
-    for model in models:
-        ks = [int(k) for k in args.ks.split(",")] if args.ks else (QUICK_KS if args.quick else DEFAULT_KS)[model]
-        lm = None
-        for K in ks:
+    # Both precisions of one K run back to back (the same machine load for the ratio).
+    configs = [(model, K, dtype) for model in models
+               for K in ([int(k) for k in args.ks.split(",")] if args.ks else (QUICK_KS if args.quick else DEFAULT_KS)[model])
+               for dtype in dtypes]
+    for model, K, dtype in configs:
             t0 = time.perf_counter()
             if args.no_subprocess:
                 if model == "smollm2":
                     args.ref_clients = args.ref_clients_smollm2
                     args.ref_before_clients = args.ref_before_clients_smollm2
-                lm = lm or common.load_model(model)
-                res = run_config(model, K, args, lm)
+                res = run_config(model, K, args, common.load_model(model, dtype), dtype)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     out = os.path.join(tmp, "res.json")
-                    proc = subprocess.run(_worker_cmd(model, K, args, out))
+                    proc = subprocess.run(_worker_cmd(model, K, args, out, dtype))
                     if proc.returncode != 0 or not os.path.exists(out):
-                        print(f"[{model} K={K}] worker failed (exit {proc.returncode})", flush=True)
-                        results.append({"model": model, "K": K, "error": f"exit {proc.returncode}"})
+                        print(f"[{model} {dtype} K={K}] worker failed (exit {proc.returncode})", flush=True)
+                        results.append({"model": model, "dtype": dtype, "K": K, "error": f"exit {proc.returncode}"})
                         continue
                     res = json.load(open(out))
             res["wall_s"] = time.perf_counter() - t0
@@ -570,16 +629,26 @@ def main(argv=None):
             res["subprocess"] = not args.no_subprocess
             results.append(res)
 
-    for _ in range(args.peak_samples + 1):
-        peak.measure()
-    best = max([peak.best] + [r.get("peak_best_worker", 0) for r in results])
+    for pk in peaks.values():
+        for _ in range(args.peak_samples + 1):
+            pk.measure()
+    best_of = {d: max([pk.best] + [r.get("peak_best_worker", 0) for r in results if r.get("dtype") == d])
+               for d, pk in peaks.items()}
     ok_rows = [r for r in results if "round_s" in r]
-    for r in ok_rows:  # conservative: against the best float32 matmul peak measured anywhere in the run
+    for r in ok_rows:  # conservative: against the best matmul peak of its dtype measured anywhere in the run
+        best = best_of[r["dtype"]]
         r["peak_best"] = best
         r["frac_peak"] = r["gflops"] / best
         if "ref_round_s" in r:
             r["ref_frac_peak"] = r["gflop_per_round"] / r["ref_round_s"] / best
-    print(f"\nload average now {list(os.getloadavg())}; best float32 matmul peak of the run {best:.1f} GFLOP/s\n")
+        twin = [q for q in ok_rows if q["model"] == r["model"] and q["K"] == r["K"] and q["dtype"] == "float32"]
+        if twin and r["dtype"] != "float32":
+            r["speed_vs_float32"] = twin[0]["round_s"] / r["round_s"]
+            r["peak_rss_vs_float32"] = r["peak_rss_run"] / twin[0]["peak_rss_run"]
+            r["above_runtime_vs_float32"] = ((r["peak_rss_run"] - r["rss_runtime"])
+                                             / (twin[0]["peak_rss_run"] - twin[0]["rss_runtime"]))
+    print(f"\nload average now {list(os.getloadavg())}; best matmul peaks of the run "
+          f"{ {d: round(b, 1) for d, b in best_of.items()} } GFLOP/s\n")
     for r in ok_rows:
         r["model_mib"] = r["model_bytes"] / 2**20
         r["peak_rss_compile_mib"] = r["peak_rss_compile"] / 2**20
@@ -603,7 +672,13 @@ def main(argv=None):
         if r["model"] == "tiny" and r["K"] == 100:
             if "speedup" in r:
                 targets["tiny K=100: vectorized >= 20x reference-style"] = r["speedup"] >= 20
-        if r["model"] == "smollm2" and r["K"] == 10:
+        tag = f"{r['model']} {r['dtype']} K={r['K']}"
+        if "frac_pure_inference" in r:
+            targets[f"{tag}: round >= 90% of pure-inference tokens/s"] = r["frac_pure_inference"] >= 0.9
+        if r["model"] == "smollm2" and r["K"] == 10 and "speed_vs_float32" in r:
+            targets[f"{tag}: >= 1.7x faster than float32"] = r["speed_vs_float32"] >= 1.7
+            targets[f"{tag}: peak RSS <= 60% of float32's"] = r["peak_rss_vs_float32"] <= 0.6
+        if r["model"] == "smollm2" and r["K"] == 10 and r["dtype"] == "float32":
             targets["smollm2 K=10: round >= 50% of the best matmul peak of the run"] = r["frac_peak"] >= 0.5
             if "es_share" in r:
                 targets["smollm2 K=10: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10

@@ -1,0 +1,186 @@
+"""Does bfloat16 change what CMA-ES sees? Fitness rankings and tuned-prompt accuracy, float32 vs bfloat16.
+
+With SmolLM2-135M-Instruct and real SST-2 data (the completion template, prompt after the text):
+
+1. a prompt is tuned with centralized BBT in float32 on a 16-shot split (``--generations``);
+2. **ranking**: populations are drawn as CMA-ES draws them, ``z ~ N(m, σ² I)`` with λ ∈ {5, 20},
+   σ ∈ {0.1, 1} and m ∈ {0 (the start), the tuned mean}; each population is scored on a client-sized
+   batch of training examples (the clean mean CE loss, the fitness of BBT and FedAvg-BBT; FedBPT's
+   ratio divides by a second loss of the same kind) by the same model in float32 and in bfloat16;
+   the Spearman correlation of the two fitness vectors is computed per population, together with
+   whether the best candidate (the one CMA-ES's mean moves towards most) is the same;
+3. **accuracy**: z = 0 and the tuned z are scored on the whole SST-2 test set (872 sentences) both ways.
+
+    python benchmarks/precision_ranking.py --json benchmarks/results/precision_ranking.json
+    python benchmarks/precision_ranking.py --quick         # tiny random model, seconds (a smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy/jax)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedbpt_jax import bbt, objective, prompt  # noqa: E402
+from fedbpt_jax.models import decoder  # noqa: E402
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties; 1.0 when both vectors are constant)."""
+
+    def ranks(x):
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):  # ties share their mean rank
+            tie = x == v
+            r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(np.asarray(a)), ranks(np.asarray(b))
+    if ra.std() == 0 or rb.std() == 0:
+        return 1.0 if ra.std() == rb.std() else 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def as_bf16(lm):
+    cfg = dataclasses.replace(lm.config, compute_dtype="bfloat16")
+    return dataclasses.replace(lm, config=cfg, params=decoder.cast_params(cfg, lm.params))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny random model, few populations")
+    ap.add_argument("--populations", type=int, default=25, help="populations per (λ, σ, mean) cell")
+    ap.add_argument("--examples", type=int, default=8, help="examples scored per population (a client's data)")
+    ap.add_argument("--n-prompt", type=int, default=5)
+    ap.add_argument("--generations", type=int, default=30, help="float32 BBT generations for the tuned prompt")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    info = common.machine_info()
+    print(f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}")
+
+    from fedbpt_jax import data as fdata
+
+    t0 = time.perf_counter()
+    if args.quick:
+        from fedbpt_jax import testing
+
+        lm32 = testing.tiny_decoder(0)
+        train, spec, _ = common.scoring_batch(lm32, 32, 24, args.n_prompt, seed=1)
+        train = train.replace(labels=jnp.asarray(np.arange(32) % 2, jnp.int32))
+        test = train
+        args.populations, args.generations = min(args.populations, 3), min(args.generations, 4)
+        source = "random tokens (tiny model)"
+    else:
+        from fedbpt_jax import models
+
+        lm32 = models.load("smollm2-135m-instruct", compute_dtype="float32")
+        pool = fdata.load_task_data("sst2", None, "train")
+        tr, _ = fdata.few_shot(pool, 16, args.seed)
+        train = fdata.tokenize("sst2", tr, lm32.tokenizer, "decoder", n_prompt=args.n_prompt)
+        test = fdata.tokenize("sst2", fdata.load_task_data("sst2", None, "test"), lm32.tokenizer, "decoder",
+                              n_prompt=args.n_prompt)
+        spec = fdata.scoring_spec("sst2", lm32.tokenizer, "decoder", n_prompt=args.n_prompt)
+        source = "SST-2 (16-shot train for tuning and ranking, 872 test sentences for accuracy)"
+    lm16 = as_bf16(lm32)
+    print(f"models ready in {time.perf_counter() - t0:.1f} s; data: {source}", flush=True)
+
+    # 1. a tuned prompt (float32 BBT)
+    cfg = bbt.BBTConfig(n_prompt_tokens=args.n_prompt, population_size=10, num_generations=args.generations,
+                        eval_every=args.generations)
+    t0 = time.perf_counter()
+    res = bbt.tune(jax.random.key(args.seed), lm32, train, spec, cfg, progress=False)
+    z_tuned = np.asarray(res.final_mean)
+    A = res.projection
+    print(f"tuned {args.generations} generations in {time.perf_counter() - t0:.0f} s; final loss "
+          f"{float(res.history['loss_mean'][-1]):.4f}", flush=True)
+
+    # 2. rankings
+    batch = train.take(np.arange(min(args.examples, train.num_examples)))
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    fits = {}
+    for name, lm in (("float32", lm32), ("bfloat16", lm16)):
+        sc = objective.make_scorer(lm, "after", n_prompt_tokens=args.n_prompt)
+        ctx = jax.jit(sc.prepare)(lm.params, batch)
+
+        def fitness(params, ctx, Z, sc=sc, hidden=lm.hidden_size):
+            prompts = prompt.to_prompt(A, Z, hidden)
+            return objective.population_fitness(sc, params, ctx, None, batch, spec, prompts)[0]
+
+        fits[name] = (jax.jit(fitness), ctx, lm.params)
+    rows = []
+    key = jax.random.key(100 + args.seed)
+    t0 = time.perf_counter()
+    for lam in (5, 20):
+        for sigma in (0.1, 1.0):
+            for mean_name, mean in (("z=0", np.zeros_like(z_tuned)), ("tuned", z_tuned)):
+                key, sub = jax.random.split(key)
+                Z = jnp.asarray(mean) + sigma * jax.random.normal(sub, (args.populations, lam, z_tuned.shape[0]))
+                out = {}
+                for name, (fn, ctx, params) in fits.items():
+                    out[name] = np.stack([np.asarray(fn(params, ctx, Z[i])) for i in range(args.populations)])
+                for i in range(args.populations):
+                    a, b = out["float32"][i], out["bfloat16"][i]
+                    rows.append({"lambda": lam, "sigma": sigma, "mean": mean_name, "spearman": spearman(a, b),
+                                 "same_best": bool(np.argmin(a) == np.argmin(b)),
+                                 "max_rel_diff": float(np.max(np.abs(a - b) / np.abs(a))),
+                                 "fitness_spread": float(np.std(a))})
+                print(f"  λ={lam:<2d} σ={sigma:<3} mean={mean_name:<5s}: Spearman median "
+                      f"{np.median([r['spearman'] for r in rows[-args.populations:]]):.4f}, min "
+                      f"{min(r['spearman'] for r in rows[-args.populations:]):.4f}, same best "
+                      f"{np.mean([r['same_best'] for r in rows[-args.populations:]]):.2f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    summary = []
+    for lam in (5, 20):
+        for sigma in (0.1, 1.0):
+            cell = [r for r in rows if r["lambda"] == lam and r["sigma"] == sigma]
+            rho = np.array([r["spearman"] for r in cell])
+            summary.append({"lambda": lam, "sigma": sigma, "populations": len(cell), "spearman_mean": float(rho.mean()),
+                            "spearman_median": float(np.median(rho)), "spearman_min": float(rho.min()),
+                            "frac_ge_0.99": float(np.mean(rho >= 0.99)),
+                            "same_best": float(np.mean([r["same_best"] for r in cell])),
+                            "max_rel_diff_median": float(np.median([r["max_rel_diff"] for r in cell]))})
+    all_rho = np.array([r["spearman"] for r in rows])
+
+    # 3. accuracy of z = 0 and the tuned prompt, both ways
+    acc = {}
+    for name, lm in (("float32", lm32), ("bfloat16", lm16)):
+        ev = bbt.Evaluator(lm, objective.make_scorer(lm, "after", n_prompt_tokens=args.n_prompt), test, spec)
+        acc[name] = {"z=0": ev.metrics(A, jnp.zeros_like(jnp.asarray(z_tuned))),
+                     "tuned": ev.metrics(A, jnp.asarray(z_tuned))}
+    print()
+    print(common.table(summary, [("lambda", "λ"), ("sigma", "σ"), ("populations", "populations"),
+                                 ("spearman_mean", "Spearman mean"), ("spearman_median", "median"),
+                                 ("spearman_min", "min"), ("frac_ge_0.99", "share ≥ 0.99"),
+                                 ("same_best", "same best candidate"),
+                                 ("max_rel_diff_median", "median max rel. fitness diff")]))
+    print(f"\nall {len(all_rho)} populations: Spearman mean {all_rho.mean():.4f}, median {np.median(all_rho):.4f}, "
+          f"min {all_rho.min():.4f}")
+    for which in ("z=0", "tuned"):
+        a32, a16 = acc["float32"][which], acc["bfloat16"][which]
+        print(f"test accuracy {which}: float32 {a32['accuracy']:.4f}  bfloat16 {a16['accuracy']:.4f} "
+              f"(loss {a32['loss']:.4f} vs {a16['loss']:.4f})")
+    out = {"benchmark": "precision_ranking", "machine": info, "args": vars(args), "source": source,
+           "summary": summary, "rows": rows, "spearman_all": {"mean": float(all_rho.mean()),
+                                                              "median": float(np.median(all_rho)),
+                                                              "min": float(all_rho.min()), "n": len(all_rho)},
+           "accuracy": acc, "target_spearman_0.99_mean": bool(all_rho.mean() >= 0.99)}
+    if args.json:
+        common.write_json(args.json, out)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
