@@ -69,18 +69,15 @@ def measure(lm, examples, task: str, style: str, chunk: int, first_token: bool =
     chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, chunk))
     labels, mask = np.asarray(chunks.labels).reshape(-1), np.asarray(chunks.example_mask).reshape(-1) > 0
     rows = []
-    ctx_by_n: dict[int, tuple] = {}
+    # The text-prefix key/value cache does not depend on the prompt (nor on its length): computed once.
+    ctx = jax.jit(objective.prepare_chunks, static_argnums=0)(objective.make_scorer(lm, "after"), lm.params, chunks)
     for label, option in STARTS:
         if option is None:
             n, start = 0, None
         else:
             n = prompt.start_length(option, lm.tokenizer) or n_max
             start = prompt.start_prompt(prompt.build_start(lm, option, n, "after"), n, lm.hidden_size)
-        if n not in ctx_by_n:
-            scorer = objective.make_scorer(lm, "after", n_prompt_tokens=n)
-            ctx = jax.jit(objective.prepare_chunks, static_argnums=0)(scorer, lm.params, chunks)
-            ctx_by_n[n] = (scorer, ctx)
-        scorer, ctx = ctx_by_n[n]
+        scorer = objective.make_scorer(lm, "after", n_prompt_tokens=n)
         t0 = time.perf_counter()
         logits = jax.jit(objective.evaluate_prepared, static_argnums=0)(scorer, lm.params, ctx, spec, start)
         logits = np.asarray(logits).reshape(-1, logits.shape[-1])[mask]
