@@ -146,9 +146,11 @@ def test_encoder_add_token_start_at_z0_equals_placeholders_replaced(enc_lm):
     written = batch.replace(input_ids=batch.input_ids.copy())
     written.input_ids[:, 1:1 + N] = ids
     want = encoder.label_logits(enc_lm.config, enc_lm.params, written, spec, None, mode="add")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    err = np.abs(np.asarray(got) - np.asarray(want)).max()
+    assert err < 2e-6, err
     placeholders = encoder.label_logits(enc_lm.config, enc_lm.params, batch, spec, None, mode="add")
-    assert not np.allclose(np.asarray(got), np.asarray(placeholders), atol=1e-3)
+    # the random tiny encoder's logits are small: the tokens move them far more than the rounding error
+    assert np.abs(np.asarray(got) - np.asarray(placeholders)).max() > 20 * max(err, 1e-6)
     # "zeros" in "add" mode adds nothing: BBT's placeholders, the reference's manual prompt
     zero = encoder.label_logits(enc_lm.config, enc_lm.params, batch, spec, prompt.start_prompt(None, N, 32), mode="add")
     np.testing.assert_array_equal(np.asarray(zero), np.asarray(placeholders))
@@ -260,7 +262,7 @@ def test_override_decoder_and_encoder_templates(dec_tok, enc_tok):
     e = tasks.override("sst2", kind="encoder", template="{prompt} {text} . All in all , {mask} .",
                        label_words=("bad", "great"))
     batch = data.encode_encoder(e, _examples(2), enc_tok, n_prompt=N)
-    assert enc_tok.decode(batch.input_ids[0][batch.attention_mask[0] > 0].tolist()).endswith("All in all,<mask>.</s>")
+    assert enc_tok.decode(batch.input_ids[0][batch.attention_mask[0] > 0].tolist()).endswith(". All in all ,<mask> .</s>")
     # A DecoderTemplate passed as the style is used as it is.
     own = tasks.DecoderTemplate("completion", "Q: {text}", " A:", (" no", " yes"))
     assert tasks.get("sst2").decoder_template(own) is own
