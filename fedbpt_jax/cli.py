@@ -65,10 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sim, shots=16, n_prompt=5, d=500, test_size=300)
     sim.add_argument("--algorithm", default="fedbpt",
                      choices=("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt"))
-    sim.add_argument("--prompt-start", default="zeros",
+    sim.add_argument("--prompt-start", default="auto",
                      help="the soft prompt at z = 0 (and the manual baseline's prompt): 'zeros', "
                           "'tokens:<id>,<id>,...', 'phrase:<text>' (its token count sets --n-prompt) or a .npy "
-                          "file of shape [n, hidden] (default: %(default)s)")
+                          "file of shape [n, hidden]; 'auto' (default): the task's measured start for decoders "
+                          "(movie-review tasks: 'phrase: (movie review)'), else 'zeros'")
     sim.add_argument("--clients", type=int, default=10, help="N clients (default: %(default)s)")
     sim.add_argument("--per-round", type=int, default=None, help="K clients sampled per round (default: N)")
     sim.add_argument("--alpha", type=float, default=1.0,
@@ -139,6 +140,23 @@ def _n_prompt(args, lm, start=None, default: int = 5) -> None:
         args.n_prompt = prompt.start_length(start, lm.tokenizer) or default
 
 
+def _auto_start(args, lm):
+    """``--prompt-start auto``: the task's measured decoder start (``Task.decoder_prompt_start``), unless the
+    backbone is an encoder (BBT's placeholders: "zeros" in "add" mode), the task has none, or an explicit
+    ``--n-prompt`` differs from its token count (then "zeros", said on the console)."""
+    from . import prompt, tasks
+
+    chosen = tasks.get(args.task).decoder_prompt_start if lm.kind == "decoder" else None
+    if chosen is None:
+        return prompt.parse_start("zeros")
+    length = prompt.start_length(chosen, lm.tokenizer)
+    if args.n_prompt is not None and args.n_prompt != length:
+        print(f"prompt start: --n-prompt {args.n_prompt} differs from the task's default start {chosen!r} "
+              f"({length} tokens): using 'zeros'", flush=True)
+        return prompt.parse_start("zeros")
+    return prompt.parse_start(chosen)
+
+
 def cmd_bbt(args) -> int:
     import jax
     import numpy as np
@@ -177,8 +195,11 @@ def cmd_simulate(args) -> int:
     from . import prompt
     from .federated.core import FederatedData, ModelInputs
 
-    start = prompt.parse_start(args.prompt_start)  # a bad option fails before the model loads
+    auto = args.prompt_start == "auto"
+    start = None if auto else prompt.parse_start(args.prompt_start)  # a bad option fails before the model loads
     lm = _load(args)
+    if auto:
+        start = _auto_start(args, lm)
     _n_prompt(args, lm, start)
     alpha = None if not args.alpha else args.alpha
     fed = _data(args, lm, num_clients=args.clients, alpha=alpha)

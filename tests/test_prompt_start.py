@@ -319,3 +319,15 @@ def test_cli_prompt_start_template_and_errors(dec_lm, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "prompt start (the prompt at z = 0 and the manual baseline): phrase: In short, 3 tokens" in out
+    # "auto" (the default): the task's measured start for decoders; its token count sets --n-prompt ...
+    assert tasks.get("sst2").decoder_prompt_start == "phrase: (movie review)"
+    n_movie = prompt.start_length("phrase: (movie review)", dec_lm.tokenizer)
+    common = ["--algorithm", "manual", "--clients", "2", "--shots", "2", "--rounds", "1", "--d", "8",
+              "--test-size", "8", "--no-progress"]
+    assert cli.main(["simulate", "--task", "sst2", *common]) == 0
+    assert f"phrase: (movie review), {n_movie} tokens" in capsys.readouterr().out
+    # ... and an explicit --n-prompt that does not fit it, or a task without one, gives zeros
+    assert cli.main(["simulate", "--task", "sst2", "--n-prompt", "2", *common]) == 0
+    out = capsys.readouterr().out
+    assert "differs from the task's default start" in out and "manual baseline): zeros, 2 tokens" in out
+    assert tasks.get("ag_news").decoder_prompt_start is None
