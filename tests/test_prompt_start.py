@@ -331,3 +331,20 @@ def test_cli_prompt_start_template_and_errors(dec_lm, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "differs from the task's default start" in out and "manual baseline): zeros, 2 tokens" in out
     assert tasks.get("ag_news").decoder_prompt_start is None
+
+
+def test_prompt_start_experiment_runs_on_a_tiny_config(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "prompt_start.py"
+    spec = importlib.util.spec_from_file_location("prompt_start_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--size", "12", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "prompt_start.json").read_text())
+    assert out["meta"]["split"].startswith("train") and out["meta"]["size"] == 12
+    assert len(out["rows"]) == len(mod.STARTS) * len(mod.STYLES)
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["share_positive"] <= 1.0 for r in out["rows"])
+    assert "| phrase ' In short:' |" in (tmp_path / "prompt_start.md").read_text()
