@@ -31,12 +31,24 @@ def _common(p: argparse.ArgumentParser, *, shots: int, n_prompt: int, d: int, te
                    help="data source: a folder like ../shared/data, a csv/tsv/json/parquet file, a hub name, "
                         "'hub' or 'embedded' (default: the task's offline default)")
     p.add_argument("--shots", type=int, default=shots, help="few-shot examples per class (default: %(default)s)")
-    p.add_argument("--n-prompt", type=int, default=n_prompt, help="soft prompt tokens (default: %(default)s)")
+    p.add_argument("--n-prompt", type=int, default=None,
+                   help=f"soft prompt tokens (default: the prompt start's token count, else {n_prompt})")
     p.add_argument("--d", type=int, default=d, help="intrinsic dimension d (default: %(default)s)")
     p.add_argument("--layout", default=None,
                    help="prompt placement: decoders 'after' (default, prefix cache) or 'before' (paper); "
                         "encoders 'add' (default) or 'cat'")
-    p.add_argument("--style", default=None, help="decoder template style ('completion' or 'chat'; task default)")
+    p.add_argument("--style", default=None,
+                   help="decoder template style: 'completion' (default), 'chat', or 'bbt' (BBT's own template "
+                        "'{text} It was' + ' terrible'/' great'; sentiment tasks)")
+    p.add_argument("--template", default=None,
+                   help="replace the template: decoders the text part of --style's template (with {text}, or "
+                        "{text_a} and {text_b}), encoders BBT's template (with {prompt}, {mask} and the text slots)")
+    p.add_argument("--cue", default=None, help="decoders: replace the answer cue (what precedes the label word)")
+    p.add_argument("--verbalizer", default=None,
+                   help="replace the label words, one per class separated by '|', spelled as they follow the cue "
+                        "(e.g. ' bad| good')")
+    p.add_argument("--first-token", action="store_true",
+                   help="score a label word of several tokens by its first token (default: such a word is an error)")
     p.add_argument("--loss", default="ce", choices=("ce", "hinge", "accuracy"))
     p.add_argument("--test-size", type=int, default=test_size,
                    help="evaluate on a seeded subset of this many test examples (0 = all; default %(default)s)")
@@ -53,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sim, shots=16, n_prompt=5, d=500, test_size=300)
     sim.add_argument("--algorithm", default="fedbpt",
                      choices=("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt"))
+    sim.add_argument("--prompt-start", default="auto",
+                     help="the soft prompt at z = 0 (and the manual baseline's prompt): 'zeros', "
+                          "'tokens:<id>,<id>,...', 'phrase:<text>' (its token count sets --n-prompt) or a .npy "
+                          "file of shape [n, hidden]; 'auto' (default): the task's measured start for decoders "
+                          "(movie-review tasks: 'phrase: (movie review)'), else 'zeros'")
     sim.add_argument("--clients", type=int, default=10, help="N clients (default: %(default)s)")
     sim.add_argument("--per-round", type=int, default=None, help="K clients sampled per round (default: N)")
     sim.add_argument("--alpha", type=float, default=1.0,
@@ -94,13 +111,50 @@ def _data(args, lm, *, num_clients: int, alpha):
     from . import data as data_lib
 
     kw = dict(num_clients=num_clients, shots_per_class=args.shots, alpha=alpha, seed=args.seed,
-              n_prompt=args.n_prompt, source=args.data, style=args.style,
+              n_prompt=args.n_prompt, source=args.data, style=args.style, first_token=args.first_token,
               test_size=args.test_size or None, max_positions=getattr(lm.config, "max_position_embeddings", None))
-    fed = data_lib.federated(args.task, lm.tokenizer, lm.kind, **kw)
+    fed = data_lib.federated(_task(args, lm), lm.tokenizer, lm.kind, **kw)
     print(f"task {args.task}: {int(fed.train_counts.sum())} train examples over {num_clients} client(s) "
           f"(counts {fed.train_counts.tolist() if num_clients <= 20 else '…'}), {len(fed.dev.labels)} dev, "
           f"{len(fed.test.labels)} test", flush=True)
     return fed
+
+
+def _task(args, lm):
+    """The task, with --template/--cue/--verbalizer applied."""
+    from . import tasks
+
+    task = tasks.get(args.task)
+    if args.template is None and args.cue is None and args.verbalizer is None:
+        return task
+    words = None if args.verbalizer is None else tuple(args.verbalizer.split("|"))
+    style = args.style if lm.kind == "decoder" else None
+    return tasks.override(task, kind=lm.kind, style=style, template=args.template, cue=args.cue, label_words=words)
+
+
+def _n_prompt(args, lm, start=None, default: int = 5) -> None:
+    """Sets ``args.n_prompt``: as given, else the start's token count, else ``default``."""
+    from . import prompt
+
+    if args.n_prompt is None:
+        args.n_prompt = prompt.start_length(start, lm.tokenizer) or default
+
+
+def _auto_start(args, lm):
+    """``--prompt-start auto``: the task's measured decoder start (``Task.decoder_prompt_start``), unless the
+    backbone is an encoder (BBT's placeholders: "zeros" in "add" mode), the task has none, or an explicit
+    ``--n-prompt`` differs from its token count (then "zeros", said on the console)."""
+    from . import prompt, tasks
+
+    chosen = tasks.get(args.task).decoder_prompt_start if lm.kind == "decoder" else None
+    if chosen is None:
+        return prompt.parse_start("zeros")
+    length = prompt.start_length(chosen, lm.tokenizer)
+    if args.n_prompt is not None and args.n_prompt != length:
+        print(f"prompt start: --n-prompt {args.n_prompt} differs from the task's default start {chosen!r} "
+              f"({length} tokens): using 'zeros'", flush=True)
+        return prompt.parse_start("zeros")
+    return prompt.parse_start(chosen)
 
 
 def cmd_bbt(args) -> int:
@@ -110,6 +164,7 @@ def cmd_bbt(args) -> int:
     from . import bbt as bbt_lib
 
     lm = _load(args)
+    _n_prompt(args, lm)
     fed = _data(args, lm, num_clients=1, alpha=None)
     train = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], fed.train)
     cfg = bbt_lib.BBTConfig(intrinsic_dim=args.d, n_prompt_tokens=args.n_prompt, population_size=args.population,
@@ -137,9 +192,15 @@ def cmd_simulate(args) -> int:
     import jax
 
     from . import federated as fl
+    from . import prompt
     from .federated.core import FederatedData, ModelInputs
 
+    auto = args.prompt_start == "auto"
+    start = None if auto else prompt.parse_start(args.prompt_start)  # a bad option fails before the model loads
     lm = _load(args)
+    if auto:
+        start = _auto_start(args, lm)
+    _n_prompt(args, lm, start)
     alpha = None if not args.alpha else args.alpha
     fed = _data(args, lm, num_clients=args.clients, alpha=alpha)
     k = args.per_round or args.clients
@@ -150,7 +211,9 @@ def cmd_simulate(args) -> int:
                        layout=args.layout, chunk_clients=args.chunk_clients)
     hp = fl.HParams(sigma0=args.sigma0, perturb_rate=args.perturb_rate, dropout_rate=args.dropout)
     key_proj, key_run = jax.random.split(jax.random.key(args.seed))
-    model = ModelInputs.build(key_proj, lm, cfg)
+    model = ModelInputs.build(key_proj, lm, cfg, start=start)
+    print(f"prompt start (the prompt at z = 0 and the manual baseline): {start.describe()}, "
+          f"{args.n_prompt} tokens", flush=True)
     data = FederatedData.from_host(fed)
     algo = fl.make(args.algorithm, cfg, lm)
     c = algo.comm

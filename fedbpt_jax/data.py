@@ -499,8 +499,11 @@ def few_shot_indices(labels: np.ndarray, shots_per_class: int, seed: int, *, num
     counts = np.bincount(labels, minlength=c)
     short = [(i, int(n)) for i, n in enumerate(counts) if n < k + kd]
     if short:
+        least = int(counts.min()) if c else 0
+        fits = (f"at most {least // 2} train + {least // 2} dev shots per class fit" if dev_shots_per_class is None
+                else f"with {k} train shots at most {max(least - k, 0)} dev shots per class fit")
         raise ValueError("not enough examples for " + f"{k} train + {kd} dev shots per class: " + ", ".join(
-            f"class {i} has {n}" for i, n in short) + f" (class counts {counts.tolist()})")
+            f"class {i} has {n}" for i, n in short) + f" (class counts {counts.tolist()}; {fits})")
     shuffled = labels[perm]
     # rank of each shuffled example within its class (a vectorised "cumcount")
     order = np.argsort(shuffled, kind="stable")

@@ -7,7 +7,8 @@ slot kinds: ``{prompt}`` (the ``n`` soft-prompt placeholder tokens), ``{mask}`` 
 ``{text}`` / ``{text_a}`` / ``{text_b}``. Their label words are encoded **without** a leading space,
 as BBT does (``encode("great")``, not ``encode(" great")``).
 
-Decoder (causal-LM) templates come in two styles, selected by name:
+Decoder (causal-LM) templates come in two styles every task has, selected by name (and a third,
+``"bbt"``, for the sentiment tasks):
 
 * ``"completion"`` (the default): a plain text part such as ``Review: {text}`` followed by an answer cue
   such as ``\\nSentiment:`` and label words with a leading space (`` negative``/`` positive``). It works
@@ -19,6 +20,12 @@ Decoder (causal-LM) templates come in two styles, selected by name:
   ``chat_template`` (which may add a system line, as SmolLM2's does), else with a fixed ChatML form;
   the answer cue is everything after the user's content (end-of-turn + assistant header, plus an
   optional assistant prefill), and the label words follow the header without a leading space.
+
+* ``"bbt"``: BBT's own SST-2 template and verbalizer as a completion: ``{text}`` + cue `` It was`` +
+  `` terrible``/`` great`` (sentiment tasks only).
+
+Any template and verbalizer can be replaced with :func:`override` (or a :class:`DecoderTemplate` passed
+as ``style``).
 
 For every decoder template the cue is identical for all examples, so in layout "after"
 (``[text, prompt, cue]``) the text part is a cacheable prefix. The instruction-like question, where
@@ -42,8 +49,10 @@ import numpy as np
 ENCODER = "encoder"
 DECODER = "decoder"
 KINDS = (ENCODER, DECODER)
-DECODER_STYLES = ("completion", "chat")
+DECODER_STYLES = ("completion", "chat", "bbt")
+REQUIRED_DECODER_STYLES = ("completion", "chat")  # every task has these; "bbt" only where BBT has one
 DEFAULT_DECODER_STYLE = "completion"
+_TEXT_SLOTS = ("text", "text_a", "text_b")
 
 # Used when a tokenizer has no chat template (or jinja2 is missing): plain ChatML, no system turn.
 CHATML_USER = "<|im_start|>user\n{content}<|im_end|>\n"
@@ -58,11 +67,13 @@ class DecoderTemplate:
     """One causal-LM template.
 
     Attributes:
-      style: ``"completion"`` or ``"chat"``.
-      text: completion: the text part (``{text}`` or ``{text_a}``/``{text_b}`` slots); chat: the user
-        message (instruction and example), which the chat template wraps.
-      cue: completion: the answer cue (same for every example). Chat: an optional prefill written
-        after the assistant header (part of the cue); usually empty.
+      style: ``"completion"``, ``"chat"`` or ``"bbt"`` (a plain completion template that mirrors BBT's
+        own template, e.g. SST-2's ``{text} It was`` + `` terrible``/`` great``).
+      text: completion/bbt: the text part (``{text}`` or ``{text_a}``/``{text_b}`` slots); chat: the
+        user message (instruction and example), which the chat template wraps.
+      cue: completion/bbt: the answer cue (same for every example, required: the label word is read
+        right after it). Chat: an optional prefill written after the assistant header (part of the
+        cue); usually empty.
       label_words: one word per class, spelled exactly as it follows the cue (leading space where the
         cue ends without whitespace).
       system: chat only: a system message; ``None`` keeps the chat template's own default.
@@ -77,6 +88,15 @@ class DecoderTemplate:
     def __post_init__(self):
         if self.style not in DECODER_STYLES:
             raise ValueError(f"decoder template style {self.style!r} is not one of {DECODER_STYLES}")
+        if not isinstance(self.text, str) or not any(sl in _TEXT_SLOTS for sl in _SLOT_RE.findall(self.text)):
+            raise ValueError(f"decoder template text {self.text!r} has no text slot; it needs {{text}} (or "
+                             f"{{text_a}} and {{text_b}} for sentence pairs), e.g. 'Review: {{text}}'")
+        if self.style != "chat" and not self.cue:
+            raise ValueError(f"the {self.style} decoder template {self.text!r} has no answer cue; the label word "
+                             f"is read right after the cue, e.g. cue '\nSentiment:' with words ' negative', "
+                             f"' positive'")
+        if not self.label_words or any(not isinstance(w, str) or not w for w in self.label_words):
+            raise ValueError(f"decoder template label words {self.label_words!r}: need one non-empty word per class")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +136,9 @@ class Task:
       text_replacements: ``(old, new)`` applied to every text before templating (Yelp's literal
         ``\\n``, as in BBT).
       bbt_name: the dataset name as BBT/FedBPT write it (documentation).
+      decoder_prompt_start: the prompt start (:func:`fedbpt_jax.prompt.parse_start`) that the command
+        line's ``--prompt-start auto`` gives decoders on this task; None: ``"zeros"``. Chosen on
+        training-split data (``experiments/prompt_start.py``), never on test.
     """
 
     name: str
@@ -133,6 +156,7 @@ class Task:
     hub_drop_labels: tuple[int, ...] = ()
     text_replacements: tuple[tuple[str, str], ...] = ()
     bbt_name: str = ""
+    decoder_prompt_start: str | None = None
 
     def __post_init__(self):
         c = len(self.label_names)
@@ -147,21 +171,18 @@ class Task:
                              f"for {c} classes")
         slots = _SLOT_RE.findall(self.encoder_template)
         if slots.count("prompt") != 1 or slots.count("mask") != 1:
-            raise ValueError(f"task {self.name}: the encoder template needs one {{prompt}} and one {{mask}}")
+            raise ValueError(f"task {self.name}: the encoder template {self.encoder_template!r} needs one "
+                             f"{{prompt}} and one {{mask}}, e.g. '{{prompt}} . {{text}} . It was {{mask}} .'")
         if sorted(s for s in slots if s.startswith("text")) != sorted(self.input_fields):
-            raise ValueError(f"task {self.name}: encoder template text slots {slots} do not match "
-                             f"input fields {self.input_fields}")
+            want = " and ".join("{" + f + "}" for f in self.input_fields)
+            raise ValueError(f"task {self.name}: the encoder template {self.encoder_template!r} has slots "
+                             f"{slots}; it needs exactly {want}")
         styles = [t.style for t in self.decoder_templates]
-        if sorted(styles) != sorted(DECODER_STYLES):
-            raise ValueError(f"task {self.name}: need exactly one decoder template per style {DECODER_STYLES}")
+        if len(set(styles)) != len(styles) or not set(REQUIRED_DECODER_STYLES) <= set(styles):
+            raise ValueError(f"task {self.name}: need one decoder template per style, styles "
+                             f"{REQUIRED_DECODER_STYLES} at least; got {styles}")
         for t in self.decoder_templates:
-            if len(t.label_words) != c:
-                raise ValueError(f"task {self.name}: {t.style} template has {len(t.label_words)} label "
-                                 f"words for {c} classes")
-            tslots = sorted(set(_SLOT_RE.findall(t.text)))
-            if tslots != sorted(self.input_fields):
-                raise ValueError(f"task {self.name}: {t.style} template slots {tslots} do not match "
-                                 f"input fields {self.input_fields}")
+            _check_decoder_template(self, t)
 
     @property
     def num_labels(self) -> int:
@@ -175,12 +196,23 @@ class Task:
         """The hub split that plays ``split`` (``"train"`` or ``"test"``); other names pass through."""
         return dict(self.hub_splits).get(split, split)
 
-    def decoder_template(self, style: str | None = None) -> DecoderTemplate:
+    @property
+    def styles(self) -> tuple[str, ...]:
+        """The decoder template styles this task has."""
+        return tuple(t.style for t in self.decoder_templates)
+
+    def decoder_template(self, style: "str | DecoderTemplate | None" = None) -> DecoderTemplate:
+        """The decoder template of ``style`` (a name, or a :class:`DecoderTemplate`, checked against
+        this task's input fields and class count and returned as it is)."""
+        if isinstance(style, DecoderTemplate):
+            _check_decoder_template(self, style)
+            return style
         style = DEFAULT_DECODER_STYLE if style is None else style
         for t in self.decoder_templates:
             if t.style == style:
                 return t
-        raise ValueError(f"unknown decoder template style {style!r}; known styles: {list(DECODER_STYLES)}")
+        raise ValueError(f"unknown decoder template style {style!r} for task {self.name}; known styles: "
+                         f"{list(self.styles)}")
 
     def label_words(self, kind: str, style: str | None = None) -> tuple[str, ...]:
         _check_kind(kind)
@@ -193,6 +225,56 @@ class Task:
         for old, new in self.text_replacements:
             text = text.replace(old, new)
         return text.strip()
+
+
+def _check_decoder_template(task: Task, t: DecoderTemplate) -> None:
+    c = len(task.label_names)
+    if len(t.label_words) != c:
+        raise ValueError(f"task {task.name}: {t.style} template has {len(t.label_words)} label words "
+                         f"{t.label_words} for {c} classes {task.label_names}")
+    tslots = sorted(set(_SLOT_RE.findall(t.text)))
+    if tslots != sorted(task.input_fields):
+        want = " and ".join("{" + f + "}" for f in task.input_fields)
+        raise ValueError(f"task {task.name}: {t.style} template text {t.text!r} has slots {tslots}; it needs "
+                         f"exactly {want}")
+
+
+def override(task: "Task | str", *, kind: str, style: str | None = None, template: str | None = None,
+             cue: str | None = None, label_words=None, name: str | None = None) -> "Task":
+    """A copy of ``task`` with its template and/or verbalizer replaced (everything else kept, the name
+    too unless ``name`` is given, so the task's data still load).
+
+    Encoder: ``template`` replaces BBT's template (``{prompt}``, ``{mask}`` and text slots, e.g.
+    ``"{prompt} . {text} . All in all, it was {mask} ."``), ``label_words`` its verbalizer (encoded
+    without a leading space, as BBT does); ``cue`` is not used. Decoder: the template of ``style``
+    (default "completion") gets the new ``template`` text part, ``cue`` and ``label_words`` (spelled as
+    they follow the cue: usually with a leading space).
+
+    Raises:
+      ValueError: a template without its text slot(s) (or, encoder, ``{prompt}``/``{mask}``), a
+        completion-style template without a cue, a label word count that is not the class count.
+
+    Example:
+      >>> t = override("sst2", kind="decoder", template="{text} All in all, it was", cue=" really",
+      ...              label_words=(" bad", " good"))
+      >>> t.decoder_template().cue
+      ' really'
+    """
+    task = get(task)
+    _check_kind(kind)
+    words = None if label_words is None else tuple(label_words)
+    if kind == ENCODER:
+        if cue is not None:
+            raise ValueError("encoder templates have no cue: put the words around {mask} in the template")
+        return dataclasses.replace(task, name=name or task.name,
+                                   encoder_template=task.encoder_template if template is None else template,
+                                   encoder_label_words=task.encoder_label_words if words is None else words)
+    base = task.decoder_template(style)
+    new = dataclasses.replace(base, text=base.text if template is None else template,
+                              cue=base.cue if cue is None else cue,
+                              label_words=base.label_words if words is None else words)
+    others = tuple(t for t in task.decoder_templates if t.style != base.style)
+    return dataclasses.replace(task, name=name or task.name, decoder_templates=(new, *others))
 
 
 def _check_kind(kind: str) -> None:
@@ -208,6 +290,9 @@ _STD_SPLITS = (("train", "train"), ("test", "test"))
 
 _SENT_ENC = "{prompt} . {text} . It was {mask} ."
 _SENT_ENC_WORDS = ("bad", "great")
+# Best zero-shot start on 400 SST-2 *train* sentences with SmolLM2 (80.8 % vs 77.2 % bare template and
+# 75.0 % for zero vectors; experiments/prompt_start.py): used for the movie-review tasks.
+_MOVIE_START = "phrase: (movie review)"
 _PAIR_ENC = "{prompt} . {text_a} ? {mask} , {text_b}"
 
 
@@ -220,6 +305,9 @@ def _sentiment_decoders(kind_of_review: str) -> tuple[DecoderTemplate, ...]:
             f"Is the sentiment of the following {kind_of_review} positive or negative? "
             "Answer with one word.\n\nReview: {text}",
             "", ("negative", "positive")),
+        # BBT's own SST-2 template and verbalizer in decoder form (51.6% zero-shot with SmolLM2: it says
+        # "great" 99% of the time, a calibration a prompt can learn).
+        DecoderTemplate("bbt", "{text}", " It was", (" terrible", " great")),
     )
 
 
@@ -243,6 +331,7 @@ _register(Task(
     metric="accuracy",
     encoder_template=_SENT_ENC, encoder_label_words=_SENT_ENC_WORDS,
     decoder_templates=_sentiment_decoders("movie review"),
+    decoder_prompt_start=_MOVIE_START,
 ))
 _register(Task(
     name="yelp_polarity", bbt_name="yelp_polarity/plain_text",
@@ -261,6 +350,7 @@ _register(Task(
     # Not in BBT's table; the SST-2 template and verbalizer (same domain and label set).
     encoder_template=_SENT_ENC, encoder_label_words=_SENT_ENC_WORDS,
     decoder_templates=_sentiment_decoders("movie review"),
+    decoder_prompt_start=_MOVIE_START,
 ))
 _register(Task(
     name="rotten_tomatoes", bbt_name="(none: the embedded default data)",
@@ -269,6 +359,7 @@ _register(Task(
     hub_id=None, hub_config=None, hub_splits=_STD_SPLITS, hub_columns=("text",), metric="accuracy",
     encoder_template=_SENT_ENC, encoder_label_words=_SENT_ENC_WORDS,
     decoder_templates=_sentiment_decoders("movie review"),
+    decoder_prompt_start=_MOVIE_START,
 ))
 _register(Task(
     name="ag_news", bbt_name="ag_news",
@@ -459,8 +550,8 @@ def render_decoder_template(task: Task | str, tokenizer=None, style: str | None 
     """
     task = get(task)
     t = task.decoder_template(style)
-    if t.style == "completion":
-        return RenderedDecoderTemplate("completion", "", t.text, t.cue, t.label_words)
+    if t.style != "chat":
+        return RenderedDecoderTemplate(t.style, "", t.text, t.cue, t.label_words)
     use = _chat_template_available(tokenizer) if use_chat_template is None else use_chat_template
     if use_chat_template is None and not use and getattr(tokenizer, "chat_template", None):
         warnings.warn("the tokenizer has a chat template but jinja2 is not installed: using the fixed "

@@ -344,14 +344,16 @@ def _learnable_data(n=4, counts=None):
     return fs.make_data(n, train=train.replace(labels=labels), counts=counts)
 
 
-def test_manual_prompt_equals_scoring_without_prompt():
+def test_manual_prompt_equals_scoring_the_start_prompt():
+    """The manual baseline deploys FedBPT's z = 0 prompt: with the default "zeros" start, n zero vectors
+    (not the bare template: that is a different prompt for a decoder)."""
     lm = fs.tiny_lm()
     algo = fl.manual_prompt(_cfg_b(), lm)
     carry, hist = fl.run(algo, jax.random.key(0), _learnable_data(), fs.test_set(), lm, fs.model(), num_rounds=1,
                          eval_chunk=16, progress=False)
     scorer = objective.make_scorer(lm, None, n_prompt_tokens=2)
     chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(fs.test_set(), 16))
-    logits = objective.evaluate_logits(scorer, lm.params, chunks, fs.spec(), None)
+    logits = objective.evaluate_logits(scorer, lm.params, chunks, fs.spec(), jnp.zeros((2, lm.hidden_size)))
     want = objective.classification_metrics(logits, chunks.labels, chunks.example_mask)
     for ev in hist.evals:
         assert ev["accuracy"] == pytest.approx(float(want["accuracy"]), abs=1e-6)

@@ -160,12 +160,14 @@ def smollm2_tok():
 
 def test_smollm2_every_decoder_label_word_is_one_token(smollm2_tok):
     for name in tasks.TASK_NAMES:
-        for style in tasks.DECODER_STYLES:
+        for style in tasks.get(name).styles:
             ids = tasks.label_token_ids(name, smollm2_tok, "decoder", style=style)
             assert len(set(ids.tolist())) == tasks.get(name).num_labels
     # the ids measured in docs/environment.md
     assert tasks.label_token_ids("sst2", smollm2_tok, "decoder").tolist() == [3524, 2731]
     assert tasks.label_token_ids("sst2", smollm2_tok, "decoder", style="chat").tolist() == [17728, 16185]
+    assert [smollm2_tok.decode([i]) for i in tasks.label_token_ids("sst2", smollm2_tok, "decoder", style="bbt")] == [
+        " terrible", " great"]
 
 
 @pytest.mark.skipif(not HAS_JINJA, reason="jinja2 not installed (apply_chat_template needs it)")

@@ -8,7 +8,7 @@
 * :func:`fedavg_bbt` — FedAvg-BBT: local BBT (plain fitness), then the clients' means, σ and C are
   averaged, weighted by example counts.
 * :func:`centralized_bbt` — BBT on the union of all clients' data (one CMA-ES, I generations a round).
-* :func:`manual_prompt` — z = 0: the template alone (placeholders only in "add" mode).
+* :func:`manual_prompt` — z = 0: the template with the prompt start (placeholders in "add" mode).
 * :func:`fedprompt` — FedPrompt, the white-box baseline: local Adam on the soft prompt embeddings
   (gradients of the same loss), FedAvg of the prompts weighted by example counts.
 
@@ -92,7 +92,7 @@ def _local_es(
         paired_ctx = objective.stack_contexts(clean_ctx, perturbed_ctx(key_pert))
 
     def score(z, k):
-        prompts = prompt.to_prompt(model.projection, z, hidden)
+        prompts = prompt.to_prompt(model.projection, z, hidden, model.start)
         kw = dict(loss=config.loss, form=config.fitness_form)
         if paired_ctx is not None:
             return objective.population_fitness_paired(scorer, model.params, paired_ctx, batch, spec, prompts, **kw)
@@ -196,7 +196,7 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
         return FedBPTState(server=server, round=state.round + 1), metrics
 
     def global_prompt(state: FedBPTState, model: ModelInputs):
-        return prompt.to_prompt(model.projection, strategy.mean_of_server(state.server), hidden)
+        return prompt.to_prompt(model.projection, strategy.mean_of_server(state.server), hidden, model.start)
 
     calls = config.local_generations * config.population_size + 1
     calls *= 2 if config.perturb else 1
@@ -265,7 +265,7 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
         ctx = scorer.prepare(model.params, flat)
 
         def score(z):
-            prompts = prompt.to_prompt(model.projection, z, hidden)
+            prompts = prompt.to_prompt(model.projection, z, hidden, model.start)
             return objective.population_fitness(scorer, model.params, ctx, None, flat, data.spec, prompts,
                                                 loss=config.loss)
 
@@ -282,7 +282,7 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
         return CentralState(es=es, round=state.round + 1), metrics
 
     def global_prompt(state: CentralState, model: ModelInputs):
-        return prompt.to_prompt(model.projection, strategy.mean_of(state.es), hidden)
+        return prompt.to_prompt(model.projection, strategy.mean_of(state.es), hidden, model.start)
 
     comm = accounting.CommBytes(0, 0, 0)
     return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, config, comm,
@@ -290,8 +290,10 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
 
 
 def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
-    """The manual prompt baseline: no soft prompt (the template alone); rounds do nothing."""
-    del lm, mesh
+    """The manual prompt baseline: the prompt start (``model.start``; zeros when None), i.e. exactly
+    FedBPT's z = 0 prompt under every start option; rounds do nothing."""
+    del mesh
+    n, hidden = config.n_prompt_tokens, lm.hidden_size
 
     def init(key, hp):
         return jnp.asarray(0, jnp.int32)
@@ -301,14 +303,15 @@ def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
                            "nonfinite_fitness": jnp.asarray(0, jnp.int32), "active_clients": jnp.asarray(0, jnp.int32)}
 
     def global_prompt(state, model):
-        return None
+        return prompt.start_prompt(model.start, n, hidden)
 
     return FederatedAlgorithm("manual", init, round_fn, global_prompt, config, accounting.CommBytes(0, 0, 0), 0)
 
 
 @flax.struct.dataclass
 class PromptState:
-    """FedPrompt server state: the global soft prompt ``[n, H]`` and the round counter."""
+    """FedPrompt server state: the global soft prompt's offset ``[n, H]`` from the prompt start
+    (``model.start``; the deployed prompt is start + offset) and the round counter."""
 
     prompt: jax.Array
     round: jax.Array
@@ -325,7 +328,7 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
     n, hidden = config.n_prompt_tokens, lm.hidden_size
 
     def init(key, hp):
-        # Same start as FedBPT's z = 0 in "add" mode; a small random prompt for the other layouts.
+        # The state holds the offset from the prompt start (model.start): zero = FedBPT's z = 0 prompt.
         return PromptState(prompt=jnp.zeros((n, hidden), jnp.float32), round=jnp.asarray(0, jnp.int32))
 
     def client(key, p0, batch, spec, hp, model):
@@ -333,7 +336,7 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
         ctx = scorer.prepare(model.params, batch)
 
         def loss_fn(p):
-            logits = scorer.logits(model.params, ctx, spec, p)
+            logits = scorer.logits(model.params, ctx, spec, p if model.start is None else p + model.start)
             return objective.masked_mean(objective.per_example_loss(logits, batch.labels, config.loss), batch.example_mask)
 
         def step(carry, _):
@@ -363,7 +366,7 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
         return PromptState(prompt=new, round=state.round + 1), metrics
 
     def global_prompt(state: PromptState, model):
-        return state.prompt
+        return state.prompt if model.start is None else state.prompt + model.start
 
     comm = accounting.prompt_bytes(n, hidden, lm.num_params())
     # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.

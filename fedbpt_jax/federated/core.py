@@ -49,21 +49,37 @@ class ModelInputs:
     Attributes:
       params: backbone parameter pytree.
       projection: ``[d, n_prompt·H]`` random projection A (None for FedPrompt).
+      start: ``[n, H]`` prompt start, or None for zeros: the soft prompt is ``start + A z``, so z = 0 and
+        the manual-prompt baseline are both the start prompt (see :func:`fedbpt_jax.prompt.build_start`).
+        FedPrompt tunes an offset from it.
     """
 
     params: Any
     projection: Any
+    start: Any = None
 
     @classmethod
-    def build(cls, key: jax.Array, lm, config) -> "ModelInputs":
-        """The backbone's params and a projection A built from ``key`` as BBT builds it (see
-        :func:`fedbpt_jax.prompt.make_projection`), sized by ``config`` (d, n_prompt, kind, α)."""
+    def build(cls, key: jax.Array, lm, config, start=None) -> "ModelInputs":
+        """The backbone's params, a projection A built from ``key`` as BBT builds it (see
+        :func:`fedbpt_jax.prompt.make_projection`), sized by ``config`` (d, n_prompt, kind, α), and the
+        prompt start.
+
+        Args:
+          start: what the soft prompt is at z = 0 (:func:`fedbpt_jax.prompt.build_start`): None or
+            ``"zeros"``; ``"tokens:1000,1001,…"`` or a list of ids; ``"phrase: In short:"`` (its token
+            count must equal ``config.n_prompt_tokens``); a ``[n, H]`` array or a ``.npy`` path.
+
+        Example::
+
+            model = ModelInputs.build(jax.random.key(0), lm, cfg, start="phrase: In short:")
+        """
         from .. import prompt
 
         projection = prompt.make_projection(key, lm.input_embeddings(), intrinsic_dim=config.intrinsic_dim,
                                             n_prompt_tokens=config.n_prompt_tokens, kind=config.projection,
                                             alpha=config.alpha)
-        return cls(params=lm.params, projection=projection)
+        start = prompt.build_start(lm, start, config.n_prompt_tokens, config.layout)
+        return cls(params=lm.params, projection=projection, start=start)
 
 
 class FederatedAlgorithm(NamedTuple):
