@@ -297,7 +297,8 @@ def scoring_batch(lm, num_examples: int, max_length: int, n_prompt: int, *, seed
         examples = fdata.load_task_data("sst2", None, "test")
         idx = np.sort(np.random.default_rng(seed).permutation(len(examples))[:num_examples])
         examples = examples.take(idx)
-        batch = fdata.tokenize("sst2", examples, lm.tokenizer, "decoder", n_prompt=n_prompt, max_length=max_length)
+        batch = fdata.tokenize("sst2", examples, lm.tokenizer, "decoder", n_prompt=n_prompt, max_length=max_length,
+                               pad_to_max_length=True)
         spec = fdata.scoring_spec("sst2", lm.tokenizer, "decoder", n_prompt=n_prompt)
         source = "sst2-test"
     else:

@@ -72,7 +72,7 @@ def _federated_data(lm, K: int, E: int, T: int, n_prompt: int, seed: int = 0):
     if lm.tokenizer is not None:
         shots = -(-K * E // 2)
         fd = fdata.federated("sst2", lm.tokenizer, "decoder", num_clients=K, shots_per_class=shots, alpha=None,
-                             seed=seed, n_prompt=n_prompt, max_length=T, pad_to=E)
+                             seed=seed, n_prompt=n_prompt, max_length=T, pad_to=E, pad_to_max_length=True)
         train, counts, spec, source = fd.train, fd.train_counts, fd.spec, "sst2 few-shot, IID split"
     else:
         train = testing.random_batch(seed, E, T, lm.vocab_size, leading=(K,), min_len=max(2, T // 2))

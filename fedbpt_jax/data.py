@@ -629,7 +629,7 @@ def _longest_first(lens: np.ndarray, budget: int) -> np.ndarray:
 
 def encode_encoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt: int = 50,
                    max_length: int | None = None, max_positions: int | None = None,
-                   placeholder: str = "auto", pad_multiple: int = 8) -> TokenBatch:
+                   placeholder: str = "auto", pad_multiple: int = 8, pad_to_max_length: bool = False) -> TokenBatch:
     """Masked-LM inputs in BBT's "add" layout: ``<s> <P>×n . {text} . It was <mask> . </s>``.
 
     Template pieces are tokenised separately and concatenated (equal to tokenising the joined string for
@@ -639,9 +639,10 @@ def encode_encoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
 
     Args:
       n_prompt: number of soft-prompt placeholder tokens (50 in BBT/FedBPT).
-      max_length: static sequence length ``T``; default: the longest example rounded up to
-        ``pad_multiple``, capped at the context. Longer texts are truncated (the longer text of a pair
-        first); BBT drops inputs over 512 tokens instead.
+      max_length: the longest sequence length ``T``; ``T`` is the longest example present rounded up to
+        ``pad_multiple``, capped at the context and at ``max_length``. Longer texts are truncated (the
+        longer text of a pair first); BBT drops inputs over 512 tokens instead.
+      pad_to_max_length: ``T = max_length`` exactly (a fixed static shape).
       max_positions: the model's context; the smaller of it and ``tokenizer.model_max_length`` is used.
 
     Returns:
@@ -687,6 +688,8 @@ def encode_encoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
             T = min(T, limit)
     else:
         T = int(max_length)
+        if not pad_to_max_length:
+            T = min(T, _round_up(longest, pad_multiple))
     budget = T - fixed
     ids = np.full((n, T), pad_id, np.int32)
     att = np.zeros((n, T), np.int32)
@@ -741,7 +744,7 @@ def _split_body(body: str) -> list[tuple[str, str]]:
 def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt: int = 50,
                    max_positions: int | None = None, max_length: int | None = None,
                    style: str | None = None, use_chat_template: bool | None = None,
-                   pad_multiple: int = 8) -> TokenBatch:
+                   pad_multiple: int = 8, pad_to_max_length: bool = False) -> TokenBatch:
     """Causal-LM inputs: the text part of each example, **left**-padded to a static length ``T``.
 
     The model sees ``[prompt (n), text part (T), cue]`` or ``[text part, prompt, cue]``; the cue ids come
@@ -752,8 +755,11 @@ def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
 
     Args:
       max_positions: the model's context (default ``tokenizer.model_max_length``).
-      max_length: static ``T``. Longer text parts are truncated (the example text is cut, the template
-        is kept). Default: the longest text part rounded up to ``pad_multiple`` (capped to fit).
+      max_length: the longest ``T``: longer text parts are truncated (the example text is cut, the
+        template is kept). ``T`` is the longest text part present rounded up to ``pad_multiple``, capped
+        at ``max_length`` (padding computes as much as real tokens, so it is never added for nothing).
+      pad_to_max_length: ``T = max_length`` exactly (a fixed static shape, e.g. to share one compiled
+        program across data sets).
 
     Raises:
       ValueError: ``n_prompt + T + len(cue)`` exceeds ``max_positions`` (names the lengths and the
@@ -797,6 +803,8 @@ def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
             raise ValueError(f"task {task.name}: prompt ({n_prompt}) + text part (max_length={T}) + cue "
                              f"({len(cue)}) = {n_prompt + T + len(cue)} tokens exceeds the model's context "
                              f"of {limit}")
+        if not pad_to_max_length:
+            T = min(T, _round_up(max(int(lengths.max()) if n else 1, 1), pad_multiple))
     else:
         longest = int(lengths.max()) if n else 1
         if room is not None and longest > room:
@@ -1164,7 +1172,7 @@ def federated(task: Task | str, tokenizer, kind: str, *, num_clients: int, shots
               alpha: float | None = None, seed: int = 0, n_prompt: int = 50, source=None,
               style: str | None = None, max_length: int | None = None, max_positions: int | None = None,
               test_size: int | None = None, first_token: bool = False, prior: str = "class",
-              min_size: int = 1, pad_to: int | None = None) -> FederatedData:
+              min_size: int = 1, pad_to: int | None = None, pad_to_max_length: bool = False) -> FederatedData:
     """Task → BBT few-shot train/dev → tokenised → partitioned over clients (IID, or Dirichlet(α)).
 
     ``seed`` drives the few-shot draw and the partition; ``test_size`` keeps a fixed random subset of
@@ -1182,7 +1190,8 @@ def federated(task: Task | str, tokenizer, kind: str, *, num_clients: int, shots
     if test_size is not None and test_size < len(test):
         test = test.take(np.sort(np.random.default_rng(0).permutation(len(test))[:test_size]))
     train, dev = few_shot(pool, shots_per_class, seed)
-    kw = dict(n_prompt=n_prompt, max_length=max_length, max_positions=max_positions)
+    kw = dict(n_prompt=n_prompt, max_length=max_length, max_positions=max_positions,
+              pad_to_max_length=pad_to_max_length)
     if kind == DECODER:
         kw["style"] = style
     both = tokenize(task, Examples(task.name, train.texts + dev.texts,

@@ -447,3 +447,20 @@ def test_federated_end_to_end(enc_tok, dec_tok):
                        max_positions=2048, test_size=10, style="chat")
     assert d.train.input_ids.shape[:2] == (4, 2) and d.spec.cue_ids.size > 0
     assert (d.train.answer_pos == d.train.input_ids.shape[-1] - 1).all()
+
+
+def test_max_length_bounds_but_does_not_force_the_padded_length(enc_tok, dec_tok):
+    """Short texts are padded to the longest example present (rounded to 8), not to max_length, unless a
+    fixed shape is asked for; the tokens themselves are the same either way."""
+    ex = _ex("sst2", [("a fine film .", 1), ("dull .", 0)])
+    short = data.encode_decoder("sst2", ex, dec_tok, n_prompt=5, max_length=256)
+    fixed = data.encode_decoder("sst2", ex, dec_tok, n_prompt=5, max_length=256, pad_to_max_length=True)
+    longest = int(short.attention_mask.sum(1).max())
+    assert short.seq_len == -(-longest // 8) * 8 < 256 and fixed.seq_len == 256
+    for i in range(2):
+        assert short.input_ids[i][short.attention_mask[i] == 1].tolist() == \
+            fixed.input_ids[i][fixed.attention_mask[i] == 1].tolist()
+    e_short = data.encode_encoder("sst2", ex, enc_tok, n_prompt=5, max_length=256)
+    e_fixed = data.encode_encoder("sst2", ex, enc_tok, n_prompt=5, max_length=256, pad_to_max_length=True)
+    assert e_short.seq_len < 256 and e_fixed.seq_len == 256
+    np.testing.assert_array_equal(e_short.answer_pos, e_fixed.answer_pos)
