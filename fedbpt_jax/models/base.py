@@ -31,7 +31,7 @@ class LanguageModel:
       name: canonical name (registry name, hub id or path).
       kind: ``"encoder"`` (masked LM, e.g. RoBERTa) or ``"decoder"`` (causal LM, e.g. SmolLM2/Llama).
       config: the model's frozen config dataclass (``EncoderConfig`` / ``DecoderConfig``).
-      params: parameter pytree of float32 arrays.
+      params: parameter pytree (matrices and embeddings in ``config.compute_dtype``, norms float32).
       tokenizer: a ``transformers`` fast tokenizer.
       module: the Flax linen module.
     """
