@@ -25,13 +25,18 @@ def test_round_throughput_quick_runs_and_checks_agree(tmp_path):
                 "--json", str(out), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
-    assert [r["K"] for r in res] == [1] and res[0]["model"] == "tiny"
-    r = res[0]
-    assert r["check_ok"] and r["check_max_rel_diff"] <= 1e-4
-    assert r["round_s"] > 0 and r["ref_round_s"] > 0 and r["speedup"] > 0 and 0 < r["es_share"] < 1
-    assert r["gflop_per_round"] > 0 and r["evals_per_round"] == 8 * 5 + 1
+    assert [(r["K"], r["dtype"]) for r in res] == [(1, "float32"), (1, "bfloat16")]
+    assert all(r["model"] == "tiny" for r in res)
+    for r in res:
+        assert r["check_ok"] and r["check_max_rel_diff"] <= 1e-4
+        assert r["round_s"] > 0 and r["ref_round_s"] > 0 and r["speedup"] > 0 and 0 < r["es_share"] < 1
+        assert r["gflop_per_round"] > 0 and r["evals_per_round"] == 8 * 5 + 1
+        assert r["pure_s"] > 0 and r["frac_pure_inference"] > 0
+    assert res[0]["gflop_per_round"] == res[1]["gflop_per_round"]  # one cost model, whatever the dtype
+    assert res[1]["speed_vs_float32"] > 0 and res[1]["peak_rss_vs_float32"] > 0
+    assert res[1]["model_bytes"] < 0.6 * res[0]["model_bytes"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| tiny | 1 |" in proc.stdout
+    assert "| tiny | float32 | 1 |" in proc.stdout and "| tiny | bfloat16 | 1 |" in proc.stdout
 
 
 def test_forward_throughput_quick_runs_and_checks_agree(tmp_path):
@@ -42,4 +47,8 @@ def test_forward_throughput_quick_runs_and_checks_agree(tmp_path):
     assert d["checks_ok"]
     layouts = {(r["layout"], r["mode"]) for r in d["rows"]}
     assert {("after+cache", "batched"), ("after (no cache)", "batched"), ("before", "batched")} <= layouts
-    assert all(r["gflops"] > 0 and r["gflop_executed"] > 0 for r in d["rows"])
+    assert all(r["gflops"] > 0 and r["gflop"] > 0 for r in d["rows"])
+    assert {r["dtype"] for r in d["rows"]} == {"float32", "bfloat16"}
+    assert set(d["peak_gflops_best"]) == {"float32", "bfloat16"}
+    bf = [s for s in d["summary"] if s["dtype"] == "bfloat16"]
+    assert bf and all(s["speed_vs_float32[after+cache]"] > 0 for s in bf)
