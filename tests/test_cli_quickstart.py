@@ -26,15 +26,29 @@ def test_cli_simulate_end_to_end(tiny_lm, monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert re.search(r"per round: \d+ model forward calls over local batches, [0-9.]+ TFLOP", out), out
-    m = re.search(r"z=0: ([0-9.]+)\s+final \(round 2\): ([0-9.]+)\s+best: ([0-9.]+)", out)
+    m = re.search(r"manual prompt: ([0-9.]+)\s+z=0: ([0-9.]+)\s+final \(round 2\): ([0-9.]+)\s+"
+                  r"dev-selected \(round (\d), dev ([0-9.]+)\): ([0-9.]+)", out)
     assert m, out
-    z0, final, best = map(float, m.groups())
-    assert best >= max(z0, final)
+    manual, z0, final, sel_round, sel_dev, sel_test = map(float, m.groups())
+    ref = re.search(r"reference-compatibility figure \(best test accuracy over rounds, selected on test: optimistic\): "
+                    r"([0-9.]+) \(round (\d)\)", out)
+    assert ref, out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [e["round"] for e in metrics["evals"]] == [0, 1, 2]
+    evals = metrics["evals"]
+    assert [e["round"] for e in evals] == [0, 1, 2]
+    # The dev-selected round is the first with the highest dev accuracy; its test accuracy is what is printed.
+    dev = [e["dev_accuracy"] for e in evals]
+    assert sel_round == int(np.argmax(dev)) and metrics["selected_round"] == sel_round
+    assert sel_test == pytest.approx(evals[int(sel_round)]["accuracy"], abs=1e-4)
+    assert sel_dev == pytest.approx(max(dev), abs=1e-4)
+    assert final == pytest.approx(evals[-1]["accuracy"], abs=1e-4) and z0 == pytest.approx(evals[0]["accuracy"], abs=1e-4)
+    assert float(ref.group(1)) == pytest.approx(max(e["accuracy"] for e in evals), abs=1e-4)
+    assert metrics["best_test_reference"] == pytest.approx(float(ref.group(1)), abs=1e-4)
+    assert 0.0 <= manual <= 1.0
     rows = (tmp_path / "rounds.csv").read_text().splitlines()
     assert rows[0].startswith("round,") and len(rows) == 3
-    assert "bytes_up_per_client" in rows[0]
+    assert "bytes_up_per_client" in rows[0] and "single_class_clients" in rows[0] and "clients" not in rows[0].split(",")
+    assert len(metrics["rounds"][0]["clients"]) == 2
 
 
 def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
@@ -42,13 +56,31 @@ def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
     rc = cli.main(["bbt", "--task", "sst2", "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4",
                    "--generations", "4", "--eval-every", "2", "--test-size", "16", "--no-progress"])
     assert rc == 0
-    assert re.search(r"z=0: [0-9.]+\s+BBT: [0-9.]+", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"manual prompt: [0-9.]+\s+z=0: [0-9.]+\s+final \(generation 4\): [0-9.]+\s+"
+                     r"BBT dev-selected \(generation [24], dev [0-9.]+\): [0-9.]+", out), out
 
 
 def test_cli_bad_input_is_a_clear_error(capsys):
     rc = cli.main(["simulate", "--model", "no-such-model", "--no-progress"])
     assert rc == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["simulate", "--sigma0", "1e30"], r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+30"),
+    (["simulate", "--sigma0", "inf"], r"sigma0 must be a finite value in \[1e-06, 1000\], got inf"),
+    (["simulate", "--sigma0", "1e-30"], r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e-30"),
+    (["simulate", "--perturb-rate", "nan"], r"perturb_rate must be a finite value in \[0, 1\], got nan"),
+    (["bbt", "--sigma0", "1e20"], r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+20"),
+])
+def test_cli_absurd_hyperparameters_fail_before_running(argv, match, capsys, monkeypatch):
+    def no_load(name):
+        raise AssertionError("the model must not be loaded for a bad hyperparameter")
+
+    monkeypatch.setattr(fb.models, "load", no_load)
+    assert cli.main([*argv, "--no-progress"]) == 2
+    assert re.search(match, capsys.readouterr().err)
 
 
 def test_readme_quickstart_runs(tiny_lm):
