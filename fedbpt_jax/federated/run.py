@@ -79,7 +79,8 @@ class RunCarry:
     Model selection is on the **dev** set (when :func:`run` gets one): the selected round is the
     evaluation with the highest dev accuracy, ties to the earliest round; a non-finite evaluation (or
     prompt) is never selected. Without a dev set the selected round is the latest finite evaluation
-    (no selection). The best *test* accuracy is kept only as a reference-compatibility figure: the
+    (no selection); an evaluation with non-finite logits on dev or test is never selected. The best
+    *test* accuracy is kept only as a reference-compatibility figure: the
     reference code reports the peak of its test curve, which is optimistic and not a model selection.
 
     Attributes:
@@ -178,9 +179,11 @@ def _select(carry: RunCarry, ev, p, at_round, n_prompt: int, hidden: int) -> Run
     prompt_ok = jnp.all(jnp.isfinite(p))
     test_acc = ev["accuracy"].astype(jnp.float32)
     if "dev_accuracy" in ev:
+        # Chosen by dev accuracy alone; an evaluation with non-finite logits anywhere (dev or test) is a
+        # broken prompt and is never selected.
         dev_acc = ev["dev_accuracy"].astype(jnp.float32)
-        better = prompt_ok & jnp.isfinite(dev_acc) & ((dev_acc > carry.selected_dev_accuracy)
-                                                       | (carry.selected_round < 0))
+        better = prompt_ok & jnp.isfinite(dev_acc) & jnp.isfinite(test_acc) & (
+            (dev_acc > carry.selected_dev_accuracy) | (carry.selected_round < 0))
     else:  # no dev set: no selection, the latest finite evaluation
         dev_acc = jnp.asarray(jnp.nan, jnp.float32)
         better = prompt_ok & jnp.isfinite(test_acc)
