@@ -247,7 +247,11 @@ def test_fedavg_bbt_with_and_without_perturbation():
     out = {}
     for algo in (plain, pert):
         state = algo.init(None, hp)
-        out[algo.name] = jax.jit(algo.round)(jax.random.key(3), state, data, hp, fs.model())
+        out[algo.name] = jax.jit(algo.round_detailed)(jax.random.key(3), state, data, hp, fs.model())
+        # algo.round: the same round, scalar metrics only (as benchmarks and plain jit(algo.round) expect)
+        _, scalars = jax.jit(algo.round)(jax.random.key(3), state, data, hp, fs.model())
+        assert all(np.ndim(v) == 0 for v in scalars.values()) and "clients" not in scalars
+        np.testing.assert_allclose(float(scalars["client_loss"]), float(out[algo.name][1]["client_loss"]), rtol=1e-6)
     _, m_plain = out["fedavg_bbt"]
     _, m_pert = out["fedavg_bbt_perturbed"]
     c_plain, c_pert = m_plain["clients"], m_pert["clients"]

@@ -17,11 +17,12 @@ Per-client code is written for one client and ``vmap``ped (and sharded) over the
 client's population is scored in one batched forward pass per generation, so a generation of all K
 clients is one pass over clients × population × examples.
 
-Every round's metrics hold scalars (one CSV column each) and two dicts of per-client ``[K]`` arrays:
-``metrics["clients"]`` (diagnostics: which client, example and label counts, clean and perturbed loss,
-fitness, server rank and weight, repaired or not) and, for FedBPT and FedAvg-BBT, ``metrics["uploads"]``
-(what the clients sent: means ``[K, d]``, fitness, σ histories, plus the broadcast mean and σ), which
-:func:`fedbpt_jax.federated.run` drops inside the scan unless asked to save it.
+``algo.round`` returns scalar metrics (one CSV column each). ``algo.round_detailed`` is the same round
+with two more dicts of per-client ``[K]`` arrays: ``metrics["clients"]`` (diagnostics: which client,
+example and label counts, clean and perturbed loss, fitness, server rank and weight, repaired or not)
+and, for FedBPT and FedAvg-BBT, ``metrics["uploads"]`` (what the clients sent: means ``[K, d]``,
+fitness, σ histories, plus the broadcast mean and σ); :func:`fedbpt_jax.federated.run` uses it and
+drops the uploads inside the scan unless asked to save them.
 """
 from __future__ import annotations
 
@@ -250,6 +251,21 @@ def _round_metrics(up: ClientUpload, active: jax.Array, extra: dict, *, idx, bat
     return out
 
 
+#: Round-metric keys that hold per-client arrays (only :attr:`FederatedAlgorithm.round_detailed` returns them).
+DETAIL_KEYS = ("clients", "uploads")
+
+
+def scalars_only(round_detailed):
+    """``round`` from ``round_detailed``: the same round with only its scalar metrics (what a benchmark
+    or a plain ``jit(algo.round)`` wants; under ``jit`` the per-client extras are not even computed)."""
+
+    def round_fn(key, state, data, hp, model):
+        state, metrics = round_detailed(key, state, data, hp, model)
+        return state, {k: v for k, v in metrics.items() if k not in DETAIL_KEYS}
+
+    return round_fn
+
+
 def _uploads(idx, active, up: ClientUpload, server) -> dict:
     """What the clients sent this round (and the broadcast it answered), for replaying aggregations."""
     return {"client_index": idx.astype(jnp.int32), "active": active, "mean": up.mean, "fitness": up.fitness,
@@ -319,7 +335,7 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
             norm_threshold=jnp.asarray(config.norm_clip_threshold, jnp.float32),
         )
 
-    def round_fn(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
+    def round_detailed(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
         idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
         tau, next_tau = _norm_threshold(config, state)
         local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=config.perturb,
@@ -348,8 +364,9 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
     calls = config.local_generations * config.population_size + 1
     calls *= 2 if config.perturb else 1
     prefix = 1 + ((1 if config.perturb_every == "round" else config.local_generations + 1) if config.perturb else 0)
-    return FederatedAlgorithm("fedbpt", init, round_fn, global_prompt, config, _comm(config, lm, covariance=False),
-                              calls, prefix_passes=prefix, mesh=mesh, scorer=scorer, global_z=global_z)
+    return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, config,
+                              _comm(config, lm, covariance=False), calls, prefix_passes=prefix, mesh=mesh, scorer=scorer,
+                              global_z=global_z, round_detailed=round_detailed)
 
 
 def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
@@ -371,7 +388,7 @@ def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
     if perturb and config.loss == "accuracy":
         raise ValueError("FedAvg-BBT with perturbation needs a positive loss: use loss 'ce' or 'hinge'")
 
-    def round_fn(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
+    def round_detailed(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
         idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
         tau, next_tau = _norm_threshold(config, state)
         local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden,
@@ -395,8 +412,8 @@ def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
         calls *= 2
         prefix += 1 if config.perturb_every == "round" else config.local_generations + 1
     name = "fedavg_bbt_perturbed" if perturb else "fedavg_bbt"
-    return base._replace(name=name, round=round_fn, comm=_comm(config, lm, covariance=True), forward_calls=calls,
-                         prefix_passes=prefix)
+    return base._replace(name=name, round=scalars_only(round_detailed), round_detailed=round_detailed,
+                         comm=_comm(config, lm, covariance=True), forward_calls=calls, prefix_passes=prefix)
 
 
 @flax.struct.dataclass
@@ -527,7 +544,7 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
         (p, _), losses = jax.lax.scan(step, (p0, opt.init(p0)), None, length=steps)
         return p, loss_fn(p)
 
-    def round_fn(key, state: PromptState, data: FederatedData, hp: HParams, model: ModelInputs):
+    def round_detailed(key, state: PromptState, data: FederatedData, hp: HParams, model: ModelInputs):
         idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
         prompts, losses = map_clients(lambda k, b: client(k, state.prompt, b, data.spec, hp, model),
                                       (keys, batch), config.chunk_clients, mesh)
@@ -553,8 +570,8 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
 
     comm = accounting.prompt_bytes(n, hidden, lm.num_params())
     # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.
-    return FederatedAlgorithm("fedprompt", init, round_fn, global_prompt, config, comm, 3 * steps + 1,
-                              prefix_passes=1, mesh=mesh, scorer=scorer)
+    return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, config, comm,
+                              3 * steps + 1, prefix_passes=1, mesh=mesh, scorer=scorer, round_detailed=round_detailed)
 
 
 ALGORITHMS = {

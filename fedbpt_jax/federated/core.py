@@ -90,6 +90,9 @@ class FederatedAlgorithm(NamedTuple):
         evaluates and counts FLOPs with it; None: the backbone's default scorer).
       global_z: ``state -> [d]`` the global intrinsic vector z (None: the algorithm has none, e.g.
         FedPrompt, which tunes the embeddings directly); :func:`~fedbpt_jax.federated.run` logs ‖z‖.
+      round_detailed: the same round as ``round`` whose metrics also hold ``"clients"`` (per-client
+        diagnostics ``[K]``) and ``"uploads"`` (what the clients sent, d floats each); None: ``round``
+        has no per-client detail. ``round`` itself returns scalar metrics only.
     """
 
     name: str
@@ -104,6 +107,7 @@ class FederatedAlgorithm(NamedTuple):
     mesh: Any = None
     scorer: Any = None
     global_z: Callable | None = None
+    round_detailed: Callable | None = None
 
 
 def sample_clients(key: jax.Array, counts: jax.Array, k: int, how: str = "uniform") -> jax.Array:

@@ -221,8 +221,11 @@ def make_segment(algo: FederatedAlgorithm, scorer, eval_every: int, n_prompt: in
         TRACE_COUNTS[algo.name] += 1  # Python side effect: runs only while tracing
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
 
+        round_fn = algo.round_detailed if algo.round_detailed is not None and (keep_uploads or log_clients) \
+            else algo.round
+
         def body(state, r):
-            state, metrics = algo.round(jax.random.fold_in(key, r), state, data, hp, model)
+            state, metrics = round_fn(jax.random.fold_in(key, r), state, data, hp, model)
             return state, _drop_keys(metrics, keep_uploads, log_clients)
 
         rounds = carry.rounds_done + jnp.arange(eval_every, dtype=jnp.int32)
