@@ -97,10 +97,12 @@ def test_readme_quickstart_runs(tiny_lm):
     state = algo.init(jax.random.key(1), hp)
     state, metrics = jax.jit(algo.round)(jax.random.key(2), state, data, hp, model)
     assert int(state.round) == 1 and np.isfinite(float(metrics["client_loss"]))
-    carry, history = fb.run(algo, jax.random.key(1), data, fed.test, lm, model, hp=hp,
+    carry, history = fb.run(algo, jax.random.key(1), data, fed.test, lm, model, hp=hp, dev=fed.dev,
                             num_rounds=2, progress=False)
     assert len(history.rounds) == 2 and np.isfinite(history.rounds[-1]["client_loss"])
     assert int(carry.rounds_done) == 2
+    s = fb.summarize(history, carry)
+    assert s["selected_round"] in (0, 1, 2) and s["final_round"] == 2
 
 
 def test_experiment_script_runs_on_a_tiny_config(tmp_path):

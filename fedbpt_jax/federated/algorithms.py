@@ -396,7 +396,9 @@ def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
         up = map_clients(lambda k, b: local(k, state.server, b, data.spec, hp, model),
                          (keys, batch), config.chunk_clients, mesh)
         weights = counts.astype(jnp.float32) * active
-        server, smetrics = strategy.fedavg_aggregate(state.server, up.local_state, weights)
+        # With the ‖z‖ clip the clipped means are what the clients send (as FedBPT's uploads).
+        client_states = up.local_state if tau is None else up.local_state.replace(mean=up.mean)
+        server, smetrics = strategy.fedavg_aggregate(state.server, client_states, weights)
         server = _sigma_schedule(config, state.server, server)
         extra = {"sigma": strategy.sigma_of_server(server), **smetrics}
         if tau is not None:

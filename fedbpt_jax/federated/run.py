@@ -1,8 +1,10 @@
-"""Running a simulation: ``lax.scan`` over rounds, evaluation every E rounds, best-round tracking,
-device sharding, progress bar, orbax checkpoints and resume.
+"""Running a simulation: ``lax.scan`` over rounds, evaluation every E rounds, model selection on the dev
+set, per-client diagnostics, device sharding, progress bar, orbax checkpoints and resume.
 
 A run is a sequence of jitted *segments*; a segment is ``lax.scan`` over ``eval_every`` rounds
-followed by one evaluation of the server's global prompt on the test set. The jitted segment is
+followed by one evaluation of the server's global prompt on the test set and the dev set, and the
+selection update (dev-best round, ties to the earliest; the best test accuracy is kept only as a
+labelled reference-compatibility figure, :class:`RunCarry`). The jitted segment is
 cached per (algorithm, backbone shape, E, mesh), so every segment of a run and every later call of
 :func:`run` with the same algorithm reuses one compiled program (no retrace: see :func:`trace_count`),
 and its size does not depend on N or K (clients are a vmapped axis, rounds a scanned one). The round
