@@ -51,6 +51,37 @@ def test_cli_simulate_end_to_end(tiny_lm, monkeypatch, tmp_path, capsys):
     assert len(metrics["rounds"][0]["clients"]) == 2
 
 
+SMALL = ["--task", "sst2", "--clients", "4", "--rounds", "2", "--shots", "4", "--d", "8", "--n-prompt", "2",
+         "--population", "4", "--local-generations", "2", "--test-size", "16", "--no-progress"]
+
+
+def test_cli_baseline_and_stabiliser_flags(tiny_lm, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(fb.models, "load", lambda name: tiny_lm)
+    rc = cli.main(["simulate", *SMALL, "--algorithm", "fedavg_bbt", "--fedavg-perturb", "--norm-clip",
+                   "--sigma-schedule", "clamp", "--save-uploads", str(tmp_path / "up"),
+                   "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "fedavg_bbt_perturbed:" in out, out
+    rows = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert [r["norm_threshold"] for r in rows] == [16.0, 17.0]          # 15, +1 per round while ‖z‖ < 20
+    assert all(r["sigma"] <= 1.0 for r in rows) and all(r["perturbed_loss_mean"] > 0 for r in rows)
+    u = fb.load_uploads(tmp_path / "up")
+    assert u["mean"].shape == (2, 4, 8)
+
+
+def test_cli_tunes_fedprompt_learning_rate_on_dev(tiny_lm, monkeypatch, capsys):
+    monkeypatch.setattr(fb.models, "load", lambda name: tiny_lm)
+    rc = cli.main(["simulate", *SMALL, "--algorithm", "fedprompt", "--tune-lr", "--lr-grid", "0.001,0.1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    m = re.search(r"learning rate on dev: 0.001: ([0-9.]+)  0.1: ([0-9.]+)  -> ([0-9.]+)", out)
+    assert m, out
+    a, b, picked = map(float, m.groups())
+    assert picked == (0.001 if a >= b else 0.1)
+    assert cli.main(["simulate", *SMALL, "--tune-lr"]) == 2
+    assert "--tune-lr picks FedPrompt's learning rate" in capsys.readouterr().err
+
+
 def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
     monkeypatch.setattr(fb.models, "load", lambda name: tiny_lm)
     rc = cli.main(["bbt", "--task", "sst2", "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4",
