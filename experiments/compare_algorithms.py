@@ -75,15 +75,17 @@ def main(argv=None) -> int:
         for name in args.algorithms.split(","):
             algo = fb.make(name, cfg, lm)
             t0 = time.perf_counter()
-            carry, hist = fb.run(algo, key_run, data, fed.test, lm, model, num_rounds=args.rounds, hp=hp,
-                                 results_dir=out / f"{name}_{split}", progress=not args.tiny)
-            res = {"z0": hist.evals[0]["accuracy"], "final": hist.evals[-1]["accuracy"],
-                   "best": float(carry.best_accuracy), "best_round": int(carry.best_round),
+            carry, hist = fb.run(algo, key_run, data, fed.test, lm, model, dev=fed.dev, num_rounds=args.rounds,
+                                 hp=hp, results_dir=out / f"{name}_{split}", progress=not args.tiny)
+            s = fb.summarize(hist, carry)
+            res = {"z0": s["initial_test_accuracy"], "final": s["final_test_accuracy"],
+                   "selected": s["selected_test_accuracy"], "selected_round": s["selected_round"],
+                   "best_test_reference": s["best_test_reference"],
                    "seconds": time.perf_counter() - t0, "bytes_up_per_client": algo.comm.up_per_client}
             summary["results"][f"{name}/{split}"] = res
             curves[f"{name}/{split}"] = [(e["round"], e["accuracy"]) for e in hist.evals]
-            print(f"{name:16s} {split:7s} z0 {res['z0']:.4f} final {res['final']:.4f} best {res['best']:.4f} "
-                  f"(round {res['best_round']})  {res['seconds']:.0f}s", flush=True)
+            print(f"{name:16s} {split:7s} z0 {res['z0']:.4f} final {res['final']:.4f} dev-selected "
+                  f"{res['selected']:.4f} (round {res['selected_round']})  {res['seconds']:.0f}s", flush=True)
             write_json_atomic(out / "summary.json", summary)
     plot(curves, out / "accuracy.png", f"{args.task}, {lm.name}")
     return 0

@@ -21,7 +21,7 @@ _SUBMODULES = ("assets", "bbt", "checkpoint", "accounting", "data", "federated",
                "strategy", "tasks", "testing", "types")
 _FEDERATED = ("FedConfig", "HParams", "FederatedAlgorithm", "FederatedData", "ModelInputs", "run", "make", "fedbpt",
               "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh", "init_distributed",
-              "History", "RunCarry")
+              "History", "RunCarry", "summarize", "load_uploads", "tune_learning_rate")
 _OTHER = {"TokenBatch": "types", "ScoringSpec": "types", "BBTConfig": "bbt"}
 
 __all__ = [*_SUBMODULES, *_FEDERATED, *_OTHER, "__version__"]

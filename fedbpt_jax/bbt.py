@@ -4,20 +4,25 @@ BBT (Sun et al., 2022) is FedBPT with one client: CMA-ES searches ``z ∈ R^d``,
 fitness is the loss of the frozen model's label-word logits with prompt ``A z``. Here a generation is
 one batched forward pass over population × examples, and generations run inside ``lax.scan``.
 
+The CMA-ES is the one :func:`fedbpt_jax.federated.centralized_bbt` and FedBPT's clients use:
+:mod:`fedbpt_jax.strategy`'s pycma-3.4-faithful client (pycma's constants, active weights, lazy
+eigendecomposition, selective mirroring), started at z = 0 with σ₀ and pycma's initial C. There is one
+BBT in the package: :func:`step` with key ``k`` is exactly a generation of ``centralized_bbt`` with
+that key, and this module adds the host-side driver (:func:`tune`: progress bar, dev-set selection).
+
 Functional API (keys first, then state, then read-only inputs; every step returns
 ``(state, metrics)``)::
 
-    strategy = make_strategy(config)
-    state = init(key, config, strategy)
-    state, metrics = step(key, state, lm_params, projection, ctx, batch, spec, config=..., scorer=..., strategy=...)
-    state, history = run_generations(key, state, ..., num_generations=50)   # lax.scan
-
-:func:`tune` is the host-side driver with a progress bar and dev-set model selection.
+    state, es_params = init(key, config)
+    state, metrics = step(key, state, es_params, lm_params, projection, ctx, batch, spec, config=..., scorer=...,
+                          hidden_size=...)
+    state, history = run_generations(key, state, es_params, ..., num_generations=50)   # lax.scan
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -25,9 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import objective, prompt
+from . import objective, prompt, strategy
 from .objective import Scorer
 from .types import ScoringSpec, TokenBatch
+
+#: σ₀ range accepted by :class:`BBTConfig` (the same as the federated ``HParams``).
+SIGMA0_RANGE = (1e-6, 1e3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,20 +64,15 @@ class BBTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.population_size < 2:
             raise ValueError(f"population_size must be >= 2, got {self.population_size}")
-        if not self.sigma0 > 0:
-            raise ValueError(f"sigma0 must be > 0, got {self.sigma0}")
+        lo, hi = SIGMA0_RANGE
+        if not (math.isfinite(self.sigma0) and lo <= self.sigma0 <= hi):
+            raise ValueError(f"sigma0 must be a finite value in [{lo:g}, {hi:g}], got {self.sigma0!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be finite and > 0, got {self.alpha!r}")
         if self.loss not in objective.LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; accepted: {objective.LOSSES}")
         if self.projection not in prompt.PROJECTIONS:
             raise ValueError(f"unknown projection {self.projection!r}; accepted: {prompt.PROJECTIONS}")
-
-
-@functools.lru_cache(maxsize=None)
-def make_strategy(population_size: int, intrinsic_dim: int):
-    """The evosax CMA-ES strategy object (built once per shape: it is static under jit)."""
-    from evosax.algorithms import CMA_ES
-
-    return CMA_ES(population_size=population_size, solution=jnp.zeros(intrinsic_dim))
 
 
 @flax.struct.dataclass
@@ -77,8 +80,8 @@ class BBTState:
     """BBT state.
 
     Attributes:
-      es: evosax CMA-ES state (mean ``[d]``, std, C ``[d, d]``, …).
-      best_z: ``[d]`` best candidate seen (lowest training fitness).
+      es: :class:`fedbpt_jax.strategy.LocalCMAState` (mean ``[d]``, σ, C ``[d, d]``, B, D, paths, counters).
+      best_z: ``[d]`` best candidate seen (lowest finite training fitness).
       best_fitness: scalar.
       generation: int32 scalar.
     """
@@ -90,13 +93,16 @@ class BBTState:
 
 
 def init(key: jax.Array, config: BBTConfig) -> tuple[BBTState, Any]:
-    """Initial state (mean z = 0, σ = σ₀) and the strategy's numeric params."""
-    strategy = make_strategy(config.population_size, config.intrinsic_dim)
-    es_params = strategy.default_params.replace(std_init=jnp.asarray(config.sigma0, jnp.float32))
-    es = strategy.init(key, jnp.zeros(config.intrinsic_dim), es_params)
+    """Initial state (mean z = 0, σ = σ₀, pycma's initial C) and the CMA-ES's constants.
+
+    The same start as :func:`fedbpt_jax.federated.centralized_bbt` (deterministic: ``key`` is unused).
+    """
+    del key
+    es_params = strategy.local_params(config.population_size, config.intrinsic_dim)
+    es = strategy.client_init(strategy.server_init(config.intrinsic_dim, config.sigma0, 2), es_params)
     state = BBTState(
         es=es,
-        best_z=jnp.zeros(config.intrinsic_dim),
+        best_z=jnp.zeros(config.intrinsic_dim, es.mean.dtype),
         best_fitness=jnp.asarray(jnp.inf, jnp.float32),
         generation=jnp.asarray(0, jnp.int32),
     )
@@ -117,17 +123,15 @@ def step(
     scorer: Scorer,
     hidden_size: int,
 ) -> tuple[BBTState, dict]:
-    """One CMA-ES generation: ask, score the whole population in one pass, tell."""
-    strategy = make_strategy(config.population_size, config.intrinsic_dim)
-    key_ask, key_tell = jax.random.split(key)
-    z, es = strategy.ask(key_ask, state.es, es_params)
+    """One CMA-ES generation: ask (with ``key``), score the whole population in one pass, tell."""
+    z, es = strategy.ask(key, state.es, es_params)
     prompts = prompt.to_prompt(projection, z, hidden_size)
     fit, clean = objective.population_fitness(
         scorer, lm_params, ctx, None, batch, spec, prompts, loss=config.loss, chunk_size=config.chunk_size
     )
-    # A NaN/inf fitness ranks worst and never reaches the CMA-ES update.
-    safe = jnp.where(jnp.isfinite(fit), fit, jnp.finfo(fit.dtype).max)
-    es, _ = strategy.tell(key_tell, z, safe, es, es_params)
+    # NaN/inf ranks worst inside the CMA-ES (never a positive weight); here it is never the best z either.
+    es = strategy.tell(z, fit, es, es_params)
+    safe = jnp.where(jnp.isfinite(fit), fit, jnp.inf).astype(jnp.float32)
     i = jnp.argmin(safe)
     better = safe[i] < state.best_fitness
     new = BBTState(
@@ -136,12 +140,13 @@ def step(
         best_fitness=jnp.where(better, safe[i], state.best_fitness),
         generation=state.generation + 1,
     )
+    finite = jnp.isfinite(fit)
     metrics = {
         "fitness_min": jnp.min(safe),
-        "fitness_mean": jnp.mean(safe),
+        "fitness_mean": jnp.sum(jnp.where(finite, fit, 0)) / jnp.maximum(jnp.sum(finite), 1),
         "loss_mean": jnp.mean(clean),
-        "sigma": es.std,
-        "nonfinite": jnp.sum(~jnp.isfinite(fit)),
+        "sigma": strategy.sigma_of(es),
+        "nonfinite": jnp.sum(~finite),
     }
     return new, metrics
 
@@ -161,7 +166,8 @@ def run_generations(
     hidden_size: int,
     num_generations: int,
 ) -> tuple[BBTState, dict]:
-    """``num_generations`` steps inside one ``lax.scan``; metrics stacked over generations."""
+    """``num_generations`` steps inside one ``lax.scan`` (generation g gets ``split(key, n)[g]``, as a
+    round of ``centralized_bbt`` does); metrics stacked over generations."""
 
     def body(carry, k):
         return step(k, carry, es_params, lm_params, projection, ctx, batch, spec,
@@ -195,7 +201,9 @@ def tune(
     """Runs BBT on ``train`` with a progress bar; returns the tuned z.
 
     Generations run in jitted ``lax.scan`` segments of ``config.eval_every``; after each segment the
-    current mean is scored on ``dev`` (when given) and the best-on-dev z is kept, as BBT does.
+    current mean is scored on ``dev`` (when given) and the best-on-dev z is kept, as BBT does (ties:
+    the earliest; a non-finite dev evaluation is never kept). The CMA-ES is :mod:`fedbpt_jax.strategy`'s
+    pycma-faithful one, shared with ``centralized_bbt``.
     """
     from tqdm.auto import tqdm
 
@@ -228,14 +236,15 @@ def tune(
             done += n
             postfix = {"loss": f"{history['loss_mean'][-1]:.4f}", "σ": f"{history['sigma'][-1]:.3f}"}
             if evaluator is not None:
-                acc = evaluator.accuracy(projection, state.es.mean)
+                mean = strategy.mean_of(state.es)
+                acc = evaluator.accuracy(projection, mean)
                 dev_history.append((done, acc))
-                if acc > best_dev:
-                    best_dev, best_z = acc, np.asarray(state.es.mean)
+                if math.isfinite(acc) and acc > best_dev and np.all(np.isfinite(np.asarray(mean))):
+                    best_dev, best_z = acc, np.asarray(mean)
                 postfix["dev"] = f"{acc:.3f}"
             bar.set_postfix(postfix)
             bar.update(n)
-    final_mean = np.asarray(state.es.mean)
+    final_mean = np.asarray(strategy.mean_of(state.es))
     z = best_z if evaluator is not None else final_mean
     return BBTResult(z=z, final_mean=final_mean, history={k: np.asarray(v) for k, v in history.items()},
                      dev_history=dev_history, projection=projection)
@@ -258,18 +267,21 @@ class Evaluator:
         self.ctx = (jax.jit(functools.partial(objective.prepare_chunks, scorer))(lm.params, chunks)
                     if self.prepared else chunks)
         hidden = lm.hidden_size
-        score = objective.evaluate_prepared if self.prepared else objective.evaluate_logits
+        prepared = self.prepared
+        from .federated.run import EvalSet, _set_metrics
 
         def metrics(params, ctx, labels, mask, spec, projection, z):
             p = None if z is None else prompt.to_prompt(projection, z, hidden)
-            logits = score(scorer, params, ctx, spec, p)
-            return objective.classification_metrics(logits, labels, mask)
+            return _set_metrics(scorer, params, EvalSet(ctx, labels, mask, prepared=prepared), spec, p)
 
         self._metrics = jax.jit(metrics)
 
     def metrics(self, projection, z) -> dict[str, float]:
-        out = self._metrics(self.lm.params, self.ctx, self.labels, self.example_mask, self.spec, projection, z)
-        return {k: float(v) for k, v in out.items()}
+        """Accuracy, loss, F1 (NaN when any example's logits are non-finite), ``nonfinite_examples`` and
+        ``pred_dist`` (share of examples predicted as each label) of prompt ``A z`` (``z=None``: no prompt)."""
+        out = jax.device_get(self._metrics(self.lm.params, self.ctx, self.labels, self.example_mask, self.spec,
+                                           projection, z))
+        return {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in out.items()}
 
     def accuracy(self, projection, z) -> float:
         return self.metrics(projection, z)["accuracy"]

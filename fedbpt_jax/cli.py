@@ -2,13 +2,15 @@
 
 ``fedbpt-jax`` with no arguments runs the embedded default: a FedBPT simulation of SmolLM2-135M-Instruct
 on Rotten Tomatoes review snippets (both fetched from the package registry, no hub needed), 10 clients
-with Dirichlet label skew, and prints the accuracy of z = 0, of the final and of the best global prompt.
+with Dirichlet label skew, and prints the test accuracy of the manual prompt, of z = 0, of the final and
+of the dev-selected global prompt (and, labelled as such, the reference code's optimistic best-on-test).
 
 Sub-commands:
 
 * ``fedbpt-jax simulate [...]`` — any algorithm (fedbpt, fedavg_bbt, centralized_bbt, manual, fedprompt)
   on any model/task/data source (the default command is ``simulate`` with its defaults);
-* ``fedbpt-jax bbt [...]`` — centralized BBT with dev-set selection (the foundation's first use).
+* ``fedbpt-jax bbt [...]`` — centralized BBT with dev-set selection (the same pycma-faithful CMA-ES as
+  ``simulate --algorithm centralized_bbt``).
 
 Run ``fedbpt-jax simulate --help`` for every option.
 """
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "'tokens:<id>,<id>,...', 'phrase:<text>' (its token count sets --n-prompt) or a .npy "
                           "file of shape [n, hidden]; 'auto' (default): the task's measured start for decoders "
                           "(movie-review tasks: 'phrase: (movie review)'), else 'zeros'")
+    sim.add_argument("--fedavg-perturb", action="store_true",
+                     help="FedAvg-BBT with FedBPT's perturbation-regularised local fitness (default: plain loss)")
     sim.add_argument("--clients", type=int, default=10, help="N clients (default: %(default)s)")
     sim.add_argument("--per-round", type=int, default=None, help="K clients sampled per round (default: N)")
     sim.add_argument("--alpha", type=float, default=1.0,
@@ -87,7 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--server", default="reference", choices=("reference", "paper"))
     sim.add_argument("--client-keys", default="independent", choices=("independent", "shared"))
     sim.add_argument("--dropout", type=float, default=0.0, help="client dropout probability per round")
-    sim.add_argument("--sigma0", type=float, default=1.0)
+    sim.add_argument("--sigma0", type=float, default=1.0, help="initial server σ (accepted: [1e-6, 1e3])")
+    sim.add_argument("--learning-rate", type=float, default=0.3, help="FedPrompt's local Adam rate (default: %(default)s)")
+    sim.add_argument("--tune-lr", action="store_true",
+                     help="FedPrompt: pick the learning rate on the dev set from --lr-grid first (one run per value, "
+                          "test set untouched), then run with it")
+    sim.add_argument("--lr-grid", default=None,
+                     help="comma-separated learning rates for --tune-lr (default: 0.001,0.003,0.01,0.03,0.1,0.3)")
+    sim.add_argument("--norm-clip", action="store_true",
+                     help="stabiliser (off by default): the reference's norm_prompt clip of ‖z‖, threshold 15, "
+                          "+1 per round while the global ‖z‖ < 20")
+    sim.add_argument("--sigma-schedule", default="none", choices=("none", "clamp"),
+                     help="stabiliser for the server σ: 'none' (default, the reference's behaviour) or 'clamp' "
+                          "(what the reference's no-op clamps intend: never above the previous σ, floor 0.5)")
+    sim.add_argument("--save-uploads", default=None,
+                     help="save every round's client uploads (means, fitness, σ histories) as .npz files in this "
+                          "folder, to replay other aggregations (fedbpt, fedavg_bbt)")
     sim.add_argument("--eval-every", type=int, default=1)
     sim.add_argument("--chunk-clients", type=int, default=2,
                      help="clients per vmapped chunk, bounds peak memory (0 = all K at once; default %(default)s)")
@@ -97,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     bbt.add_argument("--population", type=int, default=10)
     bbt.add_argument("--generations", type=int, default=30)
     bbt.add_argument("--eval-every", type=int, default=10)
-    bbt.add_argument("--sigma0", type=float, default=1.0)
+    bbt.add_argument("--sigma0", type=float, default=1.0, help="initial σ (accepted: [1e-6, 1e3])")
     return parser
 
 
@@ -167,29 +186,48 @@ def cmd_bbt(args) -> int:
 
     from . import bbt as bbt_lib
 
+    cfg = bbt_lib.BBTConfig(intrinsic_dim=args.d, n_prompt_tokens=args.n_prompt, population_size=args.population,
+                            num_generations=args.generations, sigma0=args.sigma0, loss=args.loss, layout=args.layout,
+                            eval_every=args.eval_every)  # validated before anything is loaded
     lm = _load(args)
     _n_prompt(args, lm)
     fed = _data(args, lm, num_clients=1, alpha=None)
     train = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], fed.train)
-    cfg = bbt_lib.BBTConfig(intrinsic_dim=args.d, n_prompt_tokens=args.n_prompt, population_size=args.population,
-                            num_generations=args.generations, sigma0=args.sigma0, loss=args.loss, layout=args.layout,
-                            eval_every=args.eval_every)
     result = bbt_lib.tune(jax.random.key(args.seed), lm, train, fed.spec, cfg, dev=fed.dev,
                           progress=not args.no_progress)
     from .objective import make_scorer
 
     ev = bbt_lib.Evaluator(lm, make_scorer(lm, args.layout, n_prompt_tokens=args.n_prompt), fed.test, fed.spec)
+    manual = ev.metrics(None, None)
     z0 = ev.metrics(result.projection, np.zeros(args.d, np.float32))
     tuned = ev.metrics(result.projection, result.z)
-    print(f"test accuracy  z=0: {z0['accuracy']:.4f}   BBT: {tuned['accuracy']:.4f}  "
-          f"({len(fed.test.labels)} examples)")
+    final = ev.metrics(result.projection, result.final_mean)
+    dev_best = max(result.dev_history, key=lambda g: (g[1], -g[0]), default=(None, float("nan")))
+    print(f"test accuracy  manual prompt: {manual['accuracy']:.4f}   z=0: {z0['accuracy']:.4f}   "
+          f"final (generation {args.generations}): {final['accuracy']:.4f}   "
+          f"BBT dev-selected (generation {dev_best[0]}, dev {dev_best[1]:.4f}): {tuned['accuracy']:.4f}  "
+          f"[{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]")
     if args.results_dir:
         from .checkpoint import write_json_atomic
 
         write_json_atomic(os.path.join(args.results_dir, "bbt.json"),
-                          {"args": vars(args), "z0": z0, "tuned": tuned, "history": result.history,
+                          {"args": vars(args), "manual": manual, "z0": z0, "final": final, "selected": tuned,
+                           "selected_generation": dev_best[0], "history": result.history,
                            "dev_history": result.dev_history})
     return 0
+
+
+def _manual_accuracy(lm, fed, layout, n_prompt) -> float:
+    """Test accuracy of the manual prompt (the template alone, no prompt tokens)."""
+    from . import bbt as bbt_lib
+    from .objective import make_scorer
+
+    ev = bbt_lib.Evaluator(lm, make_scorer(lm, layout, n_prompt_tokens=n_prompt), fed.test, fed.spec)
+    return ev.metrics(None, None)["accuracy"]
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def cmd_simulate(args) -> int:
@@ -201,6 +239,9 @@ def cmd_simulate(args) -> int:
 
     auto = args.prompt_start == "auto"
     start = None if auto else prompt.parse_start(args.prompt_start)  # a bad option fails before the model loads
+    hp = fl.HParams(sigma0=args.sigma0, perturb_rate=args.perturb_rate, dropout_rate=args.dropout,
+                    learning_rate=args.learning_rate)
+    hp.validate()  # before loading anything: a bad value is an error naming it and its range
     lm = _load(args)
     if auto:
         start = _auto_start(args, lm)
@@ -212,30 +253,49 @@ def cmd_simulate(args) -> int:
                        local_generations=args.local_generations, intrinsic_dim=args.d,
                        n_prompt_tokens=args.n_prompt, loss=args.loss, perturb=not args.no_perturb,
                        fitness_form=args.fitness_form, server_variant=args.server, client_keys=args.client_keys,
-                       layout=args.layout, chunk_clients=args.chunk_clients)
-    hp = fl.HParams(sigma0=args.sigma0, perturb_rate=args.perturb_rate, dropout_rate=args.dropout)
+                       layout=args.layout, chunk_clients=args.chunk_clients, norm_clip=args.norm_clip,
+                       sigma_schedule=args.sigma_schedule)
     key_proj, key_run = jax.random.split(jax.random.key(args.seed))
     model = ModelInputs.build(key_proj, lm, cfg, start=start)
     print(f"prompt start (the prompt at z = 0 and the manual baseline): {start.describe()}, "
           f"{args.n_prompt} tokens", flush=True)
     data = FederatedData.from_host(fed)
-    algo = fl.make(args.algorithm, cfg, lm)
+    kwargs = {"perturb": True} if args.algorithm == "fedavg_bbt" and args.fedavg_perturb else {}
+    algo = fl.make(args.algorithm, cfg, lm, **kwargs)
     c = algo.comm
     print(f"{algo.name}: N={args.clients} K={k} λ={args.population} I={args.local_generations} d={args.d} "
           f"| per client per round: {c.down_per_client} B down, {c.up_per_client} B up "
           f"(FedAvg of the full model: {c.fedavg_full_model_per_client / 1e6:.0f} MB each way)", flush=True)
-    carry, hist = fl.run(algo, key_run, data, fed.test, lm, model, num_rounds=args.rounds, hp=hp,
+    if args.tune_lr:
+        if args.algorithm != "fedprompt":
+            raise ValueError(f"--tune-lr picks FedPrompt's learning rate; --algorithm is {args.algorithm!r}")
+        grid = fl.LR_GRID if args.lr_grid is None else tuple(float(x) for x in args.lr_grid.split(","))
+        lr, table = fl.tune_learning_rate(algo, key_run, data, fed.dev, lm, model, num_rounds=args.rounds, hp=hp,
+                                          grid=grid, eval_every=args.eval_every)
+        print("learning rate on dev: " + "  ".join(f"{r['learning_rate']:g}: {_fmt(r['dev_accuracy'])}"
+                                                   for r in table) + f"  -> {lr:g}", flush=True)
+        hp = hp.replace(learning_rate=lr)
+    carry, hist = fl.run(algo, key_run, data, fed.test, lm, model, dev=fed.dev, num_rounds=args.rounds, hp=hp,
                          eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir,
-                         results_dir=args.results_dir, progress=not args.no_progress)
+                         results_dir=args.results_dir, save_uploads=args.save_uploads,
+                         progress=not args.no_progress)
     last = hist.rounds[-1]
     print(f"per round: {last['forward_calls']} model forward calls over local batches, "
           f"{last['model_flops'] / 1e12:.2f} TFLOP, {last['active_clients']} active clients, "
           f"{last['bytes_up_per_client']} B up per client; steady round time {last['seconds']:.1f}s")
-    z0 = hist.evals[0]["accuracy"]
-    final = hist.evals[-1]["accuracy"]
-    print(f"test accuracy  z=0: {z0:.4f}   final (round {hist.evals[-1]['round']}): {final:.4f}   "
-          f"best: {float(carry.best_accuracy):.4f} (round {int(carry.best_round)})  "
-          f"[{len(fed.test.labels)} test examples]")
+    s = fl.summarize(hist, carry)
+    manual = _manual_accuracy(lm, fed, args.layout, args.n_prompt)
+    print(f"test accuracy  manual prompt: {manual:.4f}   z=0: {s['initial_test_accuracy']:.4f}   "
+          f"final (round {s['final_round']}): {s['final_test_accuracy']:.4f}   "
+          f"dev-selected (round {s['selected_round']}, dev {_fmt(s['selected_dev_accuracy'])}): "
+          f"{_fmt(s['selected_test_accuracy'])}  [{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]")
+    print(f"reference-compatibility figure (best test accuracy over rounds, selected on test: optimistic): "
+          f"{_fmt(s['best_test_reference'])} (round {s['best_test_reference_round']})")
+    if s["fitness_all_nonfinite"]:
+        print("warning: every client's fitness was non-finite in every round: the global prompt never moved",
+              file=sys.stderr)
+    if s["nonfinite_evals"]:
+        print(f"warning: {s['nonfinite_evals']} evaluation(s) were non-finite (NaN, never selected)", file=sys.stderr)
     return 0
 
 

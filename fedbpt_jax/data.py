@@ -432,7 +432,8 @@ def load_task_data(task: Task | str, source: str | os.PathLike | None = None, sp
       source: see the module docstring (``None``, ``"hub"``, ``"embedded"``, a hub name, a file or a
         folder).
       split: ``"train"`` (the pool few-shot sets are drawn from) or ``"test"``; hub tasks map it
-        through ``task.hub_splits`` (GLUE's test is its validation split). Ignored for a single file.
+        through ``task.hub_splits`` (GLUE's test is its validation split). Ignored for a single file,
+        which is returned whole (:func:`pool_and_test` splits it into a pool and a disjoint test set).
       columns: maps ``"text"`` (or ``"text_a"``/``"text_b"``) and ``"label"`` to column names when
         they are not found automatically. Labels may be ints or label names.
       cache_dir: passed to ``datasets.load_dataset``.
@@ -469,6 +470,44 @@ def load_task_data(task: Task | str, source: str | os.PathLike | None = None, sp
     if not config and name in (task.hub_id, task.bbt_name.split("/")[0], task.bbt_name):
         name, config = task.hub_id, task.hub_config
     return _load_hub(task, name, config or None, split, columns, cache_dir)
+
+
+def _is_single_file(source) -> bool:
+    if source is None or (isinstance(source, str) and source in ("hub", "embedded")):
+        return False
+    return Path(source).expanduser().is_file()
+
+
+def pool_and_test(task: Task | str, source=None, *, test_fraction: float = 0.2, split_seed: int = 0,
+                  columns: dict[str, str] | None = None, cache_dir: str | None = None) -> tuple[Examples, Examples]:
+    """The training pool (few-shot sets are drawn from it) and the test set of a data source.
+
+    A source with separate splits (the embedded data, a folder, the hub) gives its own train and test
+    splits. A **single file** has only one: it is split here into a pool and a disjoint test set,
+    ``test_fraction`` of each class to test, seeded by ``split_seed`` (fixed, so every run seed is
+    tested on the same examples), with identical texts always on the same side (so no test text is
+    also a training text). A file too small for that is refused.
+
+    Raises:
+      ValueError: the file cannot give every class at least one pool example and the test set at
+        least one example (names the file and its class counts).
+    """
+    task = tasks_lib.get(task)
+    if not _is_single_file(source):
+        return (load_task_data(task, source, "train", columns=columns, cache_dir=cache_dir),
+                load_task_data(task, source, "test", columns=columns, cache_dir=cache_dir))
+    everything = load_task_data(task, source, columns=columns, cache_dir=cache_dir)
+    texts = np.asarray([repr(t) for t in everything.texts], dtype=object)
+    _, text_group = np.unique(texts, return_inverse=True)
+    in_test = group_stratified_split(everything.labels, text_group, test_fraction, split_seed, task.num_labels)
+    pool, test = everything.take(np.flatnonzero(~in_test)), everything.take(np.flatnonzero(in_test))
+    pool_counts = pool.class_counts(task.num_labels)
+    if len(test) == 0 or np.any(pool_counts == 0):
+        raise ValueError(f"data file {str(source)!r} ({len(everything)} examples, class counts "
+                         f"{everything.class_counts(task.num_labels).tolist()}) is too small to split into a "
+                         f"training pool and a disjoint test set ({test_fraction:g} of each class to test); give a "
+                         f"larger file or a folder with separate train and test files")
+    return pool, test
 
 
 # ==================================================================================================
@@ -1176,7 +1215,8 @@ def federated(task: Task | str, tokenizer, kind: str, *, num_clients: int, shots
     """Task → BBT few-shot train/dev → tokenised → partitioned over clients (IID, or Dirichlet(α)).
 
     ``seed`` drives the few-shot draw and the partition; ``test_size`` keeps a fixed random subset of
-    the test split (the same for every seed). Train and dev share one static length ``T``.
+    the test split (the same for every seed). Train and dev share one static length ``T``. A single
+    data file is split into a training pool and a disjoint test set (:func:`pool_and_test`).
 
     Example:
       >>> data = federated("sst2", tok, "encoder", num_clients=10, shots_per_class=40, alpha=1.0)
@@ -1185,8 +1225,8 @@ def federated(task: Task | str, tokenizer, kind: str, *, num_clients: int, shots
     task = tasks_lib.get(task)
     # The pool/test split (embedded data) and the test subsample do not depend on ``seed``: runs with
     # different seeds are evaluated on the same examples.
-    pool = load_task_data(task, source, "train")
-    test = load_task_data(task, source, "test")
+    # A single file is split into a pool and a disjoint test set (never both roles at once).
+    pool, test = pool_and_test(task, source)
     if test_size is not None and test_size < len(test):
         test = test.take(np.sort(np.random.default_rng(0).permutation(len(test))[:test_size]))
     train, dev = few_shot(pool, shots_per_class, seed)

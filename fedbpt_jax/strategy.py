@@ -767,7 +767,10 @@ def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness
       (new_state, metrics) with scalar metrics: ``num_active`` (usable clients), ``num_nonfinite``
       (reported clients dropped for non-finite values), ``sigma_prime``, ``csa_factor``
       (σ_{t+1}/σ_t), ``hsig``, ``eigen_updated``, ``num_repaired`` (means clipped in Mahalanobis
-      length), ``best_fitness`` (min over usable clients, inf if none).
+      length), ``best_fitness`` (min over usable clients, inf if none); and per client ``[m]``:
+      ``client_rank`` (0 = best fitness among the usable clients, −1 unusable), ``client_weight`` (its
+      recombination weight in the new mean; 0 if unusable), ``client_repaired`` (its mean was clipped
+      by the Mahalanobis repair) and ``client_usable``.
     """
     if variant not in ("reference", "paper"):
         raise ValueError(f"variant must be 'reference' or 'paper', got {variant!r}")
@@ -820,6 +823,10 @@ def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness
         "eigen_updated": eigen_updated & ok,
         "num_repaired": jnp.sum(repaired.astype(jnp.int32)),
         "best_fitness": jnp.min(jnp.where(usable, fitness, jnp.inf)),
+        "client_rank": jnp.where(usable, ranks, -1).astype(jnp.int32),
+        "client_weight": jnp.where(ok, w, 0).astype(dt),
+        "client_repaired": repaired,
+        "client_usable": usable,
     }
     return new, metrics
 
@@ -843,7 +850,8 @@ def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Arr
 
     Returns:
       (new_state, metrics). B, D are recomputed from the averaged C (one ``eigh`` per round on the
-      server, not per client). With zero total weight the state is unchanged.
+      server, not per client). With zero total weight the state is unchanged. Per client ``[m]``:
+      ``client_weight`` (normalised weight in the average) and ``client_usable``.
     """
     means, stds, covs = client_states.mean, client_states.std, client_states.C
     m = means.shape[0]
@@ -866,6 +874,8 @@ def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Arr
         "num_active": jnp.sum(usable.astype(jnp.int32)),
         "num_nonfinite": jnp.sum((mask & (weights > 0) & ~usable).astype(jnp.int32)),
         "weight_total": total,
+        "client_weight": jnp.where(ok, wn, 0),
+        "client_usable": usable,
     }
     return new, metrics
 

@@ -108,8 +108,10 @@ def summary(carry, history) -> dict:
     c = fl.host(carry)
     s = c.state.server
     return {"mean": np.asarray(s.mean).tolist(), "sigma": float(s.sigma), "C_diag": np.diag(s.C).tolist(),
-            "best_accuracy": float(c.best_accuracy), "round": int(c.state.round),
-            "rounds": [{k: v for k, v in r.items() if k != "seconds"} for r in history.rounds],
+            "best_test_reference": float(c.best_test_reference), "selected_round": int(c.selected_round),
+            "round": int(c.state.round),
+            "rounds": [{k: v for k, v in r.items() if k not in ("seconds", "clients")} for r in history.rounds],
+            "clients": [r.get("clients") for r in history.rounds],
             "evals": history.evals}
 
 
@@ -131,3 +133,7 @@ def assert_summaries_close(got: dict, want: dict, *, rtol: float = 1e-4, atol: f
             np.testing.assert_allclose(g[k], w[k], rtol=rtol, atol=atol, err_msg=f"round {w['round']} {k}")
     for g, w in zip(got["evals"], want["evals"]):
         np.testing.assert_allclose(g["loss"], w["loss"], rtol=rtol, atol=atol)
+    for g, w in zip(got["clients"], want["clients"]):
+        assert [c["index"] for c in g] == [c["index"] for c in w]
+        np.testing.assert_allclose([c["fitness"] for c in g], [c["fitness"] for c in w], rtol=rtol, atol=atol)
+        np.testing.assert_allclose([c["weight"] for c in g], [c["weight"] for c in w], rtol=rtol, atol=atol)

@@ -26,15 +26,60 @@ def test_cli_simulate_end_to_end(tiny_lm, monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert re.search(r"per round: \d+ model forward calls over local batches, [0-9.]+ TFLOP", out), out
-    m = re.search(r"z=0: ([0-9.]+)\s+final \(round 2\): ([0-9.]+)\s+best: ([0-9.]+)", out)
+    m = re.search(r"manual prompt: ([0-9.]+)\s+z=0: ([0-9.]+)\s+final \(round 2\): ([0-9.]+)\s+"
+                  r"dev-selected \(round (\d), dev ([0-9.]+)\): ([0-9.]+)", out)
     assert m, out
-    z0, final, best = map(float, m.groups())
-    assert best >= max(z0, final)
+    manual, z0, final, sel_round, sel_dev, sel_test = map(float, m.groups())
+    ref = re.search(r"reference-compatibility figure \(best test accuracy over rounds, selected on test: optimistic\): "
+                    r"([0-9.]+) \(round (\d)\)", out)
+    assert ref, out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert [e["round"] for e in metrics["evals"]] == [0, 1, 2]
+    evals = metrics["evals"]
+    assert [e["round"] for e in evals] == [0, 1, 2]
+    # The dev-selected round is the first with the highest dev accuracy; its test accuracy is what is printed.
+    dev = [e["dev_accuracy"] for e in evals]
+    assert sel_round == int(np.argmax(dev)) and metrics["selected_round"] == sel_round
+    assert sel_test == pytest.approx(evals[int(sel_round)]["accuracy"], abs=1e-4)
+    assert sel_dev == pytest.approx(max(dev), abs=1e-4)
+    assert final == pytest.approx(evals[-1]["accuracy"], abs=1e-4) and z0 == pytest.approx(evals[0]["accuracy"], abs=1e-4)
+    assert float(ref.group(1)) == pytest.approx(max(e["accuracy"] for e in evals), abs=1e-4)
+    assert metrics["best_test_reference"] == pytest.approx(float(ref.group(1)), abs=1e-4)
+    assert 0.0 <= manual <= 1.0
     rows = (tmp_path / "rounds.csv").read_text().splitlines()
     assert rows[0].startswith("round,") and len(rows) == 3
-    assert "bytes_up_per_client" in rows[0]
+    assert "bytes_up_per_client" in rows[0] and "single_class_clients" in rows[0] and "clients" not in rows[0].split(",")
+    assert len(metrics["rounds"][0]["clients"]) == 2
+
+
+SMALL = ["--task", "sst2", "--clients", "4", "--rounds", "2", "--shots", "4", "--d", "8", "--n-prompt", "2",
+         "--population", "4", "--local-generations", "2", "--test-size", "16", "--no-progress"]
+
+
+def test_cli_baseline_and_stabiliser_flags(tiny_lm, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(fb.models, "load", lambda name: tiny_lm)
+    rc = cli.main(["simulate", *SMALL, "--algorithm", "fedavg_bbt", "--fedavg-perturb", "--norm-clip",
+                   "--sigma-schedule", "clamp", "--save-uploads", str(tmp_path / "up"),
+                   "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "fedavg_bbt_perturbed:" in out, out
+    rows = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert [r["norm_threshold"] for r in rows] == [16.0, 17.0]          # 15, +1 per round while ‖z‖ < 20
+    assert all(r["sigma"] <= 1.0 for r in rows) and all(r["perturbed_loss_mean"] > 0 for r in rows)
+    u = fb.load_uploads(tmp_path / "up")
+    assert u["mean"].shape == (2, 4, 8)
+
+
+def test_cli_tunes_fedprompt_learning_rate_on_dev(tiny_lm, monkeypatch, capsys):
+    monkeypatch.setattr(fb.models, "load", lambda name: tiny_lm)
+    rc = cli.main(["simulate", *SMALL, "--algorithm", "fedprompt", "--tune-lr", "--lr-grid", "0.001,0.1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    m = re.search(r"learning rate on dev: 0.001: ([0-9.]+)  0.1: ([0-9.]+)  -> ([0-9.]+)", out)
+    assert m, out
+    a, b, picked = map(float, m.groups())
+    assert picked == (0.001 if a >= b else 0.1)
+    assert cli.main(["simulate", *SMALL, "--tune-lr"]) == 2
+    assert "--tune-lr picks FedPrompt's learning rate" in capsys.readouterr().err
 
 
 def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
@@ -42,13 +87,31 @@ def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
     rc = cli.main(["bbt", "--task", "sst2", "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4",
                    "--generations", "4", "--eval-every", "2", "--test-size", "16", "--no-progress"])
     assert rc == 0
-    assert re.search(r"z=0: [0-9.]+\s+BBT: [0-9.]+", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"manual prompt: [0-9.]+\s+z=0: [0-9.]+\s+final \(generation 4\): [0-9.]+\s+"
+                     r"BBT dev-selected \(generation [24], dev [0-9.]+\): [0-9.]+", out), out
 
 
 def test_cli_bad_input_is_a_clear_error(capsys):
     rc = cli.main(["simulate", "--model", "no-such-model", "--no-progress"])
     assert rc == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["simulate", "--sigma0", "1e30"], r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+30"),
+    (["simulate", "--sigma0", "inf"], r"sigma0 must be a finite value in \[1e-06, 1000\], got inf"),
+    (["simulate", "--sigma0", "1e-30"], r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e-30"),
+    (["simulate", "--perturb-rate", "nan"], r"perturb_rate must be a finite value in \[0, 1\], got nan"),
+    (["bbt", "--sigma0", "1e20"], r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+20"),
+])
+def test_cli_absurd_hyperparameters_fail_before_running(argv, match, capsys, monkeypatch):
+    def no_load(name):
+        raise AssertionError("the model must not be loaded for a bad hyperparameter")
+
+    monkeypatch.setattr(fb.models, "load", no_load)
+    assert cli.main([*argv, "--no-progress"]) == 2
+    assert re.search(match, capsys.readouterr().err)
 
 
 def test_readme_quickstart_runs(tiny_lm):
@@ -65,10 +128,12 @@ def test_readme_quickstart_runs(tiny_lm):
     state = algo.init(jax.random.key(1), hp)
     state, metrics = jax.jit(algo.round)(jax.random.key(2), state, data, hp, model)
     assert int(state.round) == 1 and np.isfinite(float(metrics["client_loss"]))
-    carry, history = fb.run(algo, jax.random.key(1), data, fed.test, lm, model, hp=hp,
+    carry, history = fb.run(algo, jax.random.key(1), data, fed.test, lm, model, hp=hp, dev=fed.dev,
                             num_rounds=2, progress=False)
     assert len(history.rounds) == 2 and np.isfinite(history.rounds[-1]["client_loss"])
     assert int(carry.rounds_done) == 2
+    s = fb.summarize(history, carry)
+    assert s["selected_round"] in (0, 1, 2) and s["final_round"] == 2
 
 
 def test_experiment_script_runs_on_a_tiny_config(tmp_path):

@@ -107,6 +107,37 @@ def test_unknown_file_type_and_missing_path(tmp_path):
         data.load_task_data("sst2", str(tmp_path / "nope.csv"))
 
 
+def test_single_data_file_is_split_into_disjoint_pool_and_test(tmp_path, dec_tok):
+    """One --data file never becomes both the training pool and the test set: it is split (seeded,
+    class-stratified, identical texts on one side), or refused when too small."""
+    import pandas as pd
+
+    texts = [f"review number {i} {'good' if i % 2 else 'bad'}" for i in range(60)]
+    texts += texts[:6]                                         # exact duplicates must stay on one side
+    labels = [i % 2 for i in range(60)] + [i % 2 for i in range(6)]
+    pd.DataFrame({"sentence": texts, "label": labels}).to_csv(tmp_path / "all.csv", index=False)
+    cache = str(tmp_path / "c")
+    pool, test = data.pool_and_test("sst2", tmp_path / "all.csv", cache_dir=cache)
+    assert len(pool) + len(test) == 66
+    assert not set(pool.texts) & set(test.texts)
+    assert test.class_counts().tolist() == [round(0.2 * 33)] * 2    # stratified: 20 % of each class
+    again_pool, again_test = data.pool_and_test("sst2", tmp_path / "all.csv", cache_dir=cache)
+    assert again_test.texts == test.texts and again_pool.texts == pool.texts   # seeded
+    other = data.pool_and_test("sst2", tmp_path / "all.csv", split_seed=1, cache_dir=cache)[1]
+    assert other.texts != test.texts
+    # Through data.federated (what --data FILE uses): train, dev and test hold disjoint texts.
+    fed = data.federated("sst2", dec_tok, "decoder", num_clients=2, shots_per_class=4, n_prompt=2,
+                         source=str(tmp_path / "all.csv"))
+    assert len(fed.test.labels) == len(test)
+    # A file too small to give every class a pool example and a test set is refused, naming it.
+    pd.DataFrame({"sentence": ["a", "b"], "label": [0, 1]}).to_csv(tmp_path / "tiny.csv", index=False)
+    with pytest.raises(ValueError, match=r"tiny.csv.*2 examples.*too small to split"):
+        data.pool_and_test("sst2", tmp_path / "tiny.csv", cache_dir=cache)
+    # Sources with their own splits are unchanged.
+    pool2, test2 = data.pool_and_test("sst2")
+    assert len(test2) == len(data.load_task_data("sst2", split="test"))
+
+
 def test_hub_source_maps_columns_splits_and_drops(monkeypatch):
     import datasets
 

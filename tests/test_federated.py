@@ -69,10 +69,12 @@ def test_run_compiles_once_scales_to_10000_clients_and_accounts_flops():
     assert int(carry.state.round) == 2 and len(hist.rounds) == 2 and [e["round"] for e in hist.evals] == [0, 1, 2]
     assert np.all(np.isfinite(np.asarray(carry.state.server.mean)))
 
-    # Best round = the first evaluation with the highest accuracy.
+    # Reference-compatibility figure = the first evaluation with the highest test accuracy; without a
+    # dev set nothing is selected: the "selected" round is the last one.
     accs = [e["accuracy"] for e in hist.evals]
-    assert float(carry.best_accuracy) == pytest.approx(max(accs))
-    assert int(carry.best_round) == hist.evals[int(np.argmax(accs))]["round"]
+    assert float(carry.best_test_reference) == pytest.approx(max(accs))
+    assert int(carry.best_test_reference_round) == hist.evals[int(np.argmax(accs))]["round"]
+    assert int(carry.selected_round) == 2 and float(carry.selected_test_accuracy) == pytest.approx(accs[-1])
 
     # Accounting: FedBPT with perturbation: (I·λ + 1) clean + as many perturbed calls per client, and
     # two prefix-cache passes (clean once, perturbed once per round).
@@ -169,7 +171,8 @@ def test_resume_is_bit_identical_and_results_are_written(tmp_path):
     assert _strip(res_h.rounds) == _strip(full_h.rounds) and res_h.evals == full_h.evals
     for d in ("full", "resumed"):
         js = json.loads((tmp_path / d / "metrics.json").read_text())
-        assert len(js["rounds"]) == 3 and js["best_round"] == int(full_c.best_round)
+        assert len(js["rounds"]) == 3 and js["best_test_reference_round"] == int(full_c.best_test_reference_round)
+        assert js["selected_round"] == 3 and js["final_test_accuracy"] == full_h.evals[-1]["accuracy"]
         assert (tmp_path / d / "rounds.csv").read_text().count("\n") == 4
         assert not list((tmp_path / d).glob(".*.tmp"))
     # Another configuration in the same directory: a clear error naming the differing value.
@@ -261,14 +264,39 @@ def test_bad_config(kw, match):
 
 
 @pytest.mark.parametrize("hp, match", [
-    (fl.HParams(perturb_rate=1.5), r"perturb_rate must be in \[0, 1\], got 1.5"),
-    (fl.HParams(perturb_rate=-0.1), r"perturb_rate must be in \[0, 1\], got -0.1"),
-    (fl.HParams(dropout_rate=2.0), r"dropout_rate must be in \[0, 1\], got 2.0"),
-    (fl.HParams(sigma0=0.0), r"sigma0 must be > 0, got 0.0"),
+    (fl.HParams(perturb_rate=1.5), r"perturb_rate must be a finite value in \[0, 1\], got 1.5"),
+    (fl.HParams(perturb_rate=-0.1), r"perturb_rate must be a finite value in \[0, 1\], got -0.1"),
+    (fl.HParams(perturb_rate=float("nan")), r"perturb_rate must be a finite value in \[0, 1\], got nan"),
+    (fl.HParams(dropout_rate=2.0), r"dropout_rate must be a finite value in \[0, 1\], got 2.0"),
+    (fl.HParams(sigma0=0.0), r"sigma0 must be a finite value in \[1e-06, 1000\], got 0.0"),
+    (fl.HParams(sigma0=1e30), r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+30"),
+    (fl.HParams(sigma0=1e20), r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+20"),
+    (fl.HParams(sigma0=1e-30), r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e-30"),
+    (fl.HParams(sigma0=float("inf")), r"sigma0 must be a finite value in \[1e-06, 1000\], got inf"),
+    (fl.HParams(sigma0=float("nan")), r"sigma0 must be a finite value in \[1e-06, 1000\], got nan"),
+    (fl.HParams(learning_rate=float("inf")), r"learning_rate must be a finite value in \[1e-08, 100\], got inf"),
+    (fl.HParams(learning_rate=-1.0), r"learning_rate must be a finite value in \[1e-08, 100\], got -1.0"),
 ])
-def test_bad_hparams(hp, match):
+@pytest.mark.parametrize("make", [fl.fedbpt, fl.fedavg_bbt, fl.centralized_bbt, fl.fedprompt, fl.manual_prompt])
+def test_bad_hparams_rejected_at_init_and_validate(hp, match, make):
+    """Non-finite or absurd hyperparameters fail at ``algo.init`` (the API path), not only in the CLI."""
     with pytest.raises(ValueError, match=match):
         hp.validate()
+    algo = make(fs.config_a(num_clients=10, clients_per_round=2), fs.tiny_lm())
+    with pytest.raises(ValueError, match=match):
+        algo.init(jax.random.key(0), hp)
+
+
+def test_init_under_vmap_skips_the_host_check_and_good_values_pass():
+    """A sweep vmaps ``init`` over traced hyperparameters: no host check there; concrete good values pass."""
+    algo = fs.algo_a()
+    hps = fl.HParams(sigma0=jnp.asarray([0.5, 1.0, 2.0]), perturb_rate=jnp.asarray([0.0, 0.5, 1.0]),
+                     dropout_rate=jnp.zeros(3), learning_rate=jnp.full(3, 0.1))
+    states = jax.vmap(lambda h: algo.init(None, h))(hps)
+    np.testing.assert_allclose(np.asarray(states.server.sigma), [0.5, 1.0, 2.0])
+    assert float(algo.init(None, fl.HParams(sigma0=1e-6, perturb_rate=1.0)).server.sigma) == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match=r"sigma0 must be a finite value .* got 5000.0"):
+        algo.init(None, fl.HParams(sigma0=jnp.asarray([1.0, 5000.0])))
 
 
 def _small(n=10, counts=None, **cfg):

@@ -9,15 +9,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .config import FedConfig, HParams
+from .config import HPARAM_RANGES, FedConfig, HParams, check_hparams
 from .core import FederatedAlgorithm, FederatedData, ModelInputs, validate_data
 from .distributed import client_mesh, clients_to_global, host, init_distributed, to_global
-from .run import History, RunCarry, compile_count, round_cost, round_key, run, trace_count, write_results
+from .run import (History, RunCarry, compile_count, load_uploads, median_token_norm, round_cost, round_key, run,
+                  summarize, trace_count, write_results)
 
-_LAZY = ("ALGORITHMS", "centralized_bbt", "fedavg_bbt", "fedbpt", "fedprompt", "make", "manual_prompt")
+_LAZY = ("ALGORITHMS", "centralized_bbt", "fedavg_bbt", "fedbpt", "fedprompt", "make", "manual_prompt",
+         "LR_GRID", "tune_learning_rate")
 
-__all__ = ["ALGORITHMS", "FedConfig", "HParams", "FederatedAlgorithm", "FederatedData", "ModelInputs", "History",
-           "RunCarry", "run", "round_key", "round_cost", "trace_count", "compile_count", "write_results",
+__all__ = ["ALGORITHMS", "FedConfig", "HParams", "HPARAM_RANGES", "check_hparams", "FederatedAlgorithm", "FederatedData",
+           "ModelInputs", "History", "RunCarry", "run", "summarize", "load_uploads", "median_token_norm", "round_key",
+           "round_cost", "trace_count", "compile_count", "write_results", "LR_GRID", "tune_learning_rate",
            "validate_data", "make", "fedbpt", "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt",
            "client_mesh", "init_distributed", "to_global", "clients_to_global", "host"]
 
@@ -35,4 +38,5 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .algorithms import ALGORITHMS, centralized_bbt, fedavg_bbt, fedbpt, fedprompt, make, manual_prompt  # noqa: F401
+    from .algorithms import (ALGORITHMS, LR_GRID, centralized_bbt, fedavg_bbt, fedbpt, fedprompt, make,  # noqa: F401
+                             manual_prompt, tune_learning_rate)

@@ -5,8 +5,9 @@
   generations of λ candidates on its perturbation-regularised fitness, uploads (final mean, its
   fitness, σ history); the server combines the client means with a server-level CMA-ES step
   (variant "reference" or "paper", see :mod:`fedbpt_jax.strategy`).
-* :func:`fedavg_bbt` — FedAvg-BBT: local BBT (plain fitness), then the clients' means, σ and C are
-  averaged, weighted by example counts.
+* :func:`fedavg_bbt` — FedAvg-BBT: local BBT (plain fitness by default; ``perturb=True`` gives it
+  FedBPT's perturbation-regularised fitness, so the server step is the only difference), then the
+  clients' means, σ and C are averaged, weighted by example counts.
 * :func:`centralized_bbt` — BBT on the union of all clients' data (one CMA-ES, I generations a round).
 * :func:`manual_prompt` — z = 0: the template with the prompt start (placeholders in "add" mode).
 * :func:`fedprompt` — FedPrompt, the white-box baseline: local Adam on the soft prompt embeddings
@@ -15,10 +16,18 @@
 Per-client code is written for one client and ``vmap``ped (and sharded) over the client axis; each
 client's population is scored in one batched forward pass per generation, so a generation of all K
 clients is one pass over clients × population × examples.
+
+``algo.round`` returns scalar metrics (one CSV column each). ``algo.round_detailed`` is the same round
+with two more dicts of per-client ``[K]`` arrays: ``metrics["clients"]`` (diagnostics: which client,
+example and label counts, clean and perturbed loss, fitness, server rank and weight, repaired or not)
+and, for FedBPT and FedAvg-BBT, ``metrics["uploads"]`` (what the clients sent: means ``[K, d]``,
+fitness, σ histories, plus the broadcast mean and σ); :func:`fedbpt_jax.federated.run` uses it and
+drops the uploads inside the scan unless asked to save them.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -28,7 +37,7 @@ import jax.numpy as jnp
 from .. import accounting, objective, prompt, strategy
 from ..objective import Scorer
 from ..types import ScoringSpec, TokenBatch
-from .config import FedConfig, HParams
+from .config import FedConfig, HParams, check_hparams
 from .core import FederatedAlgorithm, FederatedData, ModelInputs, client_keys, gather_clients, map_clients, sample_clients
 
 
@@ -42,6 +51,7 @@ class ClientUpload:
       sigmas: ``[I]`` σ recorded before each local ask.
       loss: scalar clean mean loss of z^k on the local data (metrics only).
       nonfinite: int32 number of non-finite candidate fitnesses seen locally (metrics only).
+      perturbed_loss: scalar mean loss of z^k on the round's perturbed copy (NaN without perturbation).
     """
 
     mean: jax.Array
@@ -49,6 +59,7 @@ class ClientUpload:
     sigmas: jax.Array
     loss: jax.Array
     nonfinite: jax.Array
+    perturbed_loss: jax.Array = None
     local_state: Any = None  # FedAvg-BBT needs σ and C
 
 
@@ -69,8 +80,14 @@ def _local_es(
     hidden: int,
     perturb: bool,
     keep_state: bool = False,
+    clip_norm: jax.Array | None = None,
 ) -> ClientUpload:
-    """One client's local CMA-ES (unbatched; vmapped over clients by the caller)."""
+    """One client's local CMA-ES (unbatched; vmapped over clients by the caller).
+
+    ``clip_norm`` (the optional ‖z‖ clip, :attr:`FedConfig.norm_clip`): every candidate, and the
+    uploaded mean, longer than this is scaled back to it before it is scored, as the reference's
+    ``norm_prompt`` does (the clipped candidates are what the local CMA-ES is told).
+    """
     key_pert, key_gens = jax.random.split(key)
     es_params = strategy.local_params(config.population_size, config.intrinsic_dim)
     local = strategy.client_init(server, es_params)
@@ -99,19 +116,43 @@ def _local_es(
         pert_ctx = perturbed_ctx(k) if perturb else None
         return objective.population_fitness(scorer, model.params, clean_ctx, pert_ctx, batch, spec, prompts, **kw)
 
+    def clip(z):
+        return z if clip_norm is None else clip_rows(z, clip_norm)
+
+    def final_score(z, k):
+        """(fitness, clean loss, perturbed loss) of one z: the same one paired pass as ``score``."""
+        prompts = prompt.to_prompt(model.projection, z[None], hidden)
+        if not perturb:
+            fit, loss = objective.population_fitness(scorer, model.params, clean_ctx, None, batch, spec, prompts,
+                                                     loss=config.loss, form=config.fitness_form)
+            return fit[0], loss[0], jnp.asarray(jnp.nan, fit.dtype)
+        ctx = paired_ctx if paired_ctx is not None else objective.stack_contexts(clean_ctx, perturbed_ctx(k))
+        losses = jax.vmap(lambda c: objective.population_losses(scorer, model.params, c, batch, spec, prompts,
+                                                                loss=config.loss))(ctx)  # [2, 1, B]
+        fit = objective.fitness(losses[0], losses[1], batch.example_mask, config.fitness_form)
+        means = objective.masked_mean(losses, batch.example_mask)  # [2, 1]
+        return fit[0], means[0, 0], means[1, 0]
+
     def generation(local, k):
         k_ask, k_pert = jax.random.split(k)
         sigma = strategy.sigma_of(local)
         z, local = strategy.ask(k_ask, local, es_params, frozen_eigen=frozen)
+        z = clip(z)
         fit, _ = score(z, k_pert)
         local = strategy.tell(z, fit, local, es_params, track_covariance=track_c)
         return local, (sigma, jnp.sum(~jnp.isfinite(fit)))
 
     local, (sigmas, nonfinite) = jax.lax.scan(generation, local, jax.random.split(key_gens, config.local_generations))
-    mean = strategy.mean_of(local)
-    fit, loss = score(mean[None], jax.random.fold_in(key_gens, config.local_generations))
-    return ClientUpload(mean=mean, fitness=fit[0], sigmas=sigmas, loss=loss[0], nonfinite=jnp.sum(nonfinite),
-                        local_state=local if keep_state else None)
+    mean = clip(strategy.mean_of(local)[None])[0]
+    fit, loss, pert_loss = final_score(mean, jax.random.fold_in(key_gens, config.local_generations))
+    return ClientUpload(mean=mean, fitness=fit, sigmas=sigmas, loss=loss, nonfinite=jnp.sum(nonfinite),
+                        perturbed_loss=pert_loss, local_state=local if keep_state else None)
+
+
+def clip_rows(z: jax.Array, max_norm: jax.Array) -> jax.Array:
+    """Rows of ``z`` ``[P, d]`` with ‖z_i‖ > ``max_norm`` scaled to norm ``max_norm`` (others as they are)."""
+    norm = jnp.linalg.norm(z, axis=-1, keepdims=True)
+    return jnp.where(norm > max_norm, z / jnp.maximum(norm, 1e-30) * max_norm, z)
 
 
 @flax.struct.dataclass
@@ -125,20 +166,129 @@ class FedBPTState:
 
     server: Any
     round: jax.Array
+    norm_threshold: jax.Array = None
 
 
-def _round_metrics(up: ClientUpload, active: jax.Array, extra: dict) -> dict:
+def _finite_mean(x: jax.Array, where: jax.Array) -> jax.Array:
+    ok = where & jnp.isfinite(x)
+    return jnp.sum(jnp.where(ok, x, 0.0)) / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0)
+
+
+def label_counts(batch: TokenBatch, num_labels: int) -> jax.Array:
+    """``[..., C]`` int32 real examples per label of each client's batch ``[..., E]``."""
+    onehot = jax.nn.one_hot(batch.labels, num_labels, dtype=jnp.int32)
+    return jnp.sum(onehot * (batch.example_mask > 0).astype(jnp.int32)[..., None], axis=-2)
+
+
+def client_diagnostics(idx, batch: TokenBatch, counts, active, spec: ScoringSpec, *, loss, weight,
+                       perturbed_loss=None, fitness=None, rank=None, repaired=None, usable=None) -> dict:
+    """Per-client ``[K]`` diagnostics of a round (``metrics["clients"]``) and their scalar summaries.
+
+    Returns ``(clients, summary)``. ``clients``: ``index`` (which of the N clients), ``active``,
+    ``examples``, ``label_counts`` ``[K, C]``, ``loss`` (clean), ``perturbed_loss``, ``fitness`` (NaN for
+    a dropped client: it sent nothing),
+    ``rank`` (server rank by fitness, 0 = best, −1 unranked), ``weight`` (share of the new global
+    mean), ``repaired`` (the server's Mahalanobis repair clipped its mean), ``usable`` (finite upload
+    the server used). ``summary`` (CSV columns): ``single_class_clients`` (active clients whose
+    examples all have one label), ``single_class_weight`` (their total weight), ``top_weight``,
+    ``perturbed_loss_mean`` (with perturbation only) and ``all_fitness_nonfinite`` (1 if clients were active but none had a
+    finite fitness: the server could not move).
+    """
+    k = counts.shape[0]
+    lc = label_counts(batch, int(spec.label_ids.shape[0]))
+    nan = jnp.full((k,), jnp.nan, jnp.float32)
+    fitness = nan if fitness is None else fitness.astype(jnp.float32)
+    perturbed = perturbed_loss is not None
+    perturbed_loss = nan if perturbed_loss is None else perturbed_loss.astype(jnp.float32)
+    usable = (active & jnp.isfinite(fitness)) if usable is None else usable
+    # A dropped client sent nothing: its would-be values are not reported.
+    sent = lambda x: jnp.where(active, x, jnp.nan)  # noqa: E731
+    clients = {
+        "index": idx.astype(jnp.int32), "active": active, "examples": counts.astype(jnp.int32), "label_counts": lc,
+        "loss": sent(loss.astype(jnp.float32)), "perturbed_loss": sent(perturbed_loss), "fitness": sent(fitness),
+        "rank": jnp.full((k,), -1, jnp.int32) if rank is None else rank.astype(jnp.int32),
+        "weight": weight.astype(jnp.float32),
+        "repaired": jnp.zeros((k,), bool) if repaired is None else repaired, "usable": usable,
+    }
+    single = active & (jnp.sum((lc > 0).astype(jnp.int32), axis=-1) == 1)
+    n_active = jnp.sum(active.astype(jnp.int32))
+    summary = {
+        "single_class_clients": jnp.sum(single.astype(jnp.int32)),
+        "single_class_weight": jnp.sum(jnp.where(single, clients["weight"], 0.0)),
+        "top_weight": jnp.max(clients["weight"]),
+        "all_fitness_nonfinite": ((n_active > 0) & ~jnp.any(active & jnp.isfinite(fitness))).astype(jnp.int32),
+    }
+    if perturbed:
+        summary["perturbed_loss_mean"] = _finite_mean(perturbed_loss, active)
+    return clients, summary
+
+
+def _round_metrics(up: ClientUpload, active: jax.Array, extra: dict, *, idx, batch, counts, spec, perturbed: bool,
+                   z_norm=None, uploads=None) -> dict:
     ok = active & jnp.isfinite(up.loss)
     w = ok.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(w), 1.0)
     finite_loss = jnp.where(ok, up.loss, 0.0)
-    return {
+    extra = dict(extra)
+    per_client = {name: extra.pop(f"client_{name}", None) for name in ("rank", "weight", "repaired", "usable")}
+    if per_client["weight"] is None:
+        per_client["weight"] = jnp.zeros(counts.shape, jnp.float32)
+    clients, summary = client_diagnostics(idx, batch, counts, active, spec, loss=up.loss, fitness=up.fitness,
+                                          perturbed_loss=up.perturbed_loss if perturbed else None, **per_client)
+    out = {
         "client_loss": jnp.sum(finite_loss * w) / n,
         "client_fitness_min": jnp.min(jnp.where(active & jnp.isfinite(up.fitness), up.fitness, jnp.inf)),
         "active_clients": jnp.sum(active.astype(jnp.int32)),
         "nonfinite_fitness": jnp.sum(up.nonfinite * active) + jnp.sum((~jnp.isfinite(up.fitness)) & active),
         **extra,
+        **summary,
+        "clients": clients,
     }
+    if z_norm is not None:
+        out["z_norm"] = z_norm
+    if uploads is not None:
+        out["uploads"] = uploads
+    return out
+
+
+#: Round-metric keys that hold per-client arrays (only :attr:`FederatedAlgorithm.round_detailed` returns them).
+DETAIL_KEYS = ("clients", "uploads")
+
+
+def scalars_only(round_detailed):
+    """``round`` from ``round_detailed``: the same round with only its scalar metrics (what a benchmark
+    or a plain ``jit(algo.round)`` wants; under ``jit`` the per-client extras are not even computed)."""
+
+    def round_fn(key, state, data, hp, model):
+        state, metrics = round_detailed(key, state, data, hp, model)
+        return state, {k: v for k, v in metrics.items() if k not in DETAIL_KEYS}
+
+    return round_fn
+
+
+def _uploads(idx, active, up: ClientUpload, server) -> dict:
+    """What the clients sent this round (and the broadcast it answered), for replaying aggregations."""
+    return {"client_index": idx.astype(jnp.int32), "active": active, "mean": up.mean, "fitness": up.fitness,
+            "sigmas": up.sigmas, "server_mean": strategy.mean_of_server(server),
+            "server_sigma": strategy.sigma_of_server(server)}
+
+
+def _norm_threshold(config: FedConfig, state: "FedBPTState"):
+    """This round's ‖z‖ clip τ_t (reference ``norm_prompt``): +1 when the broadcast ‖z_t‖ < the upper bound."""
+    if not config.norm_clip:
+        return None, state.norm_threshold
+    below = jnp.linalg.norm(strategy.mean_of_server(state.server)) < config.norm_clip_upper
+    tau = jnp.where(below, state.norm_threshold + 1, state.norm_threshold).astype(state.norm_threshold.dtype)
+    return tau, tau
+
+
+def _sigma_schedule(config: FedConfig, old, new):
+    """The optional server σ schedule (:attr:`FedConfig.sigma_schedule`) on the aggregated state."""
+    if config.sigma_schedule == "none":
+        return new
+    s_old, s_new = strategy.sigma_of_server(old), strategy.sigma_of_server(new)
+    clamped = jnp.minimum(jnp.maximum(s_new, jnp.asarray(config.sigma_floor, s_new.dtype)), s_old)
+    return new.replace(sigma=clamped.astype(s_new.dtype))
 
 
 def _sampled(key, state_round, data: FederatedData, hp: HParams, config: FedConfig):
@@ -178,53 +328,94 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
 
     def init(key, hp: HParams):
         del key  # deterministic start: z = 0, σ = σ₀, C = I
+        check_hparams(hp)
         return FedBPTState(
             server=strategy.server_init(config.intrinsic_dim, hp.sigma0, config.clients_per_round),
             round=jnp.asarray(0, jnp.int32),
+            norm_threshold=jnp.asarray(config.norm_clip_threshold, jnp.float32),
         )
 
-    def round_fn(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
+    def round_detailed(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
         idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
-        local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=config.perturb)
+        tau, next_tau = _norm_threshold(config, state)
+        local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=config.perturb,
+                                  clip_norm=tau)
         up = map_clients(lambda k, b: local(k, state.server, b, data.spec, hp, model),
                          (keys, batch), config.chunk_clients, mesh)
         server, smetrics = strategy.server_update(
             state.server, up.mean, up.fitness, up.sigmas, active,
             variant=config.server_variant, local_population=config.population_size,
         )
-        metrics = _round_metrics(up, active, {"sigma": strategy.sigma_of_server(server), **smetrics})
-        return FedBPTState(server=server, round=state.round + 1), metrics
+        server = _sigma_schedule(config, state.server, server)
+        extra = {"sigma": strategy.sigma_of_server(server), **smetrics}
+        if tau is not None:
+            extra["norm_threshold"] = tau
+        metrics = _round_metrics(up, active, extra, idx=idx, batch=batch, counts=counts, spec=data.spec,
+                                 perturbed=config.perturb, z_norm=jnp.linalg.norm(strategy.mean_of_server(server)),
+                                 uploads=_uploads(idx, active, up, state.server))
+        return FedBPTState(server=server, round=state.round + 1, norm_threshold=next_tau), metrics
 
     def global_prompt(state: FedBPTState, model: ModelInputs):
         return prompt.to_prompt(model.projection, strategy.mean_of_server(state.server), hidden, model.start)
 
+    def global_z(state: FedBPTState):
+        return strategy.mean_of_server(state.server)
+
     calls = config.local_generations * config.population_size + 1
     calls *= 2 if config.perturb else 1
     prefix = 1 + ((1 if config.perturb_every == "round" else config.local_generations + 1) if config.perturb else 0)
-    return FederatedAlgorithm("fedbpt", init, round_fn, global_prompt, config, _comm(config, lm, covariance=False),
-                              calls, prefix_passes=prefix, mesh=mesh, scorer=scorer)
+    return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, config,
+                              _comm(config, lm, covariance=False), calls, prefix_passes=prefix, mesh=mesh, scorer=scorer,
+                              global_z=global_z, round_detailed=round_detailed)
 
 
-def fedavg_bbt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) -> FederatedAlgorithm:
-    """FedAvg-BBT: local BBT, then example-weighted averages of the clients' means, σ and C."""
+def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
+               scorer: Scorer | None = None) -> FederatedAlgorithm:
+    """FedAvg-BBT: local BBT, then example-weighted averages of the clients' means, σ and C.
+
+    Args:
+      config: static configuration (the FedBPT-only server options do not apply).
+      lm: the backbone bundle.
+      perturb: local fitness with FedBPT's perturbation term (``config.fitness_form``,
+        ``config.perturb_every``, ``hp.perturb_rate``), so FedAvg-BBT and FedBPT differ only in the
+        server step. Default False: plain local loss, the paper's baseline (algorithm name
+        ``"fedavg_bbt"``; with ``perturb=True`` it is ``"fedavg_bbt_perturbed"``).
+      mesh, scorer: as :func:`fedbpt`.
+    """
     scorer = scorer or _scorer(config, lm)
     hidden = lm.hidden_size
     base = fedbpt(config, lm, mesh=mesh, scorer=scorer)
+    if perturb and config.loss == "accuracy":
+        raise ValueError("FedAvg-BBT with perturbation needs a positive loss: use loss 'ce' or 'hinge'")
 
-    def round_fn(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
+    def round_detailed(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
         idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
+        tau, next_tau = _norm_threshold(config, state)
         local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden,
-                                  perturb=False, keep_state=True)
+                                  perturb=perturb, keep_state=True, clip_norm=tau)
         up = map_clients(lambda k, b: local(k, state.server, b, data.spec, hp, model),
                          (keys, batch), config.chunk_clients, mesh)
         weights = counts.astype(jnp.float32) * active
-        server, smetrics = strategy.fedavg_aggregate(state.server, up.local_state, weights)
-        metrics = _round_metrics(up, active, {"sigma": strategy.sigma_of_server(server), **smetrics})
-        return FedBPTState(server=server, round=state.round + 1), metrics
+        # With the ‖z‖ clip the clipped means are what the clients send (as FedBPT's uploads).
+        client_states = up.local_state if tau is None else up.local_state.replace(mean=up.mean)
+        server, smetrics = strategy.fedavg_aggregate(state.server, client_states, weights)
+        server = _sigma_schedule(config, state.server, server)
+        extra = {"sigma": strategy.sigma_of_server(server), **smetrics}
+        if tau is not None:
+            extra["norm_threshold"] = tau
+        metrics = _round_metrics(up, active, extra, idx=idx, batch=batch, counts=counts, spec=data.spec,
+                                 perturbed=perturb, z_norm=jnp.linalg.norm(strategy.mean_of_server(server)),
+                                 uploads=_uploads(idx, active, up, state.server))
+        return FedBPTState(server=server, round=state.round + 1, norm_threshold=next_tau), metrics
 
     calls = config.local_generations * config.population_size + 1
-    return base._replace(name="fedavg_bbt", round=round_fn, comm=_comm(config, lm, covariance=True), forward_calls=calls,
-                         prefix_passes=1)
+    prefix = 1
+    if perturb:
+        calls *= 2
+        prefix += 1 if config.perturb_every == "round" else config.local_generations + 1
+    name = "fedavg_bbt_perturbed" if perturb else "fedavg_bbt"
+    return base._replace(name=name, round=scalars_only(round_detailed), round_detailed=round_detailed,
+                         comm=_comm(config, lm, covariance=True), forward_calls=calls, prefix_passes=prefix)
 
 
 @flax.struct.dataclass
@@ -257,6 +448,7 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
 
     def init(key, hp: HParams):
         del key  # deterministic start, as FedBPT's server
+        check_hparams(hp)
         es = strategy.client_init(strategy.server_init(d, hp.sigma0, 2), es_params)
         return CentralState(es=es, round=jnp.asarray(0, jnp.int32))
 
@@ -276,17 +468,24 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
 
         es, nonfinite = jax.lax.scan(generation, state.es, jax.random.split(key, config.local_generations))
         _, loss = score(strategy.mean_of(es)[None])
+        gens = config.local_generations * pop
         metrics = {"client_loss": loss[0], "sigma": strategy.sigma_of(es),
                    "nonfinite_fitness": jnp.sum(nonfinite).astype(jnp.int32),
-                   "active_clients": jnp.asarray(1, jnp.int32)}
+                   "active_clients": jnp.asarray(1, jnp.int32),
+                   "all_fitness_nonfinite": (jnp.sum(nonfinite) == gens).astype(jnp.int32),
+                   "z_norm": jnp.linalg.norm(strategy.mean_of(es))}
         return CentralState(es=es, round=state.round + 1), metrics
 
     def global_prompt(state: CentralState, model: ModelInputs):
         return prompt.to_prompt(model.projection, strategy.mean_of(state.es), hidden, model.start)
 
+    def global_z(state: CentralState):
+        return strategy.mean_of(state.es)
+
     comm = accounting.CommBytes(0, 0, 0)
     return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, config, comm,
-                              config.local_generations * pop + 1, prefix_passes=1, pooled=True, scorer=scorer)
+                              config.local_generations * pop + 1, prefix_passes=1, pooled=True, scorer=scorer,
+                              global_z=global_z)
 
 
 def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
@@ -296,6 +495,7 @@ def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
     n, hidden = config.n_prompt_tokens, lm.hidden_size
 
     def init(key, hp):
+        check_hparams(hp)
         return jnp.asarray(0, jnp.int32)
 
     def round_fn(key, state, data, hp, model):
@@ -328,6 +528,7 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
     n, hidden = config.n_prompt_tokens, lm.hidden_size
 
     def init(key, hp):
+        check_hparams(hp)
         # The state holds the offset from the prompt start (model.start): zero = FedBPT's z = 0 prompt.
         return PromptState(prompt=jnp.zeros((n, hidden), jnp.float32), round=jnp.asarray(0, jnp.int32))
 
@@ -348,7 +549,7 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
         (p, _), losses = jax.lax.scan(step, (p0, opt.init(p0)), None, length=steps)
         return p, loss_fn(p)
 
-    def round_fn(key, state: PromptState, data: FederatedData, hp: HParams, model: ModelInputs):
+    def round_detailed(key, state: PromptState, data: FederatedData, hp: HParams, model: ModelInputs):
         idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
         prompts, losses = map_clients(lambda k, b: client(k, state.prompt, b, data.spec, hp, model),
                                       (keys, batch), config.chunk_clients, mesh)
@@ -360,9 +561,13 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
         clean = jnp.where(usable[:, None, None], prompts, 0.0)
         new = jnp.where(total > 0, jnp.einsum("k,knh->nh", w, clean) / jnp.maximum(total, 1e-12), state.prompt)
         nw = jnp.maximum(jnp.sum(usable), 1)
+        clients, summary = client_diagnostics(idx, batch, counts, active, data.spec, loss=losses,
+                                              fitness=jnp.where(finite, losses, jnp.nan),
+                                              weight=w / jnp.maximum(total, 1e-12), usable=usable)
         metrics = {"client_loss": jnp.sum(jnp.where(usable, losses, 0.0)) / nw, "sigma": jnp.asarray(0.0),
                    "nonfinite_fitness": jnp.sum((active & ~finite).astype(jnp.int32)),
-                   "active_clients": jnp.sum(active.astype(jnp.int32)), "weight_total": total}
+                   "active_clients": jnp.sum(active.astype(jnp.int32)), "weight_total": total,
+                   **summary, "clients": clients}
         return PromptState(prompt=new, round=state.round + 1), metrics
 
     def global_prompt(state: PromptState, model):
@@ -370,13 +575,14 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
 
     comm = accounting.prompt_bytes(n, hidden, lm.num_params())
     # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.
-    return FederatedAlgorithm("fedprompt", init, round_fn, global_prompt, config, comm, 3 * steps + 1,
-                              prefix_passes=1, mesh=mesh, scorer=scorer)
+    return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, config, comm,
+                              3 * steps + 1, prefix_passes=1, mesh=mesh, scorer=scorer, round_detailed=round_detailed)
 
 
 ALGORITHMS = {
     "fedbpt": fedbpt,
     "fedavg_bbt": fedavg_bbt,
+    "fedavg_bbt_perturbed": functools.partial(fedavg_bbt, perturb=True),
     "centralized_bbt": centralized_bbt,
     "manual": manual_prompt,
     "fedprompt": fedprompt,
@@ -388,3 +594,51 @@ def make(name: str, config: FedConfig, lm, **kwargs) -> FederatedAlgorithm:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; accepted: {sorted(ALGORITHMS)}")
     return ALGORITHMS[name](config, lm, **kwargs)
+
+
+#: FedPrompt's learning-rate grid for :func:`tune_learning_rate`: Adam step sizes on the soft-prompt
+#: embeddings, half-decades from 1e-3 to 0.3 (0.3 is prompt tuning's usual rate and the old default;
+#: Adam moves every embedding entry by about the learning rate per step, and token-embedding entries
+#: are typically of order 0.01-0.1, so the useful rates sit well below it).
+LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+
+
+def tune_learning_rate(algo: FederatedAlgorithm, key: jax.Array, data: FederatedData, dev, lm, model: ModelInputs, *,
+                       num_rounds: int, hp: HParams = HParams(), grid=LR_GRID, eval_every: int = 1,
+                       **run_kwargs) -> tuple[float, list[dict]]:
+    """Picks the learning rate (FedPrompt's local Adam rate, ``hp.learning_rate``) on the **dev** set.
+
+    One :func:`~fedbpt_jax.federated.run` per grid value, all with the same ``key`` (same client
+    sampling), each evaluated on ``dev`` only: the test set is never touched. A value's score is its
+    best dev accuracy over the evaluations (what dev selection would keep); the highest score wins,
+    ties to the earlier grid value (the smaller rate, with the default ascending grid). The rounds
+    reuse one compiled program (the rate is a traced hyperparameter).
+
+    Example::
+
+        lr, table = fl.tune_learning_rate(fl.fedprompt(cfg, lm), jax.random.key(0), data, fed.dev, lm, model,
+                                          num_rounds=10)
+        carry, hist = fl.run(algo, key, data, fed.test, lm, model, dev=fed.dev, hp=fl.HParams(learning_rate=lr), ...)
+
+    Returns:
+      ``(best_rate, table)``: ``table`` has one row per grid value: ``learning_rate``, ``dev_accuracy``
+      (its score, NaN if no evaluation was finite), ``dev_round`` (where it was reached) and
+      ``final_dev_accuracy``.
+    """
+    from .run import run
+
+    grid = tuple(float(g) for g in grid)
+    if not grid:
+        raise ValueError("grid must hold at least one learning rate")
+    table = []
+    for lr in grid:
+        _, hist = run(algo, key, data, dev, lm, model, num_rounds=num_rounds, hp=hp.replace(learning_rate=lr),
+                      eval_every=eval_every, progress=False, **run_kwargs)
+        accs = [(e["accuracy"], e["round"]) for e in hist.evals if math.isfinite(e["accuracy"])]
+        best = max(accs, key=lambda a: (a[0], -a[1])) if accs else (float("nan"), None)
+        table.append({"learning_rate": lr, "dev_accuracy": best[0], "dev_round": best[1],
+                      "final_dev_accuracy": hist.evals[-1]["accuracy"]})
+    scored = [(row["dev_accuracy"], -i) for i, row in enumerate(table) if math.isfinite(row["dev_accuracy"])]
+    if not scored:
+        raise ValueError(f"no learning rate of the grid {grid} gave a finite dev evaluation")
+    return table[-max(scored)[1]]["learning_rate"], table

@@ -7,9 +7,12 @@ that a sweep may vary (σ₀, the perturbation rate, the dropout rate, learning 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.struct
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import objective, prompt
 
@@ -17,6 +20,17 @@ SERVER_VARIANTS = ("reference", "paper")
 CLIENT_KEYS = ("independent", "shared")
 PERTURB_EVERY = ("round", "generation")
 SAMPLING = ("uniform", "weighted")
+SIGMA_SCHEDULES = ("none", "clamp")
+
+#: Accepted ranges of the numeric hyperparameters (closed intervals, finite values only). Anything
+#: outside is rejected at ``init`` and by :meth:`HParams.validate` with the value and the range: a σ₀ of
+#: 1e30 overflows the first CMA-ES samples (NaN prompts from round 1), 1e-30 freezes the search.
+HPARAM_RANGES = {
+    "sigma0": (1e-6, 1e3),
+    "perturb_rate": (0.0, 1.0),
+    "dropout_rate": (0.0, 1.0),
+    "learning_rate": (1e-8, 1e2),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +60,18 @@ class FedConfig:
       projection: "normal" | "uniform" (see :mod:`fedbpt_jax.prompt`).
       layout: prompt placement (encoder "add"/"cat", decoder "after"/"before"; None = backbone default).
       chunk_clients: clients scored per vmapped chunk (0 = all K at once); bounds peak memory.
-      local_lr, local_steps: FedPrompt's optimiser settings (local_steps defaults to I).
+      alpha: BBT's projection scale α (``A ~ N(0, (α σ̂_E / √d)²)``).
+      norm_clip: optional stabiliser, off by default (the reference's ``norm_prompt``): every local
+        candidate and the uploaded mean whose ‖z‖ exceeds the threshold τ_t is scaled back to norm τ_t.
+        τ starts at ``norm_clip_threshold`` (15) and grows by 1 at the start of every round whose
+        broadcast mean has ‖z_t‖ < ``norm_clip_upper`` (20), as in the reference client (where only the
+        evaluating client, site-1, grows it; here every client uses the same τ_t).
+      norm_clip_threshold, norm_clip_upper: τ's start and the ‖z‖ below which it keeps growing.
+      sigma_schedule: optional stabiliser for the server's broadcast σ, off by default: "none" (the
+        reference's behaviour: its clamps are no-ops) | "clamp" (what the reference's clamps intend:
+        σ_{t+1} = min(max(σ_t · CSA factor, ``sigma_floor``), σ_t), never above the previous σ and
+        not pushed below the floor).
+      sigma_floor: the "clamp" schedule's floor (reference: 0.5).
     """
 
     num_clients: int = 10
@@ -67,6 +92,11 @@ class FedConfig:
     layout: str | None = None
     chunk_clients: int = 0
     alpha: float = 1.0
+    norm_clip: bool = False
+    norm_clip_threshold: float = 15.0
+    norm_clip_upper: float = 20.0
+    sigma_schedule: str = "none"
+    sigma_floor: float = 0.5
 
     def __post_init__(self):
         def need(cond, msg):
@@ -94,6 +124,12 @@ class FedConfig:
         need(self.projection in prompt.PROJECTIONS,
              f"unknown projection {self.projection!r}; accepted: {prompt.PROJECTIONS}")
         need(self.chunk_clients >= 0, f"chunk_clients must be >= 0, got {self.chunk_clients}")
+        need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha (projection scale) must be finite and > 0, got {self.alpha}")
+        need(self.sigma_schedule in SIGMA_SCHEDULES,
+             f"unknown sigma_schedule {self.sigma_schedule!r}; accepted: {SIGMA_SCHEDULES}")
+        for name in ("norm_clip_threshold", "norm_clip_upper", "sigma_floor"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v > 0, f"{name} must be finite and > 0, got {v}")
 
 
 @flax.struct.dataclass
@@ -114,19 +150,35 @@ class HParams:
     learning_rate: float = 0.3
 
     def validate(self) -> "HParams":
-        """Host-side check of concrete values (call before jitting)."""
-        r = float(self.perturb_rate)
-        if not 0.0 <= r <= 1.0:
-            raise ValueError(f"perturb_rate must be in [0, 1], got {r}")
-        dr = float(self.dropout_rate)
-        if not 0.0 <= dr <= 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1], got {dr}")
-        if not float(self.learning_rate) > 0:
-            raise ValueError(f"learning_rate must be > 0, got {float(self.learning_rate)}")
-        if not float(self.sigma0) > 0:
-            raise ValueError(f"sigma0 must be > 0, got {float(self.sigma0)}")
+        """Host-side check of concrete values (call before jitting): every value finite and inside
+        :data:`HPARAM_RANGES`; returns the hyperparameters as float32 arrays.
+
+        Raises:
+          ValueError: naming the value and the accepted range.
+        """
+        check_hparams(self)
         return jax_tree_asarray(self)
 
 
+def check_hparams(hp: HParams) -> None:
+    """Rejects non-finite or out-of-range hyperparameters (see :data:`HPARAM_RANGES`).
+
+    Values that are tracers (``init`` called under ``jit``/``vmap`` for a sweep) cannot be read and are
+    not checked; concrete values always are. Called by every algorithm's ``init``.
+
+    Raises:
+      ValueError: e.g. ``"sigma0 must be a finite value in [1e-06, 1000], got 1e+30"``.
+    """
+    for f in dataclasses.fields(hp):
+        v = getattr(hp, f.name)
+        if isinstance(v, jax.core.Tracer):
+            continue
+        arr = np.asarray(v, np.float64)
+        lo, hi = HPARAM_RANGES[f.name]
+        bad = arr[~(np.isfinite(arr) & (arr >= lo) & (arr <= hi))]
+        if bad.size:
+            raise ValueError(f"{f.name} must be a finite value in [{lo:g}, {hi:g}], got {float(bad.flat[0])!r}")
+
+
 def jax_tree_asarray(hp: HParams) -> HParams:
-    return HParams(*(jnp.asarray(v, jnp.float32) for v in (hp.sigma0, hp.perturb_rate, hp.dropout_rate, hp.learning_rate)))
+    return HParams(**{f.name: jnp.asarray(getattr(hp, f.name), jnp.float32) for f in dataclasses.fields(hp)})

@@ -104,6 +104,11 @@ class FederatedAlgorithm(NamedTuple):
         set by :func:`fedbpt_jax.federated.run` or ``jax.set_mesh``, if any).
       scorer: the :class:`~fedbpt_jax.objective.Scorer` the rounds use (:func:`~fedbpt_jax.federated.run`
         evaluates and counts FLOPs with it; None: the backbone's default scorer).
+      global_z: ``state -> [d]`` the global intrinsic vector z (None: the algorithm has none, e.g.
+        FedPrompt, which tunes the embeddings directly); :func:`~fedbpt_jax.federated.run` logs ‖z‖.
+      round_detailed: the same round as ``round`` whose metrics also hold ``"clients"`` (per-client
+        diagnostics ``[K]``) and ``"uploads"`` (what the clients sent, d floats each); None: ``round``
+        has no per-client detail. ``round`` itself returns scalar metrics only.
     """
 
     name: str
@@ -117,6 +122,8 @@ class FederatedAlgorithm(NamedTuple):
     pooled: bool = False
     mesh: Any = None
     scorer: Any = None
+    global_z: Callable | None = None
+    round_detailed: Callable | None = None
 
 
 def sample_clients(key: jax.Array, counts: jax.Array, k: int, how: str = "uniform") -> jax.Array:

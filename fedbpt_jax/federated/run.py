@@ -1,8 +1,10 @@
-"""Running a simulation: ``lax.scan`` over rounds, evaluation every E rounds, best-round tracking,
-device sharding, progress bar, orbax checkpoints and resume.
+"""Running a simulation: ``lax.scan`` over rounds, evaluation every E rounds, model selection on the dev
+set, per-client diagnostics, device sharding, progress bar, orbax checkpoints and resume.
 
 A run is a sequence of jitted *segments*; a segment is ``lax.scan`` over ``eval_every`` rounds
-followed by one evaluation of the server's global prompt on the test set. The jitted segment is
+followed by one evaluation of the server's global prompt on the test set and the dev set, and the
+selection update (dev-best round, ties to the earliest; the best test accuracy is kept only as a
+labelled reference-compatibility figure, :class:`RunCarry`). The jitted segment is
 cached per (algorithm, backbone shape, E, mesh), so every segment of a run and every later call of
 :func:`run` with the same algorithm reuses one compiled program (no retrace: see :func:`trace_count`),
 and its size does not depend on N or K (clients are a vmapped axis, rounds a scanned one). The round
@@ -75,24 +77,45 @@ def compile_count(name: str) -> int:
 class RunCarry:
     """What a run carries between segments (and what a checkpoint holds).
 
+    Model selection is on the **dev** set (when :func:`run` gets one): the selected round is the
+    evaluation with the highest dev accuracy, ties to the earliest round; a non-finite evaluation (or
+    prompt) is never selected. Without a dev set the selected round is the latest finite evaluation
+    (no selection); an evaluation with non-finite logits on dev or test is never selected. The best
+    *test* accuracy is kept only as a reference-compatibility figure: the
+    reference code reports the peak of its test curve, which is optimistic and not a model selection.
+
     Attributes:
       state: the algorithm's server state.
-      best_accuracy: best test accuracy of the global prompt so far.
-      best_round: round at which it was reached.
-      best_prompt: ``[n, H]`` that prompt (zeros while none is set).
+      selected_round: round of the selected evaluation (−1 before the first finite one).
+      selected_dev_accuracy: its dev accuracy (NaN without a dev set, −1 before any).
+      selected_test_accuracy: its test accuracy (−1 before any).
+      selected_prompt: ``[n, H]`` its global prompt (zeros while none is set, and for "no prompt").
+      best_test_reference: highest finite test accuracy so far (reference-compatibility figure only).
+      best_test_reference_round: the round where it was reached (ties: earliest).
       rounds_done: int32.
     """
 
     state: Any
-    best_accuracy: jax.Array
-    best_round: jax.Array
-    best_prompt: jax.Array
+    selected_round: jax.Array
+    selected_dev_accuracy: jax.Array
+    selected_test_accuracy: jax.Array
+    selected_prompt: jax.Array
+    best_test_reference: jax.Array
+    best_test_reference_round: jax.Array
     rounds_done: jax.Array
 
 
 @dataclasses.dataclass
 class History:
-    """Host-side record of a run: per-round metrics and the evaluations (round 0 = the initial state)."""
+    """Host-side record of a run: per-round metrics and the evaluations (round 0 = the initial state).
+
+    Each round row holds scalar metrics (the ``rounds.csv`` columns) and, for algorithms with clients,
+    ``"clients"``: one dict per sampled client (see
+    :func:`fedbpt_jax.federated.algorithms.client_diagnostics`). Each evaluation row holds the test
+    metrics (``accuracy``, ``loss``, ``f1``, ``nonfinite_examples``, ``pred_dist``), the same with a
+    ``dev_`` prefix when a dev set is given, and the global prompt's ``z_norm`` and
+    ``prompt_norm_ratio``.
+    """
 
     rounds: list[dict] = dataclasses.field(default_factory=list)
     evals: list[dict] = dataclasses.field(default_factory=list)
@@ -118,45 +141,99 @@ class EvalSet:
     prepared: bool = flax.struct.field(pytree_node=False, default=False)
 
 
-def _eval(algo: FederatedAlgorithm, state, model: ModelInputs, test: EvalSet, spec, scorer):
-    p = algo.global_prompt(state, model)
-    if test.prepared:
-        logits = objective.evaluate_prepared(scorer, model.params, test.ctx, spec, p)
+def _set_metrics(scorer, params, evalset: EvalSet, spec, p) -> dict:
+    """Accuracy, loss, F1, count of examples with non-finite label logits and the predicted-label
+    distribution ``[C]`` of prompt ``p`` on one example set. Any non-finite example makes accuracy,
+    loss and F1 NaN: an argmax over NaN logits is not a prediction."""
+    if evalset.prepared:
+        logits = objective.evaluate_prepared(scorer, params, evalset.ctx, spec, p)
     else:
-        logits = objective.evaluate_logits(scorer, model.params, test.ctx, spec, p)
-    return objective.classification_metrics(logits, test.labels, test.example_mask), p
+        logits = objective.evaluate_logits(scorer, params, evalset.ctx, spec, p)
+    ev = objective.classification_metrics(logits, evalset.labels, evalset.example_mask)
+    flat = logits.reshape(-1, logits.shape[-1])
+    real = evalset.example_mask.reshape(-1) > 0
+    bad = jnp.sum((real & ~jnp.all(jnp.isfinite(flat), axis=-1)).astype(jnp.int32))
+    ev = {k: jnp.where(bad > 0, jnp.nan, v) for k, v in ev.items()}
+    onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), flat.shape[-1], dtype=jnp.float32) * real[:, None]
+    ev["nonfinite_examples"] = bad
+    ev["pred_dist"] = jnp.sum(onehot, axis=0) / jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0)
+    return ev
 
 
-def _keep_best(carry: RunCarry, ev, p, at_round, n_prompt: int, hidden: int) -> RunCarry:
+def _eval(algo: FederatedAlgorithm, state, model: ModelInputs, test: EvalSet, dev: EvalSet | None, spec, scorer,
+          token_norm):
+    p = algo.global_prompt(state, model)
+    ev = _set_metrics(scorer, model.params, test, spec, p)
+    if dev is not None:
+        ev.update({f"dev_{k}": v for k, v in _set_metrics(scorer, model.params, dev, spec, p).items()})
+    if algo.global_z is not None:
+        ev["z_norm"] = jnp.linalg.norm(algo.global_z(state))
+    if p is not None:
+        # Prompt tokens' norm relative to a typical token: the median norm of the input embeddings.
+        ev["prompt_norm_ratio"] = jnp.mean(jnp.linalg.norm(p.astype(jnp.float32), axis=-1)) / token_norm
+    return ev, p
+
+
+def _select(carry: RunCarry, ev, p, at_round, n_prompt: int, hidden: int) -> RunCarry:
+    """Dev-based selection (ties: earliest; non-finite never) and the best-test reference figure."""
     p = jnp.zeros((n_prompt, hidden), jnp.float32) if p is None else p.astype(jnp.float32)
-    better = ev["accuracy"] > carry.best_accuracy
+    prompt_ok = jnp.all(jnp.isfinite(p))
+    test_acc = ev["accuracy"].astype(jnp.float32)
+    if "dev_accuracy" in ev:
+        # Chosen by dev accuracy alone; an evaluation with non-finite logits anywhere (dev or test) is a
+        # broken prompt and is never selected.
+        dev_acc = ev["dev_accuracy"].astype(jnp.float32)
+        better = prompt_ok & jnp.isfinite(dev_acc) & jnp.isfinite(test_acc) & (
+            (dev_acc > carry.selected_dev_accuracy) | (carry.selected_round < 0))
+    else:  # no dev set: no selection, the latest finite evaluation
+        dev_acc = jnp.asarray(jnp.nan, jnp.float32)
+        better = prompt_ok & jnp.isfinite(test_acc)
+    best_test = prompt_ok & jnp.isfinite(test_acc) & (test_acc > carry.best_test_reference)
     return carry.replace(
-        best_accuracy=jnp.where(better, ev["accuracy"], carry.best_accuracy).astype(jnp.float32),
-        best_round=jnp.where(better, at_round, carry.best_round).astype(jnp.int32),
-        best_prompt=jnp.where(better, p, carry.best_prompt),
+        selected_round=jnp.where(better, at_round, carry.selected_round).astype(jnp.int32),
+        selected_dev_accuracy=jnp.where(better, dev_acc, carry.selected_dev_accuracy).astype(jnp.float32),
+        selected_test_accuracy=jnp.where(better, test_acc, carry.selected_test_accuracy).astype(jnp.float32),
+        selected_prompt=jnp.where(better, p, carry.selected_prompt),
+        best_test_reference=jnp.where(best_test, test_acc, carry.best_test_reference).astype(jnp.float32),
+        best_test_reference_round=jnp.where(best_test, at_round, carry.best_test_reference_round).astype(jnp.int32),
     )
 
 
-def make_segment(algo: FederatedAlgorithm, scorer, eval_every: int, n_prompt: int, hidden: int, key_impl=None):
-    """The jittable segment ``(key_data, carry, data, hp, model, test) -> (carry, metrics, eval)``.
+def _drop_keys(metrics: dict, keep_uploads: bool, log_clients: bool) -> dict:
+    drop = set() if keep_uploads else {"uploads"}
+    if not log_clients:
+        drop.add("clients")
+    return {k: v for k, v in metrics.items() if k not in drop}
 
-    ``eval_every`` rounds in a ``lax.scan`` (round ``r`` gets ``fold_in(key, r)``), then one test
-    evaluation of the global prompt and the best-round update. ``key_data`` is the raw data of the
-    rounds' key (``jax.random.key_data``), so it can be a global array on a multi-host mesh.
+
+def make_segment(algo: FederatedAlgorithm, scorer, eval_every: int, n_prompt: int, hidden: int, key_impl=None,
+                 *, keep_uploads: bool = False, log_clients: bool = True):
+    """The jittable segment ``(key_data, carry, data, hp, model, test, dev, token_norm) -> (carry, metrics, eval)``.
+
+    ``eval_every`` rounds in a ``lax.scan`` (round ``r`` gets ``fold_in(key, r)``), then one evaluation
+    of the global prompt on the test set and the dev set (``dev`` may be None) and the selection update.
+    ``key_data`` is the raw data of the rounds' key (``jax.random.key_data``), so it can be a global
+    array on a multi-host mesh. The clients' uploads (``metrics["uploads"]``, d floats per client) leave
+    the scan only with ``keep_uploads``; the per-client diagnostics only with ``log_clients``.
     """
 
-    def segment(key_data, carry: RunCarry, data: FederatedData, hp: HParams, model: ModelInputs, test: EvalSet):
+    def segment(key_data, carry: RunCarry, data: FederatedData, hp: HParams, model: ModelInputs, test: EvalSet,
+                dev: EvalSet | None, token_norm):
         TRACE_COUNTS[algo.name] += 1  # Python side effect: runs only while tracing
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
 
+        round_fn = algo.round_detailed if algo.round_detailed is not None and (keep_uploads or log_clients) \
+            else algo.round
+
         def body(state, r):
-            return algo.round(jax.random.fold_in(key, r), state, data, hp, model)
+            state, metrics = round_fn(jax.random.fold_in(key, r), state, data, hp, model)
+            return state, _drop_keys(metrics, keep_uploads, log_clients)
 
         rounds = carry.rounds_done + jnp.arange(eval_every, dtype=jnp.int32)
         state, metrics = jax.lax.scan(body, carry.state, rounds)
-        ev, p = _eval(algo, state, model, test, data.spec, scorer)
+        ev, p = _eval(algo, state, model, test, dev, data.spec, scorer, token_norm)
         done = carry.rounds_done + eval_every
-        new = _keep_best(carry.replace(state=state, rounds_done=done), ev, p, done, n_prompt, hidden)
+        new = _select(carry.replace(state=state, rounds_done=done), ev, p, done, n_prompt, hidden)
         return new, metrics, ev
 
     segment.__name__ = segment.__qualname__ = _SEGMENT_PREFIX + algo.name
@@ -164,12 +241,13 @@ def make_segment(algo: FederatedAlgorithm, scorer, eval_every: int, n_prompt: in
 
 
 def make_initial_eval(algo: FederatedAlgorithm, scorer, n_prompt: int, hidden: int):
-    """The jittable evaluation of the initial state: ``(carry, data, model, test) -> (carry, eval)``."""
+    """The jittable evaluation of the initial state: ``(carry, data, model, test, dev, token_norm) -> (carry, eval)``."""
 
-    def initial(carry: RunCarry, data: FederatedData, model: ModelInputs, test: EvalSet):
+    def initial(carry: RunCarry, data: FederatedData, model: ModelInputs, test: EvalSet, dev: EvalSet | None,
+                token_norm):
         TRACE_COUNTS[algo.name + "/eval"] += 1
-        ev, p = _eval(algo, carry.state, model, test, data.spec, scorer)
-        return _keep_best(carry, ev, p, carry.rounds_done, n_prompt, hidden), ev
+        ev, p = _eval(algo, carry.state, model, test, dev, data.spec, scorer, token_norm)
+        return _select(carry, ev, p, carry.rounds_done, n_prompt, hidden), ev
 
     initial.__name__ = initial.__qualname__ = _EVAL_PREFIX + algo.name
     return initial
@@ -191,11 +269,13 @@ def _algo_scorer(algo: FederatedAlgorithm, kind: str, model_config):
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(algo: FederatedAlgorithm, kind: str, model_config, eval_every: int, hidden: int, key_impl, mesh):
+def _jitted(algo: FederatedAlgorithm, kind: str, model_config, eval_every: int, hidden: int, key_impl, mesh,
+            keep_uploads: bool = False, log_clients: bool = True):
     cfg = algo.config
     scorer = _algo_scorer(algo, kind, model_config)
     out = _replicated(mesh)
-    segment = jax.jit(make_segment(algo, scorer, eval_every, cfg.n_prompt_tokens, hidden, key_impl), out_shardings=out)
+    segment = jax.jit(make_segment(algo, scorer, eval_every, cfg.n_prompt_tokens, hidden, key_impl,
+                                   keep_uploads=keep_uploads, log_clients=log_clients), out_shardings=out)
     initial = jax.jit(make_initial_eval(algo, scorer, cfg.n_prompt_tokens, hidden), out_shardings=out)
     return segment, initial
 
@@ -306,25 +386,30 @@ def run(
     *,
     num_rounds: int,
     hp: HParams = HParams(),
+    dev: TokenBatch | None = None,
     eval_every: int = 1,
     eval_chunk: int = 64,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1,
     results_dir: str | Path | None = None,
+    save_uploads: str | Path | None = None,
+    log_clients: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
     mesh=None,
     cache_eval_prefix: bool | None = None,
     eval_cache_budget: int = 2 << 30,
 ) -> tuple[RunCarry, History]:
-    """Runs ``num_rounds`` rounds of ``algo`` and evaluates the global prompt every ``eval_every`` rounds.
+    """Runs ``num_rounds`` rounds of ``algo``, evaluates the global prompt every ``eval_every`` rounds on
+    the test set and the dev set, and selects the round on dev.
 
     Example::
 
+        fed = fb.data.federated("sst2", lm.tokenizer, lm.kind, num_clients=10, shots_per_class=16)
         algo = fl.fedbpt(fl.FedConfig(num_clients=10, clients_per_round=4), lm)
-        carry, history = fl.run(algo, jax.random.key(0), data, test, lm, model, num_rounds=20,
-                                eval_every=5, mesh=fl.client_mesh())
-        print(history.evals[-1]["accuracy"], int(carry.best_round))
+        carry, history = fl.run(algo, jax.random.key(0), fl.FederatedData.from_host(fed), fed.test, lm, model,
+                                dev=fed.dev, num_rounds=20, eval_every=5, mesh=fl.client_mesh())
+        print(summarize(history, carry))   # final, dev-selected and best_test_reference accuracies
 
     Args:
       algo: a :class:`FederatedAlgorithm`.
@@ -334,26 +419,37 @@ def run(
       lm: the backbone bundle (for the scorer, sizes and FLOP counts).
       model: frozen arrays (params, projection).
       num_rounds: total rounds; must be a positive multiple of ``eval_every``.
-      hp: numeric hyperparameters.
+      hp: numeric hyperparameters (validated: finite and in range, see :data:`~fedbpt_jax.federated.config.HPARAM_RANGES`).
+      dev: dev examples ``[B_dev, T]`` (``data.federated(...).dev``): evaluated with every test evaluation;
+        the round with the highest dev accuracy is selected (ties: earliest). None: no selection, the
+        "selected" figures are those of the latest finite evaluation.
       eval_every: E, rounds per jitted segment (static).
       checkpoint_dir: orbax checkpoints go here; an existing checkpoint of the same configuration is
         resumed, one of another configuration is an error naming the differing values.
       checkpoint_every: save every this many rounds (at segment ends) and at the last round.
       results_dir: ``metrics.json`` and ``rounds.csv`` are written there atomically after each segment.
+      save_uploads: a directory; each round's client uploads (means ``[K, d]``, fitness ``[K]``, σ
+        histories ``[K, I]``, which clients, who was active, and the broadcast mean and σ they answered)
+        are saved there as ``round_000001.npz`` … (read back with :func:`load_uploads`), so other server
+        aggregations can be replayed on the same uploads. FedBPT and FedAvg-BBT only.
+      log_clients: keep the per-client diagnostics of every round (``history.rounds[i]["clients"]``).
       progress: show a per-segment tqdm progress bar.
       stop_after: stop (as if killed) after this many rounds (a multiple of ``eval_every``); for resume
         tests and time-boxed runs.
       mesh: shard the client axis over this mesh's devices (default: ``algo.mesh``; None: one device).
-      cache_eval_prefix: keep the test set's prefix cache (decoder, layout "after") for the whole run,
-        so an evaluation costs only the prompt and cue tokens per example. ``None`` (default): on
-        when the cache fits ``eval_cache_budget`` bytes.
+      cache_eval_prefix: keep the test and dev sets' prefix caches (decoder, layout "after") for the
+        whole run, so an evaluation costs only the prompt and cue tokens per example. ``None`` (default):
+        on when the caches fit ``eval_cache_budget`` bytes.
 
     Returns:
-      ``(carry, history)``: the final carry (state, best accuracy, best round, best prompt) and the
-      host-side history. Each round's row holds the algorithm's metrics and the accounting:
-      ``bytes_down_per_client``, ``bytes_up_per_client``, ``fedavg_full_model_bytes_per_client``,
-      ``forward_calls`` (over the local batch, all active clients), ``model_flops`` and ``seconds``
-      (wall time of the segment divided by E; the first segment includes compilation).
+      ``(carry, history)``: the final carry (state, the dev-selected round with its dev and test accuracy
+      and prompt, the best-test reference figure) and the host-side history. Each round's row holds the
+      algorithm's metrics, the accounting (``bytes_down_per_client``, ``bytes_up_per_client``,
+      ``fedavg_full_model_bytes_per_client``, ``forward_calls`` over the local batch of all active
+      clients, ``model_flops``, ``seconds``: wall time of the segment divided by E; the first segment
+      includes compilation) and the per-client diagnostics. :func:`summarize` condenses it; a run where
+      every active client's fitness was non-finite in every round warns (``RuntimeWarning``) and says so
+      in the summary (``fitness_all_nonfinite``).
     """
     from tqdm.auto import tqdm
 
@@ -373,6 +469,14 @@ def run(
     validate_data(data, cfg, vocab_size=lm.vocab_size)
     num_labels = int(np.shape(data.spec.label_ids)[0])
     validate_test(test, num_labels)
+    if dev is not None:
+        try:
+            validate_test(dev, num_labels)
+        except ValueError as err:
+            raise ValueError(f"dev set: {err}") from None
+    if save_uploads is not None and algo.name not in _UPLOADING:
+        raise ValueError(f"save_uploads: algorithm {algo.name!r} has no client uploads to save; "
+                         f"accepted for {sorted(_UPLOADING)}")
 
     if jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
         impl = jax.random.key_impl(key)
@@ -381,40 +485,63 @@ def run(
         impl = jax.random.key_impl(key)
     key_init, key_rounds = jax.random.split(key)
     key_data = jax.random.key_data(key_rounds)
-    segment, initial = _jitted(algo, lm.kind, lm.config, eval_every, lm.hidden_size, impl, mesh)
+    segment, initial = _jitted(algo, lm.kind, lm.config, eval_every, lm.hidden_size, impl, mesh,
+                               save_uploads is not None, bool(log_clients))
     chunks = objective.chunk_examples(test, eval_chunk)
+    dev_chunks = None if dev is None else objective.chunk_examples(dev, eval_chunk)
     cost = round_cost(algo, lm, data)
+    token_norm = jnp.asarray(median_token_norm(lm), jnp.float32)
 
     carry = RunCarry(
         state=algo.init(key_init, hp),
-        best_accuracy=jnp.asarray(-1.0, jnp.float32),
-        best_round=jnp.asarray(-1, jnp.int32),
-        best_prompt=jnp.zeros((cfg.n_prompt_tokens, lm.hidden_size), jnp.float32),
+        selected_round=jnp.asarray(-1, jnp.int32),
+        selected_dev_accuracy=jnp.asarray(-1.0, jnp.float32),
+        selected_test_accuracy=jnp.asarray(-1.0, jnp.float32),
+        selected_prompt=jnp.zeros((cfg.n_prompt_tokens, lm.hidden_size), jnp.float32),
+        best_test_reference=jnp.asarray(-1.0, jnp.float32),
+        best_test_reference_round=jnp.asarray(-1, jnp.int32),
         rounds_done=jnp.asarray(0, jnp.int32),
     )
     if mesh is not None:
         data = data.replace(train=to_global(data.train, mesh, clients=True),
                             counts=to_global(data.counts, mesh, clients=True), spec=to_global(data.spec, mesh))
-        model, hp, chunks, carry, key_data = to_global((model, hp, chunks, carry, key_data), mesh)
+        model, hp, chunks, dev_chunks, carry, key_data, token_norm = to_global(
+            (model, hp, chunks, dev_chunks, carry, key_data, token_norm), mesh)
     else:
-        chunks = jax.tree_util.tree_map(jnp.asarray, chunks)
+        chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     if cache_eval_prefix is None:
-        cache_eval_prefix = scorer.caches_prefix and objective.prepared_bytes(scorer, lm.params, chunks) <= eval_cache_budget
+        need = objective.prepared_bytes(scorer, lm.params, chunks) if scorer.caches_prefix else 0
+        if scorer.caches_prefix and dev_chunks is not None:
+            need += objective.prepared_bytes(scorer, lm.params, dev_chunks)
+        cache_eval_prefix = scorer.caches_prefix and need <= eval_cache_budget
     cache_eval_prefix = bool(cache_eval_prefix and scorer.caches_prefix)
-    if cache_eval_prefix:
-        with _mesh_context(mesh):
-            ctx = _prepare_eval(scorer)(model.params, chunks)
-        evalset = EvalSet(ctx, chunks.labels, chunks.example_mask, prepared=True)
-    else:
-        evalset = EvalSet(chunks, chunks.labels, chunks.example_mask)
+
+    def evalset(c):
+        if c is None:
+            return None
+        if cache_eval_prefix:
+            with _mesh_context(mesh):
+                ctx = _prepare_eval(scorer)(model.params, c)
+            return EvalSet(ctx, c.labels, c.example_mask, prepared=True)
+        return EvalSet(c, c.labels, c.example_mask)
+
+    test_set, dev_set = evalset(chunks), evalset(dev_chunks)
     eval_flops = _eval_flops(lm, algo, chunks, data.spec, cache_eval_prefix)
+    dev_flops = 0.0 if dev_chunks is None else _eval_flops(lm, algo, dev_chunks, data.spec, cache_eval_prefix)
+
+    def eval_row(r, ev):
+        row = {"round": r, **{k: _eval_value(v) for k, v in ev.items()}, "eval_flops": eval_flops}
+        if dev_chunks is not None:
+            row["dev_eval_flops"] = dev_flops
+        return row
 
     history = History()
     ckpt = None
     lead = jax.process_index() == 0
     if checkpoint_dir is not None:
         desc = _describe(algo, hp, eval_every, key_data, data, lm, model)
+        desc["dev_shape"] = repr(None if dev is None else list(np.shape(dev.input_ids)))
         ckpt = Checkpointer(checkpoint_dir, fingerprint(sorted(desc.items())))
         if ckpt.latest_step() is not None:
             step, carry, meta = _restore(ckpt, carry, desc)
@@ -425,8 +552,8 @@ def run(
             history = History(rounds=_decode(meta["rounds"]), evals=_decode(meta["evals"]))
     if not history.evals:
         with _mesh_context(mesh):
-            carry, ev = initial(carry, data, model, evalset)
-        history.evals.append({"round": 0, **{k: float(v) for k, v in host(ev).items()}, "eval_flops": eval_flops})
+            carry, ev = initial(carry, data, model, test_set, dev_set, token_norm)
+        history.evals.append(eval_row(0, host(ev)))
 
     comm = algo.comm
     done = int(host(carry.rounds_done))
@@ -435,12 +562,15 @@ def run(
         while done < last:
             t0 = time.perf_counter()
             with _mesh_context(mesh):
-                carry, metrics, ev = segment(key_data, carry, data, hp, model, evalset)
+                carry, metrics, ev = segment(key_data, carry, data, hp, model, test_set, dev_set, token_norm)
             metrics, ev = host((metrics, ev))
             dt = time.perf_counter() - t0
             done += eval_every
+            clients = metrics.pop("clients", None)
+            uploads = metrics.pop("uploads", None)
             for i in range(eval_every):
-                row = {"round": done - eval_every + i + 1, **{k: _row_value(v[i]) for k, v in metrics.items()}}
+                r = done - eval_every + i + 1
+                row = {"round": r, **{k: _row_value(v[i]) for k, v in metrics.items()}}
                 active = 1 if algo.pooled and row.get("active_clients", 0) > 0 else row.get("active_clients", 0)
                 row.update({"bytes_down_per_client": comm.down_per_client, "bytes_up_per_client": comm.up_per_client,
                             "fedavg_full_model_bytes_per_client": comm.fedavg_full_model_per_client,
@@ -448,11 +578,19 @@ def run(
                             "examples_per_call": cost["examples_per_call"],
                             "model_flops": float(cost["flops_per_client"] * active),
                             "seconds": dt / eval_every})
+                if clients is not None:
+                    row["clients"] = _client_rows({k: v[i] for k, v in clients.items()})
                 history.rounds.append(row)
-            history.evals.append({"round": done, **{k: float(v) for k, v in ev.items()}, "eval_flops": eval_flops})
+                if uploads is not None and lead:
+                    _save_upload(save_uploads, r, {k: v[i] for k, v in uploads.items()})
+            history.evals.append(eval_row(done, ev))
             last_row = history.rounds[-1]
-            bar.set_postfix({"acc": f"{float(ev['accuracy']):.3f}", "loss": f"{last_row['client_loss']:.3f}",
-                             "σ": f"{last_row['sigma']:.3f}", "up": f"{comm.up_per_client}B"})
+            postfix = {"acc": f"{float(ev['accuracy']):.3f}"}
+            if "dev_accuracy" in ev:
+                postfix["dev"] = f"{float(ev['dev_accuracy']):.3f}"
+            postfix.update({"loss": f"{last_row['client_loss']:.3f}", "σ": f"{last_row['sigma']:.3f}",
+                            "up": f"{comm.up_per_client}B"})
+            bar.set_postfix(postfix)
             bar.update(eval_every)
             if ckpt is not None and (done % checkpoint_every == 0 or done >= last):
                 ckpt.save(done, carry, {**_encode(history.as_dict()), "config": desc})
@@ -460,13 +598,136 @@ def run(
                 write_results(results_dir, history, carry)
     if ckpt is not None:
         ckpt.close()
+    _warn_nonfinite(summarize(history, carry), algo.name)
     return carry, history
 
 
+#: Algorithms whose rounds report client uploads (``metrics["uploads"]``).
+_UPLOADING = frozenset({"fedbpt", "fedavg_bbt", "fedavg_bbt_perturbed"})
+
+
+def median_token_norm(lm) -> float:
+    """The median L2 norm of the backbone's input token embeddings (the scale a prompt token is compared to)."""
+    emb = np.asarray(jax.device_get(lm.input_embeddings()), np.float32)
+    return float(np.median(np.linalg.norm(emb, axis=-1)))
+
+
+def _eval_value(v):
+    v = np.asarray(v)
+    if v.ndim:
+        return [float(x) for x in v.reshape(-1)]
+    if np.issubdtype(v.dtype, np.integer):
+        return int(v)
+    return float(v)
+
+
+def _client_rows(clients: dict) -> list[dict]:
+    """``{name: [K, ...]}`` → one JSON-friendly dict per sampled client (NaN → None)."""
+    k = len(next(iter(clients.values())))
+    rows = []
+    for i in range(k):
+        row = {}
+        for name, v in clients.items():
+            x = np.asarray(v[i])
+            if x.ndim:
+                row[name] = x.tolist()
+            elif x.dtype == bool:
+                row[name] = bool(x)
+            elif np.issubdtype(x.dtype, np.integer):
+                row[name] = int(x)
+            else:  # NaN (nothing sent, or a NaN fitness) as None: JSON null, and equal to itself
+                row[name] = None if np.isnan(x) else float(x)
+        rows.append(row)
+    return rows
+
+
+def _save_upload(directory, r: int, uploads: dict) -> None:
+    import os
+    import tempfile
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".round_{r:06d}.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, round=np.asarray(r, np.int32), **{k: np.asarray(v) for k, v in uploads.items()})
+        os.replace(tmp, d / f"round_{r:06d}.npz")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_uploads(directory) -> dict[str, np.ndarray]:
+    """The uploads :func:`run` saved with ``save_uploads=directory``, stacked over rounds.
+
+    Returns ``round`` ``[R]`` and, stacked on a leading round axis, ``client_index`` ``[R, K]``,
+    ``active`` ``[R, K]``, ``mean`` ``[R, K, d]``, ``fitness`` ``[R, K]``, ``sigmas`` ``[R, K, I]``,
+    ``server_mean`` ``[R, d]`` and ``server_sigma`` ``[R]`` (the broadcast the clients answered). E.g.
+    replay another server rule: ``strategy.server_update(state, u["mean"][r], u["fitness"][r],
+    u["sigmas"][r], u["active"][r])``.
+    """
+    files = sorted(Path(directory).glob("round_*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no round_*.npz uploads in {directory}")
+    loaded = [dict(np.load(f)) for f in files]
+    return {k: np.stack([x[k] for x in loaded]) for k in loaded[0]}
+
+
+def summarize(history: History, carry: RunCarry) -> dict:
+    """The figures a run reports: z = 0 / initial, final, dev-selected, and the reference-compatibility
+    best-on-test (optimistic: it selects on the test set, as the reference code's reported peak does).
+
+    Keys: ``selection_rule``; ``initial_test_accuracy``; ``final_round``, ``final_test_accuracy``,
+    ``final_dev_accuracy``; ``selected_round``, ``selected_dev_accuracy``, ``selected_test_accuracy``;
+    ``best_test_reference``, ``best_test_reference_round``; ``nonfinite_evals`` (evaluations with
+    non-finite logits, never selected); ``fitness_all_nonfinite_rounds`` (rounds where clients were
+    active but none had a finite fitness) and ``fitness_all_nonfinite`` (true when that held for every
+    round with active clients: the server never moved).
+    """
+    c = host(carry)
+    first, final = history.evals[0], history.evals[-1]
+    has_dev = "dev_accuracy" in final
+    bad_rounds = [r["round"] for r in history.rounds if r.get("all_fitness_nonfinite", 0)]
+    with_clients = [r for r in history.rounds if r.get("active_clients", 0) > 0]
+    sel_round = int(c.selected_round)
+
+    def num(x):
+        return None if x < 0 else float(x)
+
+    return {
+        "selection_rule": "dev accuracy, ties to the earliest round" if has_dev
+        else "none (no dev set): the latest finite evaluation",
+        "initial_test_accuracy": first["accuracy"],
+        "final_round": final["round"],
+        "final_test_accuracy": final["accuracy"],
+        "final_dev_accuracy": final.get("dev_accuracy"),
+        "selected_round": sel_round if sel_round >= 0 else None,
+        "selected_dev_accuracy": num(float(c.selected_dev_accuracy)) if has_dev else None,
+        "selected_test_accuracy": num(float(c.selected_test_accuracy)),
+        "best_test_reference": num(float(c.best_test_reference)),
+        "best_test_reference_round": int(c.best_test_reference_round) if int(c.best_test_reference_round) >= 0 else None,
+        "nonfinite_evals": sum(1 for e in history.evals if e.get("nonfinite_examples", 0) > 0
+                               or not math.isfinite(e["accuracy"])),
+        "fitness_all_nonfinite_rounds": len(bad_rounds),
+        "fitness_all_nonfinite": bool(with_clients) and len(bad_rounds) == len(with_clients),
+    }
+
+
+def _warn_nonfinite(summary: dict, name: str) -> None:
+    import warnings
+
+    if summary["fitness_all_nonfinite"]:
+        warnings.warn(f"{name}: every active client's fitness was non-finite in every round "
+                      f"({summary['fitness_all_nonfinite_rounds']} rounds): the server never moved and the "
+                      "reported prompt is the initial one", RuntimeWarning, stacklevel=3)
+    if summary["nonfinite_evals"]:
+        warnings.warn(f"{name}: {summary['nonfinite_evals']} evaluation(s) had non-finite logits (reported as NaN, "
+                      "never selected)", RuntimeWarning, stacklevel=3)
+
+
 def write_results(results_dir, history: History, carry: RunCarry) -> None:
-    """``metrics.json`` (everything) and ``rounds.csv`` (one row a round), each replaced atomically."""
+    """``metrics.json`` (history, per-client diagnostics and :func:`summarize`'s figures) and
+    ``rounds.csv`` (one row a round, scalars only), each replaced atomically."""
     d = Path(results_dir)
-    best = host((carry.best_accuracy, carry.best_round))
-    write_json_atomic(d / "metrics.json", {**history.as_dict(), "best_accuracy": float(best[0]),
-                                           "best_round": int(best[1])})
-    write_csv_atomic(d / "rounds.csv", history.rounds)
+    write_json_atomic(d / "metrics.json", {**history.as_dict(), **summarize(history, carry)})
+    write_csv_atomic(d / "rounds.csv", [{k: v for k, v in r.items() if k != "clients"} for r in history.rounds])
