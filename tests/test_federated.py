@@ -184,6 +184,10 @@ def test_resume_is_bit_identical_and_results_are_written(tmp_path):
                checkpoint_dir=ck, progress=False)
     with pytest.raises(CheckpointMismatch, match="key"):
         fs.run_a(7, num_rounds=3, checkpoint_dir=ck)
+    # Another prompt start (the prompt at z = 0) is another run too.
+    started = fs.model().replace(start=jnp.full((fs.config_a().n_prompt_tokens, fs.tiny_lm().hidden_size), 0.1))
+    with pytest.raises(CheckpointMismatch, match="prompt_start"):
+        fs.run_a(0, num_rounds=3, checkpoint_dir=ck, model_inputs=started)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -318,6 +318,16 @@ def _eval_flops(lm, algo, chunks: TokenBatch, spec, prefix_cached: bool = False)
     return c * b * (cost.forward + (0.0 if prefix_cached else cost.prepare))
 
 
+def _fingerprint(x) -> str | None:
+    """A short digest of an array's shape, dtype and bytes (None stays None)."""
+    if x is None:
+        return None
+    import hashlib
+
+    arr = np.ascontiguousarray(np.asarray(host(x)))
+    return f"{arr.dtype}{list(arr.shape)}:{hashlib.sha256(arr.tobytes()).hexdigest()[:16]}"
+
+
 def _describe(algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, data: FederatedData, lm,
               model: ModelInputs) -> dict[str, str]:
     """What identifies a run for resuming (everything but the round count, the mesh and the I/O)."""
@@ -327,7 +337,8 @@ def _describe(algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, 
     desc = {"algorithm": algo.name, "eval_every": eval_every, "key": np.asarray(host(key_data)).tolist(),
             "backbone": f"{lm.name} {lm.config!r}", "data_shape": list(np.shape(data.train.input_ids)),
             "client_counts_sum": None if counts is None else int(np.sum(counts)),
-            "projection_shape": None if model.projection is None else list(np.shape(model.projection))}
+            "projection_shape": None if model.projection is None else list(np.shape(model.projection)),
+            "prompt_start": _fingerprint(getattr(model, "start", None))}
     desc.update({f"config.{f.name}": getattr(algo.config, f.name) for f in dataclasses.fields(algo.config)})
     desc.update({f"hp.{k}": float(np.asarray(v)) for k, v in dataclasses.asdict(host(hp)).items()})
     return {k: repr(v) for k, v in desc.items()}
