@@ -186,11 +186,15 @@ def cmd_bbt(args) -> int:
 
     from . import bbt as bbt_lib
 
-    cfg = bbt_lib.BBTConfig(intrinsic_dim=args.d, n_prompt_tokens=args.n_prompt, population_size=args.population,
-                            num_generations=args.generations, sigma0=args.sigma0, loss=args.loss, layout=args.layout,
-                            eval_every=args.eval_every)  # validated before anything is loaded
+    def config(n_prompt: int):
+        return bbt_lib.BBTConfig(intrinsic_dim=args.d, n_prompt_tokens=n_prompt, population_size=args.population,
+                                 num_generations=args.generations, sigma0=args.sigma0, loss=args.loss,
+                                 layout=args.layout, eval_every=args.eval_every)
+
+    config(args.n_prompt or 1)  # validated before anything is loaded (n may come from the prompt start)
     lm = _load(args)
     _n_prompt(args, lm)
+    cfg = config(args.n_prompt)
     fed = _data(args, lm, num_clients=1, alpha=None)
     train = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], fed.train)
     result = bbt_lib.tune(jax.random.key(args.seed), lm, train, fed.spec, cfg, dev=fed.dev,

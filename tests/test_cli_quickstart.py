@@ -19,12 +19,14 @@ def tiny_lm():
 
 
 def test_cli_simulate_end_to_end(tiny_lm, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(fb.models, "load", lambda name: tiny_lm)
+    asked = {}
+    monkeypatch.setattr(fb.models, "load", lambda name, **kw: asked.update(kw) or tiny_lm)
     rc = cli.main(["simulate", "--task", "sst2", "--clients", "4", "--per-round", "2", "--rounds", "2",
+                   "--compute-dtype", "float32",
                    "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4", "--local-generations", "2",
                    "--test-size", "24", "--no-progress", "--results-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert rc == 0
+    assert rc == 0 and asked == {"compute_dtype": "float32"}
     assert re.search(r"per round: \d+ model forward calls over local batches, [0-9.]+ TFLOP", out), out
     m = re.search(r"manual prompt: ([0-9.]+)\s+z=0: ([0-9.]+)\s+final \(round 2\): ([0-9.]+)\s+"
                   r"dev-selected \(round (\d), dev ([0-9.]+)\): ([0-9.]+)", out)
@@ -56,7 +58,7 @@ SMALL = ["--task", "sst2", "--clients", "4", "--rounds", "2", "--shots", "4", "-
 
 
 def test_cli_baseline_and_stabiliser_flags(tiny_lm, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(fb.models, "load", lambda name: tiny_lm)
+    monkeypatch.setattr(fb.models, "load", lambda name, **kw: tiny_lm)
     rc = cli.main(["simulate", *SMALL, "--algorithm", "fedavg_bbt", "--fedavg-perturb", "--norm-clip",
                    "--sigma-schedule", "clamp", "--save-uploads", str(tmp_path / "up"),
                    "--results-dir", str(tmp_path)])
@@ -70,7 +72,7 @@ def test_cli_baseline_and_stabiliser_flags(tiny_lm, monkeypatch, tmp_path, capsy
 
 
 def test_cli_tunes_fedprompt_learning_rate_on_dev(tiny_lm, monkeypatch, capsys):
-    monkeypatch.setattr(fb.models, "load", lambda name: tiny_lm)
+    monkeypatch.setattr(fb.models, "load", lambda name, **kw: tiny_lm)
     rc = cli.main(["simulate", *SMALL, "--algorithm", "fedprompt", "--tune-lr", "--lr-grid", "0.001,0.1"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -83,7 +85,7 @@ def test_cli_tunes_fedprompt_learning_rate_on_dev(tiny_lm, monkeypatch, capsys):
 
 
 def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
-    monkeypatch.setattr(fb.models, "load", lambda name: tiny_lm)
+    monkeypatch.setattr(fb.models, "load", lambda name, **kw: tiny_lm)
     rc = cli.main(["bbt", "--task", "sst2", "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4",
                    "--generations", "4", "--eval-every", "2", "--test-size", "16", "--no-progress"])
     assert rc == 0
@@ -106,7 +108,7 @@ def test_cli_bad_input_is_a_clear_error(capsys):
     (["bbt", "--sigma0", "1e20"], r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+20"),
 ])
 def test_cli_absurd_hyperparameters_fail_before_running(argv, match, capsys, monkeypatch):
-    def no_load(name):
+    def no_load(name, **kw):
         raise AssertionError("the model must not be loaded for a bad hyperparameter")
 
     monkeypatch.setattr(fb.models, "load", no_load)

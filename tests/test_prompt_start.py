@@ -303,7 +303,7 @@ def test_dev_split_too_small_names_the_shots_and_what_fits():
 # Command line
 # ------------------------------------------------------------------------------------------------
 def test_cli_prompt_start_template_and_errors(dec_lm, monkeypatch, capsys):
-    monkeypatch.setattr(fb.models, "load", lambda name: dec_lm)
+    monkeypatch.setattr(fb.models, "load", lambda name, **kw: dec_lm)
     rc = cli.main(["simulate", "--prompt-start", "ones", "--no-progress"])
     assert rc == 2 and "unknown prompt start 'ones'; accepted: zeros" in capsys.readouterr().err
     rc = cli.main(["simulate", "--task", "sst2", "--prompt-start", "phrase: In short", "--n-prompt", "5",
