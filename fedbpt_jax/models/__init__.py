@@ -59,7 +59,7 @@ def _load_hf_dir(directory: Path, name: str, compute_dtype: str) -> LanguageMode
     return LanguageModel(name=name, kind=kind, config=config, params=params, tokenizer=tokenizer, module=None)
 
 
-def load(name_or_path: str = DEFAULT_MODEL, *, compute_dtype: str = "auto") -> LanguageModel:
+def load(name_or_path: str = DEFAULT_MODEL, *, compute_dtype: str = "float32") -> LanguageModel:
     """Loads a frozen backbone.
 
     Args:
@@ -67,9 +67,11 @@ def load(name_or_path: str = DEFAULT_MODEL, *, compute_dtype: str = "auto") -> L
         a hub id (``"org/model"``, needs the model hub), a local directory in the HF layout
         (``config.json`` + ``model.safetensors`` or sharded with ``model.safetensors.index.json``, plus
         tokenizer files), or a ``.gguf`` file.
-      compute_dtype: ``"auto"`` (default: bfloat16 on GPU/TPU, and on a CPU whose bfloat16 matmul is
-        measured to be clearly faster; float32 otherwise, see :func:`precision.resolve`), ``"float32"``
-        or ``"bfloat16"``. The resolved value is ``lm.config.compute_dtype``.
+      compute_dtype: ``"float32"`` (default), ``"bfloat16"``, or ``"auto"``: the faster of the two on
+        this backend (bfloat16 on GPU/TPU, and on a CPU whose bfloat16 matmul is measured to be clearly
+        faster; see :func:`precision.resolve`). float32 is the default because bfloat16 measurably
+        changes the candidate ranking CMA-ES sees near a tuned prompt (``benchmarks/README.md``,
+        precision section). The resolved value is ``lm.config.compute_dtype``.
 
     Raises:
       ValueError: an unknown name or compute dtype, or a checkpoint whose tensors do not match its config.

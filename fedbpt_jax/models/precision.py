@@ -10,10 +10,11 @@ A backbone config carries ``compute_dtype`` (``"float32"`` or ``"bfloat16"``). W
   everything in the CMA-ES (it never sees the backbone's dtype);
 * the decoder's cached keys/values are stored in bfloat16 (they only ever feed a bfloat16 matmul).
 
-``"auto"`` decides at run time from what the backend offers (:func:`resolve`): bfloat16 on GPU and TPU
-(their native matmul rate), and on a CPU only where a short probe measures bfloat16 matmuls to be
-clearly faster than float32 ones (true of CPUs with AMX; an AVX-512-BF16 CPU measured here ran XLA's
-bfloat16 dot at ~0.7x the float32 rate, an AVX2 CPU slower still). The probe runs once per process.
+``"auto"`` (opt-in; the loaders default to float32) decides at run time from what the backend offers
+(:func:`resolve`): bfloat16 on GPU and TPU (their native matmul rate), and on a CPU only where a short
+probe measures bfloat16 matmuls to be clearly faster than float32 ones (on the AVX-512-BF16 CPU of the
+benchmarks, XLA's bfloat16 dot ran at ~0.7x the float32 rate, so "auto" means float32 there). The probe
+runs once per process. Why float32 is the default: ``benchmarks/README.md``, precision section.
 
 Example::
 
