@@ -32,7 +32,7 @@ def _common(p: argparse.ArgumentParser, *, shots: int, n_prompt: int, d: int, te
                    help="matmul precision of the backbone (default: %(default)s): 'bfloat16' stores weights and "
                         "feeds matmuls in bfloat16 with float32 accumulation; 'auto' picks the faster of the two "
                         "here (bfloat16 on GPU/TPU and on CPUs whose bfloat16 matmuls measure clearly faster). "
-                        "bfloat16 perturbs fitness by ~1e-3 relative, enough to reorder close candidates")
+                        "bfloat16 changes fitness by ~1%% relative, enough to reorder close candidates")
     p.add_argument("--task", default="rotten_tomatoes", help="task name (default: %(default)s, embedded data)")
     p.add_argument("--data", default=None,
                    help="data source: a folder like ../shared/data, a csv/tsv/json/parquet file, a hub name, "
