@@ -32,10 +32,10 @@ partition = "dirichlet:1.0"
 
 [axes]
 seed = [0]
-method = [{{ label = "fedbpt", algorithm = "fedbpt" }}, {{ label = "fedavg_bbt", algorithm = "fedavg_bbt" }}]
+method = [{{ label = "fedbpt", algorithm = "fedbpt" }}, {{ label = "manual", algorithm = "manual" }}]
 
 [report]
-pairs = [["fedbpt", "fedavg_bbt"]]
+pairs = [["fedbpt", "manual"]]
 """
 
 
@@ -85,10 +85,10 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     # The report: table, JSON with paired differences, plots.
     assert grid.main(["report", str(full)]) == 0
     rep = json.loads((full / "report" / "report.json").read_text())
-    assert {g["label"] for g in rep["groups"]} == {"fedbpt", "fedavg_bbt"}
+    assert {g["label"] for g in rep["groups"]} == {"fedbpt", "manual"}
     assert all(g["final"]["n"] == 1 and g["precision"] == "float32" for g in rep["groups"])
     (pair,) = rep["pairs"]
-    assert (pair["a"], pair["b"]) == ("fedbpt", "fedavg_bbt")
+    assert (pair["a"], pair["b"]) == ("fedbpt", "manual")
     assert pair["figures"]["final"]["per_seed"][0] == pytest.approx(
         a["evals"][-1]["accuracy"] - json.loads((full / [d.name for d in dirs if d.name != name][0] / "metrics.json")
                                                  .read_text())["evals"][-1]["accuracy"])
@@ -99,7 +99,7 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
 
 
 def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
-    text = BASE.replace('{{ label = "fedavg_bbt", algorithm = "fedavg_bbt" }}',
+    text = BASE.replace('{{ label = "manual", algorithm = "manual" }}',
                         '{{ label = "bad", algorithm = "fedavg_bbt", algorithm_options = {{ no_such_option = true }} }}')
     g = _grid_file(tmp_path, 1, text=text)
     out = tmp_path / "out"
