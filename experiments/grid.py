@@ -98,11 +98,13 @@ SETTINGS: dict[str, Any] = {
     "rounds": 15,
     "eval_every": 1,
     "dev_selection": "auto",          # auto (when run() supports it) | true (required) | false
+    "eval_cache_gb": 4.0,             # keep the test/dev prefix caches when they fit (SmolLM2, 872 SST-2: 2.5 GiB)
     "seed": 0,
 }
-#: Settings that do not change what a run computes up to its last round: left out of the run's hash, so a
-#: grid can ask for more rounds later and the finished runs resume from their checkpoints.
-NOT_IN_HASH = ("rounds",)
+#: Settings that do not change what a run computes up to its last round (the prefix cache changes only the
+#: evaluation's speed): left out of the run's hash, so a grid can ask for more rounds later and the finished
+#: runs resume from their checkpoints.
+NOT_IN_HASH = ("rounds", "eval_cache_gb")
 SECTIONS = ("grid", "base", "axes", "report")
 
 
@@ -243,6 +245,8 @@ def check_settings(s: dict) -> None:
              f"{k} must be a non-negative integer, got {s[k]!r}")
     for k in ("test_size", "n_prompt", "per_round"):
         need(s[k] is None or (isinstance(s[k], int) and s[k] > 0), f"{k} must be a positive integer or null, got {s[k]!r}")
+    need(isinstance(s["eval_cache_gb"], (int, float)) and not isinstance(s["eval_cache_gb"], bool)
+         and s["eval_cache_gb"] >= 0, f"eval_cache_gb must be a number >= 0, got {s['eval_cache_gb']!r}")
     need(s["dev_selection"] in ("auto", True, False),
          f"dev_selection {s['dev_selection']!r}; accepted: 'auto', true, false")
     need(isinstance(s["perturb"], bool), f"perturb must be true or false, got {s['perturb']!r}")
@@ -522,7 +526,7 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     write_json_atomic(d / "config.json", effective)
     write_json_atomic(d / "status.json", {"state": "running", "started": t0, "from_round": seen})
     kw = dict(num_rounds=s["rounds"], hp=hp, eval_every=s["eval_every"], checkpoint_dir=d / "ckpt",
-              results_dir=d, progress=False)
+              results_dir=d, progress=False, eval_cache_budget=int(s["eval_cache_gb"] * 2**30))
     if dev:
         kw["dev"] = fed.dev
     watcher = Watcher(d, run["dirname"][:40], seen)
@@ -602,6 +606,10 @@ def cmd_run(args) -> int:
                                                   "traceback": traceback.format_exc(), "settings": r["settings"],
                                                   "labels": r["labels"], "run_id": r["run_id"]})
             print(f"{tag}: FAILED: {type(err).__name__}: {err}", flush=True)
+    if args.dry_run:
+        print(f"grid {grid['name']}: dry run, {counts['skipped']} of {len(selected)} selected run(s) already finished",
+              flush=True)
+        return 0
     print(f"grid {grid['name']}: {counts['finished']} finished now, {counts['skipped']} already finished, "
           f"{counts['failed']} failed", flush=True)
     return 1 if counts["failed"] else 0
