@@ -428,6 +428,17 @@ def resolve_start(s: dict, lm):
 
 
 def _git_commit() -> str | None:
+    """The commit this process started from (read once: later commits do not change the code it runs)."""
+    global _COMMIT
+    if _COMMIT is None:
+        _COMMIT = _read_commit() or "unknown"
+    return _COMMIT
+
+
+_COMMIT = None
+
+
+def _read_commit() -> str | None:
     import subprocess
 
     try:
@@ -566,6 +577,7 @@ def cmd_run(args) -> int:
                                               "source": Path(args.grid).name, "base": grid["base"]})
     print(f"grid {grid['name']}: {len(runs)} runs, {len(selected)} selected, output {out}", flush=True)
     ctx = CONTEXT
+    _git_commit()
     started = 0
     counts = {"finished": 0, "skipped": 0, "failed": 0}
     for i, r in enumerate(selected, 1):
