@@ -142,3 +142,34 @@ def test_bad_json_and_filters(tmp_path, capsys):
     assert "unknown key 'colour'" in capsys.readouterr().err
     assert grid.main(["run", str(p), "--dry-run", "--only", "seed=1"]) == 0
     assert "2 runs, 1 selected" in capsys.readouterr().out
+
+
+def test_report_figures_from_either_metrics_layout():
+    """Today's metrics.json (best by test) and one with dev evaluations and run()'s own selection fields."""
+    old = {"evals": [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": 0.7}, {"round": 2, "accuracy": 0.6}],
+           "best_accuracy": 0.7, "best_round": 1}
+    f = grid.run_figures(old)
+    assert (f["initial"], f["final"], f["best_on_test"]) == (0.5, 0.6, 0.7) and "dev_selected" not in f
+    new = {"evals": [{"round": 0, "accuracy": 0.5, "dev_accuracy": 0.6},
+                     {"round": 1, "accuracy": 0.7, "dev_accuracy": 0.6},      # tie on dev: the earlier round wins
+                     {"round": 2, "accuracy": 0.55, "dev_accuracy": float("nan")}],
+           "best_test_reference": 0.7}
+    f = grid.run_figures(new)
+    assert (f["final"], f["dev_selected"], f["dev_selected_round"], f["best_on_test"]) == (0.55, 0.5, 0, 0.7)
+    f = grid.run_figures({**new, "selection_rule": "dev accuracy, ties to the earliest round", "selected_round": 1,
+                          "selected_test_accuracy": 0.7})
+    assert (f["dev_selected"], f["dev_selected_round"]) == (0.7, 1)  # run()'s own selection when it recorded one
+
+
+def test_paired_differences_and_the_detectable_effect():
+    a = {0: 0.80, 1: 0.82, 2: 0.84}
+    b = {0: 0.78, 1: 0.81, 2: 0.80, 3: 0.5}  # seed 3 has no partner: left out
+    p = grid._paired(a, b)
+    assert p["seeds"] == [0, 1, 2] and p["per_seed"] == pytest.approx([0.02, 0.01, 0.04])
+    sd = float(__import__("numpy").std([0.02, 0.01, 0.04], ddof=1))
+    assert p["std"] == pytest.approx(sd) and p["detectable_2se"] == pytest.approx(2 * sd / 3 ** 0.5)
+    assert p["ci95_halfwidth"] == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-5)
+    assert p["verdict"] == "inconclusive"  # mean 0.0233 < 4.30 · 0.0088, though > 2 · 0.0088
+    assert grid._paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.78, 1: 0.789, 2: 0.798})["verdict"] == "A > B"
+    assert grid._paired({0: 0.8, 1: 0.7}, {0: 0.7, 1: 0.8})["verdict"] == "inconclusive"
+    assert grid._paired({0: 0.8}, {0: 0.7})["verdict"] == "n/a (one seed)"
