@@ -575,7 +575,7 @@ def cmd_run(args) -> int:
         write_json_atomic(out / "grid.json", {"name": grid["name"], "description": grid["description"],
                                               "axes": [a for a, _ in grid["axes"]], "pairs": grid["pairs"],
                                               "source": Path(args.grid).name, "base": grid["base"]})
-    print(f"grid {grid['name']}: {len(runs)} runs, {len(selected)} selected, output {out}", flush=True)
+    print(f"grid {grid['name']}: {len(runs)} runs, {len(selected)} selected, output {_portable(str(out))}", flush=True)
     ctx = CONTEXT
     _git_commit()
     started = 0
@@ -615,7 +615,7 @@ def cmd_run(args) -> int:
 
             d.mkdir(parents=True, exist_ok=True)
             write_json_atomic(d / "status.json", {"state": "failed", "error": f"{type(err).__name__}: {err}",
-                                                  "traceback": traceback.format_exc(), "settings": r["settings"],
+                                                  "traceback": _portable(traceback.format_exc()), "settings": r["settings"],
                                                   "labels": r["labels"], "run_id": r["run_id"]})
             print(f"{tag}: FAILED: {type(err).__name__}: {err}", flush=True)
     if args.dry_run:
@@ -625,6 +625,13 @@ def cmd_run(args) -> int:
     print(f"grid {grid['name']}: {counts['finished']} finished now, {counts['skipped']} already finished, "
           f"{counts['failed']} failed", flush=True)
     return 1 if counts["failed"] else 0
+
+
+def _portable(text: str) -> str:
+    """``text`` with this machine's repository and Python prefixes shortened, for files that get committed."""
+    for prefix, short in ((sys.prefix, "<python>"), (sys.base_prefix, "<python>"), (str(HERE.parent), ".")):
+        text = text.replace(prefix.rstrip("/") + "/", short + "/")
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
