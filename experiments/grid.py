@@ -253,6 +253,18 @@ def check_settings(s: dict) -> None:
     need(not (s["perturb"] and float(s["perturb_rate"]) == 0.0),
          "perturb = true with perturb_rate = 0 makes every fitness exactly 1 (the perturbed copy is the clean "
          "one): the paper's r_p = 0 is perturb = false")
+    import fedbpt_jax as fb
+
+    try:  # the library's own checks of the names and numbers (loss, server_variant, client_keys, rates, ...)
+        fb.FedConfig(num_clients=s["clients"], clients_per_round=s["per_round"] or s["clients"],
+                     population_size=s["population"], local_generations=s["local_generations"], intrinsic_dim=s["d"],
+                     n_prompt_tokens=s["n_prompt"] or 1, loss=s["loss"], perturb=s["perturb"],
+                     fitness_form=s["fitness_form"], server_variant=s["server_variant"], client_keys=s["client_keys"],
+                     layout=s["layout"], chunk_clients=s["chunk_clients"])
+        fb.HParams(sigma0=s["sigma0"], perturb_rate=s["perturb_rate"], dropout_rate=s["dropout"],
+                   learning_rate=s["learning_rate"]).validate()
+    except (ValueError, TypeError) as err:
+        raise GridError(str(err)) from None
 
 
 def parse_partition(p) -> float | None:

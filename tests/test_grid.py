@@ -124,6 +124,7 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
     ("[axes]\nalgorithm = ['fedbpt', 'fedsgd']\n", "unknown algorithm 'fedsgd'"),
     ("[base]\npartition = 'dirichlet'\n", "partition 'dirichlet'"),
     ("[base]\nperturb_rate = 0.0\n", "perturb = false"),
+    ("[axes]\nserver_variant = ['reference', 'papr']\n", "unknown server_variant 'papr'"),
 ])
 def test_bad_grid_files_are_clear_errors(tmp_path, capsys, text, message):
     p = tmp_path / "bad.toml"
