@@ -454,8 +454,8 @@ def _read_commit() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedbpt_jax"], cwd=HERE, capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedbpt_jax"], cwd=HERE.parent, capture_output=True,
                                text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("+uncommitted changes in fedbpt_jax" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
