@@ -1,0 +1,975 @@
+"""Resumable grid driver for the paper-claim experiments, and its report.
+
+A *grid* is a base configuration plus axes (algorithm × partition × seed × task/template × any other
+setting), declared in a small TOML or JSON file (``experiments/grids/*.toml``). Every point of the grid is
+one :func:`fedbpt_jax.run` simulation in its own directory, named from its configuration (a readable
+prefix and a hash), holding ``config.json`` (the effective configuration), ``status.json``,
+``metrics.json``, ``rounds.csv`` and ``ckpt/`` (orbax checkpoints, git-ignored). Re-running the same
+grid skips every run whose ``metrics.json`` already reaches the requested rounds and resumes an
+interrupted one from its checkpoint (bit-identical to an uninterrupted run); a run that fails is
+recorded in its ``status.json`` and the grid goes on.
+
+Usage::
+
+    python experiments/grid.py run experiments/grids/sst2_noniid.toml --dry-run     # list the runs
+    python experiments/grid.py run experiments/grids/sst2_noniid.toml --only seed=0 --max-runs 3
+    python experiments/grid.py run experiments/grids/sst2_noniid.toml               # the rest (resumes)
+    python experiments/grid.py report experiments/results/grid_sst2_noniid           # tables and plots
+
+A run is the same simulation as ``fedbpt-jax simulate`` with the same settings: ``seed`` drives the few-shot
+draw, the partition and the keys (``key_projection, key_run = split(key(seed))``), so runs that differ only
+in the algorithm share data, projection and round keys (a paired design over seeds).
+
+Grid file (TOML; JSON with the same structure also works)::
+
+    [grid]
+    name = "sst2_noniid"                 # output folder: experiments/results/grid_<name>
+    description = "..."
+
+    [base]                               # any setting (see SETTINGS), for every run
+    rounds = 15
+    partition = "dirichlet:1.0"
+
+    [axes]                               # the cartesian product of these lists
+    seed = [0, 1, 2]                     # an axis named after a setting: its values
+    method = [                           # any other name: tables of settings, each with a label
+      { label = "fedbpt", algorithm = "fedbpt" },
+      { label = "fedavg_bbt_perturb", algorithm = "fedavg_bbt", algorithm_options = { perturb = true } },
+    ]
+
+    [report]
+    pairs = [["fedbpt", "fedavg_bbt_perturb"]]     # paired per-seed differences A − B (labels)
+
+Runs are ordered seed first, so ``--max-runs`` takes every configuration's first seed before any second seed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import inspect
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+#: Every setting a run has, with its default. A grid's [base] and axes may set any of them, nothing else.
+SETTINGS: dict[str, Any] = {
+    "algorithm": "fedbpt",            # fedbpt | fedavg_bbt | centralized_bbt | manual | fedprompt
+    "algorithm_options": {},          # keyword arguments of the algorithm's factory (checked against it)
+    "model": "smollm2-135m-instruct",  # registry name, hub id, local dir or .gguf; "tiny" = tiny random decoder
+    "compute_dtype": "float32",       # float32 | bfloat16 | auto (float32: bfloat16 measured slower on this CPU)
+    "task": "sst2",
+    "data": None,                     # data source (None: the package default, ../shared/data for sst2)
+    "style": None,                    # decoder template style: completion (None) | chat | bbt
+    "shots": 16,                      # few-shot examples per class, train (and as many dev)
+    "test_size": None,                # None: the full test split (872 SST-2 sentences)
+    "clients": 10,
+    "per_round": None,                # K clients a round (None: all)
+    "partition": "dirichlet:1.0",     # "iid" | "dirichlet:<alpha>"
+    "population": 5,                  # λ
+    "local_generations": 8,           # I
+    "d": 500,
+    "n_prompt": None,                 # None: the prompt start's token count, else 5
+    "prompt_start": "auto",           # auto | zeros | tokens:<ids> | phrase:<text> | <file>.npy
+    "layout": None,                   # decoders: after (None) | before
+    "loss": "ce",
+    "perturb": True,
+    "perturb_rate": 0.5,              # r_p
+    "fitness_form": "ratio_of_means",
+    "server_variant": "reference",
+    "client_keys": "independent",
+    "sigma0": 1.0,
+    "learning_rate": 0.3,             # FedPrompt's Adam learning rate
+    "dropout": 0.0,
+    "chunk_clients": 2,
+    "rounds": 15,
+    "eval_every": 1,
+    "dev_selection": "auto",          # auto (when run() supports it) | true (required) | false
+    "eval_cache_gb": 4.0,             # keep the test/dev prefix caches when they fit (SmolLM2, 872 SST-2: 2.5 GiB)
+    "seed": 0,
+}
+#: Settings that do not change what a run computes up to its last round (the prefix cache changes only the
+#: evaluation's speed): left out of the run's hash, so a grid can ask for more rounds later and the finished
+#: runs resume from their checkpoints.
+NOT_IN_HASH = ("rounds", "eval_cache_gb")
+SECTIONS = ("grid", "base", "axes", "report")
+
+
+class GridError(ValueError):
+    """A bad grid file or command-line value (the message names it and what is accepted)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Grid files
+
+
+def load_grid(path: str | Path) -> dict:
+    """Reads and checks a grid file (``.toml`` or ``.json``). Raises :class:`GridError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise GridError(f"grid file {str(path)!r} is not valid TOML: {err}") from None
+    elif path.suffix == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise GridError(f"grid file {str(path)!r} is not valid JSON: {err}") from None
+    else:
+        raise GridError(f"grid file {str(path)!r}: accepted extensions are .toml and .json")
+    return check_grid(raw, str(path))
+
+
+def _check_settings(table: dict, where: str) -> None:
+    for k, v in table.items():
+        if k not in SETTINGS:
+            raise GridError(f"{where}: unknown grid key {k!r}; accepted: {sorted(SETTINGS)}")
+        if k == "algorithm_options" and not isinstance(v, dict):
+            raise GridError(f"{where}: algorithm_options must be a table of keyword arguments, got {v!r}")
+
+
+def check_grid(raw: dict, origin: str = "grid") -> dict:
+    """Checks a parsed grid (unknown sections, keys, axes; labels) and returns it normalised:
+    ``{"name", "description", "base", "axes": [(name, [(label, overrides)])], "pairs"}``."""
+    if not isinstance(raw, dict):
+        raise GridError(f"{origin}: a grid is a table with sections {SECTIONS}")
+    for s in raw:
+        if s not in SECTIONS:
+            raise GridError(f"{origin}: unknown section [{s}]; accepted: {list(SECTIONS)}")
+    meta = raw.get("grid", {})
+    for k in meta:
+        if k not in ("name", "description"):
+            raise GridError(f"{origin}: unknown key {k!r} in [grid]; accepted: ['description', 'name']")
+    name = meta.get("name") or Path(origin).stem
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", str(name)):
+        raise GridError(f"{origin}: grid name {name!r} may hold only letters, digits, '.', '_' and '-'")
+    base = dict(raw.get("base", {}))
+    _check_settings(base, f"{origin} [base]")
+    axes = []
+    for axis, values in raw.get("axes", {}).items():
+        where = f"{origin} [axes] {axis}"
+        if not isinstance(values, list) or not values:
+            raise GridError(f"{where}: an axis is a non-empty list, got {values!r}")
+        points = []
+        for v in values:
+            if isinstance(v, dict):
+                v = dict(v)
+                label = v.pop("label", None)
+                if not isinstance(label, str) or not label:
+                    raise GridError(f"{where}: a table value needs a non-empty string 'label', got {label!r}")
+                _check_settings(v, f"{where} (label {label!r})")
+                points.append((label, v))
+            elif axis in SETTINGS:
+                points.append((_scalar_label(axis, v), {axis: v}))
+            else:
+                raise GridError(f"{where}: unknown grid key {axis!r} (an axis named after a setting takes "
+                                f"values; any other axis takes tables with a 'label'); accepted settings: "
+                                f"{sorted(SETTINGS)}")
+        labels = [p[0] for p in points]
+        if len(set(labels)) != len(labels):
+            raise GridError(f"{where}: duplicate labels {labels}")
+        axes.append((axis, points))
+    report = raw.get("report", {})
+    for k in report:
+        if k != "pairs":
+            raise GridError(f"{origin}: unknown key {k!r} in [report]; accepted: ['pairs']")
+    pairs = report.get("pairs", [])
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+        raise GridError(f"{origin} [report] pairs: a list of [label_a, label_b] pairs, got {pairs!r}")
+    return {"name": str(name), "description": meta.get("description", ""), "base": base, "axes": axes,
+            "pairs": [list(p) for p in pairs]}
+
+
+def _scalar_label(axis: str, v) -> str:
+    if axis == "seed":
+        return f"s{v}"
+    if axis in ("algorithm", "partition", "task", "style", "prompt_start", "model"):
+        return str(v)
+    return f"{axis}={v}"
+
+
+def expand(grid: dict) -> list[dict]:
+    """The grid's runs: ``{"settings", "labels", "run_id", "dirname"}``, seed varying slowest."""
+    axes = grid["axes"]
+    runs = []
+    for combo in itertools.product(*[points for _, points in axes]):
+        settings = copy.deepcopy(SETTINGS)
+        settings.update(copy.deepcopy(grid["base"]))
+        labels = {}
+        for (axis, _), (label, overrides) in zip(axes, combo):
+            settings.update(copy.deepcopy(overrides))
+            labels[axis] = label
+        runs.append({"settings": settings, "labels": labels})
+    runs.sort(key=lambda r: _seed_order(r["settings"]["seed"]))  # stable: declared order within a seed
+    return runs
+
+
+def _seed_order(seed):
+    return (0, seed) if isinstance(seed, int) else (1, str(seed))
+
+
+def check_settings(s: dict) -> None:
+    """Value checks that need no model (types, choices): raises :class:`GridError` naming the value."""
+    def need(cond, msg):
+        if not cond:
+            raise GridError(msg)
+
+    from fedbpt_jax.federated.algorithms import ALGORITHMS
+
+    need(s["algorithm"] in ALGORITHMS, f"unknown algorithm {s['algorithm']!r}; accepted: {sorted(ALGORITHMS)}")
+    need(s["compute_dtype"] in ("float32", "bfloat16", "auto"),
+         f"compute_dtype {s['compute_dtype']!r}; accepted: ['auto', 'bfloat16', 'float32']")
+    parse_partition(s["partition"])
+    for k in ("shots", "clients", "population", "local_generations", "d", "rounds", "eval_every", "seed",
+              "chunk_clients"):
+        need(isinstance(s[k], int) and not isinstance(s[k], bool) and s[k] >= 0,
+             f"{k} must be a non-negative integer, got {s[k]!r}")
+    for k in ("test_size", "n_prompt", "per_round"):
+        need(s[k] is None or (isinstance(s[k], int) and s[k] > 0), f"{k} must be a positive integer or null, got {s[k]!r}")
+    need(isinstance(s["eval_cache_gb"], (int, float)) and not isinstance(s["eval_cache_gb"], bool)
+         and s["eval_cache_gb"] >= 0, f"eval_cache_gb must be a number >= 0, got {s['eval_cache_gb']!r}")
+    need(s["dev_selection"] in ("auto", True, False),
+         f"dev_selection {s['dev_selection']!r}; accepted: 'auto', true, false")
+    need(isinstance(s["perturb"], bool), f"perturb must be true or false, got {s['perturb']!r}")
+    need(not (s["perturb"] and float(s["perturb_rate"]) == 0.0),
+         "perturb = true with perturb_rate = 0 makes every fitness exactly 1 (the perturbed copy is the clean "
+         "one): the paper's r_p = 0 is perturb = false")
+    import fedbpt_jax as fb
+
+    try:  # the library's own checks of the names and numbers (loss, server_variant, client_keys, rates, ...)
+        fb.FedConfig(num_clients=s["clients"], clients_per_round=s["per_round"] or s["clients"],
+                     population_size=s["population"], local_generations=s["local_generations"], intrinsic_dim=s["d"],
+                     n_prompt_tokens=s["n_prompt"] or 1, loss=s["loss"], perturb=s["perturb"],
+                     fitness_form=s["fitness_form"], server_variant=s["server_variant"], client_keys=s["client_keys"],
+                     layout=s["layout"], chunk_clients=s["chunk_clients"])
+        fb.HParams(sigma0=s["sigma0"], perturb_rate=s["perturb_rate"], dropout_rate=s["dropout"],
+                   learning_rate=s["learning_rate"]).validate()
+    except (ValueError, TypeError) as err:
+        raise GridError(str(err)) from None
+
+
+def parse_partition(p) -> float | None:
+    """``"iid"`` → None; ``"dirichlet:<alpha>"`` → alpha."""
+    if p == "iid":
+        return None
+    if isinstance(p, str) and p.startswith("dirichlet:"):
+        try:
+            alpha = float(p.split(":", 1)[1])
+        except ValueError:
+            alpha = -1.0
+        if alpha > 0 and math.isfinite(alpha):
+            return alpha
+    raise GridError(f"partition {p!r}; accepted: 'iid' or 'dirichlet:<alpha>' with alpha > 0 (e.g. 'dirichlet:1.0')")
+
+
+def run_supports_dev() -> bool:
+    import fedbpt_jax as fb
+
+    return "dev" in inspect.signature(fb.run).parameters
+
+
+def resolve_dev_selection(value) -> bool:
+    supported = run_supports_dev()
+    if value is True and not supported:
+        raise GridError("dev_selection = true, but this version of fedbpt_jax.run has no dev-set selection "
+                        "(no 'dev' argument): use 'auto' or false")
+    return supported if value == "auto" else bool(value)
+
+
+def identify(run: dict) -> None:
+    """Adds ``run_id`` (hash of the settings that change the computation) and ``dirname`` to ``run``."""
+    s = run["settings"]
+    ident = {k: v for k, v in s.items() if k not in NOT_IN_HASH}
+    ident["dev_selection"] = resolve_dev_selection(s["dev_selection"])
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    labels = [v for k, v in run["labels"].items() if k != "seed"] + [f"s{s['seed']}"]
+    prefix = "_".join(labels)
+    prefix = re.sub(r"[^A-Za-z0-9._=-]+", "-", prefix).strip("-")[:80]
+    run["run_id"] = digest
+    run["dirname"] = f"{prefix}-{digest}"
+
+
+def algorithm_options(name: str, options: dict) -> dict:
+    """The factory's keyword options with their defaults, overridden by ``options``; an option the factory
+    does not take is an error naming it and the accepted ones (never silently dropped)."""
+    from fedbpt_jax.federated.algorithms import ALGORITHMS
+
+    params = inspect.signature(ALGORITHMS[name]).parameters
+    accepted = {k: p.default for k, p in params.items()
+                if p.kind == inspect.Parameter.KEYWORD_ONLY and k not in ("mesh", "scorer")}
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise GridError(f"algorithm {name!r} has no option {', '.join(map(repr, unknown))}; accepted: "
+                        f"{sorted(accepted) or 'none'} (this version of fedbpt_jax)")
+    return {**{k: (None if v is inspect.Parameter.empty else v) for k, v in accepted.items()}, **options}
+
+
+def matches(run: dict, filters: list[tuple[str, list[str]]]) -> bool:
+    for key, values in filters:
+        if key in run["labels"] and run["labels"][key] in values:
+            continue
+        if key in run["settings"] and any(_same(run["settings"][key], v) for v in values):
+            continue
+        return False
+    return True
+
+
+def _same(setting, text: str) -> bool:
+    if isinstance(setting, bool) or setting is None:
+        return str(setting).lower() == text.lower() or (setting is None and text in ("null", "none"))
+    if isinstance(setting, (int, float)):
+        try:
+            return float(text) == float(setting)
+        except ValueError:
+            return False
+    return str(setting) == text
+
+
+def parse_filters(items: list[str], runs: list[dict]) -> list[tuple[str, list[str]]]:
+    known = set(SETTINGS) | {a for r in runs for a in r["labels"]}
+    out = []
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise GridError(f"--only {item!r}: expected key=value (several values: key=v1,v2)")
+        if key not in known:
+            raise GridError(f"--only {item!r}: unknown key {key!r}; accepted: axes {sorted(known - set(SETTINGS))} "
+                            f"or settings {sorted(SETTINGS)}")
+        out.append((key, value.split(",")))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+def is_finished(run_dir: Path, rounds: int) -> tuple[bool, int]:
+    """(finished, last evaluated round) from ``metrics.json``."""
+    try:
+        m = json.loads((run_dir / "metrics.json").read_text())
+        last = int(m["evals"][-1]["round"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
+        return False, 0
+    return last >= rounds, last
+
+
+class Context:
+    """Caches across the runs of one process: the backbone per (model, dtype), data per data settings."""
+
+    def __init__(self):
+        self.models: dict = {}
+        self.data: dict = {}
+        self.algos: dict = {}
+
+    def algorithm(self, name: str, cfg, lm, options: dict):
+        """One algorithm object per (name, config, options): runs differing only in seed (or data) reuse
+        its compiled segment (``run`` caches the jitted segment per algorithm object)."""
+        import fedbpt_jax as fb
+
+        key = (name, cfg, json.dumps(options, sort_keys=True, default=str), id(lm))
+        if key not in self.algos:
+            self.algos[key] = fb.make(name, cfg, lm, **options)
+        return self.algos[key]
+
+    def model(self, name: str, dtype: str):
+        key = (name, dtype)
+        if key not in self.models:
+            import fedbpt_jax as fb
+
+            if name == "tiny":
+                sys.path.insert(0, str(HERE.parent / "tests"))
+                from tokenizers_util import chatml_tokenizer
+
+                lm = fb.testing.tiny_decoder(0, num_layers=1, tokenizer=chatml_tokenizer())
+            else:
+                lm = fb.models.load(name, compute_dtype=dtype)
+            self.models = {key: lm}  # one backbone in memory at a time
+            self.algos = {}
+        return self.models[key]
+
+    def federated(self, s: dict, lm, n_prompt: int):
+        import fedbpt_jax as fb
+
+        key = (s["model"], s["task"], s["data"], s["style"], s["shots"], s["test_size"], s["clients"],
+               s["partition"], s["seed"], n_prompt)
+        if key not in self.data:
+            fed = fb.data.federated(s["task"], lm.tokenizer, lm.kind, num_clients=s["clients"],
+                                    shots_per_class=s["shots"], alpha=parse_partition(s["partition"]), seed=s["seed"],
+                                    n_prompt=n_prompt, source=s["data"], style=s["style"], test_size=s["test_size"],
+                                    max_positions=getattr(lm.config, "max_position_embeddings", None))
+            self.data = {key: fed}
+        return self.data[key]
+
+
+CONTEXT = Context()
+
+
+def resolve_start(s: dict, lm):
+    """(PromptStart, n_prompt) as the CLI resolves them; ``auto`` with a conflicting n_prompt is an error."""
+    from fedbpt_jax import prompt, tasks
+
+    option = s["prompt_start"]
+    if option == "auto":
+        option = (tasks.get(s["task"]).decoder_prompt_start if lm.kind == "decoder" else None) or "zeros"
+        length = prompt.start_length(option, lm.tokenizer)
+        if s["n_prompt"] is not None and length is not None and s["n_prompt"] != length:
+            raise GridError(f"prompt_start 'auto' is {option!r} ({length} tokens) but n_prompt = {s['n_prompt']}: "
+                            "set prompt_start explicitly or n_prompt = null")
+    start = prompt.parse_start(option)
+    n = s["n_prompt"] or prompt.start_length(start, lm.tokenizer) or 5
+    return start, n
+
+
+def _git_commit() -> str | None:
+    """The commit this process started from (read once: later commits do not change the code it runs)."""
+    global _COMMIT
+    if _COMMIT is None:
+        _COMMIT = _read_commit() or "unknown"
+    return _COMMIT
+
+
+_COMMIT = None
+
+
+def _read_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedbpt_jax"], cwd=HERE.parent, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+uncommitted changes in fedbpt_jax" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Watcher(threading.Thread):
+    """Prints a line per new evaluation that :func:`fedbpt_jax.run` writes to ``metrics.json``."""
+
+    def __init__(self, run_dir: Path, tag: str, seen: int, interval: float = 5.0):
+        super().__init__(daemon=True)
+        self.path, self.tag, self.seen, self.interval = run_dir / "metrics.json", tag, seen, interval
+        self.stop = threading.Event()
+
+    def poll(self):
+        try:
+            m = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        rows = {r["round"]: r for r in m.get("rounds", [])}
+        for ev in m.get("evals", []):
+            if ev["round"] <= self.seen:
+                continue
+            r = rows.get(ev["round"], {})
+            dev = f" dev {ev['dev_accuracy']:.4f}" if "dev_accuracy" in ev else ""
+            loss = r.get("client_loss")
+            extra = "" if not r else (f" loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "") + \
+                f" σ {r.get('sigma', float('nan')):.3f} {r.get('seconds', float('nan')):.1f}s/round"
+            print(f"    {self.tag} round {ev['round']:3d}: test {ev['accuracy']:.4f}{dev}{extra}", flush=True)
+            self.seen = ev["round"]
+
+    def run(self):
+        while not self.stop.wait(self.interval):
+            self.poll()
+
+    def finish(self):
+        self.stop.set()
+        self.join()
+        self.poll()
+
+
+def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
+    """Runs (or resumes) one grid point; returns its status record."""
+    import jax
+
+    import fedbpt_jax as fb
+    from fedbpt_jax.checkpoint import write_json_atomic
+
+    s = run["settings"]
+    d = out / run["dirname"]
+    t0 = time.time()
+    d.mkdir(parents=True, exist_ok=True)
+    _, seen = is_finished(d, s["rounds"])
+    lm = ctx.model(s["model"], s["compute_dtype"])
+    start, n_prompt = resolve_start(s, lm)
+    options = algorithm_options(s["algorithm"], s["algorithm_options"])
+    dev = resolve_dev_selection(s["dev_selection"])
+    fed = ctx.federated(s, lm, n_prompt)
+    cfg = fb.FedConfig(num_clients=s["clients"], clients_per_round=s["per_round"] or s["clients"],
+                       population_size=s["population"], local_generations=s["local_generations"], intrinsic_dim=s["d"],
+                       n_prompt_tokens=n_prompt, loss=s["loss"], perturb=s["perturb"], fitness_form=s["fitness_form"],
+                       server_variant=s["server_variant"], client_keys=s["client_keys"], layout=s["layout"],
+                       chunk_clients=s["chunk_clients"])
+    hp = fb.HParams(sigma0=s["sigma0"], perturb_rate=s["perturb_rate"], dropout_rate=s["dropout"],
+                    learning_rate=s["learning_rate"])
+    key = jax.random.key(s["seed"])
+    key_projection, key_run = jax.random.split(key)
+    model = fb.ModelInputs.build(key_projection, lm, cfg, start=start)
+    algo = ctx.algorithm(s["algorithm"], cfg, lm, s["algorithm_options"])
+    import dataclasses
+
+    import numpy as np
+
+    train_labels = np.asarray(fed.train.labels)
+    mask = np.asarray(fed.train.example_mask) > 0
+    nl = int(np.shape(fed.spec.label_ids)[0])
+    effective = {
+        "grid": grid_name, "run_id": run["run_id"], "labels": run["labels"], "settings": s,
+        "resolved": {"prompt_start": start.describe(), "n_prompt": n_prompt, "algorithm_options": options,
+                     "dev_selection": dev, "precision": str(lm.config.compute_dtype) if s["model"] != "tiny" else "float32",
+                     "fed_config": dataclasses.asdict(cfg),
+                     "hparams": {k: float(v) for k, v in dataclasses.asdict(hp).items()},
+                     "keys": "key(seed) -> split -> (projection, run); data seed = seed"},
+        "data": {"train_counts": np.asarray(fed.train_counts).tolist(),
+                 "train_label_counts": [[int(((train_labels[i] == c) & mask[i]).sum()) for c in range(nl)]
+                                        for i in range(train_labels.shape[0])],
+                 "dev_size": int(len(fed.dev.labels)), "test_size": int(len(fed.test.labels))},
+        "environment": {"model": lm.name, "fedbpt_jax": fb.__version__, "commit": _git_commit(),
+                        "jax": jax.__version__, "backend": jax.default_backend()},
+    }
+    write_json_atomic(d / "config.json", effective)
+    write_json_atomic(d / "status.json", {"state": "running", "started": t0, "from_round": seen})
+    kw = dict(num_rounds=s["rounds"], hp=hp, eval_every=s["eval_every"], checkpoint_dir=d / "ckpt",
+              results_dir=d, progress=False, eval_cache_budget=int(s["eval_cache_gb"] * 2**30))
+    if dev:
+        kw["dev"] = fed.dev
+    watcher = Watcher(d, run["dirname"][:40], seen)
+    watcher.start()
+    try:
+        carry, hist = fb.run(algo, key_run, fb.FederatedData.from_host(fed), fed.test, lm, model, **kw)
+    finally:
+        watcher.finish()
+    ev = hist.evals
+    status = {"state": "finished", "started": t0, "seconds": time.time() - t0, "from_round": seen,
+              "rounds": ev[-1]["round"], "initial_test_accuracy": ev[0]["accuracy"],
+              "final_test_accuracy": ev[-1]["accuracy"]}
+    write_json_atomic(d / "status.json", status)
+    return status
+
+
+def cmd_run(args) -> int:
+    grid = load_grid(args.grid)
+    runs = expand(grid)
+    filters = parse_filters(args.only, runs)
+    out = Path(args.out) if args.out else RESULTS / f"grid_{grid['name']}"
+    selected = []
+    for r in runs:
+        if matches(r, filters):
+            check_settings(r["settings"])
+            identify(r)
+            selected.append(r)
+    names = [r["dirname"] for r in selected]
+    if len(set(names)) != len(names):
+        raise GridError("two grid points have the same settings (an axis changes nothing?): "
+                        + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    if not args.dry_run:
+        from fedbpt_jax.checkpoint import write_json_atomic
+
+        write_json_atomic(out / "grid.json", {"name": grid["name"], "description": grid["description"],
+                                              "axes": [a for a, _ in grid["axes"]], "pairs": grid["pairs"],
+                                              "source": Path(args.grid).name, "base": grid["base"]})
+    print(f"grid {grid['name']}: {len(runs)} runs, {len(selected)} selected, output {_portable(str(out))}", flush=True)
+    ctx = CONTEXT
+    _git_commit()
+    started = 0
+    counts = {"finished": 0, "skipped": 0, "failed": 0}
+    for i, r in enumerate(selected, 1):
+        d = out / r["dirname"]
+        done, last = is_finished(d, r["settings"]["rounds"])
+        tag = f"[{i}/{len(selected)}] {r['dirname']}"
+        if done:
+            counts["skipped"] += 1
+            more = f" (has {last} rounds, more than the {r['settings']['rounds']} asked)" if last > r["settings"]["rounds"] else ""
+            print(f"{tag}: finished, skipped{more}", flush=True)
+            continue
+        if args.dry_run:
+            try:
+                algorithm_options(r["settings"]["algorithm"], r["settings"]["algorithm_options"])
+                what = f"resume from round {last}" if last else "run"
+            except GridError as err:
+                what = f"would fail: {err}"
+            print(f"{tag}: {what} ({r['settings']['rounds']} rounds)", flush=True)
+            continue
+        if args.max_runs is not None and started >= args.max_runs:
+            print(f"--max-runs {args.max_runs} reached; {len(selected) - i + 1} selected run(s) left", flush=True)
+            break
+        started += 1
+        print(f"{tag}: {'resuming after round ' + str(last) if last else 'starting'}", flush=True)
+        try:
+            st = run_one(r, out, ctx, grid["name"])
+            counts["finished"] += 1
+            print(f"{tag}: finished in {st['seconds']:.0f}s, test z=0 {st['initial_test_accuracy']:.4f} "
+                  f"final {st['final_test_accuracy']:.4f}", flush=True)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # recorded; the grid goes on
+            counts["failed"] += 1
+            from fedbpt_jax.checkpoint import write_json_atomic
+
+            d.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(d / "status.json", {"state": "failed", "error": f"{type(err).__name__}: {err}",
+                                                  "traceback": _portable(traceback.format_exc()), "settings": r["settings"],
+                                                  "labels": r["labels"], "run_id": r["run_id"]})
+            print(f"{tag}: FAILED: {type(err).__name__}: {err}", flush=True)
+    if args.dry_run:
+        print(f"grid {grid['name']}: dry run, {counts['skipped']} of {len(selected)} selected run(s) already finished",
+              flush=True)
+        return 0
+    print(f"grid {grid['name']}: {counts['finished']} finished now, {counts['skipped']} already finished, "
+          f"{counts['failed']} failed", flush=True)
+    return 1 if counts["failed"] else 0
+
+
+def _portable(text: str) -> str:
+    """``text`` with this machine's repository and Python prefixes shortened, for files that get committed."""
+    for prefix, short in ((sys.prefix, "<python>"), (sys.base_prefix, "<python>"), (str(HERE.parent), ".")):
+        text = text.replace(prefix.rstrip("/") + "/", short + "/")
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+FIGURES = {
+    "final": "test acc. at the final round",
+    "dev_selected": "test acc. at the dev-selected round",
+    "best_on_test": "best-on-test (reference-compatibility, optimistic)",
+    "initial": "test acc. at z = 0 (round 0)",
+}
+
+
+def run_figures(metrics: dict) -> dict:
+    """The accuracy figures a ``metrics.json`` supports, whatever version of ``run`` wrote it."""
+    evals = metrics["evals"]
+    finite = [e for e in evals if isinstance(e["accuracy"], float) and math.isfinite(e["accuracy"])]
+    out = {"initial": evals[0]["accuracy"], "final": evals[-1]["accuracy"], "final_round": evals[-1]["round"],
+           "curve": [(e["round"], e["accuracy"]) for e in evals]}
+    best = metrics.get("best_test_reference", metrics.get("best_accuracy"))
+    if best is None or best < 0:
+        best = max((e["accuracy"] for e in finite), default=None)
+    out["best_on_test"] = best
+    dev = [e for e in finite if isinstance(e.get("dev_accuracy"), float) and math.isfinite(e["dev_accuracy"])]
+    if dev:  # highest dev accuracy, ties to the earliest round (the rule run() documents)
+        pick = max(dev, key=lambda e: (e["dev_accuracy"], -e["round"]))
+        out["dev_selected"], out["dev_selected_round"] = pick["accuracy"], pick["round"]
+        if str(metrics.get("selection_rule", "")).startswith("dev") and metrics.get("selected_round") is not None:
+            out["dev_selected"], out["dev_selected_round"] = metrics["selected_test_accuracy"], metrics["selected_round"]
+    return out
+
+
+def _stats(xs: list[float]) -> dict:
+    import numpy as np
+
+    a = np.asarray(xs, float)
+    n = len(a)
+    std = float(a.std(ddof=1)) if n > 1 else None
+    return {"mean": float(a.mean()), "std": std, "n": n, "min": float(a.min()), "max": float(a.max())}
+
+
+def _paired(a: dict, b: dict) -> dict | None:
+    """Paired per-seed differences a − b over the seeds both have."""
+    import numpy as np
+
+    seeds = sorted(set(a) & set(b), key=_seed_order)
+    if not seeds:
+        return None
+    diffs = np.asarray([a[s] - b[s] for s in seeds], float)
+    n = len(diffs)
+    out = {"seeds": seeds, "per_seed": diffs.tolist(), "n": n, "mean": float(diffs.mean()),
+           "std": None, "se": None, "detectable_2se": None, "ci95_halfwidth": None, "verdict": "n/a (one seed)"}
+    if n > 1:
+        from scipy import stats
+
+        sd = float(diffs.std(ddof=1))
+        se = sd / math.sqrt(n)
+        half = float(stats.t.ppf(0.975, n - 1)) * se
+        out.update(std=sd, se=se, detectable_2se=2 * se, ci95_halfwidth=half)
+        if se == 0:
+            out["verdict"] = "identical" if out["mean"] == 0 else ("A > B" if out["mean"] > 0 else "A < B")
+        elif abs(out["mean"]) > half:
+            out["verdict"] = "A > B" if out["mean"] > 0 else "A < B"
+        else:
+            out["verdict"] = "inconclusive"
+    return out
+
+
+def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
+    """(runs with metrics, runs without a complete result) under the given grid folders."""
+    done, other = [], []
+    for root in dirs:
+        for cfg_path in sorted(Path(root).glob("*/config.json")):
+            d = cfg_path.parent
+            cfg = json.loads(cfg_path.read_text())
+            status = {}
+            if (d / "status.json").exists():
+                status = json.loads((d / "status.json").read_text())
+            rec = {"dir": d.name, "grid": cfg.get("grid"), "labels": cfg["labels"], "settings": cfg["settings"],
+                   "precision": cfg["resolved"]["precision"], "dev_selection": cfg["resolved"]["dev_selection"],
+                   "state": status.get("state", "unknown"), "error": status.get("error")}
+            try:
+                m = json.loads((d / "metrics.json").read_text())
+                rec.update(run_figures(m))
+            except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
+                rec["final_round"] = 0
+            if rec["final_round"] >= cfg["settings"]["rounds"] and rec["state"] != "failed":
+                done.append(rec)
+            else:
+                other.append(rec)
+        for st_path in sorted(Path(root).glob("*/status.json")):  # failed before config.json was written
+            if not (st_path.parent / "config.json").exists():
+                st = json.loads(st_path.read_text())
+                other.append({"dir": st_path.parent.name, "labels": st.get("labels", {}), "state": st.get("state"),
+                              "error": st.get("error"), "final_round": 0})
+    return done, other
+
+
+def group_runs(runs: list[dict]) -> list[dict]:
+    groups: dict[str, dict] = {}
+    for r in runs:
+        ident = {k: v for k, v in r["settings"].items() if k != "seed"}
+        ident["dev_selection"] = r["dev_selection"]
+        ident["grid"] = r["grid"]
+        key = json.dumps(ident, sort_keys=True, default=str)
+        labels = {k: v for k, v in r["labels"].items() if k != "seed"}
+        g = groups.setdefault(key, {"key": key, "labels": labels, "label": " / ".join(labels.values()) or r["dir"],
+                                    "grid": r["grid"], "precision": r["precision"], "runs": []})
+        g["runs"].append(r)
+    out = list(groups.values())
+    names = [g["label"] for g in out]
+    for g in out:
+        if names.count(g["label"]) > 1:
+            g["label"] += " (dev)" if json.loads(g["key"])["dev_selection"] else " (no dev)"
+        g["by_seed"] = {}
+        for fig in FIGURES:
+            vals = {r["settings"]["seed"]: r[fig] for r in g["runs"] if r.get(fig) is not None}
+            g["by_seed"][fig] = vals
+            g[fig] = _stats(list(vals.values())) if vals else None
+    return out
+
+
+def pair_groups(groups: list[dict], wanted: list[list[str]]) -> list[dict]:
+    """Pairs of groups that differ in exactly one axis label; ``wanted`` ([[a, b]] labels of that axis)
+    picks and orients them (all pairs, in declared order, when empty)."""
+    pairs = []
+    for i, ga in enumerate(groups):
+        for gb in groups[i + 1:]:
+            if ga["grid"] != gb["grid"] or set(ga["labels"]) != set(gb["labels"]):
+                continue
+            diff = [k for k in ga["labels"] if ga["labels"][k] != gb["labels"][k]]
+            if len(diff) != 1:
+                continue
+            la, lb = ga["labels"][diff[0]], gb["labels"][diff[0]]
+            if wanted:
+                if [la, lb] in wanted:
+                    a, b = ga, gb
+                elif [lb, la] in wanted:
+                    a, b = gb, ga
+                else:
+                    continue
+            else:
+                a, b = ga, gb
+            rest = " / ".join(v for k, v in a["labels"].items() if k != diff[0])
+            rec = {"a": a["label"], "b": b["label"], "axis": diff[0], "context": rest, "precision": a["precision"],
+                   "figures": {}}
+            for fig in FIGURES:
+                p = _paired(a["by_seed"][fig], b["by_seed"][fig])
+                if p is not None:
+                    rec["figures"][fig] = p
+            pairs.append(rec)
+    return pairs
+
+
+def _pct(x, signed=False):
+    if x is None:
+        return "—"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _cell(st):
+    if st is None:
+        return "—"
+    return f"{100 * st['mean']:.2f} ± {_pct(st['std'])} (n={st['n']})" if st["n"] > 1 else f"{100 * st['mean']:.2f} (n=1)"
+
+
+def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: str) -> str:
+    lines = [f"# {title}", "",
+             "Accuracy in % on the test split: mean ± std over seeds (sample std, ddof = 1), n = seeds. "
+             "Final = the last round's global prompt; dev-selected = the round with the highest dev accuracy "
+             "(shown only when the runs evaluated a dev set); best-on-test picks the round on the test set itself, as "
+             "the reference code's reported peak does: a **reference-compatibility (optimistic)** figure, not a "
+             "claim.", "",
+             "| configuration | precision | rounds | seeds | z = 0 | final | dev-selected | best-on-test (ref.-compat., optimistic) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for g in groups:
+        seeds = ",".join(str(r["settings"]["seed"]) for r in sorted(g["runs"], key=lambda r: _seed_order(r["settings"]["seed"])))
+        rounds = sorted({r["final_round"] for r in g["runs"]})
+        lines.append(f"| {g['label']} | {g['precision']} | {','.join(map(str, rounds))} | {seeds} | {_cell(g['initial'])} "
+                     f"| {_cell(g['final'])} | {_cell(g['dev_selected'])} | {_cell(g['best_on_test'])} |")
+    if pairs:
+        lines += ["", "## Paired per-seed differences (A − B, points of accuracy)", "",
+                  "Per seed, A and B share data, partition, projection and round keys. mean ± std of the differences; "
+                  "detectable = 2·std/√n (the rule: a smaller mean difference is within two standard errors of zero); "
+                  "verdict from the 95 % t-interval of the mean difference (± t(0.975, n−1)·std/√n, wider than 2·SE "
+                  "for small n: 4.30·SE at n = 3): A > B or A < B when it excludes 0, else inconclusive.", "",
+                  "| A | B | figure | precision | n | per seed | mean ± std | detectable (2·SE) | 95 % CI ± | verdict |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for p in pairs:
+            for fig, d in p["figures"].items():
+                if fig == "initial":
+                    continue
+                per = ", ".join(f"{100 * x:+.2f}" for x in d["per_seed"])
+                ms = f"{_pct(d['mean'], True)} ± {_pct(d['std'])}" if d["std"] is not None else _pct(d["mean"], True)
+                lines.append(f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | "
+                             f"{_pct(d['detectable_2se'])} | {_pct(d['ci95_halfwidth'])} | {d['verdict']} |")
+    if other:
+        lines += ["", "## Not (yet) complete", "", "| run | state | rounds done | error |", "| --- | --- | --- | --- |"]
+        for r in other:
+            err = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:200]
+            lines.append(f"| {r['dir']} | {r.get('state')} | {r.get('final_round', 0)} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(groups: list[dict], out: Path, title: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    made = []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for g in groups:
+        curves = [dict(r["curve"]) for r in g["runs"]]
+        rounds = sorted(set.intersection(*[set(c) for c in curves]))
+        y = np.asarray([[c[r] for r in rounds] for c in curves], float) * 100
+        m = y.mean(0)
+        line, = ax.plot(rounds, m, marker="o", ms=2.5, label=f"{g['label']} (n={len(curves)})")
+        if len(curves) > 1:
+            s = y.std(0, ddof=1)
+            ax.fill_between(rounds, m - s, m + s, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}: mean over seeds, band ± 1 std", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    made.append(_save(fig, out / "accuracy_rounds.png"))
+    plt.close(fig)
+
+    figs = [f for f in ("final", "dev_selected") if any(g[f] for g in groups)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) + 2), 4.5))
+    width = 0.8 / len(figs)
+    x = np.arange(len(groups))
+    for j, f in enumerate(figs):
+        means = [100 * g[f]["mean"] if g[f] else np.nan for g in groups]
+        errs = [100 * (g[f]["std"] or 0) if g[f] else 0 for g in groups]
+        ax.bar(x + (j - (len(figs) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=FIGURES[f])
+    ax.set_xticks(x)
+    ax.set_xticklabels([g["label"] for g in groups], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("test accuracy (%)")
+    lo = min((100 * g[f]["min"] for g in groups for f in figs if g[f]), default=0)
+    ax.set_ylim(max(0, lo - 10), 100)
+    ax.set_title(f"{title}: mean ± std over seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    made.append(_save(fig, out / "accuracy_bars.png"))
+    plt.close(fig)
+    return made
+
+
+def _save(fig, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def cmd_report(args) -> int:
+    from fedbpt_jax.checkpoint import write_json_atomic
+
+    dirs = [Path(d) for d in args.dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise GridError(f"report: {str(d)!r} is not a folder (give the grid's output folder)")
+    done, other = collect(dirs)
+    wanted = []
+    names = []
+    for d in dirs:
+        if (d / "grid.json").exists():
+            meta = json.loads((d / "grid.json").read_text())
+            wanted += meta.get("pairs", [])
+            names.append(meta["name"])
+    title = args.title or ("grid " + ", ".join(names or [d.name for d in dirs]))
+    out = Path(args.out) if args.out else dirs[0] / "report"
+    groups = group_runs(done)
+    pairs = pair_groups(groups, wanted)
+    precisions = sorted({g["precision"] for g in groups})
+    if precisions:
+        title += f" ({', '.join(precisions)})"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown(groups, pairs, other, title))
+    made = plots(groups, out, title) if groups else []
+    summary = {
+        "title": title, "figures": FIGURES,
+        "rules": {"std": "sample std over seeds (ddof = 1)",
+                  "detectable_2se": "2 * std(paired differences) / sqrt(n)",
+                  "verdict": "A > B / A < B when the 95 % t-interval of the mean paired difference excludes 0, "
+                             "else inconclusive",
+                  "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
+                  "best_on_test": "reference-compatibility (optimistic): selected on the test set itself"},
+        "groups": [{k: g[k] for k in ("label", "labels", "grid", "precision", *FIGURES)} |
+                   {"seeds": sorted(g["by_seed"]["final"], key=_seed_order), "by_seed": g["by_seed"],
+                    "runs": [r["dir"] for r in g["runs"]]} for g in groups],
+        "pairs": pairs,
+        "incomplete": [{k: r.get(k) for k in ("dir", "state", "final_round", "error")} for r in other],
+        "plots": [Path(p).name for p in made],
+    }
+    write_json_atomic(out / "report.json", summary)
+    print((out / "report.md").read_text())
+    print(f"report written to {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) a grid")
+    r.add_argument("grid", help="grid file (.toml or .json)")
+    r.add_argument("--out", default=None, help="output folder (default experiments/results/grid_<name>)")
+    r.add_argument("--only", action="append", default=[],
+                   help="keep runs whose axis label or setting equals a value: key=value or key=v1,v2 (repeatable: all must hold)")
+    r.add_argument("--max-runs", type=int, default=None, help="start at most N runs (skipped ones do not count)")
+    r.add_argument("--dry-run", action="store_true", help="list what would run, resume or be skipped")
+    p = sub.add_parser("report", help="tables (markdown + JSON) and plots of one or more grid folders")
+    p.add_argument("dirs", nargs="+", help="grid output folders")
+    p.add_argument("--out", default=None, help="report folder (default <first dir>/report)")
+    p.add_argument("--title", default=None)
+    args = ap.parse_args(argv)
+    try:
+        return cmd_run(args) if args.command == "run" else cmd_report(args)
+    except GridError as err:
+        print(f"grid.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

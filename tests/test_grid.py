@@ -1,0 +1,176 @@
+"""The grid driver end to end on a tiny random model: run, skip when finished, resume from a checkpoint
+(same metrics as an uninterrupted run), a failing run recorded without stopping the grid, the report, and
+clear errors for bad grid files."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "experiments" / "grid.py"
+_spec = importlib.util.spec_from_file_location("grid_driver", PATH)
+grid = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(grid)
+
+BASE = """
+[grid]
+name = "tiny"
+
+[base]
+model = "tiny"
+task = "sst2"
+clients = 4
+shots = 4
+d = 8
+n_prompt = 2
+prompt_start = "zeros"
+population = 4
+local_generations = 2
+test_size = 24
+rounds = {rounds}
+partition = "dirichlet:1.0"
+
+[axes]
+seed = [0]
+method = [{{ label = "fedbpt", algorithm = "fedbpt" }}, {{ label = "manual", algorithm = "manual" }}]
+
+[report]
+pairs = [["fedbpt", "manual"]]
+"""
+
+
+def _grid_file(tmp_path, rounds, name="g.toml", text=BASE):
+    p = tmp_path / f"r{rounds}_{name}"
+    p.write_text(text.format(rounds=rounds))
+    return p
+
+
+def _strip_seconds(m):
+    return {"rounds": [{k: v for k, v in r.items() if k != "seconds"} for r in m["rounds"]],
+            "evals": m["evals"]}
+
+
+def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    g2 = _grid_file(tmp_path, 2)
+    assert grid.main(["run", str(g2), "--out", str(full)]) == 0
+    dirs = sorted(d for d in full.iterdir() if d.is_dir())
+    assert len(dirs) == 2
+    for d in dirs:
+        m = json.loads((d / "metrics.json").read_text())
+        assert [e["round"] for e in m["evals"]] == [0, 1, 2]
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["settings"]["rounds"] == 2 and cfg["resolved"]["n_prompt"] == 2
+        assert (d / "rounds.csv").exists() and (d / "ckpt").is_dir()
+        assert json.loads((d / "status.json").read_text())["state"] == "finished"
+    capsys.readouterr()
+
+    # Finished runs are skipped.
+    mtimes = [(d / "metrics.json").stat().st_mtime_ns for d in dirs]
+    assert grid.main(["run", str(g2), "--out", str(full)]) == 0
+    assert capsys.readouterr().out.count("finished, skipped") == 2
+    assert mtimes == [(d / "metrics.json").stat().st_mtime_ns for d in dirs]
+
+    # Interrupted after round 1 (a 1-round grid, same run directories: rounds are not in the hash), then
+    # the 2-round grid resumes from the checkpoint and ends where the uninterrupted run ended.
+    assert grid.main(["run", str(_grid_file(tmp_path, 1)), "--out", str(part), "--only", "method=fedbpt"]) == 0
+    capsys.readouterr()
+    assert grid.main(["run", str(g2), "--out", str(part), "--only", "method=fedbpt"]) == 0
+    assert "resuming after round 1" in capsys.readouterr().out
+    name = next(d.name for d in dirs if d.name.startswith("fedbpt_"))
+    a = json.loads((full / name / "metrics.json").read_text())
+    b = json.loads((part / name / "metrics.json").read_text())
+    assert _strip_seconds(a) == _strip_seconds(b)
+
+    # The report: table, JSON with paired differences, plots.
+    assert grid.main(["report", str(full)]) == 0
+    rep = json.loads((full / "report" / "report.json").read_text())
+    assert {g["label"] for g in rep["groups"]} == {"fedbpt", "manual"}
+    assert all(g["final"]["n"] == 1 and g["precision"] == "float32" for g in rep["groups"])
+    (pair,) = rep["pairs"]
+    assert (pair["a"], pair["b"]) == ("fedbpt", "manual")
+    assert pair["figures"]["final"]["per_seed"][0] == pytest.approx(
+        a["evals"][-1]["accuracy"] - json.loads((full / [d.name for d in dirs if d.name != name][0] / "metrics.json")
+                                                 .read_text())["evals"][-1]["accuracy"])
+    md = (full / "report" / "report.md").read_text()
+    assert "reference-compatibility (optimistic)" in md and "float32" in md
+    assert (full / "report" / "accuracy_rounds.png").stat().st_size > 0
+    assert (full / "report" / "accuracy_bars.png").stat().st_size > 0
+
+
+def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
+    text = BASE.replace('{{ label = "manual", algorithm = "manual" }}',
+                        '{{ label = "bad", algorithm = "fedavg_bbt", algorithm_options = {{ no_such_option = true }} }}')
+    g = _grid_file(tmp_path, 1, text=text)
+    out = tmp_path / "out"
+    assert grid.main(["run", str(g), "--out", str(out), "--dry-run"]) == 0
+    assert "would fail: algorithm 'fedavg_bbt' has no option 'no_such_option'" in capsys.readouterr().out
+    assert not out.exists()
+    assert grid.main(["run", str(g), "--out", str(out)]) == 1  # one failure, reported in the exit code
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "1 finished now" in printed
+    bad = next(d for d in out.iterdir() if d.name.startswith("bad_"))
+    st = json.loads((bad / "status.json").read_text())
+    assert st["state"] == "failed" and "no_such_option" in st["error"] and "accepted" in st["error"]
+    assert grid.main(["report", str(out)]) == 0
+    assert "Not (yet) complete" in (out / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[base]\nrounds = [", "not valid TOML"),
+    ("[base]\nno_such_key = 1\n", "unknown grid key 'no_such_key'"),
+    ("[axes]\nno_such_axis = [1, 2]\n", "unknown grid key 'no_such_axis'"),
+    ("[bases]\n", "unknown section [bases]"),
+    ("[axes]\nalgorithm = ['fedbpt', 'fedsgd']\n", "unknown algorithm 'fedsgd'"),
+    ("[base]\npartition = 'dirichlet'\n", "partition 'dirichlet'"),
+    ("[base]\nperturb_rate = 0.0\n", "perturb = false"),
+    ("[axes]\nserver_variant = ['reference', 'papr']\n", "unknown server_variant 'papr'"),
+])
+def test_bad_grid_files_are_clear_errors(tmp_path, capsys, text, message):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    assert grid.main(["run", str(p), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_json_and_filters(tmp_path, capsys):
+    p = tmp_path / "bad.json"
+    p.write_text("{not json")
+    assert grid.main(["run", str(p), "--dry-run"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    p.write_text(json.dumps({"axes": {"seed": [0, 1]}}))
+    assert grid.main(["run", str(p), "--dry-run", "--only", "colour=red"]) == 2
+    assert "unknown key 'colour'" in capsys.readouterr().err
+    assert grid.main(["run", str(p), "--dry-run", "--only", "seed=1"]) == 0
+    assert "2 runs, 1 selected" in capsys.readouterr().out
+
+
+def test_report_figures_from_either_metrics_layout():
+    """Today's metrics.json (best by test) and one with dev evaluations and run()'s own selection fields."""
+    old = {"evals": [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": 0.7}, {"round": 2, "accuracy": 0.6}],
+           "best_accuracy": 0.7, "best_round": 1}
+    f = grid.run_figures(old)
+    assert (f["initial"], f["final"], f["best_on_test"]) == (0.5, 0.6, 0.7) and "dev_selected" not in f
+    new = {"evals": [{"round": 0, "accuracy": 0.5, "dev_accuracy": 0.6},
+                     {"round": 1, "accuracy": 0.7, "dev_accuracy": 0.6},      # tie on dev: the earlier round wins
+                     {"round": 2, "accuracy": 0.55, "dev_accuracy": float("nan")}],
+           "best_test_reference": 0.7}
+    f = grid.run_figures(new)
+    assert (f["final"], f["dev_selected"], f["dev_selected_round"], f["best_on_test"]) == (0.55, 0.5, 0, 0.7)
+    f = grid.run_figures({**new, "selection_rule": "dev accuracy, ties to the earliest round", "selected_round": 1,
+                          "selected_test_accuracy": 0.7})
+    assert (f["dev_selected"], f["dev_selected_round"]) == (0.7, 1)  # run()'s own selection when it recorded one
+
+
+def test_paired_differences_and_the_detectable_effect():
+    a = {0: 0.80, 1: 0.82, 2: 0.84}
+    b = {0: 0.78, 1: 0.81, 2: 0.80, 3: 0.5}  # seed 3 has no partner: left out
+    p = grid._paired(a, b)
+    assert p["seeds"] == [0, 1, 2] and p["per_seed"] == pytest.approx([0.02, 0.01, 0.04])
+    sd = float(__import__("numpy").std([0.02, 0.01, 0.04], ddof=1))
+    assert p["std"] == pytest.approx(sd) and p["detectable_2se"] == pytest.approx(2 * sd / 3 ** 0.5)
+    assert p["ci95_halfwidth"] == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-5)
+    assert p["verdict"] == "inconclusive"  # mean 0.0233 < 4.30 · 0.0088, though > 2 · 0.0088
+    assert grid._paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.78, 1: 0.789, 2: 0.798})["verdict"] == "A > B"
+    assert grid._paired({0: 0.8, 1: 0.7}, {0: 0.7, 1: 0.8})["verdict"] == "inconclusive"
+    assert grid._paired({0: 0.8}, {0: 0.7})["verdict"] == "n/a (one seed)"
