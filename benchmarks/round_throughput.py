@@ -32,7 +32,8 @@ For each configuration (model, compute dtype, K clients per round, all K sampled
 
 Before timing, each configuration checks that the vectorized fitness (``population_fitness`` vmapped
 over clients and candidates) equals the reference-style per-candidate fitness for the same candidate
-sets and the same perturbed data (relative 1e-4).
+sets and the same perturbed data (relative 1e-4 in float32; 3e-2 in bfloat16, whose fitness moves by ~1 %
+with the batching, see ``precision_ranking.py``).
 
     python benchmarks/round_throughput.py --quick              # tiny model, K in {1, 10}, < 60 s
     python benchmarks/round_throughput.py --models smollm2     # SmolLM2 only, K in {1, 10} (~10 min)
@@ -54,6 +55,9 @@ import common  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy/jax)
 
 import numpy as np  # noqa: E402
 
+#: Vectorized vs reference-style fitness, relative: float32 agrees to rounding; bfloat16 batched differently
+#: rounds differently (~1 % of a fitness, measured by precision_ranking.py).
+CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
 DEFAULT_KS = {"tiny": (1, 10, 100, 1000), "smollm2": (1, 10)}
 QUICK_KS = {"tiny": (1, 10), "smollm2": (1,)}
 
@@ -297,7 +301,8 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     ref = _RefStyle(lm, cfg, data, model, hp)
     res["check_clients"] = min(K, args.check_clients)
     res["check_max_rel_diff"] = _check_fitness(ref, cfg, data, model, res["check_clients"])
-    res["check_ok"] = res["check_max_rel_diff"] <= 1e-4
+    res["check_tolerance"] = CHECK_TOLERANCE[dtype]
+    res["check_ok"] = res["check_max_rel_diff"] <= res["check_tolerance"]
     print(f"[{model_name} K={K}] check: vectorized vs reference-style fitness, {res['check_clients']} client(s) x "
           f"{cfg.population_size} candidates: max rel diff {res['check_max_rel_diff']:.2e}", flush=True)
 
@@ -666,7 +671,8 @@ def main(argv=None):
             print(f"  {r['model']} K={r['K']}: reference-style time extrapolated linearly from "
                   f"{r['ref_clients_timed']} timed client(s) (+ the measured server step).")
         if not r["check_ok"]:
-            print(f"  {r['model']} K={r['K']}: CHECK FAILED (rel diff {r['check_max_rel_diff']:.2e} > 1e-4)")
+            print(f"  {r['model']} {r['dtype']} K={r['K']}: CHECK FAILED (rel diff {r['check_max_rel_diff']:.2e} > "
+                  f"{r['check_tolerance']:g})")
     targets = {}
     for r in ok_rows:
         if r["model"] == "tiny" and r["K"] == 100:
