@@ -590,17 +590,6 @@ def matmul_params_per_token(config: DecoderConfig) -> int:
     return c.num_layers * (attn + mlp)
 
 
-def flops_per_token(config: DecoderConfig, num_keys: int | float, num_output_rows: int = 0) -> float:
-    """Forward FLOPs of one query token attending ``num_keys`` keys, plus ``num_output_rows`` head rows.
-
-    ``2 * matmul params`` + per layer ``4 * Nq * D * num_keys`` (scores and weighted values)
-    + ``2 * H * num_output_rows``. Norms, RoPE, softmax and activations are not counted.
-    """
-    c = config
-    attn = 4 * c.num_layers * c.num_heads * c.head_dim * num_keys
-    return float(2 * matmul_params_per_token(c) + attn + 2 * c.hidden_size * num_output_rows)
-
-
 def kv_params_per_layer(config: DecoderConfig) -> int:
     """Weights of one layer's key and value projections (what the last layer still runs for every token)."""
     return 2 * config.hidden_size * config.num_kv_heads * config.head_dim
@@ -721,6 +710,6 @@ __all__ = [
     "LAYOUTS", "DecoderConfig", "config_from_hf", "RMSNorm", "apply_rope", "Attention", "MLP", "DecoderLayer",
     "LlamaDecoder", "init_params", "word_embeddings", "output_embedding", "label_logits", "PrefixCache",
     "prefix_cache", "label_logits_cached", "logits", "greedy_next_token", "greedy_generate",
-    "embed", "cast_params", "matmul_params_per_token", "kv_params_per_layer", "flops_per_token", "flops_per_example", "expected_hf_shapes",
+    "embed", "cast_params", "matmul_params_per_token", "kv_params_per_layer", "flops_per_example", "expected_hf_shapes",
     "params_from_hf", "load_hf_decoder",
 ]
