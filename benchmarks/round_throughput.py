@@ -706,7 +706,8 @@ def main(argv=None):
     if args.json:
         common.write_json(args.json, {"benchmark": "round_throughput", "machine": info,
                                       "args": {k: v for k, v in vars(args).items() if k != "worker"},
-                                      "results": results, "targets": targets, "plot": plot})
+                                      "results": results, "targets": targets,
+                                      "plot": os.path.relpath(plot, common.RESULTS_DIR.parent.parent)})
         print(f"wrote {args.json}")
     return 0 if all(r.get("check_ok", False) for r in results) else 1
 
