@@ -248,9 +248,9 @@ def device_memory_stats() -> dict | None:
 
 
 def tree_bytes(tree) -> int:
-    import jax
+    from fedbpt_jax.models import precision
 
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+    return precision.tree_bytes(tree)
 
 
 # ----------------------------------------------------------------------------------------------

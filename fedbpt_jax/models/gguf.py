@@ -329,16 +329,11 @@ def _add_precision(target: Path, compute_dtype: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=params_file(compute_dtype) + ".tmp-", dir=target)
     os.close(fd)
     try:
-        _save_params(jax_to_numpy(params), Path(tmp), target.name)
+        _save_params(params, Path(tmp), target.name)
         os.replace(tmp, target / params_file(compute_dtype))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def jax_to_numpy(params: dict) -> dict:
-    """The same tree with numpy leaves (for writing)."""
-    return {k: jax_to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in params.items()}
 
 
 def _load_converted(target: Path, compute_dtype: str = "float32"):
