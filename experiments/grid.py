@@ -548,7 +548,10 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     }
     write_json_atomic(d / "config.json", effective)
     write_json_atomic(d / "status.json", {"state": "running", "started": t0, "from_round": seen})
-    kw = dict(num_rounds=s["rounds"], hp=hp, eval_every=s["eval_every"], checkpoint_dir=d / "ckpt",
+    # The manual prompt never changes: evaluating it at round 0 and at the last round is enough (the same
+    # numbers as every round, at a fraction of the evaluation cost; the run's identity is unchanged).
+    eval_every = s["rounds"] if s["algorithm"] == "manual" else s["eval_every"]
+    kw = dict(num_rounds=s["rounds"], hp=hp, eval_every=eval_every, checkpoint_dir=d / "ckpt",
               results_dir=d, progress=False, eval_cache_budget=int(s["eval_cache_gb"] * 2**30))
     if dev:
         kw["dev"] = fed.dev
