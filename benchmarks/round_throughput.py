@@ -103,6 +103,12 @@ def _cheap_scorer(num_labels: int):
     return Scorer(prepare, logits, "after", lambda *a, **k: ScoreCost(0.0, 0.0))
 
 
+def _algo_scorer(algo, lm):
+    from fedbpt_jax.federated.run import _algo_scorer as scorer_of
+
+    return scorer_of(algo, lm.kind, lm.config)
+
+
 def _make_algo(cfg, lm, scorer=None):
     """``fedbpt(cfg, lm)``, with another black-box scorer when given (the ES-share measurement)."""
     from fedbpt_jax.federated import algorithms
@@ -230,26 +236,28 @@ def _check_fitness(ref: _RefStyle, cfg, data, model, num_clients: int) -> float:
 
 
 def _pure_inference(lm, scorer, data, A, P: int, chunk: int):
-    """The plain forward the round's model work amounts to: ``(params, batches [K, 2, E, T], Z [K, P, d])
-    -> logits [K, 2, P, E, C]``, jitted (clients chunked like the round when ``chunk``)."""
+    """The plain forward the round's model work amounts to: ``(params, batches [K, 2, E, T], Z [K, P, d],
+    kept) -> logits [K, 2, P, E, C]``, jitted (clients chunked like the round when ``chunk``); ``kept``: the
+    clients' clean prefix caches when the round keeps them (None: both copies are prepared)."""
     import jax
     from fedbpt_jax import objective, prompt
 
     spec, hidden = data.spec, lm.hidden_size
 
-    def client(params, A, b2, z):
+    def client(params, A, b2, z, kept):
         prompts = prompt.to_prompt(A, z, hidden)
+        if kept is None:
+            contexts = jax.vmap(lambda b: scorer.prepare(params, b))(b2)
+        else:  # the clean copy's prefix cache is kept across rounds: only the perturbed copy is prepared
+            pert = jax.tree_util.tree_map(lambda a: a[1], b2)
+            contexts = objective.stack_contexts(kept, scorer.prepare(params, pert))
+        return jax.vmap(lambda c: objective.population_logits(scorer, params, c, spec, prompts))(contexts)
 
-        def copy(b):
-            return objective.population_logits(scorer, params, scorer.prepare(params, b), spec, prompts)
-
-        return jax.vmap(copy)(b2)
-
-    def run(params, A, batches, Z):
+    def run(params, A, batches, Z, kept=None):
         one = lambda bz: client(params, A, *bz)  # noqa: E731
         if chunk:
-            return jax.lax.map(one, (batches, Z), batch_size=chunk)
-        return jax.vmap(one)((batches, Z))
+            return jax.lax.map(one, (batches, Z, kept), batch_size=chunk)
+        return jax.vmap(one)((batches, Z, kept))
 
     return jax.jit(run)
 
@@ -292,8 +300,18 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     passes = cfg.local_generations * cfg.population_size + 1  # fitness evaluations per client per round
     fwd_per_eval = 2 if cfg.perturb else 1
     algo = _make_algo(cfg, lm)
+    res["keep_clean_cache"] = bool(args.keep_clean_cache)
+    if args.keep_clean_cache:  # the clean prefix caches, built once outside the timed round (as run() keeps them)
+        from fedbpt_jax.federated import with_clean_context
+
+        t0 = time.perf_counter()
+        data = with_clean_context(data, _algo_scorer(algo, lm), lm.params, chunk=chunk)
+        common.block(data.clean_context)
+        res["clean_cache_build_s"] = time.perf_counter() - t0
+        res["clean_cache_bytes"] = common.tree_bytes(data.clean_context)
     flops_round = K * round_cost(algo, lm, data)["flops_per_client"]
-    tokens_round = K * fwd_per_eval * (E * T + passes * E * (n + cue))
+    prefix_tokens = (fwd_per_eval - 1 if args.keep_clean_cache else fwd_per_eval) * E * T
+    tokens_round = K * (prefix_tokens + fwd_per_eval * passes * E * (n + cue))
     res.update({"gflop_per_round": flops_round / 1e9, "tokens_per_round": tokens_round,
                 "evals_per_round": K * passes, "forward_calls_per_round_ref": K * passes * fwd_per_eval})
 
@@ -375,8 +393,9 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
         pert = obj.perturb(key_pert, data.train, hp.perturb_rate, data.spec)
         batches = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b], axis=1), data.train, pert)
         Z = jax.random.normal(key_z, (K, passes, cfg.intrinsic_dim), jnp.float32)
-        pure_c, res["pure_compile_s"] = common.aot_compile(pure, lm.params, A, batches, Z)
-        timed = common.time_call(pure_c, lm.params, A, batches, Z, repeats=max(rounds, 1),
+        kept = data.clean_context
+        pure_c, res["pure_compile_s"] = common.aot_compile(pure, lm.params, A, batches, Z, kept)
+        timed = common.time_call(pure_c, lm.params, A, batches, Z, kept, repeats=max(rounds, 1),
                                  warmup=1 if model_name == "tiny" or K < 10 else 0)
         res["pure_s"] = timed["min_s"]
         res["pure_tokens_per_s"] = tokens_round / res["pure_s"]
@@ -468,6 +487,8 @@ def _worker_cmd(model: str, K: int, args, out: str, dtype: str = "float32") -> l
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.warmup_smollm2:
         cmd.append("--warmup-smollm2")
+    if args.keep_clean_cache:
+        cmd.append("--keep-clean-cache")
     if args.skip_ref:
         cmd.append("--skip-ref")
     if args.skip_pure:
@@ -558,6 +579,8 @@ def main(argv=None):
     ap.add_argument("--skip-ref", action="store_true", help="leave out the reference-style runs")
     ap.add_argument("--skip-pure", action="store_true", help="leave out the pure-inference comparison")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
+    ap.add_argument("--keep-clean-cache", action="store_true",
+                    help="keep the clients' clean prefix caches across rounds (built once, outside the timed round)")
     ap.add_argument("--check-clients", type=int, default=2)
     ap.add_argument("--peak-samples", type=int, default=2, help="matmul-peak measurements at each point")
     ap.add_argument("--peak-repeats", type=int, default=4, help="timed matmuls per peak measurement")

@@ -562,3 +562,48 @@ def test_two_processes_match_single_process(workers):
     got = workers["multihost"].result()
     assert got["processes"] == 2
     fs.assert_summaries_close(got["summary"], fs.reference_summary(0, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Clean prefix caches kept across rounds
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["fedbpt", "fedavg_bbt_perturbed"])
+def test_kept_clean_context_gives_the_same_run_with_one_prefix_pass_less(which):
+    """Keeping each client's clean text-prefix cache across rounds changes no number (to float rounding)
+    and saves one prefix pass per active client per round; the memory estimate is the kept bytes."""
+    n, k = 6, 3
+    lm = fs.tiny_lm()
+    cfg = fs.config_a(num_clients=n, clients_per_round=k)
+    algo = fl.fedbpt(cfg, lm) if which == "fedbpt" else fl.fedavg_bbt(cfg, lm, perturb=True)
+    data = fs.make_data(n)
+    kw = dict(num_rounds=2, eval_chunk=16, progress=False)
+    runs = {keep: fl.run(algo, jax.random.key(4), data, fs.test_set(), lm, fs.model(), keep_clean_context=keep, **kw)
+            for keep in (False, True, None)}
+    (c0, h0), (c1, h1), (c2, h2) = runs[False], runs[True], runs[None]
+    np.testing.assert_allclose(np.asarray(c1.state.server.mean), np.asarray(c0.state.server.mean), rtol=1e-4, atol=1e-5)
+    assert [e["accuracy"] for e in h1.evals] == [e["accuracy"] for e in h0.evals]
+    for a, b in zip(h0.rounds, h1.rounds):
+        assert b["prefix_passes"] == a["prefix_passes"] - k
+        assert b["model_flops"] < a["model_flops"]
+        np.testing.assert_allclose(b["client_loss"], a["client_loss"], rtol=1e-4)
+    # auto: 2 rounds × K = 3 ≥ N = 6 and a few KB: kept.
+    assert [r["prefix_passes"] for r in h2.rounds] == [r["prefix_passes"] for r in h1.rounds]
+    scorer = objective.make_scorer(lm, cfg.layout, n_prompt_tokens=cfg.n_prompt_tokens)
+    kept = fl.with_clean_context(data, scorer, lm.params)
+    got = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(kept.clean_context))
+    assert fl.clean_context_bytes(scorer, lm.params, data) == got > 0
+
+
+def test_kept_clean_context_auto_off_when_it_does_not_pay_and_refused_where_unused():
+    lm = fs.tiny_lm()
+    # N = 10,000, K = 8, 1 round: preparing every client once would cost 1,250 rounds' worth of prefix passes.
+    _, h = fs.run_a(0, num_rounds=1)
+    assert h.rounds[0]["prefix_passes"] == fs.K_A * algs.fedbpt(fs.config_a(), lm).prefix_passes
+    cfg = fs.config_a(num_clients=4, clients_per_round=2)
+    with pytest.raises(ValueError, match=r"keep_clean_context=True: algorithm 'fedprompt' does not use it"):
+        fl.run(fl.fedprompt(cfg, lm), jax.random.key(0), fs.make_data(4), fs.test_set(), lm, fs.model(),
+               num_rounds=1, progress=False, keep_clean_context=True)
+    before = fl.fedbpt(fs.config_a(num_clients=4, clients_per_round=2, layout="before"), lm)
+    with pytest.raises(ValueError, match="no prefix cache"):
+        fl.run(before, jax.random.key(0), fs.make_data(4), fs.test_set(), lm, fs.model(), num_rounds=1,
+               progress=False, keep_clean_context=True)

@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .config import HPARAM_RANGES, FedConfig, HParams, check_hparams
-from .core import FederatedAlgorithm, FederatedData, ModelInputs, validate_data
+from .core import FederatedAlgorithm, FederatedData, ModelInputs, clean_context_bytes, validate_data, with_clean_context
 from .distributed import client_mesh, clients_to_global, host, init_distributed, to_global
 from .run import (History, RunCarry, compile_count, load_uploads, median_token_norm, round_cost, round_key, run,
                   summarize, trace_count, write_results)
@@ -22,7 +22,8 @@ __all__ = ["ALGORITHMS", "FedConfig", "HParams", "HPARAM_RANGES", "check_hparams
            "ModelInputs", "History", "RunCarry", "run", "summarize", "load_uploads", "median_token_norm", "round_key",
            "round_cost", "trace_count", "compile_count", "write_results", "LR_GRID", "tune_learning_rate",
            "validate_data", "make", "fedbpt", "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt",
-           "client_mesh", "init_distributed", "to_global", "clients_to_global", "host"]
+           "client_mesh", "init_distributed", "to_global", "clients_to_global", "host", "clean_context_bytes",
+           "with_clean_context"]
 
 
 def __getattr__(name: str):

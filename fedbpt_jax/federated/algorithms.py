@@ -38,7 +38,8 @@ from .. import accounting, objective, prompt, strategy
 from ..objective import Scorer
 from ..types import ScoringSpec, TokenBatch
 from .config import FedConfig, HParams, check_hparams
-from .core import FederatedAlgorithm, FederatedData, ModelInputs, client_keys, gather_clients, map_clients, sample_clients
+from .core import (FederatedAlgorithm, FederatedData, ModelInputs, client_keys, gather_clients, gather_context,
+                   map_clients, sample_clients)
 
 
 @flax.struct.dataclass
@@ -81,12 +82,16 @@ def _local_es(
     perturb: bool,
     keep_state: bool = False,
     clip_norm: jax.Array | None = None,
+    clean_ctx: Any = None,
 ) -> ClientUpload:
     """One client's local CMA-ES (unbatched; vmapped over clients by the caller).
 
     ``clip_norm`` (the optional ‖z‖ clip, :attr:`FedConfig.norm_clip`): every candidate, and the
     uploaded mean, longer than this is scaled back to it before it is scored, as the reference's
     ``norm_prompt`` does (the clipped candidates are what the local CMA-ES is told).
+
+    ``clean_ctx``: this client's clean context kept across rounds (:attr:`FederatedData.clean_context`);
+    None: prepared here, one prefix pass.
     """
     key_pert, key_gens = jax.random.split(key)
     es_params = strategy.local_params(config.population_size, config.intrinsic_dim)
@@ -96,7 +101,8 @@ def _local_es(
     # uploads C, skips the covariance update altogether. Same numbers as the general path.
     frozen = not strategy.eigen_refresh_due(config.population_size, config.intrinsic_dim, config.local_generations)
     track_c = keep_state or not frozen
-    clean_ctx = scorer.prepare(model.params, batch)
+    if clean_ctx is None:
+        clean_ctx = scorer.prepare(model.params, batch)
 
     def perturbed_ctx(k):
         pert = objective.perturb(k, batch, hp.perturb_rate, spec, exempt_special=config.exempt_special)
@@ -340,8 +346,8 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
         tau, next_tau = _norm_threshold(config, state)
         local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=config.perturb,
                                   clip_norm=tau)
-        up = map_clients(lambda k, b: local(k, state.server, b, data.spec, hp, model),
-                         (keys, batch), config.chunk_clients, mesh)
+        up = map_clients(lambda k, b, c: local(k, state.server, b, data.spec, hp, model, clean_ctx=c),
+                         (keys, batch, gather_context(data, idx)), config.chunk_clients, mesh)
         server, smetrics = strategy.server_update(
             state.server, up.mean, up.fitness, up.sigmas, active,
             variant=config.server_variant, local_population=config.population_size,
@@ -393,8 +399,8 @@ def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
         tau, next_tau = _norm_threshold(config, state)
         local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden,
                                   perturb=perturb, keep_state=True, clip_norm=tau)
-        up = map_clients(lambda k, b: local(k, state.server, b, data.spec, hp, model),
-                         (keys, batch), config.chunk_clients, mesh)
+        up = map_clients(lambda k, b, c: local(k, state.server, b, data.spec, hp, model, clean_ctx=c),
+                         (keys, batch, gather_context(data, idx)), config.chunk_clients, mesh)
         weights = counts.astype(jnp.float32) * active
         # With the ‖z‖ clip the clipped means are what the clients send (as FedBPT's uploads).
         client_states = up.local_state if tau is None else up.local_state.replace(mean=up.mean)

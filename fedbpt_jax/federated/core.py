@@ -25,11 +25,17 @@ class FederatedData:
       train: ``TokenBatch`` with leading axes ``[N, E]``.
       counts: ``[N]`` int32 real examples per client (FedAvg weights, sampling weights).
       spec: the task's :class:`ScoringSpec`.
+      clean_context: the clients' clean prepared contexts (the decoder's text-prefix key/value cache,
+        leading axis ``[N]``: :meth:`fedbpt_jax.objective.Scorer.prepare` of each client's batch), kept
+        across rounds because a client's data never change; None (default): each round rebuilds them.
+        :func:`with_clean_context` fills it; :func:`fedbpt_jax.federated.run` does so when it fits
+        (``keep_clean_context``).
     """
 
     train: TokenBatch
     counts: jax.Array
     spec: ScoringSpec
+    clean_context: Any = None
 
     @property
     def num_clients(self) -> int:
@@ -148,6 +154,42 @@ def gather_clients(data: FederatedData, idx: jax.Array) -> tuple[TokenBatch, jax
     """The sampled clients' batches ``[K, E, T]`` and counts ``[K]``."""
     batch = jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data.train)
     return batch, jnp.take(data.counts, idx)
+
+
+def gather_context(data: FederatedData, idx: jax.Array):
+    """The sampled clients' kept clean contexts ``[K, ...]`` (None when ``data`` keeps none)."""
+    if data.clean_context is None:
+        return None
+    return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data.clean_context)
+
+
+def clean_context_bytes(scorer, params, data: FederatedData) -> int:
+    """Bytes the N clients' clean contexts take when kept across rounds (shape inference only).
+
+    For a decoder with the prefix cache (layout "after") this is the text tokens' keys and values in every
+    layer: ``N · E · T · layers · 2 · kv_heads · head_dim`` × the cache dtype's bytes (SmolLM2-135M in
+    float32: about 46 KB per token, 12 MB per 256-token example). 0 for a scorer with no prefix cache.
+    """
+    from .. import objective
+
+    if not getattr(scorer, "caches_prefix", False):
+        return 0
+    return objective.prepared_bytes(scorer, params, data.train)
+
+
+def with_clean_context(data: FederatedData, scorer, params, *, chunk: int = 0, mesh=None) -> FederatedData:
+    """``data`` with every client's clean context prepared once (:attr:`FederatedData.clean_context`).
+
+    FedBPT and FedAvg-BBT then skip one prefix pass per client per round; the numbers are those of the
+    rebuilt contexts up to float rounding (the same computation, batched differently). A scorer without a
+    prefix cache (encoders, layout "before") has nothing worth keeping: ``data`` comes back unchanged.
+    ``chunk`` clients are prepared at a time (0: all at once) and the result is sharded like the clients
+    (``mesh``, or the ambient mesh).
+    """
+    if not getattr(scorer, "caches_prefix", False):
+        return data
+    ctx = jax.jit(lambda p, b: map_clients(lambda x: scorer.prepare(p, x), (b,), chunk, mesh))(params, data.train)
+    return data.replace(clean_context=ctx)
 
 
 def client_keys(key: jax.Array, k: int, mode: str) -> jax.Array:

@@ -36,7 +36,8 @@ from .. import objective
 from ..checkpoint import CheckpointMismatch, Checkpointer, fingerprint, write_csv_atomic, write_json_atomic
 from ..types import TokenBatch
 from .config import HParams
-from .core import FederatedAlgorithm, FederatedData, ModelInputs, validate_data, validate_test
+from .core import (FederatedAlgorithm, FederatedData, ModelInputs, clean_context_bytes, validate_data, validate_test,
+                   with_clean_context)
 from .distributed import host, to_global
 
 #: Number of times each segment (key: algorithm name) and initial evaluation (key: ``name + "/eval"``)
@@ -306,9 +307,32 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
     n, e, t = np.shape(data.train.input_ids)
     cost = _costs(scorer, data.spec, t)
     examples = n * e if algo.pooled else e
-    flops = algo.forward_calls * examples * cost.forward + algo.prefix_passes * examples * cost.prepare
-    return {"examples_per_call": examples, "forward_calls": algo.forward_calls, "prefix_passes": algo.prefix_passes,
+    prefix = algo.prefix_passes
+    if data.clean_context is not None and algo.name in _CLEAN_CONTEXT and prefix:
+        prefix -= 1  # the clean prefix cache is kept across rounds
+    flops = algo.forward_calls * examples * cost.forward + prefix * examples * cost.prepare
+    return {"examples_per_call": examples, "forward_calls": algo.forward_calls, "prefix_passes": prefix,
             "flops_per_client": flops}
+
+
+#: Algorithms whose local rounds use kept clean contexts (:attr:`FederatedData.clean_context`).
+_CLEAN_CONTEXT = frozenset({"fedbpt", "fedavg_bbt", "fedavg_bbt_perturbed"})
+
+
+def _keep_clean_context(algo, scorer, lm, data: FederatedData, keep: bool | None, budget: int,
+                        num_rounds: int) -> bool:
+    """Whether ``run`` keeps the clients' clean prefix caches across rounds (see ``run``'s ``keep_clean_context``)."""
+    usable = algo.name in _CLEAN_CONTEXT and bool(scorer.caches_prefix)
+    if keep is None:
+        # Preparing all N clients once pays off when the run prepares at least as many anyway (K per round).
+        pays = num_rounds * algo.config.clients_per_round >= data.num_clients
+        return usable and pays and clean_context_bytes(scorer, lm.params, data) <= budget
+    if keep and not usable:
+        why = (f"algorithm {algo.name!r} does not use it" if algo.name not in _CLEAN_CONTEXT
+               else "its scorer has no prefix cache (decoders with layout 'after' have one)")
+        raise ValueError(f"keep_clean_context=True: {why}; accepted for {sorted(_CLEAN_CONTEXT)} with a "
+                         "prefix-caching scorer (or pass None to decide automatically)")
+    return bool(keep)
 
 
 def _eval_flops(lm, algo, chunks: TokenBatch, spec, prefix_cached: bool = False) -> float:
@@ -410,6 +434,8 @@ def run(
     mesh=None,
     cache_eval_prefix: bool | None = None,
     eval_cache_budget: int = 2 << 30,
+    keep_clean_context: bool | None = None,
+    clean_context_budget: int = 1 << 30,
 ) -> tuple[RunCarry, History]:
     """Runs ``num_rounds`` rounds of ``algo``, evaluates the global prompt every ``eval_every`` rounds on
     the test set and the dev set, and selects the round on dev.
@@ -451,6 +477,14 @@ def run(
       cache_eval_prefix: keep the test and dev sets' prefix caches (decoder, layout "after") for the
         whole run, so an evaluation costs only the prompt and cue tokens per example. ``None`` (default):
         on when the caches fit ``eval_cache_budget`` bytes.
+      keep_clean_context: prepare every client's clean text-prefix cache once and keep it across rounds
+        (:func:`~fedbpt_jax.federated.core.with_clean_context`): a client's data never change, so FedBPT
+        and FedAvg-BBT then skip one prefix pass per client per round (``prefix_passes`` in the rows).
+        It holds :func:`~fedbpt_jax.federated.core.clean_context_bytes` bytes for the whole run (SmolLM2-135M
+        in float32: ~46 KB per padded text token, i.e. N · E · T · 46 KB). ``None`` (default): on when the
+        algorithm can use it (FedBPT, FedAvg-BBT; a decoder with layout "after"), it fits
+        ``clean_context_budget`` bytes and the run samples at least N clients in all (rounds × K ≥ N, so
+        preparing all N once costs no more than rebuilding). ``True`` where it cannot be used is an error.
 
     Returns:
       ``(carry, history)``: the final carry (state, the dev-selected round with its dev and test accuracy
@@ -500,7 +534,8 @@ def run(
                                save_uploads is not None, bool(log_clients))
     chunks = objective.chunk_examples(test, eval_chunk)
     dev_chunks = None if dev is None else objective.chunk_examples(dev, eval_chunk)
-    cost = round_cost(algo, lm, data)
+    scorer = _algo_scorer(algo, lm.kind, lm.config)
+    keep_ctx = _keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
     token_norm = jnp.asarray(median_token_norm(lm), jnp.float32)
 
     carry = RunCarry(
@@ -515,12 +550,19 @@ def run(
     )
     if mesh is not None:
         data = data.replace(train=to_global(data.train, mesh, clients=True),
-                            counts=to_global(data.counts, mesh, clients=True), spec=to_global(data.spec, mesh))
+                            counts=to_global(data.counts, mesh, clients=True), spec=to_global(data.spec, mesh),
+                            clean_context=None if data.clean_context is None
+                            else to_global(data.clean_context, mesh, clients=True))
         model, hp, chunks, dev_chunks, carry, key_data, token_norm = to_global(
             (model, hp, chunks, dev_chunks, carry, key_data, token_norm), mesh)
     else:
         chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
-    scorer = _algo_scorer(algo, lm.kind, lm.config)
+    if not keep_ctx:
+        data = data.replace(clean_context=None)
+    elif data.clean_context is None:
+        with _mesh_context(mesh):
+            data = with_clean_context(data, scorer, model.params, chunk=cfg.chunk_clients, mesh=mesh)
+    cost = round_cost(algo, lm, data)
     if cache_eval_prefix is None:
         need = objective.prepared_bytes(scorer, lm.params, chunks) if scorer.caches_prefix else 0
         if scorer.caches_prefix and dev_chunks is not None:
@@ -586,6 +628,7 @@ def run(
                 row.update({"bytes_down_per_client": comm.down_per_client, "bytes_up_per_client": comm.up_per_client,
                             "fedavg_full_model_bytes_per_client": comm.fedavg_full_model_per_client,
                             "forward_calls": int(algo.forward_calls * active),
+                            "prefix_passes": int(cost["prefix_passes"] * active),
                             "examples_per_call": cost["examples_per_call"],
                             "model_flops": float(cost["flops_per_client"] * active),
                             "seconds": dt / eval_every})
