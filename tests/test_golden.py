@@ -1,0 +1,149 @@
+"""Golden numbers: a fixed tiny run of every trained algorithm, pinned bit for bit.
+
+Each algorithm (FedBPT, FedAvg-BBT with and without perturbation, centralized BBT, FedPrompt) runs
+4 rounds on a 6-client tiny decoder set-up (K = 3, a 30% dropout: 2, 1, 2 and 3 clients take part; unequal client sizes), evaluated
+every 2 rounds on a test and a dev set, checkpointed, stopped after round 2 and resumed from the
+checkpoint to round 4. Every number of the history (round rows with their per-client diagnostics,
+evaluation rows; all but the wall-clock ``seconds``) and every leaf of the final carry must equal the
+golden file ``tests/golden/<algorithm>.json`` exactly: floats are stored losslessly (``float.hex``),
+arrays as their raw bytes. A refactor must not change a single bit; a change that is meant to change
+numbers regenerates the files and says why in its commit.
+
+Regenerate (CPU, from the repository root)::
+
+    FEDBPT_JAX_REGEN_GOLDEN=1 python -m pytest -q tests/test_golden.py
+
+The numbers are those of the CPU backend with the pinned jax/jaxlib (XLA may fuse and round
+differently on another backend or version): the test runs on CPU only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import federated_setup as fs
+from fedbpt_jax import prompt, testing
+from fedbpt_jax import federated as fl
+from fedbpt_jax.federated.core import ModelInputs
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+REGEN = os.environ.get("FEDBPT_JAX_REGEN_GOLDEN", "") not in ("", "0")
+
+N, K, D = 6, 3, 8
+COUNTS = (4, 3, 4, 2, 4, 1)
+NUM_ROUNDS, EVAL_EVERY = 4, 2
+HP = fl.HParams(dropout_rate=0.3, learning_rate=0.05)
+
+
+def _config(**kw) -> fl.FedConfig:
+    base = dict(num_clients=N, clients_per_round=K, population_size=4, local_generations=2, intrinsic_dim=D,
+                n_prompt_tokens=2)
+    base.update(kw)
+    return fl.FedConfig(**base)
+
+
+#: name -> (builder, config): FedAvg-BBT also runs the optional ‖z‖ clip and σ clamp (which FedBPT shares).
+CASES = {
+    "fedbpt": (fl.fedbpt, _config()),
+    "fedavg_bbt": (fl.fedavg_bbt, _config(perturb=False, norm_clip=True, norm_clip_threshold=0.5,
+                                          sigma_schedule="clamp", sigma_floor=0.9)),
+    "fedavg_bbt_perturbed": (lambda c, lm: fl.fedavg_bbt(c, lm, perturb=True), _config()),
+    "centralized_bbt": (fl.centralized_bbt, _config(perturb=False)),
+    "fedprompt": (fl.fedprompt, _config(perturb=False)),
+}
+
+
+def _clean(batch):
+    pid = fs.poison_id()
+    return batch.replace(input_ids=np.where(batch.input_ids == pid, pid - 1, batch.input_ids))
+
+
+def _model() -> ModelInputs:
+    lm = fs.tiny_lm()
+    a = prompt.make_projection(jax.random.key(1), lm.input_embeddings(), intrinsic_dim=D, n_prompt_tokens=2)
+    return ModelInputs(lm.params, a)
+
+
+def _run(name: str, ckpt_dir: Path):
+    make, cfg = CASES[name]
+    lm = fs.tiny_lm()
+    algo = make(cfg, lm)
+    data = fs.make_data(N, seed=7, counts=COUNTS)
+    dev = _clean(testing.random_batch(2, 8, fs.SEQ, fs.VOCAB - 1))
+    kw = dict(num_rounds=NUM_ROUNDS, hp=HP, dev=dev, eval_every=EVAL_EVERY, eval_chunk=8, checkpoint_dir=ckpt_dir,
+              progress=False)
+    model = _model()
+    fl.run(algo, jax.random.key(12), data, fs.test_set(), lm, model, stop_after=EVAL_EVERY, **kw)
+    return fl.run(algo, jax.random.key(12), data, fs.test_set(), lm, model, **kw)   # resumed from the checkpoint
+
+
+def _encode(x):
+    """JSON-able and lossless: floats as ``"f:" + float.hex``, bools and ints as they are."""
+    if isinstance(x, dict):
+        return {str(k): _encode(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_encode(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return "f:" + float(x).hex()
+    if x is None or isinstance(x, str):
+        return x
+    raise TypeError(f"unexpected value in the history: {type(x).__name__} {x!r}")
+
+
+def _carry_leaves(carry) -> dict:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(fl.host(carry))[0]:
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        out[jax.tree_util.keystr(path)] = {"dtype": str(arr.dtype), "shape": list(arr.shape),
+                                           "bytes": arr.tobytes().hex()}
+    return out
+
+
+def _record(carry, history) -> dict:
+    rounds = [{k: v for k, v in r.items() if k != "seconds"} for r in history.rounds]
+    return {"rounds": _encode(rounds), "evals": _encode(history.evals), "carry": _carry_leaves(carry)}
+
+
+def _diff(got, want, where="") -> list[str]:
+    if isinstance(want, dict) and isinstance(got, dict):
+        out = [f"{where}/{k}: missing" for k in want if k not in got]
+        out += [f"{where}/{k}: unexpected" for k in got if k not in want]
+        for k in want:
+            if k in got:
+                out += _diff(got[k], want[k], f"{where}/{k}")
+        return out
+    if isinstance(want, list) and isinstance(got, list):
+        if len(got) != len(want):
+            return [f"{where}: length {len(got)}, golden {len(want)}"]
+        return [d for i, (g, w) in enumerate(zip(got, want)) for d in _diff(g, w, f"{where}[{i}]")]
+    if got != want or type(got) is not type(want):
+        show = lambda v: float.fromhex(v[2:]) if isinstance(v, str) and v.startswith("f:") else v  # noqa: E731
+        return [f"{where}: {show(got)!r}, golden {show(want)!r}"]
+    return []
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the golden numbers are the CPU backend's")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_run(name, tmp_path):
+    got = _record(*_run(name, tmp_path / "ckpt"))
+    path = GOLDEN_DIR / f"{name}.json"
+    if REGEN:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"algorithm": name, "jax": jax.__version__, **got}, indent=1) + "\n")
+        return
+    assert path.exists(), f"{path} is missing: regenerate with FEDBPT_JAX_REGEN_GOLDEN=1 (see this module's docstring)"
+    want = json.loads(path.read_text())
+    diffs = _diff(got, {k: want[k] for k in ("rounds", "evals", "carry")})
+    assert not diffs, (f"{len(diffs)} value(s) differ from {path.name} (generated with jax {want.get('jax')}):\n  "
+                       + "\n  ".join(diffs[:30]))
