@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             res = {"z0": s["initial_test_accuracy"], "final": s["final_test_accuracy"],
                    "selected": s["selected_test_accuracy"], "selected_round": s["selected_round"],
                    "best_test_reference": s["best_test_reference"],
-                   "seconds": time.perf_counter() - t0, "bytes_up_per_client": algo.comm.up_per_client}
+                   "seconds": time.perf_counter() - t0, "bytes_up_per_client": algo.cost.comm.up_per_client}
             summary["results"][f"{name}/{split}"] = res
             curves[f"{name}/{split}"] = [(e["round"], e["accuracy"]) for e in hist.evals]
             print(f"{name:16s} {split:7s} z0 {res['z0']:.4f} final {res['final']:.4f} dev-selected "

@@ -271,7 +271,7 @@ def cmd_simulate(args) -> int:
     data = FederatedData.from_host(fed)
     kwargs = {"perturb": True} if args.algorithm == "fedavg_bbt" and args.fedavg_perturb else {}
     algo = fl.make(args.algorithm, cfg, lm, **kwargs)
-    c = algo.comm
+    c = algo.cost.comm
     print(f"{algo.name}: N={args.clients} K={k} λ={args.population} I={args.local_generations} d={args.d} "
           f"| per client per round: {c.down_per_client} B down, {c.up_per_client} B up "
           f"(FedAvg of the full model: {c.fedavg_full_model_per_client / 1e6:.0f} MB each way)", flush=True)

@@ -210,16 +210,16 @@ def test_dropped_client_contributes_nothing():
     """Changing the data of a sampled-but-dropped client does not change the round at all."""
     hp = fl.HParams(dropout_rate=0.5)
     data = fs.data_a()
-    hpv = hp.validate()
     for seed in range(20):
-        idx, _, _, active, _ = algs._sampled(fl.round_key(jax.random.key(seed), 0), None, data, hpv, fs.config_a())
-        if 0 < int(jnp.sum(active)) < fs.K_A:
+        carry, hist = fs.run_a(seed, num_rounds=1, hp=hp)
+        clients = hist.rounds[0]["clients"]         # the round reports who was sampled and who took part
+        active = np.array([c["active"] for c in clients])
+        if 0 < active.sum() < fs.K_A:
             break
     else:
         pytest.fail("no key with a partial dropout")
-    dropped = np.asarray(idx)[~np.asarray(active)]
-    carry, hist = fs.run_a(seed, num_rounds=1, hp=hp)
-    assert hist.rounds[0]["active_clients"] == int(jnp.sum(active))
+    dropped = np.array([c["index"] for c in clients])[~active]
+    assert hist.rounds[0]["active_clients"] == int(active.sum())
     rng = np.random.default_rng(3)
     ids = np.asarray(data.train.input_ids).copy()
     ids[dropped] = rng.integers(3, fs.VOCAB - 1, size=ids[dropped].shape) * (ids[dropped] > 0)
@@ -419,8 +419,8 @@ def test_fedavg_bbt_weights_follow_example_counts(monkeypatch):
     data = _learnable_data(counts=counts)
     hp = fl.HParams().validate()
     state = algo.init(jax.random.key(0), hp)
-    new, m = jax.jit(algo.round)(jax.random.key(3), state, data, hp, fs.model())
-    idx = algs._sampled(jax.random.key(3), None, data, hp, algo.config)[0]
+    new, m = jax.jit(algo.round_detailed)(jax.random.key(3), state, data, hp, fs.model())
+    idx = m["clients"]["index"]                     # which clients the round sampled
     np.testing.assert_array_equal(np.asarray(m["spy_weights"]), counts[np.asarray(idx)].astype(np.float32))
     w = counts[np.asarray(idx)] / counts.sum()
     np.testing.assert_allclose(np.asarray(new.server.mean), w @ np.asarray(m["spy_means"]), rtol=1e-5, atol=1e-6)
@@ -598,7 +598,7 @@ def test_kept_clean_context_auto_off_when_it_does_not_pay_and_refused_where_unus
     lm = fs.tiny_lm()
     # N = 10,000, K = 8, 1 round: preparing every client once would cost 1,250 rounds' worth of prefix passes.
     _, h = fs.run_a(0, num_rounds=1)
-    assert h.rounds[0]["prefix_passes"] == fs.K_A * algs.fedbpt(fs.config_a(), lm).prefix_passes
+    assert h.rounds[0]["prefix_passes"] == fs.K_A * algs.fedbpt(fs.config_a(), lm).cost.prefix_passes
     cfg = fs.config_a(num_clients=4, clients_per_round=2)
     with pytest.raises(ValueError, match=r"keep_clean_context=True: algorithm 'fedprompt' does not use it"):
         fl.run(fl.fedprompt(cfg, lm), jax.random.key(0), fs.make_data(4), fs.test_set(), lm, fs.model(),

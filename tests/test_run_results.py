@@ -242,7 +242,8 @@ def test_fedavg_bbt_with_and_without_perturbation():
     plain, pert = fl.fedavg_bbt(_cfg(), lm), fl.fedavg_bbt(_cfg(), lm, perturb=True)
     assert plain.name == "fedavg_bbt" and pert.name == "fedavg_bbt_perturbed"
     assert fl.make("fedavg_bbt_perturbed", _cfg(), lm).name == "fedavg_bbt_perturbed"
-    assert pert.forward_calls == 2 * plain.forward_calls and pert.prefix_passes == 2 and plain.prefix_passes == 1
+    assert pert.cost.forward_calls == 2 * plain.cost.forward_calls
+    assert pert.cost.prefix_passes == 2 and plain.cost.prefix_passes == 1
     data, hp = _data(), fl.HParams().validate()
     out = {}
     for algo in (plain, pert):

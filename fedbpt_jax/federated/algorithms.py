@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -38,8 +38,8 @@ from .. import accounting, objective, prompt, strategy
 from ..objective import Scorer
 from ..types import ScoringSpec, TokenBatch
 from .config import FedConfig, HParams, check_hparams
-from .core import (FederatedAlgorithm, FederatedData, ModelInputs, client_keys, gather_clients, gather_context,
-                   map_clients, sample_clients)
+from .core import (AlgorithmCost, ClientSample, FederatedAlgorithm, FederatedData, ModelInputs, gather_context,
+                   map_clients, sample_round)
 
 
 @flax.struct.dataclass
@@ -229,8 +229,9 @@ def client_diagnostics(idx, batch: TokenBatch, counts, active, spec: ScoringSpec
     return clients, summary
 
 
-def _round_metrics(up: ClientUpload, active: jax.Array, extra: dict, *, idx, batch, counts, spec, perturbed: bool,
-                   z_norm=None, uploads=None) -> dict:
+def _round_metrics(up: ClientUpload, sample: ClientSample, extra: dict, *, spec, perturbed: bool, z_norm=None,
+                   uploads=None) -> dict:
+    idx, batch, counts, active = sample.index, sample.batch, sample.counts, sample.active
     ok = active & jnp.isfinite(up.loss)
     w = ok.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(w), 1.0)
@@ -272,9 +273,9 @@ def scalars_only(round_detailed):
     return round_fn
 
 
-def _uploads(idx, active, up: ClientUpload, server) -> dict:
+def _uploads(sample: ClientSample, up: ClientUpload, server) -> dict:
     """What the clients sent this round (and the broadcast it answered), for replaying aggregations."""
-    return {"client_index": idx.astype(jnp.int32), "active": active, "mean": up.mean, "fitness": up.fitness,
+    return {"client_index": sample.index.astype(jnp.int32), "active": sample.active, "mean": up.mean, "fitness": up.fitness,
             "sigmas": up.sigmas, "server_mean": strategy.mean_of_server(server),
             "server_sigma": strategy.sigma_of_server(server)}
 
@@ -297,19 +298,57 @@ def _sigma_schedule(config: FedConfig, old, new):
     return new.replace(sigma=clamped.astype(s_new.dtype))
 
 
-def _sampled(key, state_round, data: FederatedData, hp: HParams, config: FedConfig):
-    key_sample, key_drop, key_clients = jax.random.split(key, 3)
-    idx = sample_clients(key_sample, data.counts, config.clients_per_round, config.sampling)
-    batch, counts = gather_clients(data, idx)
-    active = (jax.random.uniform(key_drop, (config.clients_per_round,)) >= hp.dropout_rate) & (counts > 0)
-    keys = client_keys(key_clients, config.clients_per_round, config.client_keys)
-    return idx, batch, counts, active, keys
-
-
 def _comm(config: FedConfig, lm, *, covariance: bool) -> accounting.CommBytes:
     if covariance:
         return accounting.fedavg_bbt_bytes(config.intrinsic_dim, lm.num_params())
     return accounting.fedbpt_bytes(config.intrinsic_dim, config.local_generations, lm.num_params())
+
+
+def _es_cost(config: FedConfig, lm, *, perturb: bool, covariance: bool) -> AlgorithmCost:
+    """FedBPT's and FedAvg-BBT's round cost: I·λ candidate passes and the final mean's pass (twice with the
+    perturbed copy); one clean prefix pass, plus the perturbed copies' (one a round, or one a generation
+    and one for the final mean)."""
+    calls = config.local_generations * config.population_size + 1
+    prefix = 1
+    if perturb:
+        calls *= 2
+        prefix += 1 if config.perturb_every == "round" else config.local_generations + 1
+    return AlgorithmCost(comm=_comm(config, lm, covariance=covariance), forward_calls=calls, prefix_passes=prefix)
+
+
+def _es_round(config: FedConfig, scorer: Scorer, hidden: int, mesh, *, perturb: bool, keep_state: bool,
+              aggregate: Callable):
+    """The round FedBPT and FedAvg-BBT share, as ``round_detailed``: sample the K clients
+    (:func:`~fedbpt_jax.federated.core.sample_round`), run every client's local CMA-ES from the broadcast
+    server state (:func:`_local_es`, under the round's ‖z‖ clip τ_t when on), aggregate, apply the optional
+    σ schedule, and report the round's metrics, per-client diagnostics and uploads.
+
+    ``aggregate(server, uploads, sample) -> (server, metrics)`` is the server step, the only difference
+    between the two: FedBPT's server CMA-ES step, FedAvg-BBT's example-weighted average. ``keep_state``:
+    the clients also upload their CMA-ES states (``uploads.local_state``, FedAvg-BBT); with the ‖z‖ clip
+    their means are the clipped means, what the clients send.
+    """
+
+    def round_detailed(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
+        sample = sample_round(key, data, hp, config)
+        tau, next_tau = _norm_threshold(config, state)
+        local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=perturb,
+                                  keep_state=keep_state, clip_norm=tau)
+        up = map_clients(lambda k, b, c: local(k, state.server, b, data.spec, hp, model, clean_ctx=c),
+                         (sample.keys, sample.batch, gather_context(data, sample.index)), config.chunk_clients, mesh)
+        if keep_state and tau is not None:
+            up = up.replace(local_state=up.local_state.replace(mean=up.mean))
+        server, smetrics = aggregate(state.server, up, sample)
+        server = _sigma_schedule(config, state.server, server)
+        extra = {"sigma": strategy.sigma_of_server(server), **smetrics}
+        if tau is not None:
+            extra["norm_threshold"] = tau
+        metrics = _round_metrics(up, sample, extra, spec=data.spec, perturbed=perturb,
+                                 z_norm=jnp.linalg.norm(strategy.mean_of_server(server)),
+                                 uploads=_uploads(sample, up, state.server))
+        return FedBPTState(server=server, round=state.round + 1, norm_threshold=next_tau), metrics
+
+    return round_detailed
 
 
 def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) -> FederatedAlgorithm:
@@ -341,25 +380,12 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
             norm_threshold=jnp.asarray(config.norm_clip_threshold, jnp.float32),
         )
 
-    def round_detailed(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
-        idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
-        tau, next_tau = _norm_threshold(config, state)
-        local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=config.perturb,
-                                  clip_norm=tau)
-        up = map_clients(lambda k, b, c: local(k, state.server, b, data.spec, hp, model, clean_ctx=c),
-                         (keys, batch, gather_context(data, idx)), config.chunk_clients, mesh)
-        server, smetrics = strategy.server_update(
-            state.server, up.mean, up.fitness, up.sigmas, active,
-            variant=config.server_variant, local_population=config.population_size,
-        )
-        server = _sigma_schedule(config, state.server, server)
-        extra = {"sigma": strategy.sigma_of_server(server), **smetrics}
-        if tau is not None:
-            extra["norm_threshold"] = tau
-        metrics = _round_metrics(up, active, extra, idx=idx, batch=batch, counts=counts, spec=data.spec,
-                                 perturbed=config.perturb, z_norm=jnp.linalg.norm(strategy.mean_of_server(server)),
-                                 uploads=_uploads(idx, active, up, state.server))
-        return FedBPTState(server=server, round=state.round + 1, norm_threshold=next_tau), metrics
+    def aggregate(server, up: ClientUpload, sample: ClientSample):
+        return strategy.server_update(server, up.mean, up.fitness, up.sigmas, sample.active,
+                                      variant=config.server_variant, local_population=config.population_size)
+
+    round_detailed = _es_round(config, scorer, hidden, mesh, perturb=config.perturb, keep_state=False,
+                               aggregate=aggregate)
 
     def global_prompt(state: FedBPTState, model: ModelInputs):
         return prompt.to_prompt(model.projection, strategy.mean_of_server(state.server), hidden, model.start)
@@ -367,11 +393,8 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
     def global_z(state: FedBPTState):
         return strategy.mean_of_server(state.server)
 
-    calls = config.local_generations * config.population_size + 1
-    calls *= 2 if config.perturb else 1
-    prefix = 1 + ((1 if config.perturb_every == "round" else config.local_generations + 1) if config.perturb else 0)
     return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, config,
-                              _comm(config, lm, covariance=False), calls, prefix_passes=prefix, mesh=mesh, scorer=scorer,
+                              _es_cost(config, lm, perturb=config.perturb, covariance=False), mesh=mesh, scorer=scorer,
                               global_z=global_z, round_detailed=round_detailed)
 
 
@@ -390,38 +413,18 @@ def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
     """
     scorer = scorer or _scorer(config, lm)
     hidden = lm.hidden_size
-    base = fedbpt(config, lm, mesh=mesh, scorer=scorer)
     if perturb and config.loss == "accuracy":
         raise ValueError("FedAvg-BBT with perturbation needs a positive loss: use loss 'ce' or 'hinge'")
+    base = fedbpt(config, lm, mesh=mesh, scorer=scorer)  # the same state, init and global prompt
 
-    def round_detailed(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
-        idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
-        tau, next_tau = _norm_threshold(config, state)
-        local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden,
-                                  perturb=perturb, keep_state=True, clip_norm=tau)
-        up = map_clients(lambda k, b, c: local(k, state.server, b, data.spec, hp, model, clean_ctx=c),
-                         (keys, batch, gather_context(data, idx)), config.chunk_clients, mesh)
-        weights = counts.astype(jnp.float32) * active
-        # With the ‖z‖ clip the clipped means are what the clients send (as FedBPT's uploads).
-        client_states = up.local_state if tau is None else up.local_state.replace(mean=up.mean)
-        server, smetrics = strategy.fedavg_aggregate(state.server, client_states, weights)
-        server = _sigma_schedule(config, state.server, server)
-        extra = {"sigma": strategy.sigma_of_server(server), **smetrics}
-        if tau is not None:
-            extra["norm_threshold"] = tau
-        metrics = _round_metrics(up, active, extra, idx=idx, batch=batch, counts=counts, spec=data.spec,
-                                 perturbed=perturb, z_norm=jnp.linalg.norm(strategy.mean_of_server(server)),
-                                 uploads=_uploads(idx, active, up, state.server))
-        return FedBPTState(server=server, round=state.round + 1, norm_threshold=next_tau), metrics
+    def aggregate(server, up: ClientUpload, sample: ClientSample):
+        weights = sample.counts.astype(jnp.float32) * sample.active
+        return strategy.fedavg_aggregate(server, up.local_state, weights)
 
-    calls = config.local_generations * config.population_size + 1
-    prefix = 1
-    if perturb:
-        calls *= 2
-        prefix += 1 if config.perturb_every == "round" else config.local_generations + 1
+    round_detailed = _es_round(config, scorer, hidden, mesh, perturb=perturb, keep_state=True, aggregate=aggregate)
     name = "fedavg_bbt_perturbed" if perturb else "fedavg_bbt"
     return base._replace(name=name, round=scalars_only(round_detailed), round_detailed=round_detailed,
-                         comm=_comm(config, lm, covariance=True), forward_calls=calls, prefix_passes=prefix)
+                         cost=_es_cost(config, lm, perturb=perturb, covariance=True))
 
 
 @flax.struct.dataclass
@@ -488,9 +491,9 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
     def global_z(state: CentralState):
         return strategy.mean_of(state.es)
 
-    comm = accounting.CommBytes(0, 0, 0)
-    return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, config, comm,
-                              config.local_generations * pop + 1, prefix_passes=1, pooled=True, scorer=scorer,
+    cost = AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=config.local_generations * pop + 1,
+                         prefix_passes=1, pooled=True)
+    return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, config, cost, scorer=scorer,
                               global_z=global_z)
 
 
@@ -511,7 +514,15 @@ def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
     def global_prompt(state, model):
         return prompt.start_prompt(model.start, n, hidden)
 
-    return FederatedAlgorithm("manual", init, round_fn, global_prompt, config, accounting.CommBytes(0, 0, 0), 0)
+    return FederatedAlgorithm("manual", init, round_fn, global_prompt, config,
+                              AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=0))
+
+
+class LocalAdam(NamedTuple):
+    """A FedPrompt client's local optimisation as it is carried through its Adam steps."""
+
+    prompt: jax.Array  # [n, H] the prompt offset being tuned
+    opt_state: Any  # optax's Adam state
 
 
 @flax.struct.dataclass
@@ -546,19 +557,19 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
             logits = scorer.logits(model.params, ctx, spec, p if model.start is None else p + model.start)
             return objective.masked_mean(objective.per_example_loss(logits, batch.labels, config.loss), batch.example_mask)
 
-        def step(carry, _):
-            p, s = carry
-            loss, g = jax.value_and_grad(loss_fn)(p)
-            upd, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, upd), s), loss
+        def step(carry: LocalAdam, _):
+            loss, g = jax.value_and_grad(loss_fn)(carry.prompt)
+            upd, opt_state = opt.update(g, carry.opt_state, carry.prompt)
+            return LocalAdam(prompt=optax.apply_updates(carry.prompt, upd), opt_state=opt_state), loss
 
-        (p, _), losses = jax.lax.scan(step, (p0, opt.init(p0)), None, length=steps)
-        return p, loss_fn(p)
+        final, losses = jax.lax.scan(step, LocalAdam(prompt=p0, opt_state=opt.init(p0)), None, length=steps)
+        return final.prompt, loss_fn(final.prompt)
 
     def round_detailed(key, state: PromptState, data: FederatedData, hp: HParams, model: ModelInputs):
-        idx, batch, counts, active, keys = _sampled(key, state.round, data, hp, config)
+        sample = sample_round(key, data, hp, config)
+        idx, batch, counts, active = sample.index, sample.batch, sample.counts, sample.active
         prompts, losses = map_clients(lambda k, b: client(k, state.prompt, b, data.spec, hp, model),
-                                      (keys, batch), config.chunk_clients, mesh)
+                                      (sample.keys, batch), config.chunk_clients, mesh)
         # A client whose loss or prompt is not finite is dropped from the average (it would poison it).
         finite = jnp.isfinite(losses) & jnp.all(jnp.isfinite(prompts.reshape(prompts.shape[0], -1)), axis=-1)
         usable = active & finite
@@ -579,10 +590,11 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
     def global_prompt(state: PromptState, model):
         return state.prompt if model.start is None else state.prompt + model.start
 
-    comm = accounting.prompt_bytes(n, hidden, lm.num_params())
     # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.
-    return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, config, comm,
-                              3 * steps + 1, prefix_passes=1, mesh=mesh, scorer=scorer, round_detailed=round_detailed)
+    cost = AlgorithmCost(comm=accounting.prompt_bytes(n, hidden, lm.num_params()), forward_calls=3 * steps + 1,
+                         prefix_passes=1)
+    return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, config, cost,
+                              mesh=mesh, scorer=scorer, round_detailed=round_detailed)
 
 
 ALGORITHMS = {

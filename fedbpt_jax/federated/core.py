@@ -1,4 +1,5 @@
-"""Shared pieces of every federated algorithm: data container, frozen model inputs, sampling.
+"""Shared pieces of every federated algorithm: data container, frozen model inputs, the algorithm
+record and its cost, sampling.
 
 Clients are an array axis. The N clients' data are one padded ``TokenBatch`` of shape ``[N, E, T]``
 (E = the largest client's example count, padding rows masked out) plus per-client example counts;
@@ -6,6 +7,7 @@ sampling K of N is a gather with static K, and dropouts are masks with zero aggr
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
@@ -88,6 +90,27 @@ class ModelInputs:
         return cls(params=lm.params, projection=projection, start=start)
 
 
+@dataclasses.dataclass(frozen=True)
+class AlgorithmCost:
+    """What one round of an algorithm costs, for the accounting only (the round never reads it).
+
+    Attributes:
+      comm: per-client bytes per round (:class:`fedbpt_jax.accounting.CommBytes`).
+      forward_calls: model forward passes over a client's local batch per active client per round
+        (a backward pass counts as two; a candidate's clean and perturbed copies count as two, as in the
+        reference code, although the engine runs them as one batched pass).
+      prefix_passes: passes over a client's local batch that only build the decoder's text-prefix
+        key/value cache (:meth:`fedbpt_jax.objective.Scorer.prepare`), per active client per round.
+      pooled: the algorithm trains on the union of all clients' data (centralized BBT): its forward
+        calls run over all ``N × E`` examples, once per round.
+    """
+
+    comm: Any
+    forward_calls: int
+    prefix_passes: int = 0
+    pooled: bool = False
+
+
 class FederatedAlgorithm(NamedTuple):
     """A federated algorithm as pure functions (optax/fedjax style).
 
@@ -98,14 +121,7 @@ class FederatedAlgorithm(NamedTuple):
       global_prompt: ``(state, model) -> [n, H]`` the prompt the server would deploy now (evaluated on
         the test set by :func:`fedbpt_jax.federated.run`); None means "no prompt" (manual prompt).
       config: the algorithm's static config.
-      comm: per-client bytes per round (:class:`fedbpt_jax.accounting.CommBytes`).
-      forward_calls: model forward passes over a client's local batch per active client per round
-        (a backward pass counts as two; a candidate's clean and perturbed copies count as two, as in the
-        reference code, although the engine runs them as one batched pass).
-      prefix_passes: passes over a client's local batch that only build the decoder's text-prefix
-        key/value cache (:meth:`fedbpt_jax.objective.Scorer.prepare`), per active client per round.
-      pooled: the algorithm trains on the union of all clients' data (centralized BBT): its forward
-        calls run over all ``N × E`` examples, once per round.
+      cost: what a round costs (:class:`AlgorithmCost`: bytes, forward calls, prefix passes, pooled).
       mesh: the device mesh whose ``"clients"`` axis shards the client axis (None: the ambient mesh
         set by :func:`fedbpt_jax.federated.run` or ``jax.set_mesh``, if any).
       scorer: the :class:`~fedbpt_jax.objective.Scorer` the rounds use (:func:`~fedbpt_jax.federated.run`
@@ -113,8 +129,10 @@ class FederatedAlgorithm(NamedTuple):
       global_z: ``state -> [d]`` the global intrinsic vector z (None: the algorithm has none, e.g.
         FedPrompt, which tunes the embeddings directly); :func:`~fedbpt_jax.federated.run` logs ‖z‖.
       round_detailed: the same round as ``round`` whose metrics also hold ``"clients"`` (per-client
-        diagnostics ``[K]``) and ``"uploads"`` (what the clients sent, d floats each); None: ``round``
-        has no per-client detail. ``round`` itself returns scalar metrics only.
+        diagnostics ``[K]``, among them ``"index"``: which of the N clients were sampled, and
+        ``"active"``: which of them took part rather than dropped) and, for FedBPT and FedAvg-BBT,
+        ``"uploads"`` (what the clients sent, d floats each); None: ``round`` has no per-client detail.
+        ``round`` itself returns scalar metrics only.
     """
 
     name: str
@@ -122,14 +140,40 @@ class FederatedAlgorithm(NamedTuple):
     round: Callable
     global_prompt: Callable
     config: Any
-    comm: Any
-    forward_calls: int
-    prefix_passes: int = 0
-    pooled: bool = False
+    cost: AlgorithmCost
     mesh: Any = None
     scorer: Any = None
     global_z: Callable | None = None
     round_detailed: Callable | None = None
+
+
+class ClientSample(NamedTuple):
+    """The clients of one round (:func:`sample_round`).
+
+    Attributes:
+      index: ``[K]`` int which of the N clients were sampled.
+      active: ``[K]`` bool which of them take part (False: dropped out, or no examples).
+      batch: their ``TokenBatch`` ``[K, E, T]``.
+      counts: ``[K]`` their example counts.
+      keys: ``[K]`` their keys (:func:`client_keys`).
+    """
+
+    index: jax.Array
+    active: jax.Array
+    batch: TokenBatch
+    counts: jax.Array
+    keys: jax.Array
+
+
+def sample_round(key: jax.Array, data: "FederatedData", hp, config) -> ClientSample:
+    """Samples the round's K clients (``config.sampling``), drops each with probability ``hp.dropout_rate``
+    and gives each its key (``config.client_keys``); ``key`` is split once into the three purposes."""
+    key_sample, key_drop, key_clients = jax.random.split(key, 3)
+    idx = sample_clients(key_sample, data.counts, config.clients_per_round, config.sampling)
+    batch, counts = gather_clients(data, idx)
+    active = (jax.random.uniform(key_drop, (config.clients_per_round,)) >= hp.dropout_rate) & (counts > 0)
+    keys = client_keys(key_clients, config.clients_per_round, config.client_keys)
+    return ClientSample(index=idx, active=active, batch=batch, counts=counts, keys=keys)
 
 
 def sample_clients(key: jax.Array, counts: jax.Array, k: int, how: str = "uniform") -> jax.Array:

@@ -306,12 +306,12 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     n, e, t = np.shape(data.train.input_ids)
     cost = _costs(scorer, data.spec, t)
-    examples = n * e if algo.pooled else e
-    prefix = algo.prefix_passes
+    examples = n * e if algo.cost.pooled else e
+    prefix = algo.cost.prefix_passes
     if data.clean_context is not None and algo.name in _CLEAN_CONTEXT and prefix:
         prefix -= 1  # the clean prefix cache is kept across rounds
-    flops = algo.forward_calls * examples * cost.forward + prefix * examples * cost.prepare
-    return {"examples_per_call": examples, "forward_calls": algo.forward_calls, "prefix_passes": prefix,
+    flops = algo.cost.forward_calls * examples * cost.forward + prefix * examples * cost.prepare
+    return {"examples_per_call": examples, "forward_calls": algo.cost.forward_calls, "prefix_passes": prefix,
             "flops_per_client": flops}
 
 
@@ -608,7 +608,7 @@ def run(
             carry, ev = initial(carry, data, model, test_set, dev_set, token_norm)
         history.evals.append(eval_row(0, host(ev)))
 
-    comm = algo.comm
+    comm = algo.cost.comm
     done = int(host(carry.rounds_done))
     last = num_rounds if stop_after is None else min(num_rounds, stop_after)
     with tqdm(total=num_rounds, initial=done, desc=algo.name, unit="round", disable=not (progress and lead)) as bar:
@@ -624,10 +624,10 @@ def run(
             for i in range(eval_every):
                 r = done - eval_every + i + 1
                 row = {"round": r, **{k: _row_value(v[i]) for k, v in metrics.items()}}
-                active = 1 if algo.pooled and row.get("active_clients", 0) > 0 else row.get("active_clients", 0)
+                active = 1 if algo.cost.pooled and row.get("active_clients", 0) > 0 else row.get("active_clients", 0)
                 row.update({"bytes_down_per_client": comm.down_per_client, "bytes_up_per_client": comm.up_per_client,
                             "fedavg_full_model_bytes_per_client": comm.fedavg_full_model_per_client,
-                            "forward_calls": int(algo.forward_calls * active),
+                            "forward_calls": int(algo.cost.forward_calls * active),
                             "prefix_passes": int(cost["prefix_passes"] * active),
                             "examples_per_call": cost["examples_per_call"],
                             "model_flops": float(cost["flops_per_client"] * active),
