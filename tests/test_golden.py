@@ -1,11 +1,12 @@
 """Golden numbers: a fixed tiny run of every trained algorithm, pinned bit for bit.
 
-Each algorithm (FedBPT, FedAvg-BBT with and without perturbation, centralized BBT, FedPrompt) runs
-4 rounds on a 6-client tiny decoder set-up (K = 3, a 30% dropout: 2, 1, 2 and 3 clients take part; unequal client sizes), evaluated
-every 2 rounds on a test and a dev set, checkpointed, stopped after round 2 and resumed from the
-checkpoint to round 4. Every number of the history (round rows with their per-client diagnostics,
-evaluation rows; all but the wall-clock ``seconds``) and every leaf of the final carry must equal the
-golden file ``tests/golden/<algorithm>.json`` exactly: floats are stored losslessly (``float.hex``),
+Each algorithm (FedBPT, also with a perturbed copy per generation; FedAvg-BBT with and without
+perturbation; centralized BBT; FedPrompt) runs 4 rounds on a 6-client tiny decoder set-up (K = 3, a 30%
+dropout: 2, 1, 2 and 3 clients take part; unequal client sizes), evaluated every 2 rounds on a test and
+a dev set, checkpointed, stopped after round 2 and resumed from the checkpoint to round 4. Every number
+of the history (round rows with their per-client diagnostics, evaluation rows; all but the wall-clock
+``seconds``) and every leaf of the final carry must equal the
+golden file ``tests/golden/<case>.json`` exactly: floats are stored losslessly (``float.hex``),
 arrays as their raw bytes. A refactor must not change a single bit; a change that is meant to change
 numbers regenerates the files and says why in its commit.
 
@@ -47,9 +48,11 @@ def _config(**kw) -> fl.FedConfig:
     return fl.FedConfig(**base)
 
 
-#: name -> (builder, config): FedAvg-BBT also runs the optional ‖z‖ clip and σ clamp (which FedBPT shares).
+#: case -> (builder, config): FedAvg-BBT also runs the optional ‖z‖ clip and σ clamp (which FedBPT shares);
+#: FedBPT also runs with a fresh perturbed copy every generation.
 CASES = {
     "fedbpt": (fl.fedbpt, _config()),
+    "fedbpt_perturb_every_generation": (fl.fedbpt, _config(perturb_every="generation")),
     "fedavg_bbt": (fl.fedavg_bbt, _config(perturb=False, norm_clip=True, norm_clip_threshold=0.5,
                                           sigma_schedule="clamp", sigma_floor=0.9)),
     "fedavg_bbt_perturbed": (lambda c, lm: fl.fedavg_bbt(c, lm, perturb=True), _config()),
@@ -140,7 +143,7 @@ def test_golden_run(name, tmp_path):
     path = GOLDEN_DIR / f"{name}.json"
     if REGEN:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"algorithm": name, "jax": jax.__version__, **got}, indent=1) + "\n")
+        path.write_text(json.dumps({"case": name, "jax": jax.__version__, **got}, indent=1) + "\n")
         return
     assert path.exists(), f"{path} is missing: regenerate with FEDBPT_JAX_REGEN_GOLDEN=1 (see this module's docstring)"
     want = json.loads(path.read_text())
