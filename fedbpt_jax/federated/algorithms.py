@@ -93,7 +93,8 @@ def _local_es(
     ``clean_ctx``: this client's clean context kept across rounds (:attr:`FederatedData.clean_context`);
     None: prepared here, one prefix pass.
     """
-    key_pert, key_gens = jax.random.split(key)
+    # One split, one key per purpose: the round's perturbed copy, the generations, the final mean's score.
+    key_pert, key_gens, key_final = jax.random.split(key, 3)
     es_params = strategy.local_params(config.population_size, config.intrinsic_dim)
     local = strategy.client_init(server, es_params)
     # Within the paper's I = 8 generations no client re-decomposes C (lazy gap ≈ 18.8): the clients then
@@ -150,7 +151,7 @@ def _local_es(
 
     local, (sigmas, nonfinite) = jax.lax.scan(generation, local, jax.random.split(key_gens, config.local_generations))
     mean = clip(strategy.mean_of(local)[None])[0]
-    fit, loss, pert_loss = final_score(mean, jax.random.fold_in(key_gens, config.local_generations))
+    fit, loss, pert_loss = final_score(mean, key_final)
     return ClientUpload(mean=mean, fitness=fit, sigmas=sigmas, loss=loss, nonfinite=jnp.sum(nonfinite),
                         perturbed_loss=pert_loss, local_state=local if keep_state else None)
 
