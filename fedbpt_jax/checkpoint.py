@@ -133,7 +133,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self.restore_meta(step)
         if meta.get("fingerprint") != self.fingerprint:
             raise CheckpointMismatch(
                 f"checkpoint {self.directory}/{step} was written by a run with configuration "
@@ -143,6 +143,13 @@ class Checkpointer:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
         carry = self.manager.restore(step, args=ocp.args.Composite(carry=ocp.args.StandardRestore(abstract)))["carry"]
         return step, carry, meta
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        """The JSON item of checkpoint ``step`` (default: the latest), whatever its fingerprint."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
 
     def close(self) -> None:
         self.manager.close()

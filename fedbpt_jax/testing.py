@@ -5,6 +5,10 @@ exercise exactly the code paths the real backbones use.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,3 +86,56 @@ def assert_trees_all_close(a, b, *, rtol: float = 1e-6, atol: float = 0.0) -> No
         raise AssertionError(f"tree structures differ: {ta} vs {tb}")
     for i, (x, y) in enumerate(zip(la, lb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=f"leaf {i}")
+
+
+def _run_module():
+    # The module itself (``fedbpt_jax.federated.run`` as an attribute is the function ``run``).
+    import importlib
+
+    return importlib.import_module("fedbpt_jax.federated.run")
+
+
+@dataclasses.dataclass
+class CompileCounts:
+    """Traces and XLA compilations of :func:`fedbpt_jax.federated.run`'s jitted segments since a
+    :func:`count_compiles` block began (keys: the algorithm name for its segment, ``name + "/eval"`` for
+    its initial evaluation). Read inside the block they are live; after it, they are frozen at its end."""
+
+    _start_traces: collections.Counter
+    _start_compiles: collections.Counter
+    _end: tuple | None = None
+
+    def _now(self):
+        if self._end is not None:
+            return self._end
+        run_mod = _run_module()
+        return collections.Counter(run_mod.TRACE_COUNTS), collections.Counter(run_mod.COMPILE_COUNTS)
+
+    @property
+    def traces(self) -> collections.Counter:
+        """Traces per name within the block (a retrace shows here)."""
+        return self._now()[0] - self._start_traces
+
+    @property
+    def compiles(self) -> collections.Counter:
+        """XLA compilations per name within the block (also without a retrace, e.g. a new placement)."""
+        return self._now()[1] - self._start_compiles
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts the traces and compilations of :func:`fedbpt_jax.federated.run`'s segments within a block.
+
+    Example::
+
+        with testing.count_compiles() as counts:
+            fl.run(algo, key, data, test, lm, model, num_rounds=2)
+            fl.run(algo, key2, data, test, lm, model, num_rounds=2)
+        assert counts.traces["fedbpt"] <= 1 and counts.compiles["fedbpt"] <= 1   # the second run reuses it
+    """
+    run_mod = _run_module()
+    counts = CompileCounts(collections.Counter(run_mod.TRACE_COUNTS), collections.Counter(run_mod.COMPILE_COUNTS))
+    try:
+        yield counts
+    finally:
+        counts._end = counts._now()

@@ -4,12 +4,18 @@ set, per-client diagnostics, device sharding, progress bar, orbax checkpoints an
 A run is a sequence of jitted *segments*; a segment is ``lax.scan`` over ``eval_every`` rounds
 followed by one evaluation of the server's global prompt on the test set and the dev set, and the
 selection update (dev-best round, ties to the earliest; the best test accuracy is kept only as a
-labelled reference-compatibility figure, :class:`RunCarry`). The jitted segment is
-cached per (algorithm, backbone shape, E, mesh), so every segment of a run and every later call of
-:func:`run` with the same algorithm reuses one compiled program (no retrace: see :func:`trace_count`),
-and its size does not depend on N or K (clients are a vmapped axis, rounds a scanned one). The round
-key of round r is ``fold_in(key_rounds, r)`` (:func:`round_key`), so a run resumed from a checkpoint
-after round r draws exactly what an uninterrupted run draws: states and metrics are bit-identical.
+labelled reference-compatibility figure, :class:`RunCarry`). The jitted segment is cached per
+(algorithm, backbone shape, E, mesh) (:func:`compiled_segments`), so every segment of a run and every
+later call of :func:`run` with the same algorithm reuses one compiled program (no retrace: see
+:func:`fedbpt_jax.testing.count_compiles`), and its size does not depend on N or K (clients are a
+vmapped axis, rounds a scanned one). The round key of round r is ``fold_in(key_rounds, r)``
+(:func:`round_key`), so a run resumed from a checkpoint after round r draws exactly what an
+uninterrupted run draws: states and metrics are bit-identical.
+
+:func:`run` itself is a short loop over named pieces, each usable alone: option and input checks,
+:func:`compiled_segments`, :func:`initial_carry`, :func:`eval_sets` (the evaluation sets and their
+prefix caches), the checkpoint (restore and save), :func:`round_rows` (the history rows with the
+accounting) and :func:`write_results`.
 
 With a ``mesh`` (:func:`fedbpt_jax.federated.client_mesh`), every input becomes a global array on it
 (the N clients' data sharded on the ``"clients"`` axis when the device count divides N, the rest
@@ -65,7 +71,8 @@ jax.monitoring.register_event_duration_secs_listener(_on_compile)
 
 def trace_count(name: str) -> int:
     """How many times :func:`run`'s segment of algorithm ``name`` has been traced in this process
-    (``name + "/eval"``: its initial evaluation)."""
+    (``name + "/eval"``: its initial evaluation). Tests count within a block with
+    :func:`fedbpt_jax.testing.count_compiles`."""
     return TRACE_COUNTS[name]
 
 
@@ -269,6 +276,18 @@ def _algo_scorer(algo: FederatedAlgorithm, kind: str, model_config):
     return objective.scorer_for(kind, model_config, cfg.layout, n_prompt_tokens=cfg.n_prompt_tokens)
 
 
+def compiled_segments(algo: FederatedAlgorithm, lm, eval_every: int, key_impl, mesh, *, keep_uploads: bool = False,
+                      log_clients: bool = True):
+    """The jitted ``(segment, initial_eval)`` of :func:`make_segment` and :func:`make_initial_eval` for this
+    algorithm, backbone shape, E, key implementation and mesh, with replicated outputs on a mesh.
+
+    Cached: every segment of a run and every later :func:`run` with the same arguments reuse one compiled
+    program (see :func:`fedbpt_jax.testing.count_compiles`).
+    """
+    return _jitted(algo, lm.kind, lm.config, eval_every, lm.hidden_size, key_impl, mesh, bool(keep_uploads),
+                   bool(log_clients))
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted(algo: FederatedAlgorithm, kind: str, model_config, eval_every: int, hidden: int, key_impl, mesh,
             keep_uploads: bool = False, log_clients: bool = True):
@@ -335,8 +354,8 @@ def _keep_clean_context(algo, scorer, lm, data: FederatedData, keep: bool | None
     return bool(keep)
 
 
-def _eval_flops(lm, algo, chunks: TokenBatch, spec, prefix_cached: bool = False) -> float:
-    scorer = _algo_scorer(algo, lm.kind, lm.config)
+def _eval_flops(scorer, chunks: TokenBatch, spec, prefix_cached: bool = False) -> float:
+    """FLOPs of one evaluation of the chunked examples ``[C, S, T]`` (without the prefix pass when cached)."""
     c, b, t = np.shape(chunks.input_ids)
     cost = _costs(scorer, spec, t)
     return c * b * (cost.forward + (0.0 if prefix_cached else cost.prepare))
@@ -389,19 +408,43 @@ def _decode(x):
     return x
 
 
-def _restore(ckpt: Checkpointer, template: RunCarry, desc: dict[str, str]):
-    try:
-        return ckpt.restore(template)
-    except CheckpointMismatch as err:
-        import orbax.checkpoint as ocp
+class _RunCheckpoint:
+    """A run's checkpoints: the carry and the history (NaN-safe) under the run's configuration."""
 
-        step = ckpt.latest_step()
-        old = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"].get("config", {})
-        diff = [f"{k}: checkpoint {old.get(k, '<absent>')}, this run {v}" for k, v in desc.items() if old.get(k) != v]
-        diff += [f"{k}: checkpoint {v}, this run <absent>" for k, v in old.items() if k not in desc]
-        raise CheckpointMismatch(f"checkpoint {ckpt.directory} (round {step}) is from another configuration: "
-                                 + ("; ".join(diff) or str(err))
-                                 + ". Resume with the same configuration or use a new checkpoint directory") from None
+    def __init__(self, directory, desc: dict[str, str]):
+        self.desc = desc
+        self.ckpt = Checkpointer(directory, fingerprint(sorted(desc.items())))
+
+    def resume(self, template: RunCarry, num_rounds: int, mesh) -> tuple[RunCarry, History] | None:
+        """The latest checkpoint's carry and history (None when there is none); a checkpoint of another
+        configuration is a :class:`CheckpointMismatch` naming every differing value."""
+        ckpt = self.ckpt
+        if ckpt.latest_step() is None:
+            return None
+        try:
+            step, carry, meta = ckpt.restore(template)
+        except CheckpointMismatch as err:
+            raise CheckpointMismatch(self._mismatch(err)) from None
+        if mesh is None:  # restored arrays are committed to a device: match a fresh run's placement
+            carry = jax.tree_util.tree_map(jnp.asarray, host(carry))
+        if step > num_rounds:
+            raise ValueError(f"checkpoint {ckpt.directory} is at round {step}, past num_rounds={num_rounds}")
+        return carry, History(rounds=_decode(meta["rounds"]), evals=_decode(meta["evals"]))
+
+    def _mismatch(self, err: Exception) -> str:
+        step = self.ckpt.latest_step()
+        old = self.ckpt.restore_meta(step).get("config", {})
+        diff = [f"{k}: checkpoint {old.get(k, '<absent>')}, this run {v}" for k, v in self.desc.items() if old.get(k) != v]
+        diff += [f"{k}: checkpoint {v}, this run <absent>" for k, v in old.items() if k not in self.desc]
+        return (f"checkpoint {self.ckpt.directory} (round {step}) is from another configuration: "
+                + ("; ".join(diff) or str(err))
+                + ". Resume with the same configuration or use a new checkpoint directory")
+
+    def save(self, done: int, carry: RunCarry, history: History) -> None:
+        self.ckpt.save(done, carry, {**_encode(history.as_dict()), "config": self.desc})
+
+    def close(self) -> None:
+        self.ckpt.close()
 
 
 def _row_value(v):
@@ -409,6 +452,166 @@ def _row_value(v):
     if v.dtype == bool or np.issubdtype(v.dtype, np.integer):
         return int(v)
     return float(v)
+
+
+def _check_options(algo: FederatedAlgorithm, *, num_rounds, eval_every, checkpoint_every, eval_chunk, stop_after,
+                   save_uploads, mesh):
+    """Checks :func:`run`'s options (before anything compiles); returns the mesh the run uses."""
+    for name, v in (("num_rounds", num_rounds), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
+                    ("eval_chunk", eval_chunk)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if num_rounds % eval_every:
+        raise ValueError(f"num_rounds ({num_rounds}) must be a positive multiple of eval_every ({eval_every})")
+    if stop_after is not None and (stop_after < 0 or stop_after % eval_every):
+        raise ValueError(f"stop_after ({stop_after}) must be a non-negative multiple of eval_every ({eval_every})")
+    if mesh is not None and algo.mesh is not None and mesh != algo.mesh:
+        raise ValueError("run(mesh=...) differs from the mesh the algorithm was built with; pass one of them")
+    if save_uploads is not None and algo.name not in _UPLOADING:
+        raise ValueError(f"save_uploads: algorithm {algo.name!r} has no client uploads to save; "
+                         f"accepted for {sorted(_UPLOADING)}")
+    return algo.mesh if mesh is None else mesh
+
+
+def _validate_inputs(algo: FederatedAlgorithm, data: FederatedData, test: TokenBatch, dev: TokenBatch | None,
+                     lm) -> None:
+    """Host-side checks of the training data, the test set and the dev set (clear errors before compiling)."""
+    validate_data(data, algo.config, vocab_size=lm.vocab_size)
+    num_labels = int(np.shape(data.spec.label_ids)[0])
+    validate_test(test, num_labels)
+    if dev is not None:
+        try:
+            validate_test(dev, num_labels)
+        except ValueError as err:
+            raise ValueError(f"dev set: {err}") from None
+
+
+def _run_keys(key) -> tuple[jax.Array, jax.Array, Any]:
+    """``(key_init, key_data of the rounds' key, key implementation)`` of a run's key (typed or raw uint32):
+    the key is split once into the initial state's key and the rounds' key (see :func:`round_key`)."""
+    if not jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(jnp.asarray(key))  # a raw uint32 key
+    key_init, key_rounds = jax.random.split(key)
+    return key_init, jax.random.key_data(key_rounds), jax.random.key_impl(key)
+
+
+def initial_carry(algo: FederatedAlgorithm, key: jax.Array, hp: HParams, hidden: int) -> RunCarry:
+    """A run's carry before round 1: the algorithm's initial state, nothing selected yet."""
+    return RunCarry(
+        state=algo.init(key, hp),
+        selected_round=jnp.asarray(-1, jnp.int32),
+        selected_dev_accuracy=jnp.asarray(-1.0, jnp.float32),
+        selected_test_accuracy=jnp.asarray(-1.0, jnp.float32),
+        selected_prompt=jnp.zeros((algo.config.n_prompt_tokens, hidden), jnp.float32),
+        best_test_reference=jnp.asarray(-1.0, jnp.float32),
+        best_test_reference_round=jnp.asarray(-1, jnp.int32),
+        rounds_done=jnp.asarray(0, jnp.int32),
+    )
+
+
+def _place_data(data: FederatedData, mesh) -> FederatedData:
+    """The clients' data as global arrays on ``mesh`` (clients sharded), or as they are without one."""
+    if mesh is None:
+        return data
+    return data.replace(train=to_global(data.train, mesh, clients=True),
+                        counts=to_global(data.counts, mesh, clients=True), spec=to_global(data.spec, mesh),
+                        clean_context=None if data.clean_context is None
+                        else to_global(data.clean_context, mesh, clients=True))
+
+
+def _clean_context(data: FederatedData, keep: bool, scorer, model: ModelInputs, config, mesh) -> FederatedData:
+    """``data`` with the clients' clean contexts kept across rounds (prepared once here if missing), or
+    without any when ``keep`` is False."""
+    if not keep:
+        return data.replace(clean_context=None)
+    if data.clean_context is not None:
+        return data
+    with _mesh_context(mesh):
+        return with_clean_context(data, scorer, model.params, chunk=config.chunk_clients, mesh=mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSets:
+    """The test set and the dev set as a segment sees them, and what one evaluation of each costs.
+
+    Attributes:
+      test, dev: :class:`EvalSet` (``dev`` None without a dev set).
+      flops: ``{"eval_flops": …, "dev_eval_flops": …}`` (the latter only with a dev set), added to every
+        evaluation row.
+    """
+
+    test: EvalSet
+    dev: EvalSet | None
+    flops: dict
+
+    def row(self, r: int, ev: dict) -> dict:
+        """The history row of the evaluation ``ev`` (host values) after round ``r``."""
+        return {"round": r, **{k: _eval_value(v) for k, v in ev.items()}, **self.flops}
+
+
+def _caches_eval_prefix(scorer, params, chunks, dev_chunks, cache: bool | None, budget: int) -> bool:
+    """Whether the evaluation sets' prefix caches are kept for the run (``run``'s ``cache_eval_prefix``):
+    only for a scorer that has one; ``None``: when they fit ``budget`` bytes."""
+    if not scorer.caches_prefix:
+        return False
+    if cache is None:
+        need = sum(objective.prepared_bytes(scorer, params, c) for c in (chunks, dev_chunks) if c is not None)
+        return need <= budget
+    return bool(cache)
+
+
+def eval_sets(scorer, lm, model: ModelInputs, chunks: TokenBatch, dev_chunks: TokenBatch | None, spec, *,
+              cache_prefix: bool, mesh=None) -> EvalSets:
+    """The run's :class:`EvalSets` from the chunked test and dev examples ``[C, S, T]``; with
+    ``cache_prefix`` their prefix caches are computed here, once per run."""
+
+    def evalset(c):
+        if c is None:
+            return None
+        if cache_prefix:
+            with _mesh_context(mesh):
+                ctx = _prepare_eval(scorer)(model.params, c)
+            return EvalSet(ctx, c.labels, c.example_mask, prepared=True)
+        return EvalSet(c, c.labels, c.example_mask)
+
+    flops = {"eval_flops": _eval_flops(scorer, chunks, spec, cache_prefix)}
+    if dev_chunks is not None:
+        flops["dev_eval_flops"] = _eval_flops(scorer, dev_chunks, spec, cache_prefix)
+    return EvalSets(test=evalset(chunks), dev=evalset(dev_chunks), flops=flops)
+
+
+def round_rows(metrics: dict, first_round: int, algo: FederatedAlgorithm, cost: dict, seconds: float) -> list[dict]:
+    """The history rows of one segment's rounds from its stacked host metrics ``{name: [E, ...]}``
+    (without ``"uploads"``): the algorithm's scalars, the accounting for the round's active clients
+    (bytes, forward calls, prefix passes, FLOPs, from ``algo.cost`` and :func:`round_cost`), ``seconds``
+    and, when logged, the per-client diagnostics."""
+    metrics = dict(metrics)
+    clients = metrics.pop("clients", None)
+    comm = algo.cost.comm
+    rows = []
+    for i in range(len(next(iter(metrics.values())))):
+        row = {"round": first_round + i, **{k: _row_value(v[i]) for k, v in metrics.items()}}
+        active = 1 if algo.cost.pooled and row.get("active_clients", 0) > 0 else row.get("active_clients", 0)
+        row.update({"bytes_down_per_client": comm.down_per_client, "bytes_up_per_client": comm.up_per_client,
+                    "fedavg_full_model_bytes_per_client": comm.fedavg_full_model_per_client,
+                    "forward_calls": int(algo.cost.forward_calls * active),
+                    "prefix_passes": int(cost["prefix_passes"] * active),
+                    "examples_per_call": cost["examples_per_call"],
+                    "model_flops": float(cost["flops_per_client"] * active),
+                    "seconds": seconds})
+        if clients is not None:
+            row["clients"] = _client_rows({k: v[i] for k, v in clients.items()})
+        rows.append(row)
+    return rows
+
+
+def _postfix(ev: dict, row: dict, comm) -> dict:
+    """The progress bar's figures after a segment."""
+    postfix = {"acc": f"{float(ev['accuracy']):.3f}"}
+    if "dev_accuracy" in ev:
+        postfix["dev"] = f"{float(ev['dev_accuracy']):.3f}"
+    postfix.update({"loss": f"{row['client_loss']:.3f}", "σ": f"{row['sigma']:.3f}", "up": f"{comm.up_per_client}B"})
+    return postfix
 
 
 def run(
@@ -498,156 +701,65 @@ def run(
     """
     from tqdm.auto import tqdm
 
-    for name, v in (("num_rounds", num_rounds), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
-                    ("eval_chunk", eval_chunk)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if num_rounds % eval_every:
-        raise ValueError(f"num_rounds ({num_rounds}) must be a positive multiple of eval_every ({eval_every})")
-    if stop_after is not None and (stop_after < 0 or stop_after % eval_every):
-        raise ValueError(f"stop_after ({stop_after}) must be a non-negative multiple of eval_every ({eval_every})")
-    if mesh is not None and algo.mesh is not None and mesh != algo.mesh:
-        raise ValueError("run(mesh=...) differs from the mesh the algorithm was built with; pass one of them")
-    mesh = algo.mesh if mesh is None else mesh
+    mesh = _check_options(algo, num_rounds=num_rounds, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                          eval_chunk=eval_chunk, stop_after=stop_after, save_uploads=save_uploads, mesh=mesh)
     hp = hp.validate()
-    cfg = algo.config
-    validate_data(data, cfg, vocab_size=lm.vocab_size)
-    num_labels = int(np.shape(data.spec.label_ids)[0])
-    validate_test(test, num_labels)
-    if dev is not None:
-        try:
-            validate_test(dev, num_labels)
-        except ValueError as err:
-            raise ValueError(f"dev set: {err}") from None
-    if save_uploads is not None and algo.name not in _UPLOADING:
-        raise ValueError(f"save_uploads: algorithm {algo.name!r} has no client uploads to save; "
-                         f"accepted for {sorted(_UPLOADING)}")
-
-    if jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
-        impl = jax.random.key_impl(key)
-    else:  # a raw uint32 key
-        key = jax.random.wrap_key_data(jnp.asarray(key))
-        impl = jax.random.key_impl(key)
-    key_init, key_rounds = jax.random.split(key)
-    key_data = jax.random.key_data(key_rounds)
-    segment, initial = _jitted(algo, lm.kind, lm.config, eval_every, lm.hidden_size, impl, mesh,
-                               save_uploads is not None, bool(log_clients))
-    chunks = objective.chunk_examples(test, eval_chunk)
-    dev_chunks = None if dev is None else objective.chunk_examples(dev, eval_chunk)
+    _validate_inputs(algo, data, test, dev, lm)
+    key_init, key_data, impl = _run_keys(key)
+    segment, initial = compiled_segments(algo, lm, eval_every, impl, mesh, keep_uploads=save_uploads is not None,
+                                         log_clients=log_clients)
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     keep_ctx = _keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
+    chunks = objective.chunk_examples(test, eval_chunk)
+    dev_chunks = None if dev is None else objective.chunk_examples(dev, eval_chunk)
+    carry = initial_carry(algo, key_init, hp, lm.hidden_size)
     token_norm = jnp.asarray(median_token_norm(lm), jnp.float32)
-
-    carry = RunCarry(
-        state=algo.init(key_init, hp),
-        selected_round=jnp.asarray(-1, jnp.int32),
-        selected_dev_accuracy=jnp.asarray(-1.0, jnp.float32),
-        selected_test_accuracy=jnp.asarray(-1.0, jnp.float32),
-        selected_prompt=jnp.zeros((cfg.n_prompt_tokens, lm.hidden_size), jnp.float32),
-        best_test_reference=jnp.asarray(-1.0, jnp.float32),
-        best_test_reference_round=jnp.asarray(-1, jnp.int32),
-        rounds_done=jnp.asarray(0, jnp.int32),
-    )
+    data = _place_data(data, mesh)
     if mesh is not None:
-        data = data.replace(train=to_global(data.train, mesh, clients=True),
-                            counts=to_global(data.counts, mesh, clients=True), spec=to_global(data.spec, mesh),
-                            clean_context=None if data.clean_context is None
-                            else to_global(data.clean_context, mesh, clients=True))
         model, hp, chunks, dev_chunks, carry, key_data, token_norm = to_global(
             (model, hp, chunks, dev_chunks, carry, key_data, token_norm), mesh)
     else:
         chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
-    if not keep_ctx:
-        data = data.replace(clean_context=None)
-    elif data.clean_context is None:
-        with _mesh_context(mesh):
-            data = with_clean_context(data, scorer, model.params, chunk=cfg.chunk_clients, mesh=mesh)
+    data = _clean_context(data, keep_ctx, scorer, model, algo.config, mesh)
     cost = round_cost(algo, lm, data)
-    if cache_eval_prefix is None:
-        need = objective.prepared_bytes(scorer, lm.params, chunks) if scorer.caches_prefix else 0
-        if scorer.caches_prefix and dev_chunks is not None:
-            need += objective.prepared_bytes(scorer, lm.params, dev_chunks)
-        cache_eval_prefix = scorer.caches_prefix and need <= eval_cache_budget
-    cache_eval_prefix = bool(cache_eval_prefix and scorer.caches_prefix)
+    cache = _caches_eval_prefix(scorer, lm.params, chunks, dev_chunks, cache_eval_prefix, eval_cache_budget)
+    evals = eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache, mesh=mesh)
 
-    def evalset(c):
-        if c is None:
-            return None
-        if cache_eval_prefix:
-            with _mesh_context(mesh):
-                ctx = _prepare_eval(scorer)(model.params, c)
-            return EvalSet(ctx, c.labels, c.example_mask, prepared=True)
-        return EvalSet(c, c.labels, c.example_mask)
-
-    test_set, dev_set = evalset(chunks), evalset(dev_chunks)
-    eval_flops = _eval_flops(lm, algo, chunks, data.spec, cache_eval_prefix)
-    dev_flops = 0.0 if dev_chunks is None else _eval_flops(lm, algo, dev_chunks, data.spec, cache_eval_prefix)
-
-    def eval_row(r, ev):
-        row = {"round": r, **{k: _eval_value(v) for k, v in ev.items()}, "eval_flops": eval_flops}
-        if dev_chunks is not None:
-            row["dev_eval_flops"] = dev_flops
-        return row
-
-    history = History()
-    ckpt = None
+    history, ckpt = History(), None
     lead = jax.process_index() == 0
     if checkpoint_dir is not None:
         desc = _describe(algo, hp, eval_every, key_data, data, lm, model)
         desc["dev_shape"] = repr(None if dev is None else list(np.shape(dev.input_ids)))
-        ckpt = Checkpointer(checkpoint_dir, fingerprint(sorted(desc.items())))
-        if ckpt.latest_step() is not None:
-            step, carry, meta = _restore(ckpt, carry, desc)
-            if mesh is None:  # restored arrays are committed to a device: match a fresh run's placement
-                carry = jax.tree_util.tree_map(jnp.asarray, host(carry))
-            if step > num_rounds:
-                raise ValueError(f"checkpoint {ckpt.directory} is at round {step}, past num_rounds={num_rounds}")
-            history = History(rounds=_decode(meta["rounds"]), evals=_decode(meta["evals"]))
+        ckpt = _RunCheckpoint(checkpoint_dir, desc)
+        resumed = ckpt.resume(carry, num_rounds, mesh)
+        if resumed is not None:
+            carry, history = resumed
     if not history.evals:
         with _mesh_context(mesh):
-            carry, ev = initial(carry, data, model, test_set, dev_set, token_norm)
-        history.evals.append(eval_row(0, host(ev)))
+            carry, ev = initial(carry, data, model, evals.test, evals.dev, token_norm)
+        history.evals.append(evals.row(0, host(ev)))
 
-    comm = algo.cost.comm
     done = int(host(carry.rounds_done))
     last = num_rounds if stop_after is None else min(num_rounds, stop_after)
     with tqdm(total=num_rounds, initial=done, desc=algo.name, unit="round", disable=not (progress and lead)) as bar:
         while done < last:
             t0 = time.perf_counter()
             with _mesh_context(mesh):
-                carry, metrics, ev = segment(key_data, carry, data, hp, model, test_set, dev_set, token_norm)
+                carry, metrics, ev = segment(key_data, carry, data, hp, model, evals.test, evals.dev, token_norm)
             metrics, ev = host((metrics, ev))
-            dt = time.perf_counter() - t0
-            done += eval_every
-            clients = metrics.pop("clients", None)
+            seconds = (time.perf_counter() - t0) / eval_every
             uploads = metrics.pop("uploads", None)
-            for i in range(eval_every):
-                r = done - eval_every + i + 1
-                row = {"round": r, **{k: _row_value(v[i]) for k, v in metrics.items()}}
-                active = 1 if algo.cost.pooled and row.get("active_clients", 0) > 0 else row.get("active_clients", 0)
-                row.update({"bytes_down_per_client": comm.down_per_client, "bytes_up_per_client": comm.up_per_client,
-                            "fedavg_full_model_bytes_per_client": comm.fedavg_full_model_per_client,
-                            "forward_calls": int(algo.cost.forward_calls * active),
-                            "prefix_passes": int(cost["prefix_passes"] * active),
-                            "examples_per_call": cost["examples_per_call"],
-                            "model_flops": float(cost["flops_per_client"] * active),
-                            "seconds": dt / eval_every})
-                if clients is not None:
-                    row["clients"] = _client_rows({k: v[i] for k, v in clients.items()})
-                history.rounds.append(row)
-                if uploads is not None and lead:
-                    _save_upload(save_uploads, r, {k: v[i] for k, v in uploads.items()})
-            history.evals.append(eval_row(done, ev))
-            last_row = history.rounds[-1]
-            postfix = {"acc": f"{float(ev['accuracy']):.3f}"}
-            if "dev_accuracy" in ev:
-                postfix["dev"] = f"{float(ev['dev_accuracy']):.3f}"
-            postfix.update({"loss": f"{last_row['client_loss']:.3f}", "σ": f"{last_row['sigma']:.3f}",
-                            "up": f"{comm.up_per_client}B"})
-            bar.set_postfix(postfix)
+            rows = round_rows(metrics, done + 1, algo, cost, seconds)
+            if uploads is not None and lead:
+                for i, row in enumerate(rows):
+                    _save_upload(save_uploads, row["round"], {k: v[i] for k, v in uploads.items()})
+            done += eval_every
+            history.rounds.extend(rows)
+            history.evals.append(evals.row(done, ev))
+            bar.set_postfix(_postfix(ev, rows[-1], algo.cost.comm))
             bar.update(eval_every)
             if ckpt is not None and (done % checkpoint_every == 0 or done >= last):
-                ckpt.save(done, carry, {**_encode(history.as_dict()), "config": desc})
+                ckpt.save(done, carry, history)
             if results_dir is not None and lead:
                 write_results(results_dir, history, carry)
     if ckpt is not None:
