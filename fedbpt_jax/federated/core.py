@@ -216,7 +216,7 @@ def clean_context_bytes(scorer, params, data: FederatedData) -> int:
     """
     from .. import objective
 
-    if not getattr(scorer, "caches_prefix", False):
+    if not scorer.caches_prefix:
         return 0
     return objective.prepared_bytes(scorer, params, data.train)
 
@@ -230,7 +230,7 @@ def with_clean_context(data: FederatedData, scorer, params, *, chunk: int = 0, m
     ``chunk`` clients are prepared at a time (0: all at once) and the result is sharded like the clients
     (``mesh``, or the ambient mesh).
     """
-    if not getattr(scorer, "caches_prefix", False):
+    if not scorer.caches_prefix:
         return data
     ctx = jax.jit(lambda p, b: map_clients(lambda x: scorer.prepare(p, x), (b,), chunk, mesh))(params, data.train)
     return data.replace(clean_context=ctx)
