@@ -93,6 +93,10 @@ class CheckpointMismatch(ValueError):
     """A checkpoint was written by a run with another configuration."""
 
 
+class CheckpointCorrupt(ValueError):
+    """No step of a checkpoint folder could be read."""
+
+
 class Checkpointer:
     """Saves and restores a simulation's carry and history with orbax.
 
@@ -119,20 +123,51 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, carry: Any, meta: dict) -> None:
+        from .interrupts import deferred
+
         ocp = self._ocp
         meta = dict(meta, fingerprint=self.fingerprint)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(carry=ocp.args.StandardSave(carry), meta=ocp.args.JsonSave(_to_builtin(meta))),
-        )
-        self.manager.wait_until_finished()
+        with deferred():  # never leave a half-written step (an orphan *.orbax-checkpoint-tmp) on Ctrl-C / SIGTERM
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(carry=ocp.args.StandardSave(carry),
+                                        meta=ocp.args.JsonSave(_to_builtin(meta))),
+            )
+            self.manager.wait_until_finished()
 
     def restore(self, template: Any, step: int | None = None) -> tuple[int, Any, dict]:
-        """Restores ``(step, carry, meta)``; ``template`` gives the carry's structure/dtypes."""
-        ocp = self._ocp
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Restores ``(step, carry, meta)``; ``template`` gives the carry's structure/dtypes.
+
+        Without ``step``: the latest readable step. A step that cannot be read (truncated or corrupt files)
+        is reported with a warning, deleted, and the previous intact step is restored instead; when no
+        step is readable the error names the folder, the step and what went wrong.
+        """
+        if step is not None:
+            return self._restore_step(template, step)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        failures = []
+        for s in steps:
+            try:
+                return self._restore_step(template, s)
+            except CheckpointMismatch:
+                raise
+            except Exception as err:  # noqa: BLE001  (any unreadable step: fall back to the previous one)
+                failures.append(f"step {s}: {' '.join(str(err).split())[:200] or type(err).__name__}")
+                import warnings
+
+                warnings.warn(f"checkpoint {self.directory}/{s} is unreadable ({failures[-1]}); "
+                              "trying the previous step", RuntimeWarning, stacklevel=2)
+                try:
+                    self.manager.delete(s)
+                except Exception:  # noqa: BLE001, S110  (a step we cannot delete is skipped anyway)
+                    pass
+        raise CheckpointCorrupt(f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); delete "
+                                "that folder to start the run over, or point --checkpoint-dir elsewhere")
+
+    def _restore_step(self, template: Any, step: int) -> tuple[int, Any, dict]:
+        ocp = self._ocp
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if meta.get("fingerprint") != self.fingerprint:
             raise CheckpointMismatch(

@@ -39,3 +39,26 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, 
         checkpoint.write_json_atomic(path, {"round": 2})
     assert json.loads(path.read_text()) == {"round": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_an_unreadable_latest_step_falls_back_to_the_previous_intact_one(tmp_path):
+    import warnings
+
+    import jax.numpy as jnp
+
+    from fedbpt_jax.checkpoint import CheckpointCorrupt, Checkpointer
+
+    ck = Checkpointer(tmp_path / "ck", "fp")
+    ck.save(1, {"a": jnp.ones(3)}, {"x": 1})
+    ck.save(2, {"a": 2 * jnp.ones(3)}, {"x": 2})
+    (tmp_path / "ck" / "2" / "meta" / "metadata").write_text('{"x": 2, "fingerp')  # truncated
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step, carry, meta = Checkpointer(tmp_path / "ck", "fp").restore({"a": jnp.zeros(3)})
+    assert step == 1 and meta["x"] == 1 and float(carry["a"][0]) == 1.0
+    assert any("ck/2 is unreadable" in str(w.message) for w in caught)
+    (tmp_path / "ck" / "1" / "meta" / "metadata").write_text("not json")
+    with pytest.raises(CheckpointCorrupt, match=r"no readable checkpoint in .*ck \(step 1: .*delete that folder"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Checkpointer(tmp_path / "ck", "fp").restore({"a": jnp.zeros(3)})

@@ -782,6 +782,9 @@ def _warn_nonfinite(summary: dict, name: str) -> None:
 def write_results(results_dir, history: History, carry: RunCarry) -> None:
     """``metrics.json`` (history, per-client diagnostics and :func:`summarize`'s figures) and
     ``rounds.csv`` (one row a round, scalars only), each replaced atomically."""
+    from ..interrupts import deferred
+
     d = Path(results_dir)
-    write_json_atomic(d / "metrics.json", {**history.as_dict(), **summarize(history, carry)})
-    write_csv_atomic(d / "rounds.csv", [{k: v for k, v in r.items() if k != "clients"} for r in history.rounds])
+    with deferred():  # a Ctrl-C / SIGTERM lands after both files describe the same round
+        write_json_atomic(d / "metrics.json", {**history.as_dict(), **summarize(history, carry)})
+        write_csv_atomic(d / "rounds.csv", [{k: v for k, v in r.items() if k != "clients"} for r in history.rounds])
