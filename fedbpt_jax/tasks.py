@@ -59,7 +59,8 @@ CHATML_USER = "<|im_start|>user\n{content}<|im_end|>\n"
 CHATML_ASSISTANT = "<|im_start|>assistant\n"
 CHATML_SYSTEM = "<|im_start|>system\n{content}<|im_end|>\n"
 
-_SLOT_RE = re.compile(r"\{(prompt|mask|text|text_a|text_b)\}")
+# A template slot: ``{prompt}``, ``{mask}``, ``{text}``, ``{text_a}`` or ``{text_b}`` (group 1 is its name).
+SLOT_RE = re.compile(r"\{(prompt|mask|text|text_a|text_b)\}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,7 @@ class DecoderTemplate:
     def __post_init__(self):
         if self.style not in DECODER_STYLES:
             raise ValueError(f"decoder template style {self.style!r} is not one of {DECODER_STYLES}")
-        if not isinstance(self.text, str) or not any(sl in _TEXT_SLOTS for sl in _SLOT_RE.findall(self.text)):
+        if not isinstance(self.text, str) or not any(sl in _TEXT_SLOTS for sl in SLOT_RE.findall(self.text)):
             raise ValueError(f"decoder template text {self.text!r} has no text slot; it needs {{text}} (or "
                              f"{{text_a}} and {{text_b}} for sentence pairs), e.g. 'Review: {{text}}'")
         if self.style != "chat" and not self.cue:
@@ -169,7 +170,7 @@ class Task:
         if len(self.encoder_label_words) != c:
             raise ValueError(f"task {self.name}: {len(self.encoder_label_words)} encoder label words "
                              f"for {c} classes")
-        slots = _SLOT_RE.findall(self.encoder_template)
+        slots = SLOT_RE.findall(self.encoder_template)
         if slots.count("prompt") != 1 or slots.count("mask") != 1:
             raise ValueError(f"task {self.name}: the encoder template {self.encoder_template!r} needs one "
                              f"{{prompt}} and one {{mask}}, e.g. '{{prompt}} . {{text}} . It was {{mask}} .'")
@@ -215,7 +216,7 @@ class Task:
                          f"{list(self.styles)}")
 
     def label_words(self, kind: str, style: str | None = None) -> tuple[str, ...]:
-        _check_kind(kind)
+        check_kind(kind)
         if kind == ENCODER:
             return self.encoder_label_words
         return self.decoder_template(style).label_words
@@ -232,7 +233,7 @@ def _check_decoder_template(task: Task, t: DecoderTemplate) -> None:
     if len(t.label_words) != c:
         raise ValueError(f"task {task.name}: {t.style} template has {len(t.label_words)} label words "
                          f"{t.label_words} for {c} classes {task.label_names}")
-    tslots = sorted(set(_SLOT_RE.findall(t.text)))
+    tslots = sorted(set(SLOT_RE.findall(t.text)))
     if tslots != sorted(task.input_fields):
         want = " and ".join("{" + f + "}" for f in task.input_fields)
         raise ValueError(f"task {task.name}: {t.style} template text {t.text!r} has slots {tslots}; it needs "
@@ -261,7 +262,7 @@ def override(task: "Task | str", *, kind: str, style: str | None = None, templat
       ' really'
     """
     task = get(task)
-    _check_kind(kind)
+    check_kind(kind)
     words = None if label_words is None else tuple(label_words)
     if kind == ENCODER:
         if cue is not None:
@@ -277,7 +278,8 @@ def override(task: "Task | str", *, kind: str, style: str | None = None, templat
     return dataclasses.replace(task, name=name or task.name, decoder_templates=(new, *others))
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
+    """Raises ``ValueError`` unless ``kind`` is a backbone kind (:data:`KINDS`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown backbone kind {kind!r}; expected one of {KINDS}")
 
@@ -500,7 +502,7 @@ def parse_encoder_template(template: str) -> tuple[EncoderPiece, ...]:
     pieces: list[EncoderPiece] = []
     pos = 0
     pending = ""
-    for m in _SLOT_RE.finditer(template):
+    for m in SLOT_RE.finditer(template):
         lit = pending + template[pos:m.start()]
         pending = ""
         slot = m.group(1)
@@ -613,7 +615,7 @@ def label_token_ids(task: Task | str, tokenizer, kind: str, first_token: bool = 
         classes share an id.
     """
     task = get(task)
-    _check_kind(kind)
+    check_kind(kind)
     if kind == ENCODER:
         words, context = task.encoder_label_words, ""
     else:
