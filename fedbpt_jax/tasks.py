@@ -2,7 +2,7 @@
 
 A :class:`Task` is static, hashable metadata. It does not hold data (see :mod:`fedbpt_jax.data`).
 
-Encoder (masked-LM) templates are BBT's RoBERTa templates exactly (reference §1.2), written with three
+Encoder (masked-LM) templates are BBT's RoBERTa templates exactly (docs/algorithm.md, "Data"), written with three
 slot kinds: ``{prompt}`` (the ``n`` soft-prompt placeholder tokens), ``{mask}`` and the text slots
 ``{text}`` / ``{text_a}`` / ``{text_b}``. Their label words are encoded **without** a leading space,
 as BBT does (``encode("great")``, not ``encode(" great")``).
@@ -15,7 +15,7 @@ Decoder (causal-LM) templates come in two styles every task has, selected by nam
   with any causal LM, base or instruct, needs no chat template, and is short (a few scaffold tokens per
   example instead of ~40 for the chat form), which matters because every candidate prompt of every
   client re-reads every example. On SmolLM2-135M-Instruct it scores 78.6% zero-shot on SST-2 against
-  80.0% for the chat form (docs/environment.md), a gap prompt tuning is there to close.
+  80.0% for the chat form (docs/measurements.md, "Zero-shot SST-2"), a gap prompt tuning is there to close.
 * ``"chat"``: a single user turn (an instruction, then the example) rendered with the tokenizer's own
   ``chat_template`` (which may add a system line, as SmolLM2's does), else with a fixed ChatML form;
   the answer cue is everything after the user's content (end-of-turn + assistant header, plus an
@@ -34,7 +34,7 @@ there is one, is put in the cue (completion style), i.e. *after* the soft prompt
 Decoder label words were checked to be single tokens in SmolLM2's 49,152-token vocabulary (completion:
 with a leading space; chat: without, except DBPedia, whose chat form pre-fills ``Category:`` in the
 assistant turn so that its 14 words keep their leading space and stay single tokens). Only the SST-2
-templates have measured zero-shot accuracies (environment.md); the others are written by analogy
+templates have measured zero-shot accuracies (docs/measurements.md); the others are written by analogy
 (name the options, ask one question, answer with one word).
 """
 from __future__ import annotations

@@ -128,7 +128,7 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed
                         method: str = "qp") -> Partition:
     """Label-skewed split: client ``k``'s class proportions ``π_k ~ Dir(α·p)``.
 
-    As in the reference (§3.3): ``p`` is the empirical class prior (``prior="class"``, default; with
+    As in the reference (docs/algorithm.md, "Data"): ``p`` is the empirical class prior (``prior="class"``, default; with
     balanced binary data and α = 1 this is Dir(0.5, 0.5)); ``prior="uniform"`` uses the plain Dir(α).
     Client sizes ``x`` solve the reference's ``min ‖x‖² s.t. Σ_k x_k π_k = class counts, x ≥ 0``
     (:func:`min_norm_sizes`, no cvxopt); when that has no solution, or with ``method="per_class"``,
