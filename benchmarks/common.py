@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts: timing, the matmul peak, machine facts, memory, FLOPs, tables.
 
-Import this module *before* numpy/jax in a script (it sets ``OPENBLAS_NUM_THREADS=1``: scipy's OpenBLAS
-threads fight XLA's on a 2-core CPU, see docs/environment.md).
+Import this module *before* numpy/jax in a script: it imports ``fedbpt_jax`` first, which sets
+``OPENBLAS_NUM_THREADS=1`` (docs/measurements.md, "CPU threads").
 
 Timing rules followed everywhere: compile is timed separately (AOT ``lower().compile()`` or the first
 call), one warm-up call runs before any timed call, every timed call ends in ``block_until_ready``.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
 import datetime
 import importlib.metadata

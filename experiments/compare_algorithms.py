@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
 ALGOS = ("manual", "fedavg_bbt", "fedbpt", "centralized_bbt", "fedprompt")
 

@@ -60,7 +60,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -13,19 +13,17 @@ after removing every example that BBT's few-shot draw (40 train + 40 dev per cla
 
 Usage::
 
-    OPENBLAS_NUM_THREADS=1 python experiments/prompt_start.py            # about 3-5 minutes on 2 cores
+    python experiments/prompt_start.py            # about 3-5 minutes on 2 cores
     python experiments/prompt_start.py --tiny --out /tmp/ps              # a tiny random model (smoke run)
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -17,12 +17,9 @@ Run ``fedbpt-jax simulate --help`` for every option.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _common(p: argparse.ArgumentParser, *, shots: int, n_prompt: int, d: int, test_size: int) -> None:
