@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -49,10 +48,7 @@ def main(argv=None) -> int:
     if args.tiny:
         from fedbpt_jax import testing
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tokenizers_util import chatml_tokenizer
-
-        lm = testing.tiny_decoder(0, num_layers=1, tokenizer=chatml_tokenizer())
+        lm = testing.tiny_decoder(0, num_layers=1, tokenizer=testing.chatml_tokenizer())
         args.clients, args.shots, args.rounds, args.d, args.n_prompt = 4, 4, 2, 8, 2
         args.population, args.local_generations, args.test_size = 4, 2, 24
     else:

@@ -396,10 +396,7 @@ class Context:
             import fedbpt_jax as fb
 
             if name == "tiny":
-                sys.path.insert(0, str(HERE.parent / "tests"))
-                from tokenizers_util import chatml_tokenizer
-
-                lm = fb.testing.tiny_decoder(0, num_layers=1, tokenizer=chatml_tokenizer())
+                lm = fb.testing.tiny_decoder(0, num_layers=1, tokenizer=fb.testing.chatml_tokenizer())
             else:
                 lm = fb.models.load(name, compute_dtype=dtype)
             self.models = {key: lm}  # one backbone in memory at a time

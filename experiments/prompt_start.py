@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -115,10 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny random decoder with a small real tokenizer")
     args = ap.parse_args(argv)
     if args.tiny:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import tokenizers_util as tu
-
-        tok = tu.chatml_tokenizer()
+        tok = fb.testing.chatml_tokenizer()
         lm = fb.testing.tiny_decoder(0, tokenizer=tok, num_layers=1)
         args.size = min(args.size, 24)
         model_name = "tiny random decoder"
