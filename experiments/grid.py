@@ -364,8 +364,10 @@ def parse_filters(items: list[str], runs: list[dict]) -> list[tuple[str, list[st
 
 def is_finished(run_dir: Path, rounds: int) -> tuple[bool, int]:
     """(finished, last evaluated round) from ``metrics.json``."""
+    from fedbpt_jax.checkpoint import read_json
+
     try:
-        m = json.loads((run_dir / "metrics.json").read_text())
+        m = read_json(run_dir / "metrics.json")
         last = int(m["evals"][-1]["round"])
     except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
         return False, 0
@@ -714,6 +716,8 @@ def _paired(a: dict, b: dict) -> dict | None:
 
 def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
     """(runs with metrics, runs without a complete result) under the given grid folders."""
+    from fedbpt_jax.checkpoint import read_json
+
     done, other = [], []
     for root in dirs:
         for cfg_path in sorted(Path(root).glob("*/config.json")):
@@ -726,7 +730,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
                    "precision": cfg["resolved"]["precision"], "dev_selection": cfg["resolved"]["dev_selection"],
                    "state": status.get("state", "unknown"), "error": status.get("error")}
             try:
-                m = json.loads((d / "metrics.json").read_text())
+                m = read_json(d / "metrics.json")
                 rec.update(run_figures(m))
             except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
                 rec["final_round"] = 0
