@@ -13,13 +13,13 @@ package's one cost model (``Scorer.cost``, ``federated.round_cost``).
 """
 from __future__ import annotations
 
-import os
+import fedbpt_jax  # noqa: F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
-import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
-
+# isort: split
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import time
@@ -290,6 +290,7 @@ def scoring_batch(lm, num_examples: int, max_length: int, n_prompt: int, *, seed
     of lengths in ``[max_length*3/4, max_length]`` and a random 4-token cue.
     """
     import jax.numpy as jnp
+
     from fedbpt_jax import data as fdata
     from fedbpt_jax import testing
 

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import jax
+
     import fedbpt_jax as fb
     from fedbpt_jax.checkpoint import write_json_atomic
 

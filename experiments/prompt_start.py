@@ -18,18 +18,18 @@ Usage::
 """
 from __future__ import annotations
 
+import fedbpt_jax as fb  # first: sets OPENBLAS_NUM_THREADS before numpy/jax load
+
+# isort: split
 import argparse
 import time
 from pathlib import Path
 
-import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import fedbpt_jax as fb  # noqa: E402
-from fedbpt_jax import objective, prompt  # noqa: E402
+from fedbpt_jax import objective, prompt
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prompt_start"
 

@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import numpy as np
 
-
 #: How JSON files of this package write the floats JSON cannot hold (strict JSON, no NaN/Infinity tokens).
 NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 

@@ -23,8 +23,8 @@ from .decoder_inputs import decoder_cue_ids, encode_decoder
 from .embedded import group_stratified_split, load_rotten_tomatoes
 from .encoder_inputs import encode_encoder
 from .examples import Example, Examples
-from .sampling import few_shot, few_shot_indices
 from .partitions import ClientIndices, Partition, label_skew, min_norm_sizes, partition_dirichlet, partition_iid
+from .sampling import few_shot, few_shot_indices
 from .sources import default_data_dir, load_task_data, pool_and_test
 from .text_encoding import placeholder_ids, special_frame
 from .tokenization import scoring_spec, tokenize

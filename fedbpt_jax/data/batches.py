@@ -10,8 +10,8 @@ from .. import tasks as tasks_lib
 from ..tasks import DECODER, Task
 from ..types import ScoringSpec, TokenBatch
 from .examples import Examples
-from .sampling import few_shot
 from .partitions import ClientIndices, Partition, partition_dirichlet, partition_iid
+from .sampling import few_shot
 from .sources import pool_and_test
 from .tokenization import scoring_spec, tokenize
 

@@ -7,8 +7,15 @@ from .. import tasks as tasks_lib
 from ..tasks import Task
 from ..types import TokenBatch
 from .examples import Examples
-from .text_encoding import (check_examples, context_limit, encode_batch, placeholder_ids, round_up,
-                            special_frame, texts_by_field)
+from .text_encoding import (
+    check_examples,
+    context_limit,
+    encode_batch,
+    placeholder_ids,
+    round_up,
+    special_frame,
+    texts_by_field,
+)
 
 
 def _longest_first(lens: np.ndarray, budget: int) -> np.ndarray:

@@ -78,8 +78,8 @@ def min_norm_sizes(pi: np.ndarray, n_c: np.ndarray, iters: int = 100) -> np.ndar
     lam = np.linalg.lstsq(pi.T @ pi, n_c, rcond=None)[0]
     scale = max(float(n_c.sum()), 1.0)
 
-    def resid(l):
-        return pi.T @ np.maximum(pi @ l, 0.0) - n_c
+    def resid(lam_):
+        return pi.T @ np.maximum(pi @ lam_, 0.0) - n_c
 
     f = resid(lam)
     for _ in range(iters):

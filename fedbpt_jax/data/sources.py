@@ -48,6 +48,15 @@ _TEXT_ALIASES = {
 _LABEL_ALIASES = ("label", "labels", "class", "target")
 
 
+def _column_candidates(task: Task, field: str, i: int, columns: dict) -> tuple[str, ...]:
+    """Column names accepted for ``field`` (the ``i``-th needed field), in order of preference."""
+    if field in columns:
+        return (columns[field],)
+    if field == "label":
+        return (task.hub_label_column,) + _LABEL_ALIASES
+    return (field, task.hub_columns[i]) + _TEXT_ALIASES[field]
+
+
 def _resolve_columns(task: Task, available: Sequence[str], columns: dict | None, origin: str) -> dict:
     """Maps each of ``task.input_fields`` and ``"label"`` to a column in ``available``."""
     columns = dict(columns or {})
@@ -55,20 +64,14 @@ def _resolve_columns(task: Task, available: Sequence[str], columns: dict | None,
     out = {}
     needed = list(task.input_fields) + ["label"]
     for i, field in enumerate(needed):
-        if field in columns:
-            cands = (columns[field],)
-        elif field == "label":
-            cands = (task.hub_label_column,) + _LABEL_ALIASES
-        else:
-            cands = (field, task.hub_columns[i]) + _TEXT_ALIASES[field]
+        cands = _column_candidates(task, field, i, columns)
         hit = next((c for c in cands if c in avail), None)
         if hit is None:
             lower = {a.lower(): a for a in avail}
             hit = next((lower[c.lower()] for c in cands if c.lower() in lower), None)
         if hit is None:
-            wanted = "; ".join(
-                f"{f}: one of {list(dict.fromkeys(((columns[f],) if f in columns else ((task.hub_label_column,) + _LABEL_ALIASES if f == 'label' else (f, task.hub_columns[j]) + _TEXT_ALIASES[f]))))}"
-                for j, f in enumerate(needed))
+            wanted = "; ".join(f"{f}: one of {list(dict.fromkeys(_column_candidates(task, f, j, columns)))}"
+                               for j, f in enumerate(needed))
             raise ValueError(
                 f"{origin} has columns {avail}, but task {task.name} needs a {field!r} column ({wanted}); "
                 f"pass columns={{'{field}': '<column name>', ...}} to map them")

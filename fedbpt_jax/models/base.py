@@ -22,7 +22,7 @@ Decoder (``kind == "decoder"``)::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -57,7 +57,7 @@ class LanguageModel:
 
     def input_embeddings(self, params=None) -> jax.Array:
         """``[V, H]`` input word-embedding matrix (for BBT's σ̂_E and for perturbation)."""
-        from . import encoder, decoder  # noqa: F401  (local import: avoid cycles)
+        from . import decoder, encoder  # noqa: F401  (local import: avoid cycles)
 
         params = self.params if params is None else params
         if self.kind == "encoder":
