@@ -38,8 +38,16 @@ from .. import accounting, objective, prompt, strategy
 from ..objective import Scorer
 from ..types import ScoringSpec, TokenBatch
 from .config import FedConfig, HParams, check_hparams
-from .core import (FederatedAlgorithm, FederatedData, ModelInputs, client_keys, gather_clients, gather_context,
-                   map_clients, sample_clients)
+from .core import (
+    FederatedAlgorithm,
+    FederatedData,
+    ModelInputs,
+    client_keys,
+    gather_clients,
+    gather_context,
+    map_clients,
+    sample_clients,
+)
 
 
 @flax.struct.dataclass

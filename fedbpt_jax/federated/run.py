@@ -33,11 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import objective
-from ..checkpoint import CheckpointMismatch, Checkpointer, fingerprint, write_csv_atomic, write_json_atomic
+from ..checkpoint import Checkpointer, CheckpointMismatch, fingerprint, write_csv_atomic, write_json_atomic
 from ..types import TokenBatch
 from .config import HParams
-from .core import (FederatedAlgorithm, FederatedData, ModelInputs, clean_context_bytes, validate_data, validate_test,
-                   with_clean_context)
+from .core import (
+    FederatedAlgorithm,
+    FederatedData,
+    ModelInputs,
+    clean_context_bytes,
+    validate_data,
+    validate_test,
+    with_clean_context,
+)
 from .distributed import host, to_global
 
 #: Number of times each segment (key: algorithm name) and initial evaluation (key: ``name + "/eval"``)
@@ -257,7 +264,8 @@ def make_initial_eval(algo: FederatedAlgorithm, scorer, n_prompt: int, hidden: i
 def _replicated(mesh):
     if mesh is None:
         return None
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     return NamedSharding(mesh, P())
 
