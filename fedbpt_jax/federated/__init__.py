@@ -12,8 +12,19 @@ from typing import TYPE_CHECKING
 from .config import HPARAM_RANGES, FedConfig, HParams, check_hparams
 from .core import FederatedAlgorithm, FederatedData, ModelInputs, clean_context_bytes, validate_data, with_clean_context
 from .distributed import client_mesh, clients_to_global, host, init_distributed, to_global
-from .run import (History, RunCarry, compile_count, load_uploads, median_token_norm, round_cost, round_key, run,
-                  summarize, trace_count, write_results)
+from .run import (
+    History,
+    RunCarry,
+    compile_count,
+    load_uploads,
+    median_token_norm,
+    round_cost,
+    round_key,
+    run,
+    summarize,
+    trace_count,
+    write_results,
+)
 
 _LAZY = ("ALGORITHMS", "centralized_bbt", "fedavg_bbt", "fedbpt", "fedprompt", "make", "manual_prompt",
          "LR_GRID", "tune_learning_rate")
@@ -39,5 +50,14 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .algorithms import (ALGORITHMS, LR_GRID, centralized_bbt, fedavg_bbt, fedbpt, fedprompt, make,  # noqa: F401
-                             manual_prompt, tune_learning_rate)
+    from .algorithms import (  # noqa: F401
+        ALGORITHMS,
+        LR_GRID,
+        centralized_bbt,
+        fedavg_bbt,
+        fedbpt,
+        fedprompt,
+        make,
+        manual_prompt,
+        tune_learning_rate,
+    )

@@ -33,11 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import objective
-from ..checkpoint import CheckpointMismatch, Checkpointer, fingerprint, write_csv_atomic, write_json_atomic
+from ..checkpoint import Checkpointer, CheckpointMismatch, fingerprint, write_csv_atomic, write_json_atomic
 from ..types import TokenBatch
 from .config import HParams
-from .core import (FederatedAlgorithm, FederatedData, ModelInputs, clean_context_bytes, validate_data, validate_test,
-                   with_clean_context)
+from .core import (
+    FederatedAlgorithm,
+    FederatedData,
+    ModelInputs,
+    clean_context_bytes,
+    validate_data,
+    validate_test,
+    with_clean_context,
+)
 from .distributed import host, to_global
 
 #: Number of times each segment (key: algorithm name) and initial evaluation (key: ``name + "/eval"``)
@@ -257,7 +264,8 @@ def make_initial_eval(algo: FederatedAlgorithm, scorer, n_prompt: int, hidden: i
 def _replicated(mesh):
     if mesh is None:
         return None
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     return NamedSharding(mesh, P())
 
@@ -366,27 +374,6 @@ def _describe(algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, 
     desc.update({f"config.{f.name}": getattr(algo.config, f.name) for f in dataclasses.fields(algo.config)})
     desc.update({f"hp.{k}": float(np.asarray(v)) for k, v in dataclasses.asdict(host(hp)).items()})
     return {k: repr(v) for k, v in desc.items()}
-
-
-def _encode(x):
-    """Floats that JSON cannot hold (NaN, ±inf) as strings, so a restored history is bit-identical."""
-    if isinstance(x, dict):
-        return {k: _encode(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_encode(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return repr(x)
-    return x
-
-
-def _decode(x):
-    if isinstance(x, dict):
-        return {k: _decode(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decode(v) for v in x]
-    if x in ("nan", "inf", "-inf"):
-        return float(x)
-    return x
 
 
 def _restore(ckpt: Checkpointer, template: RunCarry, desc: dict[str, str]):
@@ -602,7 +589,7 @@ def run(
                 carry = jax.tree_util.tree_map(jnp.asarray, host(carry))
             if step > num_rounds:
                 raise ValueError(f"checkpoint {ckpt.directory} is at round {step}, past num_rounds={num_rounds}")
-            history = History(rounds=_decode(meta["rounds"]), evals=_decode(meta["evals"]))
+            history = History(rounds=meta["rounds"], evals=meta["evals"])
     if not history.evals:
         with _mesh_context(mesh):
             carry, ev = initial(carry, data, model, test_set, dev_set, token_norm)
@@ -647,7 +634,7 @@ def run(
             bar.set_postfix(postfix)
             bar.update(eval_every)
             if ckpt is not None and (done % checkpoint_every == 0 or done >= last):
-                ckpt.save(done, carry, {**_encode(history.as_dict()), "config": desc})
+                ckpt.save(done, carry, {**history.as_dict(), "config": desc})
             if results_dir is not None and lead:
                 write_results(results_dir, history, carry)
     if ckpt is not None:
