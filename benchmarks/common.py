@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts: timing, the matmul peak, machine facts, memory, FLOPs, tables.
 
-Import this module *before* numpy/jax in a script (it sets ``OPENBLAS_NUM_THREADS=1``: scipy's OpenBLAS
-threads fight XLA's on a 2-core CPU, see docs/environment.md).
+Import this module *before* numpy/jax in a script: it imports ``fedbpt_jax`` first, which sets
+``OPENBLAS_NUM_THREADS=1`` (docs/measurements.md, "CPU threads").
 
 Timing rules followed everywhere: compile is timed separately (AOT ``lower().compile()`` or the first
 call), one warm-up call runs before any timed call, every timed call ends in ``block_until_ready``.
@@ -13,13 +13,13 @@ package's one cost model (``Scorer.cost``, ``federated.round_cost``).
 """
 from __future__ import annotations
 
-import os
+import fedbpt_jax  # noqa: F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
+# isort: split
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import time
@@ -290,6 +290,7 @@ def scoring_batch(lm, num_examples: int, max_length: int, n_prompt: int, *, seed
     of lengths in ``[max_length*3/4, max_length]`` and a random 4-token cue.
     """
     import jax.numpy as jnp
+
     from fedbpt_jax import data as fdata
     from fedbpt_jax import testing
 

@@ -34,6 +34,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy/jax)
 
+# isort: split
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -117,8 +119,8 @@ def bench_model(name: str, args, peak: common.Peak, dtype: str = "float32") -> d
             np.max(np.abs(ref_logits["after+cache"] - ref_logits["after (no cache)"])))
         scale = float(np.max(np.abs(ref_logits["after (no cache)"])))
         checks[f"{name}/{dtype}/P={P}: logits max|value|"] = scale
-    return {"model": name, "dtype": dtype, "model_bytes": common.tree_bytes(lm.params), "num_params": lm.num_params(), "rows": rows, "checks": checks, "source": source,
-            "mean_real_text_tokens": real_len, "load_s": load_s}
+    return {"model": name, "dtype": dtype, "model_bytes": common.tree_bytes(lm.params), "num_params": lm.num_params(),
+            "rows": rows, "checks": checks, "source": source, "mean_real_text_tokens": real_len, "load_s": load_s}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -194,8 +196,8 @@ def main(argv=None):
         r["frac_peak"] = r["gflops"] / r["peak_best"]
     summary = summarise(rows)
 
-    print(f"\nfractions: 'frac of best peak' = GFLOP/s over the best matmul peak of the item's dtype measured in "
-          f"this run (conservative); 'adjacent' = over the peak measured right before/after the item (same load).")
+    print("\nfractions: 'frac of best peak' = GFLOP/s over the best matmul peak of the item's dtype measured in "
+          "this run (conservative); 'adjacent' = over the peak measured right before/after the item (same load).")
     for d, pk in peaks.items():
         print(f"{d} matmul peak in this run: best {pk.best:.1f} GFLOP/s, all {[round(x, 1) for x in pk.history]}")
     print(f"load average now {list(os.getloadavg())}\n")

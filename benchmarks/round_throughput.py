@@ -53,6 +53,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy/jax)
 
+# isort: split
+
 import numpy as np  # noqa: E402
 
 #: Vectorized vs reference-style fitness, relative: float32 agrees to rounding; bfloat16 batched differently
@@ -69,6 +71,7 @@ def _federated_data(lm, K: int, E: int, T: int, n_prompt: int, seed: int = 0):
     """``(FederatedData, source)``: K clients with E examples each, text padded to T."""
     import jax
     import jax.numpy as jnp
+
     from fedbpt_jax import data as fdata
     from fedbpt_jax import testing
     from fedbpt_jax.federated.core import FederatedData
@@ -91,6 +94,7 @@ def _federated_data(lm, K: int, E: int, T: int, n_prompt: int, seed: int = 0):
 def _cheap_scorer(num_labels: int):
     """A stand-in for the model: label logits as a trivial function of the prompt (keeps the ES honest)."""
     import jax.numpy as jnp
+
     from fedbpt_jax.objective import ScoreCost, Scorer
 
     def prepare(params, batch):
@@ -121,6 +125,7 @@ class _RefStyle:
 
     def __init__(self, lm, cfg, data, model, hp, layout=None):
         import jax
+
         from fedbpt_jax import objective, prompt
 
         self.lm, self.cfg, self.data, self.model, self.hp = lm, cfg, data, model, hp
@@ -206,6 +211,7 @@ def _check_fitness(ref: _RefStyle, cfg, data, model, num_clients: int) -> float:
     """Max relative difference between vectorized and reference-style fitness of the same candidates."""
     import jax
     import jax.numpy as jnp
+
     from fedbpt_jax import objective, prompt
 
     k = num_clients
@@ -240,6 +246,7 @@ def _pure_inference(lm, scorer, data, A, P: int, chunk: int):
     kept) -> logits [K, 2, P, E, C]``, jitted (clients chunked like the round when ``chunk``); ``kept``: the
     clients' clean prefix caches when the round keeps them (None: both copies are prepared)."""
     import jax
+
     from fedbpt_jax import objective, prompt
 
     spec, hidden = data.spec, lm.hidden_size
@@ -265,6 +272,7 @@ def _pure_inference(lm, scorer, data, A, P: int, chunk: int):
 def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
+
     from fedbpt_jax import prompt
     from fedbpt_jax.federated import FedConfig, HParams
     from fedbpt_jax.federated.core import ModelInputs
@@ -352,7 +360,7 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
         c0, w0 = common.cpu_seconds(), None
         for r in range(warm + rounds):
             t0 = time.perf_counter()
-            state, metrics = compiled(jax.random.fold_in(key, r), state, data, hp, model)
+            state, metrics = compiled(jax.random.fold_in(key, r), state, data, hp, model)  # noqa: F821 (del'd after use)
             common.block((state, metrics))
             dt = time.perf_counter() - t0
             if r < warm:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
 ALGOS = ("manual", "fedavg_bbt", "fedbpt", "centralized_bbt", "fedprompt")
 
@@ -43,16 +42,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import jax
+
     import fedbpt_jax as fb
     from fedbpt_jax.checkpoint import write_json_atomic
 
     if args.tiny:
         from fedbpt_jax import testing
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tokenizers_util import chatml_tokenizer
-
-        lm = testing.tiny_decoder(0, num_layers=1, tokenizer=chatml_tokenizer())
+        lm = testing.tiny_decoder(0, num_layers=1, tokenizer=testing.chatml_tokenizer())
         args.clients, args.shots, args.rounds, args.d, args.n_prompt = 4, 4, 2, 8, 2
         args.population, args.local_generations, args.test_size = 4, 2, 24
     else:

@@ -60,7 +60,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -364,8 +364,10 @@ def parse_filters(items: list[str], runs: list[dict]) -> list[tuple[str, list[st
 
 def is_finished(run_dir: Path, rounds: int) -> tuple[bool, int]:
     """(finished, last evaluated round) from ``metrics.json``."""
+    from fedbpt_jax.checkpoint import read_json
+
     try:
-        m = json.loads((run_dir / "metrics.json").read_text())
+        m = read_json(run_dir / "metrics.json")
         last = int(m["evals"][-1]["round"])
     except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
         return False, 0
@@ -396,10 +398,7 @@ class Context:
             import fedbpt_jax as fb
 
             if name == "tiny":
-                sys.path.insert(0, str(HERE.parent / "tests"))
-                from tokenizers_util import chatml_tokenizer
-
-                lm = fb.testing.tiny_decoder(0, num_layers=1, tokenizer=chatml_tokenizer())
+                lm = fb.testing.tiny_decoder(0, num_layers=1, tokenizer=fb.testing.chatml_tokenizer())
             else:
                 lm = fb.models.load(name, compute_dtype=dtype)
             self.models = {key: lm}  # one backbone in memory at a time
@@ -717,6 +716,8 @@ def _paired(a: dict, b: dict) -> dict | None:
 
 def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
     """(runs with metrics, runs without a complete result) under the given grid folders."""
+    from fedbpt_jax.checkpoint import read_json
+
     done, other = [], []
     for root in dirs:
         for cfg_path in sorted(Path(root).glob("*/config.json")):
@@ -729,7 +730,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
                    "precision": cfg["resolved"]["precision"], "dev_selection": cfg["resolved"]["dev_selection"],
                    "state": status.get("state", "unknown"), "error": status.get("error")}
             try:
-                m = json.loads((d / "metrics.json").read_text())
+                m = read_json(d / "metrics.json")
                 rec.update(run_figures(m))
             except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
                 rec["final_round"] = 0

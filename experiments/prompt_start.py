@@ -13,26 +13,23 @@ after removing every example that BBT's few-shot draw (40 train + 40 dev per cla
 
 Usage::
 
-    OPENBLAS_NUM_THREADS=1 python experiments/prompt_start.py            # about 3-5 minutes on 2 cores
+    python experiments/prompt_start.py            # about 3-5 minutes on 2 cores
     python experiments/prompt_start.py --tiny --out /tmp/ps              # a tiny random model (smoke run)
 """
 from __future__ import annotations
 
+import fedbpt_jax as fb  # first: sets OPENBLAS_NUM_THREADS before numpy/jax load
+
+# isort: split
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import fedbpt_jax as fb  # noqa: E402
-from fedbpt_jax import objective, prompt  # noqa: E402
+from fedbpt_jax import objective, prompt
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prompt_start"
 
@@ -117,10 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny random decoder with a small real tokenizer")
     args = ap.parse_args(argv)
     if args.tiny:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import tokenizers_util as tu
-
-        tok = tu.chatml_tokenizer()
+        tok = fb.testing.chatml_tokenizer()
         lm = fb.testing.tiny_decoder(0, tokenizer=tok, num_layers=1)
         args.size = min(args.size, 24)
         model_name = "tiny random decoder"

@@ -14,6 +14,12 @@ Public API (submodules and names are imported lazily, so ``jax.distributed.initi
 from __future__ import annotations
 
 import importlib
+import os
+
+# The one place OPENBLAS_NUM_THREADS is set (a value already set wins). It must happen before numpy or jax
+# loads OpenBLAS, whose threads compete with XLA's (docs/measurements.md, "CPU threads"): import fedbpt_jax
+# first.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
 

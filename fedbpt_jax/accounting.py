@@ -1,6 +1,6 @@
 """Communication, compute and memory accounting of a federated round.
 
-What FedBPT really sends (reference §2.2, paper §4): down, the server's CMA-ES mean z (d floats), σ
+What FedBPT really sends (docs/algorithm.md, "Paper vs reference code"): down, the server's CMA-ES mean z (d floats), σ
 and, optionally, the covariance C (d² floats: the reference actually broadcasts the whole pickled ES
 object, ~4.3 MB at d = 500; the paper's "4 KB" counts only the mean); up, the final local mean (d), its
 fitness (1) and the local σ history (I floats). FedAvg of the full model moves every parameter both

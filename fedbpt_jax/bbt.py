@@ -13,10 +13,20 @@ that key, and this module adds the host-side driver (:func:`tune`: progress bar,
 Functional API (keys first, then state, then read-only inputs; every step returns
 ``(state, metrics)``)::
 
-    state, es_params = init(key, config)
-    state, metrics = step(key, state, es_params, lm_params, projection, ctx, batch, spec, config=..., scorer=...,
-                          hidden_size=...)
-    state, history = run_generations(key, state, es_params, ..., num_generations=50)   # lax.scan
+    config = BBTConfig(population_size=10)
+    scorer = objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens)
+    projection = prompt.make_projection(key_proj, lm.input_embeddings(), intrinsic_dim=config.intrinsic_dim,
+                                        n_prompt_tokens=config.n_prompt_tokens, alpha=config.alpha,
+                                        sigma=config.sigma0)
+    state, es_params = init(key_init, config)
+    ctx = scorer.prepare(lm.params, train)                     # once per data set
+    state, metrics = step(key, state, es_params, lm.params, projection, ctx, train, spec,
+                          config=config, scorer=scorer, hidden_size=lm.hidden_size)
+    state, history = run_generations(key, state, es_params, lm.params, projection, ctx, train, spec,
+                                     config=config, scorer=scorer, hidden_size=lm.hidden_size,
+                                     num_generations=50)        # lax.scan; jit it at the call site
+
+    result = tune(key, lm, train, spec, config, dev=dev)       # all of the above, with dev selection
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@
   is a clear error, never a silent mix.
 * :func:`write_json_atomic` / :func:`write_csv_atomic` write to a temporary file in the same folder and
   ``os.replace`` it, so results on disk are always complete.
+* One encoding of the floats JSON cannot hold, for results and checkpoint metadata alike: NaN and ±inf
+  are the strings ``"nan"``, ``"inf"``, ``"-inf"`` (:func:`to_json`, :func:`from_json`, :func:`read_json`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,21 +26,50 @@ from typing import Any
 import jax
 import numpy as np
 
+#: How JSON files of this package write the floats JSON cannot hold (strict JSON, no NaN/Infinity tokens).
+NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
-def _to_builtin(x):
+
+def to_json(x):
+    """``x`` as JSON-able builtins: dicts, lists, ints, floats, strings; numpy and jax arrays and scalars
+    become lists and numbers. NaN and ±inf become the strings ``"nan"``, ``"inf"`` and ``"-inf"``, so that
+    nothing is lost (:func:`from_json` turns them back into floats)."""
     if isinstance(x, dict):
-        return {str(k): _to_builtin(v) for k, v in x.items()}
+        return {str(k): to_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_to_builtin(v) for v in x]
+        return [to_json(v) for v in x]
     if isinstance(x, (np.ndarray, jax.Array)):
-        return _to_builtin(np.asarray(x).tolist())
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, (np.integer,)):
+        return to_json(np.asarray(x).tolist())
+    if isinstance(x, np.floating):
+        x = float(x)
+    if isinstance(x, np.integer):
         return int(x)
-    if isinstance(x, float) and not np.isfinite(x):
-        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)  # "nan", "inf", "-inf"
     return x
+
+
+def from_json(x):
+    """The inverse of :func:`to_json` for non-finite floats: the strings ``"nan"``, ``"inf"``, ``"-inf"``
+    become floats again, anywhere in ``x``.
+
+    Files written before this encoding stored NaN as ``null`` and ±inf as ±1e308; those values are read
+    as they are (``None`` and ±1e308), as they always were.
+    """
+    if isinstance(x, dict):
+        return {k: from_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [from_json(v) for v in x]
+    if isinstance(x, str) and x in NONFINITE:
+        return NONFINITE[x]
+    return x
+
+
+def read_json(path) -> Any:
+    """Reads a JSON file written by :func:`write_json_atomic` (non-finite floats decoded)."""
+    return from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def _write_atomic(path: Path, text: str) -> Path:
@@ -62,12 +94,15 @@ def _write_atomic(path: Path, text: str) -> Path:
 
 
 def write_json_atomic(path, obj: Any) -> Path:
-    """Writes ``obj`` (numpy/jax arrays allowed) as JSON; the file is replaced atomically."""
-    return _write_atomic(Path(path), json.dumps(_to_builtin(obj), indent=2, allow_nan=False) + "\n")
+    """Writes ``obj`` (numpy/jax arrays allowed) as strict JSON, non-finite floats as ``"nan"``, ``"inf"``,
+    ``"-inf"`` (:func:`to_json`; read back with :func:`read_json`); the file is replaced atomically."""
+    return _write_atomic(Path(path), json.dumps(to_json(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv_atomic(path, rows: list[dict]) -> Path:
-    """Writes a list of flat dicts as CSV (columns = union of keys, in first-seen order), atomically."""
+    """Writes a list of flat dicts as CSV (columns = union of keys, in first-seen order), atomically.
+
+    A key a row lacks is an empty cell; NaN and ±inf are written ``nan``, ``inf``, ``-inf``."""
     cols: list[str] = []
     for r in rows:
         for k in r:
@@ -77,7 +112,7 @@ def write_csv_atomic(path, rows: list[dict]) -> Path:
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     for r in rows:
-        w.writerow({k: _to_builtin(v) for k, v in r.items()})
+        w.writerow({k: to_json(v) for k, v in r.items()})
     return _write_atomic(Path(path), buf.getvalue())
 
 
@@ -91,6 +126,10 @@ def fingerprint(*parts: Any) -> str:
 
 class CheckpointMismatch(ValueError):
     """A checkpoint was written by a run with another configuration."""
+
+
+class CheckpointCorrupt(ValueError):
+    """No step of a checkpoint folder could be read."""
 
 
 class Checkpointer:
@@ -119,20 +158,50 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, carry: Any, meta: dict) -> None:
+        from .interrupts import deferred
+
         ocp = self._ocp
         meta = dict(meta, fingerprint=self.fingerprint)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(carry=ocp.args.StandardSave(carry), meta=ocp.args.JsonSave(_to_builtin(meta))),
-        )
-        self.manager.wait_until_finished()
+        with deferred():  # never leave a half-written step (an orphan *.orbax-checkpoint-tmp) on Ctrl-C / SIGTERM
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(carry=ocp.args.StandardSave(carry), meta=ocp.args.JsonSave(to_json(meta))),
+            )
+            self.manager.wait_until_finished()
 
     def restore(self, template: Any, step: int | None = None) -> tuple[int, Any, dict]:
-        """Restores ``(step, carry, meta)``; ``template`` gives the carry's structure/dtypes."""
-        ocp = self._ocp
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Restores ``(step, carry, meta)``; ``template`` gives the carry's structure/dtypes.
+
+        Without ``step``: the latest readable step. A step that cannot be read (truncated or corrupt files)
+        is reported with a warning, deleted, and the previous intact step is restored instead; when no
+        step is readable the error names the folder, the step and what went wrong.
+        """
+        if step is not None:
+            return self._restore_step(template, step)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        failures = []
+        for s in steps:
+            try:
+                return self._restore_step(template, s)
+            except CheckpointMismatch:
+                raise
+            except Exception as err:  # noqa: BLE001  (any unreadable step: fall back to the previous one)
+                failures.append(f"step {s}: {' '.join(str(err).split())[:200] or type(err).__name__}")
+                import warnings
+
+                warnings.warn(f"checkpoint {self.directory}/{s} is unreadable ({failures[-1]}); "
+                              "trying the previous step", RuntimeWarning, stacklevel=2)
+                try:
+                    self.manager.delete(s)
+                except Exception:  # noqa: BLE001, S110  (a step we cannot delete is skipped anyway)
+                    pass
+        raise CheckpointCorrupt(f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); delete "
+                                "that folder to start the run over, or point --checkpoint-dir elsewhere")
+
+    def _restore_step(self, template: Any, step: int) -> tuple[int, Any, dict]:
+        ocp = self._ocp
         meta = self.restore_meta(step)
         if meta.get("fingerprint") != self.fingerprint:
             raise CheckpointMismatch(
@@ -149,7 +218,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        return self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+        return from_json(self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"])
 
     def close(self) -> None:
         self.manager.close()

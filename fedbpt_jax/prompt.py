@@ -291,9 +291,9 @@ def build_start(lm, start, n_prompt_tokens: int, layout: str | None = None, *,
     layout = layout or "add"
     lead = None
     if lm.tokenizer is not None:
-        from .data import _special_frame
+        from .data import special_frame
 
-        pre, _ = _special_frame(lm.tokenizer)
+        pre, _ = special_frame(lm.tokenizer)
         lead = pre[0] if pre else None
     pad = getattr(lm.config, "pad_token_id", None)
     if lead is None:

@@ -1,86 +1,23 @@
-"""Local (client) and server-level CMA-ES of FedBPT — the only module that imports evosax.
+"""Client and server CMA-ES of FedBPT — the only module that imports evosax.
 
-Everything here is a pure, jittable JAX function written for *one* client or *one* server and meant to
-be ``vmap``ped over a client axis at the call site. Nothing calls ``jax.jit``; the caller jits at the
-edge.
+Pure, jittable JAX functions for *one* client or *one* server, meant to be ``vmap``ped over a client
+axis at the call site; nothing here calls ``jax.jit`` (the caller jits at the edge).
 
-**Client** (reference §2.2 "Client start state", "Local CMA-ES loop"). The reference client is pycma
-3.4.0's ``CMAEvolutionStrategy`` with ``popsize = λ``, obtained from the server's ES with
-``_copy_light``: it copies mean, σ and C, and resets the evolution paths and counters. Here it is
-:class:`LocalCMA`, a subclass of ``evosax.algorithms.CMA_ES`` (same ``Params``/``State`` types,
-extended) that reproduces pycma's client step:
+The public API:
 
-* pycma's default strategy constants for (λ, d), **not** evosax's: recombination weights
-  ``ln((λ+1)/2) − ln i`` with the *active* (negative) weights finalised as
-  ``RecombinationWeights.finalize_negative_weights`` does; c_σ = (μ_eff+2)/(d+μ_eff+3);
-  d_σ = 0.5 + min(1, (n_mirr/(0.159 λ) − 1)²)/2 + 2 max(0, √((μ_eff−1)/(d+1)) − 1) + c_σ;
-  c_c = (4 + μ_eff/d)/(d + 4 + 2μ_eff/d); c_1 = min(1, λ/6)·2/((d+1.3)² + μ_eff);
-  c_μ = min(1 − c_1, 2(0.25 + μ_eff − 2 + 1/μ_eff)/((d+2)² + μ_eff)); E‖N(0,I)‖ as pycma's
-  ``Mh.chiN`` (exact for d ≤ 6). For λ = 5, d = 500 this gives weights (0.7304, 0.2696, 0, −0.7265,
-  −1.2901), c_σ ≈ 0.0072, d_σ ≈ 0.540, c_1 ≈ 6.6e-6, c_μ ≈ 4.0e-6 (reference §2.2).
-  evosax's defaults differ in c_μ (no 0.25 offset), d_σ (no mirror term), the negative-weight scale,
-  hsig (evosax: ‖p_σ‖-based with 1.4 + 2/(d+1)) and E‖N(0,I)‖ (1/21 vs 1/26).
-* pycma's update order and formulas in ``tell``: mean, p_σ (with the *current* B, D), hsig
-  ``‖p_σ‖²/(1−(1−c_σ)^{2t})/d − 1 < 1 + 4/(d+1)``, p_c, C ← (1 − c_1a − c_μ Σw) C + c_1 p_c p_cᵀ +
-  c_μ Σ w_i y_i y_iᵀ with negative weights rescaled by d/(‖C^{-1/2} y_i‖ + 1e-9)², and CSA
-  σ ← σ·exp(clip((c_σ/d_σ)(‖p_σ‖/E‖N‖ − 1), ±1)).
-* **Lazy eigendecomposition** (pycma's ``GaussFullSampler.update_now``): B, D are recomputed from C
-  only when at least ``1/(10 d (c_1+c_μ))`` tells have passed since the last decomposition (≈ 18.8
-  generations at d = 500, λ = 5, so never inside the paper's 8 local generations). evosax's ``ask``
-  runs ``eigh`` every generation (O(d³), ~20 ms per client-generation at d = 500 on a 2-core CPU).
-  The decomposition sits in a ``lax.cond`` whose batching rule (``jax.custom_batching``) turns a
-  per-client predicate into one ``any`` over the client axis, so under ``vmap`` the ``eigh`` is still
-  skipped at run time when no client is due (a plain ``lax.cond`` would become a ``select`` and always
-  run it). When a decomposition is due, pycma's ``_decompose_C`` is mirrored: C is symmetrised, ``eigh``
-  gives ascending eigenvalues, and a non-positive-definite C is retried once with the diagonal loaded
-  by min(D_old)² (pycma retries recursively; remaining non-positive eigenvalues are floored here).
-* **Selective mirrored sampling** (pycma turns it on for λ < 6 with one mirror, ``CMA_mirrormethod``
-  2, "selective with delay"): after each tell the worst candidate x_w gives the direction
-  m_old − x_w; the next ask puts m + f·(m_old − x_w) in row 0, with f = 1 if its Mahalanobis length
-  ‖C^{-1/2}(m_old − x_w)‖/σ ≤ √d and otherwise f = ‖N(0, I)‖/that length; a mirror is not mirrored
-  again; a mirrored candidate that ranks among the negative weights gets weight 0
-  (``CMA_active_injected = 0``).
-* The client starts from the server's broadcast B, D (it does *not* recompute ``eigh`` as pycma's
-  ``_copy_light`` does, unless ``client_init(..., refresh_eigen=True)``): the server's decomposition
-  is at most one lazy-update gap old, the staleness pycma itself accepts.
-* **Shared B, D** (``ask(..., frozen_eigen=True)``, ``tell(..., track_covariance=False)``, both static):
-  when :func:`eigen_refresh_due` says no client re-decomposes within its local run (FedBPT's I = 8
-  against a gap of ≈ 18.8), every client samples with the broadcast B, D, which then stay *unbatched*
-  under the client ``vmap``: the K clients' sampling and Mahalanobis norms are one GEMM against one
-  [d, d] matrix instead of K mat-vecs against K copies, and a FedBPT client, which uploads no C, skips
-  the O(λ d²) covariance update. Same numbers as the general path; the FedBPT round picks it itself.
+* **Client** (pycma 3.4.0's client step on evosax's CMA-ES types): :func:`local_params` (pycma's
+  constants for λ, d), :func:`client_init` (the start state from the broadcast server state),
+  :func:`ask` (λ candidates), :func:`tell` (the update with their fitness, minimised) and
+  :func:`eigen_refresh_due` (whether B, D can stay the broadcast ones for a local run).
+* **Server**: :func:`server_init`, :func:`server_update` (FedBPT's aggregation as one pycma tell on the
+  uploaded means, with σ' in the "reference" or the "paper" variant) and :func:`fedavg_aggregate`
+  (FedAvg-BBT's weighted averages).
+* :func:`mean_of`, :func:`sigma_of`: the mean and σ of a client or a server state.
+* :class:`LocalCMA`: the same client step behind evosax's ``CMA_ES`` interface (``init``/``ask``/``tell``
+  with keys and metrics), for code written against evosax; :func:`local_strategy` caches one per shape.
 
-Left out of the client, on purpose: pycma's random stream (numpy's global RNG reseeded identically on
-every client, reference §2.2 — here each client gets its own JAX key), the replacement of NaN fitness
-by the median (here NaN/±inf rank *worst*; a non-finite candidate never gets a positive weight; if every
-candidate fails the distribution is left unchanged), boundary handling (the reference runs unbounded),
-``alleviate_conditioning`` (condition numbers > 1e8/1e12 never occur with c_1 + c_μ ≈ 1e-5) and the
-termination criteria (the loop runs a fixed number of generations). Ties in fitness are broken by
-index (pycma's unstable ``np.argsort`` may order ties differently).
-
-**Server** (reference §2.2 "Server aggregation"): :func:`server_update` treats the uploaded client
-means as a population with their fitnesses and runs one step of pycma's ``tell`` for a
-``CMAEvolutionStrategy(0, σ₀, {popsize: m, CMA_mu: m})``: positive half of the log-rank weights of a
-2m population, Mahalanobis repair of the injected means (‖C^{-1/2}(x−m)‖/σ' ≤ √d + 2d/(d+2)),
-rank-one + rank-μ update, CSA; pycma's lazy eigendecomposition, its initial C = diag(exp(10⁻⁴ i/d))
-("prevent equal eigenvalues") and its constants (c_1 from ``sm.parameters`` with λ = 2m, the lazy gap
-from ``sp.c1`` with λ = m, the mirror term in d_σ for m < 6). The step length used inside the step is
-σ' (variant below); the broadcast σ moves by the CSA factor only: σ_{t+1} = σ_t · σ_after/σ'.
-The reference's σ clamps are no-ops (reference §2.2, step 4) and are not reproduced.
-
-* ``variant="reference"``: σ' = √(Σ_k Σ_j (σ^k_j)² / (|S| μ_loc)), μ_loc = ⌊λ/2⌋ (the code).
-* ``variant="paper"``: σ' = 2 √(Σ_{k∈S'} Σ_j (σ^k_j)² / (|S| λ)), S' = the ⌈|S|/2⌉ active clients
-  with the lowest fitness (eq. 6; the paper says |S|/2 — for odd |S| the half is rounded up).
-
-|S| is the number of *usable* clients: ``mask`` true and a finite fitness, mean and σ history.
-Unusable clients (dropouts, stragglers, failures) contribute nothing: they rank after all usable
-ones with weight 0 and are left out of σ'. The step is then exactly pycma's server step for
-``popsize = CMA_mu = |S|`` (weights, μ_eff and learning rates are recomputed from |S| in the graph;
-with every client usable this is the reference with m); only the lazy-update gap stays that of m.
-With no usable client the state is returned unchanged.
-
-:func:`fedavg_aggregate` is the FedAvg-BBT baseline: example-count-weighted averages of the clients'
-final means, σ and C.
+How each step follows pycma, what is left out on purpose and why: ``docs/design-notes.md``, section
+"Client and server CMA-ES". The equations, with the function that implements each: ``docs/algorithm.md``.
 
 Example (one FedBPT round with a toy fitness; vmap over clients)::
 
@@ -109,7 +46,6 @@ Example (one FedBPT round with a toy fitness; vmap over clients)::
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -125,7 +61,6 @@ from flax import struct
 
 __all__ = [
     "LocalCMA",
-    "LocalCMAConfig",
     "LocalCMAParams",
     "LocalCMAState",
     "ServerCMAState",
@@ -139,15 +74,15 @@ __all__ = [
     "mean_of_server",
     "server_init",
     "server_update",
-    "server_update_paper",
-    "server_update_reference",
     "sigma_of",
     "sigma_of_server",
     "tell",
 ]
 
 # --------------------------------------------------------------------------------------------------
-# pycma 3.4.0 default strategy constants (host side, float64)
+# pycma 3.4.0's default strategy constants, each written once. ``xp`` is numpy for the host (float64,
+# the client's constants and the server's lazy-update gap) or jax.numpy inside the trace (the server's
+# constants, which depend on the traced number of usable clients).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -158,33 +93,44 @@ def _chi_n(d: int) -> float:
     return math.sqrt(d) * (1.0 - 1.0 / (4 * d) + 1.0 / (26 * d * d))
 
 
-def _num_mirrors(popsize: int, d: int) -> int:
+def _num_mirrors(popsize, d: int, xp=np):
     """pycma's ``sp.lam_mirr`` for the default option ``CMA_mirrors = popsize < 6``."""
-    if popsize < 6:
-        return int(0.5 + 0.16 * min(popsize, 2 * d + 2) + 0.29)
-    return 0
+    return xp.where(popsize < 6, xp.floor(0.5 + 0.16 * xp.minimum(popsize, 2 * d + 2) + 0.29), 0)
 
 
-def _c1(lam_for_c1: float, mueff: float, d: int) -> float:
-    return min(1.0, lam_for_c1 / 6) * 2.0 / ((d + 1.3) ** 2 + mueff)
+def _c1(lam_for_c1, mueff, d: int, xp=np):
+    """Rank-one learning rate c_1 = min(1, λ/6)·2/((d+1.3)² + μ_eff)."""
+    return xp.minimum(1, lam_for_c1 / 6) * 2 / ((d + 1.3) ** 2 + mueff)
 
 
-def _cmu(c1: float, mueff: float, d: int) -> float:
-    return min(1.0 - c1, 2.0 * (0.25 + mueff - 2.0 + 1.0 / mueff) / ((d + 2) ** 2 + mueff))
+def _cmu(c1, mueff, d: int, xp=np):
+    """Rank-μ learning rate c_μ = min(1 − c_1, 2(0.25 + μ_eff − 2 + 1/μ_eff)/((d+2)² + μ_eff))."""
+    return xp.minimum(1 - c1, 2 * (0.25 + mueff - 2 + 1 / mueff) / ((d + 2) ** 2 + mueff))
 
 
-def _damps(mueff: float, d: int, popsize: float, lam_mirr: float, cs: float) -> float:
-    return (0.5 + min(1.0, (lam_mirr / (0.159 * popsize) - 1.0) ** 2) / 2
-            + 2.0 * max(0.0, math.sqrt((mueff - 1.0) / (d + 1)) - 1.0) + cs)
+def _cs(mueff, d: int):
+    """CSA learning rate c_σ = (μ_eff + 2)/(d + μ_eff + 3)."""
+    return (mueff + 2) / (d + mueff + 3)
 
 
-def _lazy_gap(c1: float, cmu: float, d: int) -> float:
+def _cc(mueff, d: int):
+    """Covariance-path learning rate c_c = (4 + μ_eff/d)/(d + 4 + 2μ_eff/d)."""
+    return (4 + mueff / d) / (d + 4 + 2 * mueff / d)
+
+
+def _damps(mueff, d: int, popsize, lam_mirr, cs, xp=np):
+    """CSA damping d_σ = 0.5 + min(1, (n_mirr/(0.159 λ) − 1)²)/2 + 2 max(0, √((μ_eff−1)/(d+1)) − 1) + c_σ."""
+    return (0.5 + xp.minimum(1, (lam_mirr / (0.159 * popsize) - 1) ** 2) / 2
+            + 2 * xp.maximum(0, xp.sqrt((mueff - 1) / (d + 1)) - 1) + cs)
+
+
+def _lazy_gap(c1, cmu, d: int) -> float:
     """Tells between two eigendecompositions: pycma's ``lazy_update_gap``."""
-    return 1.0 / (c1 + cmu + 1e-23) / d / 10
+    return float(1.0 / (c1 + cmu + 1e-23) / d / 10)
 
 
 def _pycma_weights(lam: int, d: int) -> tuple[np.ndarray, float]:
-    """pycma's default ``RecombinationWeights(lam)`` after ``finalize_negative_weights``.
+    """pycma's default ``RecombinationWeights(lam)`` after ``finalize_negative_weights`` (host, float64).
 
     Returns (weights [lam], mueff). Positive weights sum to 1; the negative ones are scaled so that
     their sum is −(1 + c_1/c_μ), then limited to −(1 − c_1 − c_μ)/(c_μ d) and to
@@ -221,6 +167,19 @@ def _pycma_weights(lam: int, d: int) -> tuple[np.ndarray, float]:
         neg = limit(neg, 1.0 + 2.0 * mueff_minus / (mueff + 2.0))
         w[mu:] = neg
     return w, float(mueff)
+
+
+def _server_weights(k, m: int, dt, xp=np):
+    """The server's recombination weights ``[m]`` (zero beyond rank k) and their μ_eff.
+
+    The positive half of the log-rank weights of a population of 2k, pycma's weights for
+    ``popsize = CMA_mu = k``: ``ln(k + 1/2) − ln i`` for i ≤ k, normalised to sum 1.
+    """
+    kf = xp.maximum(k, 1).astype(dt)
+    i = xp.arange(1, m + 1, dtype=dt)
+    raw = xp.where(i <= kf, xp.log(kf + 0.5) - xp.log(i), 0)
+    w = raw / xp.sum(raw)
+    return w, 1 / xp.sum(w**2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,7 +314,7 @@ def _where_tree(cond, a, b):
 
 
 # --------------------------------------------------------------------------------------------------
-# Client: LocalCMA (evosax CMA_ES with pycma's client behaviour)
+# Client: pycma's client step on evosax's CMA-ES state and params
 # --------------------------------------------------------------------------------------------------
 
 
@@ -421,11 +380,11 @@ def local_params(population_size: int, num_dims: int, *, num_mirrors: int | None
     lam, d = int(population_size), int(num_dims)
     if d < 1:
         raise ValueError(f"num_dims must be >= 1, got {d}")
-    mirrors = _num_mirrors(lam, d) if num_mirrors is None else int(num_mirrors)
+    mirrors = int(_num_mirrors(lam, d)) if num_mirrors is None else int(num_mirrors)
     if mirrors not in (0, 1) or mirrors > lam // 2:
         raise ValueError(f"num_mirrors must be 0 or 1 and at most population_size // 2, got {mirrors}")
     w, mueff, c1, cmu = _local_rates(lam, d)
-    cs = (mueff + 2.0) / (d + mueff + 3.0)
+    cs = _cs(mueff, d)
     return LocalCMAParams(
         std_init=jnp.asarray(sigma0, dtype=float),
         std_min=0.0,
@@ -435,7 +394,7 @@ def local_params(population_size: int, num_dims: int, *, num_mirrors: int | None
         c_mean=1.0,
         c_std=jnp.asarray(cs, dtype=float),
         d_std=jnp.asarray(_damps(mueff, d, lam, mirrors, cs), dtype=float),
-        c_c=jnp.asarray((4.0 + mueff / d) / (d + 4.0 + 2.0 * mueff / d), dtype=float),
+        c_c=jnp.asarray(_cc(mueff, d), dtype=float),
         c_1=jnp.asarray(c1, dtype=float),
         c_mu=jnp.asarray(cmu, dtype=float),
         chi_n=jnp.asarray(_chi_n(d), dtype=float),
@@ -444,119 +403,10 @@ def local_params(population_size: int, num_dims: int, *, num_mirrors: int | None
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class LocalCMAConfig:
-    """Static description of the client CMA-ES: population λ, dimension d, mirror count.
-
-    ``num_mirrors=None`` is pycma's default (1 for λ < 6, else 0).
-    """
-
-    population_size: int
-    num_dims: int
-    num_mirrors: int | None = None
-
-    def params(self) -> LocalCMAParams:
-        return local_params(self.population_size, self.num_dims, num_mirrors=self.num_mirrors)
-
-    def strategy(self) -> "LocalCMA":
-        return local_strategy(self.population_size, self.num_dims, self.params().num_mirrors)
-
-
 def _consts_of(params: LocalCMAParams, dt) -> _Consts:
     f = lambda a: jnp.asarray(a).astype(dt)  # noqa: E731
     return _Consts(f(params.mu_eff), f(params.c_std), f(params.d_std), f(params.c_c), f(params.c_1),
                    f(params.c_mu), f(params.chi_n))
-
-
-class LocalCMA(CMA_ES):
-    """evosax ``CMA_ES`` with pycma's client behaviour (lazy eigen, active weights, mirrors).
-
-    Build once per (λ, d, mirrors) — :func:`local_strategy` caches instances — because ``self`` is a
-    static argument of evosax's jitted ``ask``/``tell``. The evosax interface works as usual
-    (``init(key, mean, params)``, ``ask(key, state, params)``, ``tell(key, pop, fitness, state,
-    params)`` returning ``(state, metrics)``); the module functions :func:`ask`/:func:`tell` are the
-    key-less, metrics-less FedBPT entry points on the same math. Fitness is minimised.
-    """
-
-    def __init__(self, population_size: int, num_dims: int, num_mirrors: int | None = None):
-        with jax.ensure_compile_time_eval():  # may first be built inside a trace: keep it concrete
-            super().__init__(population_size, jnp.zeros(num_dims),
-                             fitness_shaping_fn=identity_fitness_shaping_fn)
-        self.num_mirrors = _num_mirrors(population_size, num_dims) if num_mirrors is None else num_mirrors
-
-    @property
-    def _default_params(self) -> LocalCMAParams:
-        return local_params(self.population_size, self.num_dims, num_mirrors=self.num_mirrors)
-
-    def _init(self, key: jax.Array, params: LocalCMAParams) -> LocalCMAState:
-        d = self.num_dims
-        server = server_init(d, params.std_init, 2)
-        return client_init(server, params).replace(mean=jnp.full((d,), jnp.nan, server.mean.dtype))
-
-    def _ask(self, key, state: LocalCMAState, params: LocalCMAParams, frozen_eigen: bool = False):
-        lam, d = self.population_size, self.num_dims
-        dt = state.mean.dtype
-        if frozen_eigen:  # the caller guarantees no decomposition is due: B, D stay as they are
-            C, B, D, last = state.C, state.B, state.D, state.last_eigen_update
-        else:
-            C, B, D, last, _ = _lazy_eigen_step(state.C, state.B, state.D, state.generation_counter,
-                                                state.last_eigen_update, params.eigen_gap)
-        key_z, key_len = jax.random.split(key)
-        z = jax.random.normal(key_z, (lam, d), dt)
-        population = state.mean + state.std * ((z * D) @ B.T)             # x = m + σ B D z
-        in_row0 = jnp.zeros((), bool)
-        if self.num_mirrors:
-            direction = state.mirror_direction
-            maha = _mahalanobis(B, D, direction) / state.std
-            length = jnp.linalg.norm(jax.random.normal(key_len, (d,), dt))
-            long = maha > math.sqrt(d)
-            factor = jnp.where(long, length / jnp.where(long, maha, 1), 1)
-            in_row0 = state.mirror_valid
-            population = population.at[0].set(
-                jnp.where(in_row0, state.mean + factor * direction, population[0]))
-        if not frozen_eigen:
-            state = state.replace(C=C, B=B, D=D, last_eigen_update=last)
-        state = state.replace(mirror_in_row0=in_row0, mirror_valid=jnp.zeros((), bool))
-        return population, state
-
-    def _tell(self, key, population, fitness, state: LocalCMAState, params: LocalCMAParams,
-              track_covariance: bool = True):
-        dt = state.mean.dtype
-        finite = jnp.isfinite(fitness)
-        ranks = _ranks(jnp.where(finite, fitness, jnp.inf))
-        w = params.weights.astype(dt)[ranks]
-        w = jnp.where(~finite & (w > 0), 0, w)  # a failed evaluation never pulls the mean
-        if self.num_mirrors:
-            w = w.at[0].set(jnp.where(state.mirror_in_row0 & (w[0] < 0), 0, w[0]))
-        upd = _cma_update(state.mean, state.std, state.p_std, state.p_c, state.C, state.B, state.D,
-                          state.generation_counter + 1, population, w, _consts_of(params, dt),
-                          update_covariance=track_covariance)
-        # Only the leaves the update changes are selected (a `where` over an unchanged, unbatched C/B/D
-        # would broadcast it to every client under vmap).
-        ok = jnp.any(finite)
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        changed = dict(mean=keep(upd.mean, state.mean), p_std=keep(upd.p_sigma, state.p_std),
-                       p_c=keep(upd.p_c, state.p_c),
-                       std=keep(jnp.clip(state.std * upd.csa_factor, params.std_min, params.std_max), state.std))
-        if track_covariance:
-            changed["C"] = keep(upd.C, state.C)
-        new = state.replace(**changed)
-        if self.num_mirrors:
-            worst = jnp.argmax(ranks)
-            new = new.replace(
-                mirror_direction=state.mean - population[worst],
-                mirror_valid=~(state.mirror_in_row0 & (worst == 0)) & ok)
-        return new
-
-
-@functools.lru_cache(maxsize=None)
-def local_strategy(population_size: int, num_dims: int, num_mirrors: int | None = None) -> LocalCMA:
-    """The cached :class:`LocalCMA` for (λ, d, mirrors) — one static object per shape."""
-    return LocalCMA(int(population_size), int(num_dims), num_mirrors)
-
-
-def _strategy_for(state: LocalCMAState, params: LocalCMAParams) -> LocalCMA:
-    return local_strategy(params.weights.shape[-1], state.mean.shape[-1], params.num_mirrors)
 
 
 def client_init(server_state: "ServerCMAState", params: LocalCMAParams | None = None, *,
@@ -616,7 +466,61 @@ def ask(key: jax.Array, state: LocalCMAState, params: LocalCMAParams, *,
     Mahalanobis norms become one matrix product over the client axis instead of K mat-vecs against
     K copies of B.
     """
-    return _strategy_for(state, params)._ask(key, state, params, frozen_eigen)
+    lam, d = params.weights.shape[-1], state.mean.shape[-1]
+    dt = state.mean.dtype
+    if frozen_eigen:  # the caller guarantees no decomposition is due: B, D stay as they are
+        C, B, D, last = state.C, state.B, state.D, state.last_eigen_update
+    else:
+        C, B, D, last, _ = _lazy_eigen_step(state.C, state.B, state.D, state.generation_counter,
+                                            state.last_eigen_update, params.eigen_gap)
+    key_z, key_len = jax.random.split(key)
+    z = jax.random.normal(key_z, (lam, d), dt)
+    population = state.mean + state.std * ((z * D) @ B.T)             # x = m + σ B D z
+    in_row0 = jnp.zeros((), bool)
+    if params.num_mirrors:
+        direction = state.mirror_direction
+        maha = _mahalanobis(B, D, direction) / state.std
+        length = jnp.linalg.norm(jax.random.normal(key_len, (d,), dt))
+        long = maha > math.sqrt(d)
+        factor = jnp.where(long, length / jnp.where(long, maha, 1), 1)
+        in_row0 = state.mirror_valid
+        population = population.at[0].set(
+            jnp.where(in_row0, state.mean + factor * direction, population[0]))
+    if not frozen_eigen:
+        state = state.replace(C=C, B=B, D=D, last_eigen_update=last)
+    state = state.replace(mirror_in_row0=in_row0, mirror_valid=jnp.zeros((), bool))
+    return population, state
+
+
+def _update(population, fitness, state: LocalCMAState, params: LocalCMAParams,
+            track_covariance: bool = True) -> LocalCMAState:
+    """The distribution update of :func:`tell` (evosax's ``_tell``: no best-so-far, no counter)."""
+    dt = state.mean.dtype
+    finite = jnp.isfinite(fitness)
+    ranks = _ranks(jnp.where(finite, fitness, jnp.inf))
+    w = params.weights.astype(dt)[ranks]
+    w = jnp.where(~finite & (w > 0), 0, w)  # a failed evaluation never pulls the mean
+    if params.num_mirrors:
+        w = w.at[0].set(jnp.where(state.mirror_in_row0 & (w[0] < 0), 0, w[0]))
+    upd = _cma_update(state.mean, state.std, state.p_std, state.p_c, state.C, state.B, state.D,
+                      state.generation_counter + 1, population, w, _consts_of(params, dt),
+                      update_covariance=track_covariance)
+    # Only the leaves the update changes are selected (a `where` over an unchanged, unbatched C/B/D
+    # would broadcast it to every client under vmap).
+    ok = jnp.any(finite)
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    changed = dict(mean=keep(upd.mean, state.mean), p_std=keep(upd.p_sigma, state.p_std),
+                   p_c=keep(upd.p_c, state.p_c),
+                   std=keep(jnp.clip(state.std * upd.csa_factor, params.std_min, params.std_max), state.std))
+    if track_covariance:
+        changed["C"] = keep(upd.C, state.C)
+    new = state.replace(**changed)
+    if params.num_mirrors:
+        worst = jnp.argmax(ranks)
+        new = new.replace(
+            mirror_direction=state.mean - population[worst],
+            mirror_valid=~(state.mirror_in_row0 & (worst == 0)) & ok)
+    return new
 
 
 def tell(population: jax.Array, fitness: jax.Array, state: LocalCMAState,
@@ -630,23 +534,56 @@ def tell(population: jax.Array, fitness: jax.Array, state: LocalCMAState,
     (a FedBPT client uploads only its mean, fitness and σ history, and with ``frozen_eigen`` never
     decomposes C), the O(λ d²) rank-μ update per generation is dead work.
     """
-    strategy = _strategy_for(state, params)
     best_solution, best_fitness = update_best_solution_and_fitness(
         population, jnp.where(jnp.isfinite(fitness), fitness, jnp.nan), state.best_solution,
         state.best_fitness)
     state = state.replace(best_solution=best_solution, best_fitness=best_fitness.astype(state.best_fitness.dtype))
-    state = strategy._tell(None, population, fitness, state, params, track_covariance)
+    state = _update(population, fitness, state, params, track_covariance)
     return state.replace(generation_counter=state.generation_counter + 1)
 
 
-def sigma_of(state: LocalCMAState) -> jax.Array:
-    """The client's current σ (record it before each ask)."""
-    return state.std
+# --------------------------------------------------------------------------------------------------
+# The same client step behind evosax's CMA_ES interface
+# --------------------------------------------------------------------------------------------------
 
 
-def mean_of(state: LocalCMAState) -> jax.Array:
-    """The client's current mean ``[d]``."""
-    return state.mean
+class LocalCMA(CMA_ES):
+    """evosax ``CMA_ES`` with pycma's client behaviour (lazy eigen, active weights, mirrors).
+
+    evosax's interface works as usual: ``init(key, mean, params)``, ``ask(key, state, params)`` and
+    ``tell(key, population, fitness, state, params)`` returning ``(state, metrics)``, with
+    :class:`LocalCMAParams`/:class:`LocalCMAState` (subclasses of evosax's CMA-ES params and state).
+    Its hooks ``_ask``/``_tell`` are :func:`ask` and the update of :func:`tell`, so both interfaces run
+    the same code. Fitness is minimised. ``self`` is a static argument of evosax's jitted methods:
+    build one per (λ, d, mirrors), e.g. with :func:`local_strategy`.
+    """
+
+    def __init__(self, population_size: int, num_dims: int, num_mirrors: int | None = None):
+        with jax.ensure_compile_time_eval():  # may first be built inside a trace: keep it concrete
+            super().__init__(population_size, jnp.zeros(num_dims),
+                             fitness_shaping_fn=identity_fitness_shaping_fn)
+        self.num_mirrors = int(_num_mirrors(population_size, num_dims)) if num_mirrors is None else num_mirrors
+
+    @property
+    def _default_params(self) -> LocalCMAParams:
+        return local_params(self.population_size, self.num_dims, num_mirrors=self.num_mirrors)
+
+    def _init(self, key: jax.Array, params: LocalCMAParams) -> LocalCMAState:
+        d = self.num_dims
+        server = server_init(d, params.std_init, 2)
+        return client_init(server, params).replace(mean=jnp.full((d,), jnp.nan, server.mean.dtype))
+
+    def _ask(self, key, state: LocalCMAState, params: LocalCMAParams):
+        return ask(key, state, params)
+
+    def _tell(self, key, population, fitness, state: LocalCMAState, params: LocalCMAParams):
+        return _update(population, fitness, state, params)
+
+
+@functools.lru_cache(maxsize=None)
+def local_strategy(population_size: int, num_dims: int, num_mirrors: int | None = None) -> LocalCMA:
+    """A cached :class:`LocalCMA` for (λ, d, mirrors) — one static object per shape."""
+    return LocalCMA(int(population_size), int(num_dims), num_mirrors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -683,12 +620,6 @@ class ServerCMAState:
     eigen_gap: jax.Array
 
 
-def _server_weights_mueff(m: int) -> float:
-    w = np.log(m + 0.5) - np.log(np.arange(1, m + 1, dtype=np.float64))
-    w = w / w.sum()
-    return float(1.0 / np.sum(w**2))
-
-
 def server_init(num_dims: int, sigma0: Any, num_clients_per_round: int, *, dtype=None) -> ServerCMAState:
     """Server state of ``CMAEvolutionStrategy(zeros(d), σ₀, {popsize: m, CMA_mu: m})``.
 
@@ -705,8 +636,8 @@ def server_init(num_dims: int, sigma0: Any, num_clients_per_round: int, *, dtype
     if d < 1 or m < 1:
         raise ValueError(f"num_dims and num_clients_per_round must be >= 1, got {d}, {m}")
     dt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
-    mueff = _server_weights_mueff(m)
-    sp_c1 = _c1(m, mueff, d)
+    _, mueff = _server_weights(m, m, np.float64)
+    sp_c1 = _c1(m, mueff, d)  # pycma's ``sp.c1``: λ = m
     gap = _lazy_gap(sp_c1, _cmu(sp_c1, mueff, d), d)
     var = np.exp((1e-4 / d) * np.arange(d))
     return ServerCMAState(
@@ -726,18 +657,12 @@ def server_init(num_dims: int, sigma0: Any, num_clients_per_round: int, *, dtype
 def _server_consts(k: jax.Array, m: int, d: int, dt) -> tuple[jax.Array, _Consts]:
     """Weights [m] (zero beyond rank k) and pycma's server constants for popsize = CMA_mu = k."""
     kf = jnp.maximum(k, 1).astype(dt)
-    i = jnp.arange(1, m + 1, dtype=dt)
-    raw = jnp.where(i <= kf, jnp.log(kf + 0.5) - jnp.log(i), 0)
-    w = raw / jnp.sum(raw)
-    mueff = 1 / jnp.sum(w**2)
-    cs = (mueff + 2) / (d + mueff + 3)
-    lam_mirr = jnp.where(kf < 6, jnp.floor(0.5 + 0.16 * jnp.minimum(kf, 2 * d + 2) + 0.29), 0)
-    damps = (0.5 + jnp.minimum(1, (lam_mirr / (0.159 * kf) - 1) ** 2) / 2
-             + 2 * jnp.maximum(0, jnp.sqrt((mueff - 1) / (d + 1)) - 1) + cs)
-    c1 = jnp.minimum(1, 2 * kf / 6) * 2 / ((d + 1.3) ** 2 + mueff)  # sampler's c1: λ = 2k weights
-    cmu = jnp.minimum(1 - c1, 2 * (0.25 + mueff - 2 + 1 / mueff) / ((d + 2) ** 2 + mueff))
-    cc = (4 + mueff / d) / (d + 4 + 2 * mueff / d)
-    return w, _Consts(mueff, cs, damps, cc, c1, cmu, jnp.asarray(_chi_n(d), dt))
+    w, mueff = _server_weights(k, m, dt, jnp)
+    cs = _cs(mueff, d)
+    damps = _damps(mueff, d, kf, _num_mirrors(kf, d, jnp), cs, jnp)
+    c1 = _c1(2 * kf, mueff, d, jnp)  # the sampler's c_1: λ = 2k weights
+    cmu = _cmu(c1, mueff, d, jnp)
+    return w, _Consts(mueff, cs, damps, _cc(mueff, d), c1, cmu, jnp.asarray(_chi_n(d), dt))
 
 
 def _usable(mask, fitness, *arrays):
@@ -759,7 +684,7 @@ def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness
       client_sigmas: [m, I] each client's σ before each local ask.
       mask: [m] bool, clients that reported (None: all). Unusable clients (masked, or with a
         non-finite fitness, mean or σ) get weight 0 and are left out of σ'.
-      variant: "reference" (the NVFlare code) or "paper" (eq. 6); see the module docstring.
+      variant: "reference" (the NVFlare code) or "paper" (eq. 6); see docs/algorithm.md, "Server step".
       local_population: λ of the clients (the "paper" σ' divides by it).
       local_mu: μ_loc for the "reference" σ' (default ⌊λ/2⌋, pycma's μ for λ).
 
@@ -831,12 +756,6 @@ def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness
     return new, metrics
 
 
-server_update_reference = functools.partial(server_update, variant="reference")
-server_update_reference.__doc__ = "``server_update(..., variant='reference')``: σ' as in the NVFlare code."
-server_update_paper = functools.partial(server_update, variant="paper")
-server_update_paper.__doc__ = "``server_update(..., variant='paper')``: σ' as in eq. 6 of the paper."
-
-
 def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Array,
                      mask: jax.Array | None = None) -> tuple[ServerCMAState, dict]:
     """FedAvg-BBT: example-count-weighted averages of the clients' final mean, σ and C.
@@ -880,11 +799,16 @@ def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Arr
     return new, metrics
 
 
-def sigma_of_server(state: ServerCMAState) -> jax.Array:
-    """The broadcast σ."""
-    return state.sigma
+def sigma_of(state: LocalCMAState | ServerCMAState) -> jax.Array:
+    """σ of a client state (record it before each ask) or of a server state (the broadcast σ)."""
+    return state.std if isinstance(state, LocalCMAState) else state.sigma
 
 
-def mean_of_server(state: ServerCMAState) -> jax.Array:
-    """The global mean z ``[d]``."""
+def mean_of(state: LocalCMAState | ServerCMAState) -> jax.Array:
+    """The mean ``[d]`` of a client or a server state (the server's is the global mean z)."""
     return state.mean
+
+
+# Kept for callers written before :func:`sigma_of`/:func:`mean_of` took both states.
+sigma_of_server = sigma_of
+mean_of_server = mean_of

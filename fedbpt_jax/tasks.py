@@ -2,7 +2,7 @@
 
 A :class:`Task` is static, hashable metadata. It does not hold data (see :mod:`fedbpt_jax.data`).
 
-Encoder (masked-LM) templates are BBT's RoBERTa templates exactly (reference §1.2), written with three
+Encoder (masked-LM) templates are BBT's RoBERTa templates exactly (docs/algorithm.md, "Data"), written with three
 slot kinds: ``{prompt}`` (the ``n`` soft-prompt placeholder tokens), ``{mask}`` and the text slots
 ``{text}`` / ``{text_a}`` / ``{text_b}``. Their label words are encoded **without** a leading space,
 as BBT does (``encode("great")``, not ``encode(" great")``).
@@ -15,7 +15,7 @@ Decoder (causal-LM) templates come in two styles every task has, selected by nam
   with any causal LM, base or instruct, needs no chat template, and is short (a few scaffold tokens per
   example instead of ~40 for the chat form), which matters because every candidate prompt of every
   client re-reads every example. On SmolLM2-135M-Instruct it scores 78.6% zero-shot on SST-2 against
-  80.0% for the chat form (docs/environment.md), a gap prompt tuning is there to close.
+  80.0% for the chat form (docs/measurements.md, "Zero-shot SST-2"), a gap prompt tuning is there to close.
 * ``"chat"``: a single user turn (an instruction, then the example) rendered with the tokenizer's own
   ``chat_template`` (which may add a system line, as SmolLM2's does), else with a fixed ChatML form;
   the answer cue is everything after the user's content (end-of-turn + assistant header, plus an
@@ -34,7 +34,7 @@ there is one, is put in the cue (completion style), i.e. *after* the soft prompt
 Decoder label words were checked to be single tokens in SmolLM2's 49,152-token vocabulary (completion:
 with a leading space; chat: without, except DBPedia, whose chat form pre-fills ``Category:`` in the
 assistant turn so that its 14 words keep their leading space and stay single tokens). Only the SST-2
-templates have measured zero-shot accuracies (environment.md); the others are written by analogy
+templates have measured zero-shot accuracies (docs/measurements.md); the others are written by analogy
 (name the options, ask one question, answer with one word).
 """
 from __future__ import annotations
@@ -59,7 +59,8 @@ CHATML_USER = "<|im_start|>user\n{content}<|im_end|>\n"
 CHATML_ASSISTANT = "<|im_start|>assistant\n"
 CHATML_SYSTEM = "<|im_start|>system\n{content}<|im_end|>\n"
 
-_SLOT_RE = re.compile(r"\{(prompt|mask|text|text_a|text_b)\}")
+# A template slot: ``{prompt}``, ``{mask}``, ``{text}``, ``{text_a}`` or ``{text_b}`` (group 1 is its name).
+SLOT_RE = re.compile(r"\{(prompt|mask|text|text_a|text_b)\}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,7 @@ class DecoderTemplate:
     def __post_init__(self):
         if self.style not in DECODER_STYLES:
             raise ValueError(f"decoder template style {self.style!r} is not one of {DECODER_STYLES}")
-        if not isinstance(self.text, str) or not any(sl in _TEXT_SLOTS for sl in _SLOT_RE.findall(self.text)):
+        if not isinstance(self.text, str) or not any(sl in _TEXT_SLOTS for sl in SLOT_RE.findall(self.text)):
             raise ValueError(f"decoder template text {self.text!r} has no text slot; it needs {{text}} (or "
                              f"{{text_a}} and {{text_b}} for sentence pairs), e.g. 'Review: {{text}}'")
         if self.style != "chat" and not self.cue:
@@ -169,7 +170,7 @@ class Task:
         if len(self.encoder_label_words) != c:
             raise ValueError(f"task {self.name}: {len(self.encoder_label_words)} encoder label words "
                              f"for {c} classes")
-        slots = _SLOT_RE.findall(self.encoder_template)
+        slots = SLOT_RE.findall(self.encoder_template)
         if slots.count("prompt") != 1 or slots.count("mask") != 1:
             raise ValueError(f"task {self.name}: the encoder template {self.encoder_template!r} needs one "
                              f"{{prompt}} and one {{mask}}, e.g. '{{prompt}} . {{text}} . It was {{mask}} .'")
@@ -215,7 +216,7 @@ class Task:
                          f"{list(self.styles)}")
 
     def label_words(self, kind: str, style: str | None = None) -> tuple[str, ...]:
-        _check_kind(kind)
+        check_kind(kind)
         if kind == ENCODER:
             return self.encoder_label_words
         return self.decoder_template(style).label_words
@@ -232,7 +233,7 @@ def _check_decoder_template(task: Task, t: DecoderTemplate) -> None:
     if len(t.label_words) != c:
         raise ValueError(f"task {task.name}: {t.style} template has {len(t.label_words)} label words "
                          f"{t.label_words} for {c} classes {task.label_names}")
-    tslots = sorted(set(_SLOT_RE.findall(t.text)))
+    tslots = sorted(set(SLOT_RE.findall(t.text)))
     if tslots != sorted(task.input_fields):
         want = " and ".join("{" + f + "}" for f in task.input_fields)
         raise ValueError(f"task {task.name}: {t.style} template text {t.text!r} has slots {tslots}; it needs "
@@ -261,7 +262,7 @@ def override(task: "Task | str", *, kind: str, style: str | None = None, templat
       ' really'
     """
     task = get(task)
-    _check_kind(kind)
+    check_kind(kind)
     words = None if label_words is None else tuple(label_words)
     if kind == ENCODER:
         if cue is not None:
@@ -277,7 +278,8 @@ def override(task: "Task | str", *, kind: str, style: str | None = None, templat
     return dataclasses.replace(task, name=name or task.name, decoder_templates=(new, *others))
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
+    """Raises ``ValueError`` unless ``kind`` is a backbone kind (:data:`KINDS`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown backbone kind {kind!r}; expected one of {KINDS}")
 
@@ -500,7 +502,7 @@ def parse_encoder_template(template: str) -> tuple[EncoderPiece, ...]:
     pieces: list[EncoderPiece] = []
     pos = 0
     pending = ""
-    for m in _SLOT_RE.finditer(template):
+    for m in SLOT_RE.finditer(template):
         lit = pending + template[pos:m.start()]
         pending = ""
         slot = m.group(1)
@@ -613,7 +615,7 @@ def label_token_ids(task: Task | str, tokenizer, kind: str, first_token: bool = 
         classes share an id.
     """
     task = get(task)
-    _check_kind(kind)
+    check_kind(kind)
     if kind == ENCODER:
         words, context = task.encoder_label_words, ""
     else:

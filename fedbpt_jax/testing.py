@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .models.base import LanguageModel
+from .testing_tokenizers import chatml_tokenizer, roberta_like_tokenizer, smollm2_tokenizer  # noqa: F401
 from .types import ScoringSpec, TokenBatch
 
 

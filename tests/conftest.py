@@ -6,8 +6,9 @@ in CI); where none is, the tests that need them skip with a message saying how t
 """
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
 
 def pytest_sessionstart(session):

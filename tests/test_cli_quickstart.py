@@ -28,7 +28,8 @@ def test_cli_simulate_end_to_end(tiny_lm, monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and asked == {"compute_dtype": "float32"}
     assert re.search(r"per round: \d+ model forward calls over local batches, [0-9.]+ TFLOP", out), out
-    m = re.search(r"manual prompt: ([0-9.]+)\s+z=0: ([0-9.]+)\s+final \(round 2\): ([0-9.]+)\s+"
+    m = re.search(r"bare template \(no prompt tokens\): ([0-9.]+)\s+"
+                  r"manual prompt \(z=0, the prompt start\): ([0-9.]+)\s+final \(round 2\): ([0-9.]+)\s+"
                   r"dev-selected \(round (\d), dev ([0-9.]+)\): ([0-9.]+)", out)
     assert m, out
     manual, z0, final, sel_round, sel_dev, sel_test = map(float, m.groups())
@@ -90,7 +91,8 @@ def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
                    "--generations", "4", "--eval-every", "2", "--test-size", "16", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert re.search(r"manual prompt: [0-9.]+\s+z=0: [0-9.]+\s+final \(generation 4\): [0-9.]+\s+"
+    assert re.search(r"bare template \(no prompt tokens\): [0-9.]+\s+manual prompt \(z=0\): [0-9.]+\s+"
+                     r"final \(generation 4\): [0-9.]+\s+"
                      r"BBT dev-selected \(generation [24], dev [0-9.]+\): [0-9.]+", out), out
 
 

@@ -419,16 +419,16 @@ def test_min_norm_sizes_solves_the_reference_qp():
     scipy_opt = pytest.importorskip("scipy.optimize")
     n_c = np.array([300.0, 200.0, 100.0])
     # seed 0 draws an infeasible system (n_c outside the cone of the 8 proportion vectors): None
-    assert data._min_norm_sizes(np.random.default_rng(0).dirichlet([0.5, 0.5, 0.5], size=8), n_c) is None
+    assert data.min_norm_sizes(np.random.default_rng(0).dirichlet([0.5, 0.5, 0.5], size=8), n_c) is None
     pi = np.random.default_rng(1).dirichlet([0.5, 0.5, 0.5], size=8)
-    x = data._min_norm_sizes(pi, n_c)
+    x = data.min_norm_sizes(pi, n_c)
     assert x is not None and (x >= 0).all() and np.allclose(pi.T @ x, n_c)
     ref = scipy_opt.minimize(lambda v: v @ v, np.full(8, 50.0), jac=lambda v: 2 * v, method="SLSQP",
                              bounds=[(0, None)] * 8, options={"ftol": 1e-12, "maxiter": 500},
                              constraints=[{"type": "eq", "fun": lambda v: pi.T @ v - n_c}])
     assert ref.success and abs(x @ x - ref.fun) < 1e-6 * ref.fun
     # infeasible (class 2 wanted by nobody): None, so the caller falls back
-    assert data._min_norm_sizes(np.array([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0]]), n_c) is None
+    assert data.min_norm_sizes(np.array([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0]]), n_c) is None
 
 
 def test_ten_thousand_clients_is_fast():

@@ -125,7 +125,7 @@ def test_label_logits_without_prompt_slices_full_logits():
 
 def _pieces(config, params, inputs):
     """Embedding output, and a function hidden → full logits, from the module's own pieces."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    ids = inputs["input_ids"]
     model = encoder.Encoder(config)
     emb = np.array(model.apply(params, ids, np.zeros_like(ids), method=encoder.Encoder.embed))
     run = lambda h, m: np.asarray(model.apply(params, h, m, method=lambda mod, h, m: mod.head(mod.encode(h, m))))  # noqa: E731

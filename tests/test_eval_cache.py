@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedbpt_jax import federated as fl, prompt, testing
+from fedbpt_jax import federated as fl
+from fedbpt_jax import prompt, testing
 from fedbpt_jax.federated.core import FederatedData, ModelInputs
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 import federated_setup as fs
-from fedbpt_jax import objective, testing
 from fedbpt_jax import federated as fl
+from fedbpt_jax import objective, testing
 from fedbpt_jax.checkpoint import CheckpointMismatch
 from fedbpt_jax.federated import algorithms as algs
 from fedbpt_jax.federated.core import ModelInputs
@@ -404,7 +404,6 @@ def test_fedprompt_lowers_the_training_loss():
 
 
 def test_fedavg_bbt_weights_follow_example_counts(monkeypatch):
-    captured = {}
     original = algs.strategy.fedavg_aggregate
 
     def spy(state, client_states, weights, mask=None):
@@ -578,7 +577,7 @@ def test_kept_clean_context_gives_the_same_run_with_one_prefix_pass_less(which):
     kw = dict(num_rounds=2, eval_chunk=16, progress=False)
     runs = {keep: fl.run(algo, jax.random.key(4), data, fs.test_set(), lm, fs.model(), keep_clean_context=keep, **kw)
             for keep in (False, True, None)}
-    (c0, h0), (c1, h1), (c2, h2) = runs[False], runs[True], runs[None]
+    (c0, h0), (c1, h1), (_c2, h2) = runs[False], runs[True], runs[None]
     np.testing.assert_allclose(np.asarray(c1.state.server.mean), np.asarray(c0.state.server.mean), rtol=1e-4, atol=1e-5)
     assert [e["accuracy"] for e in h1.evals] == [e["accuracy"] for e in h0.evals]
     for a, b in zip(h0.rounds, h1.rounds):

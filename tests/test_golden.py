@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 
 import federated_setup as fs
-from fedbpt_jax import prompt, testing
 from fedbpt_jax import federated as fl
+from fedbpt_jax import prompt, testing
 from fedbpt_jax.federated.core import ModelInputs
 
 GOLDEN_DIR = Path(__file__).parent / "golden"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import federated_setup as fs
-from fedbpt_jax import objective, testing
 from fedbpt_jax import federated as fl
+from fedbpt_jax import objective, testing
 from fedbpt_jax.federated import core
 
 run_mod = importlib.import_module("fedbpt_jax.federated.run")

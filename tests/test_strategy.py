@@ -1,10 +1,6 @@
 """Tests of fedbpt_jax.strategy: the server step against pycma 3.4.0, the client step against pycma's
 own client (``_copy_light``) fed pycma's samples, lazy eigendecomposition, vmap, NaN and mask
 handling, FedAvg-BBT weights."""
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 import collections
 import math
 import warnings

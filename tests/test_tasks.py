@@ -1,4 +1,4 @@
-"""Tasks: registry, BBT templates (reference §1.2), decoder templates, verbalizer ids."""
+"""Tasks: registry, BBT templates (docs/algorithm.md, "Data"), decoder templates, verbalizer ids."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +30,7 @@ def test_tasks_are_frozen_and_hashable():
 
 
 def test_reference_templates_and_verbalizers():
-    """Reference §1.2, verbatim."""
+    """BBT's RoBERTa templates, verbatim."""
     expect = {
         "sst2": ("{prompt} . {text} . It was {mask} .", ("bad", "great")),
         "yelp_polarity": ("{prompt} . {text} . It was {mask} .", ("bad", "great")),
@@ -163,7 +163,7 @@ def test_smollm2_every_decoder_label_word_is_one_token(smollm2_tok):
         for style in tasks.get(name).styles:
             ids = tasks.label_token_ids(name, smollm2_tok, "decoder", style=style)
             assert len(set(ids.tolist())) == tasks.get(name).num_labels
-    # the ids measured in docs/environment.md
+    # the ids measured in docs/measurements.md
     assert tasks.label_token_ids("sst2", smollm2_tok, "decoder").tolist() == [3524, 2731]
     assert tasks.label_token_ids("sst2", smollm2_tok, "decoder", style="chat").tolist() == [17728, 16185]
     assert [smollm2_tok.decode([i]) for i in tasks.label_token_ids("sst2", smollm2_tok, "decoder", style="bbt")] == [

@@ -10,22 +10,41 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .config import HPARAM_RANGES, FedConfig, HParams, check_hparams
-from .core import (AlgorithmCost, ClientSample, FederatedAlgorithm, FederatedData, ModelInputs, clean_context_bytes,
-                   sample_round, validate_data, with_clean_context)
+from .core import (
+    AlgorithmCost,
+    ClientSample,
+    FederatedAlgorithm,
+    FederatedData,
+    ModelInputs,
+    clean_context_bytes,
+    sample_round,
+    validate_data,
+    with_clean_context,
+)
 from .distributed import client_mesh, clients_to_global, host, init_distributed, to_global
-from .run import (History, RunCarry, compile_count, load_uploads, median_token_norm, round_cost, round_key, run,
-                  summarize, trace_count, write_results)
+from .run import (
+    History,
+    RunCarry,
+    compile_count,
+    load_uploads,
+    median_token_norm,
+    round_cost,
+    round_key,
+    run,
+    summarize,
+    trace_count,
+    write_results,
+)
 
 _LAZY = ("ALGORITHMS", "centralized_bbt", "fedavg_bbt", "fedbpt", "fedprompt", "make", "manual_prompt",
          "LR_GRID", "tune_learning_rate")
 
-__all__ = ["ALGORITHMS", "FedConfig", "HParams", "HPARAM_RANGES", "check_hparams", "FederatedAlgorithm", "AlgorithmCost", "ClientSample",
-           "sample_round", "FederatedData",
-           "ModelInputs", "History", "RunCarry", "run", "summarize", "load_uploads", "median_token_norm", "round_key",
-           "round_cost", "trace_count", "compile_count", "write_results", "LR_GRID", "tune_learning_rate",
-           "validate_data", "make", "fedbpt", "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt",
-           "client_mesh", "init_distributed", "to_global", "clients_to_global", "host", "clean_context_bytes",
-           "with_clean_context"]
+__all__ = ["ALGORITHMS", "FedConfig", "HParams", "HPARAM_RANGES", "check_hparams", "FederatedAlgorithm",
+           "AlgorithmCost", "ClientSample", "sample_round", "FederatedData", "ModelInputs", "History", "RunCarry",
+           "run", "summarize", "load_uploads", "median_token_norm", "round_key", "round_cost", "trace_count",
+           "compile_count", "write_results", "LR_GRID", "tune_learning_rate", "validate_data", "make", "fedbpt",
+           "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh", "init_distributed",
+           "to_global", "clients_to_global", "host", "clean_context_bytes", "with_clean_context"]
 
 
 def __getattr__(name: str):
@@ -41,5 +60,14 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .algorithms import (ALGORITHMS, LR_GRID, centralized_bbt, fedavg_bbt, fedbpt, fedprompt, make,  # noqa: F401
-                             manual_prompt, tune_learning_rate)
+    from .algorithms import (  # noqa: F401
+        ALGORITHMS,
+        LR_GRID,
+        centralized_bbt,
+        fedavg_bbt,
+        fedbpt,
+        fedprompt,
+        make,
+        manual_prompt,
+        tune_learning_rate,
+    )

@@ -1,6 +1,6 @@
 """FedBPT and its baselines as :class:`FederatedAlgorithm`s.
 
-* :func:`fedbpt` — FedBPT (paper §4, reference §2.2): every sampled client starts from the server's
+* :func:`fedbpt` — FedBPT (docs/algorithm.md, "Client CMA-ES" and "Server step"): every sampled client starts from the server's
   CMA-ES state (mean, σ, C and its eigendecomposition; evolution paths reset), runs I local CMA-ES
   generations of λ candidates on its perturbation-regularised fitness, uploads (final mean, its
   fitness, σ history); the server combines the client means with a server-level CMA-ES step
@@ -38,8 +38,16 @@ from .. import accounting, objective, prompt, strategy
 from ..objective import Scorer
 from ..types import ScoringSpec, TokenBatch
 from .config import FedConfig, HParams, check_hparams
-from .core import (AlgorithmCost, ClientSample, FederatedAlgorithm, FederatedData, ModelInputs, gather_context,
-                   map_clients, sample_round)
+from .core import (
+    AlgorithmCost,
+    ClientSample,
+    FederatedAlgorithm,
+    FederatedData,
+    ModelInputs,
+    gather_context,
+    map_clients,
+    sample_round,
+)
 
 
 @flax.struct.dataclass

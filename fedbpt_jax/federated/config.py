@@ -37,7 +37,7 @@ HPARAM_RANGES = {
 class FedConfig:
     """Static configuration of a federated prompt-tuning simulation.
 
-    Defaults follow the paper's setting (reference §3.1): d = 500, 50 prompt tokens, λ = 5 local
+    Defaults follow the paper's setting (docs/algorithm.md, "Options and defaults"): d = 500, 50 prompt tokens, λ = 5 local
     candidates, I = 8 local generations, 10 clients all participating, CE loss, perturbation on with
     the reference's r_p default 0.5 (in :class:`HParams`), the reference server.
 

@@ -246,7 +246,8 @@ def client_keys(key: jax.Array, k: int, mode: str) -> jax.Array:
 def _client_sharding(mesh):
     """The sharding of a client-leading array: ``mesh`` or, without one, the ambient mesh (if it has a
     ``"clients"`` axis); None when there is nothing to shard over."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     if mesh is None:
         ambient = jax.sharding.get_abstract_mesh()

@@ -39,11 +39,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import objective
-from ..checkpoint import CheckpointMismatch, Checkpointer, fingerprint, write_csv_atomic, write_json_atomic
+from ..checkpoint import Checkpointer, CheckpointMismatch, fingerprint, write_csv_atomic, write_json_atomic
 from ..types import TokenBatch
 from .config import HParams
-from .core import (FederatedAlgorithm, FederatedData, ModelInputs, clean_context_bytes, validate_data, validate_test,
-                   with_clean_context)
+from .core import (
+    FederatedAlgorithm,
+    FederatedData,
+    ModelInputs,
+    clean_context_bytes,
+    validate_data,
+    validate_test,
+    with_clean_context,
+)
 from .distributed import host, to_global
 
 #: Number of times each segment (key: algorithm name) and initial evaluation (key: ``name + "/eval"``)
@@ -264,7 +271,8 @@ def make_initial_eval(algo: FederatedAlgorithm, scorer, n_prompt: int, hidden: i
 def _replicated(mesh):
     if mesh is None:
         return None
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     return NamedSharding(mesh, P())
 
@@ -387,29 +395,8 @@ def _describe(algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, 
     return {k: repr(v) for k, v in desc.items()}
 
 
-def _encode(x):
-    """Floats that JSON cannot hold (NaN, ±inf) as strings, so a restored history is bit-identical."""
-    if isinstance(x, dict):
-        return {k: _encode(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_encode(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return repr(x)
-    return x
-
-
-def _decode(x):
-    if isinstance(x, dict):
-        return {k: _decode(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decode(v) for v in x]
-    if x in ("nan", "inf", "-inf"):
-        return float(x)
-    return x
-
-
 class _RunCheckpoint:
-    """A run's checkpoints: the carry and the history (NaN-safe) under the run's configuration."""
+    """A run's checkpoints: the carry and the history under the run's configuration (its fingerprint)."""
 
     def __init__(self, directory, desc: dict[str, str]):
         self.desc = desc
@@ -429,7 +416,7 @@ class _RunCheckpoint:
             carry = jax.tree_util.tree_map(jnp.asarray, host(carry))
         if step > num_rounds:
             raise ValueError(f"checkpoint {ckpt.directory} is at round {step}, past num_rounds={num_rounds}")
-        return carry, History(rounds=_decode(meta["rounds"]), evals=_decode(meta["evals"]))
+        return carry, History(rounds=meta["rounds"], evals=meta["evals"])
 
     def _mismatch(self, err: Exception) -> str:
         step = self.ckpt.latest_step()
@@ -441,7 +428,7 @@ class _RunCheckpoint:
                 + ". Resume with the same configuration or use a new checkpoint directory")
 
     def save(self, done: int, carry: RunCarry, history: History) -> None:
-        self.ckpt.save(done, carry, {**_encode(history.as_dict()), "config": self.desc})
+        self.ckpt.save(done, carry, {**history.as_dict(), "config": self.desc})
 
     def close(self) -> None:
         self.ckpt.close()
@@ -894,6 +881,9 @@ def _warn_nonfinite(summary: dict, name: str) -> None:
 def write_results(results_dir, history: History, carry: RunCarry) -> None:
     """``metrics.json`` (history, per-client diagnostics and :func:`summarize`'s figures) and
     ``rounds.csv`` (one row a round, scalars only), each replaced atomically."""
+    from ..interrupts import deferred
+
     d = Path(results_dir)
-    write_json_atomic(d / "metrics.json", {**history.as_dict(), **summarize(history, carry)})
-    write_csv_atomic(d / "rounds.csv", [{k: v for k, v in r.items() if k != "clients"} for r in history.rounds])
+    with deferred():  # a Ctrl-C / SIGTERM lands after both files describe the same round
+        write_json_atomic(d / "metrics.json", {**history.as_dict(), **summarize(history, carry)})
+        write_csv_atomic(d / "rounds.csv", [{k: v for k, v in r.items() if k != "clients"} for r in history.rounds])

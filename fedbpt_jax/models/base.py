@@ -1,24 +1,28 @@
 """The backbone contract: what every language model in fedbpt-jax provides.
 
-A :class:`LanguageModel` is a host-side bundle (not a pytree): a static config, the parameter pytree
-(passed to jitted functions as an *argument*, never closed over), the HF tokenizer, and the pure scoring
-functions. All scoring functions are unbatched over the population: a caller ``vmap``s them over
-candidate prompts (and clients); XLA fuses that into one batched forward pass.
+A :class:`LanguageModel` is a host-side bundle (not a pytree): the model's name and kind, its static
+config, the parameter pytree (passed to jitted functions as an *argument*, never closed over), the HF
+tokenizer and the Flax module. It holds no scoring functions: those are pure module-level functions of
+:mod:`fedbpt_jax.models.encoder` and :mod:`fedbpt_jax.models.decoder` that take ``(config, params, ...)``,
+and :func:`fedbpt_jax.objective.make_scorer` wraps the right ones for a bundle. They are unbatched over
+the population: a caller ``vmap``s them over candidate prompts (and clients), and XLA fuses that into one
+batched forward pass.
 
-Scoring functions (``kind == "encoder"``)::
+Encoder (``kind == "encoder"``)::
 
-    label_logits(params, batch: TokenBatch, spec: ScoringSpec, prompt: [n, H] | None) -> [B, C]
+    encoder.label_logits(config, params, batch: TokenBatch, spec: ScoringSpec, prompt: [n, H] | None,
+                         mode="add") -> [B, C]
 
-Scoring functions (``kind == "decoder"``)::
+Decoder (``kind == "decoder"``)::
 
-    label_logits(params, batch, spec, prompt)                 # layout taken from the bundle
-    prefix_cache(params, batch) -> PrefixCache               # text part's K/V, computed once
-    label_logits_cached(params, cache, spec, prompt) -> [B, C]   # == label_logits with layout "after"
+    decoder.label_logits(config, params, batch, spec, prompt, layout) -> [B, C]
+    decoder.prefix_cache(config, params, batch) -> PrefixCache          # the text part's K/V, once
+    decoder.label_logits_cached(config, params, cache, spec, prompt) -> [B, C]   # == layout "after"
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -53,7 +57,7 @@ class LanguageModel:
 
     def input_embeddings(self, params=None) -> jax.Array:
         """``[V, H]`` input word-embedding matrix (for BBT's σ̂_E and for perturbation)."""
-        from . import encoder, decoder  # noqa: F401  (local import: avoid cycles)
+        from . import decoder, encoder  # noqa: F401  (local import: avoid cycles)
 
         params = self.params if params is None else params
         if self.kind == "encoder":

@@ -661,8 +661,8 @@ def params_from_hf(config: DecoderConfig, tensors: Mapping[str, np.ndarray]) -> 
 
     Linear weights are transposed (HF ``[out, in]`` -> linen ``[in, out]``), layers stacked; matrices and
     embeddings are stored in ``config.compute_dtype`` (a bfloat16 checkpoint loaded for bfloat16
-    compute is never widened to float32 on the way), norm scales in float32. ``lm_head.weight`` is ignored when the head is tied; rotary ``inv_freq``
-    buffers of old checkpoints are ignored.
+    compute is never widened to float32 on the way), norm scales in float32. ``lm_head.weight`` is ignored
+    when the head is tied; rotary ``inv_freq`` buffers of old checkpoints are ignored.
 
     Raises:
       ValueError: missing tensors (all listed), or a tensor whose shape does not match the config
