@@ -45,6 +45,10 @@ def _common(p: argparse.ArgumentParser, *, shots: int, n_prompt: int, d: int, te
     p.add_argument("--n-prompt", type=int, default=None,
                    help=f"soft prompt tokens (default: the prompt start's token count, else {n_prompt})")
     p.add_argument("--d", type=int, default=d, help="intrinsic dimension d (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate each example's text part to this many tokens (default: no truncation, the "
+                        "text is padded to the longest example; an example that does not fit the model's context "
+                        "with the prompt and cue is an error that gives the largest value that fits)")
     p.add_argument("--layout", default=None,
                    help="prompt placement: decoders 'after' (default, prefix cache) or 'before' (paper); "
                         "encoders 'add' (default) or 'cat'")
@@ -173,6 +177,8 @@ def _check_args(args) -> None:
     need(args.test_size >= 0, f"--test-size {args.test_size}: accepted: 0 (the whole test set) or a positive count")
     need(args.shots >= 1, f"--shots {args.shots}: accepted: a positive number of examples per class")
     need(args.d >= 1, f"--d {args.d}: accepted: a positive intrinsic dimension")
+    need(args.max_length is None or args.max_length >= 1,
+         f"--max-length {args.max_length}: accepted: a positive token count, or leave it out for no truncation")
     need(args.n_prompt is None or args.n_prompt >= 1, f"--n-prompt {args.n_prompt}: accepted: a positive token count")
     need(args.eval_every >= 1, f"--eval-every {args.eval_every}: accepted: a positive integer")
     need(args.layout is None or args.layout in ("after", "before", "add", "cat"),
@@ -285,6 +291,7 @@ def _data(args, lm, *, num_clients: int, alpha):
 
     kw = dict(num_clients=num_clients, shots_per_class=args.shots, alpha=alpha, seed=args.seed,
               n_prompt=args.n_prompt, source=args.data, style=args.style, first_token=args.first_token,
+              max_length=args.max_length,
               test_size=args.test_size or None, max_positions=getattr(lm.config, "max_position_embeddings", None))
     try:
         fed = data_lib.federated(_task(args, lm), lm.tokenizer, lm.kind, **kw)

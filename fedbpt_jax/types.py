@@ -71,9 +71,13 @@ class ScoringSpec:
       exempt_ids: ``[S]`` int32 ids that the perturbation may leave untouched when asked to (special,
         placeholder and mask tokens); padded with -1.
       vocab_size: size of the vocabulary perturbation draws from (static).
+      n_prompt: soft prompt tokens the examples were built for (static; 0: not recorded). Encoder
+        templates hold that many placeholders, and decoder texts were fitted to the context leaving that
+        much room, so a run with another ``n_prompt_tokens`` is refused.
     """
 
     label_ids: jax.Array
     cue_ids: jax.Array
     exempt_ids: jax.Array
     vocab_size: int = flax.struct.field(pytree_node=False, default=0)
+    n_prompt: int = flax.struct.field(pytree_node=False, default=0)

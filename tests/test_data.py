@@ -340,7 +340,10 @@ def test_decoder_context_errors_and_truncation(dec_tok):
         data.encode_decoder("sst2", ex, dec_tok, n_prompt=50, max_positions=256)
     msg = str(err.value)
     assert "example 0" in msg and "prompt (50)" in msg and "cue (3)" in msg and "context of 256" in msg
-    assert "max_length<=203" in msg
+    assert "max_length<=203" in msg and "--max-length 203" in msg
+    with pytest.raises(ValueError, match=r"the prompt and cue alone take 256: use fewer prompt tokens "
+                                         r"\(n_prompt / --n-prompt at most 252\)"):
+        data.encode_decoder("sst2", ex, dec_tok, n_prompt=253, max_positions=256)
     with pytest.raises(ValueError, match=r"= 313 tokens exceeds the model's context of 256"):
         data.encode_decoder("sst2", ex, dec_tok, n_prompt=50, max_positions=256, max_length=260)
     b = data.encode_decoder("sst2", ex, dec_tok, n_prompt=50, max_positions=256, max_length=64)

@@ -605,3 +605,21 @@ def test_kept_clean_context_auto_off_when_it_does_not_pay_and_refused_where_unus
     with pytest.raises(ValueError, match="no prefix cache"):
         fl.run(before, jax.random.key(0), fs.make_data(4), fs.test_set(), lm, fs.model(), num_rounds=1,
                progress=False, keep_clean_context=True)
+
+
+def test_data_built_for_another_prompt_length_or_context_is_refused_at_the_api():
+    """The API checks what the CLI checks: data built for another n_prompt, or too long for the model's
+    context, are an error naming both values before anything compiles."""
+    lm = fs.tiny_lm()
+    cfg = fs.config_a(num_clients=4, clients_per_round=2)
+    data = fs.make_data(4)
+    wrong = data.replace(spec=data.spec.replace(n_prompt=3))
+    with pytest.raises(ValueError, match=r"built for n_prompt=3 prompt tokens but the config says n_prompt_tokens=2"):
+        fl.run(fl.fedbpt(cfg, lm), jax.random.key(0), wrong, fs.test_set(), lm, fs.model(), num_rounds=1,
+               progress=False)
+    fl.validate_data(data.replace(spec=data.spec.replace(n_prompt=2)), cfg)  # the matching length passes
+    t = int(data.train.input_ids.shape[-1])
+    with pytest.raises(ValueError, match=rf"prompt \(2\) \+ text part \({t}\) \+ cue \(2\) = {t + 4} tokens, more "
+                                         rf"than the model's context of {t + 3}"):
+        fl.validate_data(data, cfg, kind="decoder", context=t + 3)
+    fl.validate_data(data, cfg, kind="decoder", context=t + 4)

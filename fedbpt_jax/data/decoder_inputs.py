@@ -105,10 +105,12 @@ def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
         longest = int(lengths.max()) if n else 1
         if room is not None and longest > room:
             i = int(np.argmax(lengths))
-            raise ValueError(f"task {task.name}: example {i} needs prompt ({n_prompt}) + text part "
-                             f"({longest}) + cue ({len(cue)}) = {n_prompt + longest + len(cue)} tokens, "
-                             f"more than the model's context of {limit}; pass max_length<={room} to "
-                             f"truncate the texts")
+            need = (f"task {task.name}: example {i} needs prompt ({n_prompt}) + text part ({longest}) + cue "
+                    f"({len(cue)}) = {n_prompt + longest + len(cue)} tokens, more than the model's context of {limit}")
+            if room < 1:
+                raise ValueError(f"{need}; the prompt and cue alone take {n_prompt + len(cue)}: use fewer prompt "
+                                 f"tokens (n_prompt / --n-prompt at most {limit - len(cue) - 1})")
+            raise ValueError(f"{need}; truncate the texts with max_length<={room} (CLI: --max-length {room})")
         T = round_up(max(longest, 1), pad_multiple)
         if room is not None:
             T = min(T, room)

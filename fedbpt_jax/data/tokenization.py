@@ -52,4 +52,5 @@ def scoring_spec(task: Task | str, tokenizer, kind: str, *, n_prompt: int = 50, 
             raise ValueError(f"exempt_pad_to={exempt_pad_to} < {len(ex)} exempt ids")
         ex = np.concatenate([ex, np.full(exempt_pad_to - len(ex), -1, np.int32)])
     return ScoringSpec(label_ids=labels, cue_ids=cue, exempt_ids=ex,
-                       vocab_size=int(vocab_size if vocab_size is not None else len(tokenizer)))
+                       vocab_size=int(vocab_size if vocab_size is not None else len(tokenizer)),
+                       n_prompt=int(n_prompt))

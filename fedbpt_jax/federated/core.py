@@ -303,7 +303,8 @@ def _host_value(x):
     return np.asarray(x)
 
 
-def validate_data(data: FederatedData, config, *, vocab_size: int | None = None) -> None:
+def validate_data(data: FederatedData, config, *, vocab_size: int | None = None, kind: str | None = None,
+                  context: int | None = None) -> None:
     """Host-side checks of the federated data against ``config`` (clear errors before anything compiles).
 
     Checks: ``[N, E, T]`` shapes with N = ``config.num_clients``; every client has at least one example;
@@ -335,6 +336,20 @@ def validate_data(data: FederatedData, config, *, vocab_size: int | None = None)
     for name in ("labels", "example_mask", "answer_pos"):
         if tuple(np.shape(getattr(train, name))) != (n, e):
             raise ValueError(f"data.train.{name} has shape {tuple(np.shape(getattr(train, name)))}, expected {(n, e)}")
+    n_built = int(getattr(data.spec, "n_prompt", 0) or 0)
+    if n_built and n_built != config.n_prompt_tokens:
+        raise ValueError(f"the data were built for n_prompt={n_built} prompt tokens but the config says "
+                         f"n_prompt_tokens={config.n_prompt_tokens}; build the data with "
+                         f"n_prompt={config.n_prompt_tokens} or set FedConfig(n_prompt_tokens={n_built})")
+    if context is not None and kind is not None:
+        t = ids_shape[2]
+        cue = int(np.shape(data.spec.cue_ids)[0])
+        total = t + config.n_prompt_tokens + cue if kind == "decoder" else t
+        if total > context:
+            what = (f"prompt ({config.n_prompt_tokens}) + text part ({t}) + cue ({cue}) = {total} tokens"
+                    if kind == "decoder" else f"{t} tokens per example")
+            raise ValueError(f"the data need {what}, more than the model's context of {context}; build them with "
+                             "data.federated(..., max_positions=<the model's context>) or a smaller max_length")
     num_labels = int(np.shape(data.spec.label_ids)[0])
     if num_labels < 2:
         raise ValueError(f"the task needs at least 2 label words, got {num_labels}")

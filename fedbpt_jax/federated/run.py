@@ -463,7 +463,7 @@ def _check_options(algo: FederatedAlgorithm, *, num_rounds, eval_every, checkpoi
 def _validate_inputs(algo: FederatedAlgorithm, data: FederatedData, test: TokenBatch, dev: TokenBatch | None,
                      lm) -> None:
     """Host-side checks of the training data, the test set and the dev set (clear errors before compiling)."""
-    validate_data(data, algo.config, vocab_size=lm.vocab_size)
+    validate_data(data, algo.config, vocab_size=lm.vocab_size, kind=lm.kind, context=model_context(lm))
     num_labels = int(np.shape(data.spec.label_ids)[0])
     validate_test(test, num_labels)
     if dev is not None:
@@ -757,6 +757,16 @@ def run(
 
 #: Algorithms whose rounds report client uploads (``metrics["uploads"]``).
 _UPLOADING = frozenset({"fedbpt", "fedavg_bbt", "fedavg_bbt_perturbed"})
+
+
+def model_context(lm) -> int | None:
+    """The longest sequence the backbone takes: a decoder's ``max_position_embeddings``; an encoder's position
+    table less its position offset (RoBERTa); None when the config does not say."""
+    c = getattr(lm, "config", None)
+    n = getattr(c, "max_position_embeddings", None)
+    if n is None:
+        return None
+    return int(n) - int(getattr(c, "position_offset", 0) or 0) if lm.kind == "encoder" else int(n)
 
 
 def median_token_norm(lm) -> float:
