@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -89,7 +90,15 @@ def test_model_files_that_cannot_be_read_are_one_line_naming_them(tmp_path, caps
     (bad_json / "config.json").write_text('{"model_type": "llama", "hidden')
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
-    for path in (empty, bad_json, junk, tmp_path / "missing.gguf"):
+    fixture = Path(__file__).parent / "fixtures" / "decoder_tiny_tied"
+    truncated, no_tokenizer = tmp_path / "truncated", tmp_path / "no_tokenizer"
+    shutil.copytree(fixture, truncated)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(3000)
+    shutil.copytree(fixture, no_tokenizer)
+    for f in no_tokenizer.glob("tokenizer*"):
+        f.unlink()
+    for path in (empty, bad_json, junk, tmp_path / "missing.gguf", truncated, no_tokenizer):
         assert cli.main(["--model", str(path)]) == 2
         err = _err(capsys)
         assert err.startswith(f"fedbpt-jax: error: cannot load model {str(path)!r}: "), err
