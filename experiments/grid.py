@@ -548,9 +548,11 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     write_json_atomic(d / "config.json", effective)
     write_json_atomic(d / "status.json", {"state": "running", "started": t0, "from_round": seen})
     # The manual prompt never changes: evaluating it at round 0 and at the last round is enough (the same
-    # numbers as every round, at a fraction of the evaluation cost; the run's identity is unchanged).
-    eval_every = s["rounds"] if s["algorithm"] == "manual" else s["eval_every"]
-    kw = dict(num_rounds=s["rounds"], hp=hp, eval_every=eval_every, checkpoint_dir=d / "ckpt",
+    # numbers as every round, at a fraction of the evaluation cost; the run's identity is unchanged). It
+    # keeps no checkpoint: asked for more rounds later, it simply runs again (two evaluations).
+    manual = s["algorithm"] == "manual"
+    kw = dict(num_rounds=s["rounds"], hp=hp, eval_every=s["rounds"] if manual else s["eval_every"],
+              checkpoint_dir=None if manual else d / "ckpt",
               results_dir=d, progress=False, eval_cache_budget=int(s["eval_cache_gb"] * 2**30))
     if dev:
         kw["dev"] = fed.dev
@@ -615,7 +617,10 @@ def cmd_run(args) -> int:
             print(f"--max-runs {args.max_runs} reached; {len(selected) - i + 1} selected run(s) left", flush=True)
             break
         started += 1
-        print(f"{tag}: {'resuming after round ' + str(last) if last else 'starting'}", flush=True)
+        again = r["settings"]["algorithm"] == "manual" and last
+        what = "running again (the manual prompt keeps no checkpoint)" if again else (
+            f"resuming after round {last}" if last else "starting")
+        print(f"{tag}: {what}", flush=True)
         try:
             st = run_one(r, out, ctx, grid["name"])
             counts["finished"] += 1
