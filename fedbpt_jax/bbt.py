@@ -16,7 +16,7 @@ Functional API (keys first, then state, then read-only inputs; every step return
     config = BBTConfig(population_size=10)
     scorer = objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens)
     projection = prompt.make_projection(key_proj, lm.input_embeddings(), intrinsic_dim=config.intrinsic_dim,
-                                        n_prompt_tokens=config.n_prompt_tokens, alpha=config.alpha,
+                                        n_prompt_tokens=config.n_prompt_tokens, alpha=config.projection_alpha,
                                         sigma=config.sigma0)
     state, es_params = init(key_init, config)
     ctx = scorer.prepare(lm.params, train)                     # once per data set
@@ -63,7 +63,7 @@ class BBTConfig:
     sigma0: float = 1.0
     loss: str = "ce"
     projection: str = "normal"
-    alpha: float = 1.0
+    projection_alpha: float = 1.0
     layout: str | None = None
     chunk_size: int = 0
     eval_every: int = 25
@@ -77,8 +77,8 @@ class BBTConfig:
         lo, hi = SIGMA0_RANGE
         if not (math.isfinite(self.sigma0) and lo <= self.sigma0 <= hi):
             raise ValueError(f"sigma0 must be a finite value in [{lo:g}, {hi:g}], got {self.sigma0!r}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"alpha must be finite and > 0, got {self.alpha!r}")
+        if not (math.isfinite(self.projection_alpha) and self.projection_alpha > 0):
+            raise ValueError(f"projection_alpha must be finite and > 0, got {self.projection_alpha!r}")
         if self.loss not in objective.LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; accepted: {objective.LOSSES}")
         if self.projection not in prompt.PROJECTIONS:
@@ -221,7 +221,7 @@ def tune(
     scorer = objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens)
     projection = prompt.make_projection(
         key_proj, lm.input_embeddings(), intrinsic_dim=config.intrinsic_dim,
-        n_prompt_tokens=config.n_prompt_tokens, kind=config.projection, alpha=config.alpha, sigma=config.sigma0,
+        n_prompt_tokens=config.n_prompt_tokens, kind=config.projection, alpha=config.projection_alpha, sigma=config.sigma0,
     )
     state, es_params = init(key_init, config)
     hidden = lm.hidden_size

@@ -623,3 +623,18 @@ def test_data_built_for_another_prompt_length_or_context_is_refused_at_the_api()
                                          rf"than the model's context of {t + 3}"):
         fl.validate_data(data, cfg, kind="decoder", context=t + 3)
     fl.validate_data(data, cfg, kind="decoder", context=t + 4)
+
+
+def test_projection_alpha_is_named_apart_from_the_dirichlet_alpha():
+    with pytest.raises(ValueError, match="projection_alpha must be finite and > 0, got 0.0"):
+        fs.config_a(projection_alpha=0.0)
+    assert not hasattr(fs.config_a(), "alpha")
+    # A checkpoint's description keeps the field's earlier name, so runs saved before the rename resume.
+    import importlib
+
+    run_mod = importlib.import_module("fedbpt_jax.federated.run")  # the module, not the function
+
+    lm = fs.tiny_lm()
+    desc = run_mod._describe(fl.fedbpt(fs.config_a(), lm), fl.HParams(), 1, np.zeros(2, np.uint32), fs.data_a(), lm,
+                             fs.model())
+    assert "config.alpha" in desc and "config.projection_alpha" not in desc

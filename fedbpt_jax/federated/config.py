@@ -60,7 +60,8 @@ class FedConfig:
       projection: "normal" | "uniform" (see :mod:`fedbpt_jax.prompt`).
       layout: prompt placement (encoder "add"/"cat", decoder "after"/"before"; None = backbone default).
       chunk_clients: clients scored per vmapped chunk (0 = all K at once); bounds peak memory.
-      alpha: BBT's projection scale α (``A ~ N(0, (α σ̂_E / √d)²)``).
+      projection_alpha: BBT's projection scale α (``A ~ N(0, (α σ̂_E / √d)²)``); named so that it is not
+        confused with the Dirichlet concentration, which "alpha" means everywhere else (data, CLI, grids).
       norm_clip: optional stabiliser, off by default (the reference's ``norm_prompt``): every local
         candidate and the uploaded mean whose ‖z‖ exceeds the threshold τ_t is scaled back to norm τ_t.
         τ starts at ``norm_clip_threshold`` (15) and grows by 1 at the start of every round whose
@@ -91,7 +92,7 @@ class FedConfig:
     projection: str = "normal"
     layout: str | None = None
     chunk_clients: int = 0
-    alpha: float = 1.0
+    projection_alpha: float = 1.0
     norm_clip: bool = False
     norm_clip_threshold: float = 15.0
     norm_clip_upper: float = 20.0
@@ -124,7 +125,8 @@ class FedConfig:
         need(self.projection in prompt.PROJECTIONS,
              f"unknown projection {self.projection!r}; accepted: {prompt.PROJECTIONS}")
         need(self.chunk_clients >= 0, f"chunk_clients must be >= 0, got {self.chunk_clients}")
-        need(math.isfinite(self.alpha) and self.alpha > 0, f"alpha (projection scale) must be finite and > 0, got {self.alpha}")
+        need(math.isfinite(self.projection_alpha) and self.projection_alpha > 0,
+             f"projection_alpha must be finite and > 0, got {self.projection_alpha}")
         need(self.sigma_schedule in SIGMA_SCHEDULES,
              f"unknown sigma_schedule {self.sigma_schedule!r}; accepted: {SIGMA_SCHEDULES}")
         for name in ("norm_clip_threshold", "norm_clip_upper", "sigma_floor"):

@@ -85,7 +85,7 @@ class ModelInputs:
 
         projection = prompt.make_projection(key, lm.input_embeddings(), intrinsic_dim=config.intrinsic_dim,
                                             n_prompt_tokens=config.n_prompt_tokens, kind=config.projection,
-                                            alpha=config.alpha)
+                                            alpha=config.projection_alpha)
         start = prompt.build_start(lm, start, config.n_prompt_tokens, config.layout)
         return cls(params=lm.params, projection=projection, start=start)
 

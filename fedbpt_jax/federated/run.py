@@ -379,6 +379,10 @@ def _fingerprint(x) -> str | None:
     return f"{arr.dtype}{list(arr.shape)}:{hashlib.sha256(arr.tobytes()).hexdigest()[:16]}"
 
 
+#: FedConfig fields recorded in a checkpoint's description under their earlier names.
+_DESCRIBED_AS = {"projection_alpha": "alpha"}
+
+
 def _describe(algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, data: FederatedData, lm,
               model: ModelInputs) -> dict[str, str]:
     """What identifies a run for resuming (everything but the round count, the mesh and the I/O)."""
@@ -390,7 +394,9 @@ def _describe(algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, 
             "client_counts_sum": None if counts is None else int(np.sum(counts)),
             "projection_shape": None if model.projection is None else list(np.shape(model.projection)),
             "prompt_start": _fingerprint(getattr(model, "start", None))}
-    desc.update({f"config.{f.name}": getattr(algo.config, f.name) for f in dataclasses.fields(algo.config)})
+    # Keys keep their historical names (projection_alpha was "alpha"), so older checkpoints still resume.
+    desc.update({f"config.{_DESCRIBED_AS.get(f.name, f.name)}": getattr(algo.config, f.name)
+                 for f in dataclasses.fields(algo.config)})
     desc.update({f"hp.{k}": float(np.asarray(v)) for k, v in dataclasses.asdict(host(hp)).items()})
     return {k: repr(v) for k, v in desc.items()}
 
