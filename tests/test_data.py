@@ -498,3 +498,13 @@ def test_max_length_bounds_but_does_not_force_the_padded_length(enc_tok, dec_tok
     e_fixed = data.encode_encoder("sst2", ex, enc_tok, n_prompt=5, max_length=256, pad_to_max_length=True)
     assert e_short.seq_len < 256 and e_fixed.seq_len == 256
     np.testing.assert_array_equal(e_short.answer_pos, e_fixed.answer_pos)
+
+
+def test_one_name_per_type_host_splits_and_device_arrays():
+    """The host-side result of ``data.federated`` is ``FederatedSplits``; ``fedbpt_jax.FederatedData`` is the
+    device-side type; the host type's earlier name still works, with a deprecation warning."""
+    import fedbpt_jax as fb
+
+    assert data.FederatedSplits is not fb.FederatedData
+    with pytest.warns(DeprecationWarning, match="now fedbpt_jax.data.FederatedSplits"):
+        assert data.FederatedData is data.FederatedSplits

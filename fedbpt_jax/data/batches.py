@@ -65,8 +65,10 @@ def federated_batches(batch: TokenBatch, parts, pad_to: int | None = None) -> tu
     return out, counts
 
 
-class FederatedData(NamedTuple):
-    """Everything a simulation reads: per-client train arrays, a dev and a test set, and the spec."""
+class FederatedSplits(NamedTuple):
+    """Everything a simulation reads, on the host (numpy): per-client train arrays, a dev and a test set, the
+    spec and the partition. :meth:`fedbpt_jax.FederatedData.from_host` turns it into the device arrays the
+    rounds take (``fedbpt_jax.FederatedData``: train, counts, spec); two names for two types."""
 
     train: TokenBatch  # [N, E, T]
     train_counts: np.ndarray  # [N]
@@ -80,7 +82,7 @@ def federated(task: Task | str, tokenizer, kind: str, *, num_clients: int, shots
               alpha: float | None = None, seed: int = 0, n_prompt: int = 50, source=None,
               style: str | None = None, max_length: int | None = None, max_positions: int | None = None,
               test_size: int | None = None, first_token: bool = False, prior: str = "class",
-              min_size: int = 1, pad_to: int | None = None, pad_to_max_length: bool = False) -> FederatedData:
+              min_size: int = 1, pad_to: int | None = None, pad_to_max_length: bool = False) -> FederatedSplits:
     """Task → BBT few-shot train/dev → tokenised → partitioned over clients (IID, or Dirichlet(α)).
 
     ``seed`` drives the few-shot draw and the partition; ``test_size`` keeps a fixed random subset of
@@ -115,4 +117,4 @@ def federated(task: Task | str, tokenizer, kind: str, *, num_clients: int, shots
                                    num_labels=task.num_labels)
     fed, counts = federated_batches(tr_batch, part, pad_to)
     spec = scoring_spec(task, tokenizer, kind, n_prompt=n_prompt, style=style, first_token=first_token)
-    return FederatedData(fed, counts, dv_batch, te_batch, spec, part)
+    return FederatedSplits(fed, counts, dv_batch, te_batch, spec, part)

@@ -45,7 +45,7 @@ class FederatedData:
 
     @classmethod
     def from_host(cls, fed) -> "FederatedData":
-        """From :func:`fedbpt_jax.data.federated`'s host-side result (numpy arrays) to device arrays."""
+        """From :func:`fedbpt_jax.data.federated`'s host-side :class:`~fedbpt_jax.data.FederatedSplits` (numpy) to device arrays."""
         return cls(train=jax.tree_util.tree_map(jnp.asarray, fed.train),
                    counts=jnp.asarray(fed.train_counts, jnp.int32), spec=fed.spec)
 
