@@ -185,6 +185,7 @@ def _check_args(args) -> None:
          f"--layout {args.layout!r}: accepted: 'after' or 'before' (decoders), 'add' or 'cat' (encoders)")
     need(args.style is None or args.style in ("completion", "chat", "bbt"),
          f"--style {args.style!r}: accepted: 'completion', 'chat' or 'bbt' (decoders)")
+    need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
     if args.command == "simulate":
         need(args.clients >= 1, f"--clients {args.clients}: accepted: a positive number of clients")
         need(args.per_round is None or 1 <= args.per_round <= args.clients,
@@ -192,11 +193,9 @@ def _check_args(args) -> None:
         need(args.rounds >= 1 and args.rounds % args.eval_every == 0,
              f"--rounds {args.rounds}: accepted: a positive multiple of --eval-every ({args.eval_every})")
         need(args.alpha >= 0, f"--alpha {args.alpha}: accepted: a Dirichlet concentration > 0, or 0 for IID")
-        need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
         need(args.local_generations >= 1, f"--local-generations {args.local_generations}: accepted: 1 or more")
         need(args.chunk_clients >= 0, f"--chunk-clients {args.chunk_clients}: accepted: 0 (all at once) or more")
     else:
-        need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
         need(args.generations >= 1, f"--generations {args.generations}: accepted: 1 or more")
 
 
