@@ -20,6 +20,11 @@ import os
 # loads OpenBLAS, whose threads compete with XLA's (docs/measurements.md, "CPU threads"): import fedbpt_jax
 # first.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# transformers announces at import, through its advisory-warning channel, that PyTorch is missing; this package
+# never needs PyTorch (models are Flax, transformers only provides tokenizers and configs). The variable is read
+# when the notice is emitted, so setting it here (before any submodule imports transformers) silences it for
+# the CLI, the experiment and benchmark scripts and library users alike; a value already set wins.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"
 

@@ -54,6 +54,19 @@ class BBTConfig:
 
     Defaults follow BBT's ``bbt.py``: d = 500, 50 prompt tokens, population 20, σ₀ = 1, CE loss,
     "normal" projection with α = σ = 1, budget 8000 calls = 400 generations.
+
+    Attributes:
+      intrinsic_dim: d, the dimension of the searched subspace (the prompt is start + A z, z in R^d).
+      n_prompt_tokens: soft prompt length.
+      population_size: λ, CMA-ES candidates per generation.
+      num_generations: CMA-ES generations.
+      sigma0: initial CMA-ES σ (accepted: [1e-6, 1e3]).
+      loss: "ce" | "hinge" | "accuracy", of the label-word logits.
+      projection: "normal" | "uniform" (see :mod:`fedbpt_jax.prompt`).
+      projection_alpha: BBT's projection scale α (``A ~ N(0, (α σ̂_E / √d)²)``).
+      layout: prompt placement (encoder "add"/"cat", decoder "after"/"before"; None = backbone default).
+      chunk_size: candidates scored per chunk (0 = the whole population at once); bounds peak memory.
+      eval_every: generations between dev-set evaluations (one jitted segment each).
     """
 
     intrinsic_dim: int = 500
@@ -61,8 +74,8 @@ class BBTConfig:
     population_size: int = 20
     num_generations: int = 400
     sigma0: float = 1.0
-    loss: str = "ce"
-    projection: str = "normal"
+    loss: str = dataclasses.field(default="ce", metadata={"choices": objective.LOSSES})
+    projection: str = dataclasses.field(default="normal", metadata={"choices": prompt.PROJECTIONS})
     projection_alpha: float = 1.0
     layout: str | None = None
     chunk_size: int = 0

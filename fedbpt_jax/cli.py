@@ -25,134 +25,47 @@ import os
 import sys
 import time
 
-# transformers announces at import that PyTorch is missing; this package never needs it.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+#: Sub-commands that live in their own module: ``fedbpt-jax NAME ...`` calls ``module.main(argv)`` with the
+#: arguments after NAME (listed in the help only when the module is installed).
+EXTERNAL_COMMANDS = {"report": ("fedbpt_jax.report", "summarise and plot finished runs' results")}
+
+COMMANDS = {"simulate": "run a federated simulation (the default command)",
+            "bbt": "centralized black-box tuning with dev-set selection"}
 
 
-def _common(p: argparse.ArgumentParser, *, shots: int, n_prompt: int, d: int, test_size: int) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="registry name, hub id, local HF directory or .gguf file (default: %(default)s, offline)")
-    p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "auto"),
-                   help="matmul precision of the backbone (default: %(default)s): 'bfloat16' stores weights and "
-                        "feeds matmuls in bfloat16 with float32 accumulation; 'auto' picks the faster of the two "
-                        "here (bfloat16 on GPU/TPU and on CPUs whose bfloat16 matmuls measure clearly faster). "
-                        "bfloat16 changes fitness by ~1%% relative, enough to reorder close candidates")
-    p.add_argument("--task", default="rotten_tomatoes", help="task name (default: %(default)s, embedded data)")
-    p.add_argument("--data", default=None,
-                   help="data source: a folder like ../shared/data, a csv/tsv/json/parquet file, a hub name, "
-                        "'hub' or 'embedded' (default: the task's offline default)")
-    p.add_argument("--shots", type=int, default=shots, help="few-shot examples per class (default: %(default)s)")
-    p.add_argument("--n-prompt", type=int, default=None,
-                   help=f"soft prompt tokens (default: the prompt start's token count, else {n_prompt})")
-    p.add_argument("--d", type=int, default=d, help="intrinsic dimension d (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="truncate each example's text part to this many tokens (default: no truncation, the "
-                        "text is padded to the longest example; an example that does not fit the model's context "
-                        "with the prompt and cue is an error that gives the largest value that fits)")
-    p.add_argument("--layout", default=None,
-                   help="prompt placement: decoders 'after' (default, prefix cache) or 'before' (paper); "
-                        "encoders 'add' (default) or 'cat'")
-    p.add_argument("--style", default=None,
-                   help="decoder template style: 'completion' (default), 'chat', or 'bbt' (BBT's own template "
-                        "'{text} It was' + ' terrible'/' great'; sentiment tasks)")
-    p.add_argument("--template", default=None,
-                   help="replace the template: decoders the text part of --style's template (with {text}, or "
-                        "{text_a} and {text_b}), encoders BBT's template (with {prompt}, {mask} and the text slots)")
-    p.add_argument("--cue", default=None, help="decoders: replace the answer cue (what precedes the label word)")
-    p.add_argument("--verbalizer", default=None,
-                   help="replace the label words, one per class separated by '|', spelled as they follow the cue "
-                        "(e.g. ' bad| good')")
-    p.add_argument("--first-token", action="store_true",
-                   help="score a label word of several tokens by its first token (default: such a word is an error)")
-    p.add_argument("--loss", default="ce", choices=("ce", "hinge", "accuracy"),
-                   help="local loss of the label-word logits (default: %(default)s)")
-    p.add_argument("--test-size", type=int, default=test_size,
-                   help="evaluate on a seeded subset of this many test examples (0 = all; default %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the few-shot draw, the partition, the test subset, the projection and every "
-                        "round's keys (default: %(default)s)")
-    p.add_argument("--results-dir", default=None,
-                   help="write config.json, metrics.json and rounds.csv here (atomically); checked before the "
-                        "model loads; a folder that already holds a run's results is refused unless --overwrite "
-                        "(or --checkpoint-dir resumes that run)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --results-dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _external_available(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser: ``--version`` and one sub-parser per command, whose options are derived from the
+    configuration dataclasses (:mod:`fedbpt_jax.cli_options`)."""
     from . import __version__
+    from . import cli_options as co
 
     parser = argparse.ArgumentParser(prog="fedbpt-jax", description="\n\n".join(__doc__.split("\n\n")[:2]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command")
-    sim = sub.add_parser("simulate", help="run a federated simulation (the default command)")
-    _common(sim, shots=16, n_prompt=5, d=500, test_size=300)
-    sim.add_argument("--algorithm", default="fedbpt",
-                     choices=("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt"),
-                     help="the federated algorithm or baseline (default: %(default)s)")
-    sim.add_argument("--prompt-start", default="auto",
-                     help="the soft prompt at z = 0 (and the manual baseline's prompt): 'zeros', "
-                          "'tokens:<id>,<id>,...', 'phrase:<text>' (its token count sets --n-prompt) or a .npy "
-                          "file of shape [n, hidden]; 'auto' (default): the task's measured start for decoders "
-                          "(movie-review tasks: 'phrase: (movie review)'), else 'zeros'")
-    sim.add_argument("--fedavg-perturb", action="store_true",
-                     help="FedAvg-BBT with FedBPT's perturbation-regularised local fitness (default: plain loss)")
-    sim.add_argument("--clients", type=int, default=10, help="N clients (default: %(default)s)")
-    sim.add_argument("--per-round", type=int, default=None, help="K clients sampled per round (default: N)")
-    sim.add_argument("--alpha", type=float, default=1.0,
-                     help="Dirichlet label-skew concentration; 0 means IID (default: %(default)s, the paper's)")
-    sim.add_argument("--rounds", type=int, default=5,
-                     help="communication rounds; a positive multiple of --eval-every (default: %(default)s)")
-    sim.add_argument("--population", type=int, default=5, help="local CMA-ES population λ (default: %(default)s)")
-    sim.add_argument("--local-generations", type=int, default=8, help="I (default: %(default)s)")
-    sim.add_argument("--perturb-rate", type=float, default=0.5, help="r_p (default: %(default)s, reference)")
-    sim.add_argument("--no-perturb", action="store_true", help="plain local loss (no perturbation term)")
-    sim.add_argument("--fitness-form", default="ratio_of_means", choices=("ratio_of_means", "mean_of_ratios"),
-                     help="how the clean and perturbed losses combine into a fitness (default: %(default)s, "
-                          "the reference code's)")
-    sim.add_argument("--server", default="reference", choices=("reference", "paper"),
-                     help="the server CMA-ES step's σ' (default: %(default)s code's; 'paper': the paper's formula)")
-    sim.add_argument("--client-keys", default="independent", choices=("independent", "shared"),
-                     help="clients' random keys: independent (default) or the reference's shared draws")
-    sim.add_argument("--dropout", type=float, default=0.0,
-                     help="client dropout probability per round (default: %(default)s)")
-    sim.add_argument("--sigma0", type=float, default=1.0,
-                     help="initial server σ (accepted: [1e-6, 1e3]; default: %(default)s)")
-    sim.add_argument("--learning-rate", type=float, default=0.3, help="FedPrompt's local Adam rate (default: %(default)s)")
-    sim.add_argument("--tune-lr", action="store_true",
-                     help="FedPrompt: pick the learning rate on the dev set from --lr-grid first (one run per value, "
-                          "test set untouched), then run with it")
-    sim.add_argument("--lr-grid", default=None,
-                     help="comma-separated learning rates for --tune-lr (default: 0.001,0.003,0.01,0.03,0.1,0.3)")
-    sim.add_argument("--norm-clip", action="store_true",
-                     help="stabiliser (off by default): the reference's norm_prompt clip of ‖z‖, threshold 15, "
-                          "+1 per round while the global ‖z‖ < 20")
-    sim.add_argument("--sigma-schedule", default="none", choices=("none", "clamp"),
-                     help="stabiliser for the server σ: 'none' (default, the reference's behaviour) or 'clamp' "
-                          "(what the reference's no-op clamps intend: never above the previous σ, floor 0.5)")
-    sim.add_argument("--save-uploads", default=None,
-                     help="save every round's client uploads (means, fitness, σ histories) as .npz files in this "
-                          "folder, to replay other aggregations (fedbpt, fedavg_bbt)")
-    sim.add_argument("--eval-every", type=int, default=1,
-                     help="rounds per compiled segment; the global prompt is evaluated (test and dev) after each "
-                          "(default: %(default)s; --rounds must be a multiple of it)")
-    sim.add_argument("--chunk-clients", type=int, default=2,
-                     help="clients per vmapped chunk, bounds peak memory (0 = all K at once; default %(default)s)")
-    sim.add_argument("--keep-clean-cache", choices=("auto", "on", "off"), default="auto",
-                     help="keep each client's clean text-prefix cache across rounds (FedBPT, FedAvg-BBT; decoder, "
-                          "layout 'after'): one prefix pass less per client per round, at ~46 KB per text token "
-                          "with SmolLM2 in float32; 'auto' (default): when it fits 1 GiB and rounds x K >= N")
-    sim.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints; resumes if present")
-    bbt = sub.add_parser("bbt", help="centralized black-box tuning with dev-set selection")
-    _common(bbt, shots=16, n_prompt=5, d=500, test_size=500)
-    bbt.add_argument("--population", type=int, default=10, help="CMA-ES population λ (default: %(default)s)")
-    bbt.add_argument("--generations", type=int, default=30, help="CMA-ES generations (default: %(default)s)")
-    bbt.add_argument("--eval-every", type=int, default=10,
-                     help="generations between dev-set evaluations (default: %(default)s)")
-    bbt.add_argument("--sigma0", type=float, default=1.0, help="initial σ (accepted: [1e-6, 1e3]; default: %(default)s)")
-    for p in (sim, bbt):
-        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.commands = {}
+    for name, text in COMMANDS.items():
+        p = parser.commands[name] = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", default=None, metavar="FILE",
+                       help="read options from a TOML, YAML or JSON file whose keys are the option names (e.g. "
+                            "'clients = 4', or the field names such as 'num_clients'); the command line overrides "
+                            "it. A run's own results/config.json reproduces that run's settings")
+        co.add_options(p, name)
+        if name == "simulate":
+            p.add_argument("--mesh", dest="devices", action="store_const", const=0,
+                           help="shard the clients over all local devices (the same as --devices 0)")
+    for name, (module, text) in EXTERNAL_COMMANDS.items():
+        if _external_available(module):
+            sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -195,6 +108,13 @@ def _check_args(args) -> None:
         need(args.alpha >= 0, f"--alpha {args.alpha}: accepted: a Dirichlet concentration > 0, or 0 for IID")
         need(args.local_generations >= 1, f"--local-generations {args.local_generations}: accepted: 1 or more")
         need(args.chunk_clients >= 0, f"--chunk-clients {args.chunk_clients}: accepted: 0 (all at once) or more")
+        need(args.checkpoint_every >= 1, f"--checkpoint-every {args.checkpoint_every}: accepted: a positive integer")
+        need(args.eval_chunk >= 1, f"--eval-chunk {args.eval_chunk}: accepted: a positive number of examples")
+        need(args.devices >= 0, f"--devices {args.devices}: accepted: 1 or more local devices, or 0 for all")
+        if args.devices > 1:
+            have = _local_device_count()
+            need(args.devices <= have, f"--devices {args.devices}: this machine has {have} local device(s); "
+                                       f"accepted: 1 to {have}, or 0 for all")
     else:
         need(args.generations >= 1, f"--generations {args.generations}: accepted: 1 or more")
 
@@ -350,11 +270,10 @@ def cmd_bbt(args) -> int:
     import numpy as np
 
     from . import bbt as bbt_lib
+    from .cli_options import build, options
 
     def config(n_prompt: int):
-        return bbt_lib.BBTConfig(intrinsic_dim=args.d, n_prompt_tokens=n_prompt, population_size=args.population,
-                                 num_generations=args.generations, sigma0=args.sigma0, loss=args.loss,
-                                 layout=args.layout, eval_every=args.eval_every)
+        return build(bbt_lib.BBTConfig, args, options("bbt"), n_prompt_tokens=n_prompt)
 
     config(args.n_prompt or 1)  # validated before anything is loaded (n may come from the prompt start)
     lm = _load(args)
@@ -368,7 +287,7 @@ def cmd_bbt(args) -> int:
                          "test_size": len(fed.test.labels)})
     train = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], fed.train)
     result = bbt_lib.tune(jax.random.key(args.seed), lm, train, fed.spec, cfg, dev=fed.dev,
-                          progress=not args.no_progress)
+                          progress=args.progress)
     from .objective import make_scorer
 
     ev = bbt_lib.Evaluator(lm, make_scorer(lm, args.layout, n_prompt_tokens=args.n_prompt), fed.test, fed.spec)
@@ -401,6 +320,25 @@ def _manual_accuracy(lm, fed, layout, n_prompt) -> float:
     return ev.metrics(None, None)["accuracy"]
 
 
+def _local_device_count() -> int:
+    import jax
+
+    return jax.local_device_count()
+
+
+def _mesh(devices: int):
+    """The client mesh over the first ``devices`` local devices (0: all of them); None for one device."""
+    if devices == 1 or (devices == 0 and _local_device_count() == 1):
+        return None
+    import jax
+
+    from .federated import client_mesh
+
+    chosen = jax.local_devices() if devices == 0 else jax.local_devices()[:devices]
+    print(f"clients sharded over {len(chosen)} {chosen[0].platform} devices", flush=True)
+    return client_mesh(chosen)
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -410,13 +348,23 @@ def cmd_simulate(args) -> int:
 
     from . import federated as fl
     from . import prompt
+    from .cli_options import build, options
     from .federated.core import FederatedData, ModelInputs
 
     auto = args.prompt_start == "auto"
     start = None if auto else prompt.parse_start(args.prompt_start)  # a bad option fails before the model loads
-    hp = fl.HParams(sigma0=args.sigma0, perturb_rate=args.perturb_rate, dropout_rate=args.dropout,
-                    learning_rate=args.learning_rate)
+
+    opts = options("simulate")
+    hp = build(fl.HParams, args, opts)
     hp.validate()  # before loading anything: a bad value is an error naming it and its range
+
+    def fed_config(n_prompt: int):
+        """FedConfig from every option that is one of its fields, with K = N unless --per-round."""
+        return build(fl.FedConfig, args, opts, clients_per_round=args.per_round or args.clients,
+                     n_prompt_tokens=n_prompt)
+
+    fed_config(args.n_prompt or 1)  # validated before the model loads (n may come from the prompt start)
+    mesh = _mesh(args.devices)
     lm = _load(args)
     if auto:
         start = _auto_start(args, lm)
@@ -424,12 +372,7 @@ def cmd_simulate(args) -> int:
     alpha = None if not args.alpha else args.alpha
     fed = _data(args, lm, num_clients=args.clients, alpha=alpha)
     k = args.per_round or args.clients
-    cfg = fl.FedConfig(num_clients=args.clients, clients_per_round=k, population_size=args.population,
-                       local_generations=args.local_generations, intrinsic_dim=args.d,
-                       n_prompt_tokens=args.n_prompt, loss=args.loss, perturb=not args.no_perturb,
-                       fitness_form=args.fitness_form, server_variant=args.server, client_keys=args.client_keys,
-                       layout=args.layout, chunk_clients=args.chunk_clients, norm_clip=args.norm_clip,
-                       sigma_schedule=args.sigma_schedule)
+    cfg = fed_config(args.n_prompt)
     key_proj, key_run = jax.random.split(jax.random.key(args.seed))
     model = ModelInputs.build(key_proj, lm, cfg, start=start)
     print(f"prompt start (the prompt at z = 0 and the manual baseline): {start.describe()}, "
@@ -448,20 +391,22 @@ def cmd_simulate(args) -> int:
                          "fed_config": dataclasses.asdict(cfg),
                          "hparams": {k: float(v) for k, v in dataclasses.asdict(hp).items()},
                          "train_counts": fed.train_counts.tolist(), "dev_size": len(fed.dev.labels),
-                         "test_size": len(fed.test.labels)})
+                         "test_size": len(fed.test.labels),
+                         "devices": 1 if mesh is None else int(mesh.devices.size)})
+    run_kwargs = dict(eval_every=args.eval_every, eval_chunk=args.eval_chunk, mesh=mesh)
     if args.tune_lr:
         if args.algorithm != "fedprompt":
             raise ValueError(f"--tune-lr picks FedPrompt's learning rate; --algorithm is {args.algorithm!r}")
         grid = fl.LR_GRID if args.lr_grid is None else tuple(float(x) for x in args.lr_grid.split(","))
         lr, table = fl.tune_learning_rate(algo, key_run, data, fed.dev, lm, model, num_rounds=args.rounds, hp=hp,
-                                          grid=grid, eval_every=args.eval_every)
+                                          grid=grid, **run_kwargs)
         print("learning rate on dev: " + "  ".join(f"{r['learning_rate']:g}: {_fmt(r['dev_accuracy'])}"
                                                    for r in table) + f"  -> {lr:g}", flush=True)
         hp = hp.replace(learning_rate=lr)
     carry, hist = fl.run(algo, key_run, data, fed.test, lm, model, dev=fed.dev, num_rounds=args.rounds, hp=hp,
-                         eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir,
-                         results_dir=args.results_dir, save_uploads=args.save_uploads,
-                         progress=not args.no_progress,
+                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                         results_dir=args.results_dir, save_uploads=args.save_uploads, **run_kwargs,
+                         progress=args.progress,
                          keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache])
     last = hist.rounds[-1]
     print(f"per round: {last['forward_calls']} model forward calls over local batches, "
@@ -508,13 +453,49 @@ def _interrupted(args, err) -> int:
     return status
 
 
+def _run_external(name: str, argv: list[str]) -> int:
+    """``fedbpt-jax NAME ...`` for a sub-command in its own module: ``module.main(argv)``."""
+    import importlib
+
+    module, _ = EXTERNAL_COMMANDS[name]
+    if not _external_available(module):
+        print(f"fedbpt-jax: error: the {name!r} command needs {module}, which is not installed; accepted commands: "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(module).main(argv)
+
+
+def _with_config_file(parser, argv: list[str], debug: bool):
+    """``argv`` with the sub-command first (``simulate``, or the one a ``--config`` file names), after
+    applying the ``--config`` file's values as the sub-command's defaults (the command line overrides them).
+    A bad file raises :class:`~fedbpt_jax.cli_options.ConfigFileError`."""
+    from . import cli_options as co
+
+    path = co.find_config_arg(argv)
+    data = co.read_config_file(path) if path is not None else None
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = [(data and co.file_command(data)) or "simulate", *argv]
+    if data is not None and argv[0] in COMMANDS:
+        values = co.values_from_file(path, argv[0], co.options(argv[0]), data)
+        parser.commands[argv[0]].set_defaults(**values)
+    return argv
+
+
 def main(argv=None) -> int:
     from .interrupts import install
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTERNAL_COMMANDS:
+        return _run_external(argv[0], argv[1:])
+    debug = "--debug" in argv or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0")
     parser = build_parser()
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
-        argv = ["simulate", *argv]
+    try:
+        argv = _with_config_file(parser, argv, debug)
+    except ValueError as err:
+        if debug:
+            raise
+        print(f"fedbpt-jax: error: {_one_line(err, 900)}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -33,6 +33,12 @@ HPARAM_RANGES = {
 }
 
 
+def _choice(default: str, choices: tuple[str, ...]):
+    """A string field with a closed set of values: ``metadata["choices"]`` lists them for the command line
+    (:mod:`fedbpt_jax.cli_options`), which derives its flags from these dataclasses."""
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
+
+
 @dataclasses.dataclass(frozen=True)
 class FedConfig:
     """Static configuration of a federated prompt-tuning simulation.
@@ -43,10 +49,10 @@ class FedConfig:
 
     Attributes:
       num_clients: N, clients held (as padded arrays).
-      clients_per_round: K, clients sampled each round (static; uniform without replacement).
+      clients_per_round: K, clients sampled each round (static; without replacement, see sampling).
       population_size: λ, local CMA-ES population.
       local_generations: I, local CMA-ES generations per round.
-      intrinsic_dim: d.
+      intrinsic_dim: d, the dimension of the searched subspace (the prompt is start + A z, z in R^d).
       n_prompt_tokens: soft prompt length.
       loss: "ce" | "hinge" | "accuracy".
       perturb: use the perturbation-regularised fitness (reference flag ``perturb``).
@@ -67,7 +73,8 @@ class FedConfig:
         τ starts at ``norm_clip_threshold`` (15) and grows by 1 at the start of every round whose
         broadcast mean has ‖z_t‖ < ``norm_clip_upper`` (20), as in the reference client (where only the
         evaluating client, site-1, grows it; here every client uses the same τ_t).
-      norm_clip_threshold, norm_clip_upper: τ's start and the ‖z‖ below which it keeps growing.
+      norm_clip_threshold: τ's start (the norm_clip stabiliser's first threshold).
+      norm_clip_upper: τ grows by 1 each round while the broadcast ‖z‖ is below this.
       sigma_schedule: optional stabiliser for the server's broadcast σ, off by default: "none" (the
         reference's behaviour: its clamps are no-ops) | "clamp" (what the reference's clamps intend:
         σ_{t+1} = min(max(σ_t · CSA factor, ``sigma_floor``), σ_t), never above the previous σ and
@@ -81,22 +88,22 @@ class FedConfig:
     local_generations: int = 8
     intrinsic_dim: int = 500
     n_prompt_tokens: int = 50
-    loss: str = "ce"
+    loss: str = _choice("ce", objective.LOSSES)
     perturb: bool = True
-    fitness_form: str = "ratio_of_means"
-    perturb_every: str = "round"
+    fitness_form: str = _choice("ratio_of_means", objective.FITNESS_FORMS)
+    perturb_every: str = _choice("round", PERTURB_EVERY)
     exempt_special: bool = False
-    server_variant: str = "reference"
-    client_keys: str = "independent"
-    sampling: str = "uniform"
-    projection: str = "normal"
+    server_variant: str = _choice("reference", SERVER_VARIANTS)
+    client_keys: str = _choice("independent", CLIENT_KEYS)
+    sampling: str = _choice("uniform", SAMPLING)
+    projection: str = _choice("normal", prompt.PROJECTIONS)
     layout: str | None = None
     chunk_clients: int = 0
     projection_alpha: float = 1.0
     norm_clip: bool = False
     norm_clip_threshold: float = 15.0
     norm_clip_upper: float = 20.0
-    sigma_schedule: str = "none"
+    sigma_schedule: str = _choice("none", SIGMA_SCHEDULES)
     sigma_floor: float = 0.5
 
     def __post_init__(self):
