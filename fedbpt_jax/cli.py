@@ -465,7 +465,7 @@ def _run_external(name: str, argv: list[str]) -> int:
     return importlib.import_module(module).main(argv)
 
 
-def _with_config_file(parser, argv: list[str], debug: bool):
+def _with_config_file(parser, argv: list[str]) -> list[str]:
     """``argv`` with the sub-command first (``simulate``, or the one a ``--config`` file names), after
     applying the ``--config`` file's values as the sub-command's defaults (the command line overrides them).
     A bad file raises :class:`~fedbpt_jax.cli_options.ConfigFileError`."""
@@ -481,22 +481,32 @@ def _with_config_file(parser, argv: list[str], debug: bool):
     return argv
 
 
+def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The options of a command line (``--config`` file applied, the default command filled in), as
+    :func:`main` sees them before it checks and runs them.
+
+    Raises:
+      fedbpt_jax.cli_options.ConfigFileError: a ``--config`` file that cannot be used.
+      SystemExit: argparse's own errors (unknown flag, a value that is not a number, ...).
+    """
+    parser = build_parser() if parser is None else parser
+    return parser.parse_args(_with_config_file(parser, list(argv)))
+
+
 def main(argv=None) -> int:
     from .interrupts import install
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTERNAL_COMMANDS:
         return _run_external(argv[0], argv[1:])
-    debug = "--debug" in argv or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0")
     parser = build_parser()
     try:
-        argv = _with_config_file(parser, argv, debug)
-    except ValueError as err:
-        if debug:
+        args = parse(argv, parser)
+    except ValueError as err:  # a --config file: one line naming the key and what is accepted
+        if "--debug" in argv or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0"):
             raise
-        print(f"fedbpt-jax: error: {_one_line(err, 900)}", file=sys.stderr)
+        print(f"fedbpt-jax: error: {_one_line(err, 1200)}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
