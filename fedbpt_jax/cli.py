@@ -13,6 +13,12 @@ Sub-commands:
 * ``fedbpt-jax bbt [...]`` — centralized BBT with dev-set selection (the same pycma-faithful CMA-ES as
   ``simulate --algorithm centralized_bbt``).
 
+Every field of the configuration dataclasses (``FedConfig``, ``HParams``, ``BBTConfig``) and of the CLI's own
+(:mod:`fedbpt_jax.cli_options`) is an option, with its docstring as help; ``--config FILE`` (TOML, YAML, JSON,
+or a run's own ``config.json``) sets options by the same names and the command line overrides it;
+``--devices N`` / ``--mesh`` shard the clients over local devices. ``fedbpt-jax report ...`` is handed to
+``fedbpt_jax.report.main`` where that module is installed.
+
 Run ``fedbpt-jax simulate --help`` for every option. Errors are one line; ``--debug`` (or the environment
 variable ``FEDBPT_JAX_DEBUG=1``) shows the full traceback. Ctrl-C or SIGTERM stops cleanly after the files
 being written are complete (exit status 130 / 143).
