@@ -12,6 +12,8 @@ Sub-commands:
   on any model/task/data source (the default command is ``simulate`` with its defaults);
 * ``fedbpt-jax bbt [...]`` — centralized BBT with dev-set selection (the same pycma-faithful CMA-ES as
   ``simulate --algorithm centralized_bbt``).
+* ``fedbpt-jax report RUN_DIR...`` — tables and plots comparing finished runs' results folders, mean ± std
+  over seeds (see :mod:`fedbpt_jax.report`).
 
 Run ``fedbpt-jax simulate --help`` for every option. Errors are one line; ``--debug`` (or the environment
 variable ``FEDBPT_JAX_DEBUG=1``) shows the full traceback. Ctrl-C or SIGTERM stops cleanly after the files
@@ -512,6 +514,10 @@ def main(argv=None) -> int:
     from .interrupts import install
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "report":  # its own parser and errors: fedbpt_jax.report
+        from .report import main as report_main
+
+        return report_main(argv[1:])
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["simulate", *argv]
