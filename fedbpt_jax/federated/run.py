@@ -15,7 +15,9 @@ uninterrupted run draws: states and metrics are bit-identical.
 :func:`run` itself is a short loop over named pieces, each usable alone: option and input checks,
 :func:`compiled_segments`, :func:`initial_carry`, :func:`eval_sets` (the evaluation sets and their
 prefix caches), the checkpoint (restore and save), :func:`round_rows` (the history rows with the
-accounting) and :func:`write_results`.
+accounting) and :func:`write_results`. After each segment the callbacks (:mod:`fedbpt_jax.callbacks`)
+receive its round rows and its evaluation row, and may stop the run at that segment boundary; at the
+end, ``metrics.png`` (:func:`fedbpt_jax.plots.plot_run`) is drawn next to ``metrics.json``.
 
 With a ``mesh`` (:func:`fedbpt_jax.federated.client_mesh`), every input becomes a global array on it
 (the N clients' data sharded on the ``"clients"`` axis when the device count divides N, the rest
