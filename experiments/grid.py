@@ -51,7 +51,6 @@ import inspect
 import itertools
 import json
 import math
-import os
 import re
 import sys
 import threading
@@ -61,6 +60,13 @@ from pathlib import Path
 from typing import Any
 
 import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
+from fedbpt_jax.plots import FIGURES
+from fedbpt_jax.plots import comparison_plots as plots
+from fedbpt_jax.report import cell as _cell
+from fedbpt_jax.report import pct as _pct
+from fedbpt_jax.report import run_figures
+from fedbpt_jax.report import seed_order as _seed_order
+from fedbpt_jax.report import stats as _stats
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -221,10 +227,6 @@ def expand(grid: dict) -> list[dict]:
         runs.append({"settings": settings, "labels": labels})
     runs.sort(key=lambda r: _seed_order(r["settings"]["seed"]))  # stable: declared order within a seed
     return runs
-
-
-def _seed_order(seed):
-    return (0, seed) if isinstance(seed, int) else (1, str(seed))
 
 
 def check_settings(s: dict) -> None:
@@ -654,43 +656,8 @@ def _portable(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Report
-
-FIGURES = {
-    "final": "test acc. at the final round",
-    "dev_selected": "test acc. at the dev-selected round",
-    "best_on_test": "best-on-test (reference-compatibility, optimistic)",
-    "initial": "test acc. at z = 0 (round 0)",
-}
-
-
-def run_figures(metrics: dict) -> dict:
-    """The accuracy figures a ``metrics.json`` supports, whatever version of ``run`` wrote it."""
-    evals = metrics["evals"]
-    finite = [e for e in evals if isinstance(e["accuracy"], float) and math.isfinite(e["accuracy"])]
-    out = {"initial": evals[0]["accuracy"], "final": evals[-1]["accuracy"], "final_round": evals[-1]["round"],
-           "curve": [(e["round"], e["accuracy"]) for e in evals]}
-    best = metrics.get("best_test_reference", metrics.get("best_accuracy"))
-    if best is None or best < 0:
-        best = max((e["accuracy"] for e in finite), default=None)
-    out["best_on_test"] = best
-    dev = [e for e in finite if isinstance(e.get("dev_accuracy"), float) and math.isfinite(e["dev_accuracy"])]
-    if dev:  # highest dev accuracy, ties to the earliest round (the rule run() documents)
-        pick = max(dev, key=lambda e: (e["dev_accuracy"], -e["round"]))
-        out["dev_selected"], out["dev_selected_round"] = pick["accuracy"], pick["round"]
-        if str(metrics.get("selection_rule", "")).startswith("dev") and metrics.get("selected_round") is not None:
-            out["dev_selected"], out["dev_selected_round"] = metrics["selected_test_accuracy"], metrics["selected_round"]
-    return out
-
-
-def _stats(xs: list[float]) -> dict:
-    import numpy as np
-
-    a = np.asarray(xs, float)
-    n = len(a)
-    std = float(a.std(ddof=1)) if n > 1 else None
-    return {"mean": float(a.mean()), "std": std, "n": n, "min": float(a.min()), "max": float(a.max())}
-
+# Report (the per-run figures, statistics, cells and plots are the package's: fedbpt_jax.report and
+# fedbpt_jax.plots, shared with `fedbpt-jax report`)
 
 def _paired(a: dict, b: dict) -> dict | None:
     """Paired per-seed differences a − b over the seeds both have."""
@@ -807,18 +774,6 @@ def pair_groups(groups: list[dict], wanted: list[list[str]]) -> list[dict]:
     return pairs
 
 
-def _pct(x, signed=False):
-    if x is None:
-        return "—"
-    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
-
-
-def _cell(st):
-    if st is None:
-        return "—"
-    return f"{100 * st['mean']:.2f} ± {_pct(st['std'])} (n={st['n']})" if st["n"] > 1 else f"{100 * st['mean']:.2f} (n=1)"
-
-
 def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: str) -> str:
     lines = [f"# {title}", "",
              "Accuracy in % on the test split: mean ± std over seeds (sample std, ddof = 1), n = seeds. "
@@ -855,61 +810,6 @@ def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: st
             err = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:200]
             lines.append(f"| {r['dir']} | {r.get('state')} | {r.get('final_round', 0)} | {err} |")
     return "\n".join(lines) + "\n"
-
-
-def plots(groups: list[dict], out: Path, title: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    made = []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for g in groups:
-        curves = [dict(r["curve"]) for r in g["runs"]]
-        rounds = sorted(set.intersection(*[set(c) for c in curves]))
-        y = np.asarray([[c[r] for r in rounds] for c in curves], float) * 100
-        m = y.mean(0)
-        line, = ax.plot(rounds, m, marker="o", ms=2.5, label=f"{g['label']} (n={len(curves)})")
-        if len(curves) > 1:
-            s = y.std(0, ddof=1)
-            ax.fill_between(rounds, m - s, m + s, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{title}: mean over seeds, band ± 1 std", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    made.append(_save(fig, out / "accuracy_rounds.png"))
-    plt.close(fig)
-
-    figs = [f for f in ("final", "dev_selected") if any(g[f] for g in groups)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups) + 2), 4.5))
-    width = 0.8 / len(figs)
-    x = np.arange(len(groups))
-    for j, f in enumerate(figs):
-        means = [100 * g[f]["mean"] if g[f] else np.nan for g in groups]
-        errs = [100 * (g[f]["std"] or 0) if g[f] else 0 for g in groups]
-        ax.bar(x + (j - (len(figs) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=FIGURES[f])
-    ax.set_xticks(x)
-    ax.set_xticklabels([g["label"] for g in groups], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("test accuracy (%)")
-    lo = min((100 * g[f]["min"] for g in groups for f in figs if g[f]), default=0)
-    ax.set_ylim(max(0, lo - 10), 100)
-    ax.set_title(f"{title}: mean ± std over seeds", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    made.append(_save(fig, out / "accuracy_bars.png"))
-    plt.close(fig)
-    return made
-
-
-def _save(fig, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return str(path)
 
 
 def cmd_report(args) -> int:

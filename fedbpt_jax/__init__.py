@@ -28,8 +28,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("assets", "bbt", "checkpoint", "accounting", "data", "federated", "models", "objective", "prompt",
-               "strategy", "tasks", "testing", "types")
+_SUBMODULES = ("assets", "bbt", "callbacks", "checkpoint", "accounting", "data", "federated", "models", "objective",
+               "plots", "prompt", "report", "strategy", "tasks", "testing", "types")
 _FEDERATED = ("FedConfig", "HParams", "FederatedAlgorithm", "FederatedData", "ModelInputs", "run", "make", "fedbpt",
               "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh", "init_distributed",
               "History", "RunCarry", "summarize", "load_uploads", "tune_learning_rate")

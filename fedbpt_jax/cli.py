@@ -12,12 +12,14 @@ Sub-commands:
   on any model/task/data source (the default command is ``simulate`` with its defaults);
 * ``fedbpt-jax bbt [...]`` — centralized BBT with dev-set selection (the same pycma-faithful CMA-ES as
   ``simulate --algorithm centralized_bbt``).
+* ``fedbpt-jax report RUN_DIR...`` — tables and plots comparing finished runs' results folders, mean ± std
+  over seeds (see :mod:`fedbpt_jax.report`).
 
 Every field of the configuration dataclasses (``FedConfig``, ``HParams``, ``BBTConfig``) and of the CLI's own
 (:mod:`fedbpt_jax.cli_options`) is an option, with its docstring as help; ``--config FILE`` (TOML, YAML, JSON,
 or a run's own ``config.json``) sets options by the same names and the command line overrides it;
 ``--devices N`` / ``--mesh`` shard the clients over local devices. ``fedbpt-jax report ...`` is handed to
-``fedbpt_jax.report.main`` where that module is installed.
+:func:`fedbpt_jax.report.main`.
 
 Run ``fedbpt-jax simulate --help`` for every option. Errors are one line; ``--debug`` (or the environment
 variable ``FEDBPT_JAX_DEBUG=1``) shows the full traceback. Ctrl-C or SIGTERM stops cleanly after the files

@@ -15,7 +15,9 @@ uninterrupted run draws: states and metrics are bit-identical.
 :func:`run` itself is a short loop over named pieces, each usable alone: option and input checks,
 :func:`compiled_segments`, :func:`initial_carry`, :func:`eval_sets` (the evaluation sets and their
 prefix caches), the checkpoint (restore and save), :func:`round_rows` (the history rows with the
-accounting) and :func:`write_results`.
+accounting) and :func:`write_results`. After each segment the callbacks (:mod:`fedbpt_jax.callbacks`)
+receive its round rows and its evaluation row, and may stop the run at that segment boundary; at the
+end, ``metrics.png`` (:func:`fedbpt_jax.plots.plot_run`) is drawn next to ``metrics.json``.
 
 With a ``mesh`` (:func:`fedbpt_jax.federated.client_mesh`), every input becomes a global array on it
 (the N clients' data sharded on the ``"clients"`` axis when the device count divides N, the rest
@@ -129,14 +131,21 @@ class History:
     :func:`fedbpt_jax.federated.algorithms.client_diagnostics`). Each evaluation row holds the test
     metrics (``accuracy``, ``loss``, ``f1``, ``nonfinite_examples``, ``pred_dist``), the same with a
     ``dev_`` prefix when a dev set is given, and the global prompt's ``z_norm`` and
-    ``prompt_norm_ratio``.
+    ``prompt_norm_ratio``. Every key, with its meaning and units: ``docs/metrics.md``.
+
+    ``stopped_early``: the round after which a callback stopped the run (None: it was not stopped; see
+    :mod:`fedbpt_jax.callbacks`); written to ``metrics.json`` only when set.
     """
 
     rounds: list[dict] = dataclasses.field(default_factory=list)
     evals: list[dict] = dataclasses.field(default_factory=list)
+    stopped_early: int | None = None
 
     def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "evals": self.evals}
+        out = {"rounds": self.rounds, "evals": self.evals}
+        if self.stopped_early is not None:
+            out["stopped_early"] = self.stopped_early
+        return out
 
 
 def round_key(key: jax.Array, r: int | jax.Array) -> jax.Array:
@@ -632,6 +641,9 @@ def run(
     eval_cache_budget: int = 2 << 30,
     keep_clean_context: bool | None = None,
     clean_context_budget: int = 1 << 30,
+    callbacks=None,
+    tensorboard_dir: str | Path | None = None,
+    plot: bool = True,
 ) -> tuple[RunCarry, History]:
     """Runs ``num_rounds`` rounds of ``algo``, evaluates the global prompt every ``eval_every`` rounds on
     the test set and the dev set, and selects the round on dev.
@@ -660,7 +672,8 @@ def run(
       checkpoint_dir: orbax checkpoints go here; an existing checkpoint of the same configuration is
         resumed, one of another configuration is an error naming the differing values.
       checkpoint_every: save every this many rounds (at segment ends) and at the last round.
-      results_dir: ``metrics.json`` and ``rounds.csv`` are written there atomically after each segment.
+      results_dir: ``metrics.json`` and ``rounds.csv`` are written there atomically after each segment,
+        and ``metrics.png`` (:func:`fedbpt_jax.plots.plot_run`) once at the end when ``plot``.
       save_uploads: a directory; each round's client uploads (means ``[K, d]``, fitness ``[K]``, σ
         histories ``[K, I]``, which clients, who was active, and the broadcast mean and σ they answered)
         are saved there as ``round_000001.npz`` … (read back with :func:`load_uploads`), so other server
@@ -681,6 +694,13 @@ def run(
         algorithm can use it (FedBPT, FedAvg-BBT; a decoder with layout "after"), it fits
         ``clean_context_budget`` bytes and the run samples at least N clients in all (rounds × K ≥ N, so
         preparing all N once costs no more than rebuilding). ``True`` where it cannot be used is an error.
+      callbacks: objects with ``on_round(row)`` and ``on_eval(row)`` (:mod:`fedbpt_jax.callbacks`), called on
+        the host after each segment with its rows; one returning True stops the run cleanly at the end of
+        that segment (checkpoint, results and plot written; ``history.stopped_early`` set). Closed at the end.
+      tensorboard_dir: adds a :class:`fedbpt_jax.callbacks.TensorBoardLogger` writing to this folder (needs
+        ``tensorboardX``).
+      plot: with ``results_dir``, write ``metrics.png`` when the run ends (a plotting failure warns, it does
+        not fail the run).
 
     Returns:
       ``(carry, history)``: the final carry (state, the dev-selected round with its dev and test accuracy
@@ -692,8 +712,10 @@ def run(
       every active client's fitness was non-finite in every round warns (``RuntimeWarning``) and says so
       in the summary (``fitness_all_nonfinite``).
     """
-    from tqdm.auto import tqdm
 
+    from ..callbacks import check_callbacks
+
+    callbacks = check_callbacks(callbacks)
     mesh = _check_options(algo, num_rounds=num_rounds, eval_every=eval_every, checkpoint_every=checkpoint_every,
                           eval_chunk=eval_chunk, stop_after=stop_after, save_uploads=save_uploads, mesh=mesh)
     hp = hp.validate()
@@ -718,24 +740,56 @@ def run(
     cache = _caches_eval_prefix(scorer, lm.params, chunks, dev_chunks, cache_eval_prefix, eval_cache_budget)
     evals = eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache, mesh=mesh)
 
-    history, ckpt = History(), None
+    history = History()
     lead = jax.process_index() == 0
+    if tensorboard_dir is not None and lead:
+        from ..callbacks import TensorBoardLogger
+
+        callbacks = [*callbacks, TensorBoardLogger(tensorboard_dir)]
+    desc = None
     if checkpoint_dir is not None:
         desc = _describe(algo, hp, eval_every, key_data, data, lm, model)
         desc["dev_shape"] = repr(None if dev is None else list(np.shape(dev.input_ids)))
-        ckpt = _RunCheckpoint(checkpoint_dir, desc)
+    try:
+        return _loop(algo, segment, initial, carry, history, data, hp, model, evals, token_norm, key_data, cost,
+                     ckpt_args=None if desc is None else (checkpoint_dir, desc),
+                     num_rounds=num_rounds, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                     results_dir=results_dir, save_uploads=save_uploads, progress=progress, stop_after=stop_after,
+                     mesh=mesh, callbacks=callbacks if lead else [], lead=lead, plot=plot)
+    finally:
+        from ..callbacks import close_all
+
+        close_all(callbacks)
+
+
+def _loop(algo, segment, initial, carry, history, data, hp, model, evals, token_norm, key_data, cost, *, ckpt_args,
+          num_rounds, eval_every, checkpoint_every, results_dir, save_uploads, progress, stop_after, mesh, callbacks,
+          lead, plot):
+    """:func:`run`'s segments after its set-up: resume, initial evaluation, the segment loop with the
+    checkpoints, results and callbacks (see :mod:`fedbpt_jax.callbacks` for when they fire)."""
+    from tqdm.auto import tqdm
+
+    from ..callbacks import dispatch
+
+    ckpt = None
+    if ckpt_args is not None:
+        ckpt = _RunCheckpoint(*ckpt_args)
         resumed = ckpt.resume(carry, num_rounds, mesh)
         if resumed is not None:
             carry, history = resumed
+    stop = False
     if not history.evals:
         with _mesh_context(mesh):
             carry, ev = initial(carry, data, model, evals.test, evals.dev, token_norm)
         history.evals.append(evals.row(0, host(ev)))
+        stop = dispatch(callbacks, [], history.evals[-1:])
 
     done = int(host(carry.rounds_done))
     last = num_rounds if stop_after is None else min(num_rounds, stop_after)
+    if stop:
+        history.stopped_early = done
     with tqdm(total=num_rounds, initial=done, desc=algo.name, unit="round", disable=not (progress and lead)) as bar:
-        while done < last:
+        while done < last and not stop:
             t0 = time.perf_counter()
             with _mesh_context(mesh):
                 carry, metrics, ev = segment(key_data, carry, data, hp, model, evals.test, evals.dev, token_norm)
@@ -751,14 +805,34 @@ def run(
             history.evals.append(evals.row(done, ev))
             bar.set_postfix(_postfix(ev, rows[-1], algo.cost.comm))
             bar.update(eval_every)
-            if ckpt is not None and (done % checkpoint_every == 0 or done >= last):
+            if dispatch(callbacks, rows, history.evals[-1:]):
+                stop, history.stopped_early = True, done
+            if ckpt is not None and (done % checkpoint_every == 0 or done >= last or stop):
                 ckpt.save(done, carry, history)
             if results_dir is not None and lead:
                 write_results(results_dir, history, carry)
     if ckpt is not None:
         ckpt.close()
+    if results_dir is not None and lead:
+        if stop and not history.rounds:  # stopped before round 1: the initial evaluation alone
+            write_results(results_dir, history, carry)
+        if plot and (Path(results_dir) / "metrics.json").exists():
+            _plot(results_dir, algo.name)
     _warn_nonfinite(summarize(history, carry), algo.name)
     return carry, history
+
+
+def _plot(results_dir, name: str) -> None:
+    """``metrics.png`` next to ``metrics.json``; a failure to plot warns and leaves the run's results as they are."""
+    import warnings
+
+    from ..plots import plot_run
+
+    try:
+        plot_run(results_dir)
+    except Exception as err:  # noqa: BLE001  (a plot never fails a finished run)
+        warnings.warn(f"{name}: could not write {Path(results_dir) / 'metrics.png'}: {err}", RuntimeWarning,
+                      stacklevel=3)
 
 
 #: Algorithms whose rounds report client uploads (``metrics["uploads"]``).

@@ -1,0 +1,302 @@
+"""``fedbpt-jax report RUN_DIR...``: tables and plots comparing finished runs, mean ± std over seeds.
+
+Each ``RUN_DIR`` is a results folder as ``fedbpt-jax simulate --results-dir`` writes it (``config.json``
+and ``metrics.json``), or a run folder of ``experiments/grid.py`` (the same two files, its own
+``config.json`` layout). A folder that holds runs in sub-folders (e.g. ``results/*/``) can be given
+instead of each run: its immediate sub-folders with a ``metrics.json`` are taken.
+
+**Grouping.** Runs are grouped by their configuration: every option of ``config.json`` except the seed
+and the options that change only where things are written or shown (``SEED_AND_IO``). Runs of one group
+differ only by seed; each group is one row of the table, mean ± sample std (ddof = 1) over its seeds.
+Groups are labelled by the settings in which they differ (e.g. ``algorithm=fedbpt, alpha=1.0``).
+``--same-config`` asks for a single comparison group: runs that differ in anything but the seed are then
+an error naming the folders and the settings that differ. Two runs of one group with the same seed are
+always an error (the same run twice would count twice).
+
+Written to ``--out`` (default: ``report`` next to the first run folder): ``report.md`` (the table),
+``report.json`` (the same figures per group and per seed), ``accuracy_rounds.png`` (test accuracy per
+round, mean over seeds with a ± 1 std band) and ``accuracy_bars.png`` (final and dev-selected accuracy).
+
+Figures per run (:func:`run_figures`): z = 0 (round 0, the prompt start), final (last round),
+dev-selected (the round with the highest dev accuracy, ties to the earliest: the run's own selection)
+and best-on-test (selected on the test set itself: the reference code's optimistic figure, labelled
+as such).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .plots import FIGURES, comparison_plots
+
+#: ``config.json`` options that do not change what a run computes (besides the seed): left out of the
+#: grouping. CLI keys (``args``) and grid keys (``settings``).
+SEED_AND_IO = frozenset({"seed", "results_dir", "overwrite", "no_progress", "debug", "checkpoint_dir",
+                         "save_uploads", "command", "tensorboard_dir", "eval_cache_gb"})
+
+ACCEPTED = ("accepted: a results folder written by 'fedbpt-jax simulate --results-dir' or experiments/grid.py "
+            "(config.json and metrics.json), or a folder whose sub-folders are such results folders")
+
+
+class ReportError(ValueError):
+    """Bad input of the report (the message names the folder and what is accepted)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Per run
+
+
+def run_figures(metrics: dict) -> dict:
+    """The accuracy figures a ``metrics.json`` supports, whatever version of ``run`` wrote it:
+    ``initial``, ``final``, ``final_round``, ``curve`` ``[(round, test accuracy)]``, ``best_on_test`` and,
+    when the run evaluated a dev set, ``dev_selected`` and ``dev_selected_round``."""
+    evals = metrics["evals"]
+    finite = [e for e in evals if isinstance(e["accuracy"], float) and math.isfinite(e["accuracy"])]
+    out = {"initial": evals[0]["accuracy"], "final": evals[-1]["accuracy"], "final_round": evals[-1]["round"],
+           "curve": [(e["round"], e["accuracy"]) for e in evals]}
+    best = metrics.get("best_test_reference", metrics.get("best_accuracy"))
+    if best is None or best < 0:
+        best = max((e["accuracy"] for e in finite), default=None)
+    out["best_on_test"] = best
+    dev = [e for e in finite if isinstance(e.get("dev_accuracy"), float) and math.isfinite(e["dev_accuracy"])]
+    if dev:  # highest dev accuracy, ties to the earliest round (the rule run() documents)
+        pick = max(dev, key=lambda e: (e["dev_accuracy"], -e["round"]))
+        out["dev_selected"], out["dev_selected_round"] = pick["accuracy"], pick["round"]
+        if str(metrics.get("selection_rule", "")).startswith("dev") and metrics.get("selected_round") is not None:
+            out["dev_selected"], out["dev_selected_round"] = metrics["selected_test_accuracy"], metrics["selected_round"]
+    return out
+
+
+def stats(xs: list[float]) -> dict:
+    """``mean``, sample ``std`` (ddof = 1; None for one value), ``n``, ``min`` and ``max`` of ``xs``."""
+    import numpy as np
+
+    a = np.asarray(xs, float)
+    n = len(a)
+    std = float(a.std(ddof=1)) if n > 1 else None
+    return {"mean": float(a.mean()), "std": std, "n": n, "min": float(a.min()), "max": float(a.max())}
+
+
+def seed_order(seed):
+    """Sort key of seeds: integers first, in order, then anything else by its text."""
+    return (0, seed) if isinstance(seed, int) else (1, str(seed))
+
+
+def pct(x, signed: bool = False) -> str:
+    """An accuracy (fraction) in percent with two decimals; ``—`` for None."""
+    if x is None:
+        return "—"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def cell(st: dict | None) -> str:
+    """A table cell of :func:`stats` in percent: ``mean ± std (n=…)``."""
+    if st is None:
+        return "—"
+    return f"{100 * st['mean']:.2f} ± {pct(st['std'])} (n={st['n']})" if st["n"] > 1 else f"{100 * st['mean']:.2f} (n=1)"
+
+
+def _settings(cfg: dict, where: Path) -> dict:
+    """The run's settings from its ``config.json`` (CLI: ``args``; grid: ``settings``)."""
+    if isinstance(cfg.get("args"), dict):
+        return dict(cfg["args"])
+    if isinstance(cfg.get("settings"), dict):
+        return dict(cfg["settings"])
+    raise ReportError(f"{str(where)!r}: config.json has neither 'args' (fedbpt-jax simulate) nor 'settings' "
+                      f"(experiments/grid.py); {ACCEPTED}")
+
+
+def load_run(directory) -> dict:
+    """One results folder as a record: ``dir``, ``seed``, ``settings`` (all of them), ``identity`` (those
+    that define its group) and :func:`run_figures`. Raises :class:`ReportError` for anything else."""
+    from .checkpoint import read_json
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ReportError(f"{str(d)!r} is not a folder; {ACCEPTED}")
+    missing = [n for n in ("config.json", "metrics.json") if not (d / n).is_file()]
+    if missing:
+        if (d / "bbt.json").is_file() and "metrics.json" in missing:
+            raise ReportError(f"{str(d)!r} holds a 'fedbpt-jax bbt' result (bbt.json), which report does not "
+                              f"compare; {ACCEPTED}")
+        raise ReportError(f"{str(d)!r} is not a results folder (no {' and no '.join(missing)}); {ACCEPTED}")
+    try:
+        cfg = read_json(d / "config.json")
+        metrics = read_json(d / "metrics.json")
+        figures = run_figures(metrics)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"{str(d)!r}: config.json or metrics.json is not valid JSON ({err}); {ACCEPTED}") from None
+    except (KeyError, IndexError, TypeError) as err:
+        raise ReportError(f"{str(d)!r}: metrics.json has no evaluations ({type(err).__name__}: {err}); "
+                          f"{ACCEPTED}") from None
+    settings = _settings(cfg, d)
+    identity = {k: v for k, v in settings.items() if k not in SEED_AND_IO}
+    return {"dir": str(d), "name": d.name, "seed": settings.get("seed"), "settings": settings, "identity": identity,
+            "stopped_early": metrics.get("stopped_early"), **figures}
+
+
+def expand_dirs(dirs) -> list[Path]:
+    """The run folders: each given folder that is a run, or else its sub-folders that hold a ``metrics.json``."""
+    out = []
+    for d in map(Path, dirs):
+        if d.is_dir() and not (d / "metrics.json").exists() and not (d / "config.json").exists():
+            subs = sorted(p.parent for p in d.glob("*/metrics.json"))
+            if subs:
+                out += subs
+                continue
+        out.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups
+
+
+def _key(identity: dict) -> str:
+    return json.dumps(identity, sort_keys=True, default=str)
+
+
+def _differing(records: list[dict]) -> list[str]:
+    keys = sorted({k for r in records for k in r["identity"]})
+    return [k for k in keys if len({json.dumps(r["identity"].get(k, "<absent>"), sort_keys=True, default=str)
+                                    for r in records}) > 1]
+
+
+def group_runs(records: list[dict], *, same_config: bool = False) -> list[dict]:
+    """Groups runs that differ only by seed (see the module docstring), in first-seen order.
+
+    Each group: ``label``, ``identity`` (its settings), ``runs``, ``by_seed`` ``{figure: {seed: value}}`` and
+    per figure of :data:`~fedbpt_jax.plots.FIGURES` its :func:`stats` over seeds (None when no run has it).
+    ``same_config``: more than one group is a :class:`ReportError` naming the folders and the settings.
+    """
+    groups: dict[str, dict] = {}
+    for r in records:
+        g = groups.setdefault(_key(r["identity"]), {"identity": r["identity"], "runs": []})
+        twin = next((o for o in g["runs"] if o["seed"] == r["seed"]), None)
+        if twin is not None:
+            raise ReportError(f"{r['dir']!r} and {twin['dir']!r} are the same configuration with the same seed "
+                              f"({r['seed']!r}); accepted: runs that differ by seed (give each run once)")
+        g["runs"].append(r)
+    out = list(groups.values())
+    diff = _differing(records)
+    if same_config and len(out) > 1:
+        first = out[0]["runs"][0]
+        odd = next(g["runs"][0] for g in out[1:])
+        shown = "; ".join(f"{k}: {first['identity'].get(k, '<absent>')!r} in {first['dir']!r}, "
+                          f"{odd['identity'].get(k, '<absent>')!r} in {odd['dir']!r}" for k in diff)
+        raise ReportError(f"--same-config: the runs differ in more than the seed ({shown}); accepted: runs of one "
+                          "configuration that differ only by seed (leave out --same-config to report one group "
+                          "per configuration)")
+    for g in out:
+        label = ", ".join(f"{k}={g['identity'].get(k, '<absent>')}" for k in diff)
+        g["label"] = label or str(g["identity"].get("algorithm") or "runs")
+        g["runs"].sort(key=lambda r: seed_order(r["seed"]))
+        g["by_seed"] = {}
+        for fig in FIGURES:
+            vals = {r["seed"]: r[fig] for r in g["runs"] if r.get(fig) is not None}
+            g["by_seed"][fig] = vals
+            g[fig] = stats(list(vals.values())) if vals else None
+    return out
+
+
+def markdown(groups: list[dict], title: str) -> str:
+    """The report's markdown: one row per group (accuracy in %, mean ± std over seeds)."""
+    common = {}
+    if groups:
+        shared = set.intersection(*[set(g["identity"]) for g in groups])
+        common = {k: groups[0]["identity"][k] for k in sorted(shared)
+                  if all(_key({k: g["identity"][k]}) == _key({k: groups[0]["identity"][k]}) for g in groups)}
+    lines = [f"# {title}", "",
+             "Accuracy in % on the test split: mean ± std over seeds (sample std, ddof = 1), n = seeds. "
+             "z = 0 = round 0 (the prompt start); final = the last round's global prompt; dev-selected = the "
+             "round with the highest dev accuracy, ties to the earliest (— when the runs had no dev set); "
+             "best-on-test picks the round on the test set itself, as the reference code's reported peak does: "
+             "a **reference-compatibility (optimistic)** figure, not a claim.", "",
+             "| configuration | n | seeds | rounds | z = 0 | final | dev-selected | dev-selected round "
+             "| best-on-test (ref.-compat., optimistic) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for g in groups:
+        seeds = ",".join(str(r["seed"]) for r in g["runs"])
+        rounds = ",".join(str(x) for x in sorted({r["final_round"] for r in g["runs"]}))
+        sel = [r["dev_selected_round"] for r in g["runs"] if r.get("dev_selected_round") is not None]
+        sel_rounds = ",".join(map(str, sel)) if sel else "—"
+        lines.append(f"| {g['label']} | {len(g['runs'])} | {seeds} | {rounds} | {cell(g['initial'])} | "
+                     f"{cell(g['final'])} | {cell(g['dev_selected'])} | {sel_rounds} | {cell(g['best_on_test'])} |")
+    stopped = [r for g in groups for r in g["runs"] if r.get("stopped_early") is not None]
+    if stopped:
+        lines += ["", "Stopped early by a callback: " + ", ".join(f"{r['name']} (after round {r['stopped_early']})"
+                                                                  for r in stopped) + "."]
+    lines += ["", "## Runs", "", "| configuration | seed | folder |", "| --- | --- | --- |"]
+    lines += [f"| {g['label']} | {r['seed']} | {r['name']} |" for g in groups for r in g["runs"]]
+    if common:
+        lines += ["", "## Settings shared by every run", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {k} | {json.dumps(v, default=str)} |" for k, v in common.items()]
+    return "\n".join(lines) + "\n"
+
+
+def report(dirs, out=None, *, same_config: bool = False, title: str | None = None) -> dict:
+    """Reads the results folders ``dirs``, groups them (:func:`group_runs`) and writes ``report.md``,
+    ``report.json`` and the comparison plots to ``out`` (default: ``report`` next to the first run
+    folder). Returns the ``report.json`` content (with ``out``: the folder written)."""
+    from .checkpoint import _write_atomic, write_json_atomic
+
+    runs = expand_dirs(dirs)
+    if not runs:
+        raise ReportError(f"no results folder given; {ACCEPTED}")
+    records = [load_run(d) for d in runs]
+    groups = group_runs(records, same_config=same_config)
+    out = Path(out) if out is not None else Path(records[0]["dir"]).parent / "report"
+    title = title or "fedbpt-jax report: " + (groups[0]["label"] if len(groups) == 1 else f"{len(groups)} configurations")
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(groups, title)
+    _write_atomic(out / "report.md", md)
+    made = comparison_plots(groups, out, title)
+    summary = {
+        "title": title, "figures": FIGURES,
+        "rules": {"std": "sample std over seeds (ddof = 1)",
+                  "grouping": "runs with the same config.json settings except the seed and the output options",
+                  "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
+                  "best_on_test": "reference-compatibility (optimistic): selected on the test set itself"},
+        "groups": [{"label": g["label"], "settings": g["identity"], **{f: g[f] for f in FIGURES},
+                    "seeds": [r["seed"] for r in g["runs"]], "by_seed": {f: {str(s): v for s, v in d.items()}
+                                                                         for f, d in g["by_seed"].items()},
+                    "runs": [r["dir"] for r in g["runs"]]} for g in groups],
+        "plots": [Path(p).name for p in made],
+        "out": str(out),
+    }
+    write_json_atomic(out / "report.json", summary)
+    summary["markdown"] = md
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedbpt-jax report", description=__doc__.split("\n\n")[0],
+                                epilog="Runs are grouped by configuration (all settings but the seed and the "
+                                       "output options); each group is reported as mean ± std over its seeds.")
+    p.add_argument("dirs", nargs="+", metavar="RUN_DIR",
+                   help="results folders (config.json + metrics.json), or folders of such folders")
+    p.add_argument("--out", default=None, help="report folder (default: 'report' next to the first run folder)")
+    p.add_argument("--title", default=None, help="the report's title")
+    p.add_argument("--same-config", action="store_true",
+                   help="require one comparison group: runs that differ in more than the seed are an error")
+    return p
+
+
+def main(argv=None) -> int:
+    """``fedbpt-jax report``: exit status 0, or 2 with a one-line error."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        summary = report(args.dirs, args.out, same_config=args.same_config, title=args.title)
+    except ReportError as err:
+        print(f"fedbpt-jax report: error: {err}", file=sys.stderr)
+        return 2
+    print(summary["markdown"], end="")
+    print(f"report written to {summary['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
