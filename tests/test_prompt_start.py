@@ -342,7 +342,7 @@ def test_prompt_start_experiment_runs_on_a_tiny_config(tmp_path):
     spec = importlib.util.spec_from_file_location("prompt_start_experiment", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--tiny", "--size", "12", "--out", str(tmp_path)]) == 0
+    assert mod.main(["--tiny", "--task", "rotten_tomatoes", "--size", "12", "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "prompt_start.json").read_text())
     assert out["meta"]["split"].startswith("train") and out["meta"]["size"] == 12
     assert len(out["rows"]) == len(mod.STARTS) * len(mod.STYLES)
