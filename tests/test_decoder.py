@@ -129,6 +129,79 @@ def test_full_logits_match_hf_llama(tiny):
     np.testing.assert_allclose(out[valid], ref["logits"][valid], atol=1e-4, rtol=0)
 
 
+QWEN2 = "decoder_tiny_qwen2"
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return dec.load_hf_decoder(FIXTURES / QWEN2)
+
+
+def test_qwen2_logits_match_hf_qwen2(qwen2):
+    """Qwen2 = Llama + q/k/v projection biases: the fixture's biases are large (scripts/make_qwen2_fixture.py),
+    so logits match HF's Qwen2ForCausalLM only when every bias is loaded and added."""
+    config, params = qwen2
+    assert config.qkv_bias and not config.tie_word_embeddings and (config.num_heads, config.num_kv_heads) == (4, 2)
+    attn = params["layers"]["self_attn"]
+    assert {k: sorted(v) for k, v in attn.items()} == {
+        "q_proj": ["bias", "kernel"], "k_proj": ["bias", "kernel"], "v_proj": ["bias", "kernel"], "o_proj": ["kernel"]}
+    assert attn["k_proj"]["bias"].shape == (2, 2 * 8) and attn["q_proj"]["bias"].dtype == jnp.float32
+    ref = np.load(FIXTURES / QWEN2 / "reference.npz")
+    valid = ref["attention_mask"].astype(bool)
+    out = np.asarray(logits(config, params, ref["input_ids"], ref["attention_mask"]))
+    np.testing.assert_allclose(out[valid], ref["logits"][valid], atol=1e-5, rtol=0)
+    # Without the biases the logits are far off: the fixture really exercises them.
+    no_bias = dataclasses.replace(config, qkv_bias=False)
+    stripped = dict(params, layers=dict(params["layers"], self_attn={
+        k: {"kernel": v["kernel"]} for k, v in attn.items()}))
+    off = np.asarray(logits(no_bias, stripped, ref["input_ids"], ref["attention_mask"]))
+    assert np.abs(off[valid] - ref["logits"][valid]).max() > 1e-2
+
+
+def test_qwen2_scoring_paths_and_bf16(qwen2):
+    """Label scoring, the prefix cache and bfloat16 storage carry the biases too."""
+    config, params = qwen2
+    batch = make_batch(ROWS)
+    spec = make_spec(LABELS, CUE)
+    ids = np.concatenate([np.asarray(batch.input_ids), np.tile(np.asarray(CUE, np.int32), (3, 1))], axis=1)
+    mask = np.concatenate([np.asarray(batch.attention_mask), np.ones((3, len(CUE)), np.int32)], axis=1)
+    full = np.asarray(logits(config, params, ids, mask))[:, -1, LABELS]
+    scored = np.asarray(label_logits(config, params, batch, spec, None, "after"))
+    np.testing.assert_allclose(scored, full, atol=2e-5, rtol=0)
+    prompt = 0.1 * jax.random.normal(jax.random.key(0), (2, config.hidden_size))
+    cached = label_logits_cached(config, params, prefix_cache(config, params, batch), spec, prompt)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(label_logits(config, params, batch, spec, prompt, "after")),
+                               atol=2e-5, rtol=0)
+    bf_config, bf_params = dec.load_hf_decoder(FIXTURES / QWEN2, compute_dtype="bfloat16")
+    assert bf_params["layers"]["self_attn"]["q_proj"]["bias"].dtype == jnp.float32
+    assert bf_params["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    bf = np.asarray(label_logits(bf_config, bf_params, batch, spec, None, "after"))
+    np.testing.assert_allclose(bf, scored, atol=0.1 * np.abs(scored).max(), rtol=0)
+
+
+def test_qwen2_biases_are_required_and_llama_biases_refused(qwen2):
+    config, params = qwen2
+    tensors = hf.read_safetensors(FIXTURES / QWEN2)
+    missing = {k: v for k, v in tensors.items() if not k.endswith("k_proj.bias")}
+    with pytest.raises(ValueError, match=r"missing 2 tensor\(s\).*layers.0.self_attn.k_proj.bias"):
+        dec.params_from_hf(config, missing)
+    # The same tensors under a Llama config: the biases have no place, and dropping them would be wrong.
+    llama = dataclasses.replace(config, qkv_bias=False)
+    with pytest.raises(ValueError, match=r"6 bias tensor\(s\).*accepted: the q/k/v projection biases of model_type 'qwen2'"):
+        dec.params_from_hf(llama, tensors)
+
+
+def test_qwen2_config_from_hf():
+    from transformers import LlamaConfig, Qwen2Config
+
+    c = dec.config_from_hf(Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64))
+    assert c.qkv_bias and c.head_dim == 8
+    assert not dec.config_from_hf(LlamaConfig()).qkv_bias
+    with pytest.raises(ValueError, match="sliding-window"):
+        dec.config_from_hf(Qwen2Config(use_sliding_window=True, sliding_window=16))
+
+
 def test_left_padding_equals_unpadded(tiny):
     name, config, params = tiny
     ref = np.load(FIXTURES / name / "reference.npz")

@@ -18,7 +18,7 @@ name = "tiny"
 
 [base]
 model = "tiny"
-task = "sst2"
+task = "rotten_tomatoes"
 clients = 4
 shots = 4
 d = 8

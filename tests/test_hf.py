@@ -121,3 +121,18 @@ def test_load_config_and_tokenizer():
     assert tok.is_fast
     assert tok("it was great", add_special_tokens=False)["input_ids"] == [5, 6, 7]
     assert tok.mask_token_id == 3 and tok.pad_token_id == 1
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "my_own_arch"])
+def test_unsupported_model_type_is_named(tmp_path, model_type):
+    """A type transformers knows (gpt_neox) and one it does not: both named, with what is accepted,
+    before any weights or tokenizer are read."""
+    from fedbpt_jax import models
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 8}))
+    with pytest.raises(ValueError, match=rf"unsupported model_type '{model_type}'; accepted encoders "
+                                         r"\('roberta', .*decoders \('llama', .*'qwen2'\)"):
+        models.load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match=r"config.json' has no model_type; accepted encoders"):
+        models.load(str(tmp_path))

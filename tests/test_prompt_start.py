@@ -194,7 +194,7 @@ def test_manual_prompt_equals_fedbpt_z0_under_every_start(dec_lm, enc_lm, kind, 
 
 def test_run_manual_equals_fedbpt_round0_with_a_phrase_start(dec_lm):
     """Through ``run``: the manual baseline's evaluation equals FedBPT's round-0 evaluation (z = 0)."""
-    fed = data.federated("sst2", dec_lm.tokenizer, "decoder", num_clients=2, shots_per_class=2, alpha=None,
+    fed = data.federated("rotten_tomatoes", dec_lm.tokenizer, "decoder", num_clients=2, shots_per_class=2, alpha=None,
                          n_prompt=N, test_size=12)
     d = fl.FederatedData.from_host(fed)
     cfg = _cfg()
@@ -306,28 +306,28 @@ def test_cli_prompt_start_template_and_errors(dec_lm, monkeypatch, capsys):
     monkeypatch.setattr(fb.models, "load", lambda name, **kw: dec_lm)
     rc = cli.main(["simulate", "--prompt-start", "ones", "--no-progress"])
     assert rc == 2 and "unknown prompt start 'ones'; accepted: zeros" in capsys.readouterr().err
-    rc = cli.main(["simulate", "--task", "sst2", "--prompt-start", "phrase: In short", "--n-prompt", "5",
+    rc = cli.main(["simulate", "--task", "rotten_tomatoes", "--prompt-start", "phrase: In short", "--n-prompt", "5",
                    "--no-progress"])
     assert rc == 2 and "n_prompt_tokens=5; set n_prompt_tokens=3" in capsys.readouterr().err
-    rc = cli.main(["simulate", "--task", "sst2", "--style", "bbt", "--no-progress"])
+    rc = cli.main(["simulate", "--task", "rotten_tomatoes", "--style", "bbt", "--no-progress"])
     assert rc == 2 and "label word ' terrible' is" in capsys.readouterr().err
-    rc = cli.main(["simulate", "--task", "sst2", "--template", "no slot here", "--no-progress"])
+    rc = cli.main(["simulate", "--task", "rotten_tomatoes", "--template", "no slot here", "--no-progress"])
     assert rc == 2 and "has no text slot" in capsys.readouterr().err
-    rc = cli.main(["simulate", "--task", "sst2", "--algorithm", "manual", "--style", "bbt", "--verbalizer",
+    rc = cli.main(["simulate", "--task", "rotten_tomatoes", "--algorithm", "manual", "--style", "bbt", "--verbalizer",
                    " bad| great", "--prompt-start", "phrase: In short", "--clients", "2", "--shots", "2",
                    "--rounds", "1", "--d", "8", "--test-size", "8", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "prompt start (the prompt at z = 0 and the manual baseline): phrase: In short, 3 tokens" in out
     # "auto" (the default): the task's measured start for decoders; its token count sets --n-prompt ...
-    assert tasks.get("sst2").decoder_prompt_start == "phrase: (movie review)"
+    assert tasks.get("rotten_tomatoes").decoder_prompt_start == "phrase: (movie review)"
     n_movie = prompt.start_length("phrase: (movie review)", dec_lm.tokenizer)
     common = ["--algorithm", "manual", "--clients", "2", "--shots", "2", "--rounds", "1", "--d", "8",
               "--test-size", "8", "--no-progress"]
-    assert cli.main(["simulate", "--task", "sst2", *common]) == 0
+    assert cli.main(["simulate", "--task", "rotten_tomatoes", *common]) == 0
     assert f"phrase: (movie review), {n_movie} tokens" in capsys.readouterr().out
     # ... and an explicit --n-prompt that does not fit it, or a task without one, gives zeros
-    assert cli.main(["simulate", "--task", "sst2", "--n-prompt", "2", *common]) == 0
+    assert cli.main(["simulate", "--task", "rotten_tomatoes", "--n-prompt", "2", *common]) == 0
     out = capsys.readouterr().out
     assert "differs from the task's default start" in out and "manual baseline): zeros, 2 tokens" in out
     assert tasks.get("ag_news").decoder_prompt_start is None
@@ -342,7 +342,7 @@ def test_prompt_start_experiment_runs_on_a_tiny_config(tmp_path):
     spec = importlib.util.spec_from_file_location("prompt_start_experiment", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--tiny", "--size", "12", "--out", str(tmp_path)]) == 0
+    assert mod.main(["--tiny", "--task", "rotten_tomatoes", "--size", "12", "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "prompt_start.json").read_text())
     assert out["meta"]["split"].startswith("train") and out["meta"]["size"] == 12
     assert len(out["rows"]) == len(mod.STARTS) * len(mod.STYLES)

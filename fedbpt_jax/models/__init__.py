@@ -46,11 +46,27 @@ def _load_gguf(path: Path, name: str, compute_dtype: str) -> LanguageModel:
     return LanguageModel(name=name, kind="decoder", config=config, params=params, tokenizer=tokenizer, module=None)
 
 
+def _model_type(directory: Path) -> str:
+    """``model_type`` of a checkpoint's config.json, read before ``transformers`` parses it (whose error for
+    a type it does not know would not say what fedbpt-jax accepts)."""
+    import json
+
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {str(directory / 'config.json')!r}: {err}") from err
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not model_type:
+        raise ValueError(f"{str(directory / 'config.json')!r} has no model_type; accepted encoders {ENCODER_TYPES}, "
+                         f"decoders {DECODER_TYPES}")
+    return str(model_type)
+
+
 def _load_hf_dir(directory: Path, name: str, compute_dtype: str) -> LanguageModel:
     from . import decoder, encoder, hf
 
+    kind = kind_of(_model_type(Path(directory)))
     hf_config = hf.load_config(directory)
-    kind = kind_of(getattr(hf_config, "model_type", ""))
     tensors = hf.read_safetensors(directory, keep_bf16=compute_dtype == "bfloat16")
     tokenizer = hf.load_tokenizer(directory)
     mod = encoder if kind == "encoder" else decoder

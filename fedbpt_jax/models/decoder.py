@@ -79,6 +79,8 @@ class DecoderConfig:
       max_position_embeddings: longest sequence the checkpoint was trained for (informational).
       rope_interleaved: rotate pairs ``(x[2i], x[2i+1])`` (Q/K rows as stored in GGUF files) instead
         of HF's rotate-half pairs ``(x[i], x[i + D/2])``.
+      qkv_bias: the query, key and value projections add a bias (Qwen2); the output projection and the
+        MLP never do. Biases are stored in float32.
       bos_token_id / eos_token_id / pad_token_id: special ids (``None`` if the checkpoint has none).
       compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype weight matrices, embeddings and cached
         keys/values are stored in and matmuls take as inputs (always accumulating in float32); the
@@ -98,6 +100,7 @@ class DecoderConfig:
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 2048
     rope_interleaved: bool = False
+    qkv_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -121,7 +124,7 @@ class DecoderConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not value > 0:
                 raise ValueError(f"DecoderConfig.{name} must be a positive number, got {value!r}")
-        for name in ("tie_word_embeddings", "rope_interleaved"):
+        for name in ("tie_word_embeddings", "rope_interleaved", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DecoderConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -151,10 +154,12 @@ def config_from_hf(hf_config: Any, *, rope_interleaved: bool = False, compute_dt
     """:class:`DecoderConfig` from a ``transformers`` Llama-like config (``AutoConfig``; no torch).
 
     Accepts transformers 4.x (``rope_theta`` attribute) and 5.x (``rope_parameters`` dict) configs.
+    ``model_type="qwen2"`` sets ``qkv_bias=True`` (Qwen2's query/key/value projections always carry a
+    bias, which its config does not mention).
 
     Raises:
-      ValueError: a feature this implementation does not have (biases, another activation, RoPE
-        scaling, sliding-window attention), named with what is accepted.
+      ValueError: a feature this implementation does not have (Llama's ``attention_bias``/``mlp_bias``,
+        another activation, RoPE scaling, sliding-window attention), named with what is accepted.
     """
     get = lambda name, default=None: getattr(hf_config, name, default)  # noqa: E731
     act = get("hidden_act", "silu")
@@ -187,6 +192,7 @@ def config_from_hf(hf_config: Any, *, rope_interleaved: bool = False, compute_dt
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
         max_position_embeddings=int(get("max_position_embeddings", 2048) or 2048),
         rope_interleaved=rope_interleaved,
+        qkv_bias=get("model_type", None) == "qwen2",
         bos_token_id=_first_id(get("bos_token_id")),
         eos_token_id=_first_id(get("eos_token_id")),
         pad_token_id=_first_id(get("pad_token_id")),
@@ -227,10 +233,31 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, interleaved: bo
     return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def _dense(config: DecoderConfig, features: int, name: str) -> nn.Dense:
-    """A bias-free projection: inputs and kernel in the compute dtype, float32 accumulation and result."""
+def _dense(config: DecoderConfig, features: int, name: str, bias: bool = False) -> nn.Module:
+    """A projection: inputs and kernel in the compute dtype, float32 accumulation and result; with
+    ``bias``, a float32 bias added to the float32 result (:class:`BiasedDense`)."""
+    if bias:
+        return BiasedDense(features, config.compute_dtype, name=name)
     return nn.Dense(features, use_bias=False, dtype=jnp.dtype(config.compute_dtype),
                     dot_general=precision.f32_accumulating_dot_general, name=name)
+
+
+class BiasedDense(nn.Module):
+    """``x @ kernel + bias`` with the parameters of ``nn.Dense`` (``kernel [in, out]``, ``bias [out]``):
+    the matmul takes the compute dtype and accumulates in float32, the bias stays float32 and is added to
+    the float32 result (``nn.Dense`` would first round it to the compute dtype)."""
+
+    features: int
+    compute_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        dt = jnp.dtype(self.compute_dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.normal(0.02), (self.features,), jnp.float32)
+        y = precision.f32_accumulating_dot_general(x.astype(dt), kernel.astype(dt),
+                                                   (((x.ndim - 1,), (0,)), ((), ())))
+        return y + bias
 
 
 class Attention(nn.Module):
@@ -246,9 +273,10 @@ class Attention(nn.Module):
         sq = 1 if last_only else s
         dense = lambda n, name: _dense(c, n, name)  # noqa: E731
         cd = c.compute_dtype
-        q = dense(c.num_heads * c.head_dim, "q_proj")(x[:, s - sq:]).reshape(b, sq, c.num_heads, c.head_dim)
-        k = dense(c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
-        v = dense(c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
+        qkv = lambda n, name: _dense(c, n, name, c.qkv_bias)  # noqa: E731
+        q = qkv(c.num_heads * c.head_dim, "q_proj")(x[:, s - sq:]).reshape(b, sq, c.num_heads, c.head_dim)
+        k = qkv(c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
+        v = qkv(c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         q = apply_rope(q, positions[:, s - sq:], c.rope_theta, c.rope_interleaved)
         # Keys/values leave the layer (and enter a prefix cache) in the compute dtype: they only ever
         # feed a matmul that takes that dtype.
@@ -372,12 +400,13 @@ def _empty_past(config: DecoderConfig, batch: int) -> tuple[jax.Array, jax.Array
 
 
 def _keeps_float32(path: tuple[str, ...]) -> bool:
-    return path[-1] == "scale"  # RMSNorm scales; every other leaf is a matrix or an embedding table
+    # RMSNorm scales and projection biases; every other leaf is a matrix or an embedding table
+    return path[-1] in ("scale", "bias")
 
 
 def cast_params(config: DecoderConfig, params) -> dict:
     """``params`` in the storage dtypes of ``config.compute_dtype`` (matrices and embeddings in that
-    dtype, norm scales float32)."""
+    dtype, norm scales and biases float32)."""
     return precision.cast_tree(params, config.compute_dtype, _keeps_float32)
 
 
@@ -638,12 +667,24 @@ _LAYER_TENSORS = {
 }
 
 
+_QKV_BIASES = {
+    # Qwen2 (config.qkv_bias): HF name suffix -> (path, transpose?, shape)
+    "self_attn.q_proj.bias": (("self_attn", "q_proj", "bias"), False, lambda c: (c.num_heads * c.head_dim,)),
+    "self_attn.k_proj.bias": (("self_attn", "k_proj", "bias"), False, lambda c: (c.num_kv_heads * c.head_dim,)),
+    "self_attn.v_proj.bias": (("self_attn", "v_proj", "bias"), False, lambda c: (c.num_kv_heads * c.head_dim,)),
+}
+
+
+def _layer_tensors(config: DecoderConfig) -> dict:
+    return {**_LAYER_TENSORS, **_QKV_BIASES} if config.qkv_bias else _LAYER_TENSORS
+
+
 def expected_hf_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape (``[out, in]`` for linear weights) that ``config`` requires."""
     c = config
     shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
     for i in range(c.num_layers):
-        for suffix, (_, _, shape) in _LAYER_TENSORS.items():
+        for suffix, (_, _, shape) in _layer_tensors(c).items():
             shapes[f"model.layers.{i}.{suffix}"] = shape(c)
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
@@ -661,12 +702,13 @@ def params_from_hf(config: DecoderConfig, tensors: Mapping[str, np.ndarray]) -> 
 
     Linear weights are transposed (HF ``[out, in]`` -> linen ``[in, out]``), layers stacked; matrices and
     embeddings are stored in ``config.compute_dtype`` (a bfloat16 checkpoint loaded for bfloat16
-    compute is never widened to float32 on the way), norm scales in float32. ``lm_head.weight`` is ignored
+    compute is never widened to float32 on the way), norm scales and Qwen2's q/k/v biases in float32.
+    ``lm_head.weight`` is ignored
     when the head is tied; rotary ``inv_freq`` buffers of old checkpoints are ignored.
 
     Raises:
-      ValueError: missing tensors (all listed), or a tensor whose shape does not match the config
-        (name, shape and expected shape).
+      ValueError: missing tensors (all listed), a tensor whose shape does not match the config (name,
+        shape and expected shape), or bias tensors the config has no place for.
     """
     expected = expected_hf_shapes(config)
     missing = [name for name in expected if name not in tensors]
@@ -679,6 +721,11 @@ def params_from_hf(config: DecoderConfig, tensors: Mapping[str, np.ndarray]) -> 
             raise ValueError(f"tensor {name!r} has shape {got}, expected {shape} for this config")
     known = set(expected) | {"lm_head.weight"}
     unknown = [n for n in tensors if n not in known and not n.endswith("rotary_emb.inv_freq")]
+    biases = [n for n in unknown if n.endswith(".bias")]
+    if biases:  # dropping them would silently give wrong logits
+        raise ValueError(
+            f"checkpoint has {len(biases)} bias tensor(s) this config has no place for: {biases[:6]}; accepted: "
+            "the q/k/v projection biases of model_type 'qwen2' (qkv_bias=True); Llama-family models have no biases")
     if unknown:
         warnings.warn(f"ignoring {len(unknown)} unexpected tensor(s): {unknown[:10]}", stacklevel=2)
 
@@ -688,7 +735,7 @@ def params_from_hf(config: DecoderConfig, tensors: Mapping[str, np.ndarray]) -> 
     params: dict = {"embed_tokens": {"embedding": mat("model.embed_tokens.weight")},
                     "norm": {"scale": f32("model.norm.weight")}}
     layers: dict = {}
-    for suffix, (path, transpose, _) in _LAYER_TENSORS.items():
+    for suffix, (path, transpose, _) in _layer_tensors(config).items():
         load = f32 if _keeps_float32(path) else mat
         per_layer = [load(f"model.layers.{i}.{suffix}") for i in range(config.num_layers)]
         _set(layers, path, np.stack([w.T for w in per_layer] if transpose else per_layer))  # one copy
@@ -708,7 +755,7 @@ def load_hf_decoder(directory: str | Path, *, compute_dtype: str = "float32") ->
 
 __all__ = [
     "LAYOUTS", "DecoderConfig", "config_from_hf", "RMSNorm", "apply_rope", "Attention", "MLP", "DecoderLayer",
-    "LlamaDecoder", "init_params", "word_embeddings", "output_embedding", "label_logits", "PrefixCache",
+    "LlamaDecoder", "BiasedDense", "init_params", "word_embeddings", "output_embedding", "label_logits", "PrefixCache",
     "prefix_cache", "label_logits_cached", "logits", "greedy_next_token", "greedy_generate",
     "embed", "cast_params", "matmul_params_per_token", "kv_params_per_layer", "flops_per_example", "expected_hf_shapes",
     "params_from_hf", "load_hf_decoder",

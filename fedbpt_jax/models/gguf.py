@@ -3,7 +3,9 @@
 Used for the embedded default model, SmolLM2-135M-Instruct as a Q4_1 GGUF (see
 :mod:`fedbpt_jax.assets`). Everything comes from the one file: the config from the ``llama.*``
 metadata, the weights dequantized to float32 with ``gguf.quants.dequantize``, and the tokenizer from
-``tokenizer.ggml.*`` (GPT-2 style byte-level BPE) as a ``transformers.PreTrainedTokenizerFast``.
+``tokenizer.ggml.*`` as a ``transformers.PreTrainedTokenizerFast``: GPT-2 style byte-level BPE
+(``tokenizer.ggml.model = "gpt2"``: SmolLM2, Llama-3) or SentencePiece BPE (``"llama"``: Llama-2 and
+its family, rebuilt from the pieces, scores and token types).
 
 **Q/K row order.** llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` within each head
 so that RoPE rotates adjacent pairs ``(x[2i], x[2i+1])``. This loader *un-permutes* them back to the
@@ -44,7 +46,7 @@ from . import decoder, precision
 CONVERSION_VERSION = 3
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_TOKENIZER_MODELS = ("gpt2",)
+SUPPORTED_TOKENIZER_MODELS = ("gpt2", "llama")
 SUPPORTED_PRE_TOKENIZERS = ("smollm", "gpt2", "gpt-2", "default")
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -188,26 +190,68 @@ def to_interleaved(config: decoder.DecoderConfig, params: dict) -> tuple[decoder
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
-def tokenizer_from_gguf(reader):
-    """``transformers.PreTrainedTokenizerFast`` from ``tokenizer.ggml.*`` (byte-level BPE).
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece BPE encoding with these pieces and scores.
 
-    Pre-tokenizer ``"smollm"``: every digit on its own, then GPT-2's ByteLevel regex; ``"gpt2"``:
-    ByteLevel only. Control tokens become special added tokens, user-defined ones plain added tokens.
-    BOS is prepended only when ``tokenizer.ggml.add_bos_token`` is true (false for SmolLM2).
+    SentencePiece BPE (and llama.cpp's SPM tokenizer) repeatedly joins the adjacent pair whose
+    concatenation is a normal piece with the highest score (leftmost first on ties). A BPE model whose
+    merges are every split ``(left, right)`` of every normal piece, ranked by the score of the piece,
+    does the same. Control, unknown, unused and byte pieces are never the result of a merge.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    index = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i, (piece, score) in enumerate(zip(tokens, scores)):
+        if types[i] not in (_NORMAL, _USER_DEFINED) or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in index and right in index:
+                merges.append((-float(score), i, index[left], index[right], left, right))
+    merges.sort()
+    return [(m[4], m[5]) for m in merges]
 
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind not in SUPPORTED_TOKENIZER_MODELS:
-        raise ValueError(f"GGUF tokenizer.ggml.model={kind!r} is not supported; accepted: {SUPPORTED_TOKENIZER_MODELS}")
+
+def _spm_tokenizer(reader, tokens: list[str], types: list[int]):
+    """A ``tokenizers.Tokenizer`` for a SentencePiece vocabulary (``tokenizer.ggml.model = "llama"``)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = _field(reader, "tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise ValueError(f"GGUF tokenizer.ggml.model='llama' needs tokenizer.ggml.scores with one score per token "
+                         f"({len(tokens)}); got {None if scores is None else len(scores)}")
+    merges = _field(reader, "tokenizer.ggml.merges", None)
+    merges = [tuple(m.split(" ", 1)) for m in merges] if merges else spm_merges(tokens, scores, types)
+    unk = _field(reader, "tokenizer.ggml.unknown_token_id")
+    if unk is None:
+        unk = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
+    byte_fallback = any(t == _BYTE for t in types)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                               unk_token=None if unk is None else tokens[int(unk)], fuse_unk=True,
+                               byte_fallback=byte_fallback))
+    # SentencePiece's add_dummy_prefix (llama.cpp: add_space_prefix, default true) and its whitespace
+    # symbol; no pre-tokenizer: merges may cross nothing but what the pieces allow.
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if _field(reader, "tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    parts = [decoders.Replace("\u2581", " ")]
+    if byte_fallback:
+        parts.append(decoders.ByteFallback())
+    parts.append(decoders.Fuse())
+    if _field(reader, "tokenizer.ggml.add_space_prefix", True):
+        parts.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(parts)
+    return tok
+
+
+def _bpe_tokenizer(reader, tokens: list[str]):
+    """A ``tokenizers.Tokenizer`` for a GPT-2 style byte-level BPE (``tokenizer.ggml.model = "gpt2"``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     if pre not in SUPPORTED_PRE_TOKENIZERS:
         raise ValueError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; accepted: {SUPPORTED_PRE_TOKENIZERS}")
-    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
-    types = _field(reader, "tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
-
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
                                byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
@@ -216,16 +260,62 @@ def tokenizer_from_gguf(reader):
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def tokenizer_from_gguf(reader):
+    """``transformers.PreTrainedTokenizerFast`` from ``tokenizer.ggml.*``.
+
+    ``tokenizer.ggml.model = "gpt2"``: byte-level BPE from the tokens and merges. Pre-tokenizer
+    ``"smollm"``: every digit on its own, then GPT-2's ByteLevel regex; ``"gpt2"``: ByteLevel only.
+
+    ``"llama"`` (Llama-2 family): SentencePiece BPE from the tokens, their scores and token types
+    (:func:`spm_merges`; the file's merges when it has any): spaces become ``▁``, a ``▁`` is prepended
+    unless ``tokenizer.ggml.add_space_prefix`` is false, characters outside the vocabulary fall back to
+    the ``<0xNN>`` byte tokens when the vocabulary has them (else the unknown token), and decoding
+    reverses all of it. The encodings equal SentencePiece's own (tests/test_gguf.py).
+
+    Either way: control tokens become special added tokens, user-defined ones plain added tokens; BOS
+    (EOS) is added only when ``tokenizer.ggml.add_bos_token`` (``add_eos_token``) is true (false for
+    SmolLM2, true for Llama-2).
+
+    Raises:
+      ValueError: another ``tokenizer.ggml.model`` (``"bert"``, ``"t5"``, ``"rwkv"``, …) or
+        ``tokenizer.ggml.pre``, named with what is accepted.
+    """
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind not in SUPPORTED_TOKENIZER_MODELS:
+        raise ValueError(
+            f"GGUF tokenizer.ggml.model={kind!r} is not supported; accepted: {SUPPORTED_TOKENIZER_MODELS} "
+            "(byte-level BPE and SentencePiece BPE). Load the model from its Hugging Face checkpoint directory "
+            "(config.json, tokenizer files, *.safetensors) instead")
+    raw_tokens = _field(reader, "tokenizer.ggml.tokens")
+    if not raw_tokens:
+        raise ValueError("GGUF metadata lacks tokenizer.ggml.tokens")
+    tokens = [str(t) for t in raw_tokens]
+    types = list(_field(reader, "tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    tok = _spm_tokenizer(reader, tokens, types) if kind == "llama" else _bpe_tokenizer(reader, tokens)
 
     special = lambda key: _field(reader, f"tokenizer.ggml.{key}_token_id")  # noqa: E731
     name_of = lambda i: None if i is None else tokens[int(i)]  # noqa: E731
     bos, eos, unk, pad = (special(k) for k in ("bos", "eos", "unknown", "padding"))
-    post = [processors.ByteLevel(trim_offsets=False)]
-    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
-        post.append(processors.TemplateProcessing(
-            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B",
-            special_tokens=[(tokens[bos], int(bos))]))
-    tok.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
+    post = [processors.ByteLevel(trim_offsets=False)] if kind == "gpt2" else []
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        pre_, post_ = ([f"{tokens[bos]}"] if add_bos else []), ([f"{tokens[eos]}"] if add_eos else [])
+        single = " ".join(pre_ + ["$A"] + post_)
+        pair = " ".join(pre_ + ["$A"] + post_ + pre_ + ["$B"] + post_)
+        ids = {i for i, on in ((bos, add_bos), (eos, add_eos)) if on}
+        post.append(processors.TemplateProcessing(single=single, pair=pair,
+                                                  special_tokens=[(tokens[int(i)], int(i)) for i in sorted(ids)]))
+    if post:
+        tok.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == _CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
@@ -393,5 +483,6 @@ def load_gguf(path: str | Path, *, rope_interleaved: bool = False, use_cache: bo
 
 __all__ = [
     "CONVERSION_VERSION", "load_gguf", "convert_gguf", "params_file", "converted_dir", "config_from_gguf", "tokenizer_from_gguf",
-    "hf_tensors_from_gguf", "hf_tensor_name", "flatten_params", "unflatten_params", "unpermute_rows", "permute_rows", "to_interleaved",
+    "hf_tensors_from_gguf", "hf_tensor_name", "spm_merges", "flatten_params", "unflatten_params", "unpermute_rows",
+    "permute_rows", "to_interleaved",
 ]
