@@ -221,3 +221,58 @@ def test_lanes_sharded_over_two_devices_match_one_device():
     assert len(out["two"]) == 3
     np.testing.assert_allclose(out["two"], out["one"], atol=1e-6)
     np.testing.assert_allclose(out["mean_two"], out["mean_one"], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command (fedbpt_jax.sweep_cli: main(argv) without the word "sweep")
+# ------------------------------------------------------------------------------------------------
+def test_cli_hp_parsing():
+    from fedbpt_jax import cli, sweep_cli
+
+    assert sweep_cli.parse_hp(["sigma0=0.5,1.0", "perturb-rate=0.3"]) == {"sigma0": [0.5, 1.0], "perturb_rate": [0.3]}
+    assert sweep_cli.parse_hp(None) == {}
+    for bad, says in (("sigma0", "NAME=V1,V2"), ("sigma=1", "unknown hyperparameter 'sigma'"),
+                      ("sigma0=a,b", "numbers separated by commas"), ("sigma0=", "no values")):
+        with pytest.raises(cli.CliError, match=says):
+            sweep_cli.parse_hp([bad])
+    with pytest.raises(cli.CliError, match="given twice"):
+        sweep_cli.parse_hp(["sigma0=1", "sigma0=2"])
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--hp", "sigma0=0.5,1.0", "--hp", "perturb_rate=0.1,0.2,0.3"],
+     "different lengths (sigma0: 2, perturb_rate: 3)"),
+    (["--hp", "sigma0=0.5,2000"], "sigma0 must be a finite value in [1e-06, 1000], got 2000.0"),
+    (["--hp", "lr=0.1"], "unknown hyperparameter 'lr'"),
+    (["--seeds", "0,0"], "seeds must be distinct"),
+    (["--rounds", "3", "--eval-every", "2"], "--rounds 3: accepted: a positive multiple of --eval-every (2)"),
+])
+def test_cli_bad_input_is_one_line_before_the_model_loads(argv, says, monkeypatch, capsys):
+    import fedbpt_jax as fb
+    from fedbpt_jax import sweep_cli
+
+    monkeypatch.setattr(fb.models, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    assert sweep_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says in err, err
+
+
+def test_cli_runs_a_grid_and_writes_its_results(tmp_path, monkeypatch, capsys):
+    import fedbpt_jax as fb
+    from fedbpt_jax import sweep_cli
+    from tokenizers_util import chatml_tokenizer
+
+    lm = testing.tiny_decoder(0, num_layers=1, tokenizer=chatml_tokenizer())
+    monkeypatch.setattr(fb.models, "load", lambda *a, **k: lm)
+    out = tmp_path / "res"
+    argv = ["--seeds", "0,1", "--hp", "sigma0=0.5,1.0", "--hp", "perturb_rate=0.3", "--grid", "--clients", "4",
+            "--per-round", "2", "--rounds", "2", "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4",
+            "--local-generations", "1", "--test-size", "8", "--prompt-start", "zeros", "--results-dir", str(out)]
+    assert sweep_cli.main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "2 seed(s) x 2 hyperparameter point(s) = 4 lanes" in printed and "| sigma0 | perturb_rate | seeds |" in printed
+    res = checkpoint.read_json(out / "sweep.json")
+    assert [(r["seed"], r["hparams"]["sigma0"]) for r in res["lanes"]] == [(0, 0.5), (1, 0.5), (0, 1.0), (1, 1.0)]
+    assert all(r["hparams"]["perturb_rate"] == 0.3 for r in res["lanes"]) and res["eval_rounds"] == [0, 1, 2]
+    assert (out / "sweep.md").read_text() in printed and (out / "config.json").exists()
+    assert sweep_cli.main(argv) == 2 and "already holds a sweep" in capsys.readouterr().err  # never silently replaced
