@@ -221,7 +221,17 @@ def _jitted(algo: FederatedAlgorithm, kind: str, model_config, hidden: int, eval
 
         out = NamedSharding(mesh, P())
     program = make_program(algo, scorer, eval_every, num_segments, algo.config.n_prompt_tokens, hidden, key_impl, mesh)
-    return jax.jit(program, out_shardings=out)
+    return jax.jit(program, out_shardings=out, compiler_options=_compiler_options())
+
+
+def _compiler_options() -> dict | None:
+    """XLA options of the sweep program. On CPU, YNNPACK fusions are off: the lane axis adds a batch dimension
+    to every dot, and the decoder's grouped-query attention under clients × population × lanes reaches rank 8,
+    which XLA's YNNPACK emitter rejects with a fatal check ("b_rank < YNN_MAX_TENSOR_RANK", jaxlib 0.10) that
+    aborts the process."""
+    if jax.default_backend() != "cpu":
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def compiled_program(algo: FederatedAlgorithm, lm, eval_every: int, num_segments: int, key_impl=None, mesh=None):
