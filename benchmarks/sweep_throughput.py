@@ -11,7 +11,9 @@ For each S:
   selection), after one warm-up ``run`` that compiles its segment; the S timed calls reuse it.
 
 Reported: lanes/s of both, the speedup (sweep lanes/s over sequential lanes/s), the compile-inclusive first
-sweep, and the lanes' mean final test accuracy in both paths (a sanity check: the same work was done).
+sweep, and the lanes' mean final test accuracy in both paths (the same work, not bitwise the same numbers:
+the batched program rounds differently and CMA-ES can amplify that over rounds, so they may differ by an
+example or so).
 Nothing is asserted on time.
 
     python benchmarks/sweep_throughput.py --quick                       # tiny model, S in {1, 4}, < 2 min
