@@ -32,7 +32,8 @@ _SUBMODULES = ("assets", "bbt", "callbacks", "checkpoint", "accounting", "data",
                "plots", "prompt", "report", "strategy", "tasks", "testing", "types")
 _FEDERATED = ("FedConfig", "HParams", "FederatedAlgorithm", "FederatedData", "ModelInputs", "run", "make", "fedbpt",
               "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh", "init_distributed",
-              "History", "RunCarry", "summarize", "load_uploads", "tune_learning_rate")
+              "History", "RunCarry", "summarize", "load_uploads", "tune_learning_rate", "sweep", "SweepResults",
+              "lane_mesh")
 _OTHER = {"TokenBatch": "types", "ScoringSpec": "types", "BBTConfig": "bbt"}
 
 __all__ = [*_SUBMODULES, *_FEDERATED, *_OTHER, "__version__"]

@@ -12,6 +12,8 @@ Sub-commands:
   on any model/task/data source (the default command is ``simulate`` with its defaults);
 * ``fedbpt-jax bbt [...]`` — centralized BBT with dev-set selection (the same pycma-faithful CMA-ES as
   ``simulate --algorithm centralized_bbt``).
+* ``fedbpt-jax sweep --seeds 0,1,2 --hp NAME=V1,V2 [...]`` — seeds × hyperparameter points as one compiled
+  program (see :mod:`fedbpt_jax.sweep_cli`, :func:`fedbpt_jax.sweep`).
 * ``fedbpt-jax report RUN_DIR...`` — tables and plots comparing finished runs' results folders, mean ± std
   over seeds (see :mod:`fedbpt_jax.report`).
 
@@ -35,7 +37,10 @@ import time
 
 #: Sub-commands that live in their own module: ``fedbpt-jax NAME ...`` calls ``module.main(argv)`` with the
 #: arguments after NAME (listed in the help only when the module is installed).
-EXTERNAL_COMMANDS = {"report": ("fedbpt_jax.report", "summarise and plot finished runs' results")}
+EXTERNAL_COMMANDS = {
+    "report": ("fedbpt_jax.report", "summarise and plot finished runs' results"),
+    "sweep": ("fedbpt_jax.sweep_cli", "seeds x hyperparameter points as one compiled program (fb.sweep)"),
+}
 
 COMMANDS = {"simulate": "run a federated simulation (the default command)",
             "bbt": "centralized black-box tuning with dev-set selection"}

@@ -35,6 +35,7 @@ from .run import (
     trace_count,
     write_results,
 )
+from .sweep import SweepResults, hp_points, lane_mesh, sweep
 
 _LAZY = ("ALGORITHMS", "centralized_bbt", "fedavg_bbt", "fedbpt", "fedprompt", "make", "manual_prompt",
          "LR_GRID", "tune_learning_rate")
@@ -44,7 +45,8 @@ __all__ = ["ALGORITHMS", "FedConfig", "HParams", "HPARAM_RANGES", "check_hparams
            "run", "summarize", "load_uploads", "median_token_norm", "round_key", "round_cost", "trace_count",
            "compile_count", "write_results", "LR_GRID", "tune_learning_rate", "validate_data", "make", "fedbpt",
            "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh", "init_distributed",
-           "to_global", "clients_to_global", "host", "clean_context_bytes", "with_clean_context"]
+           "to_global", "clients_to_global", "host", "clean_context_bytes", "with_clean_context", "sweep",
+           "SweepResults", "hp_points", "lane_mesh"]
 
 
 def __getattr__(name: str):
