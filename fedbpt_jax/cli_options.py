@@ -149,6 +149,22 @@ class SimulateOptions:
     devices: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    """Options of ``sweep`` beyond ``simulate``'s (``--hp NAME=V1,V2`` is added by the command itself).
+
+    Attributes:
+      seeds: comma-separated seeds, one lane each per hyperparameter point (lane s runs its rounds from
+        jax.random.key(s); --seed draws the data and projection every lane shares).
+      grid: sweep the cartesian product of the --hp lists (default: zip them; they must have one length).
+      lanes: "all": shard the lanes over every local device; "one": run them on the default device.
+    """
+
+    seeds: str = "0"
+    grid: bool = False
+    lanes: str = dataclasses.field(default="all", metadata={"choices": ("all", "one")})
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Which dataclasses make up each command, and the CLI's own names and defaults for some of their fields.
 
@@ -218,7 +234,17 @@ def sources(command: str) -> list[Source]:
                              "eval_every": 10},
                    notes={"n_prompt_tokens": "default: 5"}),
         ]
-    raise ValueError(f"unknown command {command!r}; accepted: 'simulate', 'bbt'")
+    if command == "sweep":
+        from .federated.config import HParams
+
+        return [*sources("simulate")[:2],
+                Source(HParams, "hyperparameters (HParams): each lane's value where --hp does not sweep it"),
+                Source(SimulateOptions, "algorithm and rounds",
+                       fixed=frozenset({"tune_lr", "lr_grid", "save_uploads", "checkpoint_dir", "checkpoint_every",
+                                        "devices"}),
+                       notes={"alpha": "shared by every lane"}),
+                Source(SweepOptions, "sweep: lanes")]
+    raise ValueError(f"unknown command {command!r}; accepted: 'simulate', 'bbt', 'sweep'")
 
 
 # --------------------------------------------------------------------------------------------------------------------

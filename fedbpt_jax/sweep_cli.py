@@ -62,59 +62,69 @@ def parse_hp(items: list[str] | None) -> dict[str, list[float]]:
     return out
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The sweep command's options (the model/task options are ``simulate``'s)."""
-    cli._common(p, shots=16, n_prompt=5, d=500, test_size=300)
-    for action in p._actions:  # --seed draws the shared data and projection; --seeds the lanes' keys
-        if action.dest == "seed":
-            action.help = ("seeds the few-shot draw, the partition, the test subset and the projection, shared by "
-                           "every lane (default: %(default)s); the lanes' round keys come from --seeds")
-    p.add_argument("--seeds", type=_ints, default=[0],
-                   help="comma-separated seeds, one lane each per hyperparameter point (lane s runs its rounds from "
-                        "jax.random.key(s); default: 0)")
+def add_arguments(p: argparse.ArgumentParser) -> list:
+    """The sweep command's options, derived like ``simulate``'s (:mod:`fedbpt_jax.cli_options`: the model and
+    task options, every ``FedConfig`` and ``HParams`` field, ``simulate``'s algorithm options and
+    :class:`~fedbpt_jax.cli_options.SweepOptions`), plus ``--hp`` and ``--config``; returns the derived options."""
+    from . import cli_options as co
+
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="read options from a TOML, YAML or JSON file whose keys are the option names (and 'hp': a "
+                        "mapping of names to value lists, or a list of 'NAME=V1,V2' strings); the command line "
+                        "overrides it. A sweep's own results/config.json reproduces that sweep's settings")
+    opts = co.add_options(p, "sweep")
     p.add_argument("--hp", action="append", default=None, metavar="NAME=V1,V2,...",
-                   help="a swept hyperparameter (sigma0, perturb_rate, dropout_rate, learning_rate) and its values; "
-                        "repeat for several. Without --grid the lists are zipped and must have one length")
-    p.add_argument("--grid", action="store_true", help="sweep the cartesian product of the --hp lists")
-    p.add_argument("--algorithm", default="fedbpt", choices=ALGORITHMS,
-                   help="the federated algorithm or baseline (default: %(default)s)")
-    p.add_argument("--prompt-start", default="auto",
-                   help="the soft prompt at z = 0, as for simulate: 'zeros', 'tokens:…', 'phrase:…', a .npy file, "
-                        "or 'auto' (default: the task's measured start for decoders, else 'zeros')")
-    p.add_argument("--fedavg-perturb", action="store_true", help="FedAvg-BBT with FedBPT's perturbed fitness")
-    p.add_argument("--clients", type=int, default=10, help="N clients (default: %(default)s)")
-    p.add_argument("--per-round", type=int, default=None, help="K clients sampled per round (default: N)")
-    p.add_argument("--alpha", type=float, default=1.0,
-                   help="Dirichlet label-skew concentration; 0 means IID (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="rounds per lane; a positive multiple of --eval-every (default: %(default)s)")
-    p.add_argument("--eval-every", type=int, default=1,
-                   help="rounds between evaluations of the global prompt (test and dev) (default: %(default)s)")
-    p.add_argument("--population", type=int, default=5, help="local CMA-ES population λ (default: %(default)s)")
-    p.add_argument("--local-generations", type=int, default=8, help="I (default: %(default)s)")
-    p.add_argument("--no-perturb", action="store_true", help="plain local loss (no perturbation term)")
-    p.add_argument("--fitness-form", default="ratio_of_means", choices=("ratio_of_means", "mean_of_ratios"))
-    p.add_argument("--server", default="reference", choices=("reference", "paper"))
-    p.add_argument("--client-keys", default="independent", choices=("independent", "shared"))
-    p.add_argument("--norm-clip", action="store_true", help="the reference's ‖z‖ clip (off by default)")
-    p.add_argument("--sigma-schedule", default="none", choices=("none", "clamp"))
-    p.add_argument("--chunk-clients", type=int, default=2,
-                   help="clients per vmapped chunk, bounds peak memory (0 = all K at once; default %(default)s)")
-    p.add_argument("--keep-clean-cache", choices=("auto", "on", "off"), default="auto",
-                   help="keep the clients' clean text-prefix caches across rounds (as for simulate)")
-    p.add_argument("--sigma0", type=float, default=1.0, help="σ₀ where --hp does not sweep it (default: %(default)s)")
-    p.add_argument("--perturb-rate", type=float, default=0.5, help="r_p where not swept (default: %(default)s)")
-    p.add_argument("--dropout", type=float, default=0.0, help="client dropout where not swept (default: %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=0.3, help="FedPrompt's rate where not swept")
-    p.add_argument("--devices", choices=("one", "all"), default="all",
-                   help="'all' (default): shard the lanes over every device; 'one': the default device")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+                   help="a swept hyperparameter (any HParams field: sigma0, perturb_rate, dropout_rate, "
+                        "learning_rate) and its values; repeat for several. Without --grid the lists are zipped and "
+                        "must have one length")
+    p.set_defaults(command="sweep")
+    return opts
+
+
+def _hp_from_file(value, where: str) -> list[str]:
+    """A config file's ``hp``: a mapping ``{name: [values]}`` or a list of ``"NAME=V1,V2"`` strings, as the
+    ``--hp`` items they stand for."""
+    if isinstance(value, dict):
+        items = []
+        for name, vals in value.items():
+            vals = vals if isinstance(vals, list) else [vals]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                raise cli.CliError(f"{where}: key 'hp': {name!r}: {vals!r} is not a list of numbers")
+            items.append(f"{name}=" + ",".join(repr(float(v)) for v in vals))
+        return items
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise cli.CliError(f"{where}: key 'hp': {value!r} ({type(value).__name__}) is not accepted; accepted: a mapping "
+                       "of hyperparameter names to value lists, or a list of 'NAME=V1,V2' strings")
+
+
+def _apply_config(p: argparse.ArgumentParser, opts: list, argv: list[str]) -> None:
+    """Sets ``p``'s defaults from a ``--config`` file in ``argv`` (the command line overrides them)."""
+    from . import cli_options as co
+
+    path = co.find_config_arg(argv)
+    if path is None:
+        return
+    data = co.read_config_file(path)
+    where = f"--config {str(path)!r}"
+    record = co.is_run_record(data)
+    items = dict(data["args"] if record else data)
+    hp = items.pop("hp", None)
+    if record:
+        items.pop("debug", None)
+        data = {**data, "args": items}
+    else:
+        data = items
+    values = co.values_from_file(path, "sweep", opts, data)
+    if hp is not None:
+        values["hp"] = _hp_from_file(hp, where)
+    p.set_defaults(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedbpt-jax sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    p.options = add_arguments(p)
     return p
 
 
@@ -122,6 +132,7 @@ def _check(args):
     """Checks everything that needs no model: the options, the hyperparameter points, the output folder."""
     from pathlib import Path
 
+    from . import cli_options as co
     from . import federated as fl
 
     def need(ok, msg):
@@ -142,12 +153,17 @@ def _check(args):
     need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
     need(args.local_generations >= 1, f"--local-generations {args.local_generations}: accepted: 1 or more")
     need(args.chunk_clients >= 0, f"--chunk-clients {args.chunk_clients}: accepted: 0 (all at once) or more")
-    base = fl.HParams(sigma0=args.sigma0, perturb_rate=args.perturb_rate, dropout_rate=args.dropout,
-                      learning_rate=args.learning_rate)
+    if isinstance(args.seeds, str):
+        try:
+            args.seeds = _ints(args.seeds)
+        except argparse.ArgumentTypeError as err:
+            raise cli.CliError(f"--seeds {err}") from None
+    base = co.build(fl.HParams, args, co.options("sweep"))
     hp = parse_hp(args.hp)
     try:
         fl.hp_points(hp, grid=args.grid, base=base)
         _seeds(args.seeds)
+        fed_config(args, args.n_prompt or 1)  # validated before the model loads (n may come from the prompt start)
     except ValueError as err:
         raise cli.CliError(f"{cli._one_line(err)}") from None
     if args.results_dir:
@@ -156,6 +172,15 @@ def _check(args):
             raise cli.CliError(f"--results-dir {args.results_dir!r} already holds a sweep's results (sweep.json); "
                                "pass --overwrite to replace them, or another folder")
     return hp, base
+
+
+def fed_config(args, n_prompt: int):
+    """``FedConfig`` from every option that is one of its fields, with K = N unless ``--per-round``."""
+    from . import federated as fl
+    from .cli_options import build, options
+
+    return build(fl.FedConfig, args, options("sweep"), clients_per_round=args.per_round or args.clients,
+                 n_prompt_tokens=n_prompt)
 
 
 def _seeds(seeds):
@@ -184,17 +209,12 @@ def cmd_sweep(args) -> int:
         start = cli._auto_start(args, lm)
     cli._n_prompt(args, lm, start)
     fed = cli._data(args, lm, num_clients=args.clients, alpha=None if not args.alpha else args.alpha)
-    k = args.per_round or args.clients
-    cfg = fl.FedConfig(num_clients=args.clients, clients_per_round=k, population_size=args.population,
-                       local_generations=args.local_generations, intrinsic_dim=args.d, n_prompt_tokens=args.n_prompt,
-                       loss=args.loss, perturb=not args.no_perturb, fitness_form=args.fitness_form,
-                       server_variant=args.server, client_keys=args.client_keys, layout=args.layout,
-                       chunk_clients=args.chunk_clients, norm_clip=args.norm_clip, sigma_schedule=args.sigma_schedule)
+    cfg = fed_config(args, args.n_prompt)
     key_proj, _ = jax.random.split(jax.random.key(args.seed))  # the projection simulate --seed draws
     model = ModelInputs.build(key_proj, lm, cfg, start=start)
     kwargs = {"perturb": True} if args.algorithm == "fedavg_bbt" and args.fedavg_perturb else {}
     algo = fl.make(args.algorithm, cfg, lm, **kwargs)
-    mesh = fl.lane_mesh() if args.devices == "all" and len(jax.devices()) > 1 else None
+    mesh = fl.lane_mesh() if args.lanes == "all" and len(jax.devices()) > 1 else None
     points = fl.hp_points(hp, grid=args.grid, base=base)
     print(f"{algo.name}: {len(args.seeds)} seed(s) x {len(points)} hyperparameter point(s) = "
           f"{len(args.seeds) * len(points)} lanes, {args.rounds} rounds each, one compiled program"
@@ -205,7 +225,8 @@ def cmd_sweep(args) -> int:
                              "points": points, "train_counts": fed.train_counts.tolist(),
                              "dev_size": len(fed.dev.labels), "test_size": len(fed.test.labels)})
     res = fl.sweep(algo, FederatedData.from_host(fed), fed.test, lm, model, seeds=args.seeds, hp=hp, grid=args.grid,
-                   base=base, dev=fed.dev, num_rounds=args.rounds, eval_every=args.eval_every, mesh=mesh,
+                   base=base, dev=fed.dev, num_rounds=args.rounds, eval_every=args.eval_every,
+                   eval_chunk=args.eval_chunk, mesh=mesh,
                    keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache])
     table = res.markdown()
     print(f"test accuracy over {len(args.seeds)} seed(s) per point (mean ± sample std; dev-selected: "
@@ -226,7 +247,15 @@ def main(argv=None) -> int:
     from .interrupts import install
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        _apply_config(parser, parser.options, argv)
+    except ValueError as err:  # a --config file: one line naming the key and what is accepted
+        if "--debug" in argv or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"fedbpt-jax sweep: error: {cli._one_line(err, 1200)}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0")
     args.debug = debug
     install()

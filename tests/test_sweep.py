@@ -276,3 +276,38 @@ def test_cli_runs_a_grid_and_writes_its_results(tmp_path, monkeypatch, capsys):
     assert all(r["hparams"]["perturb_rate"] == 0.3 for r in res["lanes"]) and res["eval_rounds"] == [0, 1, 2]
     assert (out / "sweep.md").read_text() in printed and (out / "config.json").exists()
     assert sweep_cli.main(argv) == 2 and "already holds a sweep" in capsys.readouterr().err  # never silently replaced
+
+
+def test_cli_options_are_derived_and_a_config_file_sets_them(tmp_path, monkeypatch, capsys):
+    """Every FedConfig/HParams field is a sweep option (derived, as for simulate), and a --config file sets
+    options and the swept hyperparameters (a mapping), with the command line overriding it."""
+    import dataclasses
+
+    import fedbpt_jax as fb
+    from fedbpt_jax import sweep_cli
+
+    parser = sweep_cli.build_parser()
+    dests = {a.dest for a in parser._actions}
+    from fedbpt_jax.cli_options import RENAMES
+
+    for cls in (fl.FedConfig, fl.HParams):
+        for f in dataclasses.fields(cls):
+            if f.name not in ("clients_per_round", "n_prompt_tokens"):  # the CLI resolves these itself
+                assert RENAMES.get(f.name, f.name) in dests, f.name
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text('seeds = "0,1"\nrounds = 4\nclients = 3\n[hp]\nsigma0 = [0.5, 1.0]\n')
+    seen = {}
+
+    def fake(args):
+        seen.update(vars(args))
+        return 0
+
+    monkeypatch.setattr(sweep_cli, "cmd_sweep", fake)
+    assert sweep_cli.main(["--config", str(cfg), "--rounds", "2"]) == 0
+    assert seen["seeds"] == "0,1" and seen["rounds"] == 2 and seen["clients"] == 3
+    assert sweep_cli.parse_hp(seen["hp"]) == {"sigma0": [0.5, 1.0]}
+    cfg.write_text("rounds = 4\nclient = 3\n")
+    monkeypatch.setattr(fb.models, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    assert sweep_cli.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'client'" in err and "'clients'" in err, err
