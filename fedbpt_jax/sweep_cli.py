@@ -153,16 +153,15 @@ def _check(args):
     need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
     need(args.local_generations >= 1, f"--local-generations {args.local_generations}: accepted: 1 or more")
     need(args.chunk_clients >= 0, f"--chunk-clients {args.chunk_clients}: accepted: 0 (all at once) or more")
-    if isinstance(args.seeds, str):
-        try:
-            args.seeds = _ints(args.seeds)
-        except argparse.ArgumentTypeError as err:
-            raise cli.CliError(f"--seeds {err}") from None
+    try:
+        seeds = _ints(args.seeds) if isinstance(args.seeds, str) else list(args.seeds)
+    except argparse.ArgumentTypeError as err:
+        raise cli.CliError(f"--seeds {err}") from None
     base = co.build(fl.HParams, args, co.options("sweep"))
     hp = parse_hp(args.hp)
     try:
         fl.hp_points(hp, grid=args.grid, base=base)
-        _seeds(args.seeds)
+        _seeds(seeds)
         fed_config(args, args.n_prompt or 1)  # validated before the model loads (n may come from the prompt start)
     except ValueError as err:
         raise cli.CliError(f"{cli._one_line(err)}") from None
@@ -171,7 +170,7 @@ def _check(args):
         if not args.overwrite and (Path(args.results_dir) / "sweep.json").exists():
             raise cli.CliError(f"--results-dir {args.results_dir!r} already holds a sweep's results (sweep.json); "
                                "pass --overwrite to replace them, or another folder")
-    return hp, base
+    return hp, base, seeds
 
 
 def fed_config(args, n_prompt: int):
@@ -201,7 +200,7 @@ def cmd_sweep(args) -> int:
     from .checkpoint import _write_atomic
     from .federated.core import FederatedData, ModelInputs
 
-    hp, base = _check(args)
+    hp, base, seeds = _check(args)
     auto = args.prompt_start == "auto"
     start = None if auto else prompt.parse_start(args.prompt_start)
     lm = cli._load(args)
@@ -216,20 +215,20 @@ def cmd_sweep(args) -> int:
     algo = fl.make(args.algorithm, cfg, lm, **kwargs)
     mesh = fl.lane_mesh() if args.lanes == "all" and len(jax.devices()) > 1 else None
     points = fl.hp_points(hp, grid=args.grid, base=base)
-    print(f"{algo.name}: {len(args.seeds)} seed(s) x {len(points)} hyperparameter point(s) = "
-          f"{len(args.seeds) * len(points)} lanes, {args.rounds} rounds each, one compiled program"
+    print(f"{algo.name}: {len(seeds)} seed(s) x {len(points)} hyperparameter point(s) = "
+          f"{len(seeds) * len(points)} lanes, {args.rounds} rounds each, one compiled program"
           f"{f' over {mesh.devices.size} devices' if mesh is not None else ''}", flush=True)
     cli._write_config(args, {"model": lm.name, "kind": lm.kind, "compute_dtype": str(lm.config.compute_dtype),
                              "prompt_start": start.describe(), "n_prompt": args.n_prompt, "algorithm": algo.name,
-                             "fed_config": dataclasses.asdict(cfg), "seeds": args.seeds, "hp": hp, "grid": args.grid,
+                             "fed_config": dataclasses.asdict(cfg), "seeds": seeds, "hp": hp, "grid": args.grid,
                              "points": points, "train_counts": fed.train_counts.tolist(),
                              "dev_size": len(fed.dev.labels), "test_size": len(fed.test.labels)})
-    res = fl.sweep(algo, FederatedData.from_host(fed), fed.test, lm, model, seeds=args.seeds, hp=hp, grid=args.grid,
+    res = fl.sweep(algo, FederatedData.from_host(fed), fed.test, lm, model, seeds=seeds, hp=hp, grid=args.grid,
                    base=base, dev=fed.dev, num_rounds=args.rounds, eval_every=args.eval_every,
                    eval_chunk=args.eval_chunk, mesh=mesh,
                    keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache])
     table = res.markdown()
-    print(f"test accuracy over {len(args.seeds)} seed(s) per point (mean ± sample std; dev-selected: "
+    print(f"test accuracy over {len(seeds)} seed(s) per point (mean ± sample std; dev-selected: "
           f"{res.selection_rule}) [{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]")
     print(table, end="")
     if args.results_dir:

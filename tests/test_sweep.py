@@ -276,6 +276,12 @@ def test_cli_runs_a_grid_and_writes_its_results(tmp_path, monkeypatch, capsys):
     assert all(r["hparams"]["perturb_rate"] == 0.3 for r in res["lanes"]) and res["eval_rounds"] == [0, 1, 2]
     assert (out / "sweep.md").read_text() in printed and (out / "config.json").exists()
     assert sweep_cli.main(argv) == 2 and "already holds a sweep" in capsys.readouterr().err  # never silently replaced
+    first = checkpoint.read_json(out / "config.json")["args"]
+    seen = {}
+    monkeypatch.setattr(sweep_cli, "cmd_sweep", lambda args: seen.update(vars(args)) or 0)
+    assert sweep_cli.main(["--config", str(out / "config.json"), "--results-dir", str(tmp_path / "again")]) == 0
+    same = lambda d: {k: v for k, v in d.items() if k not in ("results_dir", "config")}  # noqa: E731
+    assert same(seen) == same(first)
 
 
 def test_cli_options_are_derived_and_a_config_file_sets_them(tmp_path, monkeypatch, capsys):
