@@ -26,6 +26,7 @@ drops the uploads inside the scan unless asked to save them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple
@@ -40,11 +41,12 @@ from ..types import ScoringSpec, TokenBatch
 from .config import FedConfig, HParams, check_hparams
 from .core import (
     AlgorithmCost,
+    AlgorithmSpec,
     ClientSample,
     FederatedAlgorithm,
     FederatedData,
     ModelInputs,
-    gather_context,
+    gather,
     map_clients,
     sample_round,
 )
@@ -344,7 +346,7 @@ def _es_round(config: FedConfig, scorer: Scorer, hidden: int, mesh, *, perturb: 
         local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=perturb,
                                   keep_state=keep_state, clip_norm=tau)
         up = map_clients(lambda k, b, c: local(k, state.server, b, data.spec, hp, model, clean_ctx=c),
-                         (sample.keys, sample.batch, gather_context(data, sample.index)), config.chunk_clients, mesh)
+                         (sample.keys, sample.batch, gather(data.clean_context, sample.index)), config.chunk_clients, mesh)
         if keep_state and tau is not None:
             up = up.replace(local_state=up.local_state.replace(mean=up.mean))
         server, smetrics = aggregate(state.server, up, sample)
@@ -360,6 +362,35 @@ def _es_round(config: FedConfig, scorer: Scorer, hidden: int, mesh, *, perturb: 
     return round_detailed
 
 
+def _declares(**flags):
+    """Marks an algorithm factory with what its algorithms declare to :func:`~fedbpt_jax.federated.run`
+    (:class:`AlgorithmSpec`'s ``uses_clean_context`` and ``uploads``; absent ones are False): the factory
+    passes ``**factory.declares`` to its spec, and :func:`declaring` reads them without building anything."""
+    unknown = set(flags) - {"uses_clean_context", "uploads"}
+    if unknown:
+        raise ValueError(f"unknown declared properties {sorted(unknown)}; accepted: uploads, uses_clean_context")
+
+    def mark(factory):
+        factory.declares = {"uses_clean_context": False, "uploads": False, **flags}
+        return factory
+
+    return mark
+
+
+def declaring(prop: str) -> list[str]:
+    """The names of the built-in algorithms (:data:`ALGORITHMS`) whose specs declare ``prop``
+    (``"uses_clean_context"`` or ``"uploads"``), sorted; for error messages."""
+    out = []
+    for name, factory in ALGORITHMS.items():
+        declares = getattr(getattr(factory, "func", factory), "declares")  # a functools.partial: its function
+        if prop not in declares:
+            raise ValueError(f"unknown declared property {prop!r}; accepted: {sorted(declares)}")
+        if declares[prop]:
+            out.append(name)
+    return sorted(out)
+
+
+@_declares(uses_clean_context=True, uploads=True)
 def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) -> FederatedAlgorithm:
     """FedBPT (see the module docstring and :class:`FedConfig` for every option).
 
@@ -402,11 +433,12 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
     def global_z(state: FedBPTState):
         return strategy.mean_of_server(state.server)
 
-    return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, config,
-                              _es_cost(config, lm, perturb=config.perturb, covariance=False), mesh=mesh, scorer=scorer,
-                              global_z=global_z, round_detailed=round_detailed)
+    spec = AlgorithmSpec(config, _es_cost(config, lm, perturb=config.perturb, covariance=False), mesh=mesh,
+                         scorer=scorer, global_z=global_z, round_detailed=round_detailed, **fedbpt.declares)
+    return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, spec)
 
 
+@_declares(uses_clean_context=True, uploads=True)
 def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
                scorer: Scorer | None = None) -> FederatedAlgorithm:
     """FedAvg-BBT: local BBT, then example-weighted averages of the clients' means, σ and C.
@@ -432,8 +464,9 @@ def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
 
     round_detailed = _es_round(config, scorer, hidden, mesh, perturb=perturb, keep_state=True, aggregate=aggregate)
     name = "fedavg_bbt_perturbed" if perturb else "fedavg_bbt"
-    return base._replace(name=name, round=scalars_only(round_detailed), round_detailed=round_detailed,
-                         cost=_es_cost(config, lm, perturb=perturb, covariance=True))
+    spec = dataclasses.replace(base.spec, round_detailed=round_detailed,
+                               cost=_es_cost(config, lm, perturb=perturb, covariance=True), **fedavg_bbt.declares)
+    return base._replace(name=name, round=scalars_only(round_detailed), spec=spec)
 
 
 @flax.struct.dataclass
@@ -449,6 +482,7 @@ class CentralState:
     round: jax.Array
 
 
+@_declares()
 def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None, mesh=None,
                     scorer: Scorer | None = None) -> FederatedAlgorithm:
     """BBT on the union of all clients' data: one CMA-ES, ``local_generations`` generations a round.
@@ -502,10 +536,11 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
 
     cost = AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=config.local_generations * pop + 1,
                          prefix_passes=1, pooled=True)
-    return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, config, cost, scorer=scorer,
-                              global_z=global_z)
+    spec = AlgorithmSpec(config, cost, scorer=scorer, global_z=global_z, **centralized_bbt.declares)
+    return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, spec)
 
 
+@_declares()
 def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
     """The manual prompt baseline: the prompt start (``model.start``; zeros when None), i.e. exactly
     FedBPT's z = 0 prompt under every start option; rounds do nothing."""
@@ -523,8 +558,9 @@ def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
     def global_prompt(state, model):
         return prompt.start_prompt(model.start, n, hidden)
 
-    return FederatedAlgorithm("manual", init, round_fn, global_prompt, config,
-                              AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=0))
+    spec = AlgorithmSpec(config, AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=0),
+                         **manual_prompt.declares)
+    return FederatedAlgorithm("manual", init, round_fn, global_prompt, spec)
 
 
 class LocalAdam(NamedTuple):
@@ -543,6 +579,7 @@ class PromptState:
     round: jax.Array
 
 
+@_declares()
 def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=None,
               scorer: Scorer | None = None) -> FederatedAlgorithm:
     """FedPrompt: white-box soft-prompt tuning (gradients w.r.t. the prompt embeddings, Adam via optax),
@@ -602,8 +639,8 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
     # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.
     cost = AlgorithmCost(comm=accounting.prompt_bytes(n, hidden, lm.num_params()), forward_calls=3 * steps + 1,
                          prefix_passes=1)
-    return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, config, cost,
-                              mesh=mesh, scorer=scorer, round_detailed=round_detailed)
+    spec = AlgorithmSpec(config, cost, mesh=mesh, scorer=scorer, round_detailed=round_detailed, **fedprompt.declares)
+    return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, spec)
 
 
 ALGORITHMS = {
