@@ -152,7 +152,7 @@ def _local_es(
 
     def generation(local, k):
         k_ask, k_pert = jax.random.split(k)
-        sigma = strategy.sigma_of(local)
+        sigma = local.std
         z, local = strategy.ask(k_ask, local, es_params, frozen_eigen=frozen)
         z = clip(z)
         fit, _ = score(z, k_pert)
@@ -160,7 +160,7 @@ def _local_es(
         return local, (sigma, jnp.sum(~jnp.isfinite(fit)))
 
     local, (sigmas, nonfinite) = jax.lax.scan(generation, local, jax.random.split(key_gens, config.local_generations))
-    mean = clip(strategy.mean_of(local)[None])[0]
+    mean = clip(local.mean[None])[0]
     fit, loss, pert_loss = final_score(mean, key_final)
     return ClientUpload(mean=mean, fitness=fit, sigmas=sigmas, loss=loss, nonfinite=jnp.sum(nonfinite),
                         perturbed_loss=pert_loss, local_state=local if keep_state else None)
@@ -287,15 +287,15 @@ def scalars_only(round_detailed):
 def _uploads(sample: ClientSample, up: ClientUpload, server) -> dict:
     """What the clients sent this round (and the broadcast it answered), for replaying aggregations."""
     return {"client_index": sample.index.astype(jnp.int32), "active": sample.active, "mean": up.mean, "fitness": up.fitness,
-            "sigmas": up.sigmas, "server_mean": strategy.mean_of_server(server),
-            "server_sigma": strategy.sigma_of_server(server)}
+            "sigmas": up.sigmas, "server_mean": server.mean,
+            "server_sigma": server.std}
 
 
 def _norm_threshold(config: FedConfig, state: "FedBPTState"):
     """This round's ‖z‖ clip τ_t (reference ``norm_prompt``): +1 when the broadcast ‖z_t‖ < the upper bound."""
     if not config.norm_clip:
         return None, state.norm_threshold
-    below = jnp.linalg.norm(strategy.mean_of_server(state.server)) < config.norm_clip_upper
+    below = jnp.linalg.norm(state.server.mean) < config.norm_clip_upper
     tau = jnp.where(below, state.norm_threshold + 1, state.norm_threshold).astype(state.norm_threshold.dtype)
     return tau, tau
 
@@ -304,9 +304,9 @@ def _sigma_schedule(config: FedConfig, old, new):
     """The optional server σ schedule (:attr:`FedConfig.sigma_schedule`) on the aggregated state."""
     if config.sigma_schedule == "none":
         return new
-    s_old, s_new = strategy.sigma_of_server(old), strategy.sigma_of_server(new)
+    s_old, s_new = old.std, new.std
     clamped = jnp.minimum(jnp.maximum(s_new, jnp.asarray(config.sigma_floor, s_new.dtype)), s_old)
-    return new.replace(sigma=clamped.astype(s_new.dtype))
+    return new.replace(std=clamped.astype(s_new.dtype))
 
 
 def _comm(config: FedConfig, lm, *, covariance: bool) -> accounting.CommBytes:
@@ -351,11 +351,11 @@ def _es_round(config: FedConfig, scorer: Scorer, hidden: int, mesh, *, perturb: 
             up = up.replace(local_state=up.local_state.replace(mean=up.mean))
         server, smetrics = aggregate(state.server, up, sample)
         server = _sigma_schedule(config, state.server, server)
-        extra = {"sigma": strategy.sigma_of_server(server), **smetrics}
+        extra = {"sigma": server.std, **smetrics}
         if tau is not None:
             extra["norm_threshold"] = tau
         metrics = _round_metrics(up, sample, extra, spec=data.spec, perturbed=perturb,
-                                 z_norm=jnp.linalg.norm(strategy.mean_of_server(server)),
+                                 z_norm=jnp.linalg.norm(server.mean),
                                  uploads=_uploads(sample, up, state.server))
         return FedBPTState(server=server, round=state.round + 1, norm_threshold=next_tau), metrics
 
@@ -428,10 +428,10 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
                                aggregate=aggregate)
 
     def global_prompt(state: FedBPTState, model: ModelInputs):
-        return prompt.to_prompt(model.projection, strategy.mean_of_server(state.server), hidden, model.start)
+        return prompt.to_prompt(model.projection, state.server.mean, hidden, model.start)
 
     def global_z(state: FedBPTState):
-        return strategy.mean_of_server(state.server)
+        return state.server.mean
 
     spec = AlgorithmSpec(config, _es_cost(config, lm, perturb=config.perturb, covariance=False), mesh=mesh,
                          scorer=scorer, global_z=global_z, round_detailed=round_detailed, **fedbpt.declares)
@@ -519,20 +519,20 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
             return strategy.tell(z, fit, es, es_params), jnp.sum(~jnp.isfinite(fit))
 
         es, nonfinite = jax.lax.scan(generation, state.es, jax.random.split(key, config.local_generations))
-        _, loss = score(strategy.mean_of(es)[None])
+        _, loss = score(es.mean[None])
         gens = config.local_generations * pop
-        metrics = {"client_loss": loss[0], "sigma": strategy.sigma_of(es),
+        metrics = {"client_loss": loss[0], "sigma": es.std,
                    "nonfinite_fitness": jnp.sum(nonfinite).astype(jnp.int32),
                    "active_clients": jnp.asarray(1, jnp.int32),
                    "all_fitness_nonfinite": (jnp.sum(nonfinite) == gens).astype(jnp.int32),
-                   "z_norm": jnp.linalg.norm(strategy.mean_of(es))}
+                   "z_norm": jnp.linalg.norm(es.mean)}
         return CentralState(es=es, round=state.round + 1), metrics
 
     def global_prompt(state: CentralState, model: ModelInputs):
-        return prompt.to_prompt(model.projection, strategy.mean_of(state.es), hidden, model.start)
+        return prompt.to_prompt(model.projection, state.es.mean, hidden, model.start)
 
     def global_z(state: CentralState):
-        return strategy.mean_of(state.es)
+        return state.es.mean
 
     cost = AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=config.local_generations * pop + 1,
                          prefix_passes=1, pooled=True)
