@@ -257,7 +257,7 @@ def _round_metrics(up: ClientUpload, sample: ClientSample, extra: dict, *, spec,
         "client_loss": jnp.sum(finite_loss * w) / n,
         "client_fitness_min": jnp.min(jnp.where(active & jnp.isfinite(up.fitness), up.fitness, jnp.inf)),
         "active_clients": jnp.sum(active.astype(jnp.int32)),
-        "nonfinite_fitness": jnp.sum(up.nonfinite * active) + jnp.sum((~jnp.isfinite(up.fitness)) & active),
+        "nonfinite_fitness": jnp.sum(up.nonfinite * active.astype(up.nonfinite.dtype)) + jnp.sum((~jnp.isfinite(up.fitness)) & active),
         **extra,
         **summary,
         "clients": clients,
@@ -459,7 +459,7 @@ def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
     base = fedbpt(config, lm, mesh=mesh, scorer=scorer)  # the same state, init and global prompt
 
     def aggregate(server, up: ClientUpload, sample: ClientSample):
-        weights = sample.counts.astype(jnp.float32) * sample.active
+        weights = sample.counts.astype(jnp.float32) * sample.active.astype(jnp.float32)
         return strategy.fedavg_aggregate(server, up.local_state, weights)
 
     round_detailed = _es_round(config, scorer, hidden, mesh, perturb=perturb, keep_state=True, aggregate=aggregate)
@@ -605,7 +605,11 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
 
         def step(carry: LocalAdam, _):
             loss, g = jax.value_and_grad(loss_fn)(carry.prompt)
-            upd, opt_state = opt.update(g, carry.opt_state, carry.prompt)
+            # optax's Adam raises its Python-float decay rates to the int32 step count (bias correction):
+            # an implicit promotion, so its update is traced under JAX's standard promotion, whatever the
+            # caller set (the tests run strict). Everything of ours around it is explicitly typed.
+            with jax.numpy_dtype_promotion("standard"):
+                upd, opt_state = opt.update(g, carry.opt_state, carry.prompt)
             return LocalAdam(prompt=optax.apply_updates(carry.prompt, upd), opt_state=opt_state), loss
 
         final, losses = jax.lax.scan(step, LocalAdam(prompt=p0, opt_state=opt.init(p0)), None, length=steps)
@@ -619,11 +623,11 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
         # A client whose loss or prompt is not finite is dropped from the average (it would poison it).
         finite = jnp.isfinite(losses) & jnp.all(jnp.isfinite(prompts.reshape(prompts.shape[0], -1)), axis=-1)
         usable = active & finite
-        w = counts.astype(jnp.float32) * usable
+        w = counts.astype(jnp.float32) * usable.astype(jnp.float32)
         total = jnp.sum(w)
         clean = jnp.where(usable[:, None, None], prompts, 0.0)
         new = jnp.where(total > 0, jnp.einsum("k,knh->nh", w, clean) / jnp.maximum(total, 1e-12), state.prompt)
-        nw = jnp.maximum(jnp.sum(usable), 1)
+        nw = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)  # float32 like the losses it divides
         clients, summary = client_diagnostics(idx, batch, counts, active, data.spec, loss=losses,
                                               fitness=jnp.where(finite, losses, jnp.nan),
                                               weight=w / jnp.maximum(total, 1e-12), usable=usable)

@@ -169,7 +169,7 @@ def _set_metrics(scorer, params, evalset: EvalSet, spec, p) -> dict:
     real = evalset.example_mask.reshape(-1) > 0
     bad = jnp.sum((real & ~jnp.all(jnp.isfinite(flat), axis=-1)).astype(jnp.int32))
     ev = {k: jnp.where(bad > 0, jnp.nan, v) for k, v in ev.items()}
-    onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), flat.shape[-1], dtype=jnp.float32) * real[:, None]
+    onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), flat.shape[-1], dtype=jnp.float32) * real[:, None].astype(jnp.float32)
     ev["nonfinite_examples"] = bad
     ev["pred_dist"] = jnp.sum(onehot, axis=0) / jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0)
     return ev
