@@ -168,7 +168,7 @@ def step(
         "fitness_min": jnp.min(safe),
         "fitness_mean": jnp.sum(jnp.where(finite, fit, 0)) / jnp.maximum(jnp.sum(finite), 1),
         "loss_mean": jnp.mean(clean),
-        "sigma": strategy.sigma_of(es),
+        "sigma": es.std,
         "nonfinite": jnp.sum(~finite),
     }
     return new, metrics
@@ -259,7 +259,7 @@ def tune(
             done += n
             postfix = {"loss": f"{history['loss_mean'][-1]:.4f}", "σ": f"{history['sigma'][-1]:.3f}"}
             if evaluator is not None:
-                mean = strategy.mean_of(state.es)
+                mean = state.es.mean
                 acc = evaluator.accuracy(projection, mean)
                 dev_history.append((done, acc))
                 if math.isfinite(acc) and acc > best_dev and np.all(np.isfinite(np.asarray(mean))):
@@ -267,7 +267,7 @@ def tune(
                 postfix["dev"] = f"{acc:.3f}"
             bar.set_postfix(postfix)
             bar.update(n)
-    final_mean = np.asarray(strategy.mean_of(state.es))
+    final_mean = np.asarray(state.es.mean)
     z = best_z if evaluator is not None else final_mean
     return BBTResult(z=z, final_mean=final_mean, history={k: np.asarray(v) for k, v in history.items()},
                      dev_history=dev_history, projection=projection)

@@ -5,7 +5,8 @@
   ``StandardSave`` pytree and a JSON item with the metrics history and a configuration fingerprint.
   orbax writes to a temporary directory and renames it when complete, so a run killed mid-save keeps
   its previous checkpoint. Restoring checks the fingerprint: a checkpoint from another configuration
-  is a clear error, never a silent mix.
+  is a clear error, never a silent mix. A checkpoint written before a field of the carry was renamed
+  (:data:`RENAMED_FIELDS`) restores under the new name.
 * :func:`write_json_atomic` / :func:`write_csv_atomic` write to a temporary file in the same folder and
   ``os.replace`` it, so results on disk are always complete.
 * One encoding of the floats JSON cannot hold, for results and checkpoint metadata alike: NaN and ±inf
@@ -124,6 +125,71 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+#: Fields of the saved carry renamed since checkpoints were first written, earlier name -> current name:
+#: the server CMA-ES state's σ and p_σ (``strategy.ServerCMAState``) took the client state's (evosax's)
+#: names. A checkpoint that stores a field under its earlier name restores into the current one.
+RENAMED_FIELDS = {"sigma": "std", "p_sigma": "p_std"}
+
+
+def _path_key(entry) -> str | int:
+    """A key-path entry's name or index (``DictKey``, ``GetAttrKey``, ``SequenceKey``)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    raise TypeError(f"unsupported pytree key {entry!r}")
+
+
+def _stored_paths(stored: Any, template: Any, renamed: dict[str, str]) -> list[tuple] | None:
+    """Each leaf's path in the stored tree ``stored`` (orbax's metadata: nested dicts and lists) where a
+    field of ``template`` is found under its earlier name (``renamed``: earlier -> current); None when
+    no earlier name is used or the trees do not correspond leaf for leaf."""
+    earlier = {new: old for old, new in renamed.items()}
+    paths, used = [], False
+    for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]:
+        node, stored_path = stored, []
+        for entry in path:
+            key = _path_key(entry)
+            if isinstance(node, dict) and key not in node and earlier.get(key) in node:
+                key, used = earlier[key], True
+            try:
+                node = node[key]
+            except (KeyError, IndexError, TypeError):
+                return None
+            if node is None:
+                return None
+            stored_path.append(key)
+        paths.append(tuple(stored_path))
+    n_stored = sum(1 for _ in _stored_leaves(stored))
+    if not used or n_stored != len(paths) or len(set(paths)) != len(paths):
+        return None
+    return paths
+
+
+def _stored_leaves(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _stored_leaves(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _stored_leaves(v)
+    elif node is not None:
+        yield node
+
+
+def _copy_nodes(node):
+    if isinstance(node, dict):
+        return {k: _copy_nodes(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_copy_nodes(v) for v in node]
+    return node
+
+
+def _at(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 class CheckpointMismatch(ValueError):
     """A checkpoint was written by a run with another configuration."""
 
@@ -210,8 +276,29 @@ class Checkpointer:
                 "configuration or use a new checkpoint directory"
             )
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-        carry = self.manager.restore(step, args=ocp.args.Composite(carry=ocp.args.StandardRestore(abstract)))["carry"]
-        return step, carry, meta
+        try:
+            carry = self.manager.restore(step, args=ocp.args.Composite(carry=ocp.args.StandardRestore(abstract)))
+        except ValueError as err:
+            carry = self._restore_renamed(step, abstract)
+            if carry is None:
+                raise err from None
+            return step, carry, meta
+        return step, carry["carry"], meta
+
+    def _restore_renamed(self, step: int, abstract: Any) -> Any | None:
+        """The carry of a step that stores fields under their earlier names (:data:`RENAMED_FIELDS`), in
+        ``abstract``'s structure and names; None when that is not what differs."""
+        stored = self.manager.item_metadata(step)["carry"]
+        stored = getattr(stored, "tree", stored)
+        paths = _stored_paths(stored, abstract, RENAMED_FIELDS)
+        if paths is None:
+            return None
+        target = _copy_nodes(stored)  # the stored structure and names, each leaf the template's shape/dtype
+        leaves, treedef = jax.tree_util.tree_flatten(abstract)
+        for path, leaf in zip(paths, leaves):
+            _at(target, path[:-1])[path[-1]] = leaf
+        raw = self.manager.restore(step, args=self._ocp.args.Composite(carry=self._ocp.args.StandardRestore(target)))
+        return jax.tree_util.tree_unflatten(treedef, [_at(raw["carry"], path) for path in paths])
 
     def restore_meta(self, step: int | None = None) -> dict:
         """The JSON item of checkpoint ``step`` (default: the latest), whatever its fingerprint."""

@@ -12,7 +12,8 @@ The public API:
 * **Server**: :func:`server_init`, :func:`server_update` (FedBPT's aggregation as one pycma tell on the
   uploaded means, with σ' in the "reference" or the "paper" variant) and :func:`fedavg_aggregate`
   (FedAvg-BBT's weighted averages).
-* :func:`mean_of`, :func:`sigma_of`: the mean and σ of a client or a server state.
+* Client and server states name their fields alike: ``mean``, σ is ``std``, p_σ is ``p_std``, ``p_c``,
+  ``C``, ``B``, ``D`` (evosax's names), so ``state.std`` is σ of either.
 * :class:`LocalCMA`: the same client step behind evosax's ``CMA_ES`` interface (``init``/``ask``/``tell``
   with keys and metrics), for code written against evosax; :func:`local_strategy` caches one per shape.
 
@@ -31,12 +32,12 @@ Example (one FedBPT round with a toy fitness; vmap over clients)::
     def client(key, target):
         local = st.client_init(server, params)
         def gen(local, k):
-            sigma = st.sigma_of(local)
+            sigma = local.std
             z, local = st.ask(k, local, params)
             local = st.tell(z, jnp.sum((z - target) ** 2, -1), local, params)
             return local, sigma
         local, sigmas = jax.lax.scan(gen, local, jax.random.split(key, gens))
-        mean = st.mean_of(local)
+        mean = local.mean
         return mean, jnp.sum((mean - target) ** 2), sigmas
 
     keys = jax.random.split(jax.random.key(0), m)
@@ -70,12 +71,8 @@ __all__ = [
     "fedavg_aggregate",
     "local_params",
     "local_strategy",
-    "mean_of",
-    "mean_of_server",
     "server_init",
     "server_update",
-    "sigma_of",
-    "sigma_of_server",
     "tell",
 ]
 
@@ -432,7 +429,7 @@ def client_init(server_state: "ServerCMAState", params: LocalCMAParams | None = 
         C, B, D = _eigendecompose(C, D)
     zero = jnp.zeros((), jnp.int32)
     return LocalCMAState(
-        mean=s.mean, std=s.sigma, p_std=jnp.zeros((d,), dt), p_c=jnp.zeros((d,), dt), C=C, B=B, D=D,
+        mean=s.mean, std=s.std, p_std=jnp.zeros((d,), dt), p_c=jnp.zeros((d,), dt), C=C, B=B, D=D,
         best_solution=jnp.full((d,), jnp.nan, dt), best_fitness=jnp.asarray(jnp.inf, dt),
         generation_counter=zero, last_eigen_update=zero, mirror_direction=jnp.zeros((d,), dt),
         mirror_valid=jnp.zeros((), bool), mirror_in_row0=jnp.zeros((), bool),
@@ -457,7 +454,7 @@ def ask(key: jax.Array, state: LocalCMAState, params: LocalCMAParams, *,
         frozen_eigen: bool = False) -> tuple[jax.Array, LocalCMAState]:
     """λ candidates ``[λ, d]`` for one client (lazy eigen update first, then mirror + samples).
 
-    Record ``sigma_of(state)`` *before* calling this to build the σ history the server needs.
+    Record ``state.std`` *before* calling this to build the σ history the server needs.
 
     ``frozen_eigen=True`` (static) skips the lazy-update check and samples with the state's B, D as
     they are, leaving C, B, D untouched. Correct only while no decomposition is due (see
@@ -595,13 +592,17 @@ def local_strategy(population_size: int, num_dims: int, num_mirrors: int | None 
 class ServerCMAState:
     """Server-level CMA-ES state (what FedBPT broadcasts: mean, σ, C with its eigendecomposition).
 
+    Fields are named as in the client's :class:`LocalCMAState` (evosax's names: σ is ``std``, p_σ is
+    ``p_std``). Checkpoints written when they were ``sigma`` and ``p_sigma`` still restore
+    (:data:`fedbpt_jax.checkpoint.RENAMED_FIELDS`).
+
     Attributes:
       mean: [d] global mean z_t.
-      sigma: scalar broadcast σ_t (the clients' starting σ).
+      std: scalar broadcast σ_t (the clients' starting σ).
       C: [d, d] covariance.
       B: [d, d] eigenvectors of C (columns) at ``last_eigen_update``.
       D: [d] square roots of C's eigenvalues (ascending) at ``last_eigen_update``.
-      p_sigma: [d] CSA evolution path.
+      p_std: [d] CSA evolution path p_σ.
       p_c: [d] covariance evolution path.
       iteration: int32, server tells done (pycma's ``countiter``).
       last_eigen_update: int32, ``iteration`` of the last eigendecomposition.
@@ -609,11 +610,11 @@ class ServerCMAState:
     """
 
     mean: jax.Array
-    sigma: jax.Array
+    std: jax.Array
     C: jax.Array
     B: jax.Array
     D: jax.Array
-    p_sigma: jax.Array
+    p_std: jax.Array
     p_c: jax.Array
     iteration: jax.Array
     last_eigen_update: jax.Array
@@ -642,11 +643,11 @@ def server_init(num_dims: int, sigma0: Any, num_clients_per_round: int, *, dtype
     var = np.exp((1e-4 / d) * np.arange(d))
     return ServerCMAState(
         mean=jnp.zeros((d,), dt),
-        sigma=jnp.asarray(sigma0).astype(dt),
+        std=jnp.asarray(sigma0).astype(dt),
         C=jnp.diag(jnp.asarray(var, dt)),
         B=jnp.eye(d, dtype=dt),
         D=jnp.asarray(np.sqrt(var), dt),
-        p_sigma=jnp.zeros((d,), dt),
+        p_std=jnp.zeros((d,), dt),
         p_c=jnp.zeros((d,), dt),
         iteration=jnp.zeros((), jnp.int32),
         last_eigen_update=jnp.zeros((), jnp.int32),
@@ -732,10 +733,10 @@ def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness
     x = jnp.where(repaired[:, None], dx / jnp.where(repaired, fac, 1)[:, None] + mold, x)
     w_rank, consts = _server_consts(k, m, d, dt)
     w = jnp.where(usable, w_rank[jnp.minimum(ranks, m - 1)], 0)
-    upd = _cma_update(mold, sigma_prime, state.p_sigma, state.p_c, C, B, D, state.iteration + 1, x, w,
+    upd = _cma_update(mold, sigma_prime, state.p_std, state.p_c, C, B, D, state.iteration + 1, x, w,
                       consts)
-    new = state.replace(mean=upd.mean, sigma=state.sigma * upd.csa_factor, C=upd.C, B=B, D=D,
-                        p_sigma=upd.p_sigma, p_c=upd.p_c, iteration=state.iteration + 1,
+    new = state.replace(mean=upd.mean, std=state.std * upd.csa_factor, C=upd.C, B=B, D=D,
+                        p_std=upd.p_sigma, p_c=upd.p_c, iteration=state.iteration + 1,
                         last_eigen_update=last)
     ok = k > 0
     new = _where_tree(ok, new, state)
@@ -786,7 +787,7 @@ def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Arr
     C = jnp.einsum("k,kij->ij", wn, clean(covs))
     C, B, D, last, _ = _lazy_eigen_step(C, state.B, state.D, state.iteration + 1, state.iteration,
                                         jnp.zeros((), dt))
-    new = state.replace(mean=wn @ clean(means), sigma=wn @ clean(stds), C=C, B=B, D=D,
+    new = state.replace(mean=wn @ clean(means), std=wn @ clean(stds), C=C, B=B, D=D,
                         iteration=state.iteration + 1, last_eigen_update=last)
     new = _where_tree(ok, new, state)
     metrics = {
@@ -798,17 +799,3 @@ def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Arr
     }
     return new, metrics
 
-
-def sigma_of(state: LocalCMAState | ServerCMAState) -> jax.Array:
-    """σ of a client state (record it before each ask) or of a server state (the broadcast σ)."""
-    return state.std if isinstance(state, LocalCMAState) else state.sigma
-
-
-def mean_of(state: LocalCMAState | ServerCMAState) -> jax.Array:
-    """The mean ``[d]`` of a client or a server state (the server's is the global mean z)."""
-    return state.mean
-
-
-# Kept for callers written before :func:`sigma_of`/:func:`mean_of` took both states.
-sigma_of_server = sigma_of
-mean_of_server = mean_of

@@ -11,6 +11,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
 
+def pytest_configure(config):
+    """Strict dtype promotion for the whole test session (set before any test module is imported): an
+    implicit mix of dtypes (a bfloat16 bias added to a float32 result, ...) is an error, so every cast the
+    code relies on is written out. Library users keep JAX's default ("standard"); the numbers are the same
+    under both."""
+    import jax
+
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
 def pytest_sessionstart(session):
     from fedbpt_jax import assets
 

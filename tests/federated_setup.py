@@ -107,7 +107,7 @@ def summary(carry, history) -> dict:
     """What the sharded / multi-host runs are compared on (JSON-friendly)."""
     c = fl.host(carry)
     s = c.state.server
-    return {"mean": np.asarray(s.mean).tolist(), "sigma": float(s.sigma), "C_diag": np.diag(s.C).tolist(),
+    return {"mean": np.asarray(s.mean).tolist(), "sigma": float(s.std), "C_diag": np.diag(s.C).tolist(),
             "best_test_reference": float(c.best_test_reference), "selected_round": int(c.selected_round),
             "round": int(c.state.round),
             "rounds": [{k: v for k, v in r.items() if k not in ("seconds", "clients")} for r in history.rounds],

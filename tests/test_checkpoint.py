@@ -73,3 +73,46 @@ def test_an_unreadable_latest_step_falls_back_to_the_previous_intact_one(tmp_pat
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             Checkpointer(tmp_path / "ck", "fp").restore({"a": jnp.zeros(3)})
+
+
+def test_a_checkpoint_with_the_server_state_s_earlier_field_names_restores(tmp_path):
+    """The server CMA-ES state's σ and p_σ were ``sigma`` and ``p_sigma`` (now ``std`` and ``p_std``, the client
+    state's names): a checkpoint written under the earlier names restores into the current state, every
+    value in its place; a checkpoint of another structure is still an error."""
+    import flax.struct
+    import jax
+    import jax.numpy as jnp
+
+    from fedbpt_jax import strategy
+    from fedbpt_jax.checkpoint import Checkpointer
+
+    @flax.struct.dataclass
+    class EarlierServer:  # strategy.ServerCMAState's fields in their order, under the earlier names
+        mean: jax.Array
+        sigma: jax.Array
+        C: jax.Array
+        B: jax.Array
+        D: jax.Array
+        p_sigma: jax.Array
+        p_c: jax.Array
+        iteration: jax.Array
+        last_eigen_update: jax.Array
+        eigen_gap: jax.Array
+
+    current = strategy.server_init(3, 0.5, 2)
+    values = {f: getattr(current, f) + (i + 1) * (1 if getattr(current, f).dtype == jnp.int32 else 0.25)
+              for i, f in enumerate(["mean", "std", "C", "B", "D", "p_std", "p_c", "iteration", "last_eigen_update",
+                                     "eigen_gap"])}
+    old_name = {new: old for old, new in checkpoint.RENAMED_FIELDS.items()}
+    earlier = EarlierServer(**{old_name.get(f, f): v for f, v in values.items()})
+    ck = Checkpointer(tmp_path / "ck", "fp")
+    ck.save(3, {"state": {"server": earlier, "round": jnp.asarray(3)}, "rounds_done": jnp.asarray(3)}, {"x": 1})
+    template = {"state": {"server": current, "round": jnp.asarray(0)}, "rounds_done": jnp.asarray(0)}
+    step, carry, meta = Checkpointer(tmp_path / "ck", "fp").restore(template)
+    assert step == 3 and meta["x"] == 1 and int(carry["rounds_done"]) == 3
+    assert isinstance(carry["state"]["server"], strategy.ServerCMAState)
+    for f, v in values.items():
+        np.testing.assert_array_equal(np.asarray(getattr(carry["state"]["server"], f)), np.asarray(v), err_msg=f)
+    assert float(carry["state"]["server"].std) == 1.0 and float(carry["state"]["server"].p_std[0]) == 1.5
+    with pytest.raises(ValueError, match="do not match"):
+        Checkpointer(tmp_path / "ck", "fp").restore({"state": {"other": jnp.zeros(3)}}, step=3)

@@ -243,7 +243,7 @@ def test_nonfinite_fitness_ranks_worst_is_counted_and_never_poisons_the_server()
     data = fs.make_data(train=train.replace(input_ids=ids), counts=counts)
     carry, hist = fs.run_a(0, num_rounds=2, data=data, model_inputs=ModelInputs(params, fs.model().projection))
     server = fl.host(carry.state.server)
-    for leaf in (server.mean, server.sigma, server.C, server.B, server.D, server.p_sigma, server.p_c):
+    for leaf in (server.mean, server.std, server.C, server.B, server.D, server.p_std, server.p_c):
         assert np.all(np.isfinite(leaf))
     assert sum(r["nonfinite_fitness"] for r in hist.rounds) > 0
     assert sum(r["num_nonfinite"] for r in hist.rounds) > 0       # poisoned uploads left out
@@ -296,8 +296,8 @@ def test_init_under_vmap_skips_the_host_check_and_good_values_pass():
     hps = fl.HParams(sigma0=jnp.asarray([0.5, 1.0, 2.0]), perturb_rate=jnp.asarray([0.0, 0.5, 1.0]),
                      dropout_rate=jnp.zeros(3), learning_rate=jnp.full(3, 0.1))
     states = jax.vmap(lambda h: algo.init(None, h))(hps)
-    np.testing.assert_allclose(np.asarray(states.server.sigma), [0.5, 1.0, 2.0])
-    assert float(algo.init(None, fl.HParams(sigma0=1e-6, perturb_rate=1.0)).server.sigma) == pytest.approx(1e-6)
+    np.testing.assert_allclose(np.asarray(states.server.std), [0.5, 1.0, 2.0])
+    assert float(algo.init(None, fl.HParams(sigma0=1e-6, perturb_rate=1.0)).server.std) == pytest.approx(1e-6)
     with pytest.raises(ValueError, match=r"sigma0 must be a finite value .* got 5000.0"):
         algo.init(None, fl.HParams(sigma0=jnp.asarray([1.0, 5000.0])))
 
@@ -443,7 +443,7 @@ def test_shared_eigen_fast_path_equals_general_client_path(monkeypatch, make):
     fast, m_fast = one_round()
     monkeypatch.setattr(algs.strategy, "eigen_refresh_due", lambda *a: True)
     slow, m_slow = one_round()
-    for name in ("mean", "sigma", "C", "p_sigma", "p_c"):
+    for name in ("mean", "std", "C", "p_std", "p_c"):
         np.testing.assert_allclose(np.asarray(getattr(fast.server, name)), np.asarray(getattr(slow.server, name)),
                                    rtol=1e-5, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(float(m_fast["client_loss"]), float(m_slow["client_loss"]), rtol=1e-5)

@@ -102,13 +102,20 @@ def _encode(x):
     raise TypeError(f"unexpected value in the history: {type(x).__name__} {x!r}")
 
 
+#: Carry leaves renamed since the golden files were written, current path -> the files' path: the server
+#: CMA-ES state's σ and p_σ took the client state's names (``std``, ``p_std``; see
+#: ``fedbpt_jax.checkpoint.RENAMED_FIELDS``). Only the names changed: the values are still compared bit for bit.
+GOLDEN_PATHS = {".state.server.std": ".state.server.sigma", ".state.server.p_std": ".state.server.p_sigma"}
+
+
 def _carry_leaves(carry) -> dict:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(fl.host(carry))[0]:
         if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
         arr = np.ascontiguousarray(np.asarray(leaf))
-        out[jax.tree_util.keystr(path)] = {"dtype": str(arr.dtype), "shape": list(arr.shape),
+        key = jax.tree_util.keystr(path)
+        out[GOLDEN_PATHS.get(key, key)] = {"dtype": str(arr.dtype), "shape": list(arr.shape),
                                            "bytes": arr.tobytes().hex()}
     return out
 

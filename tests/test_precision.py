@@ -214,3 +214,28 @@ def test_converted_cache_stores_each_precision_once(tmp_path):
     assert flat["embed_tokens.embedding"].dtype == ml_dtypes.bfloat16
     assert flat["norm.scale"].dtype == np.float32
     assert (target / gguf.params_file("bfloat16")).stat().st_size < 0.6 * (target / gguf.params_file("float32")).stat().st_size
+
+
+def test_dense_bias_promotion_is_explicit_and_changes_no_number():
+    """The encoder's Dense (bf16 inputs and kernel, float32 accumulation, float32-stored bias) adds its bias
+    explicitly in float32 (:func:`precision.promote_to_f32_bias`): it runs under strict dtype promotion,
+    where flax's default (a bfloat16 bias added to the float32 result) is an error, and gives the default's
+    numbers bit for bit (the bias rounded to bfloat16, then widened exactly)."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float32)
+    params = {"params": {"kernel": jax.random.normal(jax.random.key(1), (5, 4), jnp.float32).astype(jnp.bfloat16),
+                         "bias": jnp.asarray([0.1, -1.0 / 3, 7.001, 1e-3], jnp.float32)}}
+    kw = dict(dtype=jnp.bfloat16, dot_general=precision.f32_accumulating_dot_general)
+    default = nn.Dense(4, **kw)
+    explicit = nn.Dense(4, promote_dtype=precision.promote_to_f32_bias, **kw)
+    with jax.numpy_dtype_promotion("strict"):
+        with pytest.raises(jax.dtypes.TypePromotionError, match="no available implicit dtype promotion"):
+            default.apply(params, x)
+        got = explicit.apply(params, x)
+    with jax.numpy_dtype_promotion("standard"):
+        want = default.apply(params, x)
+    assert got.dtype == want.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    bias_bf16 = np.asarray(params["params"]["bias"].astype(jnp.bfloat16).astype(jnp.float32))
+    assert not np.array_equal(bias_bf16, np.asarray(params["params"]["bias"]))  # the rounding is visible

@@ -2,6 +2,7 @@
 initial carry, the evaluation-prefix decision and sets, the history rows, the compile counter."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -15,6 +16,7 @@ from fedbpt_jax import objective, testing
 from fedbpt_jax.federated import core
 
 run_mod = importlib.import_module("fedbpt_jax.federated.run")
+algs = importlib.import_module("fedbpt_jax.federated.algorithms")
 
 
 def _algo():
@@ -41,6 +43,41 @@ def test_check_options_names_the_bad_option():
         run_mod._check_options(algo, **_options(stop_after=1))
     with pytest.raises(ValueError, match="no client uploads"):
         run_mod._check_options(fl.centralized_bbt(algo.config, fs.tiny_lm()), **_options(save_uploads="x"))
+
+
+def test_algorithm_declares_what_run_checks_not_its_name():
+    """``run`` reads the spec's declared properties, not the algorithm's name: a renamed FedBPT keeps its
+    uploads and clean contexts, FedBPT with ``uploads=False`` loses them, and the messages name the property
+    and the built-in algorithms that declare it."""
+    algo = _algo()
+    assert len(fl.FederatedAlgorithm._fields) == 5 and algo.spec.uploads and algo.uses_clean_context
+    assert (algo.config, algo.cost, algo.mesh, algo.scorer) == (algo.spec.config, algo.spec.cost, None, algo.spec.scorer)
+    renamed = algo._replace(name="my_algorithm")
+    assert run_mod._check_options(renamed, **_options(save_uploads="x")) is None
+    silent = algo._replace(spec=dataclasses.replace(algo.spec, uploads=False))
+    with pytest.raises(ValueError, match=r"algorithm 'fedbpt' has no client uploads to save \(its spec.uploads is "
+                                         r"False\); .*built in: \['fedavg_bbt', 'fedavg_bbt_perturbed', 'fedbpt'\]"):
+        run_mod._check_options(silent, **_options(save_uploads="x"))
+    lm = fs.tiny_lm()
+    declared = {name: (a.uploads, a.uses_clean_context)
+                for name, a in ((n, fl.make(n, algo.config, lm)) for n in sorted(fl.ALGORITHMS))}
+    assert declared == {"centralized_bbt": (False, False), "fedavg_bbt": (True, True),
+                        "fedavg_bbt_perturbed": (True, True), "fedbpt": (True, True), "fedprompt": (False, False),
+                        "manual": (False, False)}
+    assert algs.declaring("uses_clean_context") == ["fedavg_bbt", "fedavg_bbt_perturbed", "fedbpt"]
+    with pytest.raises(ValueError, match="unknown declared property 'uplods'"):
+        algs.declaring("uplods")
+
+
+def test_gather_takes_the_sampled_clients_rows_and_keeps_none():
+    data = fs.make_data(4)
+    idx = jnp.asarray([2, 0])
+    batch, counts = core.gather_clients(data, idx)
+    np.testing.assert_array_equal(np.asarray(batch.input_ids), np.asarray(data.train.input_ids)[[2, 0]])
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(data.counts)[[2, 0]])
+    assert core.gather(None, idx) is None
+    ctx = {"k": jnp.arange(8.0).reshape(4, 2)}
+    np.testing.assert_array_equal(np.asarray(core.gather(ctx, idx)["k"]), [[4.0, 5.0], [0.0, 1.0]])
 
 
 def test_run_keys_typed_and_raw_agree_with_round_key():

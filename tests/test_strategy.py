@@ -92,8 +92,8 @@ def test_server_reference_matches_pycma(d, m, rounds):
             sigma_b = _pycma_round(es, sigma_b, means, fits, sig, lam // 2)
             state, met = server_update(state, jnp.asarray(means), jnp.asarray(fits), jnp.asarray(sig),
                                        jnp.ones(m, bool), variant="reference", local_population=lam)
-            worst = max(worst, _rel(state.mean, es.mean), _rel(state.sigma, sigma_b), _rel(state.C, es.sm.C),
-                        _rel(state.p_sigma, es.adapt_sigma.ps), _rel(state.p_c, es.pc), _rel(state.D, es.sm.D))
+            worst = max(worst, _rel(state.mean, es.mean), _rel(state.std, sigma_b), _rel(state.C, es.sm.C),
+                        _rel(state.p_std, es.adapt_sigma.ps), _rel(state.p_c, es.pc), _rel(state.D, es.sm.D))
             hsigs.add(bool(met["hsig"]))
             eig += int(met["eigen_updated"])
             repaired += int(met["num_repaired"])
@@ -133,9 +133,9 @@ def test_server_masked_equals_pycma_on_active_clients():
                                        jnp.asarray(mask), variant="reference", local_population=lam)
             assert int(met["num_active"]) == k and int(met["num_nonfinite"]) == 1
             assert _rel(state.mean, es.mean) < 1e-10
-            assert _rel(state.sigma, sigma_b) < 1e-10
+            assert _rel(state.std, sigma_b) < 1e-10
             assert _rel(state.C, es.sm.C) < 1e-10
-            assert _rel(state.p_sigma, es.adapt_sigma.ps) < 1e-10 and _rel(state.p_c, es.pc) < 1e-10
+            assert _rel(state.p_std, es.adapt_sigma.ps) < 1e-10 and _rel(state.p_c, es.pc) < 1e-10
 
 
 def test_server_all_masked_or_failed_leaves_state_unchanged():
@@ -168,7 +168,7 @@ def test_server_nonfinite_client_is_dropped_not_poisoning():
     bad_mean = means.at[1, 2].set(jnp.nan)
     out, met = server_update(state, bad_mean, fits, sig, everyone)
     assert int(met["num_nonfinite"]) == 1 and bool(jnp.all(jnp.isfinite(out.C)))
-    assert bool(jnp.all(jnp.isfinite(out.mean))) and bool(jnp.isfinite(out.sigma))
+    assert bool(jnp.all(jnp.isfinite(out.mean))) and bool(jnp.isfinite(out.std))
 
 
 def test_sigma_prime_reference_and_paper_by_hand():
@@ -503,7 +503,7 @@ def test_fedavg_weights_and_mask():
     weights = jnp.asarray([1.0, 3.0, 0.0, 2.0])
     new, met = fedavg_aggregate(state, up, weights, jnp.asarray([True, True, True, False]))
     np.testing.assert_allclose(new.mean, (means[0] + 3 * means[1]) / 4, rtol=1e-6)
-    np.testing.assert_allclose(new.sigma, (0.5 + 3 * 1.0) / 4, rtol=1e-6)
+    np.testing.assert_allclose(new.std, (0.5 + 3 * 1.0) / 4, rtol=1e-6)
     np.testing.assert_allclose(new.C, np.eye(d) * (1 + 3 * 2) / 4, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(new.B) * np.asarray(new.D) ** 2 @ np.asarray(new.B).T, new.C, atol=1e-5)
     assert int(met["num_active"]) == 2 and int(met["num_nonfinite"]) == 0

@@ -90,7 +90,7 @@ def test_each_lane_equals_the_unbatched_run():
         i = lane["lane"]
         np.testing.assert_allclose(res.carry.state.server.mean[i], np.asarray(carry.state.server.mean),
                                    rtol=1e-4, atol=1e-4)
-        assert res.carry.state.server.sigma[i] == pytest.approx(float(carry.state.server.sigma), rel=1e-4)
+        assert res.carry.state.server.std[i] == pytest.approx(float(carry.state.server.std), rel=1e-4)
     # the two points really differ (σ₀ reaches the lanes): their first-round σ differ
     assert res.lanes[0]["rounds"]["sigma"][0] != res.lanes[2]["rounds"]["sigma"][0]
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .config import HPARAM_RANGES, FedConfig, HParams, check_hparams
 from .core import (
     AlgorithmCost,
+    AlgorithmSpec,
     ClientSample,
     FederatedAlgorithm,
     FederatedData,
@@ -41,7 +42,7 @@ _LAZY = ("ALGORITHMS", "centralized_bbt", "fedavg_bbt", "fedbpt", "fedprompt", "
          "LR_GRID", "tune_learning_rate")
 
 __all__ = ["ALGORITHMS", "FedConfig", "HParams", "HPARAM_RANGES", "check_hparams", "FederatedAlgorithm",
-           "AlgorithmCost", "ClientSample", "sample_round", "FederatedData", "ModelInputs", "History", "RunCarry",
+           "AlgorithmCost", "AlgorithmSpec", "ClientSample", "sample_round", "FederatedData", "ModelInputs", "History", "RunCarry",
            "run", "summarize", "load_uploads", "median_token_norm", "round_key", "round_cost", "trace_count",
            "compile_count", "write_results", "LR_GRID", "tune_learning_rate", "validate_data", "make", "fedbpt",
            "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh", "init_distributed",

@@ -26,6 +26,7 @@ drops the uploads inside the scan unless asked to save them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple
@@ -40,11 +41,12 @@ from ..types import ScoringSpec, TokenBatch
 from .config import FedConfig, HParams, check_hparams
 from .core import (
     AlgorithmCost,
+    AlgorithmSpec,
     ClientSample,
     FederatedAlgorithm,
     FederatedData,
     ModelInputs,
-    gather_context,
+    gather,
     map_clients,
     sample_round,
 )
@@ -150,7 +152,7 @@ def _local_es(
 
     def generation(local, k):
         k_ask, k_pert = jax.random.split(k)
-        sigma = strategy.sigma_of(local)
+        sigma = local.std
         z, local = strategy.ask(k_ask, local, es_params, frozen_eigen=frozen)
         z = clip(z)
         fit, _ = score(z, k_pert)
@@ -158,7 +160,7 @@ def _local_es(
         return local, (sigma, jnp.sum(~jnp.isfinite(fit)))
 
     local, (sigmas, nonfinite) = jax.lax.scan(generation, local, jax.random.split(key_gens, config.local_generations))
-    mean = clip(strategy.mean_of(local)[None])[0]
+    mean = clip(local.mean[None])[0]
     fit, loss, pert_loss = final_score(mean, key_final)
     return ClientUpload(mean=mean, fitness=fit, sigmas=sigmas, loss=loss, nonfinite=jnp.sum(nonfinite),
                         perturbed_loss=pert_loss, local_state=local if keep_state else None)
@@ -255,7 +257,7 @@ def _round_metrics(up: ClientUpload, sample: ClientSample, extra: dict, *, spec,
         "client_loss": jnp.sum(finite_loss * w) / n,
         "client_fitness_min": jnp.min(jnp.where(active & jnp.isfinite(up.fitness), up.fitness, jnp.inf)),
         "active_clients": jnp.sum(active.astype(jnp.int32)),
-        "nonfinite_fitness": jnp.sum(up.nonfinite * active) + jnp.sum((~jnp.isfinite(up.fitness)) & active),
+        "nonfinite_fitness": jnp.sum(up.nonfinite * active.astype(up.nonfinite.dtype)) + jnp.sum((~jnp.isfinite(up.fitness)) & active),
         **extra,
         **summary,
         "clients": clients,
@@ -285,15 +287,15 @@ def scalars_only(round_detailed):
 def _uploads(sample: ClientSample, up: ClientUpload, server) -> dict:
     """What the clients sent this round (and the broadcast it answered), for replaying aggregations."""
     return {"client_index": sample.index.astype(jnp.int32), "active": sample.active, "mean": up.mean, "fitness": up.fitness,
-            "sigmas": up.sigmas, "server_mean": strategy.mean_of_server(server),
-            "server_sigma": strategy.sigma_of_server(server)}
+            "sigmas": up.sigmas, "server_mean": server.mean,
+            "server_sigma": server.std}
 
 
 def _norm_threshold(config: FedConfig, state: "FedBPTState"):
     """This round's ‖z‖ clip τ_t (reference ``norm_prompt``): +1 when the broadcast ‖z_t‖ < the upper bound."""
     if not config.norm_clip:
         return None, state.norm_threshold
-    below = jnp.linalg.norm(strategy.mean_of_server(state.server)) < config.norm_clip_upper
+    below = jnp.linalg.norm(state.server.mean) < config.norm_clip_upper
     tau = jnp.where(below, state.norm_threshold + 1, state.norm_threshold).astype(state.norm_threshold.dtype)
     return tau, tau
 
@@ -302,9 +304,9 @@ def _sigma_schedule(config: FedConfig, old, new):
     """The optional server σ schedule (:attr:`FedConfig.sigma_schedule`) on the aggregated state."""
     if config.sigma_schedule == "none":
         return new
-    s_old, s_new = strategy.sigma_of_server(old), strategy.sigma_of_server(new)
+    s_old, s_new = old.std, new.std
     clamped = jnp.minimum(jnp.maximum(s_new, jnp.asarray(config.sigma_floor, s_new.dtype)), s_old)
-    return new.replace(sigma=clamped.astype(s_new.dtype))
+    return new.replace(std=clamped.astype(s_new.dtype))
 
 
 def _comm(config: FedConfig, lm, *, covariance: bool) -> accounting.CommBytes:
@@ -344,22 +346,51 @@ def _es_round(config: FedConfig, scorer: Scorer, hidden: int, mesh, *, perturb: 
         local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=perturb,
                                   keep_state=keep_state, clip_norm=tau)
         up = map_clients(lambda k, b, c: local(k, state.server, b, data.spec, hp, model, clean_ctx=c),
-                         (sample.keys, sample.batch, gather_context(data, sample.index)), config.chunk_clients, mesh)
+                         (sample.keys, sample.batch, gather(data.clean_context, sample.index)), config.chunk_clients, mesh)
         if keep_state and tau is not None:
             up = up.replace(local_state=up.local_state.replace(mean=up.mean))
         server, smetrics = aggregate(state.server, up, sample)
         server = _sigma_schedule(config, state.server, server)
-        extra = {"sigma": strategy.sigma_of_server(server), **smetrics}
+        extra = {"sigma": server.std, **smetrics}
         if tau is not None:
             extra["norm_threshold"] = tau
         metrics = _round_metrics(up, sample, extra, spec=data.spec, perturbed=perturb,
-                                 z_norm=jnp.linalg.norm(strategy.mean_of_server(server)),
+                                 z_norm=jnp.linalg.norm(server.mean),
                                  uploads=_uploads(sample, up, state.server))
         return FedBPTState(server=server, round=state.round + 1, norm_threshold=next_tau), metrics
 
     return round_detailed
 
 
+def _declares(**flags):
+    """Marks an algorithm factory with what its algorithms declare to :func:`~fedbpt_jax.federated.run`
+    (:class:`AlgorithmSpec`'s ``uses_clean_context`` and ``uploads``; absent ones are False): the factory
+    passes ``**factory.declares`` to its spec, and :func:`declaring` reads them without building anything."""
+    unknown = set(flags) - {"uses_clean_context", "uploads"}
+    if unknown:
+        raise ValueError(f"unknown declared properties {sorted(unknown)}; accepted: uploads, uses_clean_context")
+
+    def mark(factory):
+        factory.declares = {"uses_clean_context": False, "uploads": False, **flags}
+        return factory
+
+    return mark
+
+
+def declaring(prop: str) -> list[str]:
+    """The names of the built-in algorithms (:data:`ALGORITHMS`) whose specs declare ``prop``
+    (``"uses_clean_context"`` or ``"uploads"``), sorted; for error messages."""
+    out = []
+    for name, factory in ALGORITHMS.items():
+        declares = getattr(getattr(factory, "func", factory), "declares")  # a functools.partial: its function
+        if prop not in declares:
+            raise ValueError(f"unknown declared property {prop!r}; accepted: {sorted(declares)}")
+        if declares[prop]:
+            out.append(name)
+    return sorted(out)
+
+
+@_declares(uses_clean_context=True, uploads=True)
 def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) -> FederatedAlgorithm:
     """FedBPT (see the module docstring and :class:`FedConfig` for every option).
 
@@ -397,16 +428,17 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
                                aggregate=aggregate)
 
     def global_prompt(state: FedBPTState, model: ModelInputs):
-        return prompt.to_prompt(model.projection, strategy.mean_of_server(state.server), hidden, model.start)
+        return prompt.to_prompt(model.projection, state.server.mean, hidden, model.start)
 
     def global_z(state: FedBPTState):
-        return strategy.mean_of_server(state.server)
+        return state.server.mean
 
-    return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, config,
-                              _es_cost(config, lm, perturb=config.perturb, covariance=False), mesh=mesh, scorer=scorer,
-                              global_z=global_z, round_detailed=round_detailed)
+    spec = AlgorithmSpec(config, _es_cost(config, lm, perturb=config.perturb, covariance=False), mesh=mesh,
+                         scorer=scorer, global_z=global_z, round_detailed=round_detailed, **fedbpt.declares)
+    return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, spec)
 
 
+@_declares(uses_clean_context=True, uploads=True)
 def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
                scorer: Scorer | None = None) -> FederatedAlgorithm:
     """FedAvg-BBT: local BBT, then example-weighted averages of the clients' means, σ and C.
@@ -427,13 +459,14 @@ def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
     base = fedbpt(config, lm, mesh=mesh, scorer=scorer)  # the same state, init and global prompt
 
     def aggregate(server, up: ClientUpload, sample: ClientSample):
-        weights = sample.counts.astype(jnp.float32) * sample.active
+        weights = sample.counts.astype(jnp.float32) * sample.active.astype(jnp.float32)
         return strategy.fedavg_aggregate(server, up.local_state, weights)
 
     round_detailed = _es_round(config, scorer, hidden, mesh, perturb=perturb, keep_state=True, aggregate=aggregate)
     name = "fedavg_bbt_perturbed" if perturb else "fedavg_bbt"
-    return base._replace(name=name, round=scalars_only(round_detailed), round_detailed=round_detailed,
-                         cost=_es_cost(config, lm, perturb=perturb, covariance=True))
+    spec = dataclasses.replace(base.spec, round_detailed=round_detailed,
+                               cost=_es_cost(config, lm, perturb=perturb, covariance=True), **fedavg_bbt.declares)
+    return base._replace(name=name, round=scalars_only(round_detailed), spec=spec)
 
 
 @flax.struct.dataclass
@@ -449,6 +482,7 @@ class CentralState:
     round: jax.Array
 
 
+@_declares()
 def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None, mesh=None,
                     scorer: Scorer | None = None) -> FederatedAlgorithm:
     """BBT on the union of all clients' data: one CMA-ES, ``local_generations`` generations a round.
@@ -485,27 +519,28 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
             return strategy.tell(z, fit, es, es_params), jnp.sum(~jnp.isfinite(fit))
 
         es, nonfinite = jax.lax.scan(generation, state.es, jax.random.split(key, config.local_generations))
-        _, loss = score(strategy.mean_of(es)[None])
+        _, loss = score(es.mean[None])
         gens = config.local_generations * pop
-        metrics = {"client_loss": loss[0], "sigma": strategy.sigma_of(es),
+        metrics = {"client_loss": loss[0], "sigma": es.std,
                    "nonfinite_fitness": jnp.sum(nonfinite).astype(jnp.int32),
                    "active_clients": jnp.asarray(1, jnp.int32),
                    "all_fitness_nonfinite": (jnp.sum(nonfinite) == gens).astype(jnp.int32),
-                   "z_norm": jnp.linalg.norm(strategy.mean_of(es))}
+                   "z_norm": jnp.linalg.norm(es.mean)}
         return CentralState(es=es, round=state.round + 1), metrics
 
     def global_prompt(state: CentralState, model: ModelInputs):
-        return prompt.to_prompt(model.projection, strategy.mean_of(state.es), hidden, model.start)
+        return prompt.to_prompt(model.projection, state.es.mean, hidden, model.start)
 
     def global_z(state: CentralState):
-        return strategy.mean_of(state.es)
+        return state.es.mean
 
     cost = AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=config.local_generations * pop + 1,
                          prefix_passes=1, pooled=True)
-    return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, config, cost, scorer=scorer,
-                              global_z=global_z)
+    spec = AlgorithmSpec(config, cost, scorer=scorer, global_z=global_z, **centralized_bbt.declares)
+    return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, spec)
 
 
+@_declares()
 def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
     """The manual prompt baseline: the prompt start (``model.start``; zeros when None), i.e. exactly
     FedBPT's z = 0 prompt under every start option; rounds do nothing."""
@@ -523,8 +558,9 @@ def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
     def global_prompt(state, model):
         return prompt.start_prompt(model.start, n, hidden)
 
-    return FederatedAlgorithm("manual", init, round_fn, global_prompt, config,
-                              AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=0))
+    spec = AlgorithmSpec(config, AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=0),
+                         **manual_prompt.declares)
+    return FederatedAlgorithm("manual", init, round_fn, global_prompt, spec)
 
 
 class LocalAdam(NamedTuple):
@@ -543,6 +579,7 @@ class PromptState:
     round: jax.Array
 
 
+@_declares()
 def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=None,
               scorer: Scorer | None = None) -> FederatedAlgorithm:
     """FedPrompt: white-box soft-prompt tuning (gradients w.r.t. the prompt embeddings, Adam via optax),
@@ -568,7 +605,11 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
 
         def step(carry: LocalAdam, _):
             loss, g = jax.value_and_grad(loss_fn)(carry.prompt)
-            upd, opt_state = opt.update(g, carry.opt_state, carry.prompt)
+            # optax's Adam raises its Python-float decay rates to the int32 step count (bias correction):
+            # an implicit promotion, so its update is traced under JAX's standard promotion, whatever the
+            # caller set (the tests run strict). Everything of ours around it is explicitly typed.
+            with jax.numpy_dtype_promotion("standard"):
+                upd, opt_state = opt.update(g, carry.opt_state, carry.prompt)
             return LocalAdam(prompt=optax.apply_updates(carry.prompt, upd), opt_state=opt_state), loss
 
         final, losses = jax.lax.scan(step, LocalAdam(prompt=p0, opt_state=opt.init(p0)), None, length=steps)
@@ -582,11 +623,11 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
         # A client whose loss or prompt is not finite is dropped from the average (it would poison it).
         finite = jnp.isfinite(losses) & jnp.all(jnp.isfinite(prompts.reshape(prompts.shape[0], -1)), axis=-1)
         usable = active & finite
-        w = counts.astype(jnp.float32) * usable
+        w = counts.astype(jnp.float32) * usable.astype(jnp.float32)
         total = jnp.sum(w)
         clean = jnp.where(usable[:, None, None], prompts, 0.0)
         new = jnp.where(total > 0, jnp.einsum("k,knh->nh", w, clean) / jnp.maximum(total, 1e-12), state.prompt)
-        nw = jnp.maximum(jnp.sum(usable), 1)
+        nw = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)  # float32 like the losses it divides
         clients, summary = client_diagnostics(idx, batch, counts, active, data.spec, loss=losses,
                                               fitness=jnp.where(finite, losses, jnp.nan),
                                               weight=w / jnp.maximum(total, 1e-12), usable=usable)
@@ -602,8 +643,8 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
     # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.
     cost = AlgorithmCost(comm=accounting.prompt_bytes(n, hidden, lm.num_params()), forward_calls=3 * steps + 1,
                          prefix_passes=1)
-    return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, config, cost,
-                              mesh=mesh, scorer=scorer, round_detailed=round_detailed)
+    spec = AlgorithmSpec(config, cost, mesh=mesh, scorer=scorer, round_detailed=round_detailed, **fedprompt.declares)
+    return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, spec)
 
 
 ALGORITHMS = {

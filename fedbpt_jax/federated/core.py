@@ -111,15 +111,12 @@ class AlgorithmCost:
     pooled: bool = False
 
 
-class FederatedAlgorithm(NamedTuple):
-    """A federated algorithm as pure functions (optax/fedjax style).
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSpec:
+    """Everything about an algorithm beyond its four functions: what it is built with, what it costs, what
+    it offers beyond ``round``, and what it declares to :func:`fedbpt_jax.federated.run`.
 
     Attributes:
-      name: algorithm name.
-      init: ``(key, hp) -> state``.
-      round: ``(key, state, data, hp, model) -> (state, metrics)``; one round, jittable, pure.
-      global_prompt: ``(state, model) -> [n, H]`` the prompt the server would deploy now (evaluated on
-        the test set by :func:`fedbpt_jax.federated.run`); None means "no prompt" (manual prompt).
       config: the algorithm's static config.
       cost: what a round costs (:class:`AlgorithmCost`: bytes, forward calls, prefix passes, pooled).
       mesh: the device mesh whose ``"clients"`` axis shards the client axis (None: the ambient mesh
@@ -130,21 +127,90 @@ class FederatedAlgorithm(NamedTuple):
         FedPrompt, which tunes the embeddings directly); :func:`~fedbpt_jax.federated.run` logs ‖z‖.
       round_detailed: the same round as ``round`` whose metrics also hold ``"clients"`` (per-client
         diagnostics ``[K]``, among them ``"index"``: which of the N clients were sampled, and
-        ``"active"``: which of them took part rather than dropped) and, for FedBPT and FedAvg-BBT,
-        ``"uploads"`` (what the clients sent, d floats each); None: ``round`` has no per-client detail.
-        ``round`` itself returns scalar metrics only.
+        ``"active"``: which of them took part rather than dropped) and, when ``uploads``, ``"uploads"``
+        (what the clients sent, d floats each); None: ``round`` has no per-client detail. ``round``
+        itself returns scalar metrics only.
+      uses_clean_context: the rounds read the clients' kept clean contexts
+        (:attr:`FederatedData.clean_context`) instead of preparing them, one prefix pass fewer per client
+        per round (``run(keep_clean_context=...)`` accepts it, :func:`~fedbpt_jax.federated.round_cost`
+        counts one prefix pass fewer).
+      uploads: ``round_detailed``'s metrics hold ``"uploads"`` (``run(save_uploads=...)`` accepts it).
     """
 
-    name: str
-    init: Callable
-    round: Callable
-    global_prompt: Callable
     config: Any
     cost: AlgorithmCost
     mesh: Any = None
     scorer: Any = None
     global_z: Callable | None = None
     round_detailed: Callable | None = None
+    uses_clean_context: bool = False
+    uploads: bool = False
+
+
+class FederatedAlgorithm(NamedTuple):
+    """A federated algorithm as pure functions (optax/fedjax style).
+
+    The record holds what every algorithm has, its name and three functions, and one
+    :class:`AlgorithmSpec` with the rest (config, cost, mesh, scorer, the optional ``global_z`` and
+    ``round_detailed``, and the properties it declares to :func:`fedbpt_jax.federated.run`). The spec's
+    fields read as the algorithm's own (``algo.config``, ``algo.cost``, ``algo.mesh``, ``algo.scorer``,
+    ``algo.global_z``, ``algo.round_detailed``, ``algo.uses_clean_context``, ``algo.uploads``); a
+    variant is ``algo._replace(name=..., spec=dataclasses.replace(algo.spec, ...))``.
+
+    Attributes:
+      name: algorithm name.
+      init: ``(key, hp) -> state``.
+      round: ``(key, state, data, hp, model) -> (state, metrics)``; one round, jittable, pure.
+      global_prompt: ``(state, model) -> [n, H]`` the prompt the server would deploy now (evaluated on
+        the test set by :func:`fedbpt_jax.federated.run`); None means "no prompt" (manual prompt).
+      spec: :class:`AlgorithmSpec`, everything else.
+    """
+
+    name: str
+    init: Callable
+    round: Callable
+    global_prompt: Callable
+    spec: AlgorithmSpec
+
+    @property
+    def config(self) -> Any:
+        """``spec.config``."""
+        return self.spec.config
+
+    @property
+    def cost(self) -> AlgorithmCost:
+        """``spec.cost``."""
+        return self.spec.cost
+
+    @property
+    def mesh(self) -> Any:
+        """``spec.mesh``."""
+        return self.spec.mesh
+
+    @property
+    def scorer(self) -> Any:
+        """``spec.scorer``."""
+        return self.spec.scorer
+
+    @property
+    def global_z(self) -> Callable | None:
+        """``spec.global_z``."""
+        return self.spec.global_z
+
+    @property
+    def round_detailed(self) -> Callable | None:
+        """``spec.round_detailed``."""
+        return self.spec.round_detailed
+
+    @property
+    def uses_clean_context(self) -> bool:
+        """``spec.uses_clean_context``."""
+        return self.spec.uses_clean_context
+
+    @property
+    def uploads(self) -> bool:
+        """``spec.uploads``."""
+        return self.spec.uploads
 
 
 class ClientSample(NamedTuple):
@@ -194,17 +260,15 @@ def sample_clients(key: jax.Array, counts: jax.Array, k: int, how: str = "unifor
     return jax.lax.top_k(scores, k)[1]
 
 
+def gather(tree, idx: jax.Array):
+    """The sampled clients' rows ``[K, ...]`` of every leaf of a client-leading ``tree`` (None stays None)."""
+    return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), tree)
+
+
 def gather_clients(data: FederatedData, idx: jax.Array) -> tuple[TokenBatch, jax.Array]:
-    """The sampled clients' batches ``[K, E, T]`` and counts ``[K]``."""
-    batch = jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data.train)
-    return batch, jnp.take(data.counts, idx)
-
-
-def gather_context(data: FederatedData, idx: jax.Array):
-    """The sampled clients' kept clean contexts ``[K, ...]`` (None when ``data`` keeps none)."""
-    if data.clean_context is None:
-        return None
-    return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data.clean_context)
+    """The sampled clients' batches ``[K, E, T]`` and counts ``[K]`` (their kept clean contexts:
+    ``gather(data.clean_context, idx)``)."""
+    return gather(data.train, idx), gather(data.counts, idx)
 
 
 def clean_context_bytes(scorer, params, data: FederatedData) -> int:

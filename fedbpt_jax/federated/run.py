@@ -178,7 +178,7 @@ def _set_metrics(scorer, params, evalset: EvalSet, spec, p) -> dict:
     real = evalset.example_mask.reshape(-1) > 0
     bad = jnp.sum((real & ~jnp.all(jnp.isfinite(flat), axis=-1)).astype(jnp.int32))
     ev = {k: jnp.where(bad > 0, jnp.nan, v) for k, v in ev.items()}
-    onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), flat.shape[-1], dtype=jnp.float32) * real[:, None]
+    onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), flat.shape[-1], dtype=jnp.float32) * real[:, None].astype(jnp.float32)
     ev["nonfinite_examples"] = bad
     ev["pred_dist"] = jnp.sum(onehot, axis=0) / jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0)
     return ev
@@ -344,29 +344,29 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
     cost = _costs(scorer, data.spec, t)
     examples = n * e if algo.cost.pooled else e
     prefix = algo.cost.prefix_passes
-    if data.clean_context is not None and algo.name in _CLEAN_CONTEXT and prefix:
+    if data.clean_context is not None and algo.uses_clean_context and prefix:
         prefix -= 1  # the clean prefix cache is kept across rounds
     flops = algo.cost.forward_calls * examples * cost.forward + prefix * examples * cost.prepare
     return {"examples_per_call": examples, "forward_calls": algo.cost.forward_calls, "prefix_passes": prefix,
             "flops_per_client": flops}
 
 
-#: Algorithms whose local rounds use kept clean contexts (:attr:`FederatedData.clean_context`).
-_CLEAN_CONTEXT = frozenset({"fedbpt", "fedavg_bbt", "fedavg_bbt_perturbed"})
-
-
 def _keep_clean_context(algo, scorer, lm, data: FederatedData, keep: bool | None, budget: int,
                         num_rounds: int) -> bool:
     """Whether ``run`` keeps the clients' clean prefix caches across rounds (see ``run``'s ``keep_clean_context``)."""
-    usable = algo.name in _CLEAN_CONTEXT and bool(scorer.caches_prefix)
+    usable = algo.uses_clean_context and bool(scorer.caches_prefix)
     if keep is None:
         # Preparing all N clients once pays off when the run prepares at least as many anyway (K per round).
         pays = num_rounds * algo.config.clients_per_round >= data.num_clients
         return usable and pays and clean_context_bytes(scorer, lm.params, data) <= budget
     if keep and not usable:
-        why = (f"algorithm {algo.name!r} does not use it" if algo.name not in _CLEAN_CONTEXT
+        from .algorithms import declaring
+
+        why = (f"algorithm {algo.name!r} does not use it (its spec.uses_clean_context is False)"
+               if not algo.uses_clean_context
                else "its scorer has no prefix cache (decoders with layout 'after' have one)")
-        raise ValueError(f"keep_clean_context=True: {why}; accepted for {sorted(_CLEAN_CONTEXT)} with a "
+        raise ValueError(f"keep_clean_context=True: {why}; accepted for an algorithm whose spec declares "
+                         f"uses_clean_context (built in: {declaring('uses_clean_context')}) with a "
                          "prefix-caching scorer (or pass None to decide automatically)")
     return bool(keep)
 
@@ -469,9 +469,12 @@ def _check_options(algo: FederatedAlgorithm, *, num_rounds, eval_every, checkpoi
         raise ValueError(f"stop_after ({stop_after}) must be a non-negative multiple of eval_every ({eval_every})")
     if mesh is not None and algo.mesh is not None and mesh != algo.mesh:
         raise ValueError("run(mesh=...) differs from the mesh the algorithm was built with; pass one of them")
-    if save_uploads is not None and algo.name not in _UPLOADING:
-        raise ValueError(f"save_uploads: algorithm {algo.name!r} has no client uploads to save; "
-                         f"accepted for {sorted(_UPLOADING)}")
+    if save_uploads is not None and not algo.uploads:
+        from .algorithms import declaring
+
+        raise ValueError(f"save_uploads: algorithm {algo.name!r} has no client uploads to save (its spec.uploads "
+                         f"is False); accepted for an algorithm whose spec declares uploads (built in: "
+                         f"{declaring('uploads')})")
     return algo.mesh if mesh is None else mesh
 
 
@@ -833,10 +836,6 @@ def _plot(results_dir, name: str) -> None:
     except Exception as err:  # noqa: BLE001  (a plot never fails a finished run)
         warnings.warn(f"{name}: could not write {Path(results_dir) / 'metrics.png'}: {err}", RuntimeWarning,
                       stacklevel=3)
-
-
-#: Algorithms whose rounds report client uploads (``metrics["uploads"]``).
-_UPLOADING = frozenset({"fedbpt", "fedavg_bbt", "fedavg_bbt_perturbed"})
 
 
 def model_context(lm) -> int | None:

@@ -212,9 +212,11 @@ class Embeddings(nn.Module):
 
 
 def _dense(config: EncoderConfig, features: int, name: str | None = None) -> nn.Dense:
-    """Inputs and kernel in the compute dtype, float32 accumulation and result (bias added in float32)."""
+    """Inputs and kernel in the compute dtype, float32 accumulation and result; the bias (stored in float32)
+    is rounded to the compute dtype and added in float32, explicitly (:func:`precision.promote_to_f32_bias`)."""
     return nn.Dense(features, dtype=jnp.dtype(config.compute_dtype), kernel_init=_init(),
-                    dot_general=precision.f32_accumulating_dot_general, name=name)
+                    dot_general=precision.f32_accumulating_dot_general,
+                    promote_dtype=precision.promote_to_f32_bias, name=name)
 
 
 class Layer(nn.Module):

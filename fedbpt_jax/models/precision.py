@@ -110,6 +110,18 @@ def f32_accumulating_dot_general(*args, **kwargs):
     return jax.lax.dot_general(*args, **kwargs)
 
 
+def promote_to_f32_bias(*args, dtype=None, inexact=True):
+    """``promote_dtype`` for ``nn.Dense(dot_general=f32_accumulating_dot_general, ...)``: inputs and kernel in
+    ``dtype`` as flax's default does; the bias, if any, rounded to ``dtype`` as flax's default does and then
+    given as float32, the dtype of the accumulated result it is added to. The addition is then float32 +
+    float32 (a bfloat16 bias would be an implicit promotion, an error under strict dtype promotion), with the
+    numbers of the default: the bfloat16-rounded bias, exactly widened, added in float32."""
+    from flax.linen import dtypes
+
+    inputs, kernel, bias = dtypes.promote_dtype(*args, dtype=dtype, inexact=inexact)
+    return inputs, kernel, None if bias is None else bias.astype(jnp.float32)
+
+
 def cast_tree(params, compute_dtype: str, keep_float32=lambda path: False):
     """Every floating leaf of ``params`` in ``compute_dtype``, except leaves whose path (a tuple of
     key names) ``keep_float32`` selects, which are float32."""
