@@ -11,6 +11,7 @@ machine is shared: the fraction of peak of an item is its GFLOP/s over the mean 
 measurements that bracket it (same load), and the run's best peak is reported too. FLOPs come from the
 package's one cost model (``Scorer.cost``, ``federated.round_cost``).
 """
+
 from __future__ import annotations
 
 import fedbpt_jax  # noqa: F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
@@ -71,10 +72,12 @@ def git_revision() -> str:
 
     root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedbpt_jax"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "fedbpt_jax"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -134,8 +137,14 @@ def time_call(fn: Callable, *args, repeats: int = 3, warmup: int = 1) -> dict[st
         out = block(fn(*args))
         times.append(time.perf_counter() - t0)
     util = (cpu_seconds() - c0) / max(time.perf_counter() - w0, 1e-9) / (os.cpu_count() or 1)
-    return {"first_s": first, "times_s": times, "median_s": statistics.median(times), "min_s": min(times),
-            "cpu_util": util, "out": out}
+    return {
+        "first_s": first,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "cpu_util": util,
+        "out": out,
+    }
 
 
 def aot_compile(jitted, *args) -> tuple[Any, float]:
@@ -298,8 +307,9 @@ def scoring_batch(lm, num_examples: int, max_length: int, n_prompt: int, *, seed
         examples = fdata.load_task_data("sst2", None, "test")
         idx = np.sort(np.random.default_rng(seed).permutation(len(examples))[:num_examples])
         examples = examples.take(idx)
-        batch = fdata.tokenize("sst2", examples, lm.tokenizer, "decoder", n_prompt=n_prompt, max_length=max_length,
-                               pad_to_max_length=True)
+        batch = fdata.tokenize(
+            "sst2", examples, lm.tokenizer, "decoder", n_prompt=n_prompt, max_length=max_length, pad_to_max_length=True
+        )
         spec = fdata.scoring_spec("sst2", lm.tokenizer, "decoder", n_prompt=n_prompt)
         source = "sst2-test"
     else:

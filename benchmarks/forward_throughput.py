@@ -24,6 +24,7 @@ logits equal the uncached ones.
     python benchmarks/forward_throughput.py --quick                 # tiny model only, < 60 s
     python benchmarks/forward_throughput.py --json benchmarks/results/forward_throughput.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,11 +57,15 @@ def bench_model(name: str, args, peak: common.Peak, dtype: str = "float32") -> d
     B, T = batch.input_ids.shape
     cue = int(spec.cue_ids.shape[0])
     real_len = float(np.mean(np.sum(np.asarray(batch.attention_mask), -1)))
-    print(f"\n== {name} [{dtype}]: {lm.num_params() / 1e6:.1f}M params, L={cfg.num_layers} H={cfg.hidden_size}; "
-          f"{source}: B={B} examples, text T={T} (mean real {real_len:.1f}), n_prompt={n}, cue={cue} "
-          f"(load {load_s:.1f} s)", flush=True)
-    A = prompt.make_projection(jax.random.key(1), lm.input_embeddings(), intrinsic_dim=args.intrinsic_dim,
-                               n_prompt_tokens=n)
+    print(
+        f"\n== {name} [{dtype}]: {lm.num_params() / 1e6:.1f}M params, L={cfg.num_layers} H={cfg.hidden_size}; "
+        f"{source}: B={B} examples, text T={T} (mean real {real_len:.1f}), n_prompt={n}, cue={cue} "
+        f"(load {load_s:.1f} s)",
+        flush=True,
+    )
+    A = prompt.make_projection(
+        jax.random.key(1), lm.input_embeddings(), intrinsic_dim=args.intrinsic_dim, n_prompt_tokens=n
+    )
     params = lm.params
     rows, checks = [], {}
     for P in args.populations:
@@ -96,40 +101,75 @@ def bench_model(name: str, args, peak: common.Peak, dtype: str = "float32") -> d
                 if mode == "loop" and not args.loop_all and not cached and P > 1 and name != "tiny":
                     continue  # same FLOPs as the cached loop's ratio shows; skipped to save time
                 timed, before, after = peak.bracket(
-                    lambda fn=fn: common.time_call(fn, params, ctx, prompts, repeats=args.repeats))
+                    lambda fn=fn: common.time_call(fn, params, ctx, prompts, repeats=args.repeats)
+                )
                 t = timed["min_s"]  # best of the repeats: the machine is shared (see cpu_util)
                 ref_peak = 0.5 * (before + after)
-                rows.append({
-                    "model": name, "dtype": dtype, "P": P, "layout": label, "mode": mode, "B": B, "T": T, "n_prompt": n,
-                    "cue": cue, "seconds": t, "seconds_median": timed["median_s"], "times_s": timed["times_s"],
-                    "first_call_s": timed["first_s"],
-                    "compile_s": batched_compile if mode == "batched" else single_compile,
-                    "prepare_s": prep["median_s"] if cached else 0.0, "prepare_compile_s": prepare_compile,
-                    "gflop": flops / 1e9,
-                    "gflops": flops / t / 1e9, "peak_adjacent": ref_peak,
-                    "frac_adjacent": flops / t / 1e9 / ref_peak, "cpu_util": timed["cpu_util"],
-                    "candidates_per_s": P / t, "query_tokens_per_s":
-                        P * B * ((n + cue) if cached else (T + n + cue)) / t,
-                })
+                rows.append(
+                    {
+                        "model": name,
+                        "dtype": dtype,
+                        "P": P,
+                        "layout": label,
+                        "mode": mode,
+                        "B": B,
+                        "T": T,
+                        "n_prompt": n,
+                        "cue": cue,
+                        "seconds": t,
+                        "seconds_median": timed["median_s"],
+                        "times_s": timed["times_s"],
+                        "first_call_s": timed["first_s"],
+                        "compile_s": batched_compile if mode == "batched" else single_compile,
+                        "prepare_s": prep["median_s"] if cached else 0.0,
+                        "prepare_compile_s": prepare_compile,
+                        "gflop": flops / 1e9,
+                        "gflops": flops / t / 1e9,
+                        "peak_adjacent": ref_peak,
+                        "frac_adjacent": flops / t / 1e9 / ref_peak,
+                        "cpu_util": timed["cpu_util"],
+                        "candidates_per_s": P / t,
+                        "query_tokens_per_s": P * B * ((n + cue) if cached else (T + n + cue)) / t,
+                    }
+                )
                 r = rows[-1]
-                print(f"  {dtype:<8s} P={P:<3d} {label:<17s} {mode:<8s} {t * 1e3:10.1f} ms  {r['gflops']:7.1f} GFLOP/s "
-                      f"({100 * r['frac_adjacent']:5.1f}% of the adjacent peak {ref_peak:.0f}, cpu util "
-                      f"{r['cpu_util']:.2f})  compile {r['compile_s']:.1f} s", flush=True)
+                print(
+                    f"  {dtype:<8s} P={P:<3d} {label:<17s} {mode:<8s} {t * 1e3:10.1f} ms  {r['gflops']:7.1f} GFLOP/s "
+                    f"({100 * r['frac_adjacent']:5.1f}% of the adjacent peak {ref_peak:.0f}, cpu util "
+                    f"{r['cpu_util']:.2f})  compile {r['compile_s']:.1f} s",
+                    flush=True,
+                )
         checks[f"{name}/{dtype}/P={P}: cached vs uncached 'after' max|diff|"] = float(
-            np.max(np.abs(ref_logits["after+cache"] - ref_logits["after (no cache)"])))
+            np.max(np.abs(ref_logits["after+cache"] - ref_logits["after (no cache)"]))
+        )
         scale = float(np.max(np.abs(ref_logits["after (no cache)"])))
         checks[f"{name}/{dtype}/P={P}: logits max|value|"] = scale
-    return {"model": name, "dtype": dtype, "model_bytes": common.tree_bytes(lm.params), "num_params": lm.num_params(),
-            "rows": rows, "checks": checks, "source": source, "mean_real_text_tokens": real_len, "load_s": load_s}
+    return {
+        "model": name,
+        "dtype": dtype,
+        "model_bytes": common.tree_bytes(lm.params),
+        "num_params": lm.num_params(),
+        "rows": rows,
+        "checks": checks,
+        "source": source,
+        "mean_real_text_tokens": real_len,
+        "load_s": load_s,
+    }
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
-    keys = sorted({(r["model"], r["dtype"], r["P"]) for r in rows},
-                  key=lambda k: (common.MODELS.index(k[0]), common.DTYPES.index(k[1]), k[2]))
+    keys = sorted(
+        {(r["model"], r["dtype"], r["P"]) for r in rows},
+        key=lambda k: (common.MODELS.index(k[0]), common.DTYPES.index(k[1]), k[2]),
+    )
     for model, dtype, P in keys:
         get = {(r["layout"], r["mode"]): r for r in rows if r["model"] == model and r["P"] == P and r["dtype"] == dtype}
-        c, u, b = get.get(("after+cache", "batched")), get.get(("after (no cache)", "batched")), get.get(("before", "batched"))
+        c, u, b = (
+            get.get(("after+cache", "batched")),
+            get.get(("after (no cache)", "batched")),
+            get.get(("before", "batched")),
+        )
         s = {"model": model, "dtype": dtype, "P": P}
         for label in ("after+cache", "after (no cache)", "before"):
             if (label, "batched") in get and (label, "loop") in get:
@@ -137,19 +177,34 @@ def summarise(rows: list[dict]) -> list[dict]:
         if c and u:
             s["cache_speedup_per_pass"] = u["seconds"] / c["seconds"]
             s["cache_speedup_per_round"] = (PASSES_PER_ROUND * u["seconds"]) / (
-                c["prepare_s"] + PASSES_PER_ROUND * c["seconds"])
+                c["prepare_s"] + PASSES_PER_ROUND * c["seconds"]
+            )
         if c and b:
             s["cache_speedup_vs_before"] = b["seconds"] / c["seconds"]
         if c:
             s["frac_peak_cached_batched"] = c["frac_peak"]
             s["frac_adjacent_cached_batched"] = c["frac_adjacent"]
-            f32 = [r for r in rows if r["model"] == model and r["P"] == P and r["dtype"] == "float32"
-                   and r["layout"] == "after+cache" and r["mode"] == "batched"]
+            f32 = [
+                r
+                for r in rows
+                if r["model"] == model
+                and r["P"] == P
+                and r["dtype"] == "float32"
+                and r["layout"] == "after+cache"
+                and r["mode"] == "batched"
+            ]
             if dtype != "float32" and f32:
                 s["speed_vs_float32[after+cache]"] = f32[0]["seconds"] / c["seconds"]
         for label in ("after (no cache)", "before"):
-            f32 = [r for r in rows if r["model"] == model and r["P"] == P and r["dtype"] == "float32"
-                   and r["layout"] == label and r["mode"] == "batched"]
+            f32 = [
+                r
+                for r in rows
+                if r["model"] == model
+                and r["P"] == P
+                and r["dtype"] == "float32"
+                and r["layout"] == label
+                and r["mode"] == "batched"
+            ]
             if dtype != "float32" and f32 and (label, "batched") in get:
                 s[f"speed_vs_float32[{label}]"] = f32[0]["seconds"] / get[(label, "batched")]["seconds"]
         out.append(s)
@@ -166,8 +221,11 @@ def main(argv=None):
     ap.add_argument("--n-prompt", type=int, default=10)
     ap.add_argument("--intrinsic-dim", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--loop-all", action="store_true",
-                    help="also time the one-candidate loop for the uncached layouts of the real model")
+    ap.add_argument(
+        "--loop-all",
+        action="store_true",
+        help="also time the one-candidate loop for the uncached layouts of the real model",
+    )
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -181,8 +239,10 @@ def main(argv=None):
         args.repeats = min(args.repeats, 2)
 
     info = common.machine_info()
-    print(f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
-          f"load average {info['loadavg_start']}")
+    print(
+        f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
+        f"load average {info['loadavg_start']}"
+    )
     peaks = {d: common.Peak(dtype=d) for d in dtypes}
     for d, pk in peaks.items():
         print(f"{d} matmul peak (2048^3, jitted, float32 accumulation): {pk.measure():.1f} GFLOP/s", flush=True)
@@ -196,30 +256,59 @@ def main(argv=None):
         r["frac_peak"] = r["gflops"] / r["peak_best"]
     summary = summarise(rows)
 
-    print("\nfractions: 'frac of best peak' = GFLOP/s over the best matmul peak of the item's dtype measured in "
-          "this run (conservative); 'adjacent' = over the peak measured right before/after the item (same load).")
+    print(
+        "\nfractions: 'frac of best peak' = GFLOP/s over the best matmul peak of the item's dtype measured in "
+        "this run (conservative); 'adjacent' = over the peak measured right before/after the item (same load)."
+    )
     for d, pk in peaks.items():
         print(f"{d} matmul peak in this run: best {pk.best:.1f} GFLOP/s, all {[round(x, 1) for x in pk.history]}")
     print(f"load average now {list(os.getloadavg())}\n")
-    print(common.table(rows, [("model", "model"), ("dtype", "dtype"), ("P", "P"), ("layout", "layout"), ("mode", "mode"),
-                              ("B", "B"), ("T", "T"), ("n_prompt", "n"), ("cue", "cue"),
-                              ("seconds", "s / pass (best)"), ("candidates_per_s", "cand/s"),
-                              ("gflop", "GFLOP/pass"), ("gflops", "GFLOP/s"),
-                              ("frac_peak", "frac of best peak"), ("peak_adjacent", "adjacent peak"),
-                              ("frac_adjacent", "frac of adjacent"), ("cpu_util", "cpu util"),
-                              ("compile_s", "compile s")]))
+    print(
+        common.table(
+            rows,
+            [
+                ("model", "model"),
+                ("dtype", "dtype"),
+                ("P", "P"),
+                ("layout", "layout"),
+                ("mode", "mode"),
+                ("B", "B"),
+                ("T", "T"),
+                ("n_prompt", "n"),
+                ("cue", "cue"),
+                ("seconds", "s / pass (best)"),
+                ("candidates_per_s", "cand/s"),
+                ("gflop", "GFLOP/pass"),
+                ("gflops", "GFLOP/s"),
+                ("frac_peak", "frac of best peak"),
+                ("peak_adjacent", "adjacent peak"),
+                ("frac_adjacent", "frac of adjacent"),
+                ("cpu_util", "cpu util"),
+                ("compile_s", "compile s"),
+            ],
+        )
+    )
     print()
-    print(common.table(summary, [("model", "model"), ("dtype", "dtype"), ("P", "P"),
-                                 ("speed_vs_float32[after+cache]", "speed vs float32 (cache)"),
-                                 ("speed_vs_float32[before]", "speed vs float32 (before)"),
-                                 ("batched_speedup[after+cache]", "batched/loop (cache)"),
-                                 ("batched_speedup[after (no cache)]", "batched/loop (no cache)"),
-                                 ("batched_speedup[before]", "batched/loop (before)"),
-                                 ("cache_speedup_per_pass", "cache speedup/pass"),
-                                 ("cache_speedup_per_round", "cache speedup/round"),
-                                 ("cache_speedup_vs_before", "cache vs before"),
-                                 ("frac_peak_cached_batched", "frac best peak (cache, batched)"),
-                                 ("frac_adjacent_cached_batched", "frac adjacent peak")]))
+    print(
+        common.table(
+            summary,
+            [
+                ("model", "model"),
+                ("dtype", "dtype"),
+                ("P", "P"),
+                ("speed_vs_float32[after+cache]", "speed vs float32 (cache)"),
+                ("speed_vs_float32[before]", "speed vs float32 (before)"),
+                ("batched_speedup[after+cache]", "batched/loop (cache)"),
+                ("batched_speedup[after (no cache)]", "batched/loop (no cache)"),
+                ("batched_speedup[before]", "batched/loop (before)"),
+                ("cache_speedup_per_pass", "cache speedup/pass"),
+                ("cache_speedup_per_round", "cache speedup/round"),
+                ("cache_speedup_vs_before", "cache vs before"),
+                ("frac_peak_cached_batched", "frac best peak (cache, batched)"),
+                ("frac_adjacent_cached_batched", "frac adjacent peak"),
+            ],
+        )
+    )
     print("\nchecks (max |difference| of label logits):")
     for res in results:
         for k, v in res["checks"].items():
@@ -228,17 +317,28 @@ def main(argv=None):
     for s in summary:
         if s["model"] == "smollm2" and s["dtype"] == "float32":
             targets[f"P={s['P']}: population scoring >= 50% of the best matmul peak of the run"] = (
-                s.get("frac_peak_cached_batched", 0) >= 0.5)
-            targets[f"P={s['P']}: prefix cache >= 2x uncached 'after' (per pass)"] = s.get("cache_speedup_per_pass", 0) >= 2
+                s.get("frac_peak_cached_batched", 0) >= 0.5
+            )
+            targets[f"P={s['P']}: prefix cache >= 2x uncached 'after' (per pass)"] = (
+                s.get("cache_speedup_per_pass", 0) >= 2
+            )
     for k, v in targets.items():
         print(f"target {k}: {'MET' if v else 'NOT MET'}")
     ok = all(v < 1e-3 for res in results for k, v in res["checks"].items() if "max|diff|" in k and "float32" in k)
     info["loadavg_end"] = list(os.getloadavg())
-    out = {"benchmark": "forward_throughput", "machine": info, "args": vars(args),
-           "peak_gflops_history": {d: pk.history for d, pk in peaks.items()},
-           "peak_gflops_best": {d: pk.best for d, pk in peaks.items()}, "rows": rows, "summary": summary, "targets": targets,
-           "checks": {k: v for res in results for k, v in res["checks"].items()}, "checks_ok": ok,
-           "models": [{k: v for k, v in res.items() if k != "rows"} for res in results]}
+    out = {
+        "benchmark": "forward_throughput",
+        "machine": info,
+        "args": vars(args),
+        "peak_gflops_history": {d: pk.history for d, pk in peaks.items()},
+        "peak_gflops_best": {d: pk.best for d, pk in peaks.items()},
+        "rows": rows,
+        "summary": summary,
+        "targets": targets,
+        "checks": {k: v for res in results for k, v in res["checks"].items()},
+        "checks_ok": ok,
+        "models": [{k: v for k, v in res.items() if k != "rows"} for res in results],
+    }
     if args.json:
         common.write_json(args.json, out)
         print(f"wrote {args.json}")

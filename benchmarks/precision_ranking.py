@@ -14,6 +14,7 @@ With SmolLM2-135M-Instruct and real SST-2 data (the completion template, prompt 
     python benchmarks/precision_ranking.py --json benchmarks/results/precision_ranking.json
     python benchmarks/precision_ranking.py --quick         # tiny random model, seconds (a smoke test)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,22 +91,27 @@ def main(argv=None):
         pool = fdata.load_task_data("sst2", None, "train")
         tr, _ = fdata.few_shot(pool, 16, args.seed)
         train = fdata.tokenize("sst2", tr, lm32.tokenizer, "decoder", n_prompt=args.n_prompt)
-        test = fdata.tokenize("sst2", fdata.load_task_data("sst2", None, "test"), lm32.tokenizer, "decoder",
-                              n_prompt=args.n_prompt)
+        test = fdata.tokenize(
+            "sst2", fdata.load_task_data("sst2", None, "test"), lm32.tokenizer, "decoder", n_prompt=args.n_prompt
+        )
         spec = fdata.scoring_spec("sst2", lm32.tokenizer, "decoder", n_prompt=args.n_prompt)
         source = "SST-2 (16-shot train for tuning and ranking, 872 test sentences for accuracy)"
     lm16 = as_bf16(lm32)
     print(f"models ready in {time.perf_counter() - t0:.1f} s; data: {source}", flush=True)
 
     # 1. a tuned prompt (float32 BBT)
-    cfg = bbt.BBTConfig(n_prompt_tokens=args.n_prompt, population_size=10, num_generations=args.generations,
-                        eval_every=args.generations)
+    cfg = bbt.BBTConfig(
+        n_prompt_tokens=args.n_prompt, population_size=10, num_generations=args.generations, eval_every=args.generations
+    )
     t0 = time.perf_counter()
     res = bbt.tune(jax.random.key(args.seed), lm32, train, spec, cfg, progress=False)
     z_tuned = np.asarray(res.final_mean)
     A = res.projection
-    print(f"tuned {args.generations} generations in {time.perf_counter() - t0:.0f} s; final loss "
-          f"{float(res.history['loss_mean'][-1]):.4f}", flush=True)
+    print(
+        f"tuned {args.generations} generations in {time.perf_counter() - t0:.0f} s; final loss "
+        f"{float(res.history['loss_mean'][-1]):.4f}",
+        flush=True,
+    )
 
     # 2. rankings
     batch = train.take(np.arange(min(args.examples, train.num_examples)))
@@ -133,51 +139,97 @@ def main(argv=None):
                     out[name] = np.stack([np.asarray(fn(params, ctx, Z[i])) for i in range(args.populations)])
                 for i in range(args.populations):
                     a, b = out["float32"][i], out["bfloat16"][i]
-                    rows.append({"lambda": lam, "sigma": sigma, "mean": mean_name, "spearman": spearman(a, b),
-                                 "same_best": bool(np.argmin(a) == np.argmin(b)),
-                                 "max_rel_diff": float(np.max(np.abs(a - b) / np.abs(a))),
-                                 "fitness_spread": float(np.std(a))})
-                print(f"  λ={lam:<2d} σ={sigma:<3} mean={mean_name:<5s}: Spearman median "
-                      f"{np.median([r['spearman'] for r in rows[-args.populations:]]):.4f}, min "
-                      f"{min(r['spearman'] for r in rows[-args.populations:]):.4f}, same best "
-                      f"{np.mean([r['same_best'] for r in rows[-args.populations:]]):.2f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                    rows.append(
+                        {
+                            "lambda": lam,
+                            "sigma": sigma,
+                            "mean": mean_name,
+                            "spearman": spearman(a, b),
+                            "same_best": bool(np.argmin(a) == np.argmin(b)),
+                            "max_rel_diff": float(np.max(np.abs(a - b) / np.abs(a))),
+                            "fitness_spread": float(np.std(a)),
+                        }
+                    )
+                print(
+                    f"  λ={lam:<2d} σ={sigma:<3} mean={mean_name:<5s}: Spearman median "
+                    f"{np.median([r['spearman'] for r in rows[-args.populations :]]):.4f}, min "
+                    f"{min(r['spearman'] for r in rows[-args.populations :]):.4f}, same best "
+                    f"{np.mean([r['same_best'] for r in rows[-args.populations :]]):.2f} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
 
     summary = []
     for lam in (5, 20):
         for sigma in (0.1, 1.0):
             cell = [r for r in rows if r["lambda"] == lam and r["sigma"] == sigma]
             rho = np.array([r["spearman"] for r in cell])
-            summary.append({"lambda": lam, "sigma": sigma, "populations": len(cell), "spearman_mean": float(rho.mean()),
-                            "spearman_median": float(np.median(rho)), "spearman_min": float(rho.min()),
-                            "frac_ge_0.99": float(np.mean(rho >= 0.99)),
-                            "same_best": float(np.mean([r["same_best"] for r in cell])),
-                            "max_rel_diff_median": float(np.median([r["max_rel_diff"] for r in cell]))})
+            summary.append(
+                {
+                    "lambda": lam,
+                    "sigma": sigma,
+                    "populations": len(cell),
+                    "spearman_mean": float(rho.mean()),
+                    "spearman_median": float(np.median(rho)),
+                    "spearman_min": float(rho.min()),
+                    "frac_ge_0.99": float(np.mean(rho >= 0.99)),
+                    "same_best": float(np.mean([r["same_best"] for r in cell])),
+                    "max_rel_diff_median": float(np.median([r["max_rel_diff"] for r in cell])),
+                }
+            )
     all_rho = np.array([r["spearman"] for r in rows])
 
     # 3. accuracy of z = 0 and the tuned prompt, both ways
     acc = {}
     for name, lm in (("float32", lm32), ("bfloat16", lm16)):
         ev = bbt.Evaluator(lm, objective.make_scorer(lm, "after", n_prompt_tokens=args.n_prompt), test, spec)
-        acc[name] = {"z=0": ev.metrics(A, jnp.zeros_like(jnp.asarray(z_tuned))),
-                     "tuned": ev.metrics(A, jnp.asarray(z_tuned))}
+        acc[name] = {
+            "z=0": ev.metrics(A, jnp.zeros_like(jnp.asarray(z_tuned))),
+            "tuned": ev.metrics(A, jnp.asarray(z_tuned)),
+        }
     print()
-    print(common.table(summary, [("lambda", "λ"), ("sigma", "σ"), ("populations", "populations"),
-                                 ("spearman_mean", "Spearman mean"), ("spearman_median", "median"),
-                                 ("spearman_min", "min"), ("frac_ge_0.99", "share ≥ 0.99"),
-                                 ("same_best", "same best candidate"),
-                                 ("max_rel_diff_median", "median max rel. fitness diff")]))
-    print(f"\nall {len(all_rho)} populations: Spearman mean {all_rho.mean():.4f}, median {np.median(all_rho):.4f}, "
-          f"min {all_rho.min():.4f}")
+    print(
+        common.table(
+            summary,
+            [
+                ("lambda", "λ"),
+                ("sigma", "σ"),
+                ("populations", "populations"),
+                ("spearman_mean", "Spearman mean"),
+                ("spearman_median", "median"),
+                ("spearman_min", "min"),
+                ("frac_ge_0.99", "share ≥ 0.99"),
+                ("same_best", "same best candidate"),
+                ("max_rel_diff_median", "median max rel. fitness diff"),
+            ],
+        )
+    )
+    print(
+        f"\nall {len(all_rho)} populations: Spearman mean {all_rho.mean():.4f}, median {np.median(all_rho):.4f}, "
+        f"min {all_rho.min():.4f}"
+    )
     for which in ("z=0", "tuned"):
         a32, a16 = acc["float32"][which], acc["bfloat16"][which]
-        print(f"test accuracy {which}: float32 {a32['accuracy']:.4f}  bfloat16 {a16['accuracy']:.4f} "
-              f"(loss {a32['loss']:.4f} vs {a16['loss']:.4f})")
-    out = {"benchmark": "precision_ranking", "machine": info, "args": vars(args), "source": source,
-           "summary": summary, "rows": rows, "spearman_all": {"mean": float(all_rho.mean()),
-                                                              "median": float(np.median(all_rho)),
-                                                              "min": float(all_rho.min()), "n": len(all_rho)},
-           "accuracy": acc, "target_spearman_0.99_mean": bool(all_rho.mean() >= 0.99)}
+        print(
+            f"test accuracy {which}: float32 {a32['accuracy']:.4f}  bfloat16 {a16['accuracy']:.4f} "
+            f"(loss {a32['loss']:.4f} vs {a16['loss']:.4f})"
+        )
+    out = {
+        "benchmark": "precision_ranking",
+        "machine": info,
+        "args": vars(args),
+        "source": source,
+        "summary": summary,
+        "rows": rows,
+        "spearman_all": {
+            "mean": float(all_rho.mean()),
+            "median": float(np.median(all_rho)),
+            "min": float(all_rho.min()),
+            "n": len(all_rho),
+        },
+        "accuracy": acc,
+        "target_spearman_0.99_mean": bool(all_rho.mean() >= 0.99),
+    }
     if args.json:
         common.write_json(args.json, out)
         print(f"wrote {args.json}")

@@ -40,6 +40,7 @@ with the batching, see ``precision_ranking.py``).
     python benchmarks/round_throughput.py --models tiny        # tiny only, K in {1, 10, 100, 1000}
     python benchmarks/round_throughput.py --json benchmarks/results/round_throughput.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,16 +79,28 @@ def _federated_data(lm, K: int, E: int, T: int, n_prompt: int, seed: int = 0):
 
     if lm.tokenizer is not None:
         shots = -(-K * E // 2)
-        fd = fdata.federated("sst2", lm.tokenizer, "decoder", num_clients=K, shots_per_class=shots, alpha=None,
-                             seed=seed, n_prompt=n_prompt, max_length=T, pad_to=E, pad_to_max_length=True)
+        fd = fdata.federated(
+            "sst2",
+            lm.tokenizer,
+            "decoder",
+            num_clients=K,
+            shots_per_class=shots,
+            alpha=None,
+            seed=seed,
+            n_prompt=n_prompt,
+            max_length=T,
+            pad_to=E,
+            pad_to_max_length=True,
+        )
         train, counts, spec, source = fd.train, fd.train_counts, fd.spec, "sst2 few-shot, IID split"
     else:
         train = testing.random_batch(seed, E, T, lm.vocab_size, leading=(K,), min_len=max(2, T // 2))
         counts = np.full((K,), E, np.int32)
         spec = testing.random_spec(lm.vocab_size, cue_len=4)
         source = "random tokens"
-    data = FederatedData(train=jax.tree_util.tree_map(jnp.asarray, train),
-                         counts=jnp.asarray(counts, jnp.int32), spec=spec)
+    data = FederatedData(
+        train=jax.tree_util.tree_map(jnp.asarray, train), counts=jnp.asarray(counts, jnp.int32), spec=spec
+    )
     return data, source
 
 
@@ -169,8 +182,14 @@ class _RefStyle:
         batch = self.client_batch(k)
         clean_ctx, pert_ctx = self.contexts(key, batch)
         t0 = time.perf_counter()
-        es = server_es._copy_light(inopts={"seed": seed, "maxiter": self.cfg.local_generations,
-                                           "popsize": self.cfg.population_size, "CMA_mu": None})
+        es = server_es._copy_light(
+            inopts={
+                "seed": seed,
+                "maxiter": self.cfg.local_generations,
+                "popsize": self.cfg.population_size,
+                "CMA_mu": None,
+            }
+        )
         self.es_seconds += time.perf_counter() - t0
         sigmas = []
         for _ in range(self.cfg.local_generations):
@@ -193,7 +212,9 @@ class _RefStyle:
         server_es.ask()
         if m < server_es.popsize:  # K = 1: pycma refuses popsize 1, so the one upload is told twice
             means, fits = list(means) * server_es.popsize, list(fits) * server_es.popsize
-        server_es.tell([np.asarray(x) for x in means[:server_es.popsize]], [float(f) for f in fits[:server_es.popsize]])
+        server_es.tell(
+            [np.asarray(x) for x in means[: server_es.popsize]], [float(f) for f in fits[: server_es.popsize]]
+        )
         dt = time.perf_counter() - t0
         self.es_seconds += dt
         return dt
@@ -203,8 +224,9 @@ class _RefStyle:
         import cma
 
         m = max(m, 2)  # pycma: "population size 1 is too small" (the reference cannot run m = 1 either)
-        return cma.CMAEvolutionStrategy(np.zeros(d), sigma0, {"seed": 1234, "popsize": m, "CMA_mu": m,
-                                                               "maxiter": rounds, "verbose": -9})
+        return cma.CMAEvolutionStrategy(
+            np.zeros(d), sigma0, {"seed": 1234, "popsize": m, "CMA_mu": m, "maxiter": rounds, "verbose": -9}
+        )
 
 
 def _check_fitness(ref: _RefStyle, cfg, data, model, num_clients: int) -> float:
@@ -224,10 +246,17 @@ def _check_fitness(ref: _RefStyle, cfg, data, model, num_clients: int) -> float:
     def vectorized(params, A, batch, keys, Z):
         def one(b, key, z):
             pert = objective.perturb(key, b, ref.hp.perturb_rate, spec, exempt_special=cfg.exempt_special)
-            fit, _ = objective.population_fitness(scorer, params, scorer.prepare(params, b),
-                                                  scorer.prepare(params, pert) if cfg.perturb else None, b, spec,
-                                                  prompt.to_prompt(A, z, hidden), loss=cfg.loss,
-                                                  form=cfg.fitness_form)
+            fit, _ = objective.population_fitness(
+                scorer,
+                params,
+                scorer.prepare(params, b),
+                scorer.prepare(params, pert) if cfg.perturb else None,
+                b,
+                spec,
+                prompt.to_prompt(A, z, hidden),
+                loss=cfg.loss,
+                form=cfg.fitness_form,
+            )
             return fit
 
         return jax.vmap(one)(batch, keys, Z)
@@ -286,20 +315,39 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     E, T, n = args.examples, args.text_len, args.n_prompt
     data, source = _federated_data(lm, K, E, T, n)
     chunk = args.chunk if (args.chunk and K > args.chunk) else 0
-    cfg = FedConfig(num_clients=K, clients_per_round=K, population_size=args.population,
-                    local_generations=args.generations, intrinsic_dim=args.intrinsic_dim, n_prompt_tokens=n,
-                    chunk_clients=chunk)
+    cfg = FedConfig(
+        num_clients=K,
+        clients_per_round=K,
+        population_size=args.population,
+        local_generations=args.generations,
+        intrinsic_dim=args.intrinsic_dim,
+        n_prompt_tokens=n,
+        chunk_clients=chunk,
+    )
     hp = HParams(sigma0=1.0, perturb_rate=0.5).validate()
-    A = prompt.make_projection(jax.random.key(1), lm.input_embeddings(), intrinsic_dim=cfg.intrinsic_dim,
-                               n_prompt_tokens=n)
+    A = prompt.make_projection(
+        jax.random.key(1), lm.input_embeddings(), intrinsic_dim=cfg.intrinsic_dim, n_prompt_tokens=n
+    )
     model = ModelInputs(lm.params, A)
     cue = int(data.spec.cue_ids.shape[0])
     T = int(data.train.input_ids.shape[-1])
     E = int(data.train.input_ids.shape[-2])
-    res.update({"source": source, "E": E, "T": T, "n_prompt": n, "cue": cue, "d": cfg.intrinsic_dim,
-                "population": cfg.population_size, "generations": cfg.local_generations, "chunk_clients": chunk,
-                "model_bytes": common.tree_bytes(lm.params), "projection_bytes": common.tree_bytes(A),
-                "num_params": lm.num_params()})
+    res.update(
+        {
+            "source": source,
+            "E": E,
+            "T": T,
+            "n_prompt": n,
+            "cue": cue,
+            "d": cfg.intrinsic_dim,
+            "population": cfg.population_size,
+            "generations": cfg.local_generations,
+            "chunk_clients": chunk,
+            "model_bytes": common.tree_bytes(lm.params),
+            "projection_bytes": common.tree_bytes(A),
+            "num_params": lm.num_params(),
+        }
+    )
     peak = common.Peak(repeats=args.peak_repeats, dtype=dtype)
     for _ in range(args.peak_samples):
         peak.measure()
@@ -320,8 +368,14 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     flops_round = K * round_cost(algo, lm, data)["flops_per_client"]
     prefix_tokens = (fwd_per_eval - 1 if args.keep_clean_cache else fwd_per_eval) * E * T
     tokens_round = K * (prefix_tokens + fwd_per_eval * passes * E * (n + cue))
-    res.update({"gflop_per_round": flops_round / 1e9, "tokens_per_round": tokens_round,
-                "evals_per_round": K * passes, "forward_calls_per_round_ref": K * passes * fwd_per_eval})
+    res.update(
+        {
+            "gflop_per_round": flops_round / 1e9,
+            "tokens_per_round": tokens_round,
+            "evals_per_round": K * passes,
+            "forward_calls_per_round_ref": K * passes * fwd_per_eval,
+        }
+    )
 
     # ---- deterministic check: vectorized vs reference-style fitness of the same candidates -------
     ref = _RefStyle(lm, cfg, data, model, hp)
@@ -329,8 +383,11 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     res["check_max_rel_diff"] = _check_fitness(ref, cfg, data, model, res["check_clients"])
     res["check_tolerance"] = CHECK_TOLERANCE[dtype]
     res["check_ok"] = res["check_max_rel_diff"] <= res["check_tolerance"]
-    print(f"[{model_name} K={K}] check: vectorized vs reference-style fitness, {res['check_clients']} client(s) x "
-          f"{cfg.population_size} candidates: max rel diff {res['check_max_rel_diff']:.2e}", flush=True)
+    print(
+        f"[{model_name} K={K}] check: vectorized vs reference-style fitness, {res['check_clients']} client(s) x "
+        f"{cfg.population_size} candidates: max rel diff {res['check_max_rel_diff']:.2e}",
+        flush=True,
+    )
 
     # ---- vectorized round ----------------------------------------------------------------------
     state = algo.init(jax.random.key(0), hp)
@@ -343,9 +400,17 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     res["peak_rss_compile"] = common.peak_rss_bytes()
     try:  # XLA's own buffer plan of the compiled round (what a GPU/TPU would hold in device memory)
         ma = compiled.memory_analysis()
-        res["xla_memory"] = {k: int(getattr(ma, k)) for k in (
-            "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-            "peak_memory_in_bytes") if hasattr(ma, k)}
+        res["xla_memory"] = {
+            k: int(getattr(ma, k))
+            for k in (
+                "argument_size_in_bytes",
+                "output_size_in_bytes",
+                "alias_size_in_bytes",
+                "temp_size_in_bytes",
+                "peak_memory_in_bytes",
+            )
+            if hasattr(ma, k)
+        }
     except Exception as e:  # noqa: BLE001  (not every backend/version implements it)
         res["xla_memory"] = {"error": repr(e)}
     warm = args.warmup if not (model_name == "smollm2" and K >= 10 and not args.warmup_smollm2) else 0
@@ -379,45 +444,71 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     res["device_memory_stats"] = common.device_memory_stats()
     t = float(np.min(times))  # best of the timed rounds: the machine is shared (see cpu_util)
     ref_peak = 0.5 * (pb + pa)
-    res.update({"warmup_rounds": warm, "timed_rounds": rounds, "round_times_s": times, "first_round_s": first,
-                "round_s": t, "rounds_per_s": 1 / t, "client_generations_per_s": K * cfg.local_generations / t,
-                "candidate_evals_per_s": K * passes / t, "tokens_per_s": tokens_round / t,
-                "gflops": flops_round / t / 1e9, "peak_adjacent": ref_peak,
-                "frac_adjacent": flops_round / t / 1e9 / ref_peak, "cpu_util": util,
-                "metrics_last_round": {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}})
-    print(f"[{model_name} K={K}] vectorized: compile {res['compile_s']:.1f} s, round {t:.3f} s "
-          f"({res['gflops']:.1f} GFLOP/s, {100 * res['frac_adjacent']:.1f}% of the adjacent peak {ref_peak:.0f}, "
-          f"best peak so far {peak.best:.0f}, cpu util {util:.2f}), "
-          f"peak RSS {res['peak_rss_run'] / 2**20:.0f} MiB (model {res['model_bytes'] / 2**20:.0f} MiB)", flush=True)
+    res.update(
+        {
+            "warmup_rounds": warm,
+            "timed_rounds": rounds,
+            "round_times_s": times,
+            "first_round_s": first,
+            "round_s": t,
+            "rounds_per_s": 1 / t,
+            "client_generations_per_s": K * cfg.local_generations / t,
+            "candidate_evals_per_s": K * passes / t,
+            "tokens_per_s": tokens_round / t,
+            "gflops": flops_round / t / 1e9,
+            "peak_adjacent": ref_peak,
+            "frac_adjacent": flops_round / t / 1e9 / ref_peak,
+            "cpu_util": util,
+            "metrics_last_round": {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()},
+        }
+    )
+    print(
+        f"[{model_name} K={K}] vectorized: compile {res['compile_s']:.1f} s, round {t:.3f} s "
+        f"({res['gflops']:.1f} GFLOP/s, {100 * res['frac_adjacent']:.1f}% of the adjacent peak {ref_peak:.0f}, "
+        f"best peak so far {peak.best:.0f}, cpu util {util:.2f}), "
+        f"peak RSS {res['peak_rss_run'] / 2**20:.0f} MiB (model {res['model_bytes'] / 2**20:.0f} MiB)",
+        flush=True,
+    )
     del compiled
 
     # ---- pure inference: the same model on the same tokens, nothing else ---------------------------
     if not args.skip_pure:
         from fedbpt_jax import objective as obj
 
-        pure = _pure_inference(lm, algo.scorer or obj.make_scorer(lm, cfg.layout, n_prompt_tokens=n), data, A,
-                               passes, chunk)
+        pure = _pure_inference(
+            lm, algo.scorer or obj.make_scorer(lm, cfg.layout, n_prompt_tokens=n), data, A, passes, chunk
+        )
         key_pert, key_z = jax.random.split(jax.random.key(21))
         pert = obj.perturb(key_pert, data.train, hp.perturb_rate, data.spec)
         batches = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b], axis=1), data.train, pert)
         Z = jax.random.normal(key_z, (K, passes, cfg.intrinsic_dim), jnp.float32)
         kept = data.clean_context
         pure_c, res["pure_compile_s"] = common.aot_compile(pure, lm.params, A, batches, Z, kept)
-        timed = common.time_call(pure_c, lm.params, A, batches, Z, kept, repeats=max(rounds, 1),
-                                 warmup=1 if model_name == "tiny" or K < 10 else 0)
+        timed = common.time_call(
+            pure_c,
+            lm.params,
+            A,
+            batches,
+            Z,
+            kept,
+            repeats=max(rounds, 1),
+            warmup=1 if model_name == "tiny" or K < 10 else 0,
+        )
         res["pure_s"] = timed["min_s"]
         res["pure_tokens_per_s"] = tokens_round / res["pure_s"]
         res["frac_pure_inference"] = res["pure_s"] / t
-        print(f"[{model_name} K={K}] pure inference of the same tokens: {res['pure_s']:.3f} s; the round runs at "
-              f"{100 * res['frac_pure_inference']:.1f}% of pure-inference tokens/s", flush=True)
+        print(
+            f"[{model_name} K={K}] pure inference of the same tokens: {res['pure_s']:.3f} s; the round runs at "
+            f"{100 * res['frac_pure_inference']:.1f}% of pure-inference tokens/s",
+            flush=True,
+        )
         del pure_c
 
     # ---- ES share: the same round with a trivial model ------------------------------------------
     if args.es_ks in ("", "all") or (args.es_ks != "none" and K in [int(k) for k in args.es_ks.split(",")]):
         es_algo = _make_algo(cfg, lm, _cheap_scorer(int(data.spec.label_ids.shape[0])))
         es_state = es_algo.init(jax.random.key(0), hp)
-        es_compiled, res["es_compile_s"] = common.aot_compile(jax.jit(es_algo.round), key, es_state, data, hp,
-                                                              model)
+        es_compiled, res["es_compile_s"] = common.aot_compile(jax.jit(es_algo.round), key, es_state, data, hp, model)
         es_times = []
         for r in range(1 + max(rounds, 2)):
             t0 = time.perf_counter()
@@ -449,15 +540,25 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     sig = [uploads[c % S][2] for c in range(K)]
     server_s = ref.server(server_es, means, fits, sig)
     ref_round = sum(client_s) / S * K + server_s
-    res.update({"ref_clients_timed": S, "ref_extrapolated": S < K, "ref_client_s_mean": float(np.mean(client_s)),
-                "ref_server_s": server_s, "ref_round_s": ref_round,
-                "ref_es_s": es_client_s / S * K + server_s, "ref_gflops": flops_round / ref_round / 1e9,
-                "speedup": ref_round / t})
+    res.update(
+        {
+            "ref_clients_timed": S,
+            "ref_extrapolated": S < K,
+            "ref_client_s_mean": float(np.mean(client_s)),
+            "ref_server_s": server_s,
+            "ref_round_s": ref_round,
+            "ref_es_s": es_client_s / S * K + server_s,
+            "ref_gflops": flops_round / ref_round / 1e9,
+            "speedup": ref_round / t,
+        }
+    )
     res["ref_es_share"] = res["ref_es_s"] / ref_round
-    print(f"[{model_name} K={K}] reference-style: {S} client(s) timed{' (extrapolated to K)' if S < K else ''}, "
-          f"round {ref_round:.3f} s, pycma share {100 * res['ref_es_share']:.1f}%; vectorized speedup "
-          f"{res['speedup']:.1f}x; ES share of vectorized round {100 * res.get('es_share', float('nan')):.1f}%",
-          flush=True)
+    print(
+        f"[{model_name} K={K}] reference-style: {S} client(s) timed{' (extrapolated to K)' if S < K else ''}, "
+        f"round {ref_round:.3f} s, pycma share {100 * res['ref_es_share']:.1f}%; vectorized speedup "
+        f"{res['speedup']:.1f}x; ES share of vectorized round {100 * res.get('es_share', float('nan')):.1f}%",
+        flush=True,
+    )
 
     # ---- reference-style with the paper's prompt-first layout (no prefix cache possible) -----------
     S2 = min(K, args.ref_before_clients)
@@ -469,12 +570,20 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
             t0 = time.perf_counter()
             ref_b.client(server_es, c, keys[c], seed=1234 + c)
             times_b.append(time.perf_counter() - t0)
-        res.update({"ref_before_clients_timed": S2, "ref_before_round_s": sum(times_b) / S2 * K + server_s,
-                    "ref_before_extrapolated": S2 < K})
+        res.update(
+            {
+                "ref_before_clients_timed": S2,
+                "ref_before_round_s": sum(times_b) / S2 * K + server_s,
+                "ref_before_extrapolated": S2 < K,
+            }
+        )
         res["speedup_vs_ref_before"] = res["ref_before_round_s"] / t
-        print(f"[{model_name} K={K}] reference-style, paper layout 'before' (no cache): {S2} client(s) timed"
-              f"{' (extrapolated to K)' if S2 < K else ''}, round {res['ref_before_round_s']:.3f} s; vectorized "
-              f"('after' + cache) speedup {res['speedup_vs_ref_before']:.1f}x", flush=True)
+        print(
+            f"[{model_name} K={K}] reference-style, paper layout 'before' (no cache): {S2} client(s) timed"
+            f"{' (extrapolated to K)' if S2 < K else ''}, round {res['ref_before_round_s']:.3f} s; vectorized "
+            f"('after' + cache) speedup {res['speedup_vs_ref_before']:.1f}x",
+            flush=True,
+        )
     for _ in range(args.peak_samples):
         peak.measure()
     res["peak_gflops_history"] = peak.history
@@ -488,10 +597,27 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
 # ==================================================================================================
 def _worker_cmd(model: str, K: int, args, out: str, dtype: str = "float32") -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, str(K), out, "--dtypes", dtype]
-    for name in ("examples", "text_len", "n_prompt", "intrinsic_dim", "population", "generations", "chunk",
-                 "rounds", "rounds_tiny_large", "rounds_smollm2", "warmup", "ref_clients", "ref_clients_smollm2",
-                 "check_clients", "ref_before_clients", "ref_before_clients_smollm2", "es_ks", "peak_samples",
-                 "peak_repeats"):
+    for name in (
+        "examples",
+        "text_len",
+        "n_prompt",
+        "intrinsic_dim",
+        "population",
+        "generations",
+        "chunk",
+        "rounds",
+        "rounds_tiny_large",
+        "rounds_smollm2",
+        "warmup",
+        "ref_clients",
+        "ref_clients_smollm2",
+        "check_clients",
+        "ref_before_clients",
+        "ref_before_clients_smollm2",
+        "es_ks",
+        "peak_samples",
+        "peak_repeats",
+    ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.warmup_smollm2:
         cmd.append("--warmup-smollm2")
@@ -519,16 +645,29 @@ def _plot(results: list[dict], path: str) -> None:
         ax.plot(ks, [r["round_s"] for r in rs], "o-", color=color, label=f"{model}: vectorized (jit, vmap)")
         rr = [r for r in rs if "ref_round_s" in r]
         if rr:
-            ax.plot([r["K"] for r in rr], [r["ref_round_s"] for r in rr], "s--", color=color, alpha=0.7,
-                    label=f"{model}: reference-style (loop, pycma)")
+            ax.plot(
+                [r["K"] for r in rr],
+                [r["ref_round_s"] for r in rr],
+                "s--",
+                color=color,
+                alpha=0.7,
+                label=f"{model}: reference-style (loop, pycma)",
+            )
         rb = [r for r in rs if r.get("ref_before_round_s")]
         if rb:
-            ax.plot([r["K"] for r in rb], [r["ref_before_round_s"] for r in rb], "^:", color=color, alpha=0.6,
-                    label=f"{model}: reference-style, paper layout 'before'")
+            ax.plot(
+                [r["K"] for r in rb],
+                [r["ref_before_round_s"] for r in rb],
+                "^:",
+                color=color,
+                alpha=0.6,
+                label=f"{model}: reference-style, paper layout 'before'",
+            )
         for r in rs:
             if r.get("ref_extrapolated") and "ref_round_s" in r:
-                ax.annotate("extrap.", (r["K"], r["ref_round_s"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(
+                    "extrap.", (r["K"], r["ref_round_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("clients per round K")
@@ -541,27 +680,61 @@ def _plot(results: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-COLUMNS = [("model", "model"), ("dtype", "dtype"), ("K", "K"), ("chunk_clients", "chunk"), ("round_s", "s/round"),
-           ("rounds_per_s", "rounds/s"), ("client_generations_per_s", "client-gens/s"),
-           ("candidate_evals_per_s", "cand evals/s"), ("tokens_per_s", "tokens/s"), ("gflops", "GFLOP/s"),
-           ("frac_peak", "frac best peak"), ("frac_adjacent", "frac adj. peak"), ("cpu_util", "cpu util"),
-           ("compile_s", "compile s"), ("es_share", "ES share"), ("frac_pure_inference", "frac of pure inference"),
-           ("speed_vs_float32", "speed vs float32")]
-REF_COLUMNS = [("model", "model"), ("dtype", "dtype"), ("K", "K"), ("round_s", "vectorized s/round"), ("ref_round_s", "ref s/round"),
-               ("ref_clients_timed", "ref clients timed"), ("ref_es_share", "ref pycma share"),
-               ("speedup", "speedup"), ("ref_before_round_s", "ref 'before' s/round"),
-               ("speedup_vs_ref_before", "speedup vs ref 'before'"), ("check_max_rel_diff", "check rel diff")]
-MEM_COLUMNS = [("model", "model"), ("dtype", "dtype"), ("K", "K"), ("model_mib", "model MiB"), ("runtime_rss_mib", "runtime RSS MiB"),
-               ("peak_rss_compile_mib", "peak RSS compile MiB"), ("peak_rss_mib", "peak RSS run MiB"),
-               ("round_working_set_mib", "round working set MiB"), ("mem_x_model", "peak RSS / model"),
-               ("mem_above_runtime_x_model", "(peak - runtime) / model"), ("peak_rss_vs_float32", "peak RSS vs float32"),
-               ("above_runtime_vs_float32", "(peak - runtime) vs float32")]
+COLUMNS = [
+    ("model", "model"),
+    ("dtype", "dtype"),
+    ("K", "K"),
+    ("chunk_clients", "chunk"),
+    ("round_s", "s/round"),
+    ("rounds_per_s", "rounds/s"),
+    ("client_generations_per_s", "client-gens/s"),
+    ("candidate_evals_per_s", "cand evals/s"),
+    ("tokens_per_s", "tokens/s"),
+    ("gflops", "GFLOP/s"),
+    ("frac_peak", "frac best peak"),
+    ("frac_adjacent", "frac adj. peak"),
+    ("cpu_util", "cpu util"),
+    ("compile_s", "compile s"),
+    ("es_share", "ES share"),
+    ("frac_pure_inference", "frac of pure inference"),
+    ("speed_vs_float32", "speed vs float32"),
+]
+REF_COLUMNS = [
+    ("model", "model"),
+    ("dtype", "dtype"),
+    ("K", "K"),
+    ("round_s", "vectorized s/round"),
+    ("ref_round_s", "ref s/round"),
+    ("ref_clients_timed", "ref clients timed"),
+    ("ref_es_share", "ref pycma share"),
+    ("speedup", "speedup"),
+    ("ref_before_round_s", "ref 'before' s/round"),
+    ("speedup_vs_ref_before", "speedup vs ref 'before'"),
+    ("check_max_rel_diff", "check rel diff"),
+]
+MEM_COLUMNS = [
+    ("model", "model"),
+    ("dtype", "dtype"),
+    ("K", "K"),
+    ("model_mib", "model MiB"),
+    ("runtime_rss_mib", "runtime RSS MiB"),
+    ("peak_rss_compile_mib", "peak RSS compile MiB"),
+    ("peak_rss_mib", "peak RSS run MiB"),
+    ("round_working_set_mib", "round working set MiB"),
+    ("mem_x_model", "peak RSS / model"),
+    ("mem_above_runtime_x_model", "(peak - runtime) / model"),
+    ("peak_rss_vs_float32", "peak RSS vs float32"),
+    ("above_runtime_vs_float32", "(peak - runtime) vs float32"),
+]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny model, K in {1, 10}, 2 reference-style clients timed, in-process (< 60 s)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, K in {1, 10}, 2 reference-style clients timed, in-process (< 60 s)",
+    )
     ap.add_argument("--models", default=None, help="comma list of tiny,smollm2 (default both; --quick: tiny)")
     ap.add_argument("--ks", default=None, help="comma list of K (default: tiny 1,10,100,1000; smollm2 1,10)")
     ap.add_argument("--examples", type=int, default=4, help="examples per client E (SST-2 few-shot split)")
@@ -575,29 +748,50 @@ def main(argv=None):
     ap.add_argument("--rounds-tiny-large", type=int, default=2, help="timed rounds (tiny, K >= 1000)")
     ap.add_argument("--rounds-smollm2", type=int, default=1, help="timed rounds (SmolLM2)")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing")
-    ap.add_argument("--warmup-smollm2", action="store_true",
-                    help="SmolLM2 K>=10: run a warm-up round too (default: time the first execution after AOT "
-                         "compilation, which saves a ~1-minute round)")
+    ap.add_argument(
+        "--warmup-smollm2",
+        action="store_true",
+        help="SmolLM2 K>=10: run a warm-up round too (default: time the first execution after AOT "
+        "compilation, which saves a ~1-minute round)",
+    )
     ap.add_argument("--ref-clients", type=int, default=100, help="reference-style: clients timed (<=0: all)")
     ap.add_argument("--ref-clients-smollm2", type=int, default=1, help="reference-style clients timed, SmolLM2")
-    ap.add_argument("--ref-before-clients", type=int, default=10,
-                    help="reference-style with the paper's 'before' layout (uncached): clients timed (0: skip)")
-    ap.add_argument("--ref-before-clients-smollm2", type=int, default=0,
-                    help="the same for SmolLM2 (default 0: ~5x the cached cost per client)")
+    ap.add_argument(
+        "--ref-before-clients",
+        type=int,
+        default=10,
+        help="reference-style with the paper's 'before' layout (uncached): clients timed (0: skip)",
+    )
+    ap.add_argument(
+        "--ref-before-clients-smollm2",
+        type=int,
+        default=0,
+        help="the same for SmolLM2 (default 0: ~5x the cached cost per client)",
+    )
     ap.add_argument("--skip-ref", action="store_true", help="leave out the reference-style runs")
     ap.add_argument("--skip-pure", action="store_true", help="leave out the pure-inference comparison")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
-    ap.add_argument("--keep-clean-cache", action="store_true",
-                    help="keep the clients' clean prefix caches across rounds (built once, outside the timed round)")
+    ap.add_argument(
+        "--keep-clean-cache",
+        action="store_true",
+        help="keep the clients' clean prefix caches across rounds (built once, outside the timed round)",
+    )
     ap.add_argument("--check-clients", type=int, default=2)
     ap.add_argument("--peak-samples", type=int, default=2, help="matmul-peak measurements at each point")
     ap.add_argument("--peak-repeats", type=int, default=4, help="timed matmuls per peak measurement")
-    ap.add_argument("--es-ks", default="all", help="comma list of K whose ES share is measured, 'all' (default) or 'none'")
+    ap.add_argument(
+        "--es-ks", default="all", help="comma list of K whose ES share is measured, 'all' (default) or 'none'"
+    )
     ap.add_argument("--no-subprocess", action="store_true", help="run every configuration in this process")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG path (default benchmarks/results/round_throughput[_quick].png)")
-    ap.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
-                    help="only draw the plot (--plot) from the results of earlier --json files")
+    ap.add_argument(
+        "--plot-from",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="only draw the plot (--plot) from the results of earlier --json files",
+    )
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "K", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -623,8 +817,11 @@ def main(argv=None):
         args.rounds, args.check_clients, args.ref_clients, args.ref_before_clients = 2, 1, 2, 0
         args.es_ks, args.peak_samples, args.peak_repeats = "1", 1, 2
     info = common.machine_info()
-    print(f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
-          f"cma {info['versions']['cma']}, load average {info['loadavg_start']}", flush=True)
+    print(
+        f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
+        f"cma {info['versions']['cma']}, load average {info['loadavg_start']}",
+        flush=True,
+    )
     import jax  # noqa: F401  (the parent measures the peak too; it is idle while a worker runs)
 
     dtypes = args.dtypes.split(",")
@@ -637,39 +834,44 @@ def main(argv=None):
             pk.measure()
     results = []
     # Both precisions of one K run back to back (the same machine load for the ratio).
-    configs = [(model, K, dtype) for model in models
-               for K in ([int(k) for k in args.ks.split(",")] if args.ks else (QUICK_KS if args.quick else DEFAULT_KS)[model])
-               for dtype in dtypes]
+    configs = [
+        (model, K, dtype)
+        for model in models
+        for K in ([int(k) for k in args.ks.split(",")] if args.ks else (QUICK_KS if args.quick else DEFAULT_KS)[model])
+        for dtype in dtypes
+    ]
     for model, K, dtype in configs:
-            t0 = time.perf_counter()
-            if args.no_subprocess:
-                if model == "smollm2":
-                    args.ref_clients = args.ref_clients_smollm2
-                    args.ref_before_clients = args.ref_before_clients_smollm2
-                res = run_config(model, K, args, common.load_model(model, dtype), dtype)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = os.path.join(tmp, "res.json")
-                    proc = subprocess.run(_worker_cmd(model, K, args, out, dtype))
-                    if proc.returncode != 0 or not os.path.exists(out):
-                        print(f"[{model} {dtype} K={K}] worker failed (exit {proc.returncode})", flush=True)
-                        results.append({"model": model, "dtype": dtype, "K": K, "error": f"exit {proc.returncode}"})
-                        continue
-                    res = json.load(open(out))
-            res["wall_s"] = time.perf_counter() - t0
-            res["peak_rss_mib"] = res["peak_rss_run"] / 2**20
-            res["runtime_rss_mib"] = res["rss_runtime"] / 2**20
-            res["mem_x_model"] = res["peak_rss_run"] / res["model_bytes"]
-            res["mem_above_runtime_x_model"] = (res["peak_rss_run"] - res["rss_runtime"]) / res["model_bytes"]
-            res["round_working_set_mib"] = (res["peak_rss_run"] - res["rss_before_run"]) / 2**20
-            res["subprocess"] = not args.no_subprocess
-            results.append(res)
+        t0 = time.perf_counter()
+        if args.no_subprocess:
+            if model == "smollm2":
+                args.ref_clients = args.ref_clients_smollm2
+                args.ref_before_clients = args.ref_before_clients_smollm2
+            res = run_config(model, K, args, common.load_model(model, dtype), dtype)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "res.json")
+                proc = subprocess.run(_worker_cmd(model, K, args, out, dtype))
+                if proc.returncode != 0 or not os.path.exists(out):
+                    print(f"[{model} {dtype} K={K}] worker failed (exit {proc.returncode})", flush=True)
+                    results.append({"model": model, "dtype": dtype, "K": K, "error": f"exit {proc.returncode}"})
+                    continue
+                res = json.load(open(out))
+        res["wall_s"] = time.perf_counter() - t0
+        res["peak_rss_mib"] = res["peak_rss_run"] / 2**20
+        res["runtime_rss_mib"] = res["rss_runtime"] / 2**20
+        res["mem_x_model"] = res["peak_rss_run"] / res["model_bytes"]
+        res["mem_above_runtime_x_model"] = (res["peak_rss_run"] - res["rss_runtime"]) / res["model_bytes"]
+        res["round_working_set_mib"] = (res["peak_rss_run"] - res["rss_before_run"]) / 2**20
+        res["subprocess"] = not args.no_subprocess
+        results.append(res)
 
     for pk in peaks.values():
         for _ in range(args.peak_samples + 1):
             pk.measure()
-    best_of = {d: max([pk.best] + [r.get("peak_best_worker", 0) for r in results if r.get("dtype") == d])
-               for d, pk in peaks.items()}
+    best_of = {
+        d: max([pk.best] + [r.get("peak_best_worker", 0) for r in results if r.get("dtype") == d])
+        for d, pk in peaks.items()
+    }
     ok_rows = [r for r in results if "round_s" in r]
     for r in ok_rows:  # conservative: against the best matmul peak of its dtype measured anywhere in the run
         best = best_of[r["dtype"]]
@@ -681,10 +883,13 @@ def main(argv=None):
         if twin and r["dtype"] != "float32":
             r["speed_vs_float32"] = twin[0]["round_s"] / r["round_s"]
             r["peak_rss_vs_float32"] = r["peak_rss_run"] / twin[0]["peak_rss_run"]
-            r["above_runtime_vs_float32"] = ((r["peak_rss_run"] - r["rss_runtime"])
-                                             / (twin[0]["peak_rss_run"] - twin[0]["rss_runtime"]))
-    print(f"\nload average now {list(os.getloadavg())}; best matmul peaks of the run "
-          f"{ {d: round(b, 1) for d, b in best_of.items()} } GFLOP/s\n")
+            r["above_runtime_vs_float32"] = (r["peak_rss_run"] - r["rss_runtime"]) / (
+                twin[0]["peak_rss_run"] - twin[0]["rss_runtime"]
+            )
+    print(
+        f"\nload average now {list(os.getloadavg())}; best matmul peaks of the run "
+        f"{ {d: round(b, 1) for d, b in best_of.items()} } GFLOP/s\n"
+    )
     for r in ok_rows:
         r["model_mib"] = r["model_bytes"] / 2**20
         r["peak_rss_compile_mib"] = r["peak_rss_compile"] / 2**20
@@ -693,17 +898,23 @@ def main(argv=None):
     print(common.table(ok_rows, REF_COLUMNS))
     print()
     print(common.table(ok_rows, MEM_COLUMNS))
-    print("\nES share: CMA-ES ask/tell + perturbation + projection + server aggregation, timed as the same "
-          "compiled round with the model replaced by a trivial function, over the full round time. "
-          "'ref' = reference-style run (clients in sequence, one jitted call per candidate and pass, pycma on "
-          "the host); speedup = ref s/round / vectorized s/round, measured in the same process.")
+    print(
+        "\nES share: CMA-ES ask/tell + perturbation + projection + server aggregation, timed as the same "
+        "compiled round with the model replaced by a trivial function, over the full round time. "
+        "'ref' = reference-style run (clients in sequence, one jitted call per candidate and pass, pycma on "
+        "the host); speedup = ref s/round / vectorized s/round, measured in the same process."
+    )
     for r in ok_rows:
         if r.get("ref_extrapolated"):
-            print(f"  {r['model']} K={r['K']}: reference-style time extrapolated linearly from "
-                  f"{r['ref_clients_timed']} timed client(s) (+ the measured server step).")
+            print(
+                f"  {r['model']} K={r['K']}: reference-style time extrapolated linearly from "
+                f"{r['ref_clients_timed']} timed client(s) (+ the measured server step)."
+            )
         if not r["check_ok"]:
-            print(f"  {r['model']} {r['dtype']} K={r['K']}: CHECK FAILED (rel diff {r['check_max_rel_diff']:.2e} > "
-                  f"{r['check_tolerance']:g})")
+            print(
+                f"  {r['model']} {r['dtype']} K={r['K']}: CHECK FAILED (rel diff {r['check_max_rel_diff']:.2e} > "
+                f"{r['check_tolerance']:g})"
+            )
     targets = {}
     for r in ok_rows:
         if r["model"] == "tiny" and r["K"] == 100:
@@ -721,24 +932,34 @@ def main(argv=None):
                 targets["smollm2 K=10: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
             targets["smollm2 K=10: peak RSS of the whole process <= 3x one model copy"] = r["mem_x_model"] <= 3
             targets["smollm2 K=10: peak RSS above the bare JAX runtime <= 3x one model copy"] = (
-                r["mem_above_runtime_x_model"] <= 3)
+                r["mem_above_runtime_x_model"] <= 3
+            )
         if r["model"] == "smollm2" and r["K"] == 1:
             if "es_share" in r:
                 targets["smollm2 K=1: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
     for k, v in targets.items():
         print(f"target {k}: {'MET' if v else 'NOT MET'}")
 
-    plot = args.plot or str(common.RESULTS_DIR / ("round_throughput_quick.png" if args.quick else "round_throughput.png"))
+    plot = args.plot or str(
+        common.RESULTS_DIR / ("round_throughput_quick.png" if args.quick else "round_throughput.png")
+    )
     if ok_rows:
         os.makedirs(os.path.dirname(plot), exist_ok=True)
         _plot(ok_rows, plot)
         print(f"wrote {plot}")
     info["loadavg_end"] = list(os.getloadavg())
     if args.json:
-        common.write_json(args.json, {"benchmark": "round_throughput", "machine": info,
-                                      "args": {k: v for k, v in vars(args).items() if k != "worker"},
-                                      "results": results, "targets": targets,
-                                      "plot": os.path.relpath(plot, common.RESULTS_DIR.parent.parent)})
+        common.write_json(
+            args.json,
+            {
+                "benchmark": "round_throughput",
+                "machine": info,
+                "args": {k: v for k, v in vars(args).items() if k != "worker"},
+                "results": results,
+                "targets": targets,
+                "plot": os.path.relpath(plot, common.RESULTS_DIR.parent.parent),
+            },
+        )
         print(f"wrote {args.json}")
     return 0 if all(r.get("check_ok", False) for r in results) else 1
 

@@ -20,6 +20,7 @@ Nothing is asserted on time.
     python benchmarks/sweep_throughput.py --json benchmarks/results/sweep_throughput_tiny.json   # S in {1, 4, 16}
     python benchmarks/sweep_throughput.py --model smollm2-135m-instruct --json benchmarks/results/sweep_throughput_smollm2.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,20 +49,39 @@ def _setup(model: str, n: int, k: int, e: int, t: int, n_prompt: int, d: int, ev
 
     lm = common.load_model("tiny" if model == "tiny" else "smollm2")
     if lm.tokenizer is not None:
-        fd = fdata.federated("sst2", lm.tokenizer, lm.kind, num_clients=n, shots_per_class=-(-n * e // 2), alpha=None,
-                             seed=seed, n_prompt=n_prompt, max_length=t, pad_to=e, pad_to_max_length=True,
-                             test_size=eval_size)
+        fd = fdata.federated(
+            "sst2",
+            lm.tokenizer,
+            lm.kind,
+            num_clients=n,
+            shots_per_class=-(-n * e // 2),
+            alpha=None,
+            seed=seed,
+            n_prompt=n_prompt,
+            max_length=t,
+            pad_to=e,
+            pad_to_max_length=True,
+            test_size=eval_size,
+        )
         data, test, dev, source = fl.FederatedData.from_host(fd), fd.test, fd.dev, "sst2 few-shot, IID split"
     else:
         train = testing.random_batch(seed, e, t, lm.vocab_size, leading=(n,))
         spec = testing.random_spec(lm.vocab_size, cue_len=4)
-        data = fl.FederatedData(train=jax.tree_util.tree_map(jnp.asarray, train),
-                                counts=jnp.full((n,), e, jnp.int32), spec=spec)
+        data = fl.FederatedData(
+            train=jax.tree_util.tree_map(jnp.asarray, train), counts=jnp.full((n,), e, jnp.int32), spec=spec
+        )
         test = testing.random_batch(seed + 1, eval_size, t, lm.vocab_size)
         dev = testing.random_batch(seed + 2, eval_size, t, lm.vocab_size)
         source = "random tokens"
-    cfg = fl.FedConfig(num_clients=n, clients_per_round=k, population_size=5, local_generations=8, intrinsic_dim=d,
-                       n_prompt_tokens=n_prompt, chunk_clients=0)
+    cfg = fl.FedConfig(
+        num_clients=n,
+        clients_per_round=k,
+        population_size=5,
+        local_generations=8,
+        intrinsic_dim=d,
+        n_prompt_tokens=n_prompt,
+        chunk_clients=0,
+    )
     algo = fl.fedbpt(cfg, lm)
     model_inputs = fl.ModelInputs.build(jax.random.key(seed), lm, cfg)
     return lm, algo, data, test, dev, model_inputs, source
@@ -90,11 +110,20 @@ def measure(s: int, setup, *, rounds: int, eval_every: int, eval_chunk: int) -> 
         carry, hist = fl.run(algo, jax.random.key(seed), data, test, lm, model, progress=False, log_clients=False, **kw)
         finals.append(hist.evals[-1]["accuracy"])
     seq = time.perf_counter() - t0
-    return {"S": s, "lanes": s, "rounds": rounds, "eval_every": eval_every,
-            "sweep_first_s": first, "sweep_s": steady, "sweep_lanes_per_s": s / steady,
-            "sequential_s": seq, "sequential_lanes_per_s": s / seq, "speedup": seq / steady,
-            "sweep_final_test_acc_mean": float(np.mean([r["final_test_accuracy"] for r in res.lanes])),
-            "sequential_final_test_acc_mean": float(np.mean(finals))}
+    return {
+        "S": s,
+        "lanes": s,
+        "rounds": rounds,
+        "eval_every": eval_every,
+        "sweep_first_s": first,
+        "sweep_s": steady,
+        "sweep_lanes_per_s": s / steady,
+        "sequential_s": seq,
+        "sequential_lanes_per_s": s / seq,
+        "speedup": seq / steady,
+        "sweep_final_test_acc_mean": float(np.mean([r["final_test_accuracy"] for r in res.lanes])),
+        "sequential_final_test_acc_mean": float(np.mean(finals)),
+    }
 
 
 def main(argv=None):
@@ -120,28 +149,65 @@ def main(argv=None):
     every = args.eval_every or (1 if args.quick else 2)
 
     info = common.machine_info()
-    setup = _setup(args.model, args.clients, args.per_round, args.examples, args.text_len, args.n_prompt,
-                   args.intrinsic_dim, args.eval_size)
-    config = {"model": args.model, "source": setup[-1], "N": args.clients, "K": args.per_round, "E": args.examples,
-              "T": args.text_len, "n_prompt": args.n_prompt, "d": args.intrinsic_dim, "population": 5,
-              "local_generations": 8, "eval_size": args.eval_size, "rounds": rounds, "eval_every": every}
-    print(f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), {info['jax_backend']}, "
-          f"load {info['loadavg_start']}")
+    setup = _setup(
+        args.model,
+        args.clients,
+        args.per_round,
+        args.examples,
+        args.text_len,
+        args.n_prompt,
+        args.intrinsic_dim,
+        args.eval_size,
+    )
+    config = {
+        "model": args.model,
+        "source": setup[-1],
+        "N": args.clients,
+        "K": args.per_round,
+        "E": args.examples,
+        "T": args.text_len,
+        "n_prompt": args.n_prompt,
+        "d": args.intrinsic_dim,
+        "population": 5,
+        "local_generations": 8,
+        "eval_size": args.eval_size,
+        "rounds": rounds,
+        "eval_every": every,
+    }
+    print(
+        f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), {info['jax_backend']}, "
+        f"load {info['loadavg_start']}"
+    )
     rows = []
     for s in ss:
         rows.append(measure(s, setup, rounds=rounds, eval_every=every, eval_chunk=args.eval_size))
-        print(f"S={s}: sweep {rows[-1]['sweep_lanes_per_s']:.3f} lanes/s, sequential "
-              f"{rows[-1]['sequential_lanes_per_s']:.3f} lanes/s", flush=True)
+        print(
+            f"S={s}: sweep {rows[-1]['sweep_lanes_per_s']:.3f} lanes/s, sequential "
+            f"{rows[-1]['sequential_lanes_per_s']:.3f} lanes/s",
+            flush=True,
+        )
     print()
-    print(common.table(rows, [("S", "S"), ("sweep_first_s", "first sweep s (compile)"), ("sweep_s", "sweep s"),
-                              ("sweep_lanes_per_s", "sweep lanes/s"), ("sequential_s", "S runs s"),
-                              ("sequential_lanes_per_s", "sequential lanes/s"), ("speedup", "speedup"),
-                              ("sweep_final_test_acc_mean", "sweep final acc"),
-                              ("sequential_final_test_acc_mean", "runs final acc")]))
+    print(
+        common.table(
+            rows,
+            [
+                ("S", "S"),
+                ("sweep_first_s", "first sweep s (compile)"),
+                ("sweep_s", "sweep s"),
+                ("sweep_lanes_per_s", "sweep lanes/s"),
+                ("sequential_s", "S runs s"),
+                ("sequential_lanes_per_s", "sequential lanes/s"),
+                ("speedup", "speedup"),
+                ("sweep_final_test_acc_mean", "sweep final acc"),
+                ("sequential_final_test_acc_mean", "runs final acc"),
+            ],
+        )
+    )
     info["loadavg_end"] = list(os.getloadavg())
     if args.json:
-        common.write_json(args.json, {"benchmark": "sweep_throughput", "machine": info, "config": config,
-                                      "results": rows})
+        common.write_json(
+            args.json, {"benchmark": "sweep_throughput", "machine": info, "config": config, "results": rows}
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ per class, Dirichlet α = 1; on this project's CPU the default is SmolLM2-135M w
     python experiments/compare_algorithms.py --task sst2 --rounds 10          # real model (slow on CPU)
     python experiments/compare_algorithms.py --tiny                           # 1-minute smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,30 +60,63 @@ def main(argv=None) -> int:
     curves = {}
     for split in args.splits.split(","):
         alpha = None if split == "iid" else 1.0
-        fed = fb.data.federated(args.task, lm.tokenizer, lm.kind, num_clients=args.clients,
-                                shots_per_class=args.shots, alpha=alpha, seed=args.seed, n_prompt=args.n_prompt,
-                                source=args.data, test_size=args.test_size or None)
+        fed = fb.data.federated(
+            args.task,
+            lm.tokenizer,
+            lm.kind,
+            num_clients=args.clients,
+            shots_per_class=args.shots,
+            alpha=alpha,
+            seed=args.seed,
+            n_prompt=args.n_prompt,
+            source=args.data,
+            test_size=args.test_size or None,
+        )
         data = fb.FederatedData.from_host(fed)
-        cfg = fb.FedConfig(num_clients=args.clients, clients_per_round=args.clients,
-                           population_size=args.population, local_generations=args.local_generations,
-                           intrinsic_dim=args.d, n_prompt_tokens=args.n_prompt)
+        cfg = fb.FedConfig(
+            num_clients=args.clients,
+            clients_per_round=args.clients,
+            population_size=args.population,
+            local_generations=args.local_generations,
+            intrinsic_dim=args.d,
+            n_prompt_tokens=args.n_prompt,
+        )
         hp = fb.HParams(perturb_rate=args.perturb_rate)
         key_proj, key_run = jax.random.split(jax.random.key(args.seed))
         model = fb.ModelInputs.build(key_proj, lm, cfg)
         for name in args.algorithms.split(","):
             algo = fb.make(name, cfg, lm)
             t0 = time.perf_counter()
-            carry, hist = fb.run(algo, key_run, data, fed.test, lm, model, dev=fed.dev, num_rounds=args.rounds,
-                                 hp=hp, results_dir=out / f"{name}_{split}", progress=not args.tiny)
+            carry, hist = fb.run(
+                algo,
+                key_run,
+                data,
+                fed.test,
+                lm,
+                model,
+                dev=fed.dev,
+                num_rounds=args.rounds,
+                hp=hp,
+                results_dir=out / f"{name}_{split}",
+                progress=not args.tiny,
+            )
             s = fb.summarize(hist, carry)
-            res = {"z0": s["initial_test_accuracy"], "final": s["final_test_accuracy"],
-                   "selected": s["selected_test_accuracy"], "selected_round": s["selected_round"],
-                   "best_test_reference": s["best_test_reference"],
-                   "seconds": time.perf_counter() - t0, "bytes_up_per_client": algo.cost.comm.up_per_client}
+            res = {
+                "z0": s["initial_test_accuracy"],
+                "final": s["final_test_accuracy"],
+                "selected": s["selected_test_accuracy"],
+                "selected_round": s["selected_round"],
+                "best_test_reference": s["best_test_reference"],
+                "seconds": time.perf_counter() - t0,
+                "bytes_up_per_client": algo.cost.comm.up_per_client,
+            }
             summary["results"][f"{name}/{split}"] = res
             curves[f"{name}/{split}"] = [(e["round"], e["accuracy"]) for e in hist.evals]
-            print(f"{name:16s} {split:7s} z0 {res['z0']:.4f} final {res['final']:.4f} dev-selected "
-                  f"{res['selected']:.4f} (round {res['selected_round']})  {res['seconds']:.0f}s", flush=True)
+            print(
+                f"{name:16s} {split:7s} z0 {res['z0']:.4f} final {res['final']:.4f} dev-selected "
+                f"{res['selected']:.4f} (round {res['selected_round']})  {res['seconds']:.0f}s",
+                flush=True,
+            )
             write_json_atomic(out / "summary.json", summary)
     plot(curves, out / "accuracy.png", f"{args.task}, {lm.name}")
     return 0

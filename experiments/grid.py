@@ -42,6 +42,7 @@ Grid file (TOML; JSON with the same structure also works)::
 
 Runs are ordered seed first, so ``--max-runs`` takes every configuration's first seed before any second seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,38 +74,38 @@ RESULTS = HERE / "results"
 
 #: Every setting a run has, with its default. A grid's [base] and axes may set any of them, nothing else.
 SETTINGS: dict[str, Any] = {
-    "algorithm": "fedbpt",            # fedbpt | fedavg_bbt | centralized_bbt | manual | fedprompt
-    "algorithm_options": {},          # keyword arguments of the algorithm's factory (checked against it)
+    "algorithm": "fedbpt",  # fedbpt | fedavg_bbt | centralized_bbt | manual | fedprompt
+    "algorithm_options": {},  # keyword arguments of the algorithm's factory (checked against it)
     "model": "smollm2-135m-instruct",  # registry name, hub id, local dir or .gguf; "tiny" = tiny random decoder
-    "compute_dtype": "float32",       # float32 | bfloat16 | auto (float32: bfloat16 measured slower on this CPU)
+    "compute_dtype": "float32",  # float32 | bfloat16 | auto (float32: bfloat16 measured slower on this CPU)
     "task": "sst2",
-    "data": None,                     # data source (None: the package default, ../shared/data for sst2)
-    "style": None,                    # decoder template style: completion (None) | chat | bbt
-    "shots": 16,                      # few-shot examples per class, train (and as many dev)
-    "test_size": None,                # None: the full test split (872 SST-2 sentences)
+    "data": None,  # data source (None: the package default, ../shared/data for sst2)
+    "style": None,  # decoder template style: completion (None) | chat | bbt
+    "shots": 16,  # few-shot examples per class, train (and as many dev)
+    "test_size": None,  # None: the full test split (872 SST-2 sentences)
     "clients": 10,
-    "per_round": None,                # K clients a round (None: all)
-    "partition": "dirichlet:1.0",     # "iid" | "dirichlet:<alpha>"
-    "population": 5,                  # λ
-    "local_generations": 8,           # I
+    "per_round": None,  # K clients a round (None: all)
+    "partition": "dirichlet:1.0",  # "iid" | "dirichlet:<alpha>"
+    "population": 5,  # λ
+    "local_generations": 8,  # I
     "d": 500,
-    "n_prompt": None,                 # None: the prompt start's token count, else 5
-    "prompt_start": "auto",           # auto | zeros | tokens:<ids> | phrase:<text> | <file>.npy
-    "layout": None,                   # decoders: after (None) | before
+    "n_prompt": None,  # None: the prompt start's token count, else 5
+    "prompt_start": "auto",  # auto | zeros | tokens:<ids> | phrase:<text> | <file>.npy
+    "layout": None,  # decoders: after (None) | before
     "loss": "ce",
     "perturb": True,
-    "perturb_rate": 0.5,              # r_p
+    "perturb_rate": 0.5,  # r_p
     "fitness_form": "ratio_of_means",
     "server_variant": "reference",
     "client_keys": "independent",
     "sigma0": 1.0,
-    "learning_rate": 0.3,             # FedPrompt's Adam learning rate
+    "learning_rate": 0.3,  # FedPrompt's Adam learning rate
     "dropout": 0.0,
     "chunk_clients": 2,
     "rounds": 15,
     "eval_every": 1,
-    "dev_selection": "auto",          # auto (when run() supports it) | true (required) | false
-    "eval_cache_gb": 4.0,             # keep the test/dev prefix caches when they fit (SmolLM2, 872 SST-2: 2.5 GiB)
+    "dev_selection": "auto",  # auto (when run() supports it) | true (required) | false
+    "eval_cache_gb": 4.0,  # keep the test/dev prefix caches when they fit (SmolLM2, 872 SST-2: 2.5 GiB)
     "seed": 0,
 }
 #: Settings that do not change what a run computes up to its last round (the prefix cache changes only the
@@ -187,9 +188,11 @@ def check_grid(raw: dict, origin: str = "grid") -> dict:
             elif axis in SETTINGS:
                 points.append((_scalar_label(axis, v), {axis: v}))
             else:
-                raise GridError(f"{where}: unknown grid key {axis!r} (an axis named after a setting takes "
-                                f"values; any other axis takes tables with a 'label'); accepted settings: "
-                                f"{sorted(SETTINGS)}")
+                raise GridError(
+                    f"{where}: unknown grid key {axis!r} (an axis named after a setting takes "
+                    f"values; any other axis takes tables with a 'label'); accepted settings: "
+                    f"{sorted(SETTINGS)}"
+                )
         labels = [p[0] for p in points]
         if len(set(labels)) != len(labels):
             raise GridError(f"{where}: duplicate labels {labels}")
@@ -201,8 +204,13 @@ def check_grid(raw: dict, origin: str = "grid") -> dict:
     pairs = report.get("pairs", [])
     if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
         raise GridError(f"{origin} [report] pairs: a list of [label_a, label_b] pairs, got {pairs!r}")
-    return {"name": str(name), "description": meta.get("description", ""), "base": base, "axes": axes,
-            "pairs": [list(p) for p in pairs]}
+    return {
+        "name": str(name),
+        "description": meta.get("description", ""),
+        "base": base,
+        "axes": axes,
+        "pairs": [list(p) for p in pairs],
+    }
 
 
 def _scalar_label(axis: str, v) -> str:
@@ -231,6 +239,7 @@ def expand(grid: dict) -> list[dict]:
 
 def check_settings(s: dict) -> None:
     """Value checks that need no model (types, choices): raises :class:`GridError` naming the value."""
+
     def need(cond, msg):
         if not cond:
             raise GridError(msg)
@@ -238,33 +247,71 @@ def check_settings(s: dict) -> None:
     from fedbpt_jax.federated.algorithms import ALGORITHMS
 
     need(s["algorithm"] in ALGORITHMS, f"unknown algorithm {s['algorithm']!r}; accepted: {sorted(ALGORITHMS)}")
-    need(s["compute_dtype"] in ("float32", "bfloat16", "auto"),
-         f"compute_dtype {s['compute_dtype']!r}; accepted: ['auto', 'bfloat16', 'float32']")
+    need(
+        s["compute_dtype"] in ("float32", "bfloat16", "auto"),
+        f"compute_dtype {s['compute_dtype']!r}; accepted: ['auto', 'bfloat16', 'float32']",
+    )
     parse_partition(s["partition"])
-    for k in ("shots", "clients", "population", "local_generations", "d", "rounds", "eval_every", "seed",
-              "chunk_clients"):
-        need(isinstance(s[k], int) and not isinstance(s[k], bool) and s[k] >= 0,
-             f"{k} must be a non-negative integer, got {s[k]!r}")
+    for k in (
+        "shots",
+        "clients",
+        "population",
+        "local_generations",
+        "d",
+        "rounds",
+        "eval_every",
+        "seed",
+        "chunk_clients",
+    ):
+        need(
+            isinstance(s[k], int) and not isinstance(s[k], bool) and s[k] >= 0,
+            f"{k} must be a non-negative integer, got {s[k]!r}",
+        )
     for k in ("test_size", "n_prompt", "per_round"):
-        need(s[k] is None or (isinstance(s[k], int) and s[k] > 0), f"{k} must be a positive integer or null, got {s[k]!r}")
-    need(isinstance(s["eval_cache_gb"], (int, float)) and not isinstance(s["eval_cache_gb"], bool)
-         and s["eval_cache_gb"] >= 0, f"eval_cache_gb must be a number >= 0, got {s['eval_cache_gb']!r}")
-    need(s["dev_selection"] in ("auto", True, False),
-         f"dev_selection {s['dev_selection']!r}; accepted: 'auto', true, false")
+        need(
+            s[k] is None or (isinstance(s[k], int) and s[k] > 0),
+            f"{k} must be a positive integer or null, got {s[k]!r}",
+        )
+    need(
+        isinstance(s["eval_cache_gb"], (int, float))
+        and not isinstance(s["eval_cache_gb"], bool)
+        and s["eval_cache_gb"] >= 0,
+        f"eval_cache_gb must be a number >= 0, got {s['eval_cache_gb']!r}",
+    )
+    need(
+        s["dev_selection"] in ("auto", True, False),
+        f"dev_selection {s['dev_selection']!r}; accepted: 'auto', true, false",
+    )
     need(isinstance(s["perturb"], bool), f"perturb must be true or false, got {s['perturb']!r}")
-    need(not (s["perturb"] and float(s["perturb_rate"]) == 0.0),
-         "perturb = true with perturb_rate = 0 makes every fitness exactly 1 (the perturbed copy is the clean "
-         "one): the paper's r_p = 0 is perturb = false")
+    need(
+        not (s["perturb"] and float(s["perturb_rate"]) == 0.0),
+        "perturb = true with perturb_rate = 0 makes every fitness exactly 1 (the perturbed copy is the clean "
+        "one): the paper's r_p = 0 is perturb = false",
+    )
     import fedbpt_jax as fb
 
     try:  # the library's own checks of the names and numbers (loss, server_variant, client_keys, rates, ...)
-        fb.FedConfig(num_clients=s["clients"], clients_per_round=s["per_round"] or s["clients"],
-                     population_size=s["population"], local_generations=s["local_generations"], intrinsic_dim=s["d"],
-                     n_prompt_tokens=s["n_prompt"] or 1, loss=s["loss"], perturb=s["perturb"],
-                     fitness_form=s["fitness_form"], server_variant=s["server_variant"], client_keys=s["client_keys"],
-                     layout=s["layout"], chunk_clients=s["chunk_clients"])
-        fb.HParams(sigma0=s["sigma0"], perturb_rate=s["perturb_rate"], dropout_rate=s["dropout"],
-                   learning_rate=s["learning_rate"]).validate()
+        fb.FedConfig(
+            num_clients=s["clients"],
+            clients_per_round=s["per_round"] or s["clients"],
+            population_size=s["population"],
+            local_generations=s["local_generations"],
+            intrinsic_dim=s["d"],
+            n_prompt_tokens=s["n_prompt"] or 1,
+            loss=s["loss"],
+            perturb=s["perturb"],
+            fitness_form=s["fitness_form"],
+            server_variant=s["server_variant"],
+            client_keys=s["client_keys"],
+            layout=s["layout"],
+            chunk_clients=s["chunk_clients"],
+        )
+        fb.HParams(
+            sigma0=s["sigma0"],
+            perturb_rate=s["perturb_rate"],
+            dropout_rate=s["dropout"],
+            learning_rate=s["learning_rate"],
+        ).validate()
     except (ValueError, TypeError) as err:
         raise GridError(str(err)) from None
 
@@ -292,8 +339,10 @@ def run_supports_dev() -> bool:
 def resolve_dev_selection(value) -> bool:
     supported = run_supports_dev()
     if value is True and not supported:
-        raise GridError("dev_selection = true, but this version of fedbpt_jax.run has no dev-set selection "
-                        "(no 'dev' argument): use 'auto' or false")
+        raise GridError(
+            "dev_selection = true, but this version of fedbpt_jax.run has no dev-set selection "
+            "(no 'dev' argument): use 'auto' or false"
+        )
     return supported if value == "auto" else bool(value)
 
 
@@ -316,12 +365,17 @@ def algorithm_options(name: str, options: dict) -> dict:
     from fedbpt_jax.federated.algorithms import ALGORITHMS
 
     params = inspect.signature(ALGORITHMS[name]).parameters
-    accepted = {k: p.default for k, p in params.items()
-                if p.kind == inspect.Parameter.KEYWORD_ONLY and k not in ("mesh", "scorer")}
+    accepted = {
+        k: p.default
+        for k, p in params.items()
+        if p.kind == inspect.Parameter.KEYWORD_ONLY and k not in ("mesh", "scorer")
+    }
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise GridError(f"algorithm {name!r} has no option {', '.join(map(repr, unknown))}; accepted: "
-                        f"{sorted(accepted) or 'none'} (this version of fedbpt_jax)")
+        raise GridError(
+            f"algorithm {name!r} has no option {', '.join(map(repr, unknown))}; accepted: "
+            f"{sorted(accepted) or 'none'} (this version of fedbpt_jax)"
+        )
     return {**{k: (None if v is inspect.Parameter.empty else v) for k, v in accepted.items()}, **options}
 
 
@@ -354,8 +408,10 @@ def parse_filters(items: list[str], runs: list[dict]) -> list[tuple[str, list[st
         if not eq:
             raise GridError(f"--only {item!r}: expected key=value (several values: key=v1,v2)")
         if key not in known:
-            raise GridError(f"--only {item!r}: unknown key {key!r}; accepted: axes {sorted(known - set(SETTINGS))} "
-                            f"or settings {sorted(SETTINGS)}")
+            raise GridError(
+                f"--only {item!r}: unknown key {key!r}; accepted: axes {sorted(known - set(SETTINGS))} "
+                f"or settings {sorted(SETTINGS)}"
+            )
         out.append((key, value.split(",")))
     return out
 
@@ -410,13 +466,33 @@ class Context:
     def federated(self, s: dict, lm, n_prompt: int):
         import fedbpt_jax as fb
 
-        key = (s["model"], s["task"], s["data"], s["style"], s["shots"], s["test_size"], s["clients"],
-               s["partition"], s["seed"], n_prompt)
+        key = (
+            s["model"],
+            s["task"],
+            s["data"],
+            s["style"],
+            s["shots"],
+            s["test_size"],
+            s["clients"],
+            s["partition"],
+            s["seed"],
+            n_prompt,
+        )
         if key not in self.data:
-            fed = fb.data.federated(s["task"], lm.tokenizer, lm.kind, num_clients=s["clients"],
-                                    shots_per_class=s["shots"], alpha=parse_partition(s["partition"]), seed=s["seed"],
-                                    n_prompt=n_prompt, source=s["data"], style=s["style"], test_size=s["test_size"],
-                                    max_positions=getattr(lm.config, "max_position_embeddings", None))
+            fed = fb.data.federated(
+                s["task"],
+                lm.tokenizer,
+                lm.kind,
+                num_clients=s["clients"],
+                shots_per_class=s["shots"],
+                alpha=parse_partition(s["partition"]),
+                seed=s["seed"],
+                n_prompt=n_prompt,
+                source=s["data"],
+                style=s["style"],
+                test_size=s["test_size"],
+                max_positions=getattr(lm.config, "max_position_embeddings", None),
+            )
             self.data = {key: fed}
         return self.data[key]
 
@@ -433,8 +509,10 @@ def resolve_start(s: dict, lm):
         option = (tasks.get(s["task"]).decoder_prompt_start if lm.kind == "decoder" else None) or "zeros"
         length = prompt.start_length(option, lm.tokenizer)
         if s["n_prompt"] is not None and length is not None and s["n_prompt"] != length:
-            raise GridError(f"prompt_start 'auto' is {option!r} ({length} tokens) but n_prompt = {s['n_prompt']}: "
-                            "set prompt_start explicitly or n_prompt = null")
+            raise GridError(
+                f"prompt_start 'auto' is {option!r} ({length} tokens) but n_prompt = {s['n_prompt']}: "
+                "set prompt_start explicitly or n_prompt = null"
+            )
     start = prompt.parse_start(option)
     n = s["n_prompt"] or prompt.start_length(start, lm.tokenizer) or 5
     return start, n
@@ -456,9 +534,18 @@ def _read_commit() -> str | None:
 
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedbpt_jax"], cwd=HERE.parent, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+uncommitted changes in fedbpt_jax" if dirty else "") if out.returncode == 0 else None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "fedbpt_jax"],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return (
+            out.stdout.strip() + ("+uncommitted changes in fedbpt_jax" if dirty else "")
+            if out.returncode == 0
+            else None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -483,8 +570,12 @@ class Watcher(threading.Thread):
             r = rows.get(ev["round"], {})
             dev = f" dev {ev['dev_accuracy']:.4f}" if "dev_accuracy" in ev else ""
             loss = r.get("client_loss")
-            extra = "" if not r else (f" loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "") + \
-                f" σ {r.get('sigma', float('nan')):.3f} {r.get('seconds', float('nan')):.1f}s/round"
+            extra = (
+                ""
+                if not r
+                else (f" loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "")
+                + f" σ {r.get('sigma', float('nan')):.3f} {r.get('seconds', float('nan')):.1f}s/round"
+            )
             print(f"    {self.tag} round {ev['round']:3d}: test {ev['accuracy']:.4f}{dev}{extra}", flush=True)
             self.seen = ev["round"]
 
@@ -515,13 +606,24 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     options = algorithm_options(s["algorithm"], s["algorithm_options"])
     dev = resolve_dev_selection(s["dev_selection"])
     fed = ctx.federated(s, lm, n_prompt)
-    cfg = fb.FedConfig(num_clients=s["clients"], clients_per_round=s["per_round"] or s["clients"],
-                       population_size=s["population"], local_generations=s["local_generations"], intrinsic_dim=s["d"],
-                       n_prompt_tokens=n_prompt, loss=s["loss"], perturb=s["perturb"], fitness_form=s["fitness_form"],
-                       server_variant=s["server_variant"], client_keys=s["client_keys"], layout=s["layout"],
-                       chunk_clients=s["chunk_clients"])
-    hp = fb.HParams(sigma0=s["sigma0"], perturb_rate=s["perturb_rate"], dropout_rate=s["dropout"],
-                    learning_rate=s["learning_rate"])
+    cfg = fb.FedConfig(
+        num_clients=s["clients"],
+        clients_per_round=s["per_round"] or s["clients"],
+        population_size=s["population"],
+        local_generations=s["local_generations"],
+        intrinsic_dim=s["d"],
+        n_prompt_tokens=n_prompt,
+        loss=s["loss"],
+        perturb=s["perturb"],
+        fitness_form=s["fitness_form"],
+        server_variant=s["server_variant"],
+        client_keys=s["client_keys"],
+        layout=s["layout"],
+        chunk_clients=s["chunk_clients"],
+    )
+    hp = fb.HParams(
+        sigma0=s["sigma0"], perturb_rate=s["perturb_rate"], dropout_rate=s["dropout"], learning_rate=s["learning_rate"]
+    )
     key = jax.random.key(s["seed"])
     key_projection, key_run = jax.random.split(key)
     model = fb.ModelInputs.build(key_projection, lm, cfg, start=start)
@@ -534,18 +636,35 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     mask = np.asarray(fed.train.example_mask) > 0
     nl = int(np.shape(fed.spec.label_ids)[0])
     effective = {
-        "grid": grid_name, "run_id": run["run_id"], "labels": run["labels"], "settings": s,
-        "resolved": {"prompt_start": start.describe(), "n_prompt": n_prompt, "algorithm_options": options,
-                     "dev_selection": dev, "precision": str(lm.config.compute_dtype) if s["model"] != "tiny" else "float32",
-                     "fed_config": dataclasses.asdict(cfg),
-                     "hparams": {k: float(v) for k, v in dataclasses.asdict(hp).items()},
-                     "keys": "key(seed) -> split -> (projection, run); data seed = seed"},
-        "data": {"train_counts": np.asarray(fed.train_counts).tolist(),
-                 "train_label_counts": [[int(((train_labels[i] == c) & mask[i]).sum()) for c in range(nl)]
-                                        for i in range(train_labels.shape[0])],
-                 "dev_size": int(len(fed.dev.labels)), "test_size": int(len(fed.test.labels))},
-        "environment": {"model": lm.name, "fedbpt_jax": fb.__version__, "commit": _git_commit(),
-                        "jax": jax.__version__, "backend": jax.default_backend()},
+        "grid": grid_name,
+        "run_id": run["run_id"],
+        "labels": run["labels"],
+        "settings": s,
+        "resolved": {
+            "prompt_start": start.describe(),
+            "n_prompt": n_prompt,
+            "algorithm_options": options,
+            "dev_selection": dev,
+            "precision": str(lm.config.compute_dtype) if s["model"] != "tiny" else "float32",
+            "fed_config": dataclasses.asdict(cfg),
+            "hparams": {k: float(v) for k, v in dataclasses.asdict(hp).items()},
+            "keys": "key(seed) -> split -> (projection, run); data seed = seed",
+        },
+        "data": {
+            "train_counts": np.asarray(fed.train_counts).tolist(),
+            "train_label_counts": [
+                [int(((train_labels[i] == c) & mask[i]).sum()) for c in range(nl)] for i in range(train_labels.shape[0])
+            ],
+            "dev_size": int(len(fed.dev.labels)),
+            "test_size": int(len(fed.test.labels)),
+        },
+        "environment": {
+            "model": lm.name,
+            "fedbpt_jax": fb.__version__,
+            "commit": _git_commit(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+        },
     }
     write_json_atomic(d / "config.json", effective)
     write_json_atomic(d / "status.json", {"state": "running", "started": t0, "from_round": seen})
@@ -553,9 +672,15 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     # numbers as every round, at a fraction of the evaluation cost; the run's identity is unchanged). It
     # keeps no checkpoint: asked for more rounds later, it simply runs again (two evaluations).
     manual = s["algorithm"] == "manual"
-    kw = dict(num_rounds=s["rounds"], hp=hp, eval_every=s["rounds"] if manual else s["eval_every"],
-              checkpoint_dir=None if manual else d / "ckpt",
-              results_dir=d, progress=False, eval_cache_budget=int(s["eval_cache_gb"] * 2**30))
+    kw = dict(
+        num_rounds=s["rounds"],
+        hp=hp,
+        eval_every=s["rounds"] if manual else s["eval_every"],
+        checkpoint_dir=None if manual else d / "ckpt",
+        results_dir=d,
+        progress=False,
+        eval_cache_budget=int(s["eval_cache_gb"] * 2**30),
+    )
     if dev:
         kw["dev"] = fed.dev
     watcher = Watcher(d, run["dirname"][:40], seen)
@@ -565,9 +690,15 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     finally:
         watcher.finish()
     ev = hist.evals
-    status = {"state": "finished", "started": t0, "seconds": time.time() - t0, "from_round": seen,
-              "rounds": ev[-1]["round"], "initial_test_accuracy": ev[0]["accuracy"],
-              "final_test_accuracy": ev[-1]["accuracy"]}
+    status = {
+        "state": "finished",
+        "started": t0,
+        "seconds": time.time() - t0,
+        "from_round": seen,
+        "rounds": ev[-1]["round"],
+        "initial_test_accuracy": ev[0]["accuracy"],
+        "final_test_accuracy": ev[-1]["accuracy"],
+    }
     write_json_atomic(d / "status.json", status)
     return status
 
@@ -585,14 +716,24 @@ def cmd_run(args) -> int:
             selected.append(r)
     names = [r["dirname"] for r in selected]
     if len(set(names)) != len(names):
-        raise GridError("two grid points have the same settings (an axis changes nothing?): "
-                        + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+        raise GridError(
+            "two grid points have the same settings (an axis changes nothing?): "
+            + ", ".join(sorted({n for n in names if names.count(n) > 1}))
+        )
     if not args.dry_run:
         from fedbpt_jax.checkpoint import write_json_atomic
 
-        write_json_atomic(out / "grid.json", {"name": grid["name"], "description": grid["description"],
-                                              "axes": [a for a, _ in grid["axes"]], "pairs": grid["pairs"],
-                                              "source": Path(args.grid).name, "base": grid["base"]})
+        write_json_atomic(
+            out / "grid.json",
+            {
+                "name": grid["name"],
+                "description": grid["description"],
+                "axes": [a for a, _ in grid["axes"]],
+                "pairs": grid["pairs"],
+                "source": Path(args.grid).name,
+                "base": grid["base"],
+            },
+        )
     print(f"grid {grid['name']}: {len(runs)} runs, {len(selected)} selected, output {_portable(str(out))}", flush=True)
     ctx = CONTEXT
     _git_commit()
@@ -604,7 +745,11 @@ def cmd_run(args) -> int:
         tag = f"[{i}/{len(selected)}] {r['dirname']}"
         if done:
             counts["skipped"] += 1
-            more = f" (has {last} rounds, more than the {r['settings']['rounds']} asked)" if last > r["settings"]["rounds"] else ""
+            more = (
+                f" (has {last} rounds, more than the {r['settings']['rounds']} asked)"
+                if last > r["settings"]["rounds"]
+                else ""
+            )
             print(f"{tag}: finished, skipped{more}", flush=True)
             continue
         if args.dry_run:
@@ -620,14 +765,20 @@ def cmd_run(args) -> int:
             break
         started += 1
         again = r["settings"]["algorithm"] == "manual" and last
-        what = "running again (the manual prompt keeps no checkpoint)" if again else (
-            f"resuming after round {last}" if last else "starting")
+        what = (
+            "running again (the manual prompt keeps no checkpoint)"
+            if again
+            else (f"resuming after round {last}" if last else "starting")
+        )
         print(f"{tag}: {what}", flush=True)
         try:
             st = run_one(r, out, ctx, grid["name"])
             counts["finished"] += 1
-            print(f"{tag}: finished in {st['seconds']:.0f}s, test z=0 {st['initial_test_accuracy']:.4f} "
-                  f"final {st['final_test_accuracy']:.4f}", flush=True)
+            print(
+                f"{tag}: finished in {st['seconds']:.0f}s, test z=0 {st['initial_test_accuracy']:.4f} "
+                f"final {st['final_test_accuracy']:.4f}",
+                flush=True,
+            )
         except KeyboardInterrupt:
             raise
         except Exception as err:  # recorded; the grid goes on
@@ -635,16 +786,29 @@ def cmd_run(args) -> int:
             from fedbpt_jax.checkpoint import write_json_atomic
 
             d.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(d / "status.json", {"state": "failed", "error": f"{type(err).__name__}: {err}",
-                                                  "traceback": _portable(traceback.format_exc()), "settings": r["settings"],
-                                                  "labels": r["labels"], "run_id": r["run_id"]})
+            write_json_atomic(
+                d / "status.json",
+                {
+                    "state": "failed",
+                    "error": f"{type(err).__name__}: {err}",
+                    "traceback": _portable(traceback.format_exc()),
+                    "settings": r["settings"],
+                    "labels": r["labels"],
+                    "run_id": r["run_id"],
+                },
+            )
             print(f"{tag}: FAILED: {type(err).__name__}: {err}", flush=True)
     if args.dry_run:
-        print(f"grid {grid['name']}: dry run, {counts['skipped']} of {len(selected)} selected run(s) already finished",
-              flush=True)
+        print(
+            f"grid {grid['name']}: dry run, {counts['skipped']} of {len(selected)} selected run(s) already finished",
+            flush=True,
+        )
         return 0
-    print(f"grid {grid['name']}: {counts['finished']} finished now, {counts['skipped']} already finished, "
-          f"{counts['failed']} failed", flush=True)
+    print(
+        f"grid {grid['name']}: {counts['finished']} finished now, {counts['skipped']} already finished, "
+        f"{counts['failed']} failed",
+        flush=True,
+    )
     return 1 if counts["failed"] else 0
 
 
@@ -659,6 +823,7 @@ def _portable(text: str) -> str:
 # Report (the per-run figures, statistics, cells and plots are the package's: fedbpt_jax.report and
 # fedbpt_jax.plots, shared with `fedbpt-jax report`)
 
+
 def _paired(a: dict, b: dict) -> dict | None:
     """Paired per-seed differences a − b over the seeds both have."""
     import numpy as np
@@ -668,8 +833,17 @@ def _paired(a: dict, b: dict) -> dict | None:
         return None
     diffs = np.asarray([a[s] - b[s] for s in seeds], float)
     n = len(diffs)
-    out = {"seeds": seeds, "per_seed": diffs.tolist(), "n": n, "mean": float(diffs.mean()),
-           "std": None, "se": None, "detectable_2se": None, "ci95_halfwidth": None, "verdict": "n/a (one seed)"}
+    out = {
+        "seeds": seeds,
+        "per_seed": diffs.tolist(),
+        "n": n,
+        "mean": float(diffs.mean()),
+        "std": None,
+        "se": None,
+        "detectable_2se": None,
+        "ci95_halfwidth": None,
+        "verdict": "n/a (one seed)",
+    }
     if n > 1:
         from scipy import stats
 
@@ -698,9 +872,16 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
             status = {}
             if (d / "status.json").exists():
                 status = json.loads((d / "status.json").read_text())
-            rec = {"dir": d.name, "grid": cfg.get("grid"), "labels": cfg["labels"], "settings": cfg["settings"],
-                   "precision": cfg["resolved"]["precision"], "dev_selection": cfg["resolved"]["dev_selection"],
-                   "state": status.get("state", "unknown"), "error": status.get("error")}
+            rec = {
+                "dir": d.name,
+                "grid": cfg.get("grid"),
+                "labels": cfg["labels"],
+                "settings": cfg["settings"],
+                "precision": cfg["resolved"]["precision"],
+                "dev_selection": cfg["resolved"]["dev_selection"],
+                "state": status.get("state", "unknown"),
+                "error": status.get("error"),
+            }
             try:
                 m = read_json(d / "metrics.json")
                 rec.update(run_figures(m))
@@ -713,8 +894,15 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
         for st_path in sorted(Path(root).glob("*/status.json")):  # failed before config.json was written
             if not (st_path.parent / "config.json").exists():
                 st = json.loads(st_path.read_text())
-                other.append({"dir": st_path.parent.name, "labels": st.get("labels", {}), "state": st.get("state"),
-                              "error": st.get("error"), "final_round": 0})
+                other.append(
+                    {
+                        "dir": st_path.parent.name,
+                        "labels": st.get("labels", {}),
+                        "state": st.get("state"),
+                        "error": st.get("error"),
+                        "final_round": 0,
+                    }
+                )
     return done, other
 
 
@@ -726,8 +914,17 @@ def group_runs(runs: list[dict]) -> list[dict]:
         ident["grid"] = r["grid"]
         key = json.dumps(ident, sort_keys=True, default=str)
         labels = {k: v for k, v in r["labels"].items() if k != "seed"}
-        g = groups.setdefault(key, {"key": key, "labels": labels, "label": " / ".join(labels.values()) or r["dir"],
-                                    "grid": r["grid"], "precision": r["precision"], "runs": []})
+        g = groups.setdefault(
+            key,
+            {
+                "key": key,
+                "labels": labels,
+                "label": " / ".join(labels.values()) or r["dir"],
+                "grid": r["grid"],
+                "precision": r["precision"],
+                "runs": [],
+            },
+        )
         g["runs"].append(r)
     out = list(groups.values())
     names = [g["label"] for g in out]
@@ -747,7 +944,7 @@ def pair_groups(groups: list[dict], wanted: list[list[str]]) -> list[dict]:
     picks and orients them (all pairs, in declared order, when empty)."""
     pairs = []
     for i, ga in enumerate(groups):
-        for gb in groups[i + 1:]:
+        for gb in groups[i + 1 :]:
             if ga["grid"] != gb["grid"] or set(ga["labels"]) != set(gb["labels"]):
                 continue
             diff = [k for k in ga["labels"] if ga["labels"][k] != gb["labels"][k]]
@@ -764,8 +961,14 @@ def pair_groups(groups: list[dict], wanted: list[list[str]]) -> list[dict]:
             else:
                 a, b = ga, gb
             rest = " / ".join(v for k, v in a["labels"].items() if k != diff[0])
-            rec = {"a": a["label"], "b": b["label"], "axis": diff[0], "context": rest, "precision": a["precision"],
-                   "figures": {}}
+            rec = {
+                "a": a["label"],
+                "b": b["label"],
+                "axis": diff[0],
+                "context": rest,
+                "precision": a["precision"],
+                "figures": {},
+            }
             for fig in FIGURES:
                 p = _paired(a["by_seed"][fig], b["by_seed"][fig])
                 if p is not None:
@@ -775,35 +978,50 @@ def pair_groups(groups: list[dict], wanted: list[list[str]]) -> list[dict]:
 
 
 def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: str) -> str:
-    lines = [f"# {title}", "",
-             "Accuracy in % on the test split: mean ± std over seeds (sample std, ddof = 1), n = seeds. "
-             "Final = the last round's global prompt; dev-selected = the round with the highest dev accuracy "
-             "(shown only when the runs evaluated a dev set); best-on-test picks the round on the test set itself, as "
-             "the reference code's reported peak does: a **reference-compatibility (optimistic)** figure, not a "
-             "claim.", "",
-             "| configuration | precision | rounds | seeds | z = 0 | final | dev-selected | best-on-test (ref.-compat., optimistic) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# {title}",
+        "",
+        "Accuracy in % on the test split: mean ± std over seeds (sample std, ddof = 1), n = seeds. "
+        "Final = the last round's global prompt; dev-selected = the round with the highest dev accuracy "
+        "(shown only when the runs evaluated a dev set); best-on-test picks the round on the test set itself, as "
+        "the reference code's reported peak does: a **reference-compatibility (optimistic)** figure, not a "
+        "claim.",
+        "",
+        "| configuration | precision | rounds | seeds | z = 0 | final | dev-selected | best-on-test (ref.-compat., optimistic) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for g in groups:
-        seeds = ",".join(str(r["settings"]["seed"]) for r in sorted(g["runs"], key=lambda r: _seed_order(r["settings"]["seed"])))
+        seeds = ",".join(
+            str(r["settings"]["seed"]) for r in sorted(g["runs"], key=lambda r: _seed_order(r["settings"]["seed"]))
+        )
         rounds = sorted({r["final_round"] for r in g["runs"]})
-        lines.append(f"| {g['label']} | {g['precision']} | {','.join(map(str, rounds))} | {seeds} | {_cell(g['initial'])} "
-                     f"| {_cell(g['final'])} | {_cell(g['dev_selected'])} | {_cell(g['best_on_test'])} |")
+        lines.append(
+            f"| {g['label']} | {g['precision']} | {','.join(map(str, rounds))} | {seeds} | {_cell(g['initial'])} "
+            f"| {_cell(g['final'])} | {_cell(g['dev_selected'])} | {_cell(g['best_on_test'])} |"
+        )
     if pairs:
-        lines += ["", "## Paired per-seed differences (A − B, points of accuracy)", "",
-                  "Per seed, A and B share data, partition, projection and round keys. mean ± std of the differences; "
-                  "detectable = 2·std/√n (the rule: a smaller mean difference is within two standard errors of zero); "
-                  "verdict from the 95 % t-interval of the mean difference (± t(0.975, n−1)·std/√n, wider than 2·SE "
-                  "for small n: 4.30·SE at n = 3): A > B or A < B when it excludes 0, else inconclusive.", "",
-                  "| A | B | figure | precision | n | per seed | mean ± std | detectable (2·SE) | 95 % CI ± | verdict |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Paired per-seed differences (A − B, points of accuracy)",
+            "",
+            "Per seed, A and B share data, partition, projection and round keys. mean ± std of the differences; "
+            "detectable = 2·std/√n (the rule: a smaller mean difference is within two standard errors of zero); "
+            "verdict from the 95 % t-interval of the mean difference (± t(0.975, n−1)·std/√n, wider than 2·SE "
+            "for small n: 4.30·SE at n = 3): A > B or A < B when it excludes 0, else inconclusive.",
+            "",
+            "| A | B | figure | precision | n | per seed | mean ± std | detectable (2·SE) | 95 % CI ± | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for p in pairs:
             for fig, d in p["figures"].items():
                 if fig == "initial":
                     continue
                 per = ", ".join(f"{100 * x:+.2f}" for x in d["per_seed"])
                 ms = f"{_pct(d['mean'], True)} ± {_pct(d['std'])}" if d["std"] is not None else _pct(d["mean"], True)
-                lines.append(f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | "
-                             f"{_pct(d['detectable_2se'])} | {_pct(d['ci95_halfwidth'])} | {d['verdict']} |")
+                lines.append(
+                    f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | "
+                    f"{_pct(d['detectable_2se'])} | {_pct(d['ci95_halfwidth'])} | {d['verdict']} |"
+                )
     if other:
         lines += ["", "## Not (yet) complete", "", "| run | state | rounds done | error |", "| --- | --- | --- | --- |"]
         for r in other:
@@ -838,16 +1056,25 @@ def cmd_report(args) -> int:
     (out / "report.md").write_text(markdown(groups, pairs, other, title))
     made = plots(groups, out, title) if groups else []
     summary = {
-        "title": title, "figures": FIGURES,
-        "rules": {"std": "sample std over seeds (ddof = 1)",
-                  "detectable_2se": "2 * std(paired differences) / sqrt(n)",
-                  "verdict": "A > B / A < B when the 95 % t-interval of the mean paired difference excludes 0, "
-                             "else inconclusive",
-                  "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
-                  "best_on_test": "reference-compatibility (optimistic): selected on the test set itself"},
-        "groups": [{k: g[k] for k in ("label", "labels", "grid", "precision", *FIGURES)} |
-                   {"seeds": sorted(g["by_seed"]["final"], key=_seed_order), "by_seed": g["by_seed"],
-                    "runs": [r["dir"] for r in g["runs"]]} for g in groups],
+        "title": title,
+        "figures": FIGURES,
+        "rules": {
+            "std": "sample std over seeds (ddof = 1)",
+            "detectable_2se": "2 * std(paired differences) / sqrt(n)",
+            "verdict": "A > B / A < B when the 95 % t-interval of the mean paired difference excludes 0, "
+            "else inconclusive",
+            "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
+            "best_on_test": "reference-compatibility (optimistic): selected on the test set itself",
+        },
+        "groups": [
+            {k: g[k] for k in ("label", "labels", "grid", "precision", *FIGURES)}
+            | {
+                "seeds": sorted(g["by_seed"]["final"], key=_seed_order),
+                "by_seed": g["by_seed"],
+                "runs": [r["dir"] for r in g["runs"]],
+            }
+            for g in groups
+        ],
         "pairs": pairs,
         "incomplete": [{k: r.get(k) for k in ("dir", "state", "final_round", "error")} for r in other],
         "plots": [Path(p).name for p in made],
@@ -864,8 +1091,12 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run (or resume) a grid")
     r.add_argument("grid", help="grid file (.toml or .json)")
     r.add_argument("--out", default=None, help="output folder (default experiments/results/grid_<name>)")
-    r.add_argument("--only", action="append", default=[],
-                   help="keep runs whose axis label or setting equals a value: key=value or key=v1,v2 (repeatable: all must hold)")
+    r.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="keep runs whose axis label or setting equals a value: key=value or key=v1,v2 (repeatable: all must hold)",
+    )
     r.add_argument("--max-runs", type=int, default=None, help="start at most N runs (skipped ones do not count)")
     r.add_argument("--dry-run", action="store_true", help="list what would run, resume or be skipped")
     p = sub.add_parser("report", help="tables (markdown + JSON) and plots of one or more grid folders")

@@ -16,6 +16,7 @@ Usage::
     python experiments/prompt_start.py            # about 3-5 minutes on 2 cores
     python experiments/prompt_start.py --tiny --out /tmp/ps              # a tiny random model (smoke run)
 """
+
 from __future__ import annotations
 
 import fedbpt_jax as fb  # first: sets OPENBLAS_NUM_THREADS before numpy/jax load
@@ -60,8 +61,15 @@ def dev_like(task: str, size: int, seed: int, min_words: int, exclude_seeds: int
 
 def measure(lm, examples, task: str, style: str, chunk: int, first_token: bool = False) -> list[dict]:
     n_max = 5
-    batch = fb.data.tokenize(task, examples, lm.tokenizer, lm.kind, n_prompt=n_max, style=style,
-                             max_positions=getattr(lm.config, "max_position_embeddings", None))
+    batch = fb.data.tokenize(
+        task,
+        examples,
+        lm.tokenizer,
+        lm.kind,
+        n_prompt=n_max,
+        style=style,
+        max_positions=getattr(lm.config, "max_position_embeddings", None),
+    )
     spec = fb.data.scoring_spec(task, lm.tokenizer, lm.kind, style=style, first_token=first_token)
     chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, chunk))
     labels, mask = np.asarray(chunks.labels).reshape(-1), np.asarray(chunks.example_mask).reshape(-1) > 0
@@ -79,19 +87,35 @@ def measure(lm, examples, task: str, style: str, chunk: int, first_token: bool =
         logits = jax.jit(objective.evaluate_prepared, static_argnums=0)(scorer, lm.params, ctx, spec, start)
         logits = np.asarray(logits).reshape(-1, logits.shape[-1])[mask]
         pred = logits.argmax(-1)
-        toks = [] if option is None else lm.tokenizer.convert_ids_to_tokens(
-            list(prompt.start_token_ids(option, lm.tokenizer) or []))
-        rows.append({"style": style, "start": label, "option": option, "n_prompt_tokens": n, "tokens": toks,
-                     "accuracy": float(np.mean(pred == labels[mask])), "share_positive": float(np.mean(pred == 1)),
-                     "seconds": time.perf_counter() - t0})
-        print(f"  {style:10s} {label:36s} acc {rows[-1]['accuracy']:.4f}  pos {rows[-1]['share_positive']:.3f}",
-              flush=True)
+        toks = (
+            []
+            if option is None
+            else lm.tokenizer.convert_ids_to_tokens(list(prompt.start_token_ids(option, lm.tokenizer) or []))
+        )
+        rows.append(
+            {
+                "style": style,
+                "start": label,
+                "option": option,
+                "n_prompt_tokens": n,
+                "tokens": toks,
+                "accuracy": float(np.mean(pred == labels[mask])),
+                "share_positive": float(np.mean(pred == 1)),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"  {style:10s} {label:36s} acc {rows[-1]['accuracy']:.4f}  pos {rows[-1]['share_positive']:.3f}",
+            flush=True,
+        )
     return rows
 
 
 def table(rows: list[dict], share_pos_true: float) -> str:
-    lines = ["| start | tokens | completion acc. | completion share pos. | bbt acc. | bbt share pos. |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| start | tokens | completion acc. | completion share pos. | bbt acc. | bbt share pos. |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for label, _ in STARTS:
         r = {x["style"]: x for x in rows if x["start"] == label}
         toks = " ".join(f"`{t}`" for t in r[STYLES[0]]["tokens"]) or "—"
@@ -122,21 +146,34 @@ def main(argv=None) -> int:
         lm = fb.models.load("smollm2-135m-instruct")
         model_name = "SmolLM2-135M-Instruct (float32)"
     examples, excluded, eligible = dev_like(args.task, args.size, args.seed, args.min_words)
-    print(f"{model_name}; {len(examples)} dev-like {args.task} train examples (>= {args.min_words} words, "
-          f"{excluded} few-shot candidates excluded, {eligible} eligible)", flush=True)
+    print(
+        f"{model_name}; {len(examples)} dev-like {args.task} train examples (>= {args.min_words} words, "
+        f"{excluded} few-shot candidates excluded, {eligible} eligible)",
+        flush=True,
+    )
     t0 = time.perf_counter()
     rows = [r for style in STYLES for r in measure(lm, examples, args.task, style, args.chunk, args.tiny)]
     share = float(np.mean(examples.labels == 1))
     md = table(rows, share)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model_name, "task": args.task, "split": "train (dev-like, never test)", "size": len(examples),
-            "min_words": args.min_words, "seed": args.seed, "excluded_few_shot_candidates": excluded,
-            "share_positive_labels": share, "layout": "after", "seconds": time.perf_counter() - t0}
+    meta = {
+        "model": model_name,
+        "task": args.task,
+        "split": "train (dev-like, never test)",
+        "size": len(examples),
+        "min_words": args.min_words,
+        "seed": args.seed,
+        "excluded_few_shot_candidates": excluded,
+        "share_positive_labels": share,
+        "layout": "after",
+        "seconds": time.perf_counter() - t0,
+    }
     fb.checkpoint.write_json_atomic(str(out / "prompt_start.json"), {"meta": meta, "rows": rows})
     (out / "prompt_start.md").write_text(
         f"Zero-shot at z = 0, {model_name}, {len(examples)} dev-like {args.task} sentences from the train "
-        f"split (>= {args.min_words} words, seed {args.seed}), prompt after the text.\n\n{md}\n")
+        f"split (>= {args.min_words} words, seed {args.seed}), prompt after the text.\n\n{md}\n"
+    )
     print(md)
     return 0
 

@@ -11,6 +11,7 @@ Public API (submodules and names are imported lazily, so ``jax.distributed.initi
     carry, history = fb.run(algo, jax.random.key(1), fb.FederatedData.from_host(fed), fed.test, lm, model,
                             num_rounds=10)
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,12 +29,48 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("assets", "bbt", "callbacks", "checkpoint", "accounting", "data", "federated", "models", "objective",
-               "plots", "prompt", "report", "strategy", "tasks", "testing", "types")
-_FEDERATED = ("FedConfig", "HParams", "FederatedAlgorithm", "FederatedData", "ModelInputs", "run", "make", "fedbpt",
-              "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh", "init_distributed",
-              "History", "RunCarry", "summarize", "load_uploads", "tune_learning_rate", "sweep", "SweepResults",
-              "lane_mesh")
+_SUBMODULES = (
+    "assets",
+    "bbt",
+    "callbacks",
+    "checkpoint",
+    "accounting",
+    "data",
+    "federated",
+    "models",
+    "objective",
+    "plots",
+    "prompt",
+    "report",
+    "strategy",
+    "tasks",
+    "testing",
+    "types",
+)
+_FEDERATED = (
+    "FedConfig",
+    "HParams",
+    "FederatedAlgorithm",
+    "FederatedData",
+    "ModelInputs",
+    "run",
+    "make",
+    "fedbpt",
+    "fedavg_bbt",
+    "centralized_bbt",
+    "manual_prompt",
+    "fedprompt",
+    "client_mesh",
+    "init_distributed",
+    "History",
+    "RunCarry",
+    "summarize",
+    "load_uploads",
+    "tune_learning_rate",
+    "sweep",
+    "SweepResults",
+    "lane_mesh",
+)
 _OTHER = {"TokenBatch": "types", "ScoringSpec": "types", "BBTConfig": "bbt"}
 
 __all__ = [*_SUBMODULES, *_FEDERATED, *_OTHER, "__version__"]

@@ -6,6 +6,7 @@ object, ~4.3 MB at d = 500; the paper's "4 KB" counts only the mean); up, the fi
 fitness (1) and the local σ history (I floats). FedAvg of the full model moves every parameter both
 ways. All sizes are in bytes at ``bytes_per_float`` (4 for float32; the paper's figures imply 8).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,9 @@ class CommBytes:
         return {f"{prefix}{k}": v for k, v in dataclasses.asdict(self).items()}
 
 
-def fedbpt_bytes(d: int, local_generations: int, num_model_params: int, *, send_covariance: bool = False,
-                 bytes_per_float: int = 4) -> CommBytes:
+def fedbpt_bytes(
+    d: int, local_generations: int, num_model_params: int, *, send_covariance: bool = False, bytes_per_float: int = 4
+) -> CommBytes:
     """Bytes per client per round for FedBPT (and FedAvg-BBT, which sends the same plus C up)."""
     down = d + 1 + (d * d if send_covariance else 0)  # mean, σ, [C]
     up = d + 1 + local_generations  # mean, fitness, σ history

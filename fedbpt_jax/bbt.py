@@ -28,6 +28,7 @@ Functional API (keys first, then state, then read-only inputs; every step return
 
     result = tune(key, lm, train, spec, config, dev=dev)       # all of the above, with dev selection
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -193,8 +194,19 @@ def run_generations(
     round of ``centralized_bbt`` does); metrics stacked over generations."""
 
     def body(carry, k):
-        return step(k, carry, es_params, lm_params, projection, ctx, batch, spec,
-                    config=config, scorer=scorer, hidden_size=hidden_size)
+        return step(
+            k,
+            carry,
+            es_params,
+            lm_params,
+            projection,
+            ctx,
+            batch,
+            spec,
+            config=config,
+            scorer=scorer,
+            hidden_size=hidden_size,
+        )
 
     return jax.lax.scan(body, state, jax.random.split(key, num_generations))
 
@@ -233,15 +245,22 @@ def tune(
     key_proj, key_init, key_run = jax.random.split(key, 3)
     scorer = objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens)
     projection = prompt.make_projection(
-        key_proj, lm.input_embeddings(), intrinsic_dim=config.intrinsic_dim,
-        n_prompt_tokens=config.n_prompt_tokens, kind=config.projection, alpha=config.projection_alpha, sigma=config.sigma0,
+        key_proj,
+        lm.input_embeddings(),
+        intrinsic_dim=config.intrinsic_dim,
+        n_prompt_tokens=config.n_prompt_tokens,
+        kind=config.projection,
+        alpha=config.projection_alpha,
+        sigma=config.sigma0,
     )
     state, es_params = init(key_init, config)
     hidden = lm.hidden_size
     ctx = jax.jit(scorer.prepare)(lm.params, train)
     segment = max(1, min(config.eval_every or config.num_generations, config.num_generations))
-    run = jax.jit(functools.partial(run_generations, config=config, scorer=scorer, hidden_size=hidden),
-                  static_argnames=("num_generations",))
+    run = jax.jit(
+        functools.partial(run_generations, config=config, scorer=scorer, hidden_size=hidden),
+        static_argnames=("num_generations",),
+    )
     evaluator = Evaluator(lm, scorer, dev, spec, chunk=eval_chunk) if dev is not None else None
 
     history: dict[str, list] = {}
@@ -269,8 +288,13 @@ def tune(
             bar.update(n)
     final_mean = np.asarray(state.es.mean)
     z = best_z if evaluator is not None else final_mean
-    return BBTResult(z=z, final_mean=final_mean, history={k: np.asarray(v) for k, v in history.items()},
-                     dev_history=dev_history, projection=projection)
+    return BBTResult(
+        z=z,
+        final_mean=final_mean,
+        history={k: np.asarray(v) for k, v in history.items()},
+        dev_history=dev_history,
+        projection=projection,
+    )
 
 
 class Evaluator:
@@ -280,15 +304,17 @@ class Evaluator:
     here, when it fits ``cache_budget`` bytes, so every later evaluation costs only prompt + cue tokens.
     """
 
-    def __init__(self, lm, scorer: Scorer, batch: TokenBatch, spec: ScoringSpec, *, chunk: int = 64,
-                 cache_budget: int = 2 << 30):
+    def __init__(
+        self, lm, scorer: Scorer, batch: TokenBatch, spec: ScoringSpec, *, chunk: int = 64, cache_budget: int = 2 << 30
+    ):
         self.lm, self.scorer = lm, scorer
         chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, chunk))
         self.labels, self.example_mask = chunks.labels, chunks.example_mask
         self.spec = spec
         self.prepared = scorer.caches_prefix and objective.prepared_bytes(scorer, lm.params, chunks) <= cache_budget
-        self.ctx = (jax.jit(functools.partial(objective.prepare_chunks, scorer))(lm.params, chunks)
-                    if self.prepared else chunks)
+        self.ctx = (
+            jax.jit(functools.partial(objective.prepare_chunks, scorer))(lm.params, chunks) if self.prepared else chunks
+        )
         hidden = lm.hidden_size
         prepared = self.prepared
         from .federated.run import EvalSet, _set_metrics
@@ -302,8 +328,9 @@ class Evaluator:
     def metrics(self, projection, z) -> dict[str, float]:
         """Accuracy, loss, F1 (NaN when any example's logits are non-finite), ``nonfinite_examples`` and
         ``pred_dist`` (share of examples predicted as each label) of prompt ``A z`` (``z=None``: no prompt)."""
-        out = jax.device_get(self._metrics(self.lm.params, self.ctx, self.labels, self.example_mask, self.spec,
-                                           projection, z))
+        out = jax.device_get(
+            self._metrics(self.lm.params, self.ctx, self.labels, self.example_mask, self.spec, projection, z)
+        )
         return {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in out.items()}
 
     def accuracy(self, projection, z) -> float:

@@ -27,6 +27,7 @@ stopped early resumes from that round when :func:`run` is called again with the 
 ``TensorBoardLogger`` needs ``tensorboardX`` (``pip install fedbpt-jax[tensorboard]``); ``WandbLogger``
 needs ``wandb``; this module imports without either.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -69,8 +70,10 @@ def check_callbacks(callbacks) -> list:
     for cb in out:
         missing = [m for m in ("on_round", "on_eval") if not callable(getattr(cb, m, None))]
         if missing:
-            raise TypeError(f"callback {cb!r} lacks {' and '.join(missing)}; accepted: objects with on_round(row) "
-                            "and on_eval(row) methods (e.g. subclasses of fedbpt_jax.callbacks.Callback)")
+            raise TypeError(
+                f"callback {cb!r} lacks {' and '.join(missing)}; accepted: objects with on_round(row) "
+                "and on_eval(row) methods (e.g. subclasses of fedbpt_jax.callbacks.Callback)"
+            )
     return out
 
 
@@ -158,8 +161,10 @@ class TensorBoardLogger(Callback):
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
-            raise ImportError("TensorBoardLogger needs tensorboardX: pip install 'fedbpt-jax[tensorboard]' "
-                              "(or pip install tensorboardX)") from None
+            raise ImportError(
+                "TensorBoardLogger needs tensorboardX: pip install 'fedbpt-jax[tensorboard]' "
+                "(or pip install tensorboardX)"
+            ) from None
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(logdir=str(self.logdir), flush_secs=flush_secs)
@@ -189,8 +194,10 @@ class WandbLogger(Callback):
         try:
             import wandb
         except ImportError:
-            raise ImportError("WandbLogger needs the wandb package, which fedbpt-jax does not install: "
-                              "pip install wandb (or use TensorBoardLogger)") from None
+            raise ImportError(
+                "WandbLogger needs the wandb package, which fedbpt-jax does not install: "
+                "pip install wandb (or use TensorBoardLogger)"
+            ) from None
         self._own = run is None
         self.run = wandb.init(**init_kwargs) if run is None else run
 
@@ -231,13 +238,13 @@ def read_tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
         while pos < len(buf):
             if len(buf) - pos < 12:
                 raise ValueError(f"{path}: truncated record header at byte {pos}")
-            header = buf[pos:pos + 8]
-            (length,), (hcrc,) = struct.unpack("<Q", header), struct.unpack("<I", buf[pos + 8:pos + 12])
-            data = buf[pos + 12:pos + 12 + length]
+            header = buf[pos : pos + 8]
+            (length,), (hcrc,) = struct.unpack("<Q", header), struct.unpack("<I", buf[pos + 8 : pos + 12])
+            data = buf[pos + 12 : pos + 12 + length]
             end = pos + 12 + length + 4
             if len(data) < length or end > len(buf):
                 raise ValueError(f"{path}: truncated record at byte {pos}")
-            (dcrc,) = struct.unpack("<I", buf[end - 4:end])
+            (dcrc,) = struct.unpack("<I", buf[end - 4 : end])
             if hcrc != _masked_crc(header) or dcrc != _masked_crc(data):
                 raise ValueError(f"{path}: CRC mismatch in the record at byte {pos}")
             event = Event.FromString(data)

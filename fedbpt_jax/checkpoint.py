@@ -12,6 +12,7 @@
 * One encoding of the floats JSON cannot hold, for results and checkpoint metadata alike: NaN and ±inf
   are the strings ``"nan"``, ``"inf"``, ``"-inf"`` (:func:`to_json`, :func:`from_json`, :func:`read_json`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -215,8 +216,9 @@ class Checkpointer:
         self.fingerprint = fingerprint
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=False),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+            ),
             item_names=("carry", "meta"),
         )
 
@@ -257,14 +259,19 @@ class Checkpointer:
                 failures.append(f"step {s}: {' '.join(str(err).split())[:200] or type(err).__name__}")
                 import warnings
 
-                warnings.warn(f"checkpoint {self.directory}/{s} is unreadable ({failures[-1]}); "
-                              "trying the previous step", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"checkpoint {self.directory}/{s} is unreadable ({failures[-1]}); trying the previous step",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 try:
                     self.manager.delete(s)
                 except Exception:  # noqa: BLE001, S110  (a step we cannot delete is skipped anyway)
                     pass
-        raise CheckpointCorrupt(f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); delete "
-                                "that folder to start the run over, or point --checkpoint-dir elsewhere")
+        raise CheckpointCorrupt(
+            f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); delete "
+            "that folder to start the run over, or point --checkpoint-dir elsewhere"
+        )
 
     def _restore_step(self, template: Any, step: int) -> tuple[int, Any, dict]:
         ocp = self._ocp
@@ -305,7 +312,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        return from_json(self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"])
+        return from_json(
+            self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+        )
 
     def close(self) -> None:
         self.manager.close()

@@ -27,6 +27,7 @@ Run ``fedbpt-jax simulate --help`` for every option. Errors are one line; ``--de
 variable ``FEDBPT_JAX_DEBUG=1``) shows the full traceback. Ctrl-C or SIGTERM stops cleanly after the files
 being written are complete (exit status 130 / 143).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,10 @@ EXTERNAL_COMMANDS = {
     "sweep": ("fedbpt_jax.sweep_cli", "seeds x hyperparameter points as one compiled program (fb.sweep)"),
 }
 
-COMMANDS = {"simulate": "run a federated simulation (the default command)",
-            "bbt": "centralized black-box tuning with dev-set selection"}
+COMMANDS = {
+    "simulate": "run a federated simulation (the default command)",
+    "bbt": "centralized black-box tuning with dev-set selection",
+}
 
 
 def _external_available(module: str) -> bool:
@@ -61,21 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from . import cli_options as co
 
-    parser = argparse.ArgumentParser(prog="fedbpt-jax", description="\n\n".join(__doc__.split("\n\n")[:2]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fedbpt-jax",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command")
     parser.commands = {}
     for name, text in COMMANDS.items():
         p = parser.commands[name] = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--config", default=None, metavar="FILE",
-                       help="read options from a TOML, YAML or JSON file whose keys are the option names (e.g. "
-                            "'clients = 4', or the field names such as 'num_clients'); the command line overrides "
-                            "it. A run's own results/config.json reproduces that run's settings")
+        p.add_argument(
+            "--config",
+            default=None,
+            metavar="FILE",
+            help="read options from a TOML, YAML or JSON file whose keys are the option names (e.g. "
+            "'clients = 4', or the field names such as 'num_clients'); the command line overrides "
+            "it. A run's own results/config.json reproduces that run's settings",
+        )
         co.add_options(p, name)
         if name == "simulate":
-            p.add_argument("--mesh", dest="devices", action="store_const", const=0,
-                           help="shard the clients over all local devices (the same as --devices 0)")
+            p.add_argument(
+                "--mesh",
+                dest="devices",
+                action="store_const",
+                const=0,
+                help="shard the clients over all local devices (the same as --devices 0)",
+            )
     for name, (module, text) in EXTERNAL_COMMANDS.items():
         if _external_available(module):
             sub.add_parser(name, help=text, add_help=False)
@@ -96,6 +111,7 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
 
 def _check_args(args) -> None:
     """Values argparse accepts but no run could use: an error naming the value, before anything loads."""
+
     def need(ok, msg):
         if not ok:
             raise CliError(msg)
@@ -103,21 +119,31 @@ def _check_args(args) -> None:
     need(args.test_size >= 0, f"--test-size {args.test_size}: accepted: 0 (the whole test set) or a positive count")
     need(args.shots >= 1, f"--shots {args.shots}: accepted: a positive number of examples per class")
     need(args.d >= 1, f"--d {args.d}: accepted: a positive intrinsic dimension")
-    need(args.max_length is None or args.max_length >= 1,
-         f"--max-length {args.max_length}: accepted: a positive token count, or leave it out for no truncation")
+    need(
+        args.max_length is None or args.max_length >= 1,
+        f"--max-length {args.max_length}: accepted: a positive token count, or leave it out for no truncation",
+    )
     need(args.n_prompt is None or args.n_prompt >= 1, f"--n-prompt {args.n_prompt}: accepted: a positive token count")
     need(args.eval_every >= 1, f"--eval-every {args.eval_every}: accepted: a positive integer")
-    need(args.layout is None or args.layout in ("after", "before", "add", "cat"),
-         f"--layout {args.layout!r}: accepted: 'after' or 'before' (decoders), 'add' or 'cat' (encoders)")
-    need(args.style is None or args.style in ("completion", "chat", "bbt"),
-         f"--style {args.style!r}: accepted: 'completion', 'chat' or 'bbt' (decoders)")
+    need(
+        args.layout is None or args.layout in ("after", "before", "add", "cat"),
+        f"--layout {args.layout!r}: accepted: 'after' or 'before' (decoders), 'add' or 'cat' (encoders)",
+    )
+    need(
+        args.style is None or args.style in ("completion", "chat", "bbt"),
+        f"--style {args.style!r}: accepted: 'completion', 'chat' or 'bbt' (decoders)",
+    )
     need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
     if args.command == "simulate":
         need(args.clients >= 1, f"--clients {args.clients}: accepted: a positive number of clients")
-        need(args.per_round is None or 1 <= args.per_round <= args.clients,
-             f"--per-round {args.per_round}: accepted: 1 to --clients ({args.clients}), or leave it out for all")
-        need(args.rounds >= 1 and args.rounds % args.eval_every == 0,
-             f"--rounds {args.rounds}: accepted: a positive multiple of --eval-every ({args.eval_every})")
+        need(
+            args.per_round is None or 1 <= args.per_round <= args.clients,
+            f"--per-round {args.per_round}: accepted: 1 to --clients ({args.clients}), or leave it out for all",
+        )
+        need(
+            args.rounds >= 1 and args.rounds % args.eval_every == 0,
+            f"--rounds {args.rounds}: accepted: a positive multiple of --eval-every ({args.eval_every})",
+        )
         need(args.alpha >= 0, f"--alpha {args.alpha}: accepted: a Dirichlet concentration > 0, or 0 for IID")
         need(args.local_generations >= 1, f"--local-generations {args.local_generations}: accepted: 1 or more")
         need(args.chunk_clients >= 0, f"--chunk-clients {args.chunk_clients}: accepted: 0 (all at once) or more")
@@ -126,8 +152,11 @@ def _check_args(args) -> None:
         need(args.devices >= 0, f"--devices {args.devices}: accepted: 1 or more local devices, or 0 for all")
         if args.devices > 1:
             have = _local_device_count()
-            need(args.devices <= have, f"--devices {args.devices}: this machine has {have} local device(s); "
-                                       f"accepted: 1 to {have}, or 0 for all")
+            need(
+                args.devices <= have,
+                f"--devices {args.devices}: this machine has {have} local device(s); "
+                f"accepted: 1 to {have}, or 0 for all",
+            )
     else:
         need(args.generations >= 1, f"--generations {args.generations}: accepted: 1 or more")
 
@@ -150,23 +179,29 @@ def _check_output_dir(path, flag: str) -> None:
         with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise CliError(f"{flag} {str(path)!r} is not writable ({err.strerror or _one_line(err)}); "
-                       "choose a folder you can write to") from None
+        raise CliError(
+            f"{flag} {str(path)!r} is not writable ({err.strerror or _one_line(err)}); choose a folder you can write to"
+        ) from None
 
 
 def _check_outputs(args) -> None:
     from pathlib import Path
 
-    for flag, attr in (("--results-dir", "results_dir"), ("--checkpoint-dir", "checkpoint_dir"),
-                       ("--save-uploads", "save_uploads")):
+    for flag, attr in (
+        ("--results-dir", "results_dir"),
+        ("--checkpoint-dir", "checkpoint_dir"),
+        ("--save-uploads", "save_uploads"),
+    ):
         if getattr(args, attr, None):
             _check_output_dir(getattr(args, attr), flag)
     if args.results_dir and not args.overwrite:
         done = [n for n in ("metrics.json", "bbt.json") if (Path(args.results_dir) / n).exists()]
         resuming = getattr(args, "checkpoint_dir", None) and any(Path(args.checkpoint_dir).iterdir())
         if done and not resuming:
-            raise CliError(f"--results-dir {args.results_dir!r} already holds a run's results ({done[0]}); pass "
-                           "--overwrite to replace them, --checkpoint-dir of that run to resume it, or another folder")
+            raise CliError(
+                f"--results-dir {args.results_dir!r} already holds a run's results ({done[0]}); pass "
+                "--overwrite to replace them, --checkpoint-dir of that run to resume it, or another folder"
+            )
 
 
 def _git_revision() -> str | None:
@@ -174,8 +209,9 @@ def _git_revision() -> str | None:
     from pathlib import Path
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -196,9 +232,16 @@ def _write_config(args, resolved: dict) -> None:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
-    write_json_atomic(os.path.join(args.results_dir, "config.json"),
-                      {"command": ["fedbpt-jax", *sys.argv[1:]], "args": vars(args), "resolved": resolved,
-                       "versions": versions, "git_revision": _git_revision()})
+    write_json_atomic(
+        os.path.join(args.results_dir, "config.json"),
+        {
+            "command": ["fedbpt-jax", *sys.argv[1:]],
+            "args": vars(args),
+            "resolved": resolved,
+            "versions": versions,
+            "git_revision": _git_revision(),
+        },
+    )
 
 
 def _load(args):
@@ -210,34 +253,56 @@ def _load(args):
     except Exception as err:  # noqa: BLE001  (any failure to load is the model argument's problem)
         if getattr(args, "debug", False):
             raise
-        raise CliError(f"cannot load model {args.model!r}: {_one_line(err).rstrip('.')}. --model takes a registry "
-                       "name (e.g. smollm2-135m-instruct), a local Hugging Face folder (config.json, *.safetensors, "
-                       "tokenizer), a .gguf file, or a hub id (needs network access)") from None
-    print(f"model {lm.name}: {lm.kind}, {lm.num_params() / 1e6:.1f}M parameters, {lm.config.compute_dtype} "
-          f"(loaded in {time.perf_counter() - t0:.1f}s)", flush=True)
+        raise CliError(
+            f"cannot load model {args.model!r}: {_one_line(err).rstrip('.')}. --model takes a registry "
+            "name (e.g. smollm2-135m-instruct), a local Hugging Face folder (config.json, *.safetensors, "
+            "tokenizer), a .gguf file, or a hub id (needs network access)"
+        ) from None
+    print(
+        f"model {lm.name}: {lm.kind}, {lm.num_params() / 1e6:.1f}M parameters, {lm.config.compute_dtype} "
+        f"(loaded in {time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
     return lm
 
 
 def _data(args, lm, *, num_clients: int, alpha):
     from . import data as data_lib
 
-    kw = dict(num_clients=num_clients, shots_per_class=args.shots, alpha=alpha, seed=args.seed,
-              n_prompt=args.n_prompt, source=args.data, style=args.style, first_token=args.first_token,
-              max_length=args.max_length,
-              test_size=args.test_size or None, max_positions=getattr(lm.config, "max_position_embeddings", None))
+    kw = dict(
+        num_clients=num_clients,
+        shots_per_class=args.shots,
+        alpha=alpha,
+        seed=args.seed,
+        n_prompt=args.n_prompt,
+        source=args.data,
+        style=args.style,
+        first_token=args.first_token,
+        max_length=args.max_length,
+        test_size=args.test_size or None,
+        max_positions=getattr(lm.config, "max_position_embeddings", None),
+    )
     try:
         fed = data_lib.federated(_task(args, lm), lm.tokenizer, lm.kind, **kw)
     except Exception as err:  # noqa: BLE001
         if getattr(args, "debug", False):
             raise
         # The data layer's ValueErrors already say what is accepted; anything else gets the general answer.
-        hint = "" if isinstance(err, ValueError) and not isinstance(err, UnicodeError) else (
-            ". --data takes a folder like ../shared/data, a non-empty csv/tsv/json/parquet file with a header row, "
-            "'embedded', or a hub name (needs network access)")
+        hint = (
+            ""
+            if isinstance(err, ValueError) and not isinstance(err, UnicodeError)
+            else (
+                ". --data takes a folder like ../shared/data, a non-empty csv/tsv/json/parquet file with a header row, "
+                "'embedded', or a hub name (needs network access)"
+            )
+        )
         raise CliError(f"task {args.task!r}, data {args.data or 'default source'!r}: {_one_line(err)}{hint}") from None
-    print(f"task {args.task}: {int(fed.train_counts.sum())} train examples over {num_clients} client(s) "
-          f"(counts {fed.train_counts.tolist() if num_clients <= 20 else '…'}), {len(fed.dev.labels)} dev, "
-          f"{len(fed.test.labels)} test", flush=True)
+    print(
+        f"task {args.task}: {int(fed.train_counts.sum())} train examples over {num_clients} client(s) "
+        f"(counts {fed.train_counts.tolist() if num_clients <= 20 else '…'}), {len(fed.dev.labels)} dev, "
+        f"{len(fed.test.labels)} test",
+        flush=True,
+    )
     return fed
 
 
@@ -272,8 +337,11 @@ def _auto_start(args, lm):
         return prompt.parse_start("zeros")
     length = prompt.start_length(chosen, lm.tokenizer)
     if args.n_prompt is not None and args.n_prompt != length:
-        print(f"prompt start: --n-prompt {args.n_prompt} differs from the task's default start {chosen!r} "
-              f"({length} tokens): using 'zeros'", flush=True)
+        print(
+            f"prompt start: --n-prompt {args.n_prompt} differs from the task's default start {chosen!r} "
+            f"({length} tokens): using 'zeros'",
+            flush=True,
+        )
         return prompt.parse_start("zeros")
     return prompt.parse_start(chosen)
 
@@ -295,12 +363,19 @@ def cmd_bbt(args) -> int:
     fed = _data(args, lm, num_clients=1, alpha=None)
     import dataclasses
 
-    _write_config(args, {"model": lm.name, "kind": lm.kind, "compute_dtype": str(lm.config.compute_dtype),
-                         "bbt_config": dataclasses.asdict(cfg), "dev_size": len(fed.dev.labels),
-                         "test_size": len(fed.test.labels)})
+    _write_config(
+        args,
+        {
+            "model": lm.name,
+            "kind": lm.kind,
+            "compute_dtype": str(lm.config.compute_dtype),
+            "bbt_config": dataclasses.asdict(cfg),
+            "dev_size": len(fed.dev.labels),
+            "test_size": len(fed.test.labels),
+        },
+    )
     train = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], fed.train)
-    result = bbt_lib.tune(jax.random.key(args.seed), lm, train, fed.spec, cfg, dev=fed.dev,
-                          progress=args.progress)
+    result = bbt_lib.tune(jax.random.key(args.seed), lm, train, fed.spec, cfg, dev=fed.dev, progress=args.progress)
     from .objective import make_scorer
 
     ev = bbt_lib.Evaluator(lm, make_scorer(lm, args.layout, n_prompt_tokens=args.n_prompt), fed.test, fed.spec)
@@ -309,18 +384,29 @@ def cmd_bbt(args) -> int:
     tuned = ev.metrics(result.projection, result.z)
     final = ev.metrics(result.projection, result.final_mean)
     dev_best = max(result.dev_history, key=lambda g: (g[1], -g[0]), default=(None, float("nan")))
-    print(f"test accuracy  bare template (no prompt tokens): {manual['accuracy']:.4f}   "
-          f"manual prompt (z=0): {z0['accuracy']:.4f}   "
-          f"final (generation {args.generations}): {final['accuracy']:.4f}   "
-          f"BBT dev-selected (generation {dev_best[0]}, dev {dev_best[1]:.4f}): {tuned['accuracy']:.4f}  "
-          f"[{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]")
+    print(
+        f"test accuracy  bare template (no prompt tokens): {manual['accuracy']:.4f}   "
+        f"manual prompt (z=0): {z0['accuracy']:.4f}   "
+        f"final (generation {args.generations}): {final['accuracy']:.4f}   "
+        f"BBT dev-selected (generation {dev_best[0]}, dev {dev_best[1]:.4f}): {tuned['accuracy']:.4f}  "
+        f"[{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]"
+    )
     if args.results_dir:
         from .checkpoint import write_json_atomic
 
-        write_json_atomic(os.path.join(args.results_dir, "bbt.json"),
-                          {"args": vars(args), "manual": manual, "z0": z0, "final": final, "selected": tuned,
-                           "selected_generation": dev_best[0], "history": result.history,
-                           "dev_history": result.dev_history})
+        write_json_atomic(
+            os.path.join(args.results_dir, "bbt.json"),
+            {
+                "args": vars(args),
+                "manual": manual,
+                "z0": z0,
+                "final": final,
+                "selected": tuned,
+                "selected_generation": dev_best[0],
+                "history": result.history,
+                "dev_history": result.dev_history,
+            },
+        )
     return 0
 
 
@@ -373,8 +459,9 @@ def cmd_simulate(args) -> int:
 
     def fed_config(n_prompt: int):
         """FedConfig from every option that is one of its fields, with K = N unless --per-round."""
-        return build(fl.FedConfig, args, opts, clients_per_round=args.per_round or args.clients,
-                     n_prompt_tokens=n_prompt)
+        return build(
+            fl.FedConfig, args, opts, clients_per_round=args.per_round or args.clients, n_prompt_tokens=n_prompt
+        )
 
     fed_config(args.n_prompt or 1)  # validated before the model loads (n may come from the prompt start)
     mesh = _mesh(args.devices)
@@ -388,55 +475,96 @@ def cmd_simulate(args) -> int:
     cfg = fed_config(args.n_prompt)
     key_proj, key_run = jax.random.split(jax.random.key(args.seed))
     model = ModelInputs.build(key_proj, lm, cfg, start=start)
-    print(f"prompt start (the prompt at z = 0 and the manual baseline): {start.describe()}, "
-          f"{args.n_prompt} tokens", flush=True)
+    print(
+        f"prompt start (the prompt at z = 0 and the manual baseline): {start.describe()}, {args.n_prompt} tokens",
+        flush=True,
+    )
     data = FederatedData.from_host(fed)
     kwargs = {"perturb": True} if args.algorithm == "fedavg_bbt" and args.fedavg_perturb else {}
     algo = fl.make(args.algorithm, cfg, lm, **kwargs)
     c = algo.cost.comm
-    print(f"{algo.name}: N={args.clients} K={k} λ={args.population} I={args.local_generations} d={args.d} "
-          f"| per client per round: {c.down_per_client} B down, {c.up_per_client} B up "
-          f"(FedAvg of the full model: {c.fedavg_full_model_per_client / 1e6:.0f} MB each way)", flush=True)
+    print(
+        f"{algo.name}: N={args.clients} K={k} λ={args.population} I={args.local_generations} d={args.d} "
+        f"| per client per round: {c.down_per_client} B down, {c.up_per_client} B up "
+        f"(FedAvg of the full model: {c.fedavg_full_model_per_client / 1e6:.0f} MB each way)",
+        flush=True,
+    )
     import dataclasses
 
-    _write_config(args, {"model": lm.name, "kind": lm.kind, "compute_dtype": str(lm.config.compute_dtype),
-                         "prompt_start": start.describe(), "n_prompt": args.n_prompt, "algorithm": algo.name,
-                         "fed_config": dataclasses.asdict(cfg),
-                         "hparams": {k: float(v) for k, v in dataclasses.asdict(hp).items()},
-                         "train_counts": fed.train_counts.tolist(), "dev_size": len(fed.dev.labels),
-                         "test_size": len(fed.test.labels),
-                         "devices": 1 if mesh is None else int(mesh.devices.size)})
+    _write_config(
+        args,
+        {
+            "model": lm.name,
+            "kind": lm.kind,
+            "compute_dtype": str(lm.config.compute_dtype),
+            "prompt_start": start.describe(),
+            "n_prompt": args.n_prompt,
+            "algorithm": algo.name,
+            "fed_config": dataclasses.asdict(cfg),
+            "hparams": {k: float(v) for k, v in dataclasses.asdict(hp).items()},
+            "train_counts": fed.train_counts.tolist(),
+            "dev_size": len(fed.dev.labels),
+            "test_size": len(fed.test.labels),
+            "devices": 1 if mesh is None else int(mesh.devices.size),
+        },
+    )
     run_kwargs = dict(eval_every=args.eval_every, eval_chunk=args.eval_chunk, mesh=mesh)
     if args.tune_lr:
         if args.algorithm != "fedprompt":
             raise ValueError(f"--tune-lr picks FedPrompt's learning rate; --algorithm is {args.algorithm!r}")
         grid = fl.LR_GRID if args.lr_grid is None else tuple(float(x) for x in args.lr_grid.split(","))
-        lr, table = fl.tune_learning_rate(algo, key_run, data, fed.dev, lm, model, num_rounds=args.rounds, hp=hp,
-                                          grid=grid, **run_kwargs)
-        print("learning rate on dev: " + "  ".join(f"{r['learning_rate']:g}: {_fmt(r['dev_accuracy'])}"
-                                                   for r in table) + f"  -> {lr:g}", flush=True)
+        lr, table = fl.tune_learning_rate(
+            algo, key_run, data, fed.dev, lm, model, num_rounds=args.rounds, hp=hp, grid=grid, **run_kwargs
+        )
+        print(
+            "learning rate on dev: "
+            + "  ".join(f"{r['learning_rate']:g}: {_fmt(r['dev_accuracy'])}" for r in table)
+            + f"  -> {lr:g}",
+            flush=True,
+        )
         hp = hp.replace(learning_rate=lr)
-    carry, hist = fl.run(algo, key_run, data, fed.test, lm, model, dev=fed.dev, num_rounds=args.rounds, hp=hp,
-                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                         results_dir=args.results_dir, save_uploads=args.save_uploads, **run_kwargs,
-                         progress=args.progress,
-                         keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache])
+    carry, hist = fl.run(
+        algo,
+        key_run,
+        data,
+        fed.test,
+        lm,
+        model,
+        dev=fed.dev,
+        num_rounds=args.rounds,
+        hp=hp,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        results_dir=args.results_dir,
+        save_uploads=args.save_uploads,
+        **run_kwargs,
+        progress=args.progress,
+        keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache],
+    )
     last = hist.rounds[-1]
-    print(f"per round: {last['forward_calls']} model forward calls over local batches, "
-          f"{last['model_flops'] / 1e12:.2f} TFLOP, {last['active_clients']} active clients, "
-          f"{last['bytes_up_per_client']} B up per client; steady round time {last['seconds']:.1f}s")
+    print(
+        f"per round: {last['forward_calls']} model forward calls over local batches, "
+        f"{last['model_flops'] / 1e12:.2f} TFLOP, {last['active_clients']} active clients, "
+        f"{last['bytes_up_per_client']} B up per client; steady round time {last['seconds']:.1f}s"
+    )
     s = fl.summarize(hist, carry)
     manual = _manual_accuracy(lm, fed, args.layout, args.n_prompt)
-    print(f"test accuracy  bare template (no prompt tokens): {manual:.4f}   "
-          f"manual prompt (z=0, the prompt start): {s['initial_test_accuracy']:.4f}   "
-          f"final (round {s['final_round']}): {s['final_test_accuracy']:.4f}   "
-          f"dev-selected (round {s['selected_round']}, dev {_fmt(s['selected_dev_accuracy'])}): "
-          f"{_fmt(s['selected_test_accuracy'])}  [{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]")
-    print(f"reference-compatibility figure (best test accuracy over rounds, selected on test: optimistic): "
-          f"{_fmt(s['best_test_reference'])} (round {s['best_test_reference_round']})")
+    print(
+        f"test accuracy  bare template (no prompt tokens): {manual:.4f}   "
+        f"manual prompt (z=0, the prompt start): {s['initial_test_accuracy']:.4f}   "
+        f"final (round {s['final_round']}): {s['final_test_accuracy']:.4f}   "
+        f"dev-selected (round {s['selected_round']}, dev {_fmt(s['selected_dev_accuracy'])}): "
+        f"{_fmt(s['selected_test_accuracy'])}  [{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]"
+    )
+    print(
+        f"reference-compatibility figure (best test accuracy over rounds, selected on test: optimistic): "
+        f"{_fmt(s['best_test_reference'])} (round {s['best_test_reference_round']})"
+    )
     if s["fitness_all_nonfinite"]:
-        print("warning: every client's fitness was non-finite in every round: the global prompt never moved",
-              file=sys.stderr)
+        print(
+            "warning: every client's fitness was non-finite in every round: the global prompt never moved",
+            file=sys.stderr,
+        )
     if s["nonfinite_evals"]:
         print(f"warning: {s['nonfinite_evals']} evaluation(s) were non-finite (NaN, never selected)", file=sys.stderr)
     return 0
@@ -461,8 +589,10 @@ def _interrupted(args, err) -> int:
         how = "; resume with the same command (it continues from the last checkpoint in --checkpoint-dir)"
     else:
         how = "; give --checkpoint-dir to make a run resumable"
-    print(f"fedbpt-jax: {where}{' (results in ' + args.results_dir + ')' if done is not None else ''}{how}",
-          file=sys.stderr)
+    print(
+        f"fedbpt-jax: {where}{' (results in ' + args.results_dir + ')' if done is not None else ''}{how}",
+        file=sys.stderr,
+    )
     return status
 
 
@@ -472,8 +602,11 @@ def _run_external(name: str, argv: list[str]) -> int:
 
     module, _ = EXTERNAL_COMMANDS[name]
     if not _external_available(module):
-        print(f"fedbpt-jax: error: the {name!r} command needs {module}, which is not installed; accepted commands: "
-              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"fedbpt-jax: error: the {name!r} command needs {module}, which is not installed; accepted commands: "
+            f"{', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     return importlib.import_module(module).main(argv)
 
@@ -537,7 +670,11 @@ def main(argv=None) -> int:
     except Exception as err:  # noqa: BLE001  (every error is one line unless --debug)
         if debug:
             raise
-        hint = "" if isinstance(err, (CliError, ValueError, KeyError, FileNotFoundError)) else " (--debug shows the traceback)"
+        hint = (
+            ""
+            if isinstance(err, (CliError, ValueError, KeyError, FileNotFoundError))
+            else " (--debug shows the traceback)"
+        )
         print(f"fedbpt-jax: error: {_one_line(err, 600)}{hint}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,7 @@ and the docstrings. The price is that only the types the configuration uses are 
 ``float``, ``str``, ``bool`` and their ``| None``); a field of another type is an error when the parser
 is built (``tests/test_cli_config.py`` builds it for every command), not a silently missing flag.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -133,7 +134,8 @@ class SimulateOptions:
     """
 
     algorithm: str = dataclasses.field(
-        default="fedbpt", metadata={"choices": ("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt")})
+        default="fedbpt", metadata={"choices": ("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt")}
+    )
     prompt_start: str = "auto"
     fedavg_perturb: bool = False
     alpha: float = 1.0
@@ -217,10 +219,15 @@ def sources(command: str) -> list[Source]:
 
         return [
             Source(CommonOptions, "model, task and outputs"),
-            Source(FedConfig, "federated configuration (FedConfig)",
-                   defaults={"clients_per_round": None, "n_prompt_tokens": None, "chunk_clients": 2},
-                   notes={"clients_per_round": "default: all N clients",
-                          "n_prompt_tokens": "default: the prompt start's token count, else 5"}),
+            Source(
+                FedConfig,
+                "federated configuration (FedConfig)",
+                defaults={"clients_per_round": None, "n_prompt_tokens": None, "chunk_clients": 2},
+                notes={
+                    "clients_per_round": "default: all N clients",
+                    "n_prompt_tokens": "default: the prompt start's token count, else 5",
+                },
+            ),
             Source(HParams, "hyperparameters (HParams)"),
             Source(SimulateOptions, "algorithm and run"),
         ]
@@ -229,21 +236,29 @@ def sources(command: str) -> list[Source]:
 
         return [
             Source(CommonOptions, "model, task and outputs", defaults={"test_size": 500}),
-            Source(BBTConfig, "centralized BBT (BBTConfig)",
-                   defaults={"n_prompt_tokens": None, "population_size": 10, "num_generations": 30,
-                             "eval_every": 10},
-                   notes={"n_prompt_tokens": "default: 5"}),
+            Source(
+                BBTConfig,
+                "centralized BBT (BBTConfig)",
+                defaults={"n_prompt_tokens": None, "population_size": 10, "num_generations": 30, "eval_every": 10},
+                notes={"n_prompt_tokens": "default: 5"},
+            ),
         ]
     if command == "sweep":
         from .federated.config import HParams
 
-        return [*sources("simulate")[:2],
-                Source(HParams, "hyperparameters (HParams): each lane's value where --hp does not sweep it"),
-                Source(SimulateOptions, "algorithm and rounds",
-                       fixed=frozenset({"tune_lr", "lr_grid", "save_uploads", "checkpoint_dir", "checkpoint_every",
-                                        "devices"}),
-                       notes={"alpha": "shared by every lane"}),
-                Source(SweepOptions, "sweep: lanes")]
+        return [
+            *sources("simulate")[:2],
+            Source(HParams, "hyperparameters (HParams): each lane's value where --hp does not sweep it"),
+            Source(
+                SimulateOptions,
+                "algorithm and rounds",
+                fixed=frozenset(
+                    {"tune_lr", "lr_grid", "save_uploads", "checkpoint_dir", "checkpoint_every", "devices"}
+                ),
+                notes={"alpha": "shared by every lane"},
+            ),
+            Source(SweepOptions, "sweep: lanes"),
+        ]
     raise ValueError(f"unknown command {command!r}; accepted: 'simulate', 'bbt', 'sweep'")
 
 
@@ -307,7 +322,7 @@ def field_docs(cls) -> dict[str, str]:
     docs: dict[str, str] = {}
     names: list[str] = []
     indent = None
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.strip():
             continue
         depth = len(line) - len(line.lstrip())
@@ -346,12 +361,20 @@ def options(command: str) -> list[Option]:
             text = docs.get(f.name, "")
             if src.notes.get(f.name):
                 text = f"{text.rstrip('.')} ({src.notes[f.name]})"
-            opt = Option(dest=RENAMES.get(f.name, f.name), field=f.name, owner=src.cls, kind=kind,
-                         optional=optional or default is None, default=default,
-                         choices=tuple(f.metadata["choices"]) if "choices" in f.metadata else None, help=text)
+            opt = Option(
+                dest=RENAMES.get(f.name, f.name),
+                field=f.name,
+                owner=src.cls,
+                kind=kind,
+                optional=optional or default is None,
+                default=default,
+                choices=tuple(f.metadata["choices"]) if "choices" in f.metadata else None,
+                help=text,
+            )
             if opt.dest in out:
-                raise ValueError(f"option {opt.dest!r} comes from both {out[opt.dest].owner.__name__} and "
-                                 f"{src.cls.__name__}")
+                raise ValueError(
+                    f"option {opt.dest!r} comes from both {out[opt.dest].owner.__name__} and {src.cls.__name__}"
+                )
             out[opt.dest] = opt
     return list(out.values())
 
@@ -369,13 +392,25 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> list[Option]:
     for o in opts:
         text = _plain(o.help).replace("%", "%%")
         if o.kind is bool:
-            groups[o.owner].add_argument(*o.flags, dest=o.dest, action=argparse.BooleanOptionalAction,
-                                         default=o.default, help=f"{text} (default: {'on' if o.default else 'off'})")
+            groups[o.owner].add_argument(
+                *o.flags,
+                dest=o.dest,
+                action=argparse.BooleanOptionalAction,
+                default=o.default,
+                help=f"{text} (default: {'on' if o.default else 'off'})",
+            )
             continue
         if o.default is not None and "(default" not in text:
             text = f"{text} (default: %(default)s)"
-        groups[o.owner].add_argument(*o.flags, dest=o.dest, type=o.kind, default=o.default, choices=o.choices,
-                                     metavar=o.dest.upper() if o.choices is None else None, help=text)
+        groups[o.owner].add_argument(
+            *o.flags,
+            dest=o.dest,
+            type=o.kind,
+            default=o.default,
+            choices=o.choices,
+            metavar=o.dest.upper() if o.choices is None else None,
+            help=text,
+        )
     return opts
 
 
@@ -400,8 +435,10 @@ def read_config_file(path) -> dict:
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise ConfigFileError(f"--config {str(path)!r}: unknown file type {suffix or '(none)'!r}; accepted: .toml, "
-                              ".yaml, .yml, .json (the config.json a run writes into --results-dir included)")
+        raise ConfigFileError(
+            f"--config {str(path)!r}: unknown file type {suffix or '(none)'!r}; accepted: .toml, "
+            ".yaml, .yml, .json (the config.json a run writes into --results-dir included)"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
@@ -420,16 +457,19 @@ def read_config_file(path) -> dict:
 
             data = yaml.safe_load(text)
     except ModuleNotFoundError as err:
-        raise ConfigFileError(f"--config {str(path)!r}: reading TOML on Python 3.10 needs the tomli package "
-                              f"({err})") from None
+        raise ConfigFileError(
+            f"--config {str(path)!r}: reading TOML on Python 3.10 needs the tomli package ({err})"
+        ) from None
     except Exception as err:  # noqa: BLE001  (each parser has its own error type)
         msg = " ".join(str(err).split())
         raise ConfigFileError(f"--config {str(path)!r}: not valid {suffix[1:].upper()}: {msg}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigFileError(f"--config {str(path)!r}: the file holds a {type(data).__name__}; accepted: a mapping "
-                              "of option names to values (e.g. 'clients = 4' in TOML)")
+        raise ConfigFileError(
+            f"--config {str(path)!r}: the file holds a {type(data).__name__}; accepted: a mapping "
+            "of option names to values (e.g. 'clients = 4' in TOML)"
+        )
     return data
 
 
@@ -463,8 +503,10 @@ def values_from_file(path, command: str, opts: list[Option], data: Mapping | Non
     where = f"--config {str(path)!r}"
     named = file_command(data)
     if named is not None and named != command:
-        raise ConfigFileError(f"{where} is for the {named!r} command, not {command!r}; run "
-                              f"'fedbpt-jax {named} --config {path}' or leave the command out")
+        raise ConfigFileError(
+            f"{where} is for the {named!r} command, not {command!r}; run "
+            f"'fedbpt-jax {named} --config {path}' or leave the command out"
+        )
     record = is_run_record(data)
     items = dict(data["args"]) if record else dict(data)
     items.pop("command", None)
@@ -488,8 +530,9 @@ def values_from_file(path, command: str, opts: list[Option], data: Mapping | Non
         if key not in by_key:
             close = difflib.get_close_matches(key, list(by_key), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigFileError(f"{where}: unknown key {raw_key!r} for {command!r}{hint} Accepted keys: "
-                                  f"{', '.join(accepted)}")
+            raise ConfigFileError(
+                f"{where}: unknown key {raw_key!r} for {command!r}{hint} Accepted keys: {', '.join(accepted)}"
+            )
         o = by_key[key]
         if o.dest in origin:
             raise ConfigFileError(f"{where}: {o.dest!r} is given twice (as {origin[o.dest]!r} and {raw_key!r})")
@@ -512,10 +555,13 @@ def _checked(where: str, key, value, o: Option, negate: bool):
     elif isinstance(value, o.kind) and not isinstance(value, bool):
         if o.choices is None or value in o.choices:
             return value
-        raise ConfigFileError(f"{where}: key {key!r}: {value!r} is not accepted; accepted: "
-                              f"{', '.join(repr(c) for c in o.choices)}")
-    raise ConfigFileError(f"{where}: key {key!r}: {value!r} ({type(value).__name__}) is not {expected} "
-                          f"(expected {o.kind.__name__}{' | None' if o.optional else ''})")
+        raise ConfigFileError(
+            f"{where}: key {key!r}: {value!r} is not accepted; accepted: {', '.join(repr(c) for c in o.choices)}"
+        )
+    raise ConfigFileError(
+        f"{where}: key {key!r}: {value!r} ({type(value).__name__}) is not {expected} "
+        f"(expected {o.kind.__name__}{' | None' if o.optional else ''})"
+    )
 
 
 def find_config_arg(argv: list[str]) -> str | None:

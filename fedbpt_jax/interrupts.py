@@ -6,6 +6,7 @@ disk always describe the same round. :func:`install` (the CLI calls it) turns bo
 :class:`Interrupted`, which the CLI reports as "interrupted after round r" with exit status 128 + signal.
 Outside the main thread (where Python cannot handle signals) both are no-ops.
 """
+
 from __future__ import annotations
 
 import contextlib

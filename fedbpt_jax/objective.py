@@ -17,6 +17,7 @@ position, special, placeholder and ``<mask>`` tokens included (the default here)
 keeps the ids in :attr:`ScoringSpec.exempt_ids` untouched. Logits are still read at the original answer
 position. For decoders the answer cue is not part of ``input_ids`` and is never perturbed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -176,8 +177,9 @@ def make_scorer(lm, layout: str | None = None, *, use_cache: bool = True, n_prom
 
 
 @functools.lru_cache(maxsize=128)
-def scorer_for(kind: str, config, layout: str | None = None, *, use_cache: bool = True,
-               n_prompt_tokens: int = 0) -> Scorer:
+def scorer_for(
+    kind: str, config, layout: str | None = None, *, use_cache: bool = True, n_prompt_tokens: int = 0
+) -> Scorer:
     """The :class:`Scorer` of a backbone of ``kind`` (``"encoder"``/``"decoder"``) and static ``config``.
 
     The same arguments give the same (cached) object, so jitted callers keyed on it never retrace.
@@ -215,8 +217,9 @@ def scorer_for(kind: str, config, layout: str | None = None, *, use_cache: bool 
 
         def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2) -> ScoreCost:
             # The head runs at the <mask> position only, on the label rows only.
-            return ScoreCost(float(encoder.flops_per_example(cfg, seq_len, n_prompt=n, mode=layout,
-                                                             num_labels=num_labels)), 0.0)
+            return ScoreCost(
+                float(encoder.flops_per_example(cfg, seq_len, n_prompt=n, mode=layout, num_labels=num_labels)), 0.0
+            )
 
         return Scorer(prepare, logits, layout, cost)
 
@@ -230,8 +233,10 @@ def scorer_for(kind: str, config, layout: str | None = None, *, use_cache: bool 
 
         def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2) -> ScoreCost:
             s = n + cue_len
-            return ScoreCost(decoder.flops_per_example(cfg, s, seq_len + s, num_labels),
-                             decoder.flops_per_example(cfg, seq_len, seq_len, 0))
+            return ScoreCost(
+                decoder.flops_per_example(cfg, s, seq_len + s, num_labels),
+                decoder.flops_per_example(cfg, seq_len, seq_len, 0),
+            )
 
         return Scorer(prepare, logits, layout, cost, caches_prefix=True)
 
@@ -266,6 +271,7 @@ def population_logits(
     ``chunk_size > 0`` bounds memory: candidates are processed ``chunk_size`` at a time
     (``lax.map`` with a vmapped body), which is how large client × population batches fit one device.
     """
+
     def one(prompt):
         return scorer.logits(params, ctx, spec, prompt)
 
@@ -312,8 +318,9 @@ def population_fitness_paired(
     :func:`stack_contexts`: both passes run as **one** forward pass over (copy × candidate × example)
     rows, so every weight matrix is streamed once per generation instead of twice and the GEMMs are
     twice as tall."""
-    losses = jax.vmap(lambda ctx: population_losses(scorer, params, ctx, batch, spec, prompts, loss=loss,
-                                                    chunk_size=chunk_size))(paired_ctx)  # [2, P, B]
+    losses = jax.vmap(
+        lambda ctx: population_losses(scorer, params, ctx, batch, spec, prompts, loss=loss, chunk_size=chunk_size)
+    )(paired_ctx)  # [2, P, B]
     fit = fitness(losses[0], losses[1], batch.example_mask, form)
     return fit, masked_mean(losses[0], batch.example_mask)
 
@@ -338,8 +345,17 @@ def population_fitness(
     (:func:`population_fitness_paired`).
     """
     if pert_ctx is not None:
-        return population_fitness_paired(scorer, params, stack_contexts(clean_ctx, pert_ctx), batch, spec,
-                                         prompts, loss=loss, form=form, chunk_size=chunk_size)
+        return population_fitness_paired(
+            scorer,
+            params,
+            stack_contexts(clean_ctx, pert_ctx),
+            batch,
+            spec,
+            prompts,
+            loss=loss,
+            form=form,
+            chunk_size=chunk_size,
+        )
     clean = population_losses(scorer, params, clean_ctx, batch, spec, prompts, loss=loss, chunk_size=chunk_size)
     fit = fitness(clean, None, batch.example_mask, form)
     return fit, masked_mean(clean, batch.example_mask)

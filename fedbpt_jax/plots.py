@@ -8,6 +8,7 @@
 
 Every PNG is written atomically (a temporary file renamed into place).
 """
+
 from __future__ import annotations
 
 import math
@@ -70,9 +71,11 @@ def _load_metrics(source) -> tuple[dict, Path | None]:
     p = Path(source)
     path = p / "metrics.json" if p.is_dir() else p
     if not path.is_file():
-        raise FileNotFoundError(f"plot_run: {str(p)!r} holds no metrics.json; accepted: a results folder written by "
-                                "fedbpt-jax simulate --results-dir / run(results_dir=...), its metrics.json, or the "
-                                "metrics dict")
+        raise FileNotFoundError(
+            f"plot_run: {str(p)!r} holds no metrics.json; accepted: a results folder written by "
+            "fedbpt-jax simulate --results-dir / run(results_dir=...), its metrics.json, or the "
+            "metrics dict"
+        )
     return read_json(path), path.parent
 
 
@@ -109,8 +112,16 @@ def plot_run(source, out=None, *, title: str | None = None) -> str:
         return bool(xs)
 
     def empty(ax, what):
-        ax.text(0.5, 0.5, f"{what}: not reported by this run", ha="center", va="center", transform=ax.transAxes,
-                fontsize=8, color="gray")
+        ax.text(
+            0.5,
+            0.5,
+            f"{what}: not reported by this run",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=8,
+            color="gray",
+        )
 
     line(a_acc, evals, "accuracy", "test")
     if line(a_acc, evals, "dev_accuracy", "dev"):
@@ -119,8 +130,11 @@ def plot_run(source, out=None, *, title: str | None = None) -> str:
             a_acc.axvline(sel, color="gray", ls=":", lw=1, label=f"dev-selected (round {sel})")
     a_acc.set_ylabel("accuracy")
     a_acc.set_title("accuracy of the global prompt", fontsize=9)
-    got = [line(a_loss, evals, "loss", "test loss"), line(a_loss, evals, "dev_loss", "dev loss"),
-           line(a_loss, rounds, "client_loss", "clients' mean local loss")]
+    got = [
+        line(a_loss, evals, "loss", "test loss"),
+        line(a_loss, evals, "dev_loss", "dev loss"),
+        line(a_loss, rounds, "client_loss", "clients' mean local loss"),
+    ]
     if not any(got):
         empty(a_loss, "loss")
     a_loss.set_ylabel("loss (nats / example)")
@@ -167,7 +181,7 @@ def comparison_plots(groups: list[dict], out, title: str) -> list[str]:
         rounds = sorted(set.intersection(*[set(c) for c in curves]))
         y = np.asarray([[c[r] for r in rounds] for c in curves], float) * 100
         m = y.mean(0)
-        line, = ax.plot(rounds, m, marker="o", ms=2.5, label=f"{g['label']} (n={len(curves)})")
+        (line,) = ax.plot(rounds, m, marker="o", ms=2.5, label=f"{g['label']} (n={len(curves)})")
         if len(curves) > 1:
             s = y.std(0, ddof=1)
             ax.fill_between(rounds, m - s, m + s, color=line.get_color(), alpha=0.15)

@@ -19,6 +19,7 @@ The paper says the server creates and distributes A; the reference code regenera
 client from a shared seed. Both give the same matrix for the same key; in the simulator A is built once
 from a named key and passed as an argument (never a closure) to every jitted function.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -98,8 +99,14 @@ def start_prompt(start: jax.Array | None, n_prompt_tokens: int, hidden_size: int
 # ----------------------------------------------------------------------------------------------
 # Prompt start: what the soft prompt is at z = 0
 # ----------------------------------------------------------------------------------------------
-START_FORMS = ("zeros", "tokens:<id>,<id>,...", "phrase:<text>", "<file>.npy", "a [n, H] array",
-               "a sequence of token ids")
+START_FORMS = (
+    "zeros",
+    "tokens:<id>,<id>,...",
+    "phrase:<text>",
+    "<file>.npy",
+    "a [n, H] array",
+    "a sequence of token ids",
+)
 
 
 class PromptStart(NamedTuple):
@@ -148,8 +155,10 @@ def parse_start(start) -> PromptStart:
             try:
                 ids = tuple(int(t) for t in rest.replace(" ", "").split(",") if t != "")
             except ValueError:
-                raise ValueError(f"prompt start {start!r}: 'tokens:' needs comma-separated integer token ids, "
-                                 f"e.g. 'tokens:1000,1001,1002'") from None
+                raise ValueError(
+                    f"prompt start {start!r}: 'tokens:' needs comma-separated integer token ids, "
+                    f"e.g. 'tokens:1000,1001,1002'"
+                ) from None
             if not ids:
                 raise ValueError(f"prompt start {start!r}: 'tokens:' names no token id")
             return PromptStart("tokens", ids)
@@ -171,12 +180,15 @@ def parse_start(start) -> PromptStart:
         return PromptStart("tokens", tuple(int(i) for i in arr))
     if arr.dtype.kind == "f":
         if arr.ndim != 2:
-            raise ValueError(f"prompt start array has shape {tuple(arr.shape)}; expected [n_prompt_tokens, hidden_size]")
+            raise ValueError(
+                f"prompt start array has shape {tuple(arr.shape)}; expected [n_prompt_tokens, hidden_size]"
+            )
         if not np.all(np.isfinite(arr)):
             raise ValueError("prompt start array has non-finite entries")
         return PromptStart("array", arr.astype(np.float32))
-    raise ValueError(f"unknown prompt start of type {type(start).__name__} (dtype {arr.dtype}); "
-                     f"accepted: {', '.join(START_FORMS)}")
+    raise ValueError(
+        f"unknown prompt start of type {type(start).__name__} (dtype {arr.dtype}); accepted: {', '.join(START_FORMS)}"
+    )
 
 
 def start_token_ids(start, tokenizer=None) -> tuple[int, ...] | None:
@@ -217,8 +229,9 @@ def _encoder_embed(lm, ids):
     return nn.apply(fn, encoder.Encoder(lm.config))(lm.params, ids, jnp.zeros_like(ids))[0]
 
 
-def build_start(lm, start, n_prompt_tokens: int, layout: str | None = None, *,
-                placeholder: str = "auto") -> jax.Array | None:
+def build_start(
+    lm, start, n_prompt_tokens: int, layout: str | None = None, *, placeholder: str = "auto"
+) -> jax.Array | None:
     """Resolves a prompt-start option to the ``[n, H]`` float32 array that :func:`to_prompt` adds.
 
     The soft prompt is ``start + A z``, so z = 0 *is* the start prompt, and the manual-prompt baseline
@@ -270,8 +283,10 @@ def build_start(lm, start, n_prompt_tokens: int, layout: str | None = None, *,
         return None
     if s.kind == "array":
         if tuple(s.value.shape) != (n_prompt_tokens, hidden):
-            raise ValueError(f"prompt start array has shape {tuple(s.value.shape)}; expected "
-                             f"[n_prompt_tokens, hidden_size] = [{n_prompt_tokens}, {hidden}]")
+            raise ValueError(
+                f"prompt start array has shape {tuple(s.value.shape)}; expected "
+                f"[n_prompt_tokens, hidden_size] = [{n_prompt_tokens}, {hidden}]"
+            )
         return jnp.asarray(s.value)
     ids = start_token_ids(s, lm.tokenizer)
     if len(ids) != n_prompt_tokens:
@@ -279,9 +294,11 @@ def build_start(lm, start, n_prompt_tokens: int, layout: str | None = None, *,
         shown = ""
         if lm.tokenizer is not None:
             shown = f" {lm.tokenizer.convert_ids_to_tokens(list(ids))}"
-        raise ValueError(f"prompt start {s.describe()!r}: {what} is {len(ids)} tokens{shown}, but "
-                         f"n_prompt_tokens={n_prompt_tokens}; set n_prompt_tokens={len(ids)} or choose "
-                         f"{n_prompt_tokens} tokens")
+        raise ValueError(
+            f"prompt start {s.describe()!r}: {what} is {len(ids)} tokens{shown}, but "
+            f"n_prompt_tokens={n_prompt_tokens}; set n_prompt_tokens={len(ids)} or choose "
+            f"{n_prompt_tokens} tokens"
+        )
     vocab = int(lm.input_embeddings().shape[0])
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:

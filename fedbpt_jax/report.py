@@ -22,6 +22,7 @@ dev-selected (the round with the highest dev accuracy, ties to the earliest: the
 and best-on-test (selected on the test set itself: the reference code's optimistic figure, labelled
 as such).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,25 @@ from .plots import FIGURES, comparison_plots
 
 #: ``config.json`` options that do not change what a run computes (besides the seed): left out of the
 #: grouping. CLI keys (``args``) and grid keys (``settings``).
-SEED_AND_IO = frozenset({"seed", "results_dir", "overwrite", "no_progress", "debug", "checkpoint_dir",
-                         "save_uploads", "command", "tensorboard_dir", "eval_cache_gb"})
+SEED_AND_IO = frozenset(
+    {
+        "seed",
+        "results_dir",
+        "overwrite",
+        "no_progress",
+        "debug",
+        "checkpoint_dir",
+        "save_uploads",
+        "command",
+        "tensorboard_dir",
+        "eval_cache_gb",
+    }
+)
 
-ACCEPTED = ("accepted: a results folder written by 'fedbpt-jax simulate --results-dir' or experiments/grid.py "
-            "(config.json and metrics.json), or a folder whose sub-folders are such results folders")
+ACCEPTED = (
+    "accepted: a results folder written by 'fedbpt-jax simulate --results-dir' or experiments/grid.py "
+    "(config.json and metrics.json), or a folder whose sub-folders are such results folders"
+)
 
 
 class ReportError(ValueError):
@@ -55,8 +70,12 @@ def run_figures(metrics: dict) -> dict:
     when the run evaluated a dev set, ``dev_selected`` and ``dev_selected_round``."""
     evals = metrics["evals"]
     finite = [e for e in evals if isinstance(e["accuracy"], float) and math.isfinite(e["accuracy"])]
-    out = {"initial": evals[0]["accuracy"], "final": evals[-1]["accuracy"], "final_round": evals[-1]["round"],
-           "curve": [(e["round"], e["accuracy"]) for e in evals]}
+    out = {
+        "initial": evals[0]["accuracy"],
+        "final": evals[-1]["accuracy"],
+        "final_round": evals[-1]["round"],
+        "curve": [(e["round"], e["accuracy"]) for e in evals],
+    }
     best = metrics.get("best_test_reference", metrics.get("best_accuracy"))
     if best is None or best < 0:
         best = max((e["accuracy"] for e in finite), default=None)
@@ -66,7 +85,10 @@ def run_figures(metrics: dict) -> dict:
         pick = max(dev, key=lambda e: (e["dev_accuracy"], -e["round"]))
         out["dev_selected"], out["dev_selected_round"] = pick["accuracy"], pick["round"]
         if str(metrics.get("selection_rule", "")).startswith("dev") and metrics.get("selected_round") is not None:
-            out["dev_selected"], out["dev_selected_round"] = metrics["selected_test_accuracy"], metrics["selected_round"]
+            out["dev_selected"], out["dev_selected_round"] = (
+                metrics["selected_test_accuracy"],
+                metrics["selected_round"],
+            )
     return out
 
 
@@ -96,7 +118,9 @@ def cell(st: dict | None) -> str:
     """A table cell of :func:`stats` in percent: ``mean ± std (n=…)``."""
     if st is None:
         return "—"
-    return f"{100 * st['mean']:.2f} ± {pct(st['std'])} (n={st['n']})" if st["n"] > 1 else f"{100 * st['mean']:.2f} (n=1)"
+    return (
+        f"{100 * st['mean']:.2f} ± {pct(st['std'])} (n={st['n']})" if st["n"] > 1 else f"{100 * st['mean']:.2f} (n=1)"
+    )
 
 
 def _settings(cfg: dict, where: Path) -> dict:
@@ -105,8 +129,10 @@ def _settings(cfg: dict, where: Path) -> dict:
         return dict(cfg["args"])
     if isinstance(cfg.get("settings"), dict):
         return dict(cfg["settings"])
-    raise ReportError(f"{str(where)!r}: config.json has neither 'args' (fedbpt-jax simulate) nor 'settings' "
-                      f"(experiments/grid.py); {ACCEPTED}")
+    raise ReportError(
+        f"{str(where)!r}: config.json has neither 'args' (fedbpt-jax simulate) nor 'settings' "
+        f"(experiments/grid.py); {ACCEPTED}"
+    )
 
 
 def load_run(directory) -> dict:
@@ -120,8 +146,9 @@ def load_run(directory) -> dict:
     missing = [n for n in ("config.json", "metrics.json") if not (d / n).is_file()]
     if missing:
         if (d / "bbt.json").is_file() and "metrics.json" in missing:
-            raise ReportError(f"{str(d)!r} holds a 'fedbpt-jax bbt' result (bbt.json), which report does not "
-                              f"compare; {ACCEPTED}")
+            raise ReportError(
+                f"{str(d)!r} holds a 'fedbpt-jax bbt' result (bbt.json), which report does not compare; {ACCEPTED}"
+            )
         raise ReportError(f"{str(d)!r} is not a results folder (no {' and no '.join(missing)}); {ACCEPTED}")
     try:
         cfg = read_json(d / "config.json")
@@ -130,12 +157,20 @@ def load_run(directory) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ReportError(f"{str(d)!r}: config.json or metrics.json is not valid JSON ({err}); {ACCEPTED}") from None
     except (KeyError, IndexError, TypeError) as err:
-        raise ReportError(f"{str(d)!r}: metrics.json has no evaluations ({type(err).__name__}: {err}); "
-                          f"{ACCEPTED}") from None
+        raise ReportError(
+            f"{str(d)!r}: metrics.json has no evaluations ({type(err).__name__}: {err}); {ACCEPTED}"
+        ) from None
     settings = _settings(cfg, d)
     identity = {k: v for k, v in settings.items() if k not in SEED_AND_IO}
-    return {"dir": str(d), "name": d.name, "seed": settings.get("seed"), "settings": settings, "identity": identity,
-            "stopped_early": metrics.get("stopped_early"), **figures}
+    return {
+        "dir": str(d),
+        "name": d.name,
+        "seed": settings.get("seed"),
+        "settings": settings,
+        "identity": identity,
+        "stopped_early": metrics.get("stopped_early"),
+        **figures,
+    }
 
 
 def expand_dirs(dirs) -> list[Path]:
@@ -161,8 +196,11 @@ def _key(identity: dict) -> str:
 
 def _differing(records: list[dict]) -> list[str]:
     keys = sorted({k for r in records for k in r["identity"]})
-    return [k for k in keys if len({json.dumps(r["identity"].get(k, "<absent>"), sort_keys=True, default=str)
-                                    for r in records}) > 1]
+    return [
+        k
+        for k in keys
+        if len({json.dumps(r["identity"].get(k, "<absent>"), sort_keys=True, default=str) for r in records}) > 1
+    ]
 
 
 def group_runs(records: list[dict], *, same_config: bool = False) -> list[dict]:
@@ -177,19 +215,26 @@ def group_runs(records: list[dict], *, same_config: bool = False) -> list[dict]:
         g = groups.setdefault(_key(r["identity"]), {"identity": r["identity"], "runs": []})
         twin = next((o for o in g["runs"] if o["seed"] == r["seed"]), None)
         if twin is not None:
-            raise ReportError(f"{r['dir']!r} and {twin['dir']!r} are the same configuration with the same seed "
-                              f"({r['seed']!r}); accepted: runs that differ by seed (give each run once)")
+            raise ReportError(
+                f"{r['dir']!r} and {twin['dir']!r} are the same configuration with the same seed "
+                f"({r['seed']!r}); accepted: runs that differ by seed (give each run once)"
+            )
         g["runs"].append(r)
     out = list(groups.values())
     diff = _differing(records)
     if same_config and len(out) > 1:
         first = out[0]["runs"][0]
         odd = next(g["runs"][0] for g in out[1:])
-        shown = "; ".join(f"{k}: {first['identity'].get(k, '<absent>')!r} in {first['dir']!r}, "
-                          f"{odd['identity'].get(k, '<absent>')!r} in {odd['dir']!r}" for k in diff)
-        raise ReportError(f"--same-config: the runs differ in more than the seed ({shown}); accepted: runs of one "
-                          "configuration that differ only by seed (leave out --same-config to report one group "
-                          "per configuration)")
+        shown = "; ".join(
+            f"{k}: {first['identity'].get(k, '<absent>')!r} in {first['dir']!r}, "
+            f"{odd['identity'].get(k, '<absent>')!r} in {odd['dir']!r}"
+            for k in diff
+        )
+        raise ReportError(
+            f"--same-config: the runs differ in more than the seed ({shown}); accepted: runs of one "
+            "configuration that differ only by seed (leave out --same-config to report one group "
+            "per configuration)"
+        )
     for g in out:
         label = ", ".join(f"{k}={g['identity'].get(k, '<absent>')}" for k in diff)
         g["label"] = label or str(g["identity"].get("algorithm") or "runs")
@@ -207,28 +252,41 @@ def markdown(groups: list[dict], title: str) -> str:
     common = {}
     if groups:
         shared = set.intersection(*[set(g["identity"]) for g in groups])
-        common = {k: groups[0]["identity"][k] for k in sorted(shared)
-                  if all(_key({k: g["identity"][k]}) == _key({k: groups[0]["identity"][k]}) for g in groups)}
-    lines = [f"# {title}", "",
-             "Accuracy in % on the test split: mean ± std over seeds (sample std, ddof = 1), n = seeds. "
-             "z = 0 = round 0 (the prompt start); final = the last round's global prompt; dev-selected = the "
-             "round with the highest dev accuracy, ties to the earliest (— when the runs had no dev set); "
-             "best-on-test picks the round on the test set itself, as the reference code's reported peak does: "
-             "a **reference-compatibility (optimistic)** figure, not a claim.", "",
-             "| configuration | n | seeds | rounds | z = 0 | final | dev-selected | dev-selected round "
-             "| best-on-test (ref.-compat., optimistic) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        common = {
+            k: groups[0]["identity"][k]
+            for k in sorted(shared)
+            if all(_key({k: g["identity"][k]}) == _key({k: groups[0]["identity"][k]}) for g in groups)
+        }
+    lines = [
+        f"# {title}",
+        "",
+        "Accuracy in % on the test split: mean ± std over seeds (sample std, ddof = 1), n = seeds. "
+        "z = 0 = round 0 (the prompt start); final = the last round's global prompt; dev-selected = the "
+        "round with the highest dev accuracy, ties to the earliest (— when the runs had no dev set); "
+        "best-on-test picks the round on the test set itself, as the reference code's reported peak does: "
+        "a **reference-compatibility (optimistic)** figure, not a claim.",
+        "",
+        "| configuration | n | seeds | rounds | z = 0 | final | dev-selected | dev-selected round "
+        "| best-on-test (ref.-compat., optimistic) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for g in groups:
         seeds = ",".join(str(r["seed"]) for r in g["runs"])
         rounds = ",".join(str(x) for x in sorted({r["final_round"] for r in g["runs"]}))
         sel = [r["dev_selected_round"] for r in g["runs"] if r.get("dev_selected_round") is not None]
         sel_rounds = ",".join(map(str, sel)) if sel else "—"
-        lines.append(f"| {g['label']} | {len(g['runs'])} | {seeds} | {rounds} | {cell(g['initial'])} | "
-                     f"{cell(g['final'])} | {cell(g['dev_selected'])} | {sel_rounds} | {cell(g['best_on_test'])} |")
+        lines.append(
+            f"| {g['label']} | {len(g['runs'])} | {seeds} | {rounds} | {cell(g['initial'])} | "
+            f"{cell(g['final'])} | {cell(g['dev_selected'])} | {sel_rounds} | {cell(g['best_on_test'])} |"
+        )
     stopped = [r for g in groups for r in g["runs"] if r.get("stopped_early") is not None]
     if stopped:
-        lines += ["", "Stopped early by a callback: " + ", ".join(f"{r['name']} (after round {r['stopped_early']})"
-                                                                  for r in stopped) + "."]
+        lines += [
+            "",
+            "Stopped early by a callback: "
+            + ", ".join(f"{r['name']} (after round {r['stopped_early']})" for r in stopped)
+            + ".",
+        ]
     lines += ["", "## Runs", "", "| configuration | seed | folder |", "| --- | --- | --- |"]
     lines += [f"| {g['label']} | {r['seed']} | {r['name']} |" for g in groups for r in g["runs"]]
     if common:
@@ -249,21 +307,33 @@ def report(dirs, out=None, *, same_config: bool = False, title: str | None = Non
     records = [load_run(d) for d in runs]
     groups = group_runs(records, same_config=same_config)
     out = Path(out) if out is not None else Path(records[0]["dir"]).parent / "report"
-    title = title or "fedbpt-jax report: " + (groups[0]["label"] if len(groups) == 1 else f"{len(groups)} configurations")
+    title = title or "fedbpt-jax report: " + (
+        groups[0]["label"] if len(groups) == 1 else f"{len(groups)} configurations"
+    )
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(groups, title)
     _write_atomic(out / "report.md", md)
     made = comparison_plots(groups, out, title)
     summary = {
-        "title": title, "figures": FIGURES,
-        "rules": {"std": "sample std over seeds (ddof = 1)",
-                  "grouping": "runs with the same config.json settings except the seed and the output options",
-                  "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
-                  "best_on_test": "reference-compatibility (optimistic): selected on the test set itself"},
-        "groups": [{"label": g["label"], "settings": g["identity"], **{f: g[f] for f in FIGURES},
-                    "seeds": [r["seed"] for r in g["runs"]], "by_seed": {f: {str(s): v for s, v in d.items()}
-                                                                         for f, d in g["by_seed"].items()},
-                    "runs": [r["dir"] for r in g["runs"]]} for g in groups],
+        "title": title,
+        "figures": FIGURES,
+        "rules": {
+            "std": "sample std over seeds (ddof = 1)",
+            "grouping": "runs with the same config.json settings except the seed and the output options",
+            "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
+            "best_on_test": "reference-compatibility (optimistic): selected on the test set itself",
+        },
+        "groups": [
+            {
+                "label": g["label"],
+                "settings": g["identity"],
+                **{f: g[f] for f in FIGURES},
+                "seeds": [r["seed"] for r in g["runs"]],
+                "by_seed": {f: {str(s): v for s, v in d.items()} for f, d in g["by_seed"].items()},
+                "runs": [r["dir"] for r in g["runs"]],
+            }
+            for g in groups
+        ],
         "plots": [Path(p).name for p in made],
         "out": str(out),
     }
@@ -273,15 +343,25 @@ def report(dirs, out=None, *, same_config: bool = False, title: str | None = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedbpt-jax report", description=__doc__.split("\n\n")[0],
-                                epilog="Runs are grouped by configuration (all settings but the seed and the "
-                                       "output options); each group is reported as mean ± std over its seeds.")
-    p.add_argument("dirs", nargs="+", metavar="RUN_DIR",
-                   help="results folders (config.json + metrics.json), or folders of such folders")
+    p = argparse.ArgumentParser(
+        prog="fedbpt-jax report",
+        description=__doc__.split("\n\n")[0],
+        epilog="Runs are grouped by configuration (all settings but the seed and the "
+        "output options); each group is reported as mean ± std over its seeds.",
+    )
+    p.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="results folders (config.json + metrics.json), or folders of such folders",
+    )
     p.add_argument("--out", default=None, help="report folder (default: 'report' next to the first run folder)")
     p.add_argument("--title", default=None, help="the report's title")
-    p.add_argument("--same-config", action="store_true",
-                   help="require one comparison group: runs that differ in more than the seed are an error")
+    p.add_argument(
+        "--same-config",
+        action="store_true",
+        help="require one comparison group: runs that differ in more than the seed are an error",
+    )
     return p
 
 

@@ -45,6 +45,7 @@ Example (one FedBPT round with a toy fitness; vmap over clients)::
     server, metrics = st.server_update(server, means, fits, sigmas, variant="reference",
                                        local_population=lam)
 """
+
 from __future__ import annotations
 
 import functools
@@ -117,8 +118,12 @@ def _cc(mueff, d: int):
 
 def _damps(mueff, d: int, popsize, lam_mirr, cs, xp=np):
     """CSA damping d_σ = 0.5 + min(1, (n_mirr/(0.159 λ) − 1)²)/2 + 2 max(0, √((μ_eff−1)/(d+1)) − 1) + c_σ."""
-    return (0.5 + xp.minimum(1, (lam_mirr / (0.159 * popsize) - 1) ** 2) / 2
-            + 2 * xp.maximum(0, xp.sqrt((mueff - 1) / (d + 1)) - 1) + cs)
+    return (
+        0.5
+        + xp.minimum(1, (lam_mirr / (0.159 * popsize) - 1) ** 2) / 2
+        + 2 * xp.maximum(0, xp.sqrt((mueff - 1) / (d + 1)) - 1)
+        + cs
+    )
 
 
 def _lazy_gap(c1, cmu, d: int) -> float:
@@ -160,7 +165,7 @@ def _pycma_weights(lam: int, d: int) -> tuple[np.ndarray, float]:
 
         neg = scale_to(1.0 + c1 / cmu)
         neg = limit(neg, (1.0 - c1 - cmu) / cmu / d)
-        mueff_minus = np.sum(neg) ** 2 / np.sum(neg ** 2)
+        mueff_minus = np.sum(neg) ** 2 / np.sum(neg**2)
         neg = limit(neg, 1.0 + 2.0 * mueff_minus / (mueff + 2.0))
         w[mu:] = neg
     return w, float(mueff)
@@ -209,8 +214,11 @@ def _masked_eigen(flag, due, C, B, D):
 
     def run(C, B, D):
         Cn, Bn, Dn = _eigendecompose(C, D)
-        return (jnp.where(due[..., None, None], Cn, C), jnp.where(due[..., None, None], Bn, B),
-                jnp.where(due[..., None], Dn, D))
+        return (
+            jnp.where(due[..., None, None], Cn, C),
+            jnp.where(due[..., None, None], Bn, B),
+            jnp.where(due[..., None], Dn, D),
+        )
 
     return jax.lax.cond(flag, run, lambda C, B, D: (C, B, D), C, B, D)
 
@@ -270,8 +278,9 @@ class _Update(NamedTuple):
     hsig: jax.Array
 
 
-def _cma_update(mean, sigma, p_sigma, p_c, C, B, D, iteration, x, w, c: _Consts, *,
-                update_covariance: bool = True) -> _Update:
+def _cma_update(
+    mean, sigma, p_sigma, p_c, C, B, D, iteration, x, w, c: _Consts, *, update_covariance: bool = True
+) -> _Update:
     """One CMA-ES tell, as pycma 3.4.0 does it (c_mean = 1, sigma_vec = 1).
 
     ``x`` [n, d] are the (repaired) solutions, ``w`` [n] their recombination weights in row order
@@ -280,15 +289,15 @@ def _cma_update(mean, sigma, p_sigma, p_c, C, B, D, iteration, x, w, c: _Consts,
     """
     dt = mean.dtype
     d = mean.shape[-1]
-    y = (x - mean) / sigma                                              # ~ N(0, C)
-    dm = sigma * (jnp.maximum(w, 0) @ y)                                # m_new − m_old
+    y = (x - mean) / sigma  # ~ N(0, C)
+    dm = sigma * (jnp.maximum(w, 0) @ y)  # m_new − m_old
     # CSA path with the B, D used for sampling (pycma CMAAdaptSigmaCSA._update_ps).
     z = _inv_sqrt_C(B, D, dm) * (jnp.sqrt(c.mueff) / sigma)
     p_sigma = (1 - c.cs) * p_sigma + jnp.sqrt(c.cs * (2 - c.cs)) * z
     t = iteration.astype(dt)
     hsig = jnp.sum(p_sigma**2) / (1 - (1 - c.cs) ** (2 * t)) / d - 1 < 1 + 4.0 / (d + 1)
     h = hsig.astype(dt)
-    c1a = c.c1 * (1 - (1 - h) * c.cc * (2 - c.cc))                     # variance lost to hsig = 0
+    c1a = c.c1 * (1 - (1 - h) * c.cc * (2 - c.cc))  # variance lost to hsig = 0
     p_c = (1 - c.cc) * p_c + h * jnp.sqrt(c.cc * (2 - c.cc) * c.mueff) / sigma * dm
     # Rank-one + rank-μ (active): decay with the unscaled weights, then rescale negative ones.
     if update_covariance:
@@ -360,8 +369,9 @@ def _local_rates(lam: int, d: int) -> tuple[np.ndarray, float, float, float]:
     return w, mueff, c1, _cmu(c1, mueff, d)
 
 
-def local_params(population_size: int, num_dims: int, *, num_mirrors: int | None = None,
-                 sigma0: float = 1.0) -> LocalCMAParams:
+def local_params(
+    population_size: int, num_dims: int, *, num_mirrors: int | None = None, sigma0: float = 1.0
+) -> LocalCMAParams:
     """pycma's default strategy constants for a client with population λ in dimension d.
 
     Args:
@@ -402,12 +412,20 @@ def local_params(population_size: int, num_dims: int, *, num_mirrors: int | None
 
 def _consts_of(params: LocalCMAParams, dt) -> _Consts:
     f = lambda a: jnp.asarray(a).astype(dt)  # noqa: E731
-    return _Consts(f(params.mu_eff), f(params.c_std), f(params.d_std), f(params.c_c), f(params.c_1),
-                   f(params.c_mu), f(params.chi_n))
+    return _Consts(
+        f(params.mu_eff),
+        f(params.c_std),
+        f(params.d_std),
+        f(params.c_c),
+        f(params.c_1),
+        f(params.c_mu),
+        f(params.chi_n),
+    )
 
 
-def client_init(server_state: "ServerCMAState", params: LocalCMAParams | None = None, *,
-                refresh_eigen: bool = False) -> LocalCMAState:
+def client_init(
+    server_state: "ServerCMAState", params: LocalCMAParams | None = None, *, refresh_eigen: bool = False
+) -> LocalCMAState:
     """A client's start state from the broadcast server state (pycma ``_copy_light``).
 
     Copies mean, σ, C and the server's eigendecomposition (B, D); resets p_σ, p_c, the counters, the
@@ -429,10 +447,20 @@ def client_init(server_state: "ServerCMAState", params: LocalCMAParams | None = 
         C, B, D = _eigendecompose(C, D)
     zero = jnp.zeros((), jnp.int32)
     return LocalCMAState(
-        mean=s.mean, std=s.std, p_std=jnp.zeros((d,), dt), p_c=jnp.zeros((d,), dt), C=C, B=B, D=D,
-        best_solution=jnp.full((d,), jnp.nan, dt), best_fitness=jnp.asarray(jnp.inf, dt),
-        generation_counter=zero, last_eigen_update=zero, mirror_direction=jnp.zeros((d,), dt),
-        mirror_valid=jnp.zeros((), bool), mirror_in_row0=jnp.zeros((), bool),
+        mean=s.mean,
+        std=s.std,
+        p_std=jnp.zeros((d,), dt),
+        p_c=jnp.zeros((d,), dt),
+        C=C,
+        B=B,
+        D=D,
+        best_solution=jnp.full((d,), jnp.nan, dt),
+        best_fitness=jnp.asarray(jnp.inf, dt),
+        generation_counter=zero,
+        last_eigen_update=zero,
+        mirror_direction=jnp.zeros((d,), dt),
+        mirror_valid=jnp.zeros((), bool),
+        mirror_in_row0=jnp.zeros((), bool),
     )
 
 
@@ -450,8 +478,9 @@ def eigen_refresh_due(population_size: int, num_dims: int, generations: int) -> 
     return generations - 1 >= _lazy_gap(c1, cmu, d)
 
 
-def ask(key: jax.Array, state: LocalCMAState, params: LocalCMAParams, *,
-        frozen_eigen: bool = False) -> tuple[jax.Array, LocalCMAState]:
+def ask(
+    key: jax.Array, state: LocalCMAState, params: LocalCMAParams, *, frozen_eigen: bool = False
+) -> tuple[jax.Array, LocalCMAState]:
     """λ candidates ``[λ, d]`` for one client (lazy eigen update first, then mirror + samples).
 
     Record ``state.std`` *before* calling this to build the σ history the server needs.
@@ -468,11 +497,12 @@ def ask(key: jax.Array, state: LocalCMAState, params: LocalCMAParams, *,
     if frozen_eigen:  # the caller guarantees no decomposition is due: B, D stay as they are
         C, B, D, last = state.C, state.B, state.D, state.last_eigen_update
     else:
-        C, B, D, last, _ = _lazy_eigen_step(state.C, state.B, state.D, state.generation_counter,
-                                            state.last_eigen_update, params.eigen_gap)
+        C, B, D, last, _ = _lazy_eigen_step(
+            state.C, state.B, state.D, state.generation_counter, state.last_eigen_update, params.eigen_gap
+        )
     key_z, key_len = jax.random.split(key)
     z = jax.random.normal(key_z, (lam, d), dt)
-    population = state.mean + state.std * ((z * D) @ B.T)             # x = m + σ B D z
+    population = state.mean + state.std * ((z * D) @ B.T)  # x = m + σ B D z
     in_row0 = jnp.zeros((), bool)
     if params.num_mirrors:
         direction = state.mirror_direction
@@ -481,16 +511,16 @@ def ask(key: jax.Array, state: LocalCMAState, params: LocalCMAParams, *,
         long = maha > math.sqrt(d)
         factor = jnp.where(long, length / jnp.where(long, maha, 1), 1)
         in_row0 = state.mirror_valid
-        population = population.at[0].set(
-            jnp.where(in_row0, state.mean + factor * direction, population[0]))
+        population = population.at[0].set(jnp.where(in_row0, state.mean + factor * direction, population[0]))
     if not frozen_eigen:
         state = state.replace(C=C, B=B, D=D, last_eigen_update=last)
     state = state.replace(mirror_in_row0=in_row0, mirror_valid=jnp.zeros((), bool))
     return population, state
 
 
-def _update(population, fitness, state: LocalCMAState, params: LocalCMAParams,
-            track_covariance: bool = True) -> LocalCMAState:
+def _update(
+    population, fitness, state: LocalCMAState, params: LocalCMAParams, track_covariance: bool = True
+) -> LocalCMAState:
     """The distribution update of :func:`tell` (evosax's ``_tell``: no best-so-far, no counter)."""
     dt = state.mean.dtype
     finite = jnp.isfinite(fitness)
@@ -499,29 +529,49 @@ def _update(population, fitness, state: LocalCMAState, params: LocalCMAParams,
     w = jnp.where(~finite & (w > 0), 0, w)  # a failed evaluation never pulls the mean
     if params.num_mirrors:
         w = w.at[0].set(jnp.where(state.mirror_in_row0 & (w[0] < 0), 0, w[0]))
-    upd = _cma_update(state.mean, state.std, state.p_std, state.p_c, state.C, state.B, state.D,
-                      state.generation_counter + 1, population, w, _consts_of(params, dt),
-                      update_covariance=track_covariance)
+    upd = _cma_update(
+        state.mean,
+        state.std,
+        state.p_std,
+        state.p_c,
+        state.C,
+        state.B,
+        state.D,
+        state.generation_counter + 1,
+        population,
+        w,
+        _consts_of(params, dt),
+        update_covariance=track_covariance,
+    )
     # Only the leaves the update changes are selected (a `where` over an unchanged, unbatched C/B/D
     # would broadcast it to every client under vmap).
     ok = jnp.any(finite)
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    changed = dict(mean=keep(upd.mean, state.mean), p_std=keep(upd.p_sigma, state.p_std),
-                   p_c=keep(upd.p_c, state.p_c),
-                   std=keep(jnp.clip(state.std * upd.csa_factor, params.std_min, params.std_max), state.std))
+    changed = dict(
+        mean=keep(upd.mean, state.mean),
+        p_std=keep(upd.p_sigma, state.p_std),
+        p_c=keep(upd.p_c, state.p_c),
+        std=keep(jnp.clip(state.std * upd.csa_factor, params.std_min, params.std_max), state.std),
+    )
     if track_covariance:
         changed["C"] = keep(upd.C, state.C)
     new = state.replace(**changed)
     if params.num_mirrors:
         worst = jnp.argmax(ranks)
         new = new.replace(
-            mirror_direction=state.mean - population[worst],
-            mirror_valid=~(state.mirror_in_row0 & (worst == 0)) & ok)
+            mirror_direction=state.mean - population[worst], mirror_valid=~(state.mirror_in_row0 & (worst == 0)) & ok
+        )
     return new
 
 
-def tell(population: jax.Array, fitness: jax.Array, state: LocalCMAState,
-         params: LocalCMAParams, *, track_covariance: bool = True) -> LocalCMAState:
+def tell(
+    population: jax.Array,
+    fitness: jax.Array,
+    state: LocalCMAState,
+    params: LocalCMAParams,
+    *,
+    track_covariance: bool = True,
+) -> LocalCMAState:
     """Updates one client's state with the fitness ``[λ]`` of ``population`` ``[λ, d]`` (minimised).
 
     NaN/±inf fitness ranks worst and never gets a positive weight; if all are non-finite, mean, σ,
@@ -532,8 +582,8 @@ def tell(population: jax.Array, fitness: jax.Array, state: LocalCMAState,
     decomposes C), the O(λ d²) rank-μ update per generation is dead work.
     """
     best_solution, best_fitness = update_best_solution_and_fitness(
-        population, jnp.where(jnp.isfinite(fitness), fitness, jnp.nan), state.best_solution,
-        state.best_fitness)
+        population, jnp.where(jnp.isfinite(fitness), fitness, jnp.nan), state.best_solution, state.best_fitness
+    )
     state = state.replace(best_solution=best_solution, best_fitness=best_fitness.astype(state.best_fitness.dtype))
     state = _update(population, fitness, state, params, track_covariance)
     return state.replace(generation_counter=state.generation_counter + 1)
@@ -557,8 +607,7 @@ class LocalCMA(CMA_ES):
 
     def __init__(self, population_size: int, num_dims: int, num_mirrors: int | None = None):
         with jax.ensure_compile_time_eval():  # may first be built inside a trace: keep it concrete
-            super().__init__(population_size, jnp.zeros(num_dims),
-                             fitness_shaping_fn=identity_fitness_shaping_fn)
+            super().__init__(population_size, jnp.zeros(num_dims), fitness_shaping_fn=identity_fitness_shaping_fn)
         self.num_mirrors = int(_num_mirrors(population_size, num_dims)) if num_mirrors is None else num_mirrors
 
     @property
@@ -673,9 +722,17 @@ def _usable(mask, fitness, *arrays):
     return ok
 
 
-def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness: jax.Array,
-                  client_sigmas: jax.Array, mask: jax.Array | None = None, *, variant: str = "reference",
-                  local_population: int = 5, local_mu: int | None = None) -> tuple[ServerCMAState, dict]:
+def server_update(
+    state: ServerCMAState,
+    client_means: jax.Array,
+    client_fitness: jax.Array,
+    client_sigmas: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    variant: str = "reference",
+    local_population: int = 5,
+    local_mu: int | None = None,
+) -> tuple[ServerCMAState, dict]:
     """One FedBPT server aggregation: σ', a server CMA-ES tell on the client means, broadcast σ.
 
     Args:
@@ -721,8 +778,9 @@ def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness
         sigma_prime = 2 * jnp.sqrt(jnp.sum(jnp.where(best_half, sq, 0)) / (kf * lam))
 
     # pycma's ask (its samples are discarded): only the lazy eigendecomposition matters.
-    C, B, D, last, eigen_updated = _lazy_eigen_step(state.C, state.B, state.D, state.iteration,
-                                                    state.last_eigen_update, state.eigen_gap)
+    C, B, D, last, eigen_updated = _lazy_eigen_step(
+        state.C, state.B, state.D, state.iteration, state.last_eigen_update, state.eigen_gap
+    )
     # tell: repair the injected means, then the CMA-ES update with step length σ'.
     mold = state.mean
     x = jnp.where(usable[:, None], client_means.astype(dt), mold)
@@ -733,11 +791,18 @@ def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness
     x = jnp.where(repaired[:, None], dx / jnp.where(repaired, fac, 1)[:, None] + mold, x)
     w_rank, consts = _server_consts(k, m, d, dt)
     w = jnp.where(usable, w_rank[jnp.minimum(ranks, m - 1)], 0)
-    upd = _cma_update(mold, sigma_prime, state.p_std, state.p_c, C, B, D, state.iteration + 1, x, w,
-                      consts)
-    new = state.replace(mean=upd.mean, std=state.std * upd.csa_factor, C=upd.C, B=B, D=D,
-                        p_std=upd.p_sigma, p_c=upd.p_c, iteration=state.iteration + 1,
-                        last_eigen_update=last)
+    upd = _cma_update(mold, sigma_prime, state.p_std, state.p_c, C, B, D, state.iteration + 1, x, w, consts)
+    new = state.replace(
+        mean=upd.mean,
+        std=state.std * upd.csa_factor,
+        C=upd.C,
+        B=B,
+        D=D,
+        p_std=upd.p_sigma,
+        p_c=upd.p_c,
+        iteration=state.iteration + 1,
+        last_eigen_update=last,
+    )
     ok = k > 0
     new = _where_tree(ok, new, state)
     metrics = {
@@ -757,8 +822,9 @@ def server_update(state: ServerCMAState, client_means: jax.Array, client_fitness
     return new, metrics
 
 
-def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Array,
-                     mask: jax.Array | None = None) -> tuple[ServerCMAState, dict]:
+def fedavg_aggregate(
+    state: ServerCMAState, client_states: Any, weights: jax.Array, mask: jax.Array | None = None
+) -> tuple[ServerCMAState, dict]:
     """FedAvg-BBT: example-count-weighted averages of the clients' final mean, σ and C.
 
     Args:
@@ -785,10 +851,16 @@ def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Arr
     wn = w / jnp.where(ok, total, 1)
     clean = lambda a: jnp.where(usable.reshape((m,) + (1,) * (a.ndim - 1)), a.astype(dt), 0)  # noqa: E731
     C = jnp.einsum("k,kij->ij", wn, clean(covs))
-    C, B, D, last, _ = _lazy_eigen_step(C, state.B, state.D, state.iteration + 1, state.iteration,
-                                        jnp.zeros((), dt))
-    new = state.replace(mean=wn @ clean(means), std=wn @ clean(stds), C=C, B=B, D=D,
-                        iteration=state.iteration + 1, last_eigen_update=last)
+    C, B, D, last, _ = _lazy_eigen_step(C, state.B, state.D, state.iteration + 1, state.iteration, jnp.zeros((), dt))
+    new = state.replace(
+        mean=wn @ clean(means),
+        std=wn @ clean(stds),
+        C=C,
+        B=B,
+        D=D,
+        iteration=state.iteration + 1,
+        last_eigen_update=last,
+    )
     new = _where_tree(ok, new, state)
     metrics = {
         "num_active": jnp.sum(usable.astype(jnp.int32)),
@@ -798,4 +870,3 @@ def fedavg_aggregate(state: ServerCMAState, client_states: Any, weights: jax.Arr
         "client_usable": usable,
     }
     return new, metrics
-

@@ -12,6 +12,7 @@ cartesian product. Prints a markdown table of mean ± std over the seeds per hyp
 :func:`add_arguments` and :func:`cmd_sweep` let the main ``fedbpt-jax`` parser host this command;
 :func:`main` runs it on its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,15 +69,24 @@ def add_arguments(p: argparse.ArgumentParser) -> list:
     :class:`~fedbpt_jax.cli_options.SweepOptions`), plus ``--hp`` and ``--config``; returns the derived options."""
     from . import cli_options as co
 
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="read options from a TOML, YAML or JSON file whose keys are the option names (and 'hp': a "
-                        "mapping of names to value lists, or a list of 'NAME=V1,V2' strings); the command line "
-                        "overrides it. A sweep's own results/config.json reproduces that sweep's settings")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="read options from a TOML, YAML or JSON file whose keys are the option names (and 'hp': a "
+        "mapping of names to value lists, or a list of 'NAME=V1,V2' strings); the command line "
+        "overrides it. A sweep's own results/config.json reproduces that sweep's settings",
+    )
     opts = co.add_options(p, "sweep")
-    p.add_argument("--hp", action="append", default=None, metavar="NAME=V1,V2,...",
-                   help="a swept hyperparameter (any HParams field: sigma0, perturb_rate, dropout_rate, "
-                        "learning_rate) and its values; repeat for several. Without --grid the lists are zipped and "
-                        "must have one length")
+    p.add_argument(
+        "--hp",
+        action="append",
+        default=None,
+        metavar="NAME=V1,V2,...",
+        help="a swept hyperparameter (any HParams field: sigma0, perturb_rate, dropout_rate, "
+        "learning_rate) and its values; repeat for several. Without --grid the lists are zipped and "
+        "must have one length",
+    )
     p.set_defaults(command="sweep")
     return opts
 
@@ -94,8 +104,10 @@ def _hp_from_file(value, where: str) -> list[str]:
         return items
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise cli.CliError(f"{where}: key 'hp': {value!r} ({type(value).__name__}) is not accepted; accepted: a mapping "
-                       "of hyperparameter names to value lists, or a list of 'NAME=V1,V2' strings")
+    raise cli.CliError(
+        f"{where}: key 'hp': {value!r} ({type(value).__name__}) is not accepted; accepted: a mapping "
+        "of hyperparameter names to value lists, or a list of 'NAME=V1,V2' strings"
+    )
 
 
 def _apply_config(p: argparse.ArgumentParser, opts: list, argv: list[str]) -> None:
@@ -122,8 +134,11 @@ def _apply_config(p: argparse.ArgumentParser, opts: list, argv: list[str]) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedbpt-jax sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fedbpt-jax sweep",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.options = add_arguments(p)
     return p
 
@@ -144,11 +159,15 @@ def _check(args):
     need(args.d >= 1, f"--d {args.d}: accepted: a positive intrinsic dimension")
     need(args.n_prompt is None or args.n_prompt >= 1, f"--n-prompt {args.n_prompt}: accepted: a positive token count")
     need(args.eval_every >= 1, f"--eval-every {args.eval_every}: accepted: a positive integer")
-    need(args.rounds >= 1 and args.rounds % args.eval_every == 0,
-         f"--rounds {args.rounds}: accepted: a positive multiple of --eval-every ({args.eval_every})")
+    need(
+        args.rounds >= 1 and args.rounds % args.eval_every == 0,
+        f"--rounds {args.rounds}: accepted: a positive multiple of --eval-every ({args.eval_every})",
+    )
     need(args.clients >= 1, f"--clients {args.clients}: accepted: a positive number of clients")
-    need(args.per_round is None or 1 <= args.per_round <= args.clients,
-         f"--per-round {args.per_round}: accepted: 1 to --clients ({args.clients}), or leave it out for all")
+    need(
+        args.per_round is None or 1 <= args.per_round <= args.clients,
+        f"--per-round {args.per_round}: accepted: 1 to --clients ({args.clients}), or leave it out for all",
+    )
     need(args.alpha >= 0, f"--alpha {args.alpha}: accepted: a Dirichlet concentration > 0, or 0 for IID")
     need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
     need(args.local_generations >= 1, f"--local-generations {args.local_generations}: accepted: 1 or more")
@@ -168,8 +187,10 @@ def _check(args):
     if args.results_dir:
         cli._check_output_dir(args.results_dir, "--results-dir")
         if not args.overwrite and (Path(args.results_dir) / "sweep.json").exists():
-            raise cli.CliError(f"--results-dir {args.results_dir!r} already holds a sweep's results (sweep.json); "
-                               "pass --overwrite to replace them, or another folder")
+            raise cli.CliError(
+                f"--results-dir {args.results_dir!r} already holds a sweep's results (sweep.json); "
+                "pass --overwrite to replace them, or another folder"
+            )
     return hp, base, seeds
 
 
@@ -178,8 +199,9 @@ def fed_config(args, n_prompt: int):
     from . import federated as fl
     from .cli_options import build, options
 
-    return build(fl.FedConfig, args, options("sweep"), clients_per_round=args.per_round or args.clients,
-                 n_prompt_tokens=n_prompt)
+    return build(
+        fl.FedConfig, args, options("sweep"), clients_per_round=args.per_round or args.clients, n_prompt_tokens=n_prompt
+    )
 
 
 def _seeds(seeds):
@@ -215,21 +237,53 @@ def cmd_sweep(args) -> int:
     algo = fl.make(args.algorithm, cfg, lm, **kwargs)
     mesh = fl.lane_mesh() if args.lanes == "all" and len(jax.devices()) > 1 else None
     points = fl.hp_points(hp, grid=args.grid, base=base)
-    print(f"{algo.name}: {len(seeds)} seed(s) x {len(points)} hyperparameter point(s) = "
-          f"{len(seeds) * len(points)} lanes, {args.rounds} rounds each, one compiled program"
-          f"{f' over {mesh.devices.size} devices' if mesh is not None else ''}", flush=True)
-    cli._write_config(args, {"model": lm.name, "kind": lm.kind, "compute_dtype": str(lm.config.compute_dtype),
-                             "prompt_start": start.describe(), "n_prompt": args.n_prompt, "algorithm": algo.name,
-                             "fed_config": dataclasses.asdict(cfg), "seeds": seeds, "hp": hp, "grid": args.grid,
-                             "points": points, "train_counts": fed.train_counts.tolist(),
-                             "dev_size": len(fed.dev.labels), "test_size": len(fed.test.labels)})
-    res = fl.sweep(algo, FederatedData.from_host(fed), fed.test, lm, model, seeds=seeds, hp=hp, grid=args.grid,
-                   base=base, dev=fed.dev, num_rounds=args.rounds, eval_every=args.eval_every,
-                   eval_chunk=args.eval_chunk, mesh=mesh,
-                   keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache])
+    print(
+        f"{algo.name}: {len(seeds)} seed(s) x {len(points)} hyperparameter point(s) = "
+        f"{len(seeds) * len(points)} lanes, {args.rounds} rounds each, one compiled program"
+        f"{f' over {mesh.devices.size} devices' if mesh is not None else ''}",
+        flush=True,
+    )
+    cli._write_config(
+        args,
+        {
+            "model": lm.name,
+            "kind": lm.kind,
+            "compute_dtype": str(lm.config.compute_dtype),
+            "prompt_start": start.describe(),
+            "n_prompt": args.n_prompt,
+            "algorithm": algo.name,
+            "fed_config": dataclasses.asdict(cfg),
+            "seeds": seeds,
+            "hp": hp,
+            "grid": args.grid,
+            "points": points,
+            "train_counts": fed.train_counts.tolist(),
+            "dev_size": len(fed.dev.labels),
+            "test_size": len(fed.test.labels),
+        },
+    )
+    res = fl.sweep(
+        algo,
+        FederatedData.from_host(fed),
+        fed.test,
+        lm,
+        model,
+        seeds=seeds,
+        hp=hp,
+        grid=args.grid,
+        base=base,
+        dev=fed.dev,
+        num_rounds=args.rounds,
+        eval_every=args.eval_every,
+        eval_chunk=args.eval_chunk,
+        mesh=mesh,
+        keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache],
+    )
     table = res.markdown()
-    print(f"test accuracy over {len(seeds)} seed(s) per point (mean ± sample std; dev-selected: "
-          f"{res.selection_rule}) [{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]")
+    print(
+        f"test accuracy over {len(seeds)} seed(s) per point (mean ± sample std; dev-selected: "
+        f"{res.selection_rule}) [{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]"
+    )
     print(table, end="")
     if args.results_dir:
         res.write(Path(args.results_dir) / "sweep.json")
@@ -268,8 +322,11 @@ def main(argv=None) -> int:
     except Exception as err:  # noqa: BLE001  (every error is one line unless --debug)
         if debug:
             raise
-        hint = "" if isinstance(err, (cli.CliError, ValueError, KeyError, FileNotFoundError)) else \
-            " (--debug shows the traceback)"
+        hint = (
+            ""
+            if isinstance(err, (cli.CliError, ValueError, KeyError, FileNotFoundError))
+            else " (--debug shows the traceback)"
+        )
         print(f"fedbpt-jax sweep: error: {cli._one_line(err, 600)}{hint}", file=sys.stderr)
         return 2
 

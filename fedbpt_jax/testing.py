@@ -3,6 +3,7 @@
 Nothing here is downloaded: the models are random (seeded) and small enough for a 2-core CPU; they
 exercise exactly the code paths the real backbones use.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,39 +19,80 @@ from .testing_tokenizers import chatml_tokenizer, roberta_like_tokenizer, smollm
 from .types import ScoringSpec, TokenBatch
 
 
-def tiny_decoder(seed: int = 0, *, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
-                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-                 tokenizer=None, tie_word_embeddings: bool = True) -> LanguageModel:
+def tiny_decoder(
+    seed: int = 0,
+    *,
+    vocab_size: int = 256,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tokenizer=None,
+    tie_word_embeddings: bool = True,
+) -> LanguageModel:
     """A random Llama-style decoder (GQA, RoPE, SwiGLU) as a :class:`LanguageModel`."""
     from .models import decoder
 
     vocab_size = max(vocab_size, len(tokenizer)) if tokenizer is not None else vocab_size
-    cfg = decoder.DecoderConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
-                                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hidden_size // num_heads,
-                                intermediate_size=intermediate_size, tie_word_embeddings=tie_word_embeddings,
-                                max_position_embeddings=512)
+    cfg = decoder.DecoderConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        intermediate_size=intermediate_size,
+        tie_word_embeddings=tie_word_embeddings,
+        max_position_embeddings=512,
+    )
     params = decoder.init_params(cfg, jax.random.key(seed))
-    return LanguageModel(name=f"tiny-decoder-{seed}", kind="decoder", config=cfg, params=params,
-                         tokenizer=tokenizer, module=None)
+    return LanguageModel(
+        name=f"tiny-decoder-{seed}", kind="decoder", config=cfg, params=params, tokenizer=tokenizer, module=None
+    )
 
 
-def tiny_encoder(seed: int = 0, *, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
-                 num_heads: int = 4, intermediate_size: int = 128, tokenizer=None,
-                 family: str = "roberta") -> LanguageModel:
+def tiny_encoder(
+    seed: int = 0,
+    *,
+    vocab_size: int = 256,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    tokenizer=None,
+    family: str = "roberta",
+) -> LanguageModel:
     """A random RoBERTa-style masked LM as a :class:`LanguageModel`."""
     from .models import encoder
 
     vocab_size = max(vocab_size, len(tokenizer)) if tokenizer is not None else vocab_size
-    cfg = encoder.EncoderConfig(family=family, vocab_size=vocab_size, hidden_size=hidden_size,
-                                num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
-                                max_position_embeddings=514)
+    cfg = encoder.EncoderConfig(
+        family=family,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=514,
+    )
     params = encoder.init_params(cfg, jax.random.key(seed))
-    return LanguageModel(name=f"tiny-encoder-{seed}", kind="encoder", config=cfg, params=params,
-                         tokenizer=tokenizer, module=None)
+    return LanguageModel(
+        name=f"tiny-encoder-{seed}", kind="encoder", config=cfg, params=params, tokenizer=tokenizer, module=None
+    )
 
 
-def random_batch(seed: int, num_examples: int, seq_len: int, vocab_size: int, *, num_labels: int = 2,
-                 kind: str = "decoder", min_len: int | None = None, leading: tuple[int, ...] = ()) -> TokenBatch:
+def random_batch(
+    seed: int,
+    num_examples: int,
+    seq_len: int,
+    vocab_size: int,
+    *,
+    num_labels: int = 2,
+    kind: str = "decoder",
+    min_len: int | None = None,
+    leading: tuple[int, ...] = (),
+) -> TokenBatch:
     """Random token examples of varying length (decoder: left-padded; encoder: right-padded with the
     answer position at the last real token). ``leading`` adds axes in front (e.g. clients)."""
     rng = np.random.default_rng(seed)
@@ -67,16 +109,21 @@ def random_batch(seed: int, num_examples: int, seq_len: int, vocab_size: int, *,
         answer = (lengths - 1).astype(np.int32)
     ids = np.where(mask > 0, ids, 0).astype(np.int32)
     labels = rng.integers(0, num_labels, size=shape).astype(np.int32)
-    return TokenBatch(input_ids=ids, attention_mask=mask, answer_pos=answer, labels=labels,
-                      example_mask=np.ones(shape, np.float32))
+    return TokenBatch(
+        input_ids=ids, attention_mask=mask, answer_pos=answer, labels=labels, example_mask=np.ones(shape, np.float32)
+    )
 
 
 def random_spec(vocab_size: int, num_labels: int = 2, cue_len: int = 2, seed: int = 0) -> ScoringSpec:
     """A scoring spec with distinct random label ids and a random answer cue."""
     rng = np.random.default_rng(seed)
     ids = rng.choice(np.arange(3, vocab_size), size=num_labels + cue_len, replace=False).astype(np.int32)
-    return ScoringSpec(label_ids=jnp.asarray(ids[:num_labels]), cue_ids=jnp.asarray(ids[num_labels:]),
-                       exempt_ids=jnp.asarray([0, 1, 2], jnp.int32), vocab_size=vocab_size)
+    return ScoringSpec(
+        label_ids=jnp.asarray(ids[:num_labels]),
+        cue_ids=jnp.asarray(ids[num_labels:]),
+        exempt_ids=jnp.asarray([0, 1, 2], jnp.int32),
+        vocab_size=vocab_size,
+    )
 
 
 def assert_trees_all_close(a, b, *, rtol: float = 1e-6, atol: float = 0.0) -> None:

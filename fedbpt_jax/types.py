@@ -7,6 +7,7 @@ Axis order everywhere (leading axes may be absent):
 Token arrays are static-shape and padded; masks say what is real. Every container here is a
 ``flax.struct.dataclass`` (a pytree), so it can be vmapped over clients, sharded and scanned.
 """
+
 from __future__ import annotations
 
 import flax.struct

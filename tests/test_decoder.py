@@ -3,6 +3,7 @@
 Reference fixtures (tests/fixtures/decoder_*) come from HF transformers' PyTorch Llama, generated once
 by scripts/make_decoder_fixtures.py in a separate torch environment; these tests never import torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,17 +54,25 @@ def make_batch(rows: list[list[int]], pad_id: int = 0) -> TokenBatch:
     ids = np.full((len(rows), t), pad_id, np.int32)
     mask = np.zeros((len(rows), t), np.int32)
     for i, r in enumerate(rows):
-        ids[i, t - len(r):] = r
-        mask[i, t - len(r):] = 1
+        ids[i, t - len(r) :] = r
+        mask[i, t - len(r) :] = 1
     b = len(rows)
-    return TokenBatch(input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                      answer_pos=jnp.full((b,), t - 1, jnp.int32), labels=jnp.zeros((b,), jnp.int32),
-                      example_mask=jnp.ones((b,), jnp.float32))
+    return TokenBatch(
+        input_ids=jnp.asarray(ids),
+        attention_mask=jnp.asarray(mask),
+        answer_pos=jnp.full((b,), t - 1, jnp.int32),
+        labels=jnp.zeros((b,), jnp.int32),
+        example_mask=jnp.ones((b,), jnp.float32),
+    )
 
 
 def make_spec(label_ids, cue_ids) -> ScoringSpec:
-    return ScoringSpec(label_ids=jnp.asarray(label_ids, jnp.int32), cue_ids=jnp.asarray(cue_ids, jnp.int32),
-                       exempt_ids=jnp.full((1,), -1, jnp.int32), vocab_size=0)
+    return ScoringSpec(
+        label_ids=jnp.asarray(label_ids, jnp.int32),
+        cue_ids=jnp.asarray(cue_ids, jnp.int32),
+        exempt_ids=jnp.full((1,), -1, jnp.int32),
+        vocab_size=0,
+    )
 
 
 @partial(jax.jit, static_argnums=0)
@@ -72,7 +81,8 @@ def manual_last_logits(config, params, embeds: np.ndarray) -> np.ndarray:
     s = embeds.shape[0]
     past = jnp.zeros((config.num_layers, 1, 0, config.num_kv_heads, config.head_dim), jnp.float32)
     hidden, _ = dec.LlamaDecoder(config).apply(
-        {"params": params}, jnp.asarray(embeds)[None], jnp.arange(s)[None], jnp.ones((1, s), jnp.int32), past, past)
+        {"params": params}, jnp.asarray(embeds)[None], jnp.arange(s)[None], jnp.ones((1, s), jnp.int32), past, past
+    )
     return hidden[0, -1] @ dec.output_embedding(config, params).T
 
 
@@ -84,15 +94,25 @@ CUE = [21, 22]
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
-BASE = dict(vocab_size=50, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=4,
-            intermediate_size=32)
+BASE = dict(vocab_size=50, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=4, intermediate_size=32)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("vocab_size", 0), ("hidden_size", -1), ("num_layers", 1.5), ("num_kv_heads", 3), ("head_dim", 5),
-    ("rope_theta", 0.0), ("rms_norm_eps", -1e-6), ("tie_word_embeddings", "yes"), ("rope_interleaved", 1),
-    ("bos_token_id", 50), ("pad_token_id", -1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("vocab_size", 0),
+        ("hidden_size", -1),
+        ("num_layers", 1.5),
+        ("num_kv_heads", 3),
+        ("head_dim", 5),
+        ("rope_theta", 0.0),
+        ("rms_norm_eps", -1e-6),
+        ("tie_word_embeddings", "yes"),
+        ("rope_interleaved", 1),
+        ("bos_token_id", 50),
+        ("pad_token_id", -1),
+    ],
+)
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         dec.DecoderConfig(**{**BASE, field: value})
@@ -144,7 +164,11 @@ def test_qwen2_logits_match_hf_qwen2(qwen2):
     assert config.qkv_bias and not config.tie_word_embeddings and (config.num_heads, config.num_kv_heads) == (4, 2)
     attn = params["layers"]["self_attn"]
     assert {k: sorted(v) for k, v in attn.items()} == {
-        "q_proj": ["bias", "kernel"], "k_proj": ["bias", "kernel"], "v_proj": ["bias", "kernel"], "o_proj": ["kernel"]}
+        "q_proj": ["bias", "kernel"],
+        "k_proj": ["bias", "kernel"],
+        "v_proj": ["bias", "kernel"],
+        "o_proj": ["kernel"],
+    }
     assert attn["k_proj"]["bias"].shape == (2, 2 * 8) and attn["q_proj"]["bias"].dtype == jnp.float32
     ref = np.load(FIXTURES / QWEN2 / "reference.npz")
     valid = ref["attention_mask"].astype(bool)
@@ -152,8 +176,9 @@ def test_qwen2_logits_match_hf_qwen2(qwen2):
     np.testing.assert_allclose(out[valid], ref["logits"][valid], atol=1e-5, rtol=0)
     # Without the biases the logits are far off: the fixture really exercises them.
     no_bias = dataclasses.replace(config, qkv_bias=False)
-    stripped = dict(params, layers=dict(params["layers"], self_attn={
-        k: {"kernel": v["kernel"]} for k, v in attn.items()}))
+    stripped = dict(
+        params, layers=dict(params["layers"], self_attn={k: {"kernel": v["kernel"]} for k, v in attn.items()})
+    )
     off = np.asarray(logits(no_bias, stripped, ref["input_ids"], ref["attention_mask"]))
     assert np.abs(off[valid] - ref["logits"][valid]).max() > 1e-2
 
@@ -170,8 +195,9 @@ def test_qwen2_scoring_paths_and_bf16(qwen2):
     np.testing.assert_allclose(scored, full, atol=2e-5, rtol=0)
     prompt = 0.1 * jax.random.normal(jax.random.key(0), (2, config.hidden_size))
     cached = label_logits_cached(config, params, prefix_cache(config, params, batch), spec, prompt)
-    np.testing.assert_allclose(np.asarray(cached), np.asarray(label_logits(config, params, batch, spec, prompt, "after")),
-                               atol=2e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(cached), np.asarray(label_logits(config, params, batch, spec, prompt, "after")), atol=2e-5, rtol=0
+    )
     bf_config, bf_params = dec.load_hf_decoder(FIXTURES / QWEN2, compute_dtype="bfloat16")
     assert bf_params["layers"]["self_attn"]["q_proj"]["bias"].dtype == jnp.float32
     assert bf_params["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
@@ -187,15 +213,25 @@ def test_qwen2_biases_are_required_and_llama_biases_refused(qwen2):
         dec.params_from_hf(config, missing)
     # The same tensors under a Llama config: the biases have no place, and dropping them would be wrong.
     llama = dataclasses.replace(config, qkv_bias=False)
-    with pytest.raises(ValueError, match=r"6 bias tensor\(s\).*accepted: the q/k/v projection biases of model_type 'qwen2'"):
+    with pytest.raises(
+        ValueError, match=r"6 bias tensor\(s\).*accepted: the q/k/v projection biases of model_type 'qwen2'"
+    ):
         dec.params_from_hf(llama, tensors)
 
 
 def test_qwen2_config_from_hf():
     from transformers import LlamaConfig, Qwen2Config
 
-    c = dec.config_from_hf(Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=64))
+    c = dec.config_from_hf(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+        )
+    )
     assert c.qkv_bias and c.head_dim == 8
     assert not dec.config_from_hf(LlamaConfig()).qkv_bias
     with pytest.raises(ValueError, match="sliding-window"):
@@ -290,8 +326,9 @@ def test_label_logits_with_prompt_equals_manual_concat(tiny, layout):
     _, config, params = tiny
     emb = np.asarray(dec.word_embeddings(params))
     prompt = np.asarray(jax.random.normal(jax.random.key(1), (3, config.hidden_size))) * 0.5
-    out = np.asarray(label_logits(config, params, make_batch(ROWS), make_spec(LABELS, CUE), jnp.asarray(prompt),
-                                      layout=layout))
+    out = np.asarray(
+        label_logits(config, params, make_batch(ROWS), make_spec(LABELS, CUE), jnp.asarray(prompt), layout=layout)
+    )
     for i, row in enumerate(ROWS):
         parts = [prompt, emb[row], emb[CUE]] if layout == "before" else [emb[row], prompt, emb[CUE]]
         want = np.asarray(manual_last_logits(config, params, np.concatenate(parts)))[LABELS]
@@ -340,10 +377,12 @@ def test_population_vmap_equals_loop_cached_and_uncached(tied):
     cached, before = map(np.asarray, population(params, batch, spec, prompts))
     assert cached.shape == before.shape == (5, 3, 3)
     for j in range(5):
-        np.testing.assert_allclose(cached[j], label_logits(config, params, batch, spec, prompts[j], "after"),
-                                   atol=1e-5, rtol=0)
-        np.testing.assert_allclose(before[j], label_logits(config, params, batch, spec, prompts[j], "before"),
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            cached[j], label_logits(config, params, batch, spec, prompts[j], "after"), atol=1e-5, rtol=0
+        )
+        np.testing.assert_allclose(
+            before[j], label_logits(config, params, batch, spec, prompts[j], "before"), atol=1e-5, rtol=0
+        )
     assert np.abs(cached[0] - cached[1]).max() > 1e-4  # candidates differ
 
 
@@ -405,8 +444,7 @@ def test_smollm2_config(smollm2):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("text,expected", [("The capital of France is", " Paris"),
-                                           ("One, two, three, four,", " five")])
+@pytest.mark.parametrize("text,expected", [("The capital of France is", " Paris"), ("One, two, three, four,", " five")])
 def test_smollm2_greedy_next_token(smollm2, text, expected):
     config, params, tok = smollm2
     ids = tok(text, add_special_tokens=True)["input_ids"]
@@ -436,8 +474,12 @@ def test_smollm2_tokenizer(smollm2, smollm2_reference):
     # "smollm" pre-tokenizer: every digit alone, and the space before a number is its own token.
     pieces = tok.convert_ids_to_tokens(tok("in 2024 we")["input_ids"])
     assert pieces == ["in", "Ġ", "2", "0", "2", "4", "Ġwe"]
-    for text in ["Hello world! It's a test: naïve café, 3.14 and 42 apples.", "  tabs\tand\n\nnew lines ",
-                 "emoji 🙂 and 日本語", "<|im_start|>user\nHi<|im_end|>\n"]:
+    for text in [
+        "Hello world! It's a test: naïve café, 3.14 and 42 apples.",
+        "  tabs\tand\n\nnew lines ",
+        "emoji 🙂 and 日本語",
+        "<|im_start|>user\nHi<|im_end|>\n",
+    ]:
         assert tok.decode(tok(text)["input_ids"]) == text
     assert tok("<|im_start|>")["input_ids"] == [1]
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 2, 0)
@@ -458,5 +500,6 @@ def test_smollm2_scoring_cached_equals_uncached_and_interleaved(smollm2):
     plain = np.asarray(label_logits(config, params, batch, spec, None, layout="before"))
     assert plain[0, 1] > plain[0, 0]  # the positive review leans " positive"
     cfg_i, params_i = gguf_loader.to_interleaved(config, params)
-    np.testing.assert_allclose(label_logits(cfg_i, params_i, batch, spec, None, layout="before"), plain,
-                               atol=1e-3, rtol=0)
+    np.testing.assert_allclose(
+        label_logits(cfg_i, params_i, batch, spec, None, layout="before"), plain, atol=1e-3, rtol=0
+    )

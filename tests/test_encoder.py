@@ -3,6 +3,7 @@
 The reference logits were made once by scripts/make_encoder_fixtures.py with transformers' PyTorch
 RobertaForMaskedLM / BertForMaskedLM; these tests never import torch.
 """
+
 import dataclasses
 import functools
 import os
@@ -192,7 +193,7 @@ def test_label_logits_argument_errors():
 
 def test_headless_checkpoint_hidden_states_only():
     config, tensors, inputs, _ = _load(ROBERTA)
-    bare = {k[len("roberta."):]: v for k, v in tensors.items() if k.startswith("roberta.")}
+    bare = {k[len("roberta.") :]: v for k, v in tensors.items() if k.startswith("roberta.")}
     assert "embeddings.word_embeddings.weight" in bare
     headless = encoder.params_from_hf(config, bare)
     assert not encoder.has_mlm_head(headless)
@@ -238,8 +239,15 @@ def test_checkpoint_of_another_family_is_refused():
 
 
 def test_config_validation():
-    base = dict(family="roberta", vocab_size=10, hidden_size=8, num_layers=1, num_heads=2,
-                intermediate_size=16, max_position_embeddings=12)
+    base = dict(
+        family="roberta",
+        vocab_size=10,
+        hidden_size=8,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=12,
+    )
     encoder.EncoderConfig(**base)
     with pytest.raises(ValueError, match=r"family='gpt2'.*\('roberta', 'bert'\)"):
         encoder.EncoderConfig(**{**base, "family": "gpt2"})
@@ -268,14 +276,29 @@ def test_config_from_hf_unknown_family():
 
 
 def test_flops_golden_and_against_xla():
-    tiny = encoder.EncoderConfig("bert", vocab_size=10, hidden_size=4, num_layers=1, num_heads=2,
-                                 intermediate_size=8, max_position_embeddings=8, pad_token_id=0)
+    tiny = encoder.EncoderConfig(
+        "bert",
+        vocab_size=10,
+        hidden_size=4,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=8,
+        pad_token_id=0,
+    )
     # per layer: QKV+O 2·3·4·16 = 384, attention 4·3·3·4 = 144, FFN 4·3·4·8 = 384; head 2·16 + 2·4·2 = 48.
     assert encoder.flops_per_example(tiny, 3, num_labels=2) == 384 + 144 + 384 + 48
     assert encoder.flops_per_example(tiny, 1, n_prompt=2, mode="cat", num_labels=2) == 960
     # XLA's own count (matmuls + elementwise) on one layer (XLA counts a scanned body once).
-    cfg = encoder.EncoderConfig("roberta", vocab_size=300, hidden_size=64, num_layers=1, num_heads=4,
-                                intermediate_size=256, max_position_embeddings=40)
+    cfg = encoder.EncoderConfig(
+        "roberta",
+        vocab_size=300,
+        hidden_size=64,
+        num_layers=1,
+        num_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=40,
+    )
     params = jax.eval_shape(lambda: encoder.init_params(cfg, jax.random.key(0)))
     ids = jax.ShapeDtypeStruct((2, 32), jnp.int32)
     xla = jax.jit(lambda p, i: encoder.logits(cfg, p, i, jnp.ones_like(i))).lower(params, ids)
@@ -293,8 +316,10 @@ MINILM_DIR = os.environ.get("FEDBPT_JAX_MINILM_DIR", "")
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not (MINILM_DIR and Path(MINILM_DIR, "model.safetensors").is_file()),
-                    reason="set FEDBPT_JAX_MINILM_DIR to the all-MiniLM-L6-v2 checkpoint directory")
+@pytest.mark.skipif(
+    not (MINILM_DIR and Path(MINILM_DIR, "model.safetensors").is_file()),
+    reason="set FEDBPT_JAX_MINILM_DIR to the all-MiniLM-L6-v2 checkpoint directory",
+)
 def test_minilm_real_weights():
     directory = hf.resolve(MINILM_DIR)
     config = encoder.config_from_hf(hf.load_config(directory))

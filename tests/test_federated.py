@@ -7,6 +7,7 @@ process each (the device count and ``jax.distributed`` must be set before JAX st
 fixture starts them in the background when the module starts, so they compile while the other tests
 run; the last two tests collect them (hard timeouts: they can never hang the suite).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,17 +51,19 @@ def test_run_compiles_once_scales_to_10000_clients_and_accounts_flops():
     segment; the per-round accounting (bytes, calls, FLOPs) is the hand-computed one."""
     names = ("fedbpt", "fedbpt/eval")
     with testing.count_compiles() as first:
-        carry, hist = fs.run_a(0, num_rounds=2)            # 2 segments of E = 1 round
+        carry, hist = fs.run_a(0, num_rounds=2)  # 2 segments of E = 1 round
     # At most one trace/compile for both segments (none if an earlier test compiled this configuration).
     assert all(first.traces[n] <= 1 for n in names) and first.compiles["fedbpt"] <= 1, (first.traces, first.compiles)
     t0 = time.perf_counter()
     with testing.count_compiles() as second:
-        carry2, hist2 = fs.run_a(5, num_rounds=2)      # second call, other key: no retrace, no recompile
+        carry2, hist2 = fs.run_a(5, num_rounds=2)  # second call, other key: no retrace, no recompile
     steady = time.perf_counter() - t0
     assert not second.traces and not second.compiles, (second.traces, second.compiles)
-    assert fl.trace_count("fedbpt") >= 1 and fl.compile_count("fedbpt") >= 1   # the process-wide counters
-    print(f"\nN=10,000 K=8 tiny decoder: steady run of 2 rounds + 3 evals {steady:.3f} s; "
-          f"round seconds {[round(r['seconds'], 4) for r in hist2.rounds]}")
+    assert fl.trace_count("fedbpt") >= 1 and fl.compile_count("fedbpt") >= 1  # the process-wide counters
+    print(
+        f"\nN=10,000 K=8 tiny decoder: steady run of 2 rounds + 3 evals {steady:.3f} s; "
+        f"round seconds {[round(r['seconds'], 4) for r in hist2.rounds]}"
+    )
 
     # Only the K sampled clients' CMA-ES states exist: the carried state has no client axis.
     shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(carry.state)}
@@ -165,7 +168,7 @@ def test_resume_is_bit_identical_and_results_are_written(tmp_path):
     assert int(part_c.rounds_done) == 1 and len(part_h.rounds) == 1
     with testing.count_compiles() as counts:
         res_c, res_h = fs.run_a(0, num_rounds=3, checkpoint_dir=ck, results_dir=tmp_path / "resumed")
-    assert not counts.traces["fedbpt"] and not counts.compiles["fedbpt"]   # resuming reuses the program
+    assert not counts.traces["fedbpt"] and not counts.compiles["fedbpt"]  # resuming reuses the program
     assert _leaves_equal(res_c, full_c)
     assert _strip(res_h.rounds) == _strip(full_h.rounds) and res_h.evals == full_h.evals
     for d in ("full", "resumed"):
@@ -179,8 +182,17 @@ def test_resume_is_bit_identical_and_results_are_written(tmp_path):
         fs.run_a(0, num_rounds=3, checkpoint_dir=ck, hp=fl.HParams(perturb_rate=0.3))
     other = fl.fedbpt(fs.config_a(population_size=5), fs.tiny_lm())
     with pytest.raises(CheckpointMismatch, match=r"config\.population_size: checkpoint 4, this run 5"):
-        fl.run(other, jax.random.key(0), fs.data_a(), fs.test_set(), fs.tiny_lm(), fs.model(), num_rounds=3,
-               checkpoint_dir=ck, progress=False)
+        fl.run(
+            other,
+            jax.random.key(0),
+            fs.data_a(),
+            fs.test_set(),
+            fs.tiny_lm(),
+            fs.model(),
+            num_rounds=3,
+            checkpoint_dir=ck,
+            progress=False,
+        )
     with pytest.raises(CheckpointMismatch, match="key"):
         fs.run_a(7, num_rounds=3, checkpoint_dir=ck)
     # Another prompt start (the prompt at z = 0) is another run too.
@@ -196,8 +208,8 @@ def test_all_clients_dropped_leaves_state_unchanged():
     hp = fl.HParams(dropout_rate=1.0)
     carry, hist = fs.run_a(0, num_rounds=1, hp=hp)
     init = fs.algo_a().init(None, hp.validate())
-    assert _leaves_equal(carry.state.server, init.server)      # σ, mean, C, paths and counters
-    assert int(carry.state.round) == 1                          # only the round counter moved
+    assert _leaves_equal(carry.state.server, init.server)  # σ, mean, C, paths and counters
+    assert int(carry.state.round) == 1  # only the round counter moved
     row = hist.rounds[0]
     assert row["active_clients"] == 0 and row["num_active"] == 0 and row["forward_calls"] == 0
     assert row["model_flops"] == 0
@@ -211,7 +223,7 @@ def test_dropped_client_contributes_nothing():
     data = fs.data_a()
     for seed in range(20):
         carry, hist = fs.run_a(seed, num_rounds=1, hp=hp)
-        clients = hist.rounds[0]["clients"]         # the round reports who was sampled and who took part
+        clients = hist.rounds[0]["clients"]  # the round reports who was sampled and who took part
         active = np.array([c["active"] for c in clients])
         if 0 < active.sum() < fs.K_A:
             break
@@ -239,15 +251,15 @@ def test_nonfinite_fitness_ranks_worst_is_counted_and_never_poisons_the_server()
     assert np.isnan(np.asarray(decoder.word_embeddings(params))[pid]).all()
     train, counts = fs.host_data()
     ids = train.input_ids.copy()
-    ids[::2, :, -1] = pid                                        # even clients: last token poisoned
+    ids[::2, :, -1] = pid  # even clients: last token poisoned
     data = fs.make_data(train=train.replace(input_ids=ids), counts=counts)
     carry, hist = fs.run_a(0, num_rounds=2, data=data, model_inputs=ModelInputs(params, fs.model().projection))
     server = fl.host(carry.state.server)
     for leaf in (server.mean, server.std, server.C, server.B, server.D, server.p_std, server.p_c):
         assert np.all(np.isfinite(leaf))
     assert sum(r["nonfinite_fitness"] for r in hist.rounds) > 0
-    assert sum(r["num_nonfinite"] for r in hist.rounds) > 0       # poisoned uploads left out
-    assert any(r["num_active"] > 0 for r in hist.rounds)          # clean clients still moved the server
+    assert sum(r["num_nonfinite"] for r in hist.rounds) > 0  # poisoned uploads left out
+    assert any(r["num_active"] > 0 for r in hist.rounds)  # clean clients still moved the server
     assert not np.allclose(server.mean, 0)
     assert all(np.isfinite(e["loss"]) for e in hist.evals)
 
@@ -255,31 +267,37 @@ def test_nonfinite_fitness_ranks_worst_is_counted_and_never_poisons_the_server()
 # ------------------------------------------------------------------------------------------------
 # Bad input: clear errors naming the value, raised before anything compiles
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw, match", [
-    (dict(clients_per_round=11), r"K=11.*num_clients=10"),
-    (dict(population_size=1), r"population_size must be >= 2, got 1"),
-    (dict(intrinsic_dim=0), r"intrinsic_dim \(d\) must be >= 1, got 0"),
-    (dict(local_generations=0), r"local_generations must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(clients_per_round=11), r"K=11.*num_clients=10"),
+        (dict(population_size=1), r"population_size must be >= 2, got 1"),
+        (dict(intrinsic_dim=0), r"intrinsic_dim \(d\) must be >= 1, got 0"),
+        (dict(local_generations=0), r"local_generations must be >= 1, got 0"),
+    ],
+)
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         fs.config_a(num_clients=10, **{**dict(clients_per_round=2), **kw})
 
 
-@pytest.mark.parametrize("hp, match", [
-    (fl.HParams(perturb_rate=1.5), r"perturb_rate must be a finite value in \[0, 1\], got 1.5"),
-    (fl.HParams(perturb_rate=-0.1), r"perturb_rate must be a finite value in \[0, 1\], got -0.1"),
-    (fl.HParams(perturb_rate=float("nan")), r"perturb_rate must be a finite value in \[0, 1\], got nan"),
-    (fl.HParams(dropout_rate=2.0), r"dropout_rate must be a finite value in \[0, 1\], got 2.0"),
-    (fl.HParams(sigma0=0.0), r"sigma0 must be a finite value in \[1e-06, 1000\], got 0.0"),
-    (fl.HParams(sigma0=1e30), r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+30"),
-    (fl.HParams(sigma0=1e20), r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+20"),
-    (fl.HParams(sigma0=1e-30), r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e-30"),
-    (fl.HParams(sigma0=float("inf")), r"sigma0 must be a finite value in \[1e-06, 1000\], got inf"),
-    (fl.HParams(sigma0=float("nan")), r"sigma0 must be a finite value in \[1e-06, 1000\], got nan"),
-    (fl.HParams(learning_rate=float("inf")), r"learning_rate must be a finite value in \[1e-08, 100\], got inf"),
-    (fl.HParams(learning_rate=-1.0), r"learning_rate must be a finite value in \[1e-08, 100\], got -1.0"),
-])
+@pytest.mark.parametrize(
+    "hp, match",
+    [
+        (fl.HParams(perturb_rate=1.5), r"perturb_rate must be a finite value in \[0, 1\], got 1.5"),
+        (fl.HParams(perturb_rate=-0.1), r"perturb_rate must be a finite value in \[0, 1\], got -0.1"),
+        (fl.HParams(perturb_rate=float("nan")), r"perturb_rate must be a finite value in \[0, 1\], got nan"),
+        (fl.HParams(dropout_rate=2.0), r"dropout_rate must be a finite value in \[0, 1\], got 2.0"),
+        (fl.HParams(sigma0=0.0), r"sigma0 must be a finite value in \[1e-06, 1000\], got 0.0"),
+        (fl.HParams(sigma0=1e30), r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+30"),
+        (fl.HParams(sigma0=1e20), r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e\+20"),
+        (fl.HParams(sigma0=1e-30), r"sigma0 must be a finite value in \[1e-06, 1000\], got 1e-30"),
+        (fl.HParams(sigma0=float("inf")), r"sigma0 must be a finite value in \[1e-06, 1000\], got inf"),
+        (fl.HParams(sigma0=float("nan")), r"sigma0 must be a finite value in \[1e-06, 1000\], got nan"),
+        (fl.HParams(learning_rate=float("inf")), r"learning_rate must be a finite value in \[1e-08, 100\], got inf"),
+        (fl.HParams(learning_rate=-1.0), r"learning_rate must be a finite value in \[1e-08, 100\], got -1.0"),
+    ],
+)
 @pytest.mark.parametrize("make", [fl.fedbpt, fl.fedavg_bbt, fl.centralized_bbt, fl.fedprompt, fl.manual_prompt])
 def test_bad_hparams_rejected_at_init_and_validate(hp, match, make):
     """Non-finite or absurd hyperparameters fail at ``algo.init`` (the API path), not only in the CLI."""
@@ -293,8 +311,12 @@ def test_bad_hparams_rejected_at_init_and_validate(hp, match, make):
 def test_init_under_vmap_skips_the_host_check_and_good_values_pass():
     """A sweep vmaps ``init`` over traced hyperparameters: no host check there; concrete good values pass."""
     algo = fs.algo_a()
-    hps = fl.HParams(sigma0=jnp.asarray([0.5, 1.0, 2.0]), perturb_rate=jnp.asarray([0.0, 0.5, 1.0]),
-                     dropout_rate=jnp.zeros(3), learning_rate=jnp.full(3, 0.1))
+    hps = fl.HParams(
+        sigma0=jnp.asarray([0.5, 1.0, 2.0]),
+        perturb_rate=jnp.asarray([0.0, 0.5, 1.0]),
+        dropout_rate=jnp.zeros(3),
+        learning_rate=jnp.full(3, 0.1),
+    )
     states = jax.vmap(lambda h: algo.init(None, h))(hps)
     np.testing.assert_allclose(np.asarray(states.server.std), [0.5, 1.0, 2.0])
     assert float(algo.init(None, fl.HParams(sigma0=1e-6, perturb_rate=1.0)).server.std) == pytest.approx(1e-6)
@@ -309,8 +331,16 @@ def _small(n=10, counts=None, **cfg):
 
 def _run_small(algo, data, test=None, **kw):
     kw.setdefault("num_rounds", 2)
-    return fl.run(algo, jax.random.key(0), data, fs.test_set() if test is None else test, fs.tiny_lm(), fs.model(),
-                  progress=False, **kw)
+    return fl.run(
+        algo,
+        jax.random.key(0),
+        data,
+        fs.test_set() if test is None else test,
+        fs.tiny_lm(),
+        fs.model(),
+        progress=False,
+        **kw,
+    )
 
 
 def test_bad_run_input():
@@ -380,8 +410,17 @@ def test_manual_prompt_equals_scoring_the_start_prompt():
     (not the bare template: that is a different prompt for a decoder)."""
     lm = fs.tiny_lm()
     algo = fl.manual_prompt(_cfg_b(), lm)
-    carry, hist = fl.run(algo, jax.random.key(0), _learnable_data(), fs.test_set(), lm, fs.model(), num_rounds=1,
-                         eval_chunk=16, progress=False)
+    carry, hist = fl.run(
+        algo,
+        jax.random.key(0),
+        _learnable_data(),
+        fs.test_set(),
+        lm,
+        fs.model(),
+        num_rounds=1,
+        eval_chunk=16,
+        progress=False,
+    )
     scorer = objective.make_scorer(lm, None, n_prompt_tokens=2)
     chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(fs.test_set(), 16))
     logits = objective.evaluate_logits(scorer, lm.params, chunks, fs.spec(), jnp.zeros((2, lm.hidden_size)))
@@ -395,8 +434,19 @@ def test_manual_prompt_equals_scoring_the_start_prompt():
 def test_fedprompt_lowers_the_training_loss():
     lm = fs.tiny_lm()
     algo = fl.fedprompt(_cfg_b(local_generations=3), lm)
-    carry, hist = fl.run(algo, jax.random.key(0), _learnable_data(), fs.test_set(), lm, fs.model(), num_rounds=4,
-                         hp=fl.HParams(learning_rate=0.05), eval_every=4, eval_chunk=16, progress=False)
+    carry, hist = fl.run(
+        algo,
+        jax.random.key(0),
+        _learnable_data(),
+        fs.test_set(),
+        lm,
+        fs.model(),
+        num_rounds=4,
+        hp=fl.HParams(learning_rate=0.05),
+        eval_every=4,
+        eval_chunk=16,
+        progress=False,
+    )
     losses = [r["client_loss"] for r in hist.rounds]
     assert losses[-1] < losses[0] - 0.02, losses
     assert np.all(np.isfinite(np.asarray(carry.state.prompt))) and not np.allclose(np.asarray(carry.state.prompt), 0)
@@ -418,7 +468,7 @@ def test_fedavg_bbt_weights_follow_example_counts(monkeypatch):
     hp = fl.HParams().validate()
     state = algo.init(jax.random.key(0), hp)
     new, m = jax.jit(algo.round_detailed)(jax.random.key(3), state, data, hp, fs.model())
-    idx = m["clients"]["index"]                     # which clients the round sampled
+    idx = m["clients"]["index"]  # which clients the round sampled
     np.testing.assert_array_equal(np.asarray(m["spy_weights"]), counts[np.asarray(idx)].astype(np.float32))
     w = counts[np.asarray(idx)] / counts.sum()
     np.testing.assert_allclose(np.asarray(new.server.mean), w @ np.asarray(m["spy_means"]), rtol=1e-5, atol=1e-6)
@@ -444,8 +494,13 @@ def test_shared_eigen_fast_path_equals_general_client_path(monkeypatch, make):
     monkeypatch.setattr(algs.strategy, "eigen_refresh_due", lambda *a: True)
     slow, m_slow = one_round()
     for name in ("mean", "std", "C", "p_std", "p_c"):
-        np.testing.assert_allclose(np.asarray(getattr(fast.server, name)), np.asarray(getattr(slow.server, name)),
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(getattr(fast.server, name)),
+            np.asarray(getattr(slow.server, name)),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=name,
+        )
     np.testing.assert_allclose(float(m_fast["client_loss"]), float(m_slow["client_loss"]), rtol=1e-5)
     assert not np.allclose(np.asarray(fast.server.mean), 0)
 
@@ -457,13 +512,26 @@ def test_centralized_bbt_pools_all_clients():
     data = _learnable_data()
     perm = np.array([2, 0, 3, 1])
     shuffled = data.replace(train=jax.tree_util.tree_map(lambda a: a[perm], data.train), counts=data.counts[perm])
-    runs = [fl.run(algo, jax.random.key(0), d, fs.test_set(), lm, fs.model(), num_rounds=2, eval_every=2,
-                   eval_chunk=16, progress=False) for d in (data, shuffled)]
+    runs = [
+        fl.run(
+            algo,
+            jax.random.key(0),
+            d,
+            fs.test_set(),
+            lm,
+            fs.model(),
+            num_rounds=2,
+            eval_every=2,
+            eval_chunk=16,
+            progress=False,
+        )
+        for d in (data, shuffled)
+    ]
     (c1, h1), (c2, h2) = runs
     np.testing.assert_allclose(np.asarray(c1.state.es.mean), np.asarray(c2.state.es.mean), rtol=1e-4, atol=1e-5)
     assert not np.allclose(np.asarray(c1.state.es.mean), 0)
     assert h1.rounds[0]["examples_per_call"] == 4 * fs.EXAMPLES and h1.rounds[0]["active_clients"] == 1
-    assert int(c1.state.es.generation_counter) == 2 * algo.config.local_generations   # one continuous run
+    assert int(c1.state.es.generation_counter) == 2 * algo.config.local_generations  # one continuous run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -478,8 +546,12 @@ WORKER_TIMEOUT_S = 300
 def _env(xla_flags: str = "") -> dict:
     env = dict(os.environ)
     # Optimisation level 0 compiles about a third faster here; results still agree to rounding.
-    env.update(JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_backend_optimization_level=0 {xla_flags}".strip())
+    env.update(
+        JAX_PLATFORMS="cpu",
+        OPENBLAS_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS=f"--xla_backend_optimization_level=0 {xla_flags}".strip(),
+    )
     return env
 
 
@@ -499,8 +571,11 @@ class _Job:
         self.procs = []
         for argv, log in zip(argvs, self.logs):
             with open(log, "w") as f:
-                self.procs.append(subprocess.Popen([sys.executable, WORKER, *argv, str(self.out)], stdout=f,
-                                                   stderr=subprocess.STDOUT, env=env))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, WORKER, *argv, str(self.out)], stdout=f, stderr=subprocess.STDOUT, env=env
+                    )
+                )
 
     def kill(self):
         for p in self.procs:
@@ -544,10 +619,10 @@ def test_sharded_over_8_devices_matches_one_device(workers):
     got = workers["sharded"].result()
     assert got["devices"] == 8
     assert got["round_constrains_clients"]
-    assert got["data_sharding"] == ["clients"]                          # N = 10,000 = 8 · 1250
-    assert got["uneven_data_sharding"] == []                            # 10,000 % 3 != 0: replicated
-    assert got["carry_sharding"] in ([], [None])                        # results come back replicated
-    assert got["resume_identical"] and got["segment_compiles"] == 1    # sharded checkpoint round trip
+    assert got["data_sharding"] == ["clients"]  # N = 10,000 = 8 · 1250
+    assert got["uneven_data_sharding"] == []  # 10,000 % 3 != 0: replicated
+    assert got["carry_sharding"] in ([], [None])  # results come back replicated
+    assert got["resume_identical"] and got["segment_compiles"] == 1  # sharded checkpoint round trip
     want = fs.reference_summary(0, 2)
     fs.assert_summaries_close(got["mesh8"], want)
     fs.assert_summaries_close(got["mesh3"], want)
@@ -575,8 +650,10 @@ def test_kept_clean_context_gives_the_same_run_with_one_prefix_pass_less(which):
     algo = fl.fedbpt(cfg, lm) if which == "fedbpt" else fl.fedavg_bbt(cfg, lm, perturb=True)
     data = fs.make_data(n)
     kw = dict(num_rounds=2, eval_chunk=16, progress=False)
-    runs = {keep: fl.run(algo, jax.random.key(4), data, fs.test_set(), lm, fs.model(), keep_clean_context=keep, **kw)
-            for keep in (False, True, None)}
+    runs = {
+        keep: fl.run(algo, jax.random.key(4), data, fs.test_set(), lm, fs.model(), keep_clean_context=keep, **kw)
+        for keep in (False, True, None)
+    }
     (c0, h0), (c1, h1), (_c2, h2) = runs[False], runs[True], runs[None]
     np.testing.assert_allclose(np.asarray(c1.state.server.mean), np.asarray(c0.state.server.mean), rtol=1e-4, atol=1e-5)
     assert [e["accuracy"] for e in h1.evals] == [e["accuracy"] for e in h0.evals]
@@ -599,12 +676,30 @@ def test_kept_clean_context_auto_off_when_it_does_not_pay_and_refused_where_unus
     assert h.rounds[0]["prefix_passes"] == fs.K_A * algs.fedbpt(fs.config_a(), lm).cost.prefix_passes
     cfg = fs.config_a(num_clients=4, clients_per_round=2)
     with pytest.raises(ValueError, match=r"keep_clean_context=True: algorithm 'fedprompt' does not use it"):
-        fl.run(fl.fedprompt(cfg, lm), jax.random.key(0), fs.make_data(4), fs.test_set(), lm, fs.model(),
-               num_rounds=1, progress=False, keep_clean_context=True)
+        fl.run(
+            fl.fedprompt(cfg, lm),
+            jax.random.key(0),
+            fs.make_data(4),
+            fs.test_set(),
+            lm,
+            fs.model(),
+            num_rounds=1,
+            progress=False,
+            keep_clean_context=True,
+        )
     before = fl.fedbpt(fs.config_a(num_clients=4, clients_per_round=2, layout="before"), lm)
     with pytest.raises(ValueError, match="no prefix cache"):
-        fl.run(before, jax.random.key(0), fs.make_data(4), fs.test_set(), lm, fs.model(), num_rounds=1,
-               progress=False, keep_clean_context=True)
+        fl.run(
+            before,
+            jax.random.key(0),
+            fs.make_data(4),
+            fs.test_set(),
+            lm,
+            fs.model(),
+            num_rounds=1,
+            progress=False,
+            keep_clean_context=True,
+        )
 
 
 def test_data_built_for_another_prompt_length_or_context_is_refused_at_the_api():
@@ -615,12 +710,16 @@ def test_data_built_for_another_prompt_length_or_context_is_refused_at_the_api()
     data = fs.make_data(4)
     wrong = data.replace(spec=data.spec.replace(n_prompt=3))
     with pytest.raises(ValueError, match=r"built for n_prompt=3 prompt tokens but the config says n_prompt_tokens=2"):
-        fl.run(fl.fedbpt(cfg, lm), jax.random.key(0), wrong, fs.test_set(), lm, fs.model(), num_rounds=1,
-               progress=False)
+        fl.run(
+            fl.fedbpt(cfg, lm), jax.random.key(0), wrong, fs.test_set(), lm, fs.model(), num_rounds=1, progress=False
+        )
     fl.validate_data(data.replace(spec=data.spec.replace(n_prompt=2)), cfg)  # the matching length passes
     t = int(data.train.input_ids.shape[-1])
-    with pytest.raises(ValueError, match=rf"prompt \(2\) \+ text part \({t}\) \+ cue \(2\) = {t + 4} tokens, more "
-                                         rf"than the model's context of {t + 3}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"prompt \(2\) \+ text part \({t}\) \+ cue \(2\) = {t + 4} tokens, more "
+        rf"than the model's context of {t + 3}",
+    ):
         fl.validate_data(data, cfg, kind="decoder", context=t + 3)
     fl.validate_data(data, cfg, kind="decoder", context=t + 4)
 
@@ -635,6 +734,7 @@ def test_projection_alpha_is_named_apart_from_the_dirichlet_alpha():
     run_mod = importlib.import_module("fedbpt_jax.federated.run")  # the module, not the function
 
     lm = fs.tiny_lm()
-    desc = run_mod._describe(fl.fedbpt(fs.config_a(), lm), fl.HParams(), 1, np.zeros(2, np.uint32), fs.data_a(), lm,
-                             fs.model())
+    desc = run_mod._describe(
+        fl.fedbpt(fs.config_a(), lm), fl.HParams(), 1, np.zeros(2, np.uint32), fs.data_a(), lm, fs.model()
+    )
     assert "config.alpha" in desc and "config.projection_alpha" not in desc

@@ -7,6 +7,7 @@
   tests/fixtures/spm_tiny_reference.json (scripts/make_spm_fixture.py).
 * Unsupported tokenizer models and architectures are clear errors naming the value and what is accepted.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,21 @@ SPM = json.loads((FIXTURES / "spm_tiny_reference.json").read_text())
 
 # A tiny Llama over the SentencePiece vocabulary; widths are multiples of 32 (the Q8_0 block); GGUF stores
 # the epsilon as float32, so it is one that float32 holds exactly.
-CONFIG = dec.DecoderConfig(vocab_size=len(SPM["tokens"]), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                           head_dim=16, intermediate_size=96, rope_theta=10000.0, rms_norm_eps=2.0 ** -17,
-                           tie_word_embeddings=False, max_position_embeddings=128, bos_token_id=SPM["bos_id"],
-                           eos_token_id=SPM["eos_id"])
+CONFIG = dec.DecoderConfig(
+    vocab_size=len(SPM["tokens"]),
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    intermediate_size=96,
+    rope_theta=10000.0,
+    rms_norm_eps=2.0**-17,
+    tie_word_embeddings=False,
+    max_position_embeddings=128,
+    bos_token_id=SPM["bos_id"],
+    eos_token_id=SPM["eos_id"],
+)
 
 logits_fn = jax.jit(dec.logits, static_argnums=0)
 
@@ -47,8 +59,11 @@ def _source_tensors(config: dec.DecoderConfig, seed: int = 0) -> dict[str, np.nd
 
 
 def _gguf_name(hf_name: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in fixed:
         return fixed[hf_name]
     _, _, i, *rest = hf_name.split(".")
@@ -57,8 +72,16 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{i}.{short}.weight"
 
 
-def write_gguf(path: Path, tensors: dict[str, np.ndarray] | None = None, *, qtype=None, arch: str = "llama",
-               tokenizer_model: str = "llama", config: dec.DecoderConfig = CONFIG, add_bos: bool = True) -> Path:
+def write_gguf(
+    path: Path,
+    tensors: dict[str, np.ndarray] | None = None,
+    *,
+    qtype=None,
+    arch: str = "llama",
+    tokenizer_model: str = "llama",
+    config: dec.DecoderConfig = CONFIG,
+    add_bos: bool = True,
+) -> Path:
     """A GGUF file as llama.cpp's converter writes one: metadata, SentencePiece vocabulary, Q/K rows in
     llama.cpp's order, matrices in ``qtype`` (None: F32), norms always F32."""
     c = config
@@ -106,15 +129,17 @@ def source():
 @pytest.fixture(scope="module")
 def written(tmp_path_factory, source):
     root = tmp_path_factory.mktemp("gguf")
-    return {"F32": write_gguf(root / "tiny-f32.gguf", source),
-            "Q8_0": write_gguf(root / "tiny-q8_0.gguf", source, qtype=gguf.GGMLQuantizationType.Q8_0)}
+    return {
+        "F32": write_gguf(root / "tiny-f32.gguf", source),
+        "Q8_0": write_gguf(root / "tiny-q8_0.gguf", source, qtype=gguf.GGMLQuantizationType.Q8_0),
+    }
 
 
 def _q8_0_bound(w: np.ndarray) -> np.ndarray:
     """Per-element bound of Q8_0's rounding: half a step of the element's 32-block (d = max|x| / 127,
     stored as float16), plus the float16 rounding of d times the largest code."""
     blocks = np.abs(w.reshape(*w.shape[:-1], -1, 32)).max(axis=-1, keepdims=True) / 127.0
-    bound = blocks * (0.5 + 127 * 2.0 ** -11) + 1e-7
+    bound = blocks * (0.5 + 127 * 2.0**-11) + 1e-7
     return np.broadcast_to(bound, (*w.shape[:-1], w.shape[-1] // 32, 32)).reshape(w.shape)
 
 
@@ -161,8 +186,12 @@ def test_written_gguf_loads_through_models_load(written, source, tmp_path, monke
     lm = models.load(str(written["F32"]))
     assert lm.kind == "decoder" and lm.config == CONFIG
     ids = np.asarray([[1, 50, 60, 70]], np.int32)
-    np.testing.assert_allclose(np.asarray(logits_fn(lm.config, lm.params, ids)),
-                               np.asarray(logits_fn(CONFIG, dec.params_from_hf(CONFIG, source), ids)), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(logits_fn(lm.config, lm.params, ids)),
+        np.asarray(logits_fn(CONFIG, dec.params_from_hf(CONFIG, source), ids)),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,8 +239,11 @@ def test_spm_merges_follow_the_scores():
 @pytest.mark.parametrize("model", ["bert", "t5", "rwkv"])
 def test_unsupported_tokenizer_model_is_named(tmp_path, model):
     path = write_gguf(tmp_path / "bad-tokenizer.gguf", tokenizer_model=model)
-    with pytest.raises(ValueError, match=rf"tokenizer.ggml.model='{model}' is not supported; accepted: "
-                                         r"\('gpt2', 'llama'\).*Hugging Face checkpoint directory"):
+    with pytest.raises(
+        ValueError,
+        match=rf"tokenizer.ggml.model='{model}' is not supported; accepted: "
+        r"\('gpt2', 'llama'\).*Hugging Face checkpoint directory",
+    ):
         gguf_loader.tokenizer_from_gguf(gguf.GGUFReader(str(path)))
 
 

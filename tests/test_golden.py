@@ -17,6 +17,7 @@ Regenerate (CPU, from the repository root)::
 The numbers are those of the CPU backend with the pinned jax/jaxlib (XLA may fuse and round
 differently on another backend or version): the test runs on CPU only.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ HP = fl.HParams(dropout_rate=0.3, learning_rate=0.05)
 
 
 def _config(**kw) -> fl.FedConfig:
-    base = dict(num_clients=N, clients_per_round=K, population_size=4, local_generations=2, intrinsic_dim=D,
-                n_prompt_tokens=2)
+    base = dict(
+        num_clients=N, clients_per_round=K, population_size=4, local_generations=2, intrinsic_dim=D, n_prompt_tokens=2
+    )
     base.update(kw)
     return fl.FedConfig(**base)
 
@@ -53,8 +55,10 @@ def _config(**kw) -> fl.FedConfig:
 CASES = {
     "fedbpt": (fl.fedbpt, _config()),
     "fedbpt_perturb_every_generation": (fl.fedbpt, _config(perturb_every="generation")),
-    "fedavg_bbt": (fl.fedavg_bbt, _config(perturb=False, norm_clip=True, norm_clip_threshold=0.5,
-                                          sigma_schedule="clamp", sigma_floor=0.9)),
+    "fedavg_bbt": (
+        fl.fedavg_bbt,
+        _config(perturb=False, norm_clip=True, norm_clip_threshold=0.5, sigma_schedule="clamp", sigma_floor=0.9),
+    ),
     "fedavg_bbt_perturbed": (lambda c, lm: fl.fedavg_bbt(c, lm, perturb=True), _config()),
     "centralized_bbt": (fl.centralized_bbt, _config(perturb=False)),
     "fedprompt": (fl.fedprompt, _config(perturb=False)),
@@ -78,11 +82,18 @@ def _run(name: str, ckpt_dir: Path):
     algo = make(cfg, lm)
     data = fs.make_data(N, seed=7, counts=COUNTS)
     dev = _clean(testing.random_batch(2, 8, fs.SEQ, fs.VOCAB - 1))
-    kw = dict(num_rounds=NUM_ROUNDS, hp=HP, dev=dev, eval_every=EVAL_EVERY, eval_chunk=8, checkpoint_dir=ckpt_dir,
-              progress=False)
+    kw = dict(
+        num_rounds=NUM_ROUNDS,
+        hp=HP,
+        dev=dev,
+        eval_every=EVAL_EVERY,
+        eval_chunk=8,
+        checkpoint_dir=ckpt_dir,
+        progress=False,
+    )
     model = _model()
     fl.run(algo, jax.random.key(12), data, fs.test_set(), lm, model, stop_after=EVAL_EVERY, **kw)
-    return fl.run(algo, jax.random.key(12), data, fs.test_set(), lm, model, **kw)   # resumed from the checkpoint
+    return fl.run(algo, jax.random.key(12), data, fs.test_set(), lm, model, **kw)  # resumed from the checkpoint
 
 
 def _encode(x):
@@ -115,8 +126,11 @@ def _carry_leaves(carry) -> dict:
             leaf = jax.random.key_data(leaf)
         arr = np.ascontiguousarray(np.asarray(leaf))
         key = jax.tree_util.keystr(path)
-        out[GOLDEN_PATHS.get(key, key)] = {"dtype": str(arr.dtype), "shape": list(arr.shape),
-                                           "bytes": arr.tobytes().hex()}
+        out[GOLDEN_PATHS.get(key, key)] = {
+            "dtype": str(arr.dtype),
+            "shape": list(arr.shape),
+            "bytes": arr.tobytes().hex(),
+        }
     return out
 
 
@@ -155,5 +169,7 @@ def test_golden_run(name, tmp_path):
     assert path.exists(), f"{path} is missing: regenerate with FEDBPT_JAX_REGEN_GOLDEN=1 (see this module's docstring)"
     want = json.loads(path.read_text())
     diffs = _diff(got, {k: want[k] for k in ("rounds", "evals", "carry")})
-    assert not diffs, (f"{len(diffs)} value(s) differ from {path.name} (generated with jax {want.get('jax')}):\n  "
-                       + "\n  ".join(diffs[:30]))
+    assert not diffs, (
+        f"{len(diffs)} value(s) differ from {path.name} (generated with jax {want.get('jax')}):\n  "
+        + "\n  ".join(diffs[:30])
+    )

@@ -1,6 +1,7 @@
 """The grid driver end to end on a tiny random model: run, skip when finished, resume from a checkpoint
 (same metrics as an uninterrupted run), a failing run recorded without stopping the grid, the report, and
 clear errors for bad grid files."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -46,8 +47,7 @@ def _grid_file(tmp_path, rounds, name="g.toml", text=BASE):
 
 
 def _strip_seconds(m):
-    return {"rounds": [{k: v for k, v in r.items() if k != "seconds"} for r in m["rounds"]],
-            "evals": m["evals"]}
+    return {"rounds": [{k: v for k, v in r.items() if k != "seconds"} for r in m["rounds"]], "evals": m["evals"]}
 
 
 def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
@@ -84,7 +84,8 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     assert "resuming after round 1" in printed  # FedBPT from its checkpoint; the manual prompt runs again
     man = next(d.name for d in dirs if d.name.startswith("manual_"))
     assert _strip_seconds(json.loads((full / man / "metrics.json").read_text())) == _strip_seconds(
-        json.loads((part / man / "metrics.json").read_text()))
+        json.loads((part / man / "metrics.json").read_text())
+    )
     name = next(d.name for d in dirs if d.name.startswith("fedbpt_"))
     a = json.loads((full / name / "metrics.json").read_text())
     b = json.loads((part / name / "metrics.json").read_text())
@@ -98,8 +99,11 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     (pair,) = rep["pairs"]
     assert (pair["a"], pair["b"]) == ("fedbpt", "manual")
     assert pair["figures"]["final"]["per_seed"][0] == pytest.approx(
-        a["evals"][-1]["accuracy"] - json.loads((full / [d.name for d in dirs if d.name != name][0] / "metrics.json")
-                                                 .read_text())["evals"][-1]["accuracy"])
+        a["evals"][-1]["accuracy"]
+        - json.loads((full / [d.name for d in dirs if d.name != name][0] / "metrics.json").read_text())["evals"][-1][
+            "accuracy"
+        ]
+    )
     md = (full / "report" / "report.md").read_text()
     assert "reference-compatibility (optimistic)" in md and "float32" in md
     assert (full / "report" / "accuracy_rounds.png").stat().st_size > 0
@@ -107,8 +111,10 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
 
 
 def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
-    text = BASE.replace('{{ label = "manual", algorithm = "manual" }}',
-                        '{{ label = "bad", algorithm = "fedavg_bbt", algorithm_options = {{ no_such_option = true }} }}')
+    text = BASE.replace(
+        '{{ label = "manual", algorithm = "manual" }}',
+        '{{ label = "bad", algorithm = "fedavg_bbt", algorithm_options = {{ no_such_option = true }} }}',
+    )
     g = _grid_file(tmp_path, 1, text=text)
     out = tmp_path / "out"
     assert grid.main(["run", str(g), "--out", str(out), "--dry-run"]) == 0
@@ -124,16 +130,19 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
     assert "Not (yet) complete" in (out / "report" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[base]\nrounds = [", "not valid TOML"),
-    ("[base]\nno_such_key = 1\n", "unknown grid key 'no_such_key'"),
-    ("[axes]\nno_such_axis = [1, 2]\n", "unknown grid key 'no_such_axis'"),
-    ("[bases]\n", "unknown section [bases]"),
-    ("[axes]\nalgorithm = ['fedbpt', 'fedsgd']\n", "unknown algorithm 'fedsgd'"),
-    ("[base]\npartition = 'dirichlet'\n", "partition 'dirichlet'"),
-    ("[base]\nperturb_rate = 0.0\n", "perturb = false"),
-    ("[axes]\nserver_variant = ['reference', 'papr']\n", "unknown server_variant 'papr'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[base]\nrounds = [", "not valid TOML"),
+        ("[base]\nno_such_key = 1\n", "unknown grid key 'no_such_key'"),
+        ("[axes]\nno_such_axis = [1, 2]\n", "unknown grid key 'no_such_axis'"),
+        ("[bases]\n", "unknown section [bases]"),
+        ("[axes]\nalgorithm = ['fedbpt', 'fedsgd']\n", "unknown algorithm 'fedsgd'"),
+        ("[base]\npartition = 'dirichlet'\n", "partition 'dirichlet'"),
+        ("[base]\nperturb_rate = 0.0\n", "perturb = false"),
+        ("[axes]\nserver_variant = ['reference', 'papr']\n", "unknown server_variant 'papr'"),
+    ],
+)
 def test_bad_grid_files_are_clear_errors(tmp_path, capsys, text, message):
     p = tmp_path / "bad.toml"
     p.write_text(text)
@@ -155,18 +164,31 @@ def test_bad_json_and_filters(tmp_path, capsys):
 
 def test_report_figures_from_either_metrics_layout():
     """Today's metrics.json (best by test) and one with dev evaluations and run()'s own selection fields."""
-    old = {"evals": [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": 0.7}, {"round": 2, "accuracy": 0.6}],
-           "best_accuracy": 0.7, "best_round": 1}
+    old = {
+        "evals": [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": 0.7}, {"round": 2, "accuracy": 0.6}],
+        "best_accuracy": 0.7,
+        "best_round": 1,
+    }
     f = grid.run_figures(old)
     assert (f["initial"], f["final"], f["best_on_test"]) == (0.5, 0.6, 0.7) and "dev_selected" not in f
-    new = {"evals": [{"round": 0, "accuracy": 0.5, "dev_accuracy": 0.6},
-                     {"round": 1, "accuracy": 0.7, "dev_accuracy": 0.6},      # tie on dev: the earlier round wins
-                     {"round": 2, "accuracy": 0.55, "dev_accuracy": float("nan")}],
-           "best_test_reference": 0.7}
+    new = {
+        "evals": [
+            {"round": 0, "accuracy": 0.5, "dev_accuracy": 0.6},
+            {"round": 1, "accuracy": 0.7, "dev_accuracy": 0.6},  # tie on dev: the earlier round wins
+            {"round": 2, "accuracy": 0.55, "dev_accuracy": float("nan")},
+        ],
+        "best_test_reference": 0.7,
+    }
     f = grid.run_figures(new)
     assert (f["final"], f["dev_selected"], f["dev_selected_round"], f["best_on_test"]) == (0.55, 0.5, 0, 0.7)
-    f = grid.run_figures({**new, "selection_rule": "dev accuracy, ties to the earliest round", "selected_round": 1,
-                          "selected_test_accuracy": 0.7})
+    f = grid.run_figures(
+        {
+            **new,
+            "selection_rule": "dev accuracy, ties to the earliest round",
+            "selected_round": 1,
+            "selected_test_accuracy": 0.7,
+        }
+    )
     assert (f["dev_selected"], f["dev_selected_round"]) == (0.7, 1)  # run()'s own selection when it recorded one
 
 
@@ -176,8 +198,8 @@ def test_paired_differences_and_the_detectable_effect():
     p = grid._paired(a, b)
     assert p["seeds"] == [0, 1, 2] and p["per_seed"] == pytest.approx([0.02, 0.01, 0.04])
     sd = float(__import__("numpy").std([0.02, 0.01, 0.04], ddof=1))
-    assert p["std"] == pytest.approx(sd) and p["detectable_2se"] == pytest.approx(2 * sd / 3 ** 0.5)
-    assert p["ci95_halfwidth"] == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-5)
+    assert p["std"] == pytest.approx(sd) and p["detectable_2se"] == pytest.approx(2 * sd / 3**0.5)
+    assert p["ci95_halfwidth"] == pytest.approx(4.302653 * sd / 3**0.5, rel=1e-5)
     assert p["verdict"] == "inconclusive"  # mean 0.0233 < 4.30 · 0.0088, though > 2 · 0.0088
     assert grid._paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.78, 1: 0.789, 2: 0.798})["verdict"] == "A > B"
     assert grid._paired({0: 0.8, 1: 0.7}, {0: 0.7, 1: 0.8})["verdict"] == "inconclusive"

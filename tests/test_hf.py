@@ -1,4 +1,5 @@
 """Checkpoint reading (fedbpt_jax.models.hf): safetensors single/sharded/bf16, resolve, config, tokenizer."""
+
 import json
 from pathlib import Path
 
@@ -130,8 +131,11 @@ def test_unsupported_model_type_is_named(tmp_path, model_type):
     from fedbpt_jax import models
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 8}))
-    with pytest.raises(ValueError, match=rf"unsupported model_type '{model_type}'; accepted encoders "
-                                         r"\('roberta', .*decoders \('llama', .*'qwen2'\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"unsupported model_type '{model_type}'; accepted encoders "
+        r"\('roberta', .*decoders \('llama', .*'qwen2'\)",
+    ):
         models.load(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match=r"config.json' has no model_type; accepted encoders"):

@@ -3,6 +3,7 @@ run of each algorithm emits (round rows, evaluation rows, per-client diagnostics
 page cannot drift from the code. Conditional keys are documented with their condition; the runs here
 switch the conditions on (dev set, FedBPT with the ‖z‖ clip and the perturbation term, an early stop).
 """
+
 from __future__ import annotations
 
 import re
@@ -18,8 +19,12 @@ from fedbpt_jax.checkpoint import read_json
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 ALGORITHMS = ("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt")
-SECTIONS = {"Round rows": "round", "Evaluation rows": "eval", "Per-client diagnostics": "clients",
-            "metrics.json": "metrics"}
+SECTIONS = {
+    "Round rows": "round",
+    "Evaluation rows": "eval",
+    "Per-client diagnostics": "clients",
+    "metrics.json": "metrics",
+}
 
 
 def documented() -> dict[str, dict[str, set[str]]]:
@@ -51,16 +56,30 @@ def test_documented_keys_equal_what_a_tiny_run_emits(name, tmp_path):
     cfg = fs.config_a(num_clients=4, clients_per_round=4, **({"norm_clip": True} if name == "fedbpt" else {}))
     algo = fl.make(name, cfg, fs.tiny_lm())
     train, counts = fs.host_data(4, seed=2)
-    stop = cb.StopWhen(lambda row: row["round"] == 1, on="round")   # stopped_early is documented too
-    carry, hist = fl.run(algo, jax.random.key(0), fs.make_data(4, train=train, counts=counts), fs.test_set(),
-                         fs.tiny_lm(), fs.model(), dev=fs.test_set(), num_rounds=2, eval_chunk=16, progress=False,
-                         results_dir=tmp_path, callbacks=[stop], plot=False)
+    stop = cb.StopWhen(lambda row: row["round"] == 1, on="round")  # stopped_early is documented too
+    carry, hist = fl.run(
+        algo,
+        jax.random.key(0),
+        fs.make_data(4, train=train, counts=counts),
+        fs.test_set(),
+        fs.tiny_lm(),
+        fs.model(),
+        dev=fs.test_set(),
+        num_rounds=2,
+        eval_chunk=16,
+        progress=False,
+        results_dir=tmp_path,
+        callbacks=[stop],
+        plot=False,
+    )
     assert hist.stopped_early == 1
     doc = {s: {k for k, algos in keys.items() if name in algos} for s, keys in documented().items()}
-    emitted = {"round": set().union(*(r.keys() for r in hist.rounds)),
-               "eval": set().union(*(e.keys() for e in hist.evals)),
-               "clients": {k for r in hist.rounds for c in r.get("clients", []) for k in c},
-               "metrics": set(read_json(tmp_path / "metrics.json"))}
+    emitted = {
+        "round": set().union(*(r.keys() for r in hist.rounds)),
+        "eval": set().union(*(e.keys() for e in hist.evals)),
+        "clients": {k for r in hist.rounds for c in r.get("clients", []) for k in c},
+        "metrics": set(read_json(tmp_path / "metrics.json")),
+    }
     for section in SECTIONS.values():
         assert emitted[section] - doc[section] == set(), f"{name}: {section} keys missing from docs/metrics.md"
         assert doc[section] - emitted[section] == set(), f"{name}: documented {section} keys it does not emit"

@@ -1,4 +1,5 @@
 """Losses, perturbation, fitness forms, population scoring and the projection A."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -4,6 +4,7 @@ Stated bound: on the tiny Llama and RoBERTa fixtures, bfloat16 logits differ fro
 most 2 % of the largest float32 logit (measured: 1.0 % tied Llama, 0.7 % untied, 0.4 % RoBERTa), and
 the argmax over label words agrees.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,10 +71,20 @@ def test_storage_dtypes_follow_the_policy():
     assert params["layers"]["mlp"]["down_proj"]["kernel"].dtype == jnp.bfloat16
     assert params["layers"]["input_layernorm"]["scale"].dtype == jnp.float32
     assert params["norm"]["scale"].dtype == jnp.float32
-    assert precision.tree_bytes(params) < 0.55 * precision.tree_bytes(dec.load_hf_decoder(
-        FIXTURES / "decoder_tiny_untied")[1])
-    ecfg = _bf16(encoder.EncoderConfig("roberta", vocab_size=50, hidden_size=8, num_layers=1, num_heads=2,
-                                       intermediate_size=16, max_position_embeddings=20))
+    assert precision.tree_bytes(params) < 0.55 * precision.tree_bytes(
+        dec.load_hf_decoder(FIXTURES / "decoder_tiny_untied")[1]
+    )
+    ecfg = _bf16(
+        encoder.EncoderConfig(
+            "roberta",
+            vocab_size=50,
+            hidden_size=8,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=20,
+        )
+    )
     ep = encoder.init_params(ecfg, jax.random.key(0))["params"]
     assert ep["layers"]["query"]["kernel"].dtype == jnp.bfloat16
     assert ep["layers"]["query"]["bias"].dtype == jnp.float32
@@ -105,11 +116,19 @@ def test_bf16_prefix_cache_matches_uncached_and_is_stored_in_bf16():
     cb = _bf16(config)
     pb = dec.cast_params(cb, params)
     ids = _ids(90, (2, 7))
-    batch = TokenBatch(input_ids=jnp.asarray(ids), attention_mask=jnp.ones_like(ids),
-                       answer_pos=jnp.full((2,), 6, jnp.int32), labels=jnp.zeros((2,), jnp.int32),
-                       example_mask=jnp.ones((2,), jnp.float32))
-    spec = ScoringSpec(label_ids=jnp.asarray([3, 11], jnp.int32), cue_ids=jnp.asarray([5, 8], jnp.int32),
-                       exempt_ids=jnp.full((1,), -1, jnp.int32), vocab_size=0)
+    batch = TokenBatch(
+        input_ids=jnp.asarray(ids),
+        attention_mask=jnp.ones_like(ids),
+        answer_pos=jnp.full((2,), 6, jnp.int32),
+        labels=jnp.zeros((2,), jnp.int32),
+        example_mask=jnp.ones((2,), jnp.float32),
+    )
+    spec = ScoringSpec(
+        label_ids=jnp.asarray([3, 11], jnp.int32),
+        cue_ids=jnp.asarray([5, 8], jnp.int32),
+        exempt_ids=jnp.full((1,), -1, jnp.int32),
+        vocab_size=0,
+    )
     prompt = 0.02 * jax.random.normal(jax.random.key(1), (4, config.hidden_size))
     cache = jax.jit(dec.prefix_cache, static_argnums=0)(cb, pb, batch)
     assert cache.k.dtype == jnp.bfloat16 and cache.v.dtype == jnp.bfloat16
@@ -127,11 +146,19 @@ def test_population_fitness_ranking_survives_bf16():
     cb = _bf16(config)
     pb = dec.cast_params(cb, params)
     ids = _ids(90, (6, 9), seed=3)
-    batch = TokenBatch(input_ids=jnp.asarray(ids), attention_mask=jnp.ones_like(ids),
-                       answer_pos=jnp.full((6,), 8, jnp.int32), labels=jnp.asarray([0, 1, 0, 1, 1, 0], jnp.int32),
-                       example_mask=jnp.ones((6,), jnp.float32))
-    spec = ScoringSpec(label_ids=jnp.asarray([3, 11], jnp.int32), cue_ids=jnp.asarray([5], jnp.int32),
-                       exempt_ids=jnp.full((1,), -1, jnp.int32), vocab_size=0)
+    batch = TokenBatch(
+        input_ids=jnp.asarray(ids),
+        attention_mask=jnp.ones_like(ids),
+        answer_pos=jnp.full((6,), 8, jnp.int32),
+        labels=jnp.asarray([0, 1, 0, 1, 1, 0], jnp.int32),
+        example_mask=jnp.ones((6,), jnp.float32),
+    )
+    spec = ScoringSpec(
+        label_ids=jnp.asarray([3, 11], jnp.int32),
+        cue_ids=jnp.asarray([5], jnp.int32),
+        exempt_ids=jnp.full((1,), -1, jnp.int32),
+        vocab_size=0,
+    )
     prompts = 0.5 * jax.random.normal(jax.random.key(2), (20, 3, config.hidden_size))
 
     def fit(cfg, p):
@@ -162,16 +189,35 @@ def test_resolve_and_bad_names(monkeypatch):
     monkeypatch.setenv(precision.ENV_OVERRIDE, "fp8")
     with pytest.raises(ValueError, match="'fp8'.*accepted"):
         precision.resolve("auto", backend="cpu")
-    with pytest.raises(ValueError, match="unknown compute_dtype 'float16'; accepted: \\('auto', 'float32', 'bfloat16'\\)"):
+    with pytest.raises(
+        ValueError, match="unknown compute_dtype 'float16'; accepted: \\('auto', 'float32', 'bfloat16'\\)"
+    ):
         precision.resolve("float16")
     with pytest.raises(ValueError, match="'half'.*accepted"):
         models.load("smollm2-135m-instruct", compute_dtype="half")
     with pytest.raises(ValueError, match="'fp16'.*accepted"):
-        dec.DecoderConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
-                          intermediate_size=8, compute_dtype="fp16")
+        dec.DecoderConfig(
+            vocab_size=10,
+            hidden_size=8,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=4,
+            intermediate_size=8,
+            compute_dtype="fp16",
+        )
     with pytest.raises(ValueError, match="compute_dtype='int8'; accepted"):
-        encoder.EncoderConfig("bert", vocab_size=10, hidden_size=4, num_layers=1, num_heads=2, intermediate_size=8,
-                              max_position_embeddings=8, pad_token_id=0, compute_dtype="int8")
+        encoder.EncoderConfig(
+            "bert",
+            vocab_size=10,
+            hidden_size=4,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=8,
+            max_position_embeddings=8,
+            pad_token_id=0,
+            compute_dtype="int8",
+        )
 
 
 def test_matmul_rates_measures_both():
@@ -190,8 +236,9 @@ def test_gguf_unsupported_quant_type_is_named():
     class Reader:
         tensors = [Tensor()]
 
-    config = dec.DecoderConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
-                               head_dim=4, intermediate_size=8)
+    config = dec.DecoderConfig(
+        vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=8
+    )
     with pytest.raises(ValueError, match="'blk.0.attn_q.weight' has type Q8_K.*accepted: F32, F16, BF16"):
         gguf.hf_tensors_from_gguf(Reader(), config)
 
@@ -213,7 +260,9 @@ def test_converted_cache_stores_each_precision_once(tmp_path):
     flat = load_file(str(target / gguf.params_file("bfloat16")))
     assert flat["embed_tokens.embedding"].dtype == ml_dtypes.bfloat16
     assert flat["norm.scale"].dtype == np.float32
-    assert (target / gguf.params_file("bfloat16")).stat().st_size < 0.6 * (target / gguf.params_file("float32")).stat().st_size
+    assert (target / gguf.params_file("bfloat16")).stat().st_size < 0.6 * (
+        target / gguf.params_file("float32")
+    ).stat().st_size
 
 
 def test_dense_bias_promotion_is_explicit_and_changes_no_number():
@@ -224,8 +273,12 @@ def test_dense_bias_promotion_is_explicit_and_changes_no_number():
     import flax.linen as nn
 
     x = jax.random.normal(jax.random.key(0), (3, 5), jnp.float32)
-    params = {"params": {"kernel": jax.random.normal(jax.random.key(1), (5, 4), jnp.float32).astype(jnp.bfloat16),
-                         "bias": jnp.asarray([0.1, -1.0 / 3, 7.001, 1e-3], jnp.float32)}}
+    params = {
+        "params": {
+            "kernel": jax.random.normal(jax.random.key(1), (5, 4), jnp.float32).astype(jnp.bfloat16),
+            "bias": jnp.asarray([0.1, -1.0 / 3, 7.001, 1e-3], jnp.float32),
+        }
+    }
     kw = dict(dtype=jnp.bfloat16, dot_general=precision.f32_accumulating_dot_general)
     default = nn.Dense(4, **kw)
     explicit = nn.Dense(4, promote_dtype=precision.promote_to_f32_bias, **kw)

@@ -4,6 +4,7 @@ Tiny random backbones with small real tokenizers: the start must give, at z = 0,
 names (decoders: the same logits as the tokens written into the text; encoders in "add" mode: the same
 logits as the placeholders replaced by the tokens), and the manual-prompt baseline must be that prompt.
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,25 +23,34 @@ N = 3
 
 @pytest.fixture(scope="module")
 def dec_lm(dec_tok):
-    return testing.tiny_decoder(0, num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1,
-                                intermediate_size=64, tokenizer=dec_tok)
+    return testing.tiny_decoder(
+        0, num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64, tokenizer=dec_tok
+    )
 
 
 @pytest.fixture(scope="module")
 def enc_lm(enc_tok):
-    return testing.tiny_encoder(0, num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64,
-                                tokenizer=enc_tok)
+    return testing.tiny_encoder(0, num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, tokenizer=enc_tok)
 
 
 def _examples(n=6):
-    return data.Examples.from_rows("sst2", [("a fine , warm and funny film", 1), ("dull and far too long", 0),
-                                            ("the best movie of the year", 1), ("a mess", 0),
-                                            ("i loved every minute", 1), ("nothing works here", 0)][:n])
+    return data.Examples.from_rows(
+        "sst2",
+        [
+            ("a fine , warm and funny film", 1),
+            ("dull and far too long", 0),
+            ("the best movie of the year", 1),
+            ("a mess", 0),
+            ("i loved every minute", 1),
+            ("nothing works here", 0),
+        ][:n],
+    )
 
 
 def _cfg(**kw):
-    base = dict(num_clients=2, clients_per_round=2, population_size=4, local_generations=2, intrinsic_dim=8,
-                n_prompt_tokens=N)
+    base = dict(
+        num_clients=2, clients_per_round=2, population_size=4, local_generations=2, intrinsic_dim=8, n_prompt_tokens=N
+    )
     base.update(kw)
     return fl.FedConfig(**base)
 
@@ -60,15 +70,18 @@ def test_parse_start_forms(tmp_path):
     assert s.kind == "array" and np.array_equal(s.value, arr) and s.describe() == "array[2, 3]"
 
 
-@pytest.mark.parametrize("bad, match", [
-    ("ones", r"unknown prompt start 'ones'; accepted: zeros, tokens:"),
-    ("tokens:a,b", r"'tokens:a,b'.*integer token ids"),
-    ("tokens:", r"names no token id"),
-    ("phrase:", r"non-empty text"),
-    ("missing.npy", r"'missing.npy': no such .npy file"),
-    (np.zeros((2, 3, 4), np.float32), r"shape \(2, 3, 4\); expected \[n_prompt_tokens, hidden_size\]"),
-    (np.full((2, 3), np.nan, np.float32), r"non-finite"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("ones", r"unknown prompt start 'ones'; accepted: zeros, tokens:"),
+        ("tokens:a,b", r"'tokens:a,b'.*integer token ids"),
+        ("tokens:", r"names no token id"),
+        ("phrase:", r"non-empty text"),
+        ("missing.npy", r"'missing.npy': no such .npy file"),
+        (np.zeros((2, 3, 4), np.float32), r"shape \(2, 3, 4\); expected \[n_prompt_tokens, hidden_size\]"),
+        (np.full((2, 3), np.nan, np.float32), r"non-finite"),
+    ],
+)
 def test_parse_start_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         prompt.parse_start(bad)
@@ -86,8 +99,11 @@ def test_build_start_decoder_tokens_phrase_array_and_errors(dec_lm):
     np.testing.assert_array_equal(np.asarray(got), emb[ids])
     arr = np.random.default_rng(0).normal(size=(N, dec_lm.hidden_size)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(prompt.build_start(dec_lm, arr, N)), arr)
-    with pytest.raises(ValueError, match=rf"the phrase ' In short:' is {len(ids)} tokens .* but "
-                                         rf"n_prompt_tokens={len(ids) + 1}; set n_prompt_tokens={len(ids)}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"the phrase ' In short:' is {len(ids)} tokens .* but "
+        rf"n_prompt_tokens={len(ids) + 1}; set n_prompt_tokens={len(ids)}",
+    ):
         prompt.build_start(dec_lm, "phrase:" + phrase, len(ids) + 1)
     with pytest.raises(ValueError, match=r"shape \(3, 32\); expected \[n_prompt_tokens, hidden_size\] = \[4, 32\]"):
         prompt.build_start(dec_lm, arr, 4)
@@ -124,11 +140,15 @@ def test_decoder_token_start_at_z0_equals_tokens_written_in(dec_lm, layout):
     tok = np.broadcast_to(np.asarray(ids, np.int32), (b, N))
     one = np.ones((b, N), np.int32)
     if layout == "after":
-        written = batch.replace(input_ids=np.concatenate([batch.input_ids, tok], 1),
-                                attention_mask=np.concatenate([batch.attention_mask, one], 1))
+        written = batch.replace(
+            input_ids=np.concatenate([batch.input_ids, tok], 1),
+            attention_mask=np.concatenate([batch.attention_mask, one], 1),
+        )
     else:  # [tokens, (pads), text]: positions and attention follow the mask
-        written = batch.replace(input_ids=np.concatenate([tok, batch.input_ids], 1),
-                                attention_mask=np.concatenate([one, batch.attention_mask], 1))
+        written = batch.replace(
+            input_ids=np.concatenate([tok, batch.input_ids], 1),
+            attention_mask=np.concatenate([one, batch.attention_mask], 1),
+        )
     want = decoder.label_logits(dec_lm.config, dec_lm.params, written, spec, None, layout)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
     bare = decoder.label_logits(dec_lm.config, dec_lm.params, batch, spec, None, layout)
@@ -142,9 +162,9 @@ def test_encoder_add_token_start_at_z0_equals_placeholders_replaced(enc_lm):
     start = prompt.build_start(enc_lm, ids, N, "add")
     got = encoder.label_logits(enc_lm.config, enc_lm.params, batch, spec, start, mode="add")
     ph = data.placeholder_ids(enc_lm.tokenizer, N)
-    assert np.all(batch.input_ids[:, 1:1 + N] == ph)
+    assert np.all(batch.input_ids[:, 1 : 1 + N] == ph)
     written = batch.replace(input_ids=batch.input_ids.copy())
-    written.input_ids[:, 1:1 + N] = ids
+    written.input_ids[:, 1 : 1 + N] = ids
     want = encoder.label_logits(enc_lm.config, enc_lm.params, written, spec, None, mode="add")
     err = np.abs(np.asarray(got) - np.asarray(want)).max()
     assert err < 2e-6, err
@@ -166,8 +186,9 @@ def _logits_of(lm, layout, p, kind):
     return np.asarray(scorer.logits(lm.params, scorer.prepare(lm.params, batch), spec, p))
 
 
-@pytest.mark.parametrize("kind, layout", [("decoder", "after"), ("decoder", "before"), ("encoder", "add"),
-                                          ("encoder", "cat")])
+@pytest.mark.parametrize(
+    "kind, layout", [("decoder", "after"), ("decoder", "before"), ("encoder", "add"), ("encoder", "cat")]
+)
 @pytest.mark.parametrize("start", ["zeros", "tokens:300,301,302", "phrase: In short", "array"])
 def test_manual_prompt_equals_fedbpt_z0_under_every_start(dec_lm, enc_lm, kind, layout, start):
     lm = dec_lm if kind == "decoder" else enc_lm
@@ -182,7 +203,9 @@ def test_manual_prompt_equals_fedbpt_z0_under_every_start(dec_lm, enc_lm, kind, 
     p_fed = fl.fedbpt(cfg, lm).global_prompt(fed_state, model)
     manual = fl.manual_prompt(cfg, lm)
     p_manual = manual.global_prompt(manual.init(jax.random.key(1), hp), model)
-    p_central = fl.centralized_bbt(cfg, lm).global_prompt(fl.centralized_bbt(cfg, lm).init(jax.random.key(1), hp), model)
+    p_central = fl.centralized_bbt(cfg, lm).global_prompt(
+        fl.centralized_bbt(cfg, lm).init(jax.random.key(1), hp), model
+    )
     fp = fl.fedprompt(cfg, lm)
     p_fedprompt = fp.global_prompt(fp.init(jax.random.key(1), hp), model)
     for p in (p_fed, p_central, p_fedprompt):
@@ -194,22 +217,40 @@ def test_manual_prompt_equals_fedbpt_z0_under_every_start(dec_lm, enc_lm, kind, 
 
 def test_run_manual_equals_fedbpt_round0_with_a_phrase_start(dec_lm):
     """Through ``run``: the manual baseline's evaluation equals FedBPT's round-0 evaluation (z = 0)."""
-    fed = data.federated("rotten_tomatoes", dec_lm.tokenizer, "decoder", num_clients=2, shots_per_class=2, alpha=None,
-                         n_prompt=N, test_size=12)
+    fed = data.federated(
+        "rotten_tomatoes",
+        dec_lm.tokenizer,
+        "decoder",
+        num_clients=2,
+        shots_per_class=2,
+        alpha=None,
+        n_prompt=N,
+        test_size=12,
+    )
     d = fl.FederatedData.from_host(fed)
     cfg = _cfg()
     model = ModelInputs.build(jax.random.key(0), dec_lm, cfg, start="phrase: In short")
     runs = {}
     for name in ("manual", "fedbpt"):
         algo = fl.make(name, cfg, dec_lm)
-        _, hist = fl.run(algo, jax.random.key(2), d, fed.test, dec_lm, model, num_rounds=1, eval_chunk=6,
-                         progress=False)
+        _, hist = fl.run(
+            algo, jax.random.key(2), d, fed.test, dec_lm, model, num_rounds=1, eval_chunk=6, progress=False
+        )
         runs[name] = hist.evals
     assert runs["manual"][0]["loss"] == pytest.approx(runs["fedbpt"][0]["loss"], rel=1e-6)
     assert runs["manual"][0]["accuracy"] == runs["fedbpt"][0]["accuracy"]
     zeros = ModelInputs.build(jax.random.key(0), dec_lm, cfg)
-    _, hist0 = fl.run(fl.make("manual", cfg, dec_lm), jax.random.key(2), d, fed.test, dec_lm, zeros, num_rounds=1,
-                      eval_chunk=6, progress=False)
+    _, hist0 = fl.run(
+        fl.make("manual", cfg, dec_lm),
+        jax.random.key(2),
+        d,
+        fed.test,
+        dec_lm,
+        zeros,
+        num_rounds=1,
+        eval_chunk=6,
+        progress=False,
+    )
     assert hist0.evals[0]["loss"] != pytest.approx(runs["manual"][0]["loss"], rel=1e-4)
 
 
@@ -239,8 +280,11 @@ def test_bbt_style_mirrors_bbt_template(dec_tok):
     t = tasks.get("sst2").decoder_template("bbt")
     assert (t.text, t.cue, t.label_words) == ("{text}", " It was", (" terrible", " great"))
     assert "bbt" in tasks.get("mr").styles and "bbt" not in tasks.get("ag_news").styles
-    with pytest.raises(ValueError, match=r"unknown decoder template style 'bbt' for task ag_news; known styles: "
-                                         r"\['completion', 'chat'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown decoder template style 'bbt' for task ag_news; known styles: "
+        r"\['completion', 'chat'\]",
+    ):
         tasks.get("ag_news").decoder_template("bbt")
     ex = _examples(2)
     t2 = tasks.override("sst2", kind="decoder", style="bbt", label_words=(" bad", " great"))
@@ -259,24 +303,36 @@ def test_override_decoder_and_encoder_templates(dec_tok, enc_tok):
     assert t.decoder_template("chat") == tasks.get("sst2").decoder_template("chat")
     spec = data.scoring_spec(t, dec_tok, "decoder")
     assert [dec_tok.decode([i]) for i in np.asarray(spec.label_ids)] == [" bad", " great"]
-    e = tasks.override("sst2", kind="encoder", template="{prompt} {text} . All in all , {mask} .",
-                       label_words=("bad", "great"))
+    e = tasks.override(
+        "sst2", kind="encoder", template="{prompt} {text} . All in all , {mask} .", label_words=("bad", "great")
+    )
     batch = data.encode_encoder(e, _examples(2), enc_tok, n_prompt=N)
-    assert enc_tok.decode(batch.input_ids[0][batch.attention_mask[0] > 0].tolist()).endswith(". All in all ,<mask> .</s>")
+    assert enc_tok.decode(batch.input_ids[0][batch.attention_mask[0] > 0].tolist()).endswith(
+        ". All in all ,<mask> .</s>"
+    )
     # A DecoderTemplate passed as the style is used as it is.
     own = tasks.DecoderTemplate("completion", "Q: {text}", " A:", (" no", " yes"))
     assert tasks.get("sst2").decoder_template(own) is own
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(kind="decoder", template="Review:"), r"decoder template text 'Review:' has no text slot; it needs \{text\}"),
-    (dict(kind="decoder", template="{text_a} vs {text_b}"), r"has slots \['text_a', 'text_b'\]; it needs exactly \{text\}"),
-    (dict(kind="decoder", cue=""), r"the completion decoder template 'Review: \{text\}' has no answer cue"),
-    (dict(kind="decoder", label_words=(" bad",)), r"1 label words \(' bad',\) for 2 classes"),
-    (dict(kind="encoder", template="{text} . It was {mask} ."), r"needs one \{prompt\} and one \{mask\}"),
-    (dict(kind="encoder", template="{prompt} . It was {mask} ."), r"it needs exactly \{text\}"),
-    (dict(kind="encoder", cue="x"), r"encoder templates have no cue"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (
+            dict(kind="decoder", template="Review:"),
+            r"decoder template text 'Review:' has no text slot; it needs \{text\}",
+        ),
+        (
+            dict(kind="decoder", template="{text_a} vs {text_b}"),
+            r"has slots \['text_a', 'text_b'\]; it needs exactly \{text\}",
+        ),
+        (dict(kind="decoder", cue=""), r"the completion decoder template 'Review: \{text\}' has no answer cue"),
+        (dict(kind="decoder", label_words=(" bad",)), r"1 label words \(' bad',\) for 2 classes"),
+        (dict(kind="encoder", template="{text} . It was {mask} ."), r"needs one \{prompt\} and one \{mask\}"),
+        (dict(kind="encoder", template="{prompt} . It was {mask} ."), r"it needs exactly \{text\}"),
+        (dict(kind="encoder", cue="x"), r"encoder templates have no cue"),
+    ],
+)
 def test_override_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         tasks.override("sst2", **kw)
@@ -306,24 +362,70 @@ def test_cli_prompt_start_template_and_errors(dec_lm, monkeypatch, capsys):
     monkeypatch.setattr(fb.models, "load", lambda name, **kw: dec_lm)
     rc = cli.main(["simulate", "--prompt-start", "ones", "--no-progress"])
     assert rc == 2 and "unknown prompt start 'ones'; accepted: zeros" in capsys.readouterr().err
-    rc = cli.main(["simulate", "--task", "rotten_tomatoes", "--prompt-start", "phrase: In short", "--n-prompt", "5",
-                   "--no-progress"])
+    rc = cli.main(
+        [
+            "simulate",
+            "--task",
+            "rotten_tomatoes",
+            "--prompt-start",
+            "phrase: In short",
+            "--n-prompt",
+            "5",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "n_prompt_tokens=5; set n_prompt_tokens=3" in capsys.readouterr().err
     rc = cli.main(["simulate", "--task", "rotten_tomatoes", "--style", "bbt", "--no-progress"])
     assert rc == 2 and "label word ' terrible' is" in capsys.readouterr().err
     rc = cli.main(["simulate", "--task", "rotten_tomatoes", "--template", "no slot here", "--no-progress"])
     assert rc == 2 and "has no text slot" in capsys.readouterr().err
-    rc = cli.main(["simulate", "--task", "rotten_tomatoes", "--algorithm", "manual", "--style", "bbt", "--verbalizer",
-                   " bad| great", "--prompt-start", "phrase: In short", "--clients", "2", "--shots", "2",
-                   "--rounds", "1", "--d", "8", "--test-size", "8", "--no-progress"])
+    rc = cli.main(
+        [
+            "simulate",
+            "--task",
+            "rotten_tomatoes",
+            "--algorithm",
+            "manual",
+            "--style",
+            "bbt",
+            "--verbalizer",
+            " bad| great",
+            "--prompt-start",
+            "phrase: In short",
+            "--clients",
+            "2",
+            "--shots",
+            "2",
+            "--rounds",
+            "1",
+            "--d",
+            "8",
+            "--test-size",
+            "8",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "prompt start (the prompt at z = 0 and the manual baseline): phrase: In short, 3 tokens" in out
     # "auto" (the default): the task's measured start for decoders; its token count sets --n-prompt ...
     assert tasks.get("rotten_tomatoes").decoder_prompt_start == "phrase: (movie review)"
     n_movie = prompt.start_length("phrase: (movie review)", dec_lm.tokenizer)
-    common = ["--algorithm", "manual", "--clients", "2", "--shots", "2", "--rounds", "1", "--d", "8",
-              "--test-size", "8", "--no-progress"]
+    common = [
+        "--algorithm",
+        "manual",
+        "--clients",
+        "2",
+        "--shots",
+        "2",
+        "--rounds",
+        "1",
+        "--d",
+        "8",
+        "--test-size",
+        "8",
+        "--no-progress",
+    ]
     assert cli.main(["simulate", "--task", "rotten_tomatoes", *common]) == 0
     assert f"phrase: (movie review), {n_movie} tokens" in capsys.readouterr().out
     # ... and an explicit --n-prompt that does not fit it, or a task without one, gives zeros

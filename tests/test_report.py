@@ -4,6 +4,7 @@ runs of several configurations under --same-config, the same run twice). Results
 here as the CLI writes them (config.json with ``args``, metrics.json via write_json_atomic); plot_run's
 metrics.png of a synthetic run and of a bad folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,19 +20,40 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _write_run(d, *, seed, accs, devs=None, algorithm="fedbpt", alpha=1.0, sigmas=None):
     """A results folder: evaluations at rounds 0..len(accs)-1 with these test (and dev) accuracies."""
     d.mkdir(parents=True)
-    args = {"command": "simulate", "model": "tiny", "algorithm": algorithm, "alpha": alpha, "rounds": len(accs) - 1,
-            "seed": seed, "results_dir": str(d), "overwrite": False, "no_progress": True, "debug": False,
-            "checkpoint_dir": None}
+    args = {
+        "command": "simulate",
+        "model": "tiny",
+        "algorithm": algorithm,
+        "alpha": alpha,
+        "rounds": len(accs) - 1,
+        "seed": seed,
+        "results_dir": str(d),
+        "overwrite": False,
+        "no_progress": True,
+        "debug": False,
+        "checkpoint_dir": None,
+    }
     write_json_atomic(d / "config.json", {"command": ["fedbpt-jax", "simulate"], "args": args, "resolved": {}})
-    evals = [{"round": r, "accuracy": a, "loss": 1.0 - a, **({"dev_accuracy": devs[r]} if devs else {}),
-              "z_norm": float(r)} for r, a in enumerate(accs)]
+    evals = [
+        {"round": r, "accuracy": a, "loss": 1.0 - a, **({"dev_accuracy": devs[r]} if devs else {}), "z_norm": float(r)}
+        for r, a in enumerate(accs)
+    ]
     rounds = [{"round": r, "client_loss": 0.5, "sigma": (sigmas or [1.0] * len(accs))[r]} for r in range(1, len(accs))]
     sel = max(range(len(accs)), key=lambda r: (devs[r], -r)) if devs else len(accs) - 1
-    write_json_atomic(d / "metrics.json", {
-        "rounds": rounds, "evals": evals,
-        "selection_rule": "dev accuracy, ties to the earliest round" if devs else "none (no dev set)",
-        "initial_test_accuracy": accs[0], "final_round": len(accs) - 1, "final_test_accuracy": accs[-1],
-        "selected_round": sel, "selected_test_accuracy": accs[sel], "best_test_reference": max(accs)})
+    write_json_atomic(
+        d / "metrics.json",
+        {
+            "rounds": rounds,
+            "evals": evals,
+            "selection_rule": "dev accuracy, ties to the earliest round" if devs else "none (no dev set)",
+            "initial_test_accuracy": accs[0],
+            "final_round": len(accs) - 1,
+            "final_test_accuracy": accs[-1],
+            "selected_round": sel,
+            "selected_test_accuracy": accs[sel],
+            "best_test_reference": max(accs),
+        },
+    )
     return d
 
 
@@ -46,16 +68,19 @@ def test_groups_by_configuration_with_mean_and_std_over_seeds(tmp_path, capsys):
     assert set(by) == {"algorithm=fedbpt", "algorithm=fedavg_bbt"}
     g = by["algorithm=fedbpt"]
     assert g["seeds"] == [0, 1] and g["final"]["n"] == 2
-    assert g["final"]["mean"] == pytest.approx(0.8) and g["final"]["std"] == pytest.approx(0.1 * 2 ** 0.5)
+    assert g["final"]["mean"] == pytest.approx(0.8) and g["final"]["std"] == pytest.approx(0.1 * 2**0.5)
     # Dev-selected: seed 0 picks round 1 (dev 0.9) -> 0.6; seed 1 ties at 0.6 -> the earliest, round 1 -> 0.8.
     assert g["by_seed"]["dev_selected"] == {"0": 0.6, "1": 0.8}
     assert g["initial"]["mean"] == pytest.approx(0.5) and g["best_on_test"]["mean"] == pytest.approx(0.8)
     b = by["algorithm=fedavg_bbt"]
     assert b["final"] == {"mean": 0.6, "std": None, "n": 1, "min": 0.6, "max": 0.6} and b["dev_selected"] is None
     md = (out / "report.md").read_text()
-    assert "| algorithm=fedbpt | 2 | 0,1 | 2 | 50.00 ± 0.00 (n=2) | 80.00 ± 14.14 (n=2) | 70.00 ± 14.14 (n=2) | 1,1 |" in md
+    assert (
+        "| algorithm=fedbpt | 2 | 0,1 | 2 | 50.00 ± 0.00 (n=2) | 80.00 ± 14.14 (n=2) | 70.00 ± 14.14 (n=2) | 1,1 |"
+        in md
+    )
     assert "| algorithm=fedavg_bbt | 1 | 0 | 2 | 50.00 (n=1) | 60.00 (n=1) | — | — |" in md
-    assert '| model | "tiny" |' in md                  # settings all runs share
+    assert '| model | "tiny" |' in md  # settings all runs share
     for name in ("accuracy_rounds.png", "accuracy_bars.png"):
         assert (out / name).read_bytes()[:8] == PNG
     assert "report written to" in capsys.readouterr().out
@@ -74,8 +99,11 @@ def test_a_folder_of_runs_and_the_default_output(tmp_path):
 def test_same_config_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, capsys):
     a = _write_run(tmp_path / "a", seed=0, accs=[0.5, 0.7])
     b = _write_run(tmp_path / "b", seed=1, accs=[0.5, 0.7], alpha=0.1)
-    with pytest.raises(report.ReportError, match=r"--same-config: the runs differ in more than the seed "
-                                                 r"\(alpha: 1.0 in '.*a', 0.1 in '.*b'\)"):
+    with pytest.raises(
+        report.ReportError,
+        match=r"--same-config: the runs differ in more than the seed "
+        r"\(alpha: 1.0 in '.*a', 0.1 in '.*b'\)",
+    ):
         report.report([a, b], tmp_path / "out", same_config=True)
     assert cli.main(["report", "--same-config", str(a), str(b), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -92,9 +120,12 @@ def test_bad_folders_are_named_with_what_is_accepted(tmp_path):
     write_json_atomic(tmp_path / "bbt" / "config.json", {"args": {}})
     write_json_atomic(tmp_path / "bbt" / "bbt.json", {})
     (tmp_path / "file.txt").write_text("x")
-    cases = {tmp_path / "missing": "is not a folder", tmp_path / "file.txt": "is not a folder",
-             tmp_path / "empty": r"is not a results folder \(no config.json and no metrics.json\)",
-             tmp_path / "bbt": r"holds a 'fedbpt-jax bbt' result \(bbt.json\)"}
+    cases = {
+        tmp_path / "missing": "is not a folder",
+        tmp_path / "file.txt": "is not a folder",
+        tmp_path / "empty": r"is not a results folder \(no config.json and no metrics.json\)",
+        tmp_path / "bbt": r"holds a 'fedbpt-jax bbt' result \(bbt.json\)",
+    }
     for bad, why in cases.items():
         with pytest.raises(report.ReportError, match=rf"'{bad}' {why}.*accepted: a results folder"):
             report.report([run, bad], tmp_path / "out")

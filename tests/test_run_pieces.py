@@ -1,5 +1,6 @@
 """The driver's pieces, each alone (no segment is compiled here): option checks, the run's keys, the
 initial carry, the evaluation-prefix decision and sets, the history rows, the compile counter."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,14 +21,16 @@ algs = importlib.import_module("fedbpt_jax.federated.algorithms")
 
 
 def _algo():
-    cfg = fl.FedConfig(num_clients=4, clients_per_round=2, population_size=4, local_generations=2, intrinsic_dim=8,
-                       n_prompt_tokens=2)
+    cfg = fl.FedConfig(
+        num_clients=4, clients_per_round=2, population_size=4, local_generations=2, intrinsic_dim=8, n_prompt_tokens=2
+    )
     return fl.fedbpt(cfg, fs.tiny_lm())
 
 
 def _options(**kw):
-    base = dict(num_rounds=4, eval_every=2, checkpoint_every=1, eval_chunk=8, stop_after=None, save_uploads=None,
-                mesh=None)
+    base = dict(
+        num_rounds=4, eval_every=2, checkpoint_every=1, eval_chunk=8, stop_after=None, save_uploads=None, mesh=None
+    )
     base.update(kw)
     return base
 
@@ -51,19 +54,34 @@ def test_algorithm_declares_what_run_checks_not_its_name():
     and the built-in algorithms that declare it."""
     algo = _algo()
     assert len(fl.FederatedAlgorithm._fields) == 5 and algo.spec.uploads and algo.uses_clean_context
-    assert (algo.config, algo.cost, algo.mesh, algo.scorer) == (algo.spec.config, algo.spec.cost, None, algo.spec.scorer)
+    assert (algo.config, algo.cost, algo.mesh, algo.scorer) == (
+        algo.spec.config,
+        algo.spec.cost,
+        None,
+        algo.spec.scorer,
+    )
     renamed = algo._replace(name="my_algorithm")
     assert run_mod._check_options(renamed, **_options(save_uploads="x")) is None
     silent = algo._replace(spec=dataclasses.replace(algo.spec, uploads=False))
-    with pytest.raises(ValueError, match=r"algorithm 'fedbpt' has no client uploads to save \(its spec.uploads is "
-                                         r"False\); .*built in: \['fedavg_bbt', 'fedavg_bbt_perturbed', 'fedbpt'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"algorithm 'fedbpt' has no client uploads to save \(its spec.uploads is "
+        r"False\); .*built in: \['fedavg_bbt', 'fedavg_bbt_perturbed', 'fedbpt'\]",
+    ):
         run_mod._check_options(silent, **_options(save_uploads="x"))
     lm = fs.tiny_lm()
-    declared = {name: (a.uploads, a.uses_clean_context)
-                for name, a in ((n, fl.make(n, algo.config, lm)) for n in sorted(fl.ALGORITHMS))}
-    assert declared == {"centralized_bbt": (False, False), "fedavg_bbt": (True, True),
-                        "fedavg_bbt_perturbed": (True, True), "fedbpt": (True, True), "fedprompt": (False, False),
-                        "manual": (False, False)}
+    declared = {
+        name: (a.uploads, a.uses_clean_context)
+        for name, a in ((n, fl.make(n, algo.config, lm)) for n in sorted(fl.ALGORITHMS))
+    }
+    assert declared == {
+        "centralized_bbt": (False, False),
+        "fedavg_bbt": (True, True),
+        "fedavg_bbt_perturbed": (True, True),
+        "fedbpt": (True, True),
+        "fedprompt": (False, False),
+        "manual": (False, False),
+    }
     assert algs.declaring("uses_clean_context") == ["fedavg_bbt", "fedavg_bbt_perturbed", "fedbpt"]
     with pytest.raises(ValueError, match="unknown declared property 'uplods'"):
         algs.declaring("uplods")
@@ -87,8 +105,10 @@ def test_run_keys_typed_and_raw_agree_with_round_key():
     np.testing.assert_array_equal(np.asarray(k_data), np.asarray(raw_data))
     assert str(impl) == str(raw_impl)
     rounds = jax.random.wrap_key_data(k_data, impl=impl)
-    np.testing.assert_array_equal(np.asarray(jax.random.key_data(jax.random.fold_in(rounds, 3))),
-                                  np.asarray(jax.random.key_data(fl.round_key(key, 3))))
+    np.testing.assert_array_equal(
+        np.asarray(jax.random.key_data(jax.random.fold_in(rounds, 3))),
+        np.asarray(jax.random.key_data(fl.round_key(key, 3))),
+    )
     assert not np.array_equal(np.asarray(jax.random.key_data(k_init)), np.asarray(k_data))
 
 
@@ -107,13 +127,13 @@ def test_eval_prefix_cache_asks_the_scorer_and_the_budget():
     plain = objective.make_scorer(lm, "after", n_prompt_tokens=2, use_cache=False)
     assert cached.caches_prefix and not plain.caches_prefix
     assert run_mod._caches_eval_prefix(cached, lm.params, chunks, None, None, 1 << 30)
-    assert not run_mod._caches_eval_prefix(cached, lm.params, chunks, None, None, 0)      # over the budget
+    assert not run_mod._caches_eval_prefix(cached, lm.params, chunks, None, None, 0)  # over the budget
     assert not run_mod._caches_eval_prefix(plain, lm.params, chunks, None, True, 1 << 30)  # nothing to cache
     sets = run_mod.eval_sets(cached, lm, fs.model(), chunks, chunks, fs.spec(), cache_prefix=True)
     assert sets.test.prepared and sets.dev.prepared
     plain_sets = run_mod.eval_sets(plain, lm, fs.model(), chunks, None, fs.spec(), cache_prefix=False)
     assert plain_sets.dev is None and set(plain_sets.flops) == {"eval_flops"}
-    assert sets.flops["eval_flops"] < plain_sets.flops["eval_flops"]          # the prefix pass is not repeated
+    assert sets.flops["eval_flops"] < plain_sets.flops["eval_flops"]  # the prefix pass is not repeated
     row = sets.row(2, {"accuracy": np.float32(0.5), "pred_dist": np.array([0.25, 0.75], np.float32)})
     assert row == {"round": 2, "accuracy": 0.5, "pred_dist": [0.25, 0.75], **sets.flops}
 
@@ -121,25 +141,31 @@ def test_eval_prefix_cache_asks_the_scorer_and_the_budget():
 def test_round_rows_account_for_the_active_clients():
     algo = _algo()
     cost = {"examples_per_call": 4, "prefix_passes": 2, "flops_per_client": 10.0}
-    metrics = {"client_loss": np.array([0.5, 0.25], np.float32), "sigma": np.array([1.0, 0.5], np.float32),
-               "active_clients": np.array([2, 0], np.int32),
-               "clients": {"index": np.array([[0, 3], [1, 2]], np.int32), "active": np.array([[True, True], [False, False]]),
-                           "fitness": np.array([[0.1, np.nan], [np.nan, np.nan]], np.float32)}}
+    metrics = {
+        "client_loss": np.array([0.5, 0.25], np.float32),
+        "sigma": np.array([1.0, 0.5], np.float32),
+        "active_clients": np.array([2, 0], np.int32),
+        "clients": {
+            "index": np.array([[0, 3], [1, 2]], np.int32),
+            "active": np.array([[True, True], [False, False]]),
+            "fitness": np.array([[0.1, np.nan], [np.nan, np.nan]], np.float32),
+        },
+    }
     rows = run_mod.round_rows(metrics, 5, algo, cost, seconds=0.5)
     assert [r["round"] for r in rows] == [5, 6]
     assert rows[0]["forward_calls"] == 2 * algo.cost.forward_calls and rows[1]["forward_calls"] == 0
     assert rows[0]["prefix_passes"] == 4 and rows[0]["model_flops"] == 20.0 and rows[1]["model_flops"] == 0.0
     assert rows[0]["bytes_up_per_client"] == algo.cost.comm.up_per_client and rows[0]["seconds"] == 0.5
     assert rows[0]["clients"][1] == {"index": 3, "active": True, "fitness": None}
-    assert "clients" in metrics                                             # the caller's dict is left as it was
+    assert "clients" in metrics  # the caller's dict is left as it was
 
 
 def test_count_compiles_is_a_block_counter():
     with testing.count_compiles() as counts:
         run_mod.TRACE_COUNTS["test_counter"] += 1
-        assert counts.traces["test_counter"] == 1                          # live inside the block
+        assert counts.traces["test_counter"] == 1  # live inside the block
     run_mod.TRACE_COUNTS["test_counter"] += 1
-    assert counts.traces["test_counter"] == 1 and not counts.compiles      # frozen after it
+    assert counts.traces["test_counter"] == 1 and not counts.compiles  # frozen after it
     assert fl.trace_count("test_counter") >= 2
 
 
@@ -147,7 +173,7 @@ def test_sample_round_reports_sampled_and_dropped_clients():
     data = fs.make_data(4, counts=(4, 0, 3, 2))
     cfg = fl.FedConfig(num_clients=4, clients_per_round=3, population_size=4, local_generations=2, intrinsic_dim=8)
     s = core.sample_round(jax.random.key(0), data, fl.HParams(dropout_rate=0.0).validate(), cfg)
-    assert sorted(np.asarray(s.index).tolist()) == [0, 2, 3]                # the empty client is never sampled
+    assert sorted(np.asarray(s.index).tolist()) == [0, 2, 3]  # the empty client is never sampled
     assert np.asarray(s.active).all() and s.batch.input_ids.shape[:2] == (3, fs.EXAMPLES)
     gone = core.sample_round(jax.random.key(0), data, fl.HParams(dropout_rate=1.0).validate(), cfg)
     np.testing.assert_array_equal(np.asarray(gone.index), np.asarray(s.index))  # dropouts do not change who is sampled

@@ -3,6 +3,7 @@ the reference-compatibility best-on-test figure, per-client diagnostics, saved u
 server step, non-finite warnings; the comparable baselines (FedAvg-BBT with perturbation, FedPrompt's
 learning rate picked on dev, one BBT) and the optional stabilisers. Tiny decoder, N = K = 4 clients.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,7 @@ from fedbpt_jax import federated as fl
 from fedbpt_jax.federated.core import ModelInputs
 from fedbpt_jax.models import decoder
 
-run_mod = importlib.import_module("fedbpt_jax.federated.run")   # the module (the package's `run` is the function)
+run_mod = importlib.import_module("fedbpt_jax.federated.run")  # the module (the package's `run` is the function)
 COUNTS = np.array([1, 2, 3, 4], np.int32)
 
 
@@ -42,9 +43,18 @@ def _flipped(batch):
 
 
 def _run(algo, *, data=None, test=None, model=None, num_rounds=3, **kw):
-    return fl.run(algo, jax.random.key(0), _data() if data is None else data, fs.test_set() if test is None else test,
-                  fs.tiny_lm(), fs.model() if model is None else model, num_rounds=num_rounds, eval_chunk=16,
-                  progress=False, **kw)
+    return fl.run(
+        algo,
+        jax.random.key(0),
+        _data() if data is None else data,
+        fs.test_set() if test is None else test,
+        fs.tiny_lm(),
+        fs.model() if model is None else model,
+        num_rounds=num_rounds,
+        eval_chunk=16,
+        progress=False,
+        **kw,
+    )
 
 
 def _poisoned_params():
@@ -66,8 +76,8 @@ def test_selection_is_on_dev_and_best_on_test_is_only_a_reference_figure(tmp_pat
     dev_acc = np.array([e["dev_accuracy"] for e in hist.evals])
     np.testing.assert_allclose(dev_acc, 1 - test_acc, atol=1e-6)
     assert len(set(test_acc.tolist())) > 1, "the prompt must move for this test to mean anything"
-    sel, ref = int(np.argmax(dev_acc)), int(np.argmax(test_acc))          # argmax: the earliest maximum
-    assert sel != ref                                                      # dev picks what test would not
+    sel, ref = int(np.argmax(dev_acc)), int(np.argmax(test_acc))  # argmax: the earliest maximum
+    assert sel != ref  # dev picks what test would not
     assert int(carry.selected_round) == hist.evals[sel]["round"]
     assert float(carry.selected_dev_accuracy) == pytest.approx(dev_acc[sel])
     assert float(carry.selected_test_accuracy) == pytest.approx(test_acc[sel])
@@ -85,21 +95,29 @@ def test_selection_is_on_dev_and_best_on_test_is_only_a_reference_figure(tmp_pat
     assert js["final_test_accuracy"] == pytest.approx(test_acc[-1])
     assert js["initial_test_accuracy"] == pytest.approx(test_acc[0])
     assert js["best_test_reference"] == pytest.approx(test_acc[ref])
-    assert "best_accuracy" not in js and "best_round" not in js             # no unlabelled "best" any more
+    assert "best_accuracy" not in js and "best_round" not in js  # no unlabelled "best" any more
 
 
 def test_select_rule_ties_earliest_and_never_non_finite():
     n, h = 2, 3
-    carry = fl.RunCarry(state=None, selected_round=jnp.asarray(-1, jnp.int32),
-                        selected_dev_accuracy=jnp.asarray(-1.0), selected_test_accuracy=jnp.asarray(-1.0),
-                        selected_prompt=jnp.zeros((n, h)), best_test_reference=jnp.asarray(-1.0),
-                        best_test_reference_round=jnp.asarray(-1, jnp.int32), rounds_done=jnp.asarray(0))
+    carry = fl.RunCarry(
+        state=None,
+        selected_round=jnp.asarray(-1, jnp.int32),
+        selected_dev_accuracy=jnp.asarray(-1.0),
+        selected_test_accuracy=jnp.asarray(-1.0),
+        selected_prompt=jnp.zeros((n, h)),
+        best_test_reference=jnp.asarray(-1.0),
+        best_test_reference_round=jnp.asarray(-1, jnp.int32),
+        rounds_done=jnp.asarray(0),
+    )
     nan = float("nan")
     steps = [  # (round, dev accuracy, test accuracy, prompt finite)
-        (0, 0.5, 0.6, True), (1, 0.7, 0.5, True), (2, 0.7, 0.9, True),   # tie on dev: round 1 stays
-        (3, nan, 0.95, True),                                            # NaN dev: never selected
-        (4, 0.9, 0.1, False),                                            # NaN prompt: never anything
-        (5, 0.95, nan, True),                                            # NaN test: a broken prompt
+        (0, 0.5, 0.6, True),
+        (1, 0.7, 0.5, True),
+        (2, 0.7, 0.9, True),  # tie on dev: round 1 stays
+        (3, nan, 0.95, True),  # NaN dev: never selected
+        (4, 0.9, 0.1, False),  # NaN prompt: never anything
+        (5, 0.95, nan, True),  # NaN test: a broken prompt
     ]
     for r, dev, test, finite in steps:
         p = jnp.full((n, h), float(r) if finite else nan)
@@ -122,8 +140,9 @@ def test_non_finite_evaluations_are_nan_never_selected_and_warned():
     bad_test = test.replace(input_ids=ids)
     algo = fl.fedbpt(_cfg(), fs.tiny_lm())
     with pytest.warns(RuntimeWarning, match=r"3 evaluation\(s\) had non-finite logits"):
-        carry, hist = _run(algo, test=bad_test, dev=test, num_rounds=2,
-                           model=ModelInputs(params, fs.model().projection))
+        carry, hist = _run(
+            algo, test=bad_test, dev=test, num_rounds=2, model=ModelInputs(params, fs.model().projection)
+        )
     for e in hist.evals:
         assert np.isnan(e["accuracy"]) and np.isnan(e["loss"]) and e["nonfinite_examples"] == 1
         assert np.isfinite(e["dev_accuracy"]) and sum(e["dev_pred_dist"]) == pytest.approx(1.0)
@@ -141,11 +160,17 @@ def test_run_where_every_fitness_is_non_finite_says_so(tmp_path):
     data = _data(train=train.replace(input_ids=ids), counts=counts)
     algo = fl.fedbpt(_cfg(), fs.tiny_lm())
     with pytest.warns(RuntimeWarning, match=r"every active client's fitness was non-finite in every round"):
-        carry, hist = _run(algo, data=data, dev=fs.test_set(), num_rounds=2, results_dir=tmp_path,
-                           model=ModelInputs(params, fs.model().projection))
+        carry, hist = _run(
+            algo,
+            data=data,
+            dev=fs.test_set(),
+            num_rounds=2,
+            results_dir=tmp_path,
+            model=ModelInputs(params, fs.model().projection),
+        )
     assert all(r["all_fitness_nonfinite"] == 1 and r["num_active"] == 0 for r in hist.rounds)
     np.testing.assert_array_equal(np.asarray(carry.state.server.mean), 0)
-    assert int(carry.selected_round) == 0                    # ties to the earliest round
+    assert int(carry.selected_round) == 0  # ties to the earliest round
     js = json.loads((tmp_path / "metrics.json").read_text())
     assert js["fitness_all_nonfinite"] is True and js["fitness_all_nonfinite_rounds"] == 2
     assert all(c["fitness"] is None and not c["usable"] for r in js["rounds"] for c in r["clients"])
@@ -171,7 +196,7 @@ def test_per_client_diagnostics_and_saved_uploads_replay_the_server(tmp_path):
             assert c["fitness"] == pytest.approx(c["loss"] / c["perturbed_loss"], rel=1e-5)
         ranks = sorted(clients, key=lambda c: c["rank"])
         assert [c["rank"] for c in ranks] == [0, 1, 2, 3]
-        assert [c["fitness"] for c in ranks] == sorted(c["fitness"] for c in clients)    # rank 0 = best
+        assert [c["fitness"] for c in ranks] == sorted(c["fitness"] for c in clients)  # rank 0 = best
         weights = [c["weight"] for c in ranks]
         assert sum(weights) == pytest.approx(1.0) and weights == sorted(weights, reverse=True)
         assert sum(c["repaired"] for c in clients) == row["num_repaired"]
@@ -191,8 +216,14 @@ def test_per_client_diagnostics_and_saved_uploads_replay_the_server(tmp_path):
     # CSV: the summaries only; JSON: everything.
     with open(tmp_path / "rounds.csv") as f:
         header = next(csv.reader(f))
-    assert {"single_class_clients", "single_class_weight", "top_weight", "perturbed_loss_mean", "z_norm",
-            "all_fitness_nonfinite"} <= set(header) and "clients" not in header
+    assert {
+        "single_class_clients",
+        "single_class_weight",
+        "top_weight",
+        "perturbed_loss_mean",
+        "z_norm",
+        "all_fitness_nonfinite",
+    } <= set(header) and "clients" not in header
     js = json.loads((tmp_path / "metrics.json").read_text())
     assert js["rounds"][0]["clients"] == hist.rounds[0]["clients"]
     # The saved uploads replay round 1's server step exactly.
@@ -200,9 +231,14 @@ def test_per_client_diagnostics_and_saved_uploads_replay_the_server(tmp_path):
     assert u["round"].tolist() == [1, 2] and u["mean"].shape == (2, 4, fs.D_A) and u["sigmas"].shape == (2, 4, 2)
     init = algo.init(None, fl.HParams().validate())
     np.testing.assert_array_equal(u["server_mean"][0], np.asarray(init.server.mean))
-    replay, _ = strategy.server_update(init.server, jnp.asarray(u["mean"][0]), jnp.asarray(u["fitness"][0]),
-                                       jnp.asarray(u["sigmas"][0]), jnp.asarray(u["active"][0]),
-                                       local_population=algo.config.population_size)
+    replay, _ = strategy.server_update(
+        init.server,
+        jnp.asarray(u["mean"][0]),
+        jnp.asarray(u["fitness"][0]),
+        jnp.asarray(u["sigmas"][0]),
+        jnp.asarray(u["active"][0]),
+        local_population=algo.config.population_size,
+    )
     one, _ = _run(algo, data=data, dev=fs.test_set(), num_rounds=1)
     np.testing.assert_allclose(np.asarray(replay.mean), np.asarray(one.state.server.mean), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(u["server_mean"][1], np.asarray(one.state.server.mean))
@@ -218,19 +254,27 @@ def test_scan_returns_no_d_length_vectors_unless_uploads_are_saved():
     scorer = objective.make_scorer(lm, None, n_prompt_tokens=2)
     chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(fs.test_set(), 16))
     evalset = run_mod.EvalSet(chunks, chunks.labels, chunks.example_mask)
-    carry = fl.RunCarry(state=algo.init(None, hp), selected_round=jnp.asarray(-1), selected_dev_accuracy=jnp.asarray(-1.0),
-                        selected_test_accuracy=jnp.asarray(-1.0), selected_prompt=jnp.zeros((2, lm.hidden_size)),
-                        best_test_reference=jnp.asarray(-1.0), best_test_reference_round=jnp.asarray(-1),
-                        rounds_done=jnp.asarray(0, jnp.int32))
+    carry = fl.RunCarry(
+        state=algo.init(None, hp),
+        selected_round=jnp.asarray(-1),
+        selected_dev_accuracy=jnp.asarray(-1.0),
+        selected_test_accuracy=jnp.asarray(-1.0),
+        selected_prompt=jnp.zeros((2, lm.hidden_size)),
+        best_test_reference=jnp.asarray(-1.0),
+        best_test_reference_round=jnp.asarray(-1),
+        rounds_done=jnp.asarray(0, jnp.int32),
+    )
     key_data = jax.random.key_data(jax.random.key(0))
     shapes = {}
     for keep in (False, True):
         seg = run_mod.make_segment(algo, scorer, 2, 2, lm.hidden_size, keep_uploads=keep)
         _, metrics, _ = jax.eval_shape(seg, key_data, carry, _data(), hp, fs.model(), evalset, None, jnp.asarray(1.0))
-        shapes[keep] = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
-                        for path, leaf in jax.tree_util.tree_flatten_with_path(metrics)[0]}
+        shapes[keep] = {
+            "/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
+            for path, leaf in jax.tree_util.tree_flatten_with_path(metrics)[0]
+        }
     assert all(fs.D_A not in s for s in shapes[False].values()), shapes[False]
-    assert max(int(np.prod(s)) for s in shapes[False].values()) <= 2 * 4 * 2     # [E, K, C] label counts
+    assert max(int(np.prod(s)) for s in shapes[False].values()) <= 2 * 4 * 2  # [E, K, C] label counts
     assert shapes[True]["uploads/mean"] == (2, 4, fs.D_A)
 
 
@@ -258,12 +302,15 @@ def test_fedavg_bbt_with_and_without_perturbation():
     c_plain, c_pert = m_plain["clients"], m_pert["clients"]
     np.testing.assert_allclose(np.asarray(c_plain["fitness"]), np.asarray(c_plain["loss"]), rtol=1e-6)  # default
     assert np.all(np.isnan(np.asarray(c_plain["perturbed_loss"]))) and "perturbed_loss_mean" not in m_plain
-    np.testing.assert_allclose(np.asarray(c_pert["fitness"]),
-                               np.asarray(c_pert["loss"]) / np.asarray(c_pert["perturbed_loss"]), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(c_pert["fitness"]), np.asarray(c_pert["loss"]) / np.asarray(c_pert["perturbed_loss"]), rtol=1e-5
+    )
     assert float(m_pert["perturbed_loss_mean"]) > 0
     # Same aggregation rule (example-count weights), different local searches.
     np.testing.assert_allclose(np.asarray(c_pert["weight"]), COUNTS / COUNTS.sum(), rtol=1e-6)
-    assert not np.allclose(np.asarray(out["fedavg_bbt"][0].server.mean), np.asarray(out["fedavg_bbt_perturbed"][0].server.mean))
+    assert not np.allclose(
+        np.asarray(out["fedavg_bbt"][0].server.mean), np.asarray(out["fedavg_bbt_perturbed"][0].server.mean)
+    )
 
 
 def test_fedprompt_learning_rate_is_picked_on_dev(monkeypatch):
@@ -278,9 +325,10 @@ def test_fedprompt_learning_rate_is_picked_on_dev(monkeypatch):
         return real_run(algo, key, data, test, *a, **kw)
 
     monkeypatch.setattr(run_mod, "run", spy)
-    lr, table = fl.tune_learning_rate(algo, jax.random.key(0), _data(), dev, lm, fs.model(), num_rounds=2,
-                                      grid=(0.001, 0.3))
-    assert all(t is dev for t in seen) and len(seen) == 2                # only dev is ever evaluated
+    lr, table = fl.tune_learning_rate(
+        algo, jax.random.key(0), _data(), dev, lm, fs.model(), num_rounds=2, grid=(0.001, 0.3)
+    )
+    assert all(t is dev for t in seen) and len(seen) == 2  # only dev is ever evaluated
     assert [r["learning_rate"] for r in table] == [0.001, 0.3]
     best = max(range(2), key=lambda i: (table[i]["dev_accuracy"], -i))
     assert lr == table[best]["learning_rate"]
@@ -296,20 +344,38 @@ def test_bbt_tune_drives_the_same_cma_es_as_centralized_bbt():
     hp = fl.HParams().validate()
     key = jax.random.key(5)
     state, _ = jax.jit(algo.round)(key, algo.init(None, hp), data, hp, fs.model())
-    bcfg = bbt.BBTConfig(intrinsic_dim=cfg.intrinsic_dim, n_prompt_tokens=2, population_size=cfg.population_size,
-                         num_generations=cfg.local_generations, layout=None)
+    bcfg = bbt.BBTConfig(
+        intrinsic_dim=cfg.intrinsic_dim,
+        n_prompt_tokens=2,
+        population_size=cfg.population_size,
+        num_generations=cfg.local_generations,
+        layout=None,
+    )
     b0, es_params = bbt.init(None, bcfg)
     np.testing.assert_array_equal(np.asarray(b0.es.C), np.asarray(algo.init(None, hp).es.C))
     flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), data.train)
     scorer = objective.make_scorer(lm, None, n_prompt_tokens=2)
     ctx = scorer.prepare(lm.params, flat)
-    b1, hist = jax.jit(lambda k, s: bbt.run_generations(k, s, es_params, lm.params, fs.model().projection, ctx, flat,
-                                                         data.spec, config=bcfg, scorer=scorer, hidden_size=lm.hidden_size,
-                                                         num_generations=cfg.local_generations))(key, b0)
+    b1, hist = jax.jit(
+        lambda k, s: bbt.run_generations(
+            k,
+            s,
+            es_params,
+            lm.params,
+            fs.model().projection,
+            ctx,
+            flat,
+            data.spec,
+            config=bcfg,
+            scorer=scorer,
+            hidden_size=lm.hidden_size,
+            num_generations=cfg.local_generations,
+        )
+    )(key, b0)
     np.testing.assert_allclose(np.asarray(b1.es.mean), np.asarray(state.es.mean), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(b1.es.std), float(state.es.std), rtol=1e-6)
     assert not np.allclose(np.asarray(b1.es.mean), 0)
-    assert not hasattr(bbt, "make_strategy")                           # no second (stock evosax) flavour
+    assert not hasattr(bbt, "make_strategy")  # no second (stock evosax) flavour
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,13 +398,13 @@ def test_stabilisers_norm_clip_and_sigma_clamp(tmp_path):
     for t, zp in zip(taus, z_prev):
         tau = tau + 1 if zp < 1.2 else tau
         assert t == pytest.approx(tau)
-    assert taus[0] == pytest.approx(1.5) and taus[-1] < 0.5 + len(taus)   # it stopped growing at some round
+    assert taus[0] == pytest.approx(1.5) and taus[-1] < 0.5 + len(taus)  # it stopped growing at some round
     for r, t in enumerate(taus):
         assert np.all(np.linalg.norm(u["mean"][r], axis=-1) <= t * (1 + 1e-5))
         assert hist.rounds[r]["z_norm"] <= t * (1 + 1e-5)
     sig = [1.0] + [r["sigma"] for r in hist.rounds]
     assert all(b <= a + 1e-7 for a, b in zip(sig, sig[1:])) and min(sig) >= 0.9 - 1e-7
-    assert sig[-1] == pytest.approx(0.9)                                     # the floor was reached
+    assert sig[-1] == pytest.approx(0.9)  # the floor was reached
     plain, plain_hist = _run(fl.fedbpt(_cfg(), lm), num_rounds=4)
     assert plain_hist.rounds[-1]["sigma"] < 0.9 and "norm_threshold" not in plain_hist.rounds[0]
     with pytest.raises(ValueError, match=r"unknown sigma_schedule 'decay'"):

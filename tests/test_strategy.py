@@ -1,6 +1,7 @@
 """Tests of fedbpt_jax.strategy: the server step against pycma 3.4.0, the client step against pycma's
 own client (``_copy_light``) fed pycma's samples, lazy eigendecomposition, vmap, NaN and mask
 handling, FedAvg-BBT weights."""
+
 import collections
 import math
 import warnings
@@ -90,10 +91,24 @@ def test_server_reference_matches_pycma(d, m, rounds):
         for r in range(rounds):
             means, fits, sig = _client_round_inputs(rng, r, es.mean.copy(), sigma_b, target, m, d, lam)
             sigma_b = _pycma_round(es, sigma_b, means, fits, sig, lam // 2)
-            state, met = server_update(state, jnp.asarray(means), jnp.asarray(fits), jnp.asarray(sig),
-                                       jnp.ones(m, bool), variant="reference", local_population=lam)
-            worst = max(worst, _rel(state.mean, es.mean), _rel(state.std, sigma_b), _rel(state.C, es.sm.C),
-                        _rel(state.p_std, es.adapt_sigma.ps), _rel(state.p_c, es.pc), _rel(state.D, es.sm.D))
+            state, met = server_update(
+                state,
+                jnp.asarray(means),
+                jnp.asarray(fits),
+                jnp.asarray(sig),
+                jnp.ones(m, bool),
+                variant="reference",
+                local_population=lam,
+            )
+            worst = max(
+                worst,
+                _rel(state.mean, es.mean),
+                _rel(state.std, sigma_b),
+                _rel(state.C, es.sm.C),
+                _rel(state.p_std, es.adapt_sigma.ps),
+                _rel(state.p_c, es.pc),
+                _rel(state.D, es.sm.D),
+            )
             hsigs.add(bool(met["hsig"]))
             eig += int(met["eigen_updated"])
             repaired += int(met["num_repaired"])
@@ -129,8 +144,15 @@ def test_server_masked_equals_pycma_on_active_clients():
             all_fits[other[0]] = np.nan  # masked *and* non-finite: not counted as a failure
             mask[other[1]] = True
             all_means[other[1], 0] = np.inf  # reported, but unusable: counted
-            state, met = server_update(state, jnp.asarray(all_means), jnp.asarray(all_fits), jnp.asarray(all_sig),
-                                       jnp.asarray(mask), variant="reference", local_population=lam)
+            state, met = server_update(
+                state,
+                jnp.asarray(all_means),
+                jnp.asarray(all_fits),
+                jnp.asarray(all_sig),
+                jnp.asarray(mask),
+                variant="reference",
+                local_population=lam,
+            )
             assert int(met["num_active"]) == k and int(met["num_nonfinite"]) == 1
             assert _rel(state.mean, es.mean) < 1e-10
             assert _rel(state.std, sigma_b) < 1e-10
@@ -222,8 +244,9 @@ def test_client_tell_matches_pycma_client(d, lam, m):
         for r in range(3):  # a server with a non-trivial C
             means, fits, sig = _client_round_inputs(rng, r, es.mean.copy(), sigma_b, rng.normal(size=d), m, d, lam)
             sigma_b = _pycma_round(es, sigma_b, means, fits, sig, lam // 2)
-            state, _ = server_update(state, jnp.asarray(means), jnp.asarray(fits), jnp.asarray(sig),
-                                     jnp.ones(m, bool), local_population=lam)
+            state, _ = server_update(
+                state, jnp.asarray(means), jnp.asarray(fits), jnp.asarray(sig), jnp.ones(m, bool), local_population=lam
+            )
         client = es._copy_light(inopts={"seed": 3, "maxiter": gens, "popsize": lam, "CMA_mu": None})
         params = st.local_params(lam, d)
         local = client_init(state, params, refresh_eigen=True)  # _copy_light decomposes C afresh
@@ -244,9 +267,15 @@ def test_client_tell_matches_pycma_client(d, lam, m):
                 client.tell(X, list(f))
             local = tell(jnp.asarray(X), jnp.asarray(f), local, params)
             assert bool(local.mirror_valid) == (len(client.pop_injection_directions) == 1)
-            worst = max(worst, _rel(local.mean, client.mean), _rel(local.std, client.sigma),
-                        _rel(local.C, client.sm.C), _rel(local.p_std, client.adapt_sigma.ps),
-                        _rel(local.p_c, client.pc), _rel(local.D, client.sm.D))
+            worst = max(
+                worst,
+                _rel(local.mean, client.mean),
+                _rel(local.std, client.sigma),
+                _rel(local.C, client.sm.C),
+                _rel(local.p_std, client.adapt_sigma.ps),
+                _rel(local.p_c, client.pc),
+                _rel(local.D, client.sm.D),
+            )
         assert worst < 1e-5, worst
         assert (mirrored > 0) == (lam < 6)
 
@@ -404,7 +433,8 @@ def test_frozen_eigen_shared_B_equals_general_path():
     assert not np.allclose(slow.C[0], server.C)
     # No [K, d, d] operand in the fast path's sampling: B enters every dot_general unbatched.
     jaxpr = jax.make_jaxpr(jax.vmap(lambda k, s: st.ask(k, s, params, frozen_eigen=True), in_axes=(0, None)))(
-        keys, st.client_init(server, params))
+        keys, st.client_init(server, params)
+    )
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
     assert dots and all(len(v.aval.shape) <= 2 or v.aval.shape[-2:] != (d, d) for e in dots for v in e.invars)
 

@@ -1,6 +1,7 @@
 """Sweeps of seeds × hyperparameters as one compiled program: each lane equals the unbatched ``run``, one
 compilation per lane count, dev selection never picks a non-finite evaluation, results files and table,
 the bad inputs, lanes sharded over two (forced CPU) devices, and the ``sweep`` command's parser."""
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,9 @@ ROUNDS, EVERY, D = 4, 2, 32
 
 @functools.lru_cache(maxsize=None)
 def algo():
-    cfg = fl.FedConfig(num_clients=4, clients_per_round=2, population_size=4, local_generations=2, intrinsic_dim=D,
-                       n_prompt_tokens=2)
+    cfg = fl.FedConfig(
+        num_clients=4, clients_per_round=2, population_size=4, local_generations=2, intrinsic_dim=D, n_prompt_tokens=2
+    )
     return fl.fedbpt(cfg, fs.tiny_lm())
 
 
@@ -66,21 +68,38 @@ def sweep_2x2():
 def test_each_lane_equals_the_unbatched_run():
     res = sweep_2x2()
     assert [(r["seed"], r["hparams"]["sigma0"], r["hparams"]["perturb_rate"]) for r in res.lanes] == [
-        (0, 0.5, 0.3), (1, 0.5, 0.3), (0, 1.0, 0.6), (1, 1.0, 0.6)]
+        (0, 0.5, 0.3),
+        (1, 0.5, 0.3),
+        (0, 1.0, 0.6),
+        (1, 1.0, 0.6),
+    ]
     assert res.eval_rounds == [0, 2, 4] and res.swept == ["sigma0", "perturb_rate"]
     for lane in res.lanes:
         hp = fl.HParams(**lane["hparams"])
-        carry, hist = fl.run(algo(), jax.random.key(lane["seed"]), data(), fs.test_set(), fs.tiny_lm(), model(),
-                             num_rounds=ROUNDS, eval_every=EVERY, hp=hp, dev=dev_set(), eval_chunk=16,
-                             progress=False, log_clients=False)
+        carry, hist = fl.run(
+            algo(),
+            jax.random.key(lane["seed"]),
+            data(),
+            fs.test_set(),
+            fs.tiny_lm(),
+            model(),
+            num_rounds=ROUNDS,
+            eval_every=EVERY,
+            hp=hp,
+            dev=dev_set(),
+            eval_chunk=16,
+            progress=False,
+            log_clients=False,
+        )
         s = fl.summarize(hist, carry)
         np.testing.assert_allclose(lane["test_accuracy"], [e["accuracy"] for e in hist.evals], atol=1e-6)
         np.testing.assert_allclose(lane["dev_accuracy"], [e["dev_accuracy"] for e in hist.evals], atol=1e-6)
         np.testing.assert_allclose(lane["test_loss"], [e["loss"] for e in hist.evals], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(lane["z_norm"], [e["z_norm"] for e in hist.evals], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(lane["rounds"]["sigma"], [r["sigma"] for r in hist.rounds], rtol=1e-4)
-        np.testing.assert_allclose(lane["rounds"]["client_loss"], [r["client_loss"] for r in hist.rounds],
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            lane["rounds"]["client_loss"], [r["client_loss"] for r in hist.rounds], rtol=1e-4, atol=1e-5
+        )
         assert lane["selected_round"] == s["selected_round"]
         assert lane["selected_test_accuracy"] == pytest.approx(s["selected_test_accuracy"], abs=1e-6)
         assert lane["selected_dev_accuracy"] == pytest.approx(s["selected_dev_accuracy"], abs=1e-6)
@@ -88,8 +107,9 @@ def test_each_lane_equals_the_unbatched_run():
         assert lane["best_test_reference"] == pytest.approx(s["best_test_reference"], abs=1e-6)
         assert lane["nonfinite_evals"] == s["nonfinite_evals"] == 0
         i = lane["lane"]
-        np.testing.assert_allclose(res.carry.state.server.mean[i], np.asarray(carry.state.server.mean),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            res.carry.state.server.mean[i], np.asarray(carry.state.server.mean), rtol=1e-4, atol=1e-4
+        )
         assert res.carry.state.server.std[i] == pytest.approx(float(carry.state.server.std), rel=1e-4)
     # the two points really differ (σ₀ reaches the lanes): their first-round σ differ
     assert res.lanes[0]["rounds"]["sigma"][0] != res.lanes[2]["rounds"]["sigma"][0]
@@ -97,8 +117,10 @@ def test_each_lane_equals_the_unbatched_run():
 
 def test_summary_is_mean_and_std_over_seeds_and_results_round_trip(tmp_path):
     res = sweep_2x2()
-    assert [s["hparams"] for s in res.summary] == [{"sigma0": 0.5, "perturb_rate": 0.3},
-                                                   {"sigma0": 1.0, "perturb_rate": 0.6}]
+    assert [s["hparams"] for s in res.summary] == [
+        {"sigma0": 0.5, "perturb_rate": 0.3},
+        {"sigma0": 1.0, "perturb_rate": 0.6},
+    ]
     for s in res.summary:
         vals = [r["selected_test_accuracy"] for r in res.lanes if r["point"] == s["point"]]
         assert s["selected_test_accuracy"]["n"] == 2 and s["seeds"] == [0, 1]
@@ -111,7 +133,7 @@ def test_summary_is_mean_and_std_over_seeds_and_results_round_trip(tmp_path):
     back = checkpoint.read_json(path)
     assert back == json.loads(res.to_json()) and back["kind"] == "sweep" and len(back["lanes"]) == 4
     assert back["lanes"][3]["rounds"]["sigma"] == pytest.approx(res.lanes[3]["rounds"]["sigma"])
-    assert [p.name for p in path.parent.iterdir()] == ["sweep.json"]            # no temporary file left
+    assert [p.name for p in path.parent.iterdir()] == ["sweep.json"]  # no temporary file left
     assert res.lane(1, sigma0=1.0)["lane"] == 3
     with pytest.raises(KeyError, match="no lane with seed 7"):
         res.lane(7)
@@ -120,17 +142,17 @@ def test_summary_is_mean_and_std_over_seeds_and_results_round_trip(tmp_path):
 def test_one_compilation_per_lane_count():
     """The same lane count with other seeds, other values or another S × H split reuses the compiled
     program; a new lane count compiles exactly once more."""
-    sweep_2x2()                                                                   # L = 4 compiled
+    sweep_2x2()  # L = 4 compiled
     with testing.count_compiles() as same:
-        do_sweep([3, 4], {"sigma0": [0.7, 2.0], "dropout_rate": [0.0, 0.5]})        # other seeds, fields, values
+        do_sweep([3, 4], {"sigma0": [0.7, 2.0], "dropout_rate": [0.0, 0.5]})  # other seeds, fields, values
         do_sweep([5], {"sigma0": [0.5, 1.0], "perturb_rate": [0.1, 0.9]}, grid=True)  # S = 1, H = 4 (grid)
-        do_sweep([0, 1, 2, 3])                                                    # S = 4, H = 1
+        do_sweep([0, 1, 2, 3])  # S = 4, H = 1
     assert not same.traces and not same.compiles, (same.traces, same.compiles)
     with testing.count_compiles() as other:
-        res = do_sweep([0, 1, 2], {"sigma0": [1.0]})                              # L = 3: once more
+        res = do_sweep([0, 1, 2], {"sigma0": [1.0]})  # L = 3: once more
         do_sweep([4, 5, 6], {"sigma0": [0.5]})
     assert other.traces["sweep/fedbpt"] == 1 and other.compiles["sweep/fedbpt"] == 1, (other.traces, other.compiles)
-    assert not other.traces["fedbpt"]                  # run()'s own counters are left alone
+    assert not other.traces["fedbpt"]  # run()'s own counters are left alone
     assert len(res.lanes) == 3 and [s["selected_test_accuracy"]["n"] for s in res.summary] == [3]
 
 
@@ -151,24 +173,29 @@ def test_dev_selection_never_picks_a_nonfinite_evaluation():
         assert lane["nonfinite_evals"] == len(res.eval_rounds)
     assert all(s["selected_test_accuracy"]["n"] == 0 for s in res.summary)
     assert "n/a" in res.markdown()
-    assert '"nan"' in res.to_json()                                           # NaN kept, strict JSON
+    assert '"nan"' in res.to_json()  # NaN kept, strict JSON
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(seeds=[]), "seeds is empty"),
-    (dict(seeds=[0, 0]), r"distinct.*\[0\]"),
-    (dict(seeds=[0.5]), "seeds must be integers, got 0.5"),
-    (dict(seeds="01"), "list of integers"),
-    (dict(hp={"sigma": [1.0]}), r"unknown hyperparameter\(s\) \['sigma'\]; accepted: \['sigma0'"),
-    (dict(hp={"sigma0": [0.5, 1.0], "perturb_rate": [0.1, 0.2, 0.3]}),
-     r"different lengths \(sigma0: 2, perturb_rate: 3\).*grid=True"),
-    (dict(hp={"sigma0": []}), "'sigma0' has an empty list"),
-    (dict(hp={"sigma0": ["big"]}), "'big' is not a number"),
-    (dict(hp={"sigma0": [1.0, 1e30]}), r"point 1 \{'sigma0': 1e\+30\}: sigma0 must be a finite value in"),
-    (dict(hp={"perturb_rate": [0.5, 0.5]}), "given twice"),
-    (dict(num_rounds=3), "multiple of eval_every"),
-    (dict(eval_every=0), "eval_every must be a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(seeds=[]), "seeds is empty"),
+        (dict(seeds=[0, 0]), r"distinct.*\[0\]"),
+        (dict(seeds=[0.5]), "seeds must be integers, got 0.5"),
+        (dict(seeds="01"), "list of integers"),
+        (dict(hp={"sigma": [1.0]}), r"unknown hyperparameter\(s\) \['sigma'\]; accepted: \['sigma0'"),
+        (
+            dict(hp={"sigma0": [0.5, 1.0], "perturb_rate": [0.1, 0.2, 0.3]}),
+            r"different lengths \(sigma0: 2, perturb_rate: 3\).*grid=True",
+        ),
+        (dict(hp={"sigma0": []}), "'sigma0' has an empty list"),
+        (dict(hp={"sigma0": ["big"]}), "'big' is not a number"),
+        (dict(hp={"sigma0": [1.0, 1e30]}), r"point 1 \{'sigma0': 1e\+30\}: sigma0 must be a finite value in"),
+        (dict(hp={"perturb_rate": [0.5, 0.5]}), "given twice"),
+        (dict(num_rounds=3), "multiple of eval_every"),
+        (dict(eval_every=0), "eval_every must be a positive integer, got 0"),
+    ],
+)
 def test_bad_input_is_refused_before_compiling(kw, match):
     kw = {"seeds": [0], **kw}
     with testing.count_compiles() as counts, pytest.raises(ValueError, match=match):
@@ -180,8 +207,15 @@ def test_bad_mesh_and_data_are_refused():
     with pytest.raises(ValueError, match="axis named 'lanes'"):
         do_sweep([0], mesh=fl.client_mesh())
     with pytest.raises(ValueError, match="built with a client mesh"):
-        fl.sweep(fl.fedbpt(algo().config, fs.tiny_lm(), mesh=fl.client_mesh()), data(), fs.test_set(), fs.tiny_lm(),
-                 model(), seeds=[0], num_rounds=2)
+        fl.sweep(
+            fl.fedbpt(algo().config, fs.tiny_lm(), mesh=fl.client_mesh()),
+            data(),
+            fs.test_set(),
+            fs.tiny_lm(),
+            model(),
+            seeds=[0],
+            num_rounds=2,
+        )
     with pytest.raises(ValueError, match="data holds 10 clients but the config says num_clients=4"):
         fl.sweep(algo(), fs.make_data(10), fs.test_set(), fs.tiny_lm(), model(), seeds=[0], num_rounds=2)
 
@@ -189,7 +223,13 @@ def test_bad_mesh_and_data_are_refused():
 def test_grid_is_the_cartesian_product():
     points = fl.hp_points({"sigma0": [0.5, 1.0], "perturb_rate": [0.0, 0.25, 0.5]}, grid=True)
     assert [(p["sigma0"], p["perturb_rate"]) for p in points] == [
-        (0.5, 0.0), (0.5, 0.25), (0.5, 0.5), (1.0, 0.0), (1.0, 0.25), (1.0, 0.5)]
+        (0.5, 0.0),
+        (0.5, 0.25),
+        (0.5, 0.5),
+        (1.0, 0.0),
+        (1.0, 0.25),
+        (1.0, 0.5),
+    ]
     assert all(p["dropout_rate"] == 0.0 and p["learning_rate"] == pytest.approx(0.3) for p in points)
     base = fl.hp_points(None, base=fl.HParams(sigma0=2.0))
     assert len(base) == 1 and base[0]["sigma0"] == 2.0
@@ -214,7 +254,10 @@ print(json.dumps({{"one": [l["test_accuracy"] for l in one.lanes], "two": [l["te
 
 def test_lanes_sharded_over_two_devices_match_one_device():
     code = _SHARDED.format(tests=str(Path(__file__).parent))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -231,22 +274,31 @@ def test_cli_hp_parsing():
 
     assert sweep_cli.parse_hp(["sigma0=0.5,1.0", "perturb-rate=0.3"]) == {"sigma0": [0.5, 1.0], "perturb_rate": [0.3]}
     assert sweep_cli.parse_hp(None) == {}
-    for bad, says in (("sigma0", "NAME=V1,V2"), ("sigma=1", "unknown hyperparameter 'sigma'"),
-                      ("sigma0=a,b", "numbers separated by commas"), ("sigma0=", "no values")):
+    for bad, says in (
+        ("sigma0", "NAME=V1,V2"),
+        ("sigma=1", "unknown hyperparameter 'sigma'"),
+        ("sigma0=a,b", "numbers separated by commas"),
+        ("sigma0=", "no values"),
+    ):
         with pytest.raises(cli.CliError, match=says):
             sweep_cli.parse_hp([bad])
     with pytest.raises(cli.CliError, match="given twice"):
         sweep_cli.parse_hp(["sigma0=1", "sigma0=2"])
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--hp", "sigma0=0.5,1.0", "--hp", "perturb_rate=0.1,0.2,0.3"],
-     "different lengths (sigma0: 2, perturb_rate: 3)"),
-    (["--hp", "sigma0=0.5,2000"], "sigma0 must be a finite value in [1e-06, 1000], got 2000.0"),
-    (["--hp", "lr=0.1"], "unknown hyperparameter 'lr'"),
-    (["--seeds", "0,0"], "seeds must be distinct"),
-    (["--rounds", "3", "--eval-every", "2"], "--rounds 3: accepted: a positive multiple of --eval-every (2)"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["--hp", "sigma0=0.5,1.0", "--hp", "perturb_rate=0.1,0.2,0.3"],
+            "different lengths (sigma0: 2, perturb_rate: 3)",
+        ),
+        (["--hp", "sigma0=0.5,2000"], "sigma0 must be a finite value in [1e-06, 1000], got 2000.0"),
+        (["--hp", "lr=0.1"], "unknown hyperparameter 'lr'"),
+        (["--seeds", "0,0"], "seeds must be distinct"),
+        (["--rounds", "3", "--eval-every", "2"], "--rounds 3: accepted: a positive multiple of --eval-every (2)"),
+    ],
+)
 def test_cli_bad_input_is_one_line_before_the_model_loads(argv, says, monkeypatch, capsys):
     import fedbpt_jax as fb
     from fedbpt_jax import sweep_cli
@@ -265,12 +317,42 @@ def test_cli_runs_a_grid_and_writes_its_results(tmp_path, monkeypatch, capsys):
     lm = testing.tiny_decoder(0, num_layers=1, tokenizer=chatml_tokenizer())
     monkeypatch.setattr(fb.models, "load", lambda *a, **k: lm)
     out = tmp_path / "res"
-    argv = ["--seeds", "0,1", "--hp", "sigma0=0.5,1.0", "--hp", "perturb_rate=0.3", "--grid", "--clients", "4",
-            "--per-round", "2", "--rounds", "2", "--shots", "4", "--d", "8", "--n-prompt", "2", "--population", "4",
-            "--local-generations", "1", "--test-size", "8", "--prompt-start", "zeros", "--results-dir", str(out)]
+    argv = [
+        "--seeds",
+        "0,1",
+        "--hp",
+        "sigma0=0.5,1.0",
+        "--hp",
+        "perturb_rate=0.3",
+        "--grid",
+        "--clients",
+        "4",
+        "--per-round",
+        "2",
+        "--rounds",
+        "2",
+        "--shots",
+        "4",
+        "--d",
+        "8",
+        "--n-prompt",
+        "2",
+        "--population",
+        "4",
+        "--local-generations",
+        "1",
+        "--test-size",
+        "8",
+        "--prompt-start",
+        "zeros",
+        "--results-dir",
+        str(out),
+    ]
     assert sweep_cli.main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "2 seed(s) x 2 hyperparameter point(s) = 4 lanes" in printed and "| sigma0 | perturb_rate | seeds |" in printed
+    assert (
+        "2 seed(s) x 2 hyperparameter point(s) = 4 lanes" in printed and "| sigma0 | perturb_rate | seeds |" in printed
+    )
     res = checkpoint.read_json(out / "sweep.json")
     assert [(r["seed"], r["hparams"]["sigma0"]) for r in res["lanes"]] == [(0, 0.5), (1, 0.5), (0, 1.0), (1, 1.0)]
     assert all(r["hparams"]["perturb_rate"] == 0.3 for r in res["lanes"]) and res["eval_rounds"] == [0, 1, 2]

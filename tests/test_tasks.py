@@ -1,4 +1,5 @@
 """Tasks: registry, BBT templates (docs/algorithm.md, "Data"), decoder templates, verbalizer ids."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,17 @@ HAS_JINJA = importlib.util.find_spec("jinja2") is not None
 
 
 def test_registry_names_aliases_and_unknown():
-    assert set(tasks.TASK_NAMES) == {"sst2", "yelp_polarity", "ag_news", "mr", "dbpedia", "mrpc", "rte", "snli",
-                                     "rotten_tomatoes"}
+    assert set(tasks.TASK_NAMES) == {
+        "sst2",
+        "yelp_polarity",
+        "ag_news",
+        "mr",
+        "dbpedia",
+        "mrpc",
+        "rte",
+        "snli",
+        "rotten_tomatoes",
+    }
     assert tasks.get("SST-2") is tasks.get("sst2") is tasks.get(tasks.get("sst2"))
     with pytest.raises(KeyError) as err:
         tasks.get("imdb")
@@ -35,9 +45,25 @@ def test_reference_templates_and_verbalizers():
         "sst2": ("{prompt} . {text} . It was {mask} .", ("bad", "great")),
         "yelp_polarity": ("{prompt} . {text} . It was {mask} .", ("bad", "great")),
         "ag_news": ("{prompt} . {mask} News: {text}", ("World", "Sports", "Business", "Tech")),
-        "dbpedia": ("{prompt} [ Category: {mask} ] {text}",
-                    ("Company", "Education", "Artist", "Athlete", "Office", "Transportation", "Building",
-                     "Natural", "Village", "Animal", "Plant", "Album", "Film", "Written")),
+        "dbpedia": (
+            "{prompt} [ Category: {mask} ] {text}",
+            (
+                "Company",
+                "Education",
+                "Artist",
+                "Athlete",
+                "Office",
+                "Transportation",
+                "Building",
+                "Natural",
+                "Village",
+                "Animal",
+                "Plant",
+                "Album",
+                "Film",
+                "Written",
+            ),
+        ),
         "mrpc": ("{prompt} . {text_a} ? {mask} , {text_b}", ("No", "Yes")),
         "rte": ("{prompt} . {text_a} ? {mask} , {text_b}", ("Yes", "No")),
         "snli": ("{prompt} . {text_a} ? {mask} , {text_b}", ("Yes", "Maybe", "No")),
@@ -62,12 +88,29 @@ def test_reference_templates_and_verbalizers():
 def test_parse_encoder_template_attaches_spaces_to_what_follows():
     P = tasks.EncoderPiece
     assert tasks.parse_encoder_template("{prompt} . {text} . It was {mask} .") == (
-        P("prompt"), P("literal", " ."), P("text", " "), P("literal", " . It was"), P("mask"), P("literal", " ."))
+        P("prompt"),
+        P("literal", " ."),
+        P("text", " "),
+        P("literal", " . It was"),
+        P("mask"),
+        P("literal", " ."),
+    )
     assert tasks.parse_encoder_template("{prompt} . {mask} News: {text}") == (
-        P("prompt"), P("literal", " ."), P("mask"), P("literal", " News:"), P("text", " "))
+        P("prompt"),
+        P("literal", " ."),
+        P("mask"),
+        P("literal", " News:"),
+        P("text", " "),
+    )
     assert tasks.parse_encoder_template("{prompt} . {text_a} ? {mask} , {text_b}") == (
-        P("prompt"), P("literal", " ."), P("text_a", " "), P("literal", " ?"), P("mask"), P("literal", " ,"),
-        P("text_b", " "))
+        P("prompt"),
+        P("literal", " ."),
+        P("text_a", " "),
+        P("literal", " ?"),
+        P("mask"),
+        P("literal", " ,"),
+        P("text_b", " "),
+    )
 
 
 def test_decoder_templates_styles_and_default():
@@ -111,10 +154,14 @@ def test_encoder_label_ids_bbt_rule(enc_tok):
     ids = tasks.label_token_ids("sst2", enc_tok, "encoder")
     assert ids.dtype.name == "int32" and ids.shape == (2,)
     # BBT: encoded WITHOUT a leading space
-    assert ids.tolist() == [enc_tok("bad", add_special_tokens=False)["input_ids"][0],
-                            enc_tok("great", add_special_tokens=False)["input_ids"][0]]
-    assert ids.tolist() != [enc_tok(" bad", add_special_tokens=False)["input_ids"][0],
-                            enc_tok(" great", add_special_tokens=False)["input_ids"][0]]
+    assert ids.tolist() == [
+        enc_tok("bad", add_special_tokens=False)["input_ids"][0],
+        enc_tok("great", add_special_tokens=False)["input_ids"][0],
+    ]
+    assert ids.tolist() != [
+        enc_tok(" bad", add_special_tokens=False)["input_ids"][0],
+        enc_tok(" great", add_special_tokens=False)["input_ids"][0],
+    ]
     for name in tasks.TASK_NAMES:
         assert len(tasks.label_token_ids(name, enc_tok, "encoder")) == tasks.get(name).num_labels
 
@@ -141,11 +188,15 @@ def test_duplicate_label_ids_error(enc_tok):
 
 def test_decoder_label_ids_follow_the_cue(dec_tok):
     comp = tasks.label_token_ids("sst2", dec_tok, "decoder")
-    assert comp.tolist() == [dec_tok(" negative", add_special_tokens=False)["input_ids"][0],
-                             dec_tok(" positive", add_special_tokens=False)["input_ids"][0]]
+    assert comp.tolist() == [
+        dec_tok(" negative", add_special_tokens=False)["input_ids"][0],
+        dec_tok(" positive", add_special_tokens=False)["input_ids"][0],
+    ]
     chat = tasks.label_token_ids("sst2", dec_tok, "decoder", style="chat")
-    assert chat.tolist() == [dec_tok("negative", add_special_tokens=False)["input_ids"][0],
-                             dec_tok("positive", add_special_tokens=False)["input_ids"][0]]
+    assert chat.tolist() == [
+        dec_tok("negative", add_special_tokens=False)["input_ids"][0],
+        dec_tok("positive", add_special_tokens=False)["input_ids"][0],
+    ]
     with pytest.raises(ValueError, match="unknown backbone kind"):
         tasks.label_token_ids("sst2", dec_tok, "seq2seq")
 
@@ -167,17 +218,22 @@ def test_smollm2_every_decoder_label_word_is_one_token(smollm2_tok):
     assert tasks.label_token_ids("sst2", smollm2_tok, "decoder").tolist() == [3524, 2731]
     assert tasks.label_token_ids("sst2", smollm2_tok, "decoder", style="chat").tolist() == [17728, 16185]
     assert [smollm2_tok.decode([i]) for i in tasks.label_token_ids("sst2", smollm2_tok, "decoder", style="bbt")] == [
-        " terrible", " great"]
+        " terrible",
+        " great",
+    ]
 
 
 @pytest.mark.skipif(not HAS_JINJA, reason="jinja2 not installed (apply_chat_template needs it)")
 def test_smollm2_chat_template_renders_as_measured(smollm2_tok):
     tok = tu.smollm2_tokenizer(chat_template=True)
     r = tasks.render_decoder_template("sst2", tok, "chat")
-    assert r.head == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-                      "<|im_end|>\n<|im_start|>user\n")
-    assert r.body.startswith("Is the sentiment of the following movie review positive or negative? "
-                             "Answer with one word.\n\nReview: ")
+    assert r.head == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\n"
+    )
+    assert r.body.startswith(
+        "Is the sentiment of the following movie review positive or negative? Answer with one word.\n\nReview: "
+    )
     assert r.cue == "<|im_end|>\n<|im_start|>assistant\n"
     assert tasks.label_token_ids("sst2", tok, "decoder", style="chat").tolist() == [17728, 16185]
 

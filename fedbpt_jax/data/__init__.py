@@ -17,6 +17,7 @@ One module per concern, in the order a run uses them:
 
 Every public name is re-exported here, so ``fedbpt_jax.data.<name>`` works for all of them.
 """
+
 from __future__ import annotations
 
 from .batches import FederatedSplits, federated, federated_batches
@@ -31,10 +32,30 @@ from .text_encoding import placeholder_ids, special_frame
 from .tokenization import scoring_spec, tokenize
 
 __all__ = [
-    "ClientIndices", "Example", "Examples", "FederatedSplits", "Partition", "decoder_cue_ids", "default_data_dir",
-    "encode_decoder", "encode_encoder", "federated", "federated_batches", "few_shot", "few_shot_indices",
-    "group_stratified_split", "label_skew", "load_rotten_tomatoes", "load_task_data", "min_norm_sizes",
-    "partition_dirichlet", "partition_iid", "placeholder_ids", "pool_and_test", "scoring_spec", "special_frame",
+    "ClientIndices",
+    "Example",
+    "Examples",
+    "FederatedSplits",
+    "Partition",
+    "decoder_cue_ids",
+    "default_data_dir",
+    "encode_decoder",
+    "encode_encoder",
+    "federated",
+    "federated_batches",
+    "few_shot",
+    "few_shot_indices",
+    "group_stratified_split",
+    "label_skew",
+    "load_rotten_tomatoes",
+    "load_task_data",
+    "min_norm_sizes",
+    "partition_dirichlet",
+    "partition_iid",
+    "placeholder_ids",
+    "pool_and_test",
+    "scoring_spec",
+    "special_frame",
     "tokenize",
 ]
 
@@ -43,7 +64,11 @@ def __getattr__(name: str):
     if name == "FederatedData":  # the host-side type's earlier name, which the device-side type also had
         import warnings
 
-        warnings.warn("fedbpt_jax.data.FederatedData is now fedbpt_jax.data.FederatedSplits (fedbpt_jax.FederatedData "
-                      "is the device-side type)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "fedbpt_jax.data.FederatedData is now fedbpt_jax.data.FederatedSplits (fedbpt_jax.FederatedData "
+            "is the device-side type)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return FederatedSplits
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

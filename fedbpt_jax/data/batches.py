@@ -1,5 +1,6 @@
 """Federated arrays: each client's examples gathered and padded to ``[N, E, T]``, and the one call
 from a task name to everything a simulation reads (:func:`federated`)."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -52,8 +53,7 @@ def federated_batches(batch: TokenBatch, parts, pad_to: int | None = None) -> tu
     valid = slot < counts[:, None]
     first = np.where(counts > 0, order[np.minimum(offsets, max(len(order) - 1, 0))] if order.size else 0, 0)
     flat = np.where(valid, offsets[:, None] + np.minimum(slot, np.maximum(counts[:, None] - 1, 0)), 0)
-    gather = np.where(valid, order[np.minimum(flat, max(len(order) - 1, 0))] if order.size else 0,
-                      first[:, None])
+    gather = np.where(valid, order[np.minimum(flat, max(len(order) - 1, 0))] if order.size else 0, first[:, None])
     ids = np.asarray(batch.input_ids)
     out = TokenBatch(
         input_ids=ids[gather],
@@ -78,11 +78,27 @@ class FederatedSplits(NamedTuple):
     partition: Partition
 
 
-def federated(task: Task | str, tokenizer, kind: str, *, num_clients: int, shots_per_class: int,
-              alpha: float | None = None, seed: int = 0, n_prompt: int = 50, source=None,
-              style: str | None = None, max_length: int | None = None, max_positions: int | None = None,
-              test_size: int | None = None, first_token: bool = False, prior: str = "class",
-              min_size: int = 1, pad_to: int | None = None, pad_to_max_length: bool = False) -> FederatedSplits:
+def federated(
+    task: Task | str,
+    tokenizer,
+    kind: str,
+    *,
+    num_clients: int,
+    shots_per_class: int,
+    alpha: float | None = None,
+    seed: int = 0,
+    n_prompt: int = 50,
+    source=None,
+    style: str | None = None,
+    max_length: int | None = None,
+    max_positions: int | None = None,
+    test_size: int | None = None,
+    first_token: bool = False,
+    prior: str = "class",
+    min_size: int = 1,
+    pad_to: int | None = None,
+    pad_to_max_length: bool = False,
+) -> FederatedSplits:
     """Task → BBT few-shot train/dev → tokenised → partitioned over clients (IID, or Dirichlet(α)).
 
     ``seed`` drives the few-shot draw and the partition; ``test_size`` keeps a fixed random subset of
@@ -101,20 +117,27 @@ def federated(task: Task | str, tokenizer, kind: str, *, num_clients: int, shots
     if test_size is not None and test_size < len(test):
         test = test.take(np.sort(np.random.default_rng(0).permutation(len(test))[:test_size]))
     train, dev = few_shot(pool, shots_per_class, seed)
-    kw = dict(n_prompt=n_prompt, max_length=max_length, max_positions=max_positions,
-              pad_to_max_length=pad_to_max_length)
+    kw = dict(
+        n_prompt=n_prompt, max_length=max_length, max_positions=max_positions, pad_to_max_length=pad_to_max_length
+    )
     if kind == DECODER:
         kw["style"] = style
-    both = tokenize(task, Examples(task.name, train.texts + dev.texts,
-                                   np.concatenate([train.labels, dev.labels])), tokenizer, kind, **kw)
+    both = tokenize(
+        task,
+        Examples(task.name, train.texts + dev.texts, np.concatenate([train.labels, dev.labels])),
+        tokenizer,
+        kind,
+        **kw,
+    )
     tr_batch = both.take(np.arange(len(train)))
     dv_batch = both.take(np.arange(len(train), len(train) + len(dev)))
     te_batch = tokenize(task, test, tokenizer, kind, **kw)
     if alpha is None:
         part = partition_iid(train.labels, num_clients, seed)
     else:
-        part = partition_dirichlet(train.labels, num_clients, alpha, seed, min_size, prior=prior,
-                                   num_labels=task.num_labels)
+        part = partition_dirichlet(
+            train.labels, num_clients, alpha, seed, min_size, prior=prior, num_labels=task.num_labels
+        )
     fed, counts = federated_batches(tr_batch, part, pad_to)
     spec = scoring_spec(task, tokenizer, kind, n_prompt=n_prompt, style=style, first_token=first_token)
     return FederatedSplits(fed, counts, dv_batch, te_batch, spec, part)

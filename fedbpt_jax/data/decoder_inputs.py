@@ -1,4 +1,5 @@
 """Causal-LM (decoder) inputs: the left-padded text part, and the answer cue that follows it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,9 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and pre[:1] == [tokenizer.bos_token_id]
 
 
-def decoder_cue_ids(task: Task | str, tokenizer, *, style: str | None = None,
-                    use_chat_template: bool | None = None) -> np.ndarray:
+def decoder_cue_ids(
+    task: Task | str, tokenizer, *, style: str | None = None, use_chat_template: bool | None = None
+) -> np.ndarray:
     """``[Tc]`` int32 ids of a task's answer cue as they follow a text part."""
     task = tasks_lib.get(task)
     r = tasks_lib.render_decoder_template(task, tokenizer, style, use_chat_template=use_chat_template)
@@ -29,7 +31,7 @@ def _split_body(body: str) -> list[tuple[str, str]]:
     out, pos = [], 0
     for m in tasks_lib.SLOT_RE.finditer(body):
         if m.start() > pos:
-            out.append(("literal", body[pos:m.start()]))
+            out.append(("literal", body[pos : m.start()]))
         out.append(("slot", m.group(1)))
         pos = m.end()
     if pos < len(body):
@@ -37,10 +39,19 @@ def _split_body(body: str) -> list[tuple[str, str]]:
     return out
 
 
-def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt: int = 50,
-                   max_positions: int | None = None, max_length: int | None = None,
-                   style: str | None = None, use_chat_template: bool | None = None,
-                   pad_multiple: int = 8, pad_to_max_length: bool = False) -> TokenBatch:
+def encode_decoder(
+    task: Task | str,
+    examples: Examples,
+    tokenizer,
+    *,
+    n_prompt: int = 50,
+    max_positions: int | None = None,
+    max_length: int | None = None,
+    style: str | None = None,
+    use_chat_template: bool | None = None,
+    pad_multiple: int = 8,
+    pad_to_max_length: bool = False,
+) -> TokenBatch:
     """Causal-LM inputs: the text part of each example, **left**-padded to a static length ``T``.
 
     The model sees ``[prompt (n), text part (T), cue]`` or ``[text part, prompt, cue]``; the cue ids come
@@ -96,20 +107,26 @@ def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
     if max_length is not None:
         T = int(max_length)
         if room is not None and T > room:
-            raise ValueError(f"task {task.name}: prompt ({n_prompt}) + text part (max_length={T}) + cue "
-                             f"({len(cue)}) = {n_prompt + T + len(cue)} tokens exceeds the model's context "
-                             f"of {limit}")
+            raise ValueError(
+                f"task {task.name}: prompt ({n_prompt}) + text part (max_length={T}) + cue "
+                f"({len(cue)}) = {n_prompt + T + len(cue)} tokens exceeds the model's context "
+                f"of {limit}"
+            )
         if not pad_to_max_length:
             T = min(T, round_up(max(int(lengths.max()) if n else 1, 1), pad_multiple))
     else:
         longest = int(lengths.max()) if n else 1
         if room is not None and longest > room:
             i = int(np.argmax(lengths))
-            need = (f"task {task.name}: example {i} needs prompt ({n_prompt}) + text part ({longest}) + cue "
-                    f"({len(cue)}) = {n_prompt + longest + len(cue)} tokens, more than the model's context of {limit}")
+            need = (
+                f"task {task.name}: example {i} needs prompt ({n_prompt}) + text part ({longest}) + cue "
+                f"({len(cue)}) = {n_prompt + longest + len(cue)} tokens, more than the model's context of {limit}"
+            )
             if room < 1:
-                raise ValueError(f"{need}; the prompt and cue alone take {n_prompt + len(cue)}: use fewer prompt "
-                                 f"tokens (n_prompt / --n-prompt at most {limit - len(cue) - 1})")
+                raise ValueError(
+                    f"{need}; the prompt and cue alone take {n_prompt + len(cue)}: use fewer prompt "
+                    f"tokens (n_prompt / --n-prompt at most {limit - len(cue) - 1})"
+                )
             raise ValueError(f"{need}; truncate the texts with max_length<={room} (CLI: --max-length {room})")
         T = round_up(max(longest, 1), pad_multiple)
         if room is not None:
@@ -125,24 +142,33 @@ def encode_decoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
             e = encode_batch(tokenizer, [s], offsets=True)
             offs = list(e["offset_mapping"][0])
             excess = len(ids) - T
-            per = {f: [k for k, (a, b) in enumerate(offs) if a >= spans[f][0] and b <= spans[f][1] and b > a]
-                   for f in spans}
+            per = {
+                f: [k for k, (a, b) in enumerate(offs) if a >= spans[f][0] and b <= spans[f][1] and b > a]
+                for f in spans
+            }
             f = max(per, key=lambda k: len(per[k]))
             toks = per[f]
             if not toks or tries > 8:
-                raise ValueError(f"task {task.name}: the decoder template alone does not fit max_length={T} "
-                                 f"(example {i}: {len(ids)} tokens)")
+                raise ValueError(
+                    f"task {task.name}: the decoder template alone does not fit max_length={T} "
+                    f"(example {i}: {len(ids)} tokens)"
+                )
             cut_tok = toks[max(0, len(toks) - excess)]
             cut_char = offs[cut_tok][0] - spans[f][0]
             fields = dict(fields)
-            fields[f] = fields[f][:max(0, cut_char)].rstrip()
+            fields[f] = fields[f][: max(0, cut_char)].rstrip()
             if fields[f] == fields_i[i][f]:  # no progress (odd offsets): drop one more character
                 fields[f] = fields[f][:-1]
             fields_i[i] = fields
             built[i] = build(i, fields)
             ids_list[i] = list(encode_batch(tokenizer, [built[i][0]])["input_ids"][0])
             ids = with_bos(ids_list[i])
-        out_ids[i, T - len(ids):] = ids
-        att[i, T - len(ids):] = 1
-    return TokenBatch(input_ids=out_ids, attention_mask=att, answer_pos=np.full(n, T - 1, np.int32),
-                      labels=np.asarray(examples.labels, np.int32), example_mask=np.ones(n, np.float32))
+        out_ids[i, T - len(ids) :] = ids
+        att[i, T - len(ids) :] = 1
+    return TokenBatch(
+        input_ids=out_ids,
+        attention_mask=att,
+        answer_pos=np.full(n, T - 1, np.int32),
+        labels=np.asarray(examples.labels, np.int32),
+        example_mask=np.ones(n, np.float32),
+    )

@@ -9,6 +9,7 @@ on both sides, class balance is kept to a fraction of a percent, the test size i
 the data to within a few snippets, and a seed fixes the split (default ``seed=0``,
 ``test_fraction=0.2``).
 """
+
 from __future__ import annotations
 
 import bz2
@@ -53,8 +54,9 @@ def _rotten_tomatoes_table(path: str):
     return _read_rotten_tomatoes(Path(path))
 
 
-def group_stratified_split(labels: np.ndarray, groups: np.ndarray, test_fraction: float, seed: int,
-                           num_labels: int | None = None) -> np.ndarray:
+def group_stratified_split(
+    labels: np.ndarray, groups: np.ndarray, test_fraction: float, seed: int, num_labels: int | None = None
+) -> np.ndarray:
     """Boolean ``[n]`` test mask: whole groups on one side, class counts near ``test_fraction``.
 
     Groups are visited in a seeded random order; a group goes to test iff adding it keeps every class's
@@ -79,15 +81,15 @@ def group_stratified_split(labels: np.ndarray, groups: np.ndarray, test_fraction
     return in_test[gidx]
 
 
-def load_rotten_tomatoes(split: str = "train", *, seed: int = 0, test_fraction: float = 0.2,
-                         task: Task | str = "rotten_tomatoes") -> Examples:
+def load_rotten_tomatoes(
+    split: str = "train", *, seed: int = 0, test_fraction: float = 0.2, task: Task | str = "rotten_tomatoes"
+) -> Examples:
     """The embedded Rotten Tomatoes snippets (fresh = positive), split by movie (see module docstring)."""
     from .. import assets
 
     task = tasks_lib.get(task)
     if task.num_labels != 2:
-        raise ValueError(f"the embedded Rotten Tomatoes data is binary; task {task.name} has "
-                         f"{task.num_labels} classes")
+        raise ValueError(f"the embedded Rotten Tomatoes data is binary; task {task.name} has {task.num_labels} classes")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' for the embedded data, got {split!r}")
     texts, labels, movies, _ = _rotten_tomatoes_table(str(assets.fetch("rotten-tomatoes-csv")))

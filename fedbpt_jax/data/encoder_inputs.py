@@ -1,4 +1,5 @@
 """Masked-LM (encoder) inputs in BBT's "add" layout."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,9 +32,18 @@ def _longest_first(lens: np.ndarray, budget: int) -> np.ndarray:
     return keep
 
 
-def encode_encoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt: int = 50,
-                   max_length: int | None = None, max_positions: int | None = None,
-                   placeholder: str = "auto", pad_multiple: int = 8, pad_to_max_length: bool = False) -> TokenBatch:
+def encode_encoder(
+    task: Task | str,
+    examples: Examples,
+    tokenizer,
+    *,
+    n_prompt: int = 50,
+    max_length: int | None = None,
+    max_positions: int | None = None,
+    placeholder: str = "auto",
+    pad_multiple: int = 8,
+    pad_to_max_length: bool = False,
+) -> TokenBatch:
     """Masked-LM inputs in BBT's "add" layout: ``<s> <P>×n . {text} . It was <mask> . </s>``.
 
     Template pieces are tokenised separately and concatenated (equal to tokenising the joined string for
@@ -65,23 +75,35 @@ def encode_encoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
     pre, post = special_frame(tokenizer)
     ph = placeholder_ids(tokenizer, n_prompt, mode=placeholder).tolist()
     pieces = tasks_lib.parse_encoder_template(task.encoder_template)
-    lit_ids = {p.value: list(tokenizer(p.value, add_special_tokens=False)["input_ids"])
-               for p in pieces if p.kind == "literal"}
-    fixed = len(pre) + len(post) + sum(
-        len(ph) if p.kind == "prompt" else 1 if p.kind == "mask" else len(lit_ids[p.value])
-        for p in pieces if not p.kind.startswith("text"))
+    lit_ids = {
+        p.value: list(tokenizer(p.value, add_special_tokens=False)["input_ids"]) for p in pieces if p.kind == "literal"
+    }
+    fixed = (
+        len(pre)
+        + len(post)
+        + sum(
+            len(ph) if p.kind == "prompt" else 1 if p.kind == "mask" else len(lit_ids[p.value])
+            for p in pieces
+            if not p.kind.startswith("text")
+        )
+    )
     limit = context_limit(tokenizer, max_positions, use_min=True)
     if limit is not None and fixed > limit:
-        raise ValueError(f"task {task.name}: the encoder template alone is {fixed} tokens ({n_prompt} "
-                         f"placeholders + {fixed - n_prompt} template/special tokens), more than the "
-                         f"model's context of {limit}")
+        raise ValueError(
+            f"task {task.name}: the encoder template alone is {fixed} tokens ({n_prompt} "
+            f"placeholders + {fixed - n_prompt} template/special tokens), more than the "
+            f"model's context of {limit}"
+        )
     if max_length is not None and fixed > max_length:
-        raise ValueError(f"task {task.name}: the encoder template alone is {fixed} tokens, more than "
-                         f"max_length={max_length}")
+        raise ValueError(
+            f"task {task.name}: the encoder template alone is {fixed} tokens, more than max_length={max_length}"
+        )
     by_field = texts_by_field(task, examples)
     seps = {p.kind: p.value for p in pieces if p.kind.startswith("text")}
-    enc = {f: encode_batch(tokenizer, [seps[f] + t for t in ts], split_special=True)["input_ids"]
-           for f, ts in by_field.items()}
+    enc = {
+        f: encode_batch(tokenizer, [seps[f] + t for t in ts], split_special=True)["input_ids"]
+        for f, ts in by_field.items()
+    }
     n = len(examples)
     fields = list(by_field)
     lens = np.array([[len(enc[f][i]) for f in fields] for i in range(n)], dtype=np.int64).reshape(n, len(fields))
@@ -110,9 +132,14 @@ def encode_encoder(task: Task | str, examples: Examples, tokenizer, *, n_prompt:
             elif p.kind == "literal":
                 row += lit_ids[p.value]
             else:
-                row += enc[p.kind][i][:keep[fields.index(p.kind)]]
+                row += enc[p.kind][i][: keep[fields.index(p.kind)]]
         row += post
-        ids[i, :len(row)] = row
-        att[i, :len(row)] = 1
-    return TokenBatch(input_ids=ids, attention_mask=att, answer_pos=ans,
-                      labels=np.asarray(examples.labels, np.int32), example_mask=np.ones(n, np.float32))
+        ids[i, : len(row)] = row
+        att[i, : len(row)] = 1
+    return TokenBatch(
+        input_ids=ids,
+        attention_mask=att,
+        answer_pos=ans,
+        labels=np.asarray(examples.labels, np.int32),
+        example_mask=np.ones(n, np.float32),
+    )

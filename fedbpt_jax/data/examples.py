@@ -1,4 +1,5 @@
 """Labelled examples of one task: :class:`Example` rows and the column-wise :class:`Examples`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,12 @@ class Examples(Sequence[Example]):
 
     def take(self, idx) -> "Examples":
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        return Examples(self.task, tuple(self.texts[i] for i in idx), self.labels[idx],
-                        None if self.groups is None else self.groups[idx])
+        return Examples(
+            self.task,
+            tuple(self.texts[i] for i in idx),
+            self.labels[idx],
+            None if self.groups is None else self.groups[idx],
+        )
 
     def class_counts(self, num_labels: int | None = None) -> np.ndarray:
         n = num_labels or tasks_lib.get(self.task).num_labels
@@ -72,6 +77,8 @@ class Examples(Sequence[Example]):
 def _check_label_range(task: Task, labels: np.ndarray, origin: str) -> None:
     bad = np.unique(labels[(labels < 0) | (labels >= task.num_labels)])
     if bad.size:
-        raise ValueError(f"{origin}: labels {bad.tolist()[:20]} are outside the label set of task "
-                         f"{task.name}: accepted are 0..{task.num_labels - 1} or the names "
-                         f"{list(task.label_names)}")
+        raise ValueError(
+            f"{origin}: labels {bad.tolist()[:20]} are outside the label set of task "
+            f"{task.name}: accepted are 0..{task.num_labels - 1} or the names "
+            f"{list(task.label_names)}"
+        )

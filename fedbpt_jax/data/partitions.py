@@ -1,5 +1,6 @@
 """Client partitions of a training set: IID shards, or a Dirichlet label skew sized by a small QP
 (docs/algorithm.md, "Data")."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -24,7 +25,7 @@ class ClientIndices(Sequence[np.ndarray]):
         k = int(k) + (len(self) if int(k) < 0 else 0)
         if not 0 <= k < len(self):
             raise IndexError(k)
-        return self.order[self.offsets[k]:self.offsets[k + 1]]
+        return self.order[self.offsets[k] : self.offsets[k + 1]]
 
     def __repr__(self) -> str:
         return f"ClientIndices(clients={len(self)}, examples={len(self.order)})"
@@ -48,8 +49,10 @@ def _check_enough(n: int, num_clients: int, min_size: int = 1) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if n < num_clients * min_size:
-        raise ValueError(f"{n} examples cannot give each of {num_clients} clients at least {min_size} "
-                         f"(need {num_clients * min_size}); use fewer clients or more shots per class")
+        raise ValueError(
+            f"{n} examples cannot give each of {num_clients} clients at least {min_size} "
+            f"(need {num_clients * min_size}); use fewer clients or more shots per class"
+        )
 
 
 def partition_iid(labels: np.ndarray | int, num_clients: int, seed: int) -> Partition:
@@ -123,9 +126,17 @@ def _integerize(M: np.ndarray, n_c: np.ndarray, rng) -> np.ndarray:
     return out
 
 
-def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_size: int = 1,
-                        *, prior: str = "class", num_labels: int | None = None,
-                        method: str = "qp") -> Partition:
+def partition_dirichlet(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    min_size: int = 1,
+    *,
+    prior: str = "class",
+    num_labels: int | None = None,
+    method: str = "qp",
+) -> Partition:
     """Label-skewed split: client ``k``'s class proportions ``π_k ~ Dir(α·p)``.
 
     As in the reference (docs/algorithm.md, "Data"): ``p`` is the empirical class prior (``prior="class"``, default; with
@@ -206,8 +217,11 @@ def label_skew(labels: np.ndarray, part: Partition, num_labels: int | None = Non
     parts, counts = part
     client_of = np.repeat(np.arange(len(counts)), counts)
     hist = np.zeros((len(counts), C))
-    np.add.at(hist, (client_of, labels[parts.order] if isinstance(parts, ClientIndices)
-                     else labels[np.concatenate(list(parts))]), 1)
+    np.add.at(
+        hist,
+        (client_of, labels[parts.order] if isinstance(parts, ClientIndices) else labels[np.concatenate(list(parts))]),
+        1,
+    )
     ok = counts > 0
     p = hist[ok] / counts[ok, None]
     g = np.bincount(labels, minlength=C) / len(labels)

@@ -1,5 +1,6 @@
 """BBT's true few-shot sampling: ``k`` train and ``k_dev`` dev examples per class from a pool
 (docs/algorithm.md, "Data")."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,14 @@ from .. import tasks as tasks_lib
 from .examples import Examples
 
 
-def few_shot_indices(labels: np.ndarray, shots_per_class: int, seed: int, *, num_labels: int | None = None,
-                     dev_shots_per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def few_shot_indices(
+    labels: np.ndarray,
+    shots_per_class: int,
+    seed: int,
+    *,
+    num_labels: int | None = None,
+    dev_shots_per_class: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """BBT's true few-shot split: ``(train_idx, dev_idx)``.
 
     The pool is shuffled with ``np.random.default_rng(seed)``; walking through it in that order, the
@@ -33,10 +40,17 @@ def few_shot_indices(labels: np.ndarray, shots_per_class: int, seed: int, *, num
     short = [(i, int(n)) for i, n in enumerate(counts) if n < k + kd]
     if short:
         least = int(counts.min()) if c else 0
-        fits = (f"at most {least // 2} train + {least // 2} dev shots per class fit" if dev_shots_per_class is None
-                else f"with {k} train shots at most {max(least - k, 0)} dev shots per class fit")
-        raise ValueError("not enough examples for " + f"{k} train + {kd} dev shots per class: " + ", ".join(
-            f"class {i} has {n}" for i, n in short) + f" (class counts {counts.tolist()}; {fits})")
+        fits = (
+            f"at most {least // 2} train + {least // 2} dev shots per class fit"
+            if dev_shots_per_class is None
+            else f"with {k} train shots at most {max(least - k, 0)} dev shots per class fit"
+        )
+        raise ValueError(
+            "not enough examples for "
+            + f"{k} train + {kd} dev shots per class: "
+            + ", ".join(f"class {i} has {n}" for i, n in short)
+            + f" (class counts {counts.tolist()}; {fits})"
+        )
     shuffled = labels[perm]
     # rank of each shuffled example within its class (a vectorised "cumcount")
     order = np.argsort(shuffled, kind="stable")
@@ -46,8 +60,9 @@ def few_shot_indices(labels: np.ndarray, shots_per_class: int, seed: int, *, num
     return perm[rank < k], perm[(rank >= k) & (rank < k + kd)]
 
 
-def few_shot(examples: Examples, shots_per_class: int, seed: int, *,
-             dev_shots_per_class: int | None = None) -> tuple[Examples, Examples]:
+def few_shot(
+    examples: Examples, shots_per_class: int, seed: int, *, dev_shots_per_class: int | None = None
+) -> tuple[Examples, Examples]:
     """:func:`few_shot_indices` applied to :class:`Examples`: ``(train, dev)``.
 
     Example:
@@ -57,8 +72,9 @@ def few_shot(examples: Examples, shots_per_class: int, seed: int, *,
     """
     task = tasks_lib.get(examples.task)
     try:
-        tr, dv = few_shot_indices(examples.labels, shots_per_class, seed, num_labels=task.num_labels,
-                                  dev_shots_per_class=dev_shots_per_class)
+        tr, dv = few_shot_indices(
+            examples.labels, shots_per_class, seed, num_labels=task.num_labels, dev_shots_per_class=dev_shots_per_class
+        )
     except ValueError as err:
         names = ", ".join(f"{i}={n}" for i, n in enumerate(task.label_names))
         raise ValueError(f"task {task.name} ({names}): {err}") from None

@@ -17,6 +17,7 @@ Sources:
 :func:`pool_and_test` gives the training pool and the test set of a source (a single file is split
 into both here).
 """
+
 from __future__ import annotations
 
 import json
@@ -70,11 +71,14 @@ def _resolve_columns(task: Task, available: Sequence[str], columns: dict | None,
             lower = {a.lower(): a for a in avail}
             hit = next((lower[c.lower()] for c in cands if c.lower() in lower), None)
         if hit is None:
-            wanted = "; ".join(f"{f}: one of {list(dict.fromkeys(_column_candidates(task, f, j, columns)))}"
-                               for j, f in enumerate(needed))
+            wanted = "; ".join(
+                f"{f}: one of {list(dict.fromkeys(_column_candidates(task, f, j, columns)))}"
+                for j, f in enumerate(needed)
+            )
             raise ValueError(
                 f"{origin} has columns {avail}, but task {task.name} needs a {field!r} column ({wanted}); "
-                f"pass columns={{'{field}': '<column name>', ...}} to map them")
+                f"pass columns={{'{field}': '<column name>', ...}} to map them"
+            )
         out[field] = hit
     return out
 
@@ -101,11 +105,11 @@ def _convert_labels(task: Task, values: Sequence[Any], origin: str) -> tuple[np.
                 try:
                     out[j] = int(s)
                 except ValueError:
-                    out[j] = -(10 ** 9)
+                    out[j] = -(10**9)
                     bad.append(v)
                     continue
         else:
-            out[j] = -(10 ** 9)
+            out[j] = -(10**9)
             bad.append(v)
             continue
     keep = ~np.isin(out, list(drop)) if drop else np.ones(len(out), dtype=bool)
@@ -115,12 +119,14 @@ def _convert_labels(task: Task, values: Sequence[Any], origin: str) -> tuple[np.
         raise ValueError(
             f"{origin}: label values {', '.join(shown[:20])}{' …' if len(shown) > 20 else ''} are not in "
             f"the label set of task {task.name}; accepted: ints 0..{task.num_labels - 1} or the names "
-            f"{list(task.label_names)}")
+            f"{list(task.label_names)}"
+        )
     return out[keep].astype(np.int32), keep
 
 
-def _to_examples(task: Task, table: dict[str, Sequence], available: Sequence[str], columns: dict | None,
-                 origin: str) -> Examples:
+def _to_examples(
+    task: Task, table: dict[str, Sequence], available: Sequence[str], columns: dict | None, origin: str
+) -> Examples:
     cols = _resolve_columns(task, available, columns, origin)
     labels, keep = _convert_labels(task, table[cols["label"]], origin)
     fields = [table[cols[f]] for f in task.input_fields]
@@ -151,8 +157,9 @@ def _read_shared_tsv(path: Path) -> tuple[list[str], list[str]]:
     with open(path, encoding="utf-8", newline="") as f:
         header = f.readline().rstrip("\r\n").split("\t")
         if header != ["text", "label"]:
-            raise ValueError(f"{path}: expected the header 'text<TAB>label' of the shared data layout, "
-                             f"got columns {header}")
+            raise ValueError(
+                f"{path}: expected the header 'text<TAB>label' of the shared data layout, got columns {header}"
+            )
         for line in f:
             line = line.rstrip("\r\n")
             if not line:
@@ -172,8 +179,10 @@ def _load_folder(task: Task, folder: Path, split: str, columns: dict | None, cac
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if "labels" in meta and len(meta["labels"]) != task.num_labels:
-            raise ValueError(f"{meta_path}: {len(meta['labels'])} labels {meta['labels']} but task "
-                             f"{task.name} has {task.num_labels} {list(task.label_names)}")
+            raise ValueError(
+                f"{meta_path}: {len(meta['labels'])} labels {meta['labels']} but task "
+                f"{task.name} has {task.num_labels} {list(task.label_names)}"
+            )
     tsv = base / f"{split}.tsv"
     if tsv.is_file() and columns is None:
         with open(tsv, encoding="utf-8") as f:
@@ -185,8 +194,10 @@ def _load_folder(task: Task, folder: Path, split: str, columns: dict | None, cac
         p = base / f"{split}{ext}"
         if p.is_file():
             return _load_file(task, p, columns, cache_dir)
-    raise FileNotFoundError(f"no {split!r} split for task {task.name} in {folder}: expected "
-                            f"{folder}/{task.name}/{split}.tsv (or .csv/.jsonl/.json/.parquet)")
+    raise FileNotFoundError(
+        f"no {split!r} split for task {task.name} in {folder}: expected "
+        f"{folder}/{task.name}/{split}.tsv (or .csv/.jsonl/.json/.parquet)"
+    )
 
 
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
@@ -239,22 +250,26 @@ def _dataset_to_examples(task: Task, ds, columns: dict | None, origin: str) -> E
     return _to_examples(task, table, names, columns, origin)
 
 
-def _load_hub(task: Task, name: str | None, config: str | None, split: str, columns: dict | None,
-              cache_dir) -> Examples:
+def _load_hub(
+    task: Task, name: str | None, config: str | None, split: str, columns: dict | None, cache_dir
+) -> Examples:
     import datasets
 
     if name is None:
         if task.hub_id is None:
-            raise ValueError(f"task {task.name} has no hub dataset; use source=None (embedded data), a file "
-                             f"or a folder")
+            raise ValueError(
+                f"task {task.name} has no hub dataset; use source=None (embedded data), a file or a folder"
+            )
         name, config = task.hub_id, task.hub_config
     hub_split = task.hub_split(split)
     try:
         ds = datasets.load_dataset(name, config, split=hub_split, cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 (re-raised with context)
-        raise RuntimeError(f"could not load {name}{':' + config if config else ''} split {hub_split!r} from "
-                           f"the dataset hub for task {task.name} ({type(err).__name__}: {err}). Offline, "
-                           f"pass a local file or folder as source (see fedbpt_jax.data).") from err
+        raise RuntimeError(
+            f"could not load {name}{':' + config if config else ''} split {hub_split!r} from "
+            f"the dataset hub for task {task.name} ({type(err).__name__}: {err}). Offline, "
+            f"pass a local file or folder as source (see fedbpt_jax.data)."
+        ) from err
     origin = f"hub dataset {name}{':' + config if config else ''} ({hub_split})"
     if columns is None and all(c in ds.column_names for c in task.hub_columns):
         columns = dict(zip(task.input_fields, task.hub_columns))
@@ -263,9 +278,16 @@ def _load_hub(task: Task, name: str | None, config: str | None, split: str, colu
     return _dataset_to_examples(task, ds, columns, origin)
 
 
-def load_task_data(task: Task | str, source: str | os.PathLike | None = None, split: str = "train", *,
-                   columns: dict[str, str] | None = None, cache_dir: str | None = None, seed: int = 0,
-                   test_fraction: float = 0.2) -> Examples:
+def load_task_data(
+    task: Task | str,
+    source: str | os.PathLike | None = None,
+    split: str = "train",
+    *,
+    columns: dict[str, str] | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> Examples:
     """Loads one split of a task as :class:`Examples`.
 
     Args:
@@ -302,11 +324,17 @@ def load_task_data(task: Task | str, source: str | os.PathLike | None = None, sp
     if path.is_file():
         return _load_file(task, path, columns, cache_dir)
     src = str(source)
-    looks_like_path = (src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src
-                       or any(src.lower().endswith(e) for e in (".csv", ".tsv", ".json", ".jsonl", ".parquet")))
+    looks_like_path = (
+        src.startswith(("/", ".", "~"))
+        or src.count("/") > 1
+        or "\\" in src
+        or any(src.lower().endswith(e) for e in (".csv", ".tsv", ".json", ".jsonl", ".parquet"))
+    )
     if isinstance(source, os.PathLike) or looks_like_path:
-        raise FileNotFoundError(f"data source {src!r} is not an existing file or folder (a hub dataset "
-                                f"name looks like 'name' or 'org/name', optionally ':config')")
+        raise FileNotFoundError(
+            f"data source {src!r} is not an existing file or folder (a hub dataset "
+            f"name looks like 'name' or 'org/name', optionally ':config')"
+        )
     name, _, config = src.partition(":")
     if not config and name in (task.hub_id, task.bbt_name.split("/")[0], task.bbt_name):
         name, config = task.hub_id, task.hub_config
@@ -319,8 +347,15 @@ def _is_single_file(source) -> bool:
     return Path(source).expanduser().is_file()
 
 
-def pool_and_test(task: Task | str, source=None, *, test_fraction: float = 0.2, split_seed: int = 0,
-                  columns: dict[str, str] | None = None, cache_dir: str | None = None) -> tuple[Examples, Examples]:
+def pool_and_test(
+    task: Task | str,
+    source=None,
+    *,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    columns: dict[str, str] | None = None,
+    cache_dir: str | None = None,
+) -> tuple[Examples, Examples]:
     """The training pool (few-shot sets are drawn from it) and the test set of a data source.
 
     A source with separate splits (the embedded data, a folder, the hub) gives its own train and test
@@ -335,8 +370,10 @@ def pool_and_test(task: Task | str, source=None, *, test_fraction: float = 0.2, 
     """
     task = tasks_lib.get(task)
     if not _is_single_file(source):
-        return (load_task_data(task, source, "train", columns=columns, cache_dir=cache_dir),
-                load_task_data(task, source, "test", columns=columns, cache_dir=cache_dir))
+        return (
+            load_task_data(task, source, "train", columns=columns, cache_dir=cache_dir),
+            load_task_data(task, source, "test", columns=columns, cache_dir=cache_dir),
+        )
     everything = load_task_data(task, source, columns=columns, cache_dir=cache_dir)
     texts = np.asarray([repr(t) for t in everything.texts], dtype=object)
     _, text_group = np.unique(texts, return_inverse=True)
@@ -344,8 +381,10 @@ def pool_and_test(task: Task | str, source=None, *, test_fraction: float = 0.2, 
     pool, test = everything.take(np.flatnonzero(~in_test)), everything.take(np.flatnonzero(in_test))
     pool_counts = pool.class_counts(task.num_labels)
     if len(test) == 0 or np.any(pool_counts == 0):
-        raise ValueError(f"data file {str(source)!r} ({len(everything)} examples, class counts "
-                         f"{everything.class_counts(task.num_labels).tolist()}) is too small to split into a "
-                         f"training pool and a disjoint test set ({test_fraction:g} of each class to test); give a "
-                         f"larger file or a folder with separate train and test files")
+        raise ValueError(
+            f"data file {str(source)!r} ({len(everything)} examples, class counts "
+            f"{everything.class_counts(task.num_labels).tolist()}) is too small to split into a "
+            f"training pool and a disjoint test set ({test_fraction:g} of each class to test); give a "
+            f"larger file or a folder with separate train and test files"
+        )
     return pool, test

@@ -1,4 +1,5 @@
 """Tokenizer helpers shared by the encoder and the decoder input builders."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,8 @@ def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
     full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
     for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return full[:i], full[i + len(bare):]
+        if full[i : i + len(bare)] == bare:
+            return full[:i], full[i + len(bare) :]
     return [], []
 
 
@@ -56,8 +57,9 @@ def placeholder_ids(tokenizer, n_prompt: int, *, mode: str = "auto", start: int 
     if n_prompt == 0:
         return np.zeros(0, np.int32)
     if len(tokenizer) < start + n_prompt:
-        raise ValueError(f"the vocabulary has {len(tokenizer)} ids; BBT's placeholders need ids "
-                         f"{start}..{start + n_prompt - 1}")
+        raise ValueError(
+            f"the vocabulary has {len(tokenizer)} ids; BBT's placeholders need ids {start}..{start + n_prompt - 1}"
+        )
     raw = list(range(start, start + n_prompt))
     if mode == "ids":
         return np.asarray(raw, np.int32)
@@ -65,8 +67,10 @@ def placeholder_ids(tokenizer, n_prompt: int, *, mode: str = "auto", start: int 
     if len(re_ids) == n_prompt:
         return np.asarray(re_ids, np.int32)
     if mode == "retokenize":
-        raise ValueError(f"decode/re-encode of ids {start}..{start + n_prompt - 1} gives {len(re_ids)} "
-                         f"tokens, not {n_prompt}; use mode='auto' or 'ids'")
+        raise ValueError(
+            f"decode/re-encode of ids {start}..{start + n_prompt - 1} gives {len(re_ids)} "
+            f"tokens, not {n_prompt}; use mode='auto' or 'ids'"
+        )
     if mode != "auto":
         raise ValueError(f"unknown placeholder mode {mode!r}; use 'auto', 'retokenize' or 'ids'")
     return np.asarray(raw, np.int32)
@@ -74,8 +78,10 @@ def placeholder_ids(tokenizer, n_prompt: int, *, mode: str = "auto", start: int 
 
 def texts_by_field(task: Task, examples: Examples) -> dict[str, list[str]]:
     if task.is_pair:
-        return {"text_a": [task.preprocess(t[0]) for t in examples.texts],
-                "text_b": [task.preprocess(t[1]) for t in examples.texts]}
+        return {
+            "text_a": [task.preprocess(t[0]) for t in examples.texts],
+            "text_b": [task.preprocess(t[1]) for t in examples.texts],
+        }
     return {"text": [task.preprocess(t if isinstance(t, str) else " ".join(t)) for t in examples.texts]}
 
 

@@ -1,4 +1,5 @@
 """Tokenising a task for a backbone kind, and the task's :class:`~fedbpt_jax.types.ScoringSpec`."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,22 +13,49 @@ from .examples import Examples
 from .text_encoding import placeholder_ids
 
 
-def tokenize(task: Task | str, examples: Examples, tokenizer, kind: str, *, n_prompt: int = 50,
-             max_length: int | None = None, max_positions: int | None = None, style: str | None = None,
-             **kwargs) -> TokenBatch:
+def tokenize(
+    task: Task | str,
+    examples: Examples,
+    tokenizer,
+    kind: str,
+    *,
+    n_prompt: int = 50,
+    max_length: int | None = None,
+    max_positions: int | None = None,
+    style: str | None = None,
+    **kwargs,
+) -> TokenBatch:
     """:func:`encode_encoder` or :func:`encode_decoder` by backbone ``kind``."""
     tasks_lib.check_kind(kind)
     if kind == ENCODER:
-        return encode_encoder(task, examples, tokenizer, n_prompt=n_prompt, max_length=max_length,
-                              max_positions=max_positions, **kwargs)
-    return encode_decoder(task, examples, tokenizer, n_prompt=n_prompt, max_length=max_length,
-                          max_positions=max_positions, style=style, **kwargs)
+        return encode_encoder(
+            task, examples, tokenizer, n_prompt=n_prompt, max_length=max_length, max_positions=max_positions, **kwargs
+        )
+    return encode_decoder(
+        task,
+        examples,
+        tokenizer,
+        n_prompt=n_prompt,
+        max_length=max_length,
+        max_positions=max_positions,
+        style=style,
+        **kwargs,
+    )
 
 
-def scoring_spec(task: Task | str, tokenizer, kind: str, *, n_prompt: int = 50, style: str | None = None,
-                 first_token: bool = False, use_chat_template: bool | None = None,
-                 vocab_size: int | None = None, placeholder: str = "auto",
-                 exempt_pad_to: int | None = None) -> ScoringSpec:
+def scoring_spec(
+    task: Task | str,
+    tokenizer,
+    kind: str,
+    *,
+    n_prompt: int = 50,
+    style: str | None = None,
+    first_token: bool = False,
+    use_chat_template: bool | None = None,
+    vocab_size: int | None = None,
+    placeholder: str = "auto",
+    exempt_pad_to: int | None = None,
+) -> ScoringSpec:
     """The :class:`ScoringSpec` of a task for a tokenizer and backbone kind.
 
     ``exempt_ids`` are the tokenizer's special ids, plus (encoder) the placeholder and ``<mask>`` ids,
@@ -36,8 +64,9 @@ def scoring_spec(task: Task | str, tokenizer, kind: str, *, n_prompt: int = 50, 
     """
     task = tasks_lib.get(task)
     tasks_lib.check_kind(kind)
-    labels = tasks_lib.label_token_ids(task, tokenizer, kind, first_token, style=style,
-                                       use_chat_template=use_chat_template)
+    labels = tasks_lib.label_token_ids(
+        task, tokenizer, kind, first_token, style=style, use_chat_template=use_chat_template
+    )
     exempt = set(int(i) for i in tokenizer.all_special_ids)
     if kind == ENCODER:
         cue = np.zeros(0, np.int32)
@@ -51,6 +80,10 @@ def scoring_spec(task: Task | str, tokenizer, kind: str, *, n_prompt: int = 50, 
         if exempt_pad_to < len(ex):
             raise ValueError(f"exempt_pad_to={exempt_pad_to} < {len(ex)} exempt ids")
         ex = np.concatenate([ex, np.full(exempt_pad_to - len(ex), -1, np.int32)])
-    return ScoringSpec(label_ids=labels, cue_ids=cue, exempt_ids=ex,
-                       vocab_size=int(vocab_size if vocab_size is not None else len(tokenizer)),
-                       n_prompt=int(n_prompt))
+    return ScoringSpec(
+        label_ids=labels,
+        cue_ids=cue,
+        exempt_ids=ex,
+        vocab_size=int(vocab_size if vocab_size is not None else len(tokenizer)),
+        n_prompt=int(n_prompt),
+    )

@@ -4,6 +4,7 @@ The algorithms (which import evosax through :mod:`fedbpt_jax.strategy`) are impo
 importing evosax starts the XLA backend, and ``jax.distributed.initialize`` (:func:`init_distributed`)
 must come before that.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,16 +39,63 @@ from .run import (
 )
 from .sweep import SweepResults, hp_points, lane_mesh, sweep
 
-_LAZY = ("ALGORITHMS", "centralized_bbt", "fedavg_bbt", "fedbpt", "fedprompt", "make", "manual_prompt",
-         "LR_GRID", "tune_learning_rate")
+_LAZY = (
+    "ALGORITHMS",
+    "centralized_bbt",
+    "fedavg_bbt",
+    "fedbpt",
+    "fedprompt",
+    "make",
+    "manual_prompt",
+    "LR_GRID",
+    "tune_learning_rate",
+)
 
-__all__ = ["ALGORITHMS", "FedConfig", "HParams", "HPARAM_RANGES", "check_hparams", "FederatedAlgorithm",
-           "AlgorithmCost", "AlgorithmSpec", "ClientSample", "sample_round", "FederatedData", "ModelInputs", "History", "RunCarry",
-           "run", "summarize", "load_uploads", "median_token_norm", "round_key", "round_cost", "trace_count",
-           "compile_count", "write_results", "LR_GRID", "tune_learning_rate", "validate_data", "make", "fedbpt",
-           "fedavg_bbt", "centralized_bbt", "manual_prompt", "fedprompt", "client_mesh", "init_distributed",
-           "to_global", "clients_to_global", "host", "clean_context_bytes", "with_clean_context", "sweep",
-           "SweepResults", "hp_points", "lane_mesh"]
+__all__ = [
+    "ALGORITHMS",
+    "FedConfig",
+    "HParams",
+    "HPARAM_RANGES",
+    "check_hparams",
+    "FederatedAlgorithm",
+    "AlgorithmCost",
+    "AlgorithmSpec",
+    "ClientSample",
+    "sample_round",
+    "FederatedData",
+    "ModelInputs",
+    "History",
+    "RunCarry",
+    "run",
+    "summarize",
+    "load_uploads",
+    "median_token_norm",
+    "round_key",
+    "round_cost",
+    "trace_count",
+    "compile_count",
+    "write_results",
+    "LR_GRID",
+    "tune_learning_rate",
+    "validate_data",
+    "make",
+    "fedbpt",
+    "fedavg_bbt",
+    "centralized_bbt",
+    "manual_prompt",
+    "fedprompt",
+    "client_mesh",
+    "init_distributed",
+    "to_global",
+    "clients_to_global",
+    "host",
+    "clean_context_bytes",
+    "with_clean_context",
+    "sweep",
+    "SweepResults",
+    "hp_points",
+    "lane_mesh",
+]
 
 
 def __getattr__(name: str):

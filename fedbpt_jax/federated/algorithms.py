@@ -24,6 +24,7 @@ and, for FedBPT and FedAvg-BBT, ``metrics["uploads"]`` (what the clients sent: m
 fitness, σ histories, plus the broadcast mean and σ); :func:`fedbpt_jax.federated.run` uses it and
 drops the uploads inside the scan unless asked to save them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -140,12 +141,14 @@ def _local_es(
         """(fitness, clean loss, perturbed loss) of one z: the same one paired pass as ``score``."""
         prompts = prompt.to_prompt(model.projection, z[None], hidden)
         if not perturb:
-            fit, loss = objective.population_fitness(scorer, model.params, clean_ctx, None, batch, spec, prompts,
-                                                     loss=config.loss, form=config.fitness_form)
+            fit, loss = objective.population_fitness(
+                scorer, model.params, clean_ctx, None, batch, spec, prompts, loss=config.loss, form=config.fitness_form
+            )
             return fit[0], loss[0], jnp.asarray(jnp.nan, fit.dtype)
         ctx = paired_ctx if paired_ctx is not None else objective.stack_contexts(clean_ctx, perturbed_ctx(k))
-        losses = jax.vmap(lambda c: objective.population_losses(scorer, model.params, c, batch, spec, prompts,
-                                                                loss=config.loss))(ctx)  # [2, 1, B]
+        losses = jax.vmap(
+            lambda c: objective.population_losses(scorer, model.params, c, batch, spec, prompts, loss=config.loss)
+        )(ctx)  # [2, 1, B]
         fit = objective.fitness(losses[0], losses[1], batch.example_mask, config.fitness_form)
         means = objective.masked_mean(losses, batch.example_mask)  # [2, 1]
         return fit[0], means[0, 0], means[1, 0]
@@ -162,8 +165,15 @@ def _local_es(
     local, (sigmas, nonfinite) = jax.lax.scan(generation, local, jax.random.split(key_gens, config.local_generations))
     mean = clip(local.mean[None])[0]
     fit, loss, pert_loss = final_score(mean, key_final)
-    return ClientUpload(mean=mean, fitness=fit, sigmas=sigmas, loss=loss, nonfinite=jnp.sum(nonfinite),
-                        perturbed_loss=pert_loss, local_state=local if keep_state else None)
+    return ClientUpload(
+        mean=mean,
+        fitness=fit,
+        sigmas=sigmas,
+        loss=loss,
+        nonfinite=jnp.sum(nonfinite),
+        perturbed_loss=pert_loss,
+        local_state=local if keep_state else None,
+    )
 
 
 def clip_rows(z: jax.Array, max_norm: jax.Array) -> jax.Array:
@@ -197,8 +207,21 @@ def label_counts(batch: TokenBatch, num_labels: int) -> jax.Array:
     return jnp.sum(onehot * (batch.example_mask > 0).astype(jnp.int32)[..., None], axis=-2)
 
 
-def client_diagnostics(idx, batch: TokenBatch, counts, active, spec: ScoringSpec, *, loss, weight,
-                       perturbed_loss=None, fitness=None, rank=None, repaired=None, usable=None) -> dict:
+def client_diagnostics(
+    idx,
+    batch: TokenBatch,
+    counts,
+    active,
+    spec: ScoringSpec,
+    *,
+    loss,
+    weight,
+    perturbed_loss=None,
+    fitness=None,
+    rank=None,
+    repaired=None,
+    usable=None,
+) -> dict:
     """Per-client ``[K]`` diagnostics of a round (``metrics["clients"]``) and their scalar summaries.
 
     Returns ``(clients, summary)``. ``clients``: ``index`` (which of the N clients), ``active``,
@@ -221,11 +244,17 @@ def client_diagnostics(idx, batch: TokenBatch, counts, active, spec: ScoringSpec
     # A dropped client sent nothing: its would-be values are not reported.
     sent = lambda x: jnp.where(active, x, jnp.nan)  # noqa: E731
     clients = {
-        "index": idx.astype(jnp.int32), "active": active, "examples": counts.astype(jnp.int32), "label_counts": lc,
-        "loss": sent(loss.astype(jnp.float32)), "perturbed_loss": sent(perturbed_loss), "fitness": sent(fitness),
+        "index": idx.astype(jnp.int32),
+        "active": active,
+        "examples": counts.astype(jnp.int32),
+        "label_counts": lc,
+        "loss": sent(loss.astype(jnp.float32)),
+        "perturbed_loss": sent(perturbed_loss),
+        "fitness": sent(fitness),
         "rank": jnp.full((k,), -1, jnp.int32) if rank is None else rank.astype(jnp.int32),
         "weight": weight.astype(jnp.float32),
-        "repaired": jnp.zeros((k,), bool) if repaired is None else repaired, "usable": usable,
+        "repaired": jnp.zeros((k,), bool) if repaired is None else repaired,
+        "usable": usable,
     }
     single = active & (jnp.sum((lc > 0).astype(jnp.int32), axis=-1) == 1)
     n_active = jnp.sum(active.astype(jnp.int32))
@@ -240,8 +269,9 @@ def client_diagnostics(idx, batch: TokenBatch, counts, active, spec: ScoringSpec
     return clients, summary
 
 
-def _round_metrics(up: ClientUpload, sample: ClientSample, extra: dict, *, spec, perturbed: bool, z_norm=None,
-                   uploads=None) -> dict:
+def _round_metrics(
+    up: ClientUpload, sample: ClientSample, extra: dict, *, spec, perturbed: bool, z_norm=None, uploads=None
+) -> dict:
     idx, batch, counts, active = sample.index, sample.batch, sample.counts, sample.active
     ok = active & jnp.isfinite(up.loss)
     w = ok.astype(jnp.float32)
@@ -251,13 +281,23 @@ def _round_metrics(up: ClientUpload, sample: ClientSample, extra: dict, *, spec,
     per_client = {name: extra.pop(f"client_{name}", None) for name in ("rank", "weight", "repaired", "usable")}
     if per_client["weight"] is None:
         per_client["weight"] = jnp.zeros(counts.shape, jnp.float32)
-    clients, summary = client_diagnostics(idx, batch, counts, active, spec, loss=up.loss, fitness=up.fitness,
-                                          perturbed_loss=up.perturbed_loss if perturbed else None, **per_client)
+    clients, summary = client_diagnostics(
+        idx,
+        batch,
+        counts,
+        active,
+        spec,
+        loss=up.loss,
+        fitness=up.fitness,
+        perturbed_loss=up.perturbed_loss if perturbed else None,
+        **per_client,
+    )
     out = {
         "client_loss": jnp.sum(finite_loss * w) / n,
         "client_fitness_min": jnp.min(jnp.where(active & jnp.isfinite(up.fitness), up.fitness, jnp.inf)),
         "active_clients": jnp.sum(active.astype(jnp.int32)),
-        "nonfinite_fitness": jnp.sum(up.nonfinite * active.astype(up.nonfinite.dtype)) + jnp.sum((~jnp.isfinite(up.fitness)) & active),
+        "nonfinite_fitness": jnp.sum(up.nonfinite * active.astype(up.nonfinite.dtype))
+        + jnp.sum((~jnp.isfinite(up.fitness)) & active),
         **extra,
         **summary,
         "clients": clients,
@@ -286,9 +326,15 @@ def scalars_only(round_detailed):
 
 def _uploads(sample: ClientSample, up: ClientUpload, server) -> dict:
     """What the clients sent this round (and the broadcast it answered), for replaying aggregations."""
-    return {"client_index": sample.index.astype(jnp.int32), "active": sample.active, "mean": up.mean, "fitness": up.fitness,
-            "sigmas": up.sigmas, "server_mean": server.mean,
-            "server_sigma": server.std}
+    return {
+        "client_index": sample.index.astype(jnp.int32),
+        "active": sample.active,
+        "mean": up.mean,
+        "fitness": up.fitness,
+        "sigmas": up.sigmas,
+        "server_mean": server.mean,
+        "server_sigma": server.std,
+    }
 
 
 def _norm_threshold(config: FedConfig, state: "FedBPTState"):
@@ -327,8 +373,9 @@ def _es_cost(config: FedConfig, lm, *, perturb: bool, covariance: bool) -> Algor
     return AlgorithmCost(comm=_comm(config, lm, covariance=covariance), forward_calls=calls, prefix_passes=prefix)
 
 
-def _es_round(config: FedConfig, scorer: Scorer, hidden: int, mesh, *, perturb: bool, keep_state: bool,
-              aggregate: Callable):
+def _es_round(
+    config: FedConfig, scorer: Scorer, hidden: int, mesh, *, perturb: bool, keep_state: bool, aggregate: Callable
+):
     """The round FedBPT and FedAvg-BBT share, as ``round_detailed``: sample the K clients
     (:func:`~fedbpt_jax.federated.core.sample_round`), run every client's local CMA-ES from the broadcast
     server state (:func:`_local_es`, under the round's ‖z‖ clip τ_t when on), aggregate, apply the optional
@@ -343,10 +390,21 @@ def _es_round(config: FedConfig, scorer: Scorer, hidden: int, mesh, *, perturb: 
     def round_detailed(key, state: FedBPTState, data: FederatedData, hp: HParams, model: ModelInputs):
         sample = sample_round(key, data, hp, config)
         tau, next_tau = _norm_threshold(config, state)
-        local = functools.partial(_local_es, config=config, scorer=scorer, hidden=hidden, perturb=perturb,
-                                  keep_state=keep_state, clip_norm=tau)
-        up = map_clients(lambda k, b, c: local(k, state.server, b, data.spec, hp, model, clean_ctx=c),
-                         (sample.keys, sample.batch, gather(data.clean_context, sample.index)), config.chunk_clients, mesh)
+        local = functools.partial(
+            _local_es,
+            config=config,
+            scorer=scorer,
+            hidden=hidden,
+            perturb=perturb,
+            keep_state=keep_state,
+            clip_norm=tau,
+        )
+        up = map_clients(
+            lambda k, b, c: local(k, state.server, b, data.spec, hp, model, clean_ctx=c),
+            (sample.keys, sample.batch, gather(data.clean_context, sample.index)),
+            config.chunk_clients,
+            mesh,
+        )
         if keep_state and tau is not None:
             up = up.replace(local_state=up.local_state.replace(mean=up.mean))
         server, smetrics = aggregate(state.server, up, sample)
@@ -354,9 +412,15 @@ def _es_round(config: FedConfig, scorer: Scorer, hidden: int, mesh, *, perturb: 
         extra = {"sigma": server.std, **smetrics}
         if tau is not None:
             extra["norm_threshold"] = tau
-        metrics = _round_metrics(up, sample, extra, spec=data.spec, perturbed=perturb,
-                                 z_norm=jnp.linalg.norm(server.mean),
-                                 uploads=_uploads(sample, up, state.server))
+        metrics = _round_metrics(
+            up,
+            sample,
+            extra,
+            spec=data.spec,
+            perturbed=perturb,
+            z_norm=jnp.linalg.norm(server.mean),
+            uploads=_uploads(sample, up, state.server),
+        )
         return FedBPTState(server=server, round=state.round + 1, norm_threshold=next_tau), metrics
 
     return round_detailed
@@ -421,11 +485,19 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
         )
 
     def aggregate(server, up: ClientUpload, sample: ClientSample):
-        return strategy.server_update(server, up.mean, up.fitness, up.sigmas, sample.active,
-                                      variant=config.server_variant, local_population=config.population_size)
+        return strategy.server_update(
+            server,
+            up.mean,
+            up.fitness,
+            up.sigmas,
+            sample.active,
+            variant=config.server_variant,
+            local_population=config.population_size,
+        )
 
-    round_detailed = _es_round(config, scorer, hidden, mesh, perturb=config.perturb, keep_state=False,
-                               aggregate=aggregate)
+    round_detailed = _es_round(
+        config, scorer, hidden, mesh, perturb=config.perturb, keep_state=False, aggregate=aggregate
+    )
 
     def global_prompt(state: FedBPTState, model: ModelInputs):
         return prompt.to_prompt(model.projection, state.server.mean, hidden, model.start)
@@ -433,14 +505,22 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
     def global_z(state: FedBPTState):
         return state.server.mean
 
-    spec = AlgorithmSpec(config, _es_cost(config, lm, perturb=config.perturb, covariance=False), mesh=mesh,
-                         scorer=scorer, global_z=global_z, round_detailed=round_detailed, **fedbpt.declares)
+    spec = AlgorithmSpec(
+        config,
+        _es_cost(config, lm, perturb=config.perturb, covariance=False),
+        mesh=mesh,
+        scorer=scorer,
+        global_z=global_z,
+        round_detailed=round_detailed,
+        **fedbpt.declares,
+    )
     return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, spec)
 
 
 @_declares(uses_clean_context=True, uploads=True)
-def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
-               scorer: Scorer | None = None) -> FederatedAlgorithm:
+def fedavg_bbt(
+    config: FedConfig, lm, *, perturb: bool = False, mesh=None, scorer: Scorer | None = None
+) -> FederatedAlgorithm:
     """FedAvg-BBT: local BBT, then example-weighted averages of the clients' means, σ and C.
 
     Args:
@@ -464,8 +544,12 @@ def fedavg_bbt(config: FedConfig, lm, *, perturb: bool = False, mesh=None,
 
     round_detailed = _es_round(config, scorer, hidden, mesh, perturb=perturb, keep_state=True, aggregate=aggregate)
     name = "fedavg_bbt_perturbed" if perturb else "fedavg_bbt"
-    spec = dataclasses.replace(base.spec, round_detailed=round_detailed,
-                               cost=_es_cost(config, lm, perturb=perturb, covariance=True), **fedavg_bbt.declares)
+    spec = dataclasses.replace(
+        base.spec,
+        round_detailed=round_detailed,
+        cost=_es_cost(config, lm, perturb=perturb, covariance=True),
+        **fedavg_bbt.declares,
+    )
     return base._replace(name=name, round=scalars_only(round_detailed), spec=spec)
 
 
@@ -483,8 +567,9 @@ class CentralState:
 
 
 @_declares()
-def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None, mesh=None,
-                    scorer: Scorer | None = None) -> FederatedAlgorithm:
+def centralized_bbt(
+    config: FedConfig, lm, *, population_size: int | None = None, mesh=None, scorer: Scorer | None = None
+) -> FederatedAlgorithm:
     """BBT on the union of all clients' data: one CMA-ES, ``local_generations`` generations a round.
 
     The CMA-ES is :mod:`fedbpt_jax.strategy`'s pycma-like client (pycma's constants, lazy
@@ -510,8 +595,9 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
 
         def score(z):
             prompts = prompt.to_prompt(model.projection, z, hidden, model.start)
-            return objective.population_fitness(scorer, model.params, ctx, None, flat, data.spec, prompts,
-                                                loss=config.loss)
+            return objective.population_fitness(
+                scorer, model.params, ctx, None, flat, data.spec, prompts, loss=config.loss
+            )
 
         def generation(es, k):
             z, es = strategy.ask(k, es, es_params)
@@ -521,11 +607,14 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
         es, nonfinite = jax.lax.scan(generation, state.es, jax.random.split(key, config.local_generations))
         _, loss = score(es.mean[None])
         gens = config.local_generations * pop
-        metrics = {"client_loss": loss[0], "sigma": es.std,
-                   "nonfinite_fitness": jnp.sum(nonfinite).astype(jnp.int32),
-                   "active_clients": jnp.asarray(1, jnp.int32),
-                   "all_fitness_nonfinite": (jnp.sum(nonfinite) == gens).astype(jnp.int32),
-                   "z_norm": jnp.linalg.norm(es.mean)}
+        metrics = {
+            "client_loss": loss[0],
+            "sigma": es.std,
+            "nonfinite_fitness": jnp.sum(nonfinite).astype(jnp.int32),
+            "active_clients": jnp.asarray(1, jnp.int32),
+            "all_fitness_nonfinite": (jnp.sum(nonfinite) == gens).astype(jnp.int32),
+            "z_norm": jnp.linalg.norm(es.mean),
+        }
         return CentralState(es=es, round=state.round + 1), metrics
 
     def global_prompt(state: CentralState, model: ModelInputs):
@@ -534,8 +623,12 @@ def centralized_bbt(config: FedConfig, lm, *, population_size: int | None = None
     def global_z(state: CentralState):
         return state.es.mean
 
-    cost = AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=config.local_generations * pop + 1,
-                         prefix_passes=1, pooled=True)
+    cost = AlgorithmCost(
+        comm=accounting.CommBytes(0, 0, 0),
+        forward_calls=config.local_generations * pop + 1,
+        prefix_passes=1,
+        pooled=True,
+    )
     spec = AlgorithmSpec(config, cost, scorer=scorer, global_z=global_z, **centralized_bbt.declares)
     return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, spec)
 
@@ -552,14 +645,19 @@ def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
         return jnp.asarray(0, jnp.int32)
 
     def round_fn(key, state, data, hp, model):
-        return state + 1, {"client_loss": jnp.asarray(jnp.nan), "sigma": jnp.asarray(0.0),
-                           "nonfinite_fitness": jnp.asarray(0, jnp.int32), "active_clients": jnp.asarray(0, jnp.int32)}
+        return state + 1, {
+            "client_loss": jnp.asarray(jnp.nan),
+            "sigma": jnp.asarray(0.0),
+            "nonfinite_fitness": jnp.asarray(0, jnp.int32),
+            "active_clients": jnp.asarray(0, jnp.int32),
+        }
 
     def global_prompt(state, model):
         return prompt.start_prompt(model.start, n, hidden)
 
-    spec = AlgorithmSpec(config, AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=0),
-                         **manual_prompt.declares)
+    spec = AlgorithmSpec(
+        config, AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=0), **manual_prompt.declares
+    )
     return FederatedAlgorithm("manual", init, round_fn, global_prompt, spec)
 
 
@@ -580,8 +678,9 @@ class PromptState:
 
 
 @_declares()
-def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=None,
-              scorer: Scorer | None = None) -> FederatedAlgorithm:
+def fedprompt(
+    config: FedConfig, lm, *, local_steps: int | None = None, mesh=None, scorer: Scorer | None = None
+) -> FederatedAlgorithm:
     """FedPrompt: white-box soft-prompt tuning (gradients w.r.t. the prompt embeddings, Adam via optax),
     FedAvg of the prompts weighted by example counts. Local steps default to ``local_generations``."""
     import optax
@@ -601,7 +700,9 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
 
         def loss_fn(p):
             logits = scorer.logits(model.params, ctx, spec, p if model.start is None else p + model.start)
-            return objective.masked_mean(objective.per_example_loss(logits, batch.labels, config.loss), batch.example_mask)
+            return objective.masked_mean(
+                objective.per_example_loss(logits, batch.labels, config.loss), batch.example_mask
+            )
 
         def step(carry: LocalAdam, _):
             loss, g = jax.value_and_grad(loss_fn)(carry.prompt)
@@ -618,8 +719,12 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
     def round_detailed(key, state: PromptState, data: FederatedData, hp: HParams, model: ModelInputs):
         sample = sample_round(key, data, hp, config)
         idx, batch, counts, active = sample.index, sample.batch, sample.counts, sample.active
-        prompts, losses = map_clients(lambda k, b: client(k, state.prompt, b, data.spec, hp, model),
-                                      (sample.keys, batch), config.chunk_clients, mesh)
+        prompts, losses = map_clients(
+            lambda k, b: client(k, state.prompt, b, data.spec, hp, model),
+            (sample.keys, batch),
+            config.chunk_clients,
+            mesh,
+        )
         # A client whose loss or prompt is not finite is dropped from the average (it would poison it).
         finite = jnp.isfinite(losses) & jnp.all(jnp.isfinite(prompts.reshape(prompts.shape[0], -1)), axis=-1)
         usable = active & finite
@@ -628,21 +733,35 @@ def fedprompt(config: FedConfig, lm, *, local_steps: int | None = None, mesh=Non
         clean = jnp.where(usable[:, None, None], prompts, 0.0)
         new = jnp.where(total > 0, jnp.einsum("k,knh->nh", w, clean) / jnp.maximum(total, 1e-12), state.prompt)
         nw = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)  # float32 like the losses it divides
-        clients, summary = client_diagnostics(idx, batch, counts, active, data.spec, loss=losses,
-                                              fitness=jnp.where(finite, losses, jnp.nan),
-                                              weight=w / jnp.maximum(total, 1e-12), usable=usable)
-        metrics = {"client_loss": jnp.sum(jnp.where(usable, losses, 0.0)) / nw, "sigma": jnp.asarray(0.0),
-                   "nonfinite_fitness": jnp.sum((active & ~finite).astype(jnp.int32)),
-                   "active_clients": jnp.sum(active.astype(jnp.int32)), "weight_total": total,
-                   **summary, "clients": clients}
+        clients, summary = client_diagnostics(
+            idx,
+            batch,
+            counts,
+            active,
+            data.spec,
+            loss=losses,
+            fitness=jnp.where(finite, losses, jnp.nan),
+            weight=w / jnp.maximum(total, 1e-12),
+            usable=usable,
+        )
+        metrics = {
+            "client_loss": jnp.sum(jnp.where(usable, losses, 0.0)) / nw,
+            "sigma": jnp.asarray(0.0),
+            "nonfinite_fitness": jnp.sum((active & ~finite).astype(jnp.int32)),
+            "active_clients": jnp.sum(active.astype(jnp.int32)),
+            "weight_total": total,
+            **summary,
+            "clients": clients,
+        }
         return PromptState(prompt=new, round=state.round + 1), metrics
 
     def global_prompt(state: PromptState, model):
         return state.prompt if model.start is None else state.prompt + model.start
 
     # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.
-    cost = AlgorithmCost(comm=accounting.prompt_bytes(n, hidden, lm.num_params()), forward_calls=3 * steps + 1,
-                         prefix_passes=1)
+    cost = AlgorithmCost(
+        comm=accounting.prompt_bytes(n, hidden, lm.num_params()), forward_calls=3 * steps + 1, prefix_passes=1
+    )
     spec = AlgorithmSpec(config, cost, mesh=mesh, scorer=scorer, round_detailed=round_detailed, **fedprompt.declares)
     return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, spec)
 
@@ -671,9 +790,20 @@ def make(name: str, config: FedConfig, lm, **kwargs) -> FederatedAlgorithm:
 LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 
 
-def tune_learning_rate(algo: FederatedAlgorithm, key: jax.Array, data: FederatedData, dev, lm, model: ModelInputs, *,
-                       num_rounds: int, hp: HParams = HParams(), grid=LR_GRID, eval_every: int = 1,
-                       **run_kwargs) -> tuple[float, list[dict]]:
+def tune_learning_rate(
+    algo: FederatedAlgorithm,
+    key: jax.Array,
+    data: FederatedData,
+    dev,
+    lm,
+    model: ModelInputs,
+    *,
+    num_rounds: int,
+    hp: HParams = HParams(),
+    grid=LR_GRID,
+    eval_every: int = 1,
+    **run_kwargs,
+) -> tuple[float, list[dict]]:
     """Picks the learning rate (FedPrompt's local Adam rate, ``hp.learning_rate``) on the **dev** set.
 
     One :func:`~fedbpt_jax.federated.run` per grid value, all with the same ``key`` (same client
@@ -700,12 +830,29 @@ def tune_learning_rate(algo: FederatedAlgorithm, key: jax.Array, data: Federated
         raise ValueError("grid must hold at least one learning rate")
     table = []
     for lr in grid:
-        _, hist = run(algo, key, data, dev, lm, model, num_rounds=num_rounds, hp=hp.replace(learning_rate=lr),
-                      eval_every=eval_every, progress=False, **run_kwargs)
+        _, hist = run(
+            algo,
+            key,
+            data,
+            dev,
+            lm,
+            model,
+            num_rounds=num_rounds,
+            hp=hp.replace(learning_rate=lr),
+            eval_every=eval_every,
+            progress=False,
+            **run_kwargs,
+        )
         accs = [(e["accuracy"], e["round"]) for e in hist.evals if math.isfinite(e["accuracy"])]
         best = max(accs, key=lambda a: (a[0], -a[1])) if accs else (float("nan"), None)
-        table.append({"learning_rate": lr, "dev_accuracy": best[0], "dev_round": best[1],
-                      "final_dev_accuracy": hist.evals[-1]["accuracy"]})
+        table.append(
+            {
+                "learning_rate": lr,
+                "dev_accuracy": best[0],
+                "dev_round": best[1],
+                "final_dev_accuracy": hist.evals[-1]["accuracy"],
+            }
+        )
     scored = [(row["dev_accuracy"], -i) for i, row in enumerate(table) if math.isfinite(row["dev_accuracy"])]
     if not scored:
         raise ValueError(f"no learning rate of the grid {grid} gave a finite dev evaluation")

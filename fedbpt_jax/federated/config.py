@@ -4,6 +4,7 @@ Shapes, counts and names are static (a frozen, hashable dataclass validated on c
 that a sweep may vary (σ₀, the perturbation rate, the dropout rate, learning rates) live in the
 :class:`HParams` pytree passed to every call, so a sweep is a ``vmap``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,30 +113,46 @@ class FedConfig:
                 raise ValueError(msg)
 
         need(self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}")
-        need(1 <= self.clients_per_round <= self.num_clients,
-             f"clients_per_round (K={self.clients_per_round}) must be in [1, num_clients={self.num_clients}]")
+        need(
+            1 <= self.clients_per_round <= self.num_clients,
+            f"clients_per_round (K={self.clients_per_round}) must be in [1, num_clients={self.num_clients}]",
+        )
         need(self.population_size >= 2, f"population_size must be >= 2, got {self.population_size}")
         need(self.local_generations >= 1, f"local_generations must be >= 1, got {self.local_generations}")
         need(self.intrinsic_dim >= 1, f"intrinsic_dim (d) must be >= 1, got {self.intrinsic_dim}")
         need(self.n_prompt_tokens >= 1, f"n_prompt_tokens must be >= 1, got {self.n_prompt_tokens}")
         need(self.loss in objective.LOSSES, f"unknown loss {self.loss!r}; accepted: {objective.LOSSES}")
-        need(not (self.perturb and self.loss == "accuracy"),
-             "the perturbation ratio needs a positive loss: use loss 'ce' or 'hinge', or perturb=False")
-        need(self.fitness_form in objective.FITNESS_FORMS,
-             f"unknown fitness_form {self.fitness_form!r}; accepted: {objective.FITNESS_FORMS}")
-        need(self.perturb_every in PERTURB_EVERY,
-             f"unknown perturb_every {self.perturb_every!r}; accepted: {PERTURB_EVERY}")
-        need(self.server_variant in SERVER_VARIANTS,
-             f"unknown server_variant {self.server_variant!r}; accepted: {SERVER_VARIANTS}")
+        need(
+            not (self.perturb and self.loss == "accuracy"),
+            "the perturbation ratio needs a positive loss: use loss 'ce' or 'hinge', or perturb=False",
+        )
+        need(
+            self.fitness_form in objective.FITNESS_FORMS,
+            f"unknown fitness_form {self.fitness_form!r}; accepted: {objective.FITNESS_FORMS}",
+        )
+        need(
+            self.perturb_every in PERTURB_EVERY,
+            f"unknown perturb_every {self.perturb_every!r}; accepted: {PERTURB_EVERY}",
+        )
+        need(
+            self.server_variant in SERVER_VARIANTS,
+            f"unknown server_variant {self.server_variant!r}; accepted: {SERVER_VARIANTS}",
+        )
         need(self.client_keys in CLIENT_KEYS, f"unknown client_keys {self.client_keys!r}; accepted: {CLIENT_KEYS}")
         need(self.sampling in SAMPLING, f"unknown sampling {self.sampling!r}; accepted: {SAMPLING}")
-        need(self.projection in prompt.PROJECTIONS,
-             f"unknown projection {self.projection!r}; accepted: {prompt.PROJECTIONS}")
+        need(
+            self.projection in prompt.PROJECTIONS,
+            f"unknown projection {self.projection!r}; accepted: {prompt.PROJECTIONS}",
+        )
         need(self.chunk_clients >= 0, f"chunk_clients must be >= 0, got {self.chunk_clients}")
-        need(math.isfinite(self.projection_alpha) and self.projection_alpha > 0,
-             f"projection_alpha must be finite and > 0, got {self.projection_alpha}")
-        need(self.sigma_schedule in SIGMA_SCHEDULES,
-             f"unknown sigma_schedule {self.sigma_schedule!r}; accepted: {SIGMA_SCHEDULES}")
+        need(
+            math.isfinite(self.projection_alpha) and self.projection_alpha > 0,
+            f"projection_alpha must be finite and > 0, got {self.projection_alpha}",
+        )
+        need(
+            self.sigma_schedule in SIGMA_SCHEDULES,
+            f"unknown sigma_schedule {self.sigma_schedule!r}; accepted: {SIGMA_SCHEDULES}",
+        )
         for name in ("norm_clip_threshold", "norm_clip_upper", "sigma_floor"):
             v = getattr(self, name)
             need(math.isfinite(v) and v > 0, f"{name} must be finite and > 0, got {v}")

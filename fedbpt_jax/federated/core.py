@@ -5,6 +5,7 @@ Clients are an array axis. The N clients' data are one padded ``TokenBatch`` of 
 (E = the largest client's example count, padding rows masked out) plus per-client example counts;
 sampling K of N is a gather with static K, and dropouts are masks with zero aggregation weight.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,11 @@ class FederatedData:
     @classmethod
     def from_host(cls, fed) -> "FederatedData":
         """From :func:`fedbpt_jax.data.federated`'s host-side :class:`~fedbpt_jax.data.FederatedSplits` (numpy) to device arrays."""
-        return cls(train=jax.tree_util.tree_map(jnp.asarray, fed.train),
-                   counts=jnp.asarray(fed.train_counts, jnp.int32), spec=fed.spec)
+        return cls(
+            train=jax.tree_util.tree_map(jnp.asarray, fed.train),
+            counts=jnp.asarray(fed.train_counts, jnp.int32),
+            spec=fed.spec,
+        )
 
 
 @flax.struct.dataclass
@@ -83,9 +87,14 @@ class ModelInputs:
         """
         from .. import prompt
 
-        projection = prompt.make_projection(key, lm.input_embeddings(), intrinsic_dim=config.intrinsic_dim,
-                                            n_prompt_tokens=config.n_prompt_tokens, kind=config.projection,
-                                            alpha=config.projection_alpha)
+        projection = prompt.make_projection(
+            key,
+            lm.input_embeddings(),
+            intrinsic_dim=config.intrinsic_dim,
+            n_prompt_tokens=config.n_prompt_tokens,
+            kind=config.projection,
+            alpha=config.projection_alpha,
+        )
         start = prompt.build_start(lm, start, config.n_prompt_tokens, config.layout)
         return cls(params=lm.params, projection=projection, start=start)
 
@@ -319,8 +328,10 @@ def _client_sharding(mesh):
             return None
         return P(CLIENT_AXIS)  # resolved against the ambient mesh
     if CLIENT_AXIS not in mesh.axis_names:
-        raise ValueError(f"the mesh needs an axis named {CLIENT_AXIS!r}, got axes {mesh.axis_names}; "
-                         "build it with fedbpt_jax.federated.client_mesh()")
+        raise ValueError(
+            f"the mesh needs an axis named {CLIENT_AXIS!r}, got axes {mesh.axis_names}; "
+            "build it with fedbpt_jax.federated.client_mesh()"
+        )
     return NamedSharding(mesh, P(CLIENT_AXIS))
 
 
@@ -367,8 +378,9 @@ def _host_value(x):
     return np.asarray(x)
 
 
-def validate_data(data: FederatedData, config, *, vocab_size: int | None = None, kind: str | None = None,
-                  context: int | None = None) -> None:
+def validate_data(
+    data: FederatedData, config, *, vocab_size: int | None = None, kind: str | None = None, context: int | None = None
+) -> None:
     """Host-side checks of the federated data against ``config`` (clear errors before anything compiles).
 
     Checks: ``[N, E, T]`` shapes with N = ``config.num_clients``; every client has at least one example;
@@ -390,30 +402,38 @@ def validate_data(data: FederatedData, config, *, vocab_size: int | None = None,
         raise ValueError(f"data holds {n} clients but the config says num_clients={n_cfg}")
     ids_shape = tuple(np.shape(train.input_ids))
     if len(ids_shape) != 3 or ids_shape[0] != n:
-        raise ValueError(f"data.train.input_ids must have shape [num_clients={n}, examples, tokens], "
-                         f"got {ids_shape}")
+        raise ValueError(f"data.train.input_ids must have shape [num_clients={n}, examples, tokens], got {ids_shape}")
     e = ids_shape[1]
     for name in ("attention_mask",):
         if tuple(np.shape(getattr(train, name))) != ids_shape:
-            raise ValueError(f"data.train.{name} has shape {tuple(np.shape(getattr(train, name)))}, "
-                             f"expected {ids_shape} like input_ids")
+            raise ValueError(
+                f"data.train.{name} has shape {tuple(np.shape(getattr(train, name)))}, "
+                f"expected {ids_shape} like input_ids"
+            )
     for name in ("labels", "example_mask", "answer_pos"):
         if tuple(np.shape(getattr(train, name))) != (n, e):
             raise ValueError(f"data.train.{name} has shape {tuple(np.shape(getattr(train, name)))}, expected {(n, e)}")
     n_built = int(getattr(data.spec, "n_prompt", 0) or 0)
     if n_built and n_built != config.n_prompt_tokens:
-        raise ValueError(f"the data were built for n_prompt={n_built} prompt tokens but the config says "
-                         f"n_prompt_tokens={config.n_prompt_tokens}; build the data with "
-                         f"n_prompt={config.n_prompt_tokens} or set FedConfig(n_prompt_tokens={n_built})")
+        raise ValueError(
+            f"the data were built for n_prompt={n_built} prompt tokens but the config says "
+            f"n_prompt_tokens={config.n_prompt_tokens}; build the data with "
+            f"n_prompt={config.n_prompt_tokens} or set FedConfig(n_prompt_tokens={n_built})"
+        )
     if context is not None and kind is not None:
         t = ids_shape[2]
         cue = int(np.shape(data.spec.cue_ids)[0])
         total = t + config.n_prompt_tokens + cue if kind == "decoder" else t
         if total > context:
-            what = (f"prompt ({config.n_prompt_tokens}) + text part ({t}) + cue ({cue}) = {total} tokens"
-                    if kind == "decoder" else f"{t} tokens per example")
-            raise ValueError(f"the data need {what}, more than the model's context of {context}; build them with "
-                             "data.federated(..., max_positions=<the model's context>) or a smaller max_length")
+            what = (
+                f"prompt ({config.n_prompt_tokens}) + text part ({t}) + cue ({cue}) = {total} tokens"
+                if kind == "decoder"
+                else f"{t} tokens per example"
+            )
+            raise ValueError(
+                f"the data need {what}, more than the model's context of {context}; build them with "
+                "data.federated(..., max_positions=<the model's context>) or a smaller max_length"
+            )
     num_labels = int(np.shape(data.spec.label_ids)[0])
     if num_labels < 2:
         raise ValueError(f"the task needs at least 2 label words, got {num_labels}")
@@ -424,8 +444,10 @@ def validate_data(data: FederatedData, config, *, vocab_size: int | None = None,
         empty = np.flatnonzero(counts <= 0)
         if empty.size:
             shown = empty[:10].tolist()
-            raise ValueError(f"{empty.size} client(s) have no training examples (e.g. clients {shown}, "
-                             f"counts {counts[empty[:10]].tolist()}): every client needs at least 1 example")
+            raise ValueError(
+                f"{empty.size} client(s) have no training examples (e.g. clients {shown}, "
+                f"counts {counts[empty[:10]].tolist()}): every client needs at least 1 example"
+            )
         if counts.max() > e:
             i = int(np.argmax(counts))
             raise ValueError(f"client {i} has counts={int(counts[i])} examples but the padded width is E={e}")
@@ -435,14 +457,18 @@ def validate_data(data: FederatedData, config, *, vocab_size: int | None = None,
             bad = np.flatnonzero(real != counts)
             if bad.size:
                 i = int(bad[0])
-                raise ValueError(f"client {i}: counts says {int(counts[i])} examples but its example_mask has "
-                                 f"{int(real[i])} real rows")
+                raise ValueError(
+                    f"client {i}: counts says {int(counts[i])} examples but its example_mask has "
+                    f"{int(real[i])} real rows"
+                )
     labels, mask = _host_value(train.labels), _host_value(train.example_mask)
     if labels is not None and mask is not None:
         real = labels[mask > 0]
         if real.size and (real.min() < 0 or real.max() >= num_labels):
             bad = int(real.max()) if real.max() >= num_labels else int(real.min())
-            raise ValueError(f"a training label is {bad}, outside [0, {num_labels}) (the task has {num_labels} label words)")
+            raise ValueError(
+                f"a training label is {bad}, outside [0, {num_labels}) (the task has {num_labels} label words)"
+            )
     ids = _host_value(train.input_ids)
     if vocab_size is not None and ids is not None and ids.size and (ids.max() >= vocab_size or ids.min() < 0):
         bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
@@ -455,7 +481,9 @@ def validate_test(test: TokenBatch, num_labels: int) -> None:
 
     mask = np.asarray(test.example_mask)
     if mask.ndim < 1 or np.sum(mask > 0) == 0:
-        raise ValueError(f"the test set has no examples (example_mask shape {mask.shape}, {int(np.sum(mask > 0))} real rows)")
+        raise ValueError(
+            f"the test set has no examples (example_mask shape {mask.shape}, {int(np.sum(mask > 0))} real rows)"
+        )
     labels = np.asarray(test.labels)[mask > 0]
     if labels.min() < 0 or labels.max() >= num_labels:
         bad = int(labels.max()) if labels.max() >= num_labels else int(labels.min())

@@ -16,6 +16,7 @@ Example (two processes on one machine; run the same script with ``process_id`` 0
     mesh = fl.client_mesh()                      # every device of every process
     carry, history = fl.run(algo, key, data, test, lm, model, num_rounds=10, mesh=mesh)
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -37,12 +38,17 @@ def client_mesh(devices: Sequence[Any] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("client_mesh needs at least one device")
-    return jax.make_mesh((len(devices),), (CLIENT_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
+    return jax.make_mesh((len(devices),), (CLIENT_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
-def init_distributed(coordinator: str, num_processes: int, process_id: int, *,
-                     local_device_ids: Sequence[int] | None = None, timeout_s: int = 120) -> tuple[int, int]:
+def init_distributed(
+    coordinator: str,
+    num_processes: int,
+    process_id: int,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    timeout_s: int = 120,
+) -> tuple[int, int]:
     """Starts multi-controller JAX (``jax.distributed.initialize``) and returns ``(process_index, process_count)``.
 
     Call it once per process, before any other JAX work. On CPU the cross-process collectives go
@@ -70,9 +76,13 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int, *,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # pragma: no cover - a build without gloo: GPU/TPU collectives need none of this
         pass
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids,
-                               initialization_timeout=int(timeout_s))
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=int(timeout_s),
+    )
     return jax.process_index(), jax.process_count()
 
 
@@ -128,8 +138,10 @@ def clients_to_global(local_tree, mesh: Mesh, num_clients: int):
     """
     n_dev = mesh.devices.size
     if num_clients % n_dev:
-        raise ValueError(f"num_clients={num_clients} must be a multiple of the mesh's {n_dev} devices to shard "
-                         "clients across processes; pad with more clients or use to_global on full copies")
+        raise ValueError(
+            f"num_clients={num_clients} must be a multiple of the mesh's {n_dev} devices to shard "
+            "clients across processes; pad with more clients or use to_global on full copies"
+        )
     sharding = NamedSharding(mesh, P(CLIENT_AXIS))
 
     def one(x):
@@ -146,8 +158,9 @@ def host(tree):
         if isinstance(x, jax.Array):
             if not x.is_fully_addressable:
                 if not x.is_fully_replicated:
-                    raise ValueError(f"cannot read a sharded global array of shape {x.shape} on one process; "
-                                     "replicate it first")
+                    raise ValueError(
+                        f"cannot read a sharded global array of shape {x.shape} on one process; replicate it first"
+                    )
                 return np.asarray(x.addressable_data(0))
             return np.asarray(x)
         return x

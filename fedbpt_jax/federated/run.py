@@ -24,6 +24,7 @@ With a ``mesh`` (:func:`fedbpt_jax.federated.client_mesh`), every input becomes 
 replicated), the round's client axis is sharded over all devices, and the carry, metrics and
 evaluations come back replicated, so each process of a multi-host run reads them locally.
 """
+
 from __future__ import annotations
 
 import collections
@@ -68,11 +69,11 @@ _EVAL_PREFIX = "fedbpt_jax_initial_eval__"
 def _on_compile(event: str, duration: float, **kwargs) -> None:
     name = str(kwargs.get("fun_name", ""))
     if event == "/jax/core/compile/backend_compile_duration" and "fedbpt_jax_" in name:
-        name = name[name.index("fedbpt_jax_"):].rstrip(")")
+        name = name[name.index("fedbpt_jax_") :].rstrip(")")
         if name.startswith(_SEGMENT_PREFIX):
-            COMPILE_COUNTS[name[len(_SEGMENT_PREFIX):]] += 1
+            COMPILE_COUNTS[name[len(_SEGMENT_PREFIX) :]] += 1
         elif name.startswith(_EVAL_PREFIX):
-            COMPILE_COUNTS[name[len(_EVAL_PREFIX):] + "/eval"] += 1
+            COMPILE_COUNTS[name[len(_EVAL_PREFIX) :] + "/eval"] += 1
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_compile)
@@ -178,14 +179,17 @@ def _set_metrics(scorer, params, evalset: EvalSet, spec, p) -> dict:
     real = evalset.example_mask.reshape(-1) > 0
     bad = jnp.sum((real & ~jnp.all(jnp.isfinite(flat), axis=-1)).astype(jnp.int32))
     ev = {k: jnp.where(bad > 0, jnp.nan, v) for k, v in ev.items()}
-    onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), flat.shape[-1], dtype=jnp.float32) * real[:, None].astype(jnp.float32)
+    onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), flat.shape[-1], dtype=jnp.float32) * real[:, None].astype(
+        jnp.float32
+    )
     ev["nonfinite_examples"] = bad
     ev["pred_dist"] = jnp.sum(onehot, axis=0) / jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0)
     return ev
 
 
-def _eval(algo: FederatedAlgorithm, state, model: ModelInputs, test: EvalSet, dev: EvalSet | None, spec, scorer,
-          token_norm):
+def _eval(
+    algo: FederatedAlgorithm, state, model: ModelInputs, test: EvalSet, dev: EvalSet | None, spec, scorer, token_norm
+):
     p = algo.global_prompt(state, model)
     ev = _set_metrics(scorer, model.params, test, spec, p)
     if dev is not None:
@@ -207,8 +211,12 @@ def _select(carry: RunCarry, ev, p, at_round, n_prompt: int, hidden: int) -> Run
         # Chosen by dev accuracy alone; an evaluation with non-finite logits anywhere (dev or test) is a
         # broken prompt and is never selected.
         dev_acc = ev["dev_accuracy"].astype(jnp.float32)
-        better = prompt_ok & jnp.isfinite(dev_acc) & jnp.isfinite(test_acc) & (
-            (dev_acc > carry.selected_dev_accuracy) | (carry.selected_round < 0))
+        better = (
+            prompt_ok
+            & jnp.isfinite(dev_acc)
+            & jnp.isfinite(test_acc)
+            & ((dev_acc > carry.selected_dev_accuracy) | (carry.selected_round < 0))
+        )
     else:  # no dev set: no selection, the latest finite evaluation
         dev_acc = jnp.asarray(jnp.nan, jnp.float32)
         better = prompt_ok & jnp.isfinite(test_acc)
@@ -230,8 +238,17 @@ def _drop_keys(metrics: dict, keep_uploads: bool, log_clients: bool) -> dict:
     return {k: v for k, v in metrics.items() if k not in drop}
 
 
-def make_segment(algo: FederatedAlgorithm, scorer, eval_every: int, n_prompt: int, hidden: int, key_impl=None,
-                 *, keep_uploads: bool = False, log_clients: bool = True):
+def make_segment(
+    algo: FederatedAlgorithm,
+    scorer,
+    eval_every: int,
+    n_prompt: int,
+    hidden: int,
+    key_impl=None,
+    *,
+    keep_uploads: bool = False,
+    log_clients: bool = True,
+):
     """The jittable segment ``(key_data, carry, data, hp, model, test, dev, token_norm) -> (carry, metrics, eval)``.
 
     ``eval_every`` rounds in a ``lax.scan`` (round ``r`` gets ``fold_in(key, r)``), then one evaluation
@@ -241,13 +258,22 @@ def make_segment(algo: FederatedAlgorithm, scorer, eval_every: int, n_prompt: in
     the scan only with ``keep_uploads``; the per-client diagnostics only with ``log_clients``.
     """
 
-    def segment(key_data, carry: RunCarry, data: FederatedData, hp: HParams, model: ModelInputs, test: EvalSet,
-                dev: EvalSet | None, token_norm):
+    def segment(
+        key_data,
+        carry: RunCarry,
+        data: FederatedData,
+        hp: HParams,
+        model: ModelInputs,
+        test: EvalSet,
+        dev: EvalSet | None,
+        token_norm,
+    ):
         TRACE_COUNTS[algo.name] += 1  # Python side effect: runs only while tracing
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
 
-        round_fn = algo.round_detailed if algo.round_detailed is not None and (keep_uploads or log_clients) \
-            else algo.round
+        round_fn = (
+            algo.round_detailed if algo.round_detailed is not None and (keep_uploads or log_clients) else algo.round
+        )
 
         def body(state, r):
             state, metrics = round_fn(jax.random.fold_in(key, r), state, data, hp, model)
@@ -267,8 +293,9 @@ def make_segment(algo: FederatedAlgorithm, scorer, eval_every: int, n_prompt: in
 def make_initial_eval(algo: FederatedAlgorithm, scorer, n_prompt: int, hidden: int):
     """The jittable evaluation of the initial state: ``(carry, data, model, test, dev, token_norm) -> (carry, eval)``."""
 
-    def initial(carry: RunCarry, data: FederatedData, model: ModelInputs, test: EvalSet, dev: EvalSet | None,
-                token_norm):
+    def initial(
+        carry: RunCarry, data: FederatedData, model: ModelInputs, test: EvalSet, dev: EvalSet | None, token_norm
+    ):
         TRACE_COUNTS[algo.name + "/eval"] += 1
         ev, p = _eval(algo, carry.state, model, test, dev, data.spec, scorer, token_norm)
         return _select(carry, ev, p, carry.rounds_done, n_prompt, hidden), ev
@@ -293,26 +320,55 @@ def _algo_scorer(algo: FederatedAlgorithm, kind: str, model_config):
     return objective.scorer_for(kind, model_config, cfg.layout, n_prompt_tokens=cfg.n_prompt_tokens)
 
 
-def compiled_segments(algo: FederatedAlgorithm, lm, eval_every: int, key_impl, mesh, *, keep_uploads: bool = False,
-                      log_clients: bool = True):
+def compiled_segments(
+    algo: FederatedAlgorithm,
+    lm,
+    eval_every: int,
+    key_impl,
+    mesh,
+    *,
+    keep_uploads: bool = False,
+    log_clients: bool = True,
+):
     """The jitted ``(segment, initial_eval)`` of :func:`make_segment` and :func:`make_initial_eval` for this
     algorithm, backbone shape, E, key implementation and mesh, with replicated outputs on a mesh.
 
     Cached: every segment of a run and every later :func:`run` with the same arguments reuse one compiled
     program (see :func:`fedbpt_jax.testing.count_compiles`).
     """
-    return _jitted(algo, lm.kind, lm.config, eval_every, lm.hidden_size, key_impl, mesh, bool(keep_uploads),
-                   bool(log_clients))
+    return _jitted(
+        algo, lm.kind, lm.config, eval_every, lm.hidden_size, key_impl, mesh, bool(keep_uploads), bool(log_clients)
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(algo: FederatedAlgorithm, kind: str, model_config, eval_every: int, hidden: int, key_impl, mesh,
-            keep_uploads: bool = False, log_clients: bool = True):
+def _jitted(
+    algo: FederatedAlgorithm,
+    kind: str,
+    model_config,
+    eval_every: int,
+    hidden: int,
+    key_impl,
+    mesh,
+    keep_uploads: bool = False,
+    log_clients: bool = True,
+):
     cfg = algo.config
     scorer = _algo_scorer(algo, kind, model_config)
     out = _replicated(mesh)
-    segment = jax.jit(make_segment(algo, scorer, eval_every, cfg.n_prompt_tokens, hidden, key_impl,
-                                   keep_uploads=keep_uploads, log_clients=log_clients), out_shardings=out)
+    segment = jax.jit(
+        make_segment(
+            algo,
+            scorer,
+            eval_every,
+            cfg.n_prompt_tokens,
+            hidden,
+            key_impl,
+            keep_uploads=keep_uploads,
+            log_clients=log_clients,
+        ),
+        out_shardings=out,
+    )
     initial = jax.jit(make_initial_eval(algo, scorer, cfg.n_prompt_tokens, hidden), out_shardings=out)
     return segment, initial
 
@@ -347,12 +403,15 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
     if data.clean_context is not None and algo.uses_clean_context and prefix:
         prefix -= 1  # the clean prefix cache is kept across rounds
     flops = algo.cost.forward_calls * examples * cost.forward + prefix * examples * cost.prepare
-    return {"examples_per_call": examples, "forward_calls": algo.cost.forward_calls, "prefix_passes": prefix,
-            "flops_per_client": flops}
+    return {
+        "examples_per_call": examples,
+        "forward_calls": algo.cost.forward_calls,
+        "prefix_passes": prefix,
+        "flops_per_client": flops,
+    }
 
 
-def _keep_clean_context(algo, scorer, lm, data: FederatedData, keep: bool | None, budget: int,
-                        num_rounds: int) -> bool:
+def _keep_clean_context(algo, scorer, lm, data: FederatedData, keep: bool | None, budget: int, num_rounds: int) -> bool:
     """Whether ``run`` keeps the clients' clean prefix caches across rounds (see ``run``'s ``keep_clean_context``)."""
     usable = algo.uses_clean_context and bool(scorer.caches_prefix)
     if keep is None:
@@ -362,12 +421,16 @@ def _keep_clean_context(algo, scorer, lm, data: FederatedData, keep: bool | None
     if keep and not usable:
         from .algorithms import declaring
 
-        why = (f"algorithm {algo.name!r} does not use it (its spec.uses_clean_context is False)"
-               if not algo.uses_clean_context
-               else "its scorer has no prefix cache (decoders with layout 'after' have one)")
-        raise ValueError(f"keep_clean_context=True: {why}; accepted for an algorithm whose spec declares "
-                         f"uses_clean_context (built in: {declaring('uses_clean_context')}) with a "
-                         "prefix-caching scorer (or pass None to decide automatically)")
+        why = (
+            f"algorithm {algo.name!r} does not use it (its spec.uses_clean_context is False)"
+            if not algo.uses_clean_context
+            else "its scorer has no prefix cache (decoders with layout 'after' have one)"
+        )
+        raise ValueError(
+            f"keep_clean_context=True: {why}; accepted for an algorithm whose spec declares "
+            f"uses_clean_context (built in: {declaring('uses_clean_context')}) with a "
+            "prefix-caching scorer (or pass None to decide automatically)"
+        )
     return bool(keep)
 
 
@@ -392,20 +455,30 @@ def _fingerprint(x) -> str | None:
 _DESCRIBED_AS = {"projection_alpha": "alpha"}
 
 
-def _describe(algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, data: FederatedData, lm,
-              model: ModelInputs) -> dict[str, str]:
+def _describe(
+    algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, data: FederatedData, lm, model: ModelInputs
+) -> dict[str, str]:
     """What identifies a run for resuming (everything but the round count, the mesh and the I/O)."""
     c = data.counts
     readable = not isinstance(c, jax.Array) or c.is_fully_addressable or c.is_fully_replicated
     counts = host(c) if readable else None
-    desc = {"algorithm": algo.name, "eval_every": eval_every, "key": np.asarray(host(key_data)).tolist(),
-            "backbone": f"{lm.name} {lm.config!r}", "data_shape": list(np.shape(data.train.input_ids)),
-            "client_counts_sum": None if counts is None else int(np.sum(counts)),
-            "projection_shape": None if model.projection is None else list(np.shape(model.projection)),
-            "prompt_start": _fingerprint(getattr(model, "start", None))}
+    desc = {
+        "algorithm": algo.name,
+        "eval_every": eval_every,
+        "key": np.asarray(host(key_data)).tolist(),
+        "backbone": f"{lm.name} {lm.config!r}",
+        "data_shape": list(np.shape(data.train.input_ids)),
+        "client_counts_sum": None if counts is None else int(np.sum(counts)),
+        "projection_shape": None if model.projection is None else list(np.shape(model.projection)),
+        "prompt_start": _fingerprint(getattr(model, "start", None)),
+    }
     # Keys keep their historical names (projection_alpha was "alpha"), so older checkpoints still resume.
-    desc.update({f"config.{_DESCRIBED_AS.get(f.name, f.name)}": getattr(algo.config, f.name)
-                 for f in dataclasses.fields(algo.config)})
+    desc.update(
+        {
+            f"config.{_DESCRIBED_AS.get(f.name, f.name)}": getattr(algo.config, f.name)
+            for f in dataclasses.fields(algo.config)
+        }
+    )
     desc.update({f"hp.{k}": float(np.asarray(v)) for k, v in dataclasses.asdict(host(hp)).items()})
     return {k: repr(v) for k, v in desc.items()}
 
@@ -436,11 +509,15 @@ class _RunCheckpoint:
     def _mismatch(self, err: Exception) -> str:
         step = self.ckpt.latest_step()
         old = self.ckpt.restore_meta(step).get("config", {})
-        diff = [f"{k}: checkpoint {old.get(k, '<absent>')}, this run {v}" for k, v in self.desc.items() if old.get(k) != v]
+        diff = [
+            f"{k}: checkpoint {old.get(k, '<absent>')}, this run {v}" for k, v in self.desc.items() if old.get(k) != v
+        ]
         diff += [f"{k}: checkpoint {v}, this run <absent>" for k, v in old.items() if k not in self.desc]
-        return (f"checkpoint {self.ckpt.directory} (round {step}) is from another configuration: "
-                + ("; ".join(diff) or str(err))
-                + ". Resume with the same configuration or use a new checkpoint directory")
+        return (
+            f"checkpoint {self.ckpt.directory} (round {step}) is from another configuration: "
+            + ("; ".join(diff) or str(err))
+            + ". Resume with the same configuration or use a new checkpoint directory"
+        )
 
     def save(self, done: int, carry: RunCarry, history: History) -> None:
         self.ckpt.save(done, carry, {**history.as_dict(), "config": self.desc})
@@ -456,11 +533,16 @@ def _row_value(v):
     return float(v)
 
 
-def _check_options(algo: FederatedAlgorithm, *, num_rounds, eval_every, checkpoint_every, eval_chunk, stop_after,
-                   save_uploads, mesh):
+def _check_options(
+    algo: FederatedAlgorithm, *, num_rounds, eval_every, checkpoint_every, eval_chunk, stop_after, save_uploads, mesh
+):
     """Checks :func:`run`'s options (before anything compiles); returns the mesh the run uses."""
-    for name, v in (("num_rounds", num_rounds), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
-                    ("eval_chunk", eval_chunk)):
+    for name, v in (
+        ("num_rounds", num_rounds),
+        ("eval_every", eval_every),
+        ("checkpoint_every", checkpoint_every),
+        ("eval_chunk", eval_chunk),
+    ):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if num_rounds % eval_every:
@@ -472,14 +554,17 @@ def _check_options(algo: FederatedAlgorithm, *, num_rounds, eval_every, checkpoi
     if save_uploads is not None and not algo.uploads:
         from .algorithms import declaring
 
-        raise ValueError(f"save_uploads: algorithm {algo.name!r} has no client uploads to save (its spec.uploads "
-                         f"is False); accepted for an algorithm whose spec declares uploads (built in: "
-                         f"{declaring('uploads')})")
+        raise ValueError(
+            f"save_uploads: algorithm {algo.name!r} has no client uploads to save (its spec.uploads "
+            f"is False); accepted for an algorithm whose spec declares uploads (built in: "
+            f"{declaring('uploads')})"
+        )
     return algo.mesh if mesh is None else mesh
 
 
-def _validate_inputs(algo: FederatedAlgorithm, data: FederatedData, test: TokenBatch, dev: TokenBatch | None,
-                     lm) -> None:
+def _validate_inputs(
+    algo: FederatedAlgorithm, data: FederatedData, test: TokenBatch, dev: TokenBatch | None, lm
+) -> None:
     """Host-side checks of the training data, the test set and the dev set (clear errors before compiling)."""
     validate_data(data, algo.config, vocab_size=lm.vocab_size, kind=lm.kind, context=model_context(lm))
     num_labels = int(np.shape(data.spec.label_ids)[0])
@@ -518,10 +603,12 @@ def _place_data(data: FederatedData, mesh) -> FederatedData:
     """The clients' data as global arrays on ``mesh`` (clients sharded), or as they are without one."""
     if mesh is None:
         return data
-    return data.replace(train=to_global(data.train, mesh, clients=True),
-                        counts=to_global(data.counts, mesh, clients=True), spec=to_global(data.spec, mesh),
-                        clean_context=None if data.clean_context is None
-                        else to_global(data.clean_context, mesh, clients=True))
+    return data.replace(
+        train=to_global(data.train, mesh, clients=True),
+        counts=to_global(data.counts, mesh, clients=True),
+        spec=to_global(data.spec, mesh),
+        clean_context=None if data.clean_context is None else to_global(data.clean_context, mesh, clients=True),
+    )
 
 
 def _clean_context(data: FederatedData, keep: bool, scorer, model: ModelInputs, config, mesh) -> FederatedData:
@@ -565,8 +652,17 @@ def _caches_eval_prefix(scorer, params, chunks, dev_chunks, cache: bool | None, 
     return bool(cache)
 
 
-def eval_sets(scorer, lm, model: ModelInputs, chunks: TokenBatch, dev_chunks: TokenBatch | None, spec, *,
-              cache_prefix: bool, mesh=None) -> EvalSets:
+def eval_sets(
+    scorer,
+    lm,
+    model: ModelInputs,
+    chunks: TokenBatch,
+    dev_chunks: TokenBatch | None,
+    spec,
+    *,
+    cache_prefix: bool,
+    mesh=None,
+) -> EvalSets:
     """The run's :class:`EvalSets` from the chunked test and dev examples ``[C, S, T]``; with
     ``cache_prefix`` their prefix caches are computed here, once per run."""
 
@@ -597,13 +693,18 @@ def round_rows(metrics: dict, first_round: int, algo: FederatedAlgorithm, cost: 
     for i in range(len(next(iter(metrics.values())))):
         row = {"round": first_round + i, **{k: _row_value(v[i]) for k, v in metrics.items()}}
         active = 1 if algo.cost.pooled and row.get("active_clients", 0) > 0 else row.get("active_clients", 0)
-        row.update({"bytes_down_per_client": comm.down_per_client, "bytes_up_per_client": comm.up_per_client,
-                    "fedavg_full_model_bytes_per_client": comm.fedavg_full_model_per_client,
-                    "forward_calls": int(algo.cost.forward_calls * active),
-                    "prefix_passes": int(cost["prefix_passes"] * active),
-                    "examples_per_call": cost["examples_per_call"],
-                    "model_flops": float(cost["flops_per_client"] * active),
-                    "seconds": seconds})
+        row.update(
+            {
+                "bytes_down_per_client": comm.down_per_client,
+                "bytes_up_per_client": comm.up_per_client,
+                "fedavg_full_model_bytes_per_client": comm.fedavg_full_model_per_client,
+                "forward_calls": int(algo.cost.forward_calls * active),
+                "prefix_passes": int(cost["prefix_passes"] * active),
+                "examples_per_call": cost["examples_per_call"],
+                "model_flops": float(cost["flops_per_client"] * active),
+                "seconds": seconds,
+            }
+        )
         if clients is not None:
             row["clients"] = _client_rows({k: v[i] for k, v in clients.items()})
         rows.append(row)
@@ -719,13 +820,22 @@ def run(
     from ..callbacks import check_callbacks
 
     callbacks = check_callbacks(callbacks)
-    mesh = _check_options(algo, num_rounds=num_rounds, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                          eval_chunk=eval_chunk, stop_after=stop_after, save_uploads=save_uploads, mesh=mesh)
+    mesh = _check_options(
+        algo,
+        num_rounds=num_rounds,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        eval_chunk=eval_chunk,
+        stop_after=stop_after,
+        save_uploads=save_uploads,
+        mesh=mesh,
+    )
     hp = hp.validate()
     _validate_inputs(algo, data, test, dev, lm)
     key_init, key_data, impl = _run_keys(key)
-    segment, initial = compiled_segments(algo, lm, eval_every, impl, mesh, keep_uploads=save_uploads is not None,
-                                         log_clients=log_clients)
+    segment, initial = compiled_segments(
+        algo, lm, eval_every, impl, mesh, keep_uploads=save_uploads is not None, log_clients=log_clients
+    )
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     keep_ctx = _keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
     chunks = objective.chunk_examples(test, eval_chunk)
@@ -735,7 +845,8 @@ def run(
     data = _place_data(data, mesh)
     if mesh is not None:
         model, hp, chunks, dev_chunks, carry, key_data, token_norm = to_global(
-            (model, hp, chunks, dev_chunks, carry, key_data, token_norm), mesh)
+            (model, hp, chunks, dev_chunks, carry, key_data, token_norm), mesh
+        )
     else:
         chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
     data = _clean_context(data, keep_ctx, scorer, model, algo.config, mesh)
@@ -754,20 +865,65 @@ def run(
         desc = _describe(algo, hp, eval_every, key_data, data, lm, model)
         desc["dev_shape"] = repr(None if dev is None else list(np.shape(dev.input_ids)))
     try:
-        return _loop(algo, segment, initial, carry, history, data, hp, model, evals, token_norm, key_data, cost,
-                     ckpt_args=None if desc is None else (checkpoint_dir, desc),
-                     num_rounds=num_rounds, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                     results_dir=results_dir, save_uploads=save_uploads, progress=progress, stop_after=stop_after,
-                     mesh=mesh, callbacks=callbacks if lead else [], lead=lead, plot=plot)
+        return _loop(
+            algo,
+            segment,
+            initial,
+            carry,
+            history,
+            data,
+            hp,
+            model,
+            evals,
+            token_norm,
+            key_data,
+            cost,
+            ckpt_args=None if desc is None else (checkpoint_dir, desc),
+            num_rounds=num_rounds,
+            eval_every=eval_every,
+            checkpoint_every=checkpoint_every,
+            results_dir=results_dir,
+            save_uploads=save_uploads,
+            progress=progress,
+            stop_after=stop_after,
+            mesh=mesh,
+            callbacks=callbacks if lead else [],
+            lead=lead,
+            plot=plot,
+        )
     finally:
         from ..callbacks import close_all
 
         close_all(callbacks)
 
 
-def _loop(algo, segment, initial, carry, history, data, hp, model, evals, token_norm, key_data, cost, *, ckpt_args,
-          num_rounds, eval_every, checkpoint_every, results_dir, save_uploads, progress, stop_after, mesh, callbacks,
-          lead, plot):
+def _loop(
+    algo,
+    segment,
+    initial,
+    carry,
+    history,
+    data,
+    hp,
+    model,
+    evals,
+    token_norm,
+    key_data,
+    cost,
+    *,
+    ckpt_args,
+    num_rounds,
+    eval_every,
+    checkpoint_every,
+    results_dir,
+    save_uploads,
+    progress,
+    stop_after,
+    mesh,
+    callbacks,
+    lead,
+    plot,
+):
     """:func:`run`'s segments after its set-up: resume, initial evaluation, the segment loop with the
     checkpoints, results and callbacks (see :mod:`fedbpt_jax.callbacks` for when they fire)."""
     from tqdm.auto import tqdm
@@ -834,8 +990,9 @@ def _plot(results_dir, name: str) -> None:
     try:
         plot_run(results_dir)
     except Exception as err:  # noqa: BLE001  (a plot never fails a finished run)
-        warnings.warn(f"{name}: could not write {Path(results_dir) / 'metrics.png'}: {err}", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{name}: could not write {Path(results_dir) / 'metrics.png'}: {err}", RuntimeWarning, stacklevel=3
+        )
 
 
 def model_context(lm) -> int | None:
@@ -937,7 +1094,8 @@ def summarize(history: History, carry: RunCarry) -> dict:
         return None if x < 0 else float(x)
 
     return {
-        "selection_rule": "dev accuracy, ties to the earliest round" if has_dev
+        "selection_rule": "dev accuracy, ties to the earliest round"
+        if has_dev
         else "none (no dev set): the latest finite evaluation",
         "initial_test_accuracy": first["accuracy"],
         "final_round": final["round"],
@@ -947,9 +1105,12 @@ def summarize(history: History, carry: RunCarry) -> dict:
         "selected_dev_accuracy": num(float(c.selected_dev_accuracy)) if has_dev else None,
         "selected_test_accuracy": num(float(c.selected_test_accuracy)),
         "best_test_reference": num(float(c.best_test_reference)),
-        "best_test_reference_round": int(c.best_test_reference_round) if int(c.best_test_reference_round) >= 0 else None,
-        "nonfinite_evals": sum(1 for e in history.evals if e.get("nonfinite_examples", 0) > 0
-                               or not math.isfinite(e["accuracy"])),
+        "best_test_reference_round": int(c.best_test_reference_round)
+        if int(c.best_test_reference_round) >= 0
+        else None,
+        "nonfinite_evals": sum(
+            1 for e in history.evals if e.get("nonfinite_examples", 0) > 0 or not math.isfinite(e["accuracy"])
+        ),
         "fitness_all_nonfinite_rounds": len(bad_rounds),
         "fitness_all_nonfinite": bool(with_clients) and len(bad_rounds) == len(with_clients),
     }
@@ -959,12 +1120,20 @@ def _warn_nonfinite(summary: dict, name: str) -> None:
     import warnings
 
     if summary["fitness_all_nonfinite"]:
-        warnings.warn(f"{name}: every active client's fitness was non-finite in every round "
-                      f"({summary['fitness_all_nonfinite_rounds']} rounds): the server never moved and the "
-                      "reported prompt is the initial one", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{name}: every active client's fitness was non-finite in every round "
+            f"({summary['fitness_all_nonfinite_rounds']} rounds): the server never moved and the "
+            "reported prompt is the initial one",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if summary["nonfinite_evals"]:
-        warnings.warn(f"{name}: {summary['nonfinite_evals']} evaluation(s) had non-finite logits (reported as NaN, "
-                      "never selected)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{name}: {summary['nonfinite_evals']} evaluation(s) had non-finite logits (reported as NaN, "
+            "never selected)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def write_results(results_dir, history: History, carry: RunCarry) -> None:

@@ -33,6 +33,7 @@ Example::
     print(res.markdown())            # mean ± std over the seeds per hyperparameter point
     res.write("sweep.json")          # every lane's curves and figures (atomic, NaN kept as "nan")
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,7 +70,7 @@ HP_FIELDS = tuple(f.name for f in dataclasses.fields(HParams))
 def _on_compile(event: str, duration: float, **kwargs) -> None:
     name = str(kwargs.get("fun_name", ""))
     if event == "/jax/core/compile/backend_compile_duration" and _PROGRAM_PREFIX in name:
-        run_mod.COMPILE_COUNTS["sweep/" + name[name.index(_PROGRAM_PREFIX) + len(_PROGRAM_PREFIX):].rstrip(")")] += 1
+        run_mod.COMPILE_COUNTS["sweep/" + name[name.index(_PROGRAM_PREFIX) + len(_PROGRAM_PREFIX) :].rstrip(")")] += 1
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_compile)
@@ -93,7 +94,7 @@ def _check_seeds(seeds) -> list[int]:
     for s in list(seeds):
         if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
             raise ValueError(f"seeds must be integers, got {s!r} in {list(seeds)!r}")
-        if not -(2 ** 63) <= int(s) < 2 ** 64:
+        if not -(2**63) <= int(s) < 2**64:
             raise ValueError(f"seed {int(s)} is outside the 64-bit range jax.random.key accepts")
         out.append(int(s))
     if not out:
@@ -140,9 +141,11 @@ def hp_points(hp: Mapping[str, Any] | None, *, grid: bool = False, base: HParams
         lengths = {k: len(v) for k, v in lists.items()}
         if len(set(lengths.values())) > 1:
             shown = ", ".join(f"{k}: {n}" for k, n in lengths.items())
-            raise ValueError(f"hyperparameter lists have different lengths ({shown}): without grid=True position i "
-                             "of every list is point i, so give lists of one length, or grid=True (--grid) for "
-                             "their cartesian product")
+            raise ValueError(
+                f"hyperparameter lists have different lengths ({shown}): without grid=True position i "
+                "of every list is point i, so give lists of one length, or grid=True (--grid) for "
+                "their cartesian product"
+            )
         n = next(iter(lengths.values()))
         rows = [{k: v[i] for k, v in lists.items()} for i in range(n)]
     base_values = {k: float(np.asarray(host(getattr(base, k)))) for k in HP_FIELDS}
@@ -162,8 +165,16 @@ def hp_points(hp: Mapping[str, Any] | None, *, grid: bool = False, base: HParams
 # ------------------------------------------------------------------------------------------------
 # The compiled program
 # ------------------------------------------------------------------------------------------------
-def make_program(algo: FederatedAlgorithm, scorer, eval_every: int, num_segments: int, n_prompt: int, hidden: int,
-                 key_impl=None, mesh=None):
+def make_program(
+    algo: FederatedAlgorithm,
+    scorer,
+    eval_every: int,
+    num_segments: int,
+    n_prompt: int,
+    hidden: int,
+    key_impl=None,
+    mesh=None,
+):
     """The jittable sweep ``(key_init [L, k], key_rounds [L, k], hp [L], data, model, test, dev, token_norm) ->
     (carry [L], initial eval [L], evals [L, num_segments], metrics [L, num_segments, eval_every])``.
 
@@ -171,8 +182,9 @@ def make_program(algo: FederatedAlgorithm, scorer, eval_every: int, num_segments
     and rounds' key (:func:`fedbpt_jax.federated.run.round_key`); everything but the lane inputs is shared.
     """
     name = algo.name
-    segment = run_mod.make_segment(algo, scorer, eval_every, n_prompt, hidden, key_impl, keep_uploads=False,
-                                   log_clients=False)
+    segment = run_mod.make_segment(
+        algo, scorer, eval_every, n_prompt, hidden, key_impl, keep_uploads=False, log_clients=False
+    )
     initial = run_mod.make_initial_eval(algo, scorer, n_prompt, hidden)
 
     def lane(key_init, key_rounds, hp, data, model, test, dev, token_norm):
@@ -193,7 +205,8 @@ def make_program(algo: FederatedAlgorithm, scorer, eval_every: int, num_segments
         if mesh is not None:
             key_init, key_rounds, hp = _constrain_lanes((key_init, key_rounds, hp), mesh)
         out = jax.vmap(lane, in_axes=(0, 0, 0, None, None, None, None, None))(
-            key_init, key_rounds, hp, data, model, test, dev, token_norm)
+            key_init, key_rounds, hp, data, model, test, dev, token_norm
+        )
         for k, v in own.items():  # the segment and initial evaluation count for run(), not here
             counts[k] = v
         return out
@@ -211,8 +224,9 @@ def _constrain_lanes(tree, mesh):
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted(algo: FederatedAlgorithm, kind: str, model_config, hidden: int, eval_every: int, num_segments: int,
-            key_impl, mesh):
+def _jitted(
+    algo: FederatedAlgorithm, kind: str, model_config, hidden: int, eval_every: int, num_segments: int, key_impl, mesh
+):
     scorer = run_mod._algo_scorer(algo, kind, model_config)
     out = None
     if mesh is not None:
@@ -302,8 +316,10 @@ class SweepResults:
         for row in self.lanes:
             if row["seed"] == seed and all(row["hparams"].get(k) == float(v) for k, v in hparams.items()):
                 return row
-        raise KeyError(f"no lane with seed {seed} and {hparams}; seeds {self.seeds}, points "
-                       f"{[{k: p[k] for k in self.swept} for p in self.points]}")
+        raise KeyError(
+            f"no lane with seed {seed} and {hparams}; seeds {self.seeds}, points "
+            f"{[{k: p[k] for k in self.swept} for p in self.points]}"
+        )
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "carry"}
@@ -321,8 +337,14 @@ class SweepResults:
     def markdown(self) -> str:
         """A markdown table: one row per hyperparameter point, the swept values, n seeds, and mean ± std of
         the final, dev-selected and best-on-test (reference figure, optimistic) test accuracies."""
-        cols = [*self.swept, "seeds", "final test acc", "dev-selected test acc", "selected dev acc",
-                "best-on-test (reference, optimistic)"]
+        cols = [
+            *self.swept,
+            "seeds",
+            "final test acc",
+            "dev-selected test acc",
+            "selected dev acc",
+            "best-on-test (reference, optimistic)",
+        ]
         lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
         for s in self.summary:
             cells = [f"{s['hparams'][k]:g}" for k in self.swept] + [str(len(s["seeds"]))]
@@ -333,6 +355,7 @@ class SweepResults:
 
 def _finite_eval(ev0, evs, i: int, e: int, has_dev: bool) -> bool:
     """Whether evaluation ``e`` (0: the initial one) of lane ``i`` had finite logits on test (and dev)."""
+
     def at(k):
         return np.asarray(ev0[k])[i] if e == 0 else np.asarray(evs[k])[i, e - 1]
 
@@ -357,33 +380,65 @@ def _results(algo, seeds, points, swept, num_rounds, eval_every, out, has_dev: b
             i = h * len(seeds) + j
             test_acc, dev_acc = curve("accuracy", i), curve("dev_accuracy", i)
             nonfinite = sum(1 for e in range(len(eval_rounds)) if not _finite_eval(ev0, evs, i, e, has_dev))
-            rounds = {k: [float(x) for x in np.asarray(v)[i].reshape(-1)] for k, v in metrics.items()
-                      if np.asarray(v)[i].size == num_rounds}
+            rounds = {
+                k: [float(x) for x in np.asarray(v)[i].reshape(-1)]
+                for k, v in metrics.items()
+                if np.asarray(v)[i].size == num_rounds
+            }
             sel = int(carry.selected_round[i])
             ref_round = int(carry.best_test_reference_round[i])
-            lanes.append({
-                "lane": i, "seed": seed, "point": h, "hparams": dict(point),
-                "eval_rounds": eval_rounds, "test_accuracy": test_acc, "dev_accuracy": dev_acc,
-                "test_loss": curve("loss", i), "z_norm": curve("z_norm", i), "rounds": rounds,
-                "final_round": num_rounds, "final_test_accuracy": test_acc[-1],
-                "final_dev_accuracy": None if dev_acc is None else dev_acc[-1],
-                "selected_round": sel if sel >= 0 else None,
-                "selected_dev_accuracy": float(carry.selected_dev_accuracy[i]) if has_dev and sel >= 0 else None,
-                "selected_test_accuracy": float(carry.selected_test_accuracy[i]) if sel >= 0 else None,
-                "best_test_reference": float(carry.best_test_reference[i]) if ref_round >= 0 else None,
-                "best_test_reference_round": ref_round if ref_round >= 0 else None,
-                "nonfinite_evals": nonfinite,
-            })
+            lanes.append(
+                {
+                    "lane": i,
+                    "seed": seed,
+                    "point": h,
+                    "hparams": dict(point),
+                    "eval_rounds": eval_rounds,
+                    "test_accuracy": test_acc,
+                    "dev_accuracy": dev_acc,
+                    "test_loss": curve("loss", i),
+                    "z_norm": curve("z_norm", i),
+                    "rounds": rounds,
+                    "final_round": num_rounds,
+                    "final_test_accuracy": test_acc[-1],
+                    "final_dev_accuracy": None if dev_acc is None else dev_acc[-1],
+                    "selected_round": sel if sel >= 0 else None,
+                    "selected_dev_accuracy": float(carry.selected_dev_accuracy[i]) if has_dev and sel >= 0 else None,
+                    "selected_test_accuracy": float(carry.selected_test_accuracy[i]) if sel >= 0 else None,
+                    "best_test_reference": float(carry.best_test_reference[i]) if ref_round >= 0 else None,
+                    "best_test_reference_round": ref_round if ref_round >= 0 else None,
+                    "nonfinite_evals": nonfinite,
+                }
+            )
     summary = []
     for h, point in enumerate(points):
         rows = [r for r in lanes if r["point"] == h]
-        summary.append({"point": h, "hparams": {k: point[k] for k in swept}, "seeds": list(seeds),
-                        **{f: _stats([r[f] for r in rows]) for f in SUMMARY_FIGURES}})
-    rule = ("dev accuracy, ties to the earliest round; non-finite evaluations never selected" if has_dev
-            else "none (no dev set): the latest finite evaluation")
-    return SweepResults(algorithm=algo.name, num_rounds=num_rounds, eval_every=eval_every, eval_rounds=eval_rounds,
-                        swept=list(swept), seeds=list(seeds), points=[dict(p) for p in points], lanes=lanes,
-                        summary=summary, selection_rule=rule, carry=carry)
+        summary.append(
+            {
+                "point": h,
+                "hparams": {k: point[k] for k in swept},
+                "seeds": list(seeds),
+                **{f: _stats([r[f] for r in rows]) for f in SUMMARY_FIGURES},
+            }
+        )
+    rule = (
+        "dev accuracy, ties to the earliest round; non-finite evaluations never selected"
+        if has_dev
+        else "none (no dev set): the latest finite evaluation"
+    )
+    return SweepResults(
+        algorithm=algo.name,
+        num_rounds=num_rounds,
+        eval_every=eval_every,
+        eval_rounds=eval_rounds,
+        swept=list(swept),
+        seeds=list(seeds),
+        points=[dict(p) for p in points],
+        lanes=lanes,
+        summary=summary,
+        selection_rule=rule,
+        carry=carry,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,8 +451,10 @@ def _check_sweep_options(num_rounds, eval_every, eval_chunk, mesh):
     if num_rounds % eval_every:
         raise ValueError(f"num_rounds ({num_rounds}) must be a positive multiple of eval_every ({eval_every})")
     if mesh is not None and LANE_AXIS not in mesh.axis_names:
-        raise ValueError(f"the sweep's mesh needs an axis named {LANE_AXIS!r}, got axes {mesh.axis_names}; build it "
-                         "with fedbpt_jax.federated.lane_mesh()")
+        raise ValueError(
+            f"the sweep's mesh needs an axis named {LANE_AXIS!r}, got axes {mesh.axis_names}; build it "
+            "with fedbpt_jax.federated.lane_mesh()"
+        )
 
 
 def _lane_keys(seeds: list[int]):
@@ -465,8 +522,10 @@ def sweep(
     seeds = _check_seeds(seeds)
     _check_sweep_options(num_rounds, eval_every, eval_chunk, mesh)
     if getattr(algo, "mesh", None) is not None:
-        raise ValueError(f"algorithm {algo.name!r} was built with a client mesh; a sweep shards lanes, not clients: "
-                         "build it without mesh= and pass sweep(mesh=fedbpt_jax.federated.lane_mesh())")
+        raise ValueError(
+            f"algorithm {algo.name!r} was built with a client mesh; a sweep shards lanes, not clients: "
+            "build it without mesh= and pass sweep(mesh=fedbpt_jax.federated.lane_mesh())"
+        )
     points = hp_points(hp, grid=grid, base=base)
     swept = list(dict(hp or {}))
     run_mod._validate_inputs(algo, data, test, dev, lm)

@@ -5,6 +5,7 @@
 >>> lm = load("/path/to/hf_dir")                # doctest: +SKIP  (config.json + *.safetensors)
 >>> lm = load("smollm2-135m-instruct", compute_dtype="float32")   # doctest: +SKIP  (force a precision)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,8 +58,10 @@ def _model_type(directory: Path) -> str:
         raise ValueError(f"cannot read {str(directory / 'config.json')!r}: {err}") from err
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not model_type:
-        raise ValueError(f"{str(directory / 'config.json')!r} has no model_type; accepted encoders {ENCODER_TYPES}, "
-                         f"decoders {DECODER_TYPES}")
+        raise ValueError(
+            f"{str(directory / 'config.json')!r} has no model_type; accepted encoders {ENCODER_TYPES}, "
+            f"decoders {DECODER_TYPES}"
+        )
     return str(model_type)
 
 
@@ -101,8 +104,8 @@ def load(name_or_path: str = DEFAULT_MODEL, *, compute_dtype: str = "float32") -
         if source.startswith("asset:"):
             from .. import assets
 
-            return _load_gguf(assets.fetch(source[len("asset:"):]), name_or_path, compute_dtype)
-        return _load_hf_dir(hf.resolve(source[len("hub:"):]), name_or_path, compute_dtype)
+            return _load_gguf(assets.fetch(source[len("asset:") :]), name_or_path, compute_dtype)
+        return _load_hf_dir(hf.resolve(source[len("hub:") :]), name_or_path, compute_dtype)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

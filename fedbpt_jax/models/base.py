@@ -19,6 +19,7 @@ Decoder (``kind == "decoder"``)::
     decoder.prefix_cache(config, params, batch) -> PrefixCache          # the text part's K/V, once
     decoder.label_logits_cached(config, params, cache, spec, prompt) -> [B, C]   # == layout "after"
 """
+
 from __future__ import annotations
 
 import dataclasses

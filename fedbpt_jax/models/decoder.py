@@ -33,6 +33,7 @@ Example::
     cache = prefix_cache(cfg, params, batch)                       # text part, once
     scores = jax.vmap(lambda p: label_logits_cached(cfg, params, cache, spec, p))(prompts)  # [P, B, C]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -108,8 +109,16 @@ class DecoderConfig:
 
     def __post_init__(self):
         precision.check(self.compute_dtype)
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                     "intermediate_size", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
@@ -238,8 +247,13 @@ def _dense(config: DecoderConfig, features: int, name: str, bias: bool = False) 
     ``bias``, a float32 bias added to the float32 result (:class:`BiasedDense`)."""
     if bias:
         return BiasedDense(features, config.compute_dtype, name=name)
-    return nn.Dense(features, use_bias=False, dtype=jnp.dtype(config.compute_dtype),
-                    dot_general=precision.f32_accumulating_dot_general, name=name)
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=jnp.dtype(config.compute_dtype),
+        dot_general=precision.f32_accumulating_dot_general,
+        name=name,
+    )
 
 
 class BiasedDense(nn.Module):
@@ -255,8 +269,7 @@ class BiasedDense(nn.Module):
         dt = jnp.dtype(self.compute_dtype)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.normal(0.02), (self.features,), jnp.float32)
-        y = precision.f32_accumulating_dot_general(x.astype(dt), kernel.astype(dt),
-                                                   (((x.ndim - 1,), (0,)), ((), ())))
+        y = precision.f32_accumulating_dot_general(x.astype(dt), kernel.astype(dt), (((x.ndim - 1,), (0,)), ((), ())))
         return y + bias
 
 
@@ -274,10 +287,10 @@ class Attention(nn.Module):
         dense = lambda n, name: _dense(c, n, name)  # noqa: E731
         cd = c.compute_dtype
         qkv = lambda n, name: _dense(c, n, name, c.qkv_bias)  # noqa: E731
-        q = qkv(c.num_heads * c.head_dim, "q_proj")(x[:, s - sq:]).reshape(b, sq, c.num_heads, c.head_dim)
+        q = qkv(c.num_heads * c.head_dim, "q_proj")(x[:, s - sq :]).reshape(b, sq, c.num_heads, c.head_dim)
         k = qkv(c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         v = qkv(c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(b, s, c.num_kv_heads, c.head_dim)
-        q = apply_rope(q, positions[:, s - sq:], c.rope_theta, c.rope_interleaved)
+        q = apply_rope(q, positions[:, s - sq :], c.rope_theta, c.rope_interleaved)
         # Keys/values leave the layer (and enter a prefix cache) in the compute dtype: they only ever
         # feed a matmul that takes that dtype.
         k = apply_rope(k, positions, c.rope_theta, c.rope_interleaved).astype(cd)
@@ -418,14 +431,20 @@ def init_params(config: DecoderConfig, key: jax.Array) -> dict:
 
     @jax.jit  # eager init of a scanned module dispatches op by op (seconds even for tiny configs)
     def init(key):
-        return LlamaDecoder(config).init(key, ids, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32),
-                                         past_k, past_v, method=LlamaDecoder.init_all)["params"]
+        return LlamaDecoder(config).init(
+            key,
+            ids,
+            jnp.zeros((1, 2), jnp.int32),
+            jnp.ones((1, 2), jnp.int32),
+            past_k,
+            past_v,
+            method=LlamaDecoder.init_all,
+        )["params"]
 
     return dict(cast_params(config, init(key)))
 
 
-def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=None, collect_kv=False,
-           last_only=False):
+def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=None, collect_kv=False, last_only=False):
     """The decoder trunk on the stacked parameter tree, as a ``lax.scan`` over layers.
 
     ``last_only=True``: the caller reads the final hidden state at the last position only (label
@@ -557,8 +576,7 @@ def prefix_cache(config: DecoderConfig, params, batch: TokenBatch) -> PrefixCach
     """Runs the text part once and keeps its per-layer K/V (see :func:`label_logits_cached`)."""
     ids = jnp.asarray(batch.input_ids, jnp.int32)
     mask = jnp.asarray(batch.attention_mask, jnp.int32)
-    hidden, (k, v) = _trunk(config, params, embed(params, ids), _positions(mask), mask,
-                            collect_kv=True, last_only=True)
+    hidden, (k, v) = _trunk(config, params, embed(params, ids), _positions(mask), mask, collect_kv=True, last_only=True)
     return PrefixCache(k=k, v=v, mask=mask, lengths=jnp.sum(mask, axis=-1), last_hidden=hidden[:, -1])
 
 
@@ -590,7 +608,9 @@ def logits(config: DecoderConfig, params, input_ids: jax.Array, attention_mask: 
     return precision.dense(hidden, output_embedding(config, params).T, config.compute_dtype)
 
 
-def greedy_next_token(config: DecoderConfig, params, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+def greedy_next_token(
+    config: DecoderConfig, params, input_ids: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
     """``[B]`` argmax next token after each (left-padded) row."""
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
@@ -605,7 +625,7 @@ def greedy_generate(config: DecoderConfig, params, input_ids, num_tokens: int) -
     step = jax.jit(greedy_next_token, static_argnums=0)
     for _ in range(num_tokens):
         ids.append(int(step(config, params, jnp.asarray([ids]))[0]))
-    return np.asarray(ids[len(ids) - num_tokens:], np.int32)
+    return np.asarray(ids[len(ids) - num_tokens :], np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,8 +644,9 @@ def kv_params_per_layer(config: DecoderConfig) -> int:
     return 2 * config.hidden_size * config.num_kv_heads * config.head_dim
 
 
-def flops_per_example(config: DecoderConfig, num_query_tokens: int, num_keys: int, num_labels: int = 2, *,
-                      last_only: bool = True) -> float:
+def flops_per_example(
+    config: DecoderConfig, num_query_tokens: int, num_keys: int, num_labels: int = 2, *, last_only: bool = True
+) -> float:
     """Forward FLOPs to score one example: ``num_query_tokens`` new tokens, the last attending ``num_keys``.
 
     Earlier query tokens attend causally fewer keys (query ``i`` of ``Q`` sees ``num_keys - Q + 1 + i``).
@@ -657,10 +678,26 @@ _LAYER_TENSORS = {
     # HF name suffix: (path in the layer subtree, transpose?, expected shape as a function of config)
     "input_layernorm.weight": (("input_layernorm", "scale"), False, lambda c: (c.hidden_size,)),
     "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), False, lambda c: (c.hidden_size,)),
-    "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), True, lambda c: (c.num_heads * c.head_dim, c.hidden_size)),
-    "self_attn.k_proj.weight": (("self_attn", "k_proj", "kernel"), True, lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size)),
-    "self_attn.v_proj.weight": (("self_attn", "v_proj", "kernel"), True, lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size)),
-    "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), True, lambda c: (c.hidden_size, c.num_heads * c.head_dim)),
+    "self_attn.q_proj.weight": (
+        ("self_attn", "q_proj", "kernel"),
+        True,
+        lambda c: (c.num_heads * c.head_dim, c.hidden_size),
+    ),
+    "self_attn.k_proj.weight": (
+        ("self_attn", "k_proj", "kernel"),
+        True,
+        lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size),
+    ),
+    "self_attn.v_proj.weight": (
+        ("self_attn", "v_proj", "kernel"),
+        True,
+        lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size),
+    ),
+    "self_attn.o_proj.weight": (
+        ("self_attn", "o_proj", "kernel"),
+        True,
+        lambda c: (c.hidden_size, c.num_heads * c.head_dim),
+    ),
     "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True, lambda c: (c.intermediate_size, c.hidden_size)),
     "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True, lambda c: (c.intermediate_size, c.hidden_size)),
     "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True, lambda c: (c.hidden_size, c.intermediate_size)),
@@ -725,15 +762,18 @@ def params_from_hf(config: DecoderConfig, tensors: Mapping[str, np.ndarray]) -> 
     if biases:  # dropping them would silently give wrong logits
         raise ValueError(
             f"checkpoint has {len(biases)} bias tensor(s) this config has no place for: {biases[:6]}; accepted: "
-            "the q/k/v projection biases of model_type 'qwen2' (qkv_bias=True); Llama-family models have no biases")
+            "the q/k/v projection biases of model_type 'qwen2' (qkv_bias=True); Llama-family models have no biases"
+        )
     if unknown:
         warnings.warn(f"ignoring {len(unknown)} unexpected tensor(s): {unknown[:10]}", stacklevel=2)
 
     store = np.dtype(jnp.dtype(config.compute_dtype))
     f32 = lambda name: np.asarray(tensors[name], dtype=np.float32)  # noqa: E731
     mat = lambda name: np.asarray(tensors[name], dtype=store)  # noqa: E731
-    params: dict = {"embed_tokens": {"embedding": mat("model.embed_tokens.weight")},
-                    "norm": {"scale": f32("model.norm.weight")}}
+    params: dict = {
+        "embed_tokens": {"embedding": mat("model.embed_tokens.weight")},
+        "norm": {"scale": f32("model.norm.weight")},
+    }
     layers: dict = {}
     for suffix, (path, transpose, _) in _layer_tensors(config).items():
         load = f32 if _keeps_float32(path) else mat
@@ -754,9 +794,32 @@ def load_hf_decoder(directory: str | Path, *, compute_dtype: str = "float32") ->
 
 
 __all__ = [
-    "LAYOUTS", "DecoderConfig", "config_from_hf", "RMSNorm", "apply_rope", "Attention", "MLP", "DecoderLayer",
-    "LlamaDecoder", "BiasedDense", "init_params", "word_embeddings", "output_embedding", "label_logits", "PrefixCache",
-    "prefix_cache", "label_logits_cached", "logits", "greedy_next_token", "greedy_generate",
-    "embed", "cast_params", "matmul_params_per_token", "kv_params_per_layer", "flops_per_example", "expected_hf_shapes",
-    "params_from_hf", "load_hf_decoder",
+    "LAYOUTS",
+    "DecoderConfig",
+    "config_from_hf",
+    "RMSNorm",
+    "apply_rope",
+    "Attention",
+    "MLP",
+    "DecoderLayer",
+    "LlamaDecoder",
+    "BiasedDense",
+    "init_params",
+    "word_embeddings",
+    "output_embedding",
+    "label_logits",
+    "PrefixCache",
+    "prefix_cache",
+    "label_logits_cached",
+    "logits",
+    "greedy_next_token",
+    "greedy_generate",
+    "embed",
+    "cast_params",
+    "matmul_params_per_token",
+    "kv_params_per_layer",
+    "flops_per_example",
+    "expected_hf_shapes",
+    "params_from_hf",
+    "load_hf_decoder",
 ]

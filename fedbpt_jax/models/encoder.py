@@ -22,6 +22,7 @@ Example::
     params = encoder.params_from_hf(config, hf.read_safetensors(d))      # LM bias zeroed (BBT)
     scores = jax.vmap(lambda p: encoder.label_logits(config, params, batch, spec, p))(prompts)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,8 +82,15 @@ class EncoderConfig:
             raise ValueError(f"EncoderConfig.hidden_act={self.hidden_act!r}; accepted values: {ACTIVATIONS}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"EncoderConfig.compute_dtype={self.compute_dtype!r}; accepted values: {DTYPES}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position_embeddings", "type_vocab_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EncoderConfig.{name}={value!r}; accepted values: integers >= 1")
@@ -128,11 +136,9 @@ def config_from_hf(hf_config: Any, *, compute_dtype: str = "float32") -> Encoder
       ValueError: unknown ``model_type`` or an unsupported setting (non-absolute position embeddings,
         decoder/cross-attention configs).
     """
-    get = (hf_config.get if isinstance(hf_config, Mapping) else lambda k, d=None: getattr(hf_config, k, d))
+    get = hf_config.get if isinstance(hf_config, Mapping) else lambda k, d=None: getattr(hf_config, k, d)
     model_type = get("model_type")
-    family = {"roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "bert": "bert"}.get(
-        model_type
-    )
+    family = {"roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "bert": "bert"}.get(model_type)
     if family is None:
         raise ValueError(
             f"config model_type={model_type!r} is not an encoder family fedbpt-jax supports; accepted "
@@ -214,9 +220,14 @@ class Embeddings(nn.Module):
 def _dense(config: EncoderConfig, features: int, name: str | None = None) -> nn.Dense:
     """Inputs and kernel in the compute dtype, float32 accumulation and result; the bias (stored in float32)
     is rounded to the compute dtype and added in float32, explicitly (:func:`precision.promote_to_f32_bias`)."""
-    return nn.Dense(features, dtype=jnp.dtype(config.compute_dtype), kernel_init=_init(),
-                    dot_general=precision.f32_accumulating_dot_general,
-                    promote_dtype=precision.promote_to_f32_bias, name=name)
+    return nn.Dense(
+        features,
+        dtype=jnp.dtype(config.compute_dtype),
+        kernel_init=_init(),
+        dot_general=precision.f32_accumulating_dot_general,
+        promote_dtype=precision.promote_to_f32_bias,
+        name=name,
+    )
 
 
 class Layer(nn.Module):
@@ -237,13 +248,9 @@ class Layer(nn.Module):
         scores = precision.einsum("bqnd,bknd->bnqk", q, k, cd) / math.sqrt(c.head_dim)
         probs = jax.nn.softmax(scores + mask_bias, axis=-1)
         ctx = precision.einsum("bnqk,bknd->bqnd", probs, v, cd).reshape(B, T, c.hidden_size)
-        h = _layer_norm(c.layer_norm_eps, "attention_layer_norm")(
-            dense(c.hidden_size, "attention_output")(ctx) + h
-        )
+        h = _layer_norm(c.layer_norm_eps, "attention_layer_norm")(dense(c.hidden_size, "attention_output")(ctx) + h)
         ffn = _activation(c.hidden_act)(dense(c.intermediate_size, "intermediate")(h))
-        h = _layer_norm(c.layer_norm_eps, "output_layer_norm")(
-            dense(c.hidden_size, "output")(ffn) + h
-        )
+        h = _layer_norm(c.layer_norm_eps, "output_layer_norm")(dense(c.hidden_size, "output")(ffn) + h)
         return h, None
 
 
@@ -541,25 +548,25 @@ def params_from_hf(config: EncoderConfig, tensors: Mapping[str, np.ndarray], *, 
     e = f"{prefix}embeddings"
     embeddings = {
         "word_embeddings": {"embedding": get(f"{e}.word_embeddings.weight", (c.vocab_size, h))},
-        "position_embeddings": {
-            "embedding": get(f"{e}.position_embeddings.weight", (c.max_position_embeddings, h))
-        },
+        "position_embeddings": {"embedding": get(f"{e}.position_embeddings.weight", (c.max_position_embeddings, h))},
         "token_type_embeddings": {"embedding": get(f"{e}.token_type_embeddings.weight", (c.type_vocab_size, h))},
         "layer_norm": layer_norm(f"{e}.LayerNorm"),
     }
     per_layer = []
     for i in range(L):
         base = f"{prefix}encoder.layer.{i}"
-        per_layer.append({
-            "query": dense(f"{base}.attention.self.query", h, h),
-            "key": dense(f"{base}.attention.self.key", h, h),
-            "value": dense(f"{base}.attention.self.value", h, h),
-            "attention_output": dense(f"{base}.attention.output.dense", h, h),
-            "attention_layer_norm": layer_norm(f"{base}.attention.output.LayerNorm"),
-            "intermediate": dense(f"{base}.intermediate.dense", h, inter),
-            "output": dense(f"{base}.output.dense", inter, h),
-            "output_layer_norm": layer_norm(f"{base}.output.LayerNorm"),
-        })
+        per_layer.append(
+            {
+                "query": dense(f"{base}.attention.self.query", h, h),
+                "key": dense(f"{base}.attention.self.key", h, h),
+                "value": dense(f"{base}.attention.self.value", h, h),
+                "attention_output": dense(f"{base}.attention.output.dense", h, h),
+                "attention_layer_norm": layer_norm(f"{base}.attention.output.LayerNorm"),
+                "intermediate": dense(f"{base}.intermediate.dense", h, inter),
+                "output": dense(f"{base}.output.dense", inter, h),
+                "output_layer_norm": layer_norm(f"{base}.output.LayerNorm"),
+            }
+        )
 
     # MLM head: required when any of its tensors is present, optional for bare encoder checkpoints.
     if c.family == "roberta":

@@ -28,6 +28,7 @@ Example::
     from fedbpt_jax.models import gguf
     config, params, tokenizer = gguf.load_gguf(assets.fetch("smollm2-135m-instruct-gguf"))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -217,17 +218,25 @@ def _spm_tokenizer(reader, tokens: list[str], types: list[int]):
 
     scores = _field(reader, "tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
-        raise ValueError(f"GGUF tokenizer.ggml.model='llama' needs tokenizer.ggml.scores with one score per token "
-                         f"({len(tokens)}); got {None if scores is None else len(scores)}")
+        raise ValueError(
+            f"GGUF tokenizer.ggml.model='llama' needs tokenizer.ggml.scores with one score per token "
+            f"({len(tokens)}); got {None if scores is None else len(scores)}"
+        )
     merges = _field(reader, "tokenizer.ggml.merges", None)
     merges = [tuple(m.split(" ", 1)) for m in merges] if merges else spm_merges(tokens, scores, types)
     unk = _field(reader, "tokenizer.ggml.unknown_token_id")
     if unk is None:
         unk = next((i for i, t in enumerate(types) if t == _UNKNOWN), None)
     byte_fallback = any(t == _BYTE for t in types)
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                               unk_token=None if unk is None else tokens[int(unk)], fuse_unk=True,
-                               byte_fallback=byte_fallback))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=merges,
+            unk_token=None if unk is None else tokens[int(unk)],
+            fuse_unk=True,
+            byte_fallback=byte_fallback,
+        )
+    )
     # SentencePiece's add_dummy_prefix (llama.cpp: add_space_prefix, default true) and its whitespace
     # symbol; no pre-tokenizer: merges may cross nothing but what the pieces allow.
     steps = [normalizers.Replace(" ", "\u2581")]
@@ -252,8 +261,9 @@ def _bpe_tokenizer(reader, tokens: list[str]):
     if pre not in SUPPORTED_PRE_TOKENIZERS:
         raise ValueError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; accepted: {SUPPORTED_PRE_TOKENIZERS}")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                               byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+    )
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre == "smollm":
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -291,7 +301,8 @@ def tokenizer_from_gguf(reader):
         raise ValueError(
             f"GGUF tokenizer.ggml.model={kind!r} is not supported; accepted: {SUPPORTED_TOKENIZER_MODELS} "
             "(byte-level BPE and SentencePiece BPE). Load the model from its Hugging Face checkpoint directory "
-            "(config.json, tokenizer files, *.safetensors) instead")
+            "(config.json, tokenizer files, *.safetensors) instead"
+        )
     raw_tokens = _field(reader, "tokenizer.ggml.tokens")
     if not raw_tokens:
         raise ValueError("GGUF metadata lacks tokenizer.ggml.tokens")
@@ -312,14 +323,19 @@ def tokenizer_from_gguf(reader):
         single = " ".join(pre_ + ["$A"] + post_)
         pair = " ".join(pre_ + ["$A"] + post_ + pre_ + ["$B"] + post_)
         ids = {i for i, on in ((bos, add_bos), (eos, add_eos)) if on}
-        post.append(processors.TemplateProcessing(single=single, pair=pair,
-                                                  special_tokens=[(tokens[int(i)], int(i)) for i in sorted(ids)]))
+        post.append(
+            processors.TemplateProcessing(
+                single=single, pair=pair, special_tokens=[(tokens[int(i)], int(i)) for i in sorted(ids)]
+            )
+        )
     if post:
         tok.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == _CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
+    )
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    )
 
     kwargs = dict(bos_token=name_of(bos), eos_token=name_of(eos), unk_token=name_of(unk), pad_token=name_of(pad))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -387,8 +403,9 @@ def convert_gguf(path: str | Path, target: str | Path, *, compute_dtype: str = "
     reader = gguf.GGUFReader(str(path))
     config = config_from_gguf(reader)
     tokenizer = tokenizer_from_gguf(reader)
-    params = decoder.params_from_hf(dataclasses.replace(config, compute_dtype=compute_dtype),
-                                    hf_tensors_from_gguf(reader, config))
+    params = decoder.params_from_hf(
+        dataclasses.replace(config, compute_dtype=compute_dtype), hf_tensors_from_gguf(reader, config)
+    )
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
@@ -413,8 +430,9 @@ def _add_precision(target: Path, compute_dtype: str) -> None:
     have = [d for d in precision.COMPUTE_DTYPES if (target / params_file(d)).is_file()]
     if not have:
         raise FileNotFoundError(f"converted cache {str(target)!r} holds no param file")
-    config = decoder.DecoderConfig(**{**json.loads((target / "decoder_config.json").read_text()),
-                                      "compute_dtype": compute_dtype})
+    config = decoder.DecoderConfig(
+        **{**json.loads((target / "decoder_config.json").read_text()), "compute_dtype": compute_dtype}
+    )
     params = decoder.cast_params(config, unflatten_params(load_file(str(target / params_file(have[0])))))
     fd, tmp = tempfile.mkstemp(prefix=params_file(compute_dtype) + ".tmp-", dir=target)
     os.close(fd)
@@ -431,16 +449,18 @@ def _load_converted(target: Path, compute_dtype: str = "float32"):
     from safetensors.numpy import load_file
     from transformers import PreTrainedTokenizerFast
 
-    config = decoder.DecoderConfig(**{**json.loads((target / "decoder_config.json").read_text()),
-                                      "compute_dtype": compute_dtype})
+    config = decoder.DecoderConfig(
+        **{**json.loads((target / "decoder_config.json").read_text()), "compute_dtype": compute_dtype}
+    )
     flat = load_file(str(target / params_file(compute_dtype)))
     params = jax.tree_util.tree_map(jax.device_put, unflatten_params(flat))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(target), local_files_only=True)
     return config, params, tokenizer
 
 
-def load_gguf(path: str | Path, *, rope_interleaved: bool = False, use_cache: bool = True,
-              compute_dtype: str = "float32"):
+def load_gguf(
+    path: str | Path, *, rope_interleaved: bool = False, use_cache: bool = True, compute_dtype: str = "float32"
+):
     """Loads a llama-architecture GGUF file.
 
     Args:
@@ -482,7 +502,19 @@ def load_gguf(path: str | Path, *, rope_interleaved: bool = False, use_cache: bo
 
 
 __all__ = [
-    "CONVERSION_VERSION", "load_gguf", "convert_gguf", "params_file", "converted_dir", "config_from_gguf", "tokenizer_from_gguf",
-    "hf_tensors_from_gguf", "hf_tensor_name", "spm_merges", "flatten_params", "unflatten_params", "unpermute_rows",
-    "permute_rows", "to_interleaved",
+    "CONVERSION_VERSION",
+    "load_gguf",
+    "convert_gguf",
+    "params_file",
+    "converted_dir",
+    "config_from_gguf",
+    "tokenizer_from_gguf",
+    "hf_tensors_from_gguf",
+    "hf_tensor_name",
+    "spm_merges",
+    "flatten_params",
+    "unflatten_params",
+    "unpermute_rows",
+    "permute_rows",
+    "to_interleaved",
 ]

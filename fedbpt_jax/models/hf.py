@@ -13,6 +13,7 @@ Example::
     hf_config = hf.load_config(directory)
     tokenizer = hf.load_tokenizer(directory)
 """
+
 from __future__ import annotations
 
 import json
@@ -101,9 +102,11 @@ def safetensors_files(directory: str | Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors"))
     if files:
         return files
-    others = sorted(
-        p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-    ) if directory.is_dir() else []
+    others = (
+        sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))
+        if directory.is_dir()
+        else []
+    )
     hint = f" (found {others})" if others else ""
     raise FileNotFoundError(
         f"no safetensors weights in {str(directory)!r}{hint}: fedbpt-jax reads only *.safetensors "

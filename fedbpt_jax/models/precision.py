@@ -23,6 +23,7 @@ Example::
     >>> dense(jnp.ones((2, 3)), jnp.ones((3, 4), jnp.bfloat16), "bfloat16").dtype
     dtype('float32')
 """
+
 from __future__ import annotations
 
 import functools
@@ -141,5 +142,18 @@ def tree_bytes(params) -> int:
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["COMPUTE_DTYPES", "CHOICES", "CPU_BF16_MIN_SPEEDUP", "ENV_OVERRIDE", "check", "resolve", "matmul_rates",
-           "cpu_prefers_bf16", "dense", "einsum", "f32_accumulating_dot_general", "cast_tree", "tree_bytes"]
+__all__ = [
+    "COMPUTE_DTYPES",
+    "CHOICES",
+    "CPU_BF16_MIN_SPEEDUP",
+    "ENV_OVERRIDE",
+    "check",
+    "resolve",
+    "matmul_rates",
+    "cpu_prefers_bf16",
+    "dense",
+    "einsum",
+    "f32_accumulating_dot_general",
+    "cast_tree",
+    "tree_bytes",
+]
