@@ -167,7 +167,7 @@ def step(
     finite = jnp.isfinite(fit)
     metrics = {
         "fitness_min": jnp.min(safe),
-        "fitness_mean": jnp.sum(jnp.where(finite, fit, 0)) / jnp.maximum(jnp.sum(finite), 1),
+        "fitness_mean": jnp.sum(jnp.where(finite, fit, 0)) / jnp.maximum(jnp.sum(finite), 1).astype(fit.dtype),
         "loss_mean": jnp.mean(clean),
         "sigma": es.std,
         "nonfinite": jnp.sum(~finite),

@@ -539,6 +539,8 @@ def cmd_simulate(args) -> int:
         save_uploads=args.save_uploads,
         **run_kwargs,
         progress=args.progress,
+        tensorboard_dir=args.tensorboard_dir,
+        plot=args.plot,
         keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache],
     )
     last = hist.rounds[-1]

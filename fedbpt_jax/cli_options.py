@@ -131,6 +131,9 @@ class SimulateOptions:
       checkpoint_every: save a checkpoint every this many rounds (at segment ends) and at the last round.
       devices: shard the clients over this many local devices (1: no sharding; 0: all local devices;
         --mesh is --devices 0). More than the local device count is an error.
+      tensorboard_dir: write TensorBoard event files here (every round's and evaluation's metrics; needs
+        tensorboardX, the extra "tensorboard").
+      plot: write metrics.png (accuracy, loss, σ and ‖z‖ per round) next to metrics.json in --results-dir.
     """
 
     algorithm: str = dataclasses.field(
@@ -149,6 +152,8 @@ class SimulateOptions:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
     devices: int = 1
+    tensorboard_dir: str | None = None
+    plot: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +258,16 @@ def sources(command: str) -> list[Source]:
                 SimulateOptions,
                 "algorithm and rounds",
                 fixed=frozenset(
-                    {"tune_lr", "lr_grid", "save_uploads", "checkpoint_dir", "checkpoint_every", "devices"}
+                    {
+                        "tune_lr",
+                        "lr_grid",
+                        "save_uploads",
+                        "checkpoint_dir",
+                        "checkpoint_every",
+                        "devices",
+                        "tensorboard_dir",
+                        "plot",
+                    }
                 ),
                 notes={"alpha": "shared by every lane"},
             ),

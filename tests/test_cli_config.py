@@ -24,7 +24,7 @@ from tokenizers_util import chatml_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--task",
-    "sst2",
+    "rotten_tomatoes",
     "--clients",
     "4",
     "--per-round",
@@ -153,6 +153,7 @@ def test_run_keywords_are_options_or_deliberately_fixed():
         "cache_eval_prefix",
         "eval_cache_budget",
         "clean_context_budget",
+        "callbacks",  # code: research scripts pass them to run; the CLI has --tensorboard-dir and --plot
     }
     params = set(inspect.signature(fb.federated.run).parameters)
     dests = {o.dest for o in cli_options.options("simulate")}
@@ -291,7 +292,7 @@ def test_run_config_json_reproduces_the_run(tiny_lm, monkeypatch, tmp_path, caps
             [
                 "bbt",
                 "--task",
-                "sst2",
+                "rotten_tomatoes",
                 "--shots",
                 "4",
                 "--d",
