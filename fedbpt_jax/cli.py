@@ -641,9 +641,41 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> arg
     return parser.parse_args(_with_config_file(parser, list(argv)))
 
 
-def main(argv=None) -> int:
+def debugging(argv=()) -> bool:
+    """Whether errors show their traceback: ``--debug`` in ``argv`` or ``FEDBPT_JAX_DEBUG`` set (not 0)."""
+    return "--debug" in argv or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0")
+
+
+def guarded(prog: str, args, command, on_interrupt) -> int:
+    """Runs ``command(args)`` under the CLI's error contract: signals deferred while files are written
+    (:mod:`fedbpt_jax.interrupts`), Ctrl-C/SIGTERM handed to ``on_interrupt(args, err)``, any other error one
+    line on stderr and exit status 2 (with ``args.debug`` both raise instead)."""
     from .interrupts import install
 
+    args.debug = args.debug or debugging()
+    install()
+    try:
+        return command(args)
+    except KeyboardInterrupt as err:
+        if args.debug:
+            raise
+        return on_interrupt(args, err)
+    except Exception as err:  # noqa: BLE001  (every error is one line unless --debug)
+        if args.debug:
+            raise
+        expected = isinstance(err, (CliError, ValueError, KeyError, FileNotFoundError))
+        hint = "" if expected else " (--debug shows the traceback)"
+        print(f"{prog}: error: {_one_line(err, 600)}{hint}", file=sys.stderr)
+        return 2
+
+
+def _command(args) -> int:
+    _check_args(args)
+    _check_outputs(args)
+    return {"simulate": cmd_simulate, "bbt": cmd_bbt}[args.command](args)
+
+
+def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTERNAL_COMMANDS:
         return _run_external(argv[0], argv[1:])
@@ -651,34 +683,14 @@ def main(argv=None) -> int:
     try:
         args = parse(argv, parser)
     except ValueError as err:  # a --config file: one line naming the key and what is accepted
-        if "--debug" in argv or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0"):
+        if debugging(argv):
             raise
         print(f"fedbpt-jax: error: {_one_line(err, 1200)}", file=sys.stderr)
         return 2
     if args.command is None:
         parser.print_help()
         return 0
-    debug = args.debug or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0")
-    args.debug = debug
-    install()
-    try:
-        _check_args(args)
-        _check_outputs(args)
-        return {"simulate": cmd_simulate, "bbt": cmd_bbt}[args.command](args)
-    except KeyboardInterrupt as err:
-        if debug:
-            raise
-        return _interrupted(args, err)
-    except Exception as err:  # noqa: BLE001  (every error is one line unless --debug)
-        if debug:
-            raise
-        hint = (
-            ""
-            if isinstance(err, (CliError, ValueError, KeyError, FileNotFoundError))
-            else " (--debug shows the traceback)"
-        )
-        print(f"fedbpt-jax: error: {_one_line(err, 600)}{hint}", file=sys.stderr)
-        return 2
+    return guarded("fedbpt-jax", args, _command, _interrupted)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ cartesian product. Prints a markdown table of mean ± std over the seeds per hyp
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import cli
@@ -294,41 +293,24 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _interrupted(args, err) -> int:
+    print("fedbpt-jax sweep: interrupted (a sweep is one program: no results were written)", file=sys.stderr)
+    return getattr(err, "exit_status", 130)
+
+
 def main(argv=None) -> int:
     """``fedbpt-jax sweep`` on its own: parses ``argv`` (without the word ``sweep``), runs, returns the exit
     status (2 with a one-line message for a bad input; ``--debug`` shows the traceback)."""
-    from .interrupts import install
-
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
         _apply_config(parser, parser.options, argv)
     except ValueError as err:  # a --config file: one line naming the key and what is accepted
-        if "--debug" in argv or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0"):
+        if cli.debugging(argv):
             raise
         print(f"fedbpt-jax sweep: error: {cli._one_line(err, 1200)}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
-    debug = args.debug or os.environ.get("FEDBPT_JAX_DEBUG", "") not in ("", "0")
-    args.debug = debug
-    install()
-    try:
-        return cmd_sweep(args)
-    except KeyboardInterrupt as err:
-        if debug:
-            raise
-        print("fedbpt-jax sweep: interrupted (a sweep is one program: no results were written)", file=sys.stderr)
-        return getattr(err, "exit_status", 130)
-    except Exception as err:  # noqa: BLE001  (every error is one line unless --debug)
-        if debug:
-            raise
-        hint = (
-            ""
-            if isinstance(err, (cli.CliError, ValueError, KeyError, FileNotFoundError))
-            else " (--debug shows the traceback)"
-        )
-        print(f"fedbpt-jax sweep: error: {cli._one_line(err, 600)}{hint}", file=sys.stderr)
-        return 2
+    return cli.guarded("fedbpt-jax sweep", parser.parse_args(argv), cmd_sweep, _interrupted)
 
 
 if __name__ == "__main__":
