@@ -36,6 +36,18 @@ def pytest_sessionstart(session):
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. Every XLA CPU executable holds about a dozen
+    memory mappings; the whole suite compiles thousands of programs in one process, and past the kernel's
+    ``vm.max_map_count`` (65,530 by default) the next compilation crashes the interpreter (a segfault inside
+    XLA's compiler, seen in the full suite only). No test relies on a program compiled by another module."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def enc_tok():
     """A RoBERTa-like byte-level BPE tokenizer trained offline on the Rotten Tomatoes snippets (tests/tokenizers_util.py)."""
