@@ -162,6 +162,8 @@ def load_run(directory) -> dict:
         ) from None
     settings = _settings(cfg, d)
     identity = {k: v for k, v in settings.items() if k not in SEED_AND_IO}
+    # Whether the run evaluated a dev set is part of what it is (dev selection), though not always a setting.
+    identity["dev_set"] = "dev_selected" in figures
     return {
         "dir": str(d),
         "name": d.name,

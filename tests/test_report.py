@@ -65,25 +65,36 @@ def test_groups_by_configuration_with_mean_and_std_over_seeds(tmp_path, capsys):
     assert cli.main(["report", str(a0), str(a1), str(b0), "--out", str(out)]) == 0
     rep = read_json(out / "report.json")
     by = {g["label"]: g for g in rep["groups"]}
-    assert set(by) == {"algorithm=fedbpt", "algorithm=fedavg_bbt"}
-    g = by["algorithm=fedbpt"]
+    # b0 evaluated no dev set: that is part of its configuration too (dev selection), so it is in the label.
+    fa, fb_ = "algorithm=fedbpt, dev_set=True", "algorithm=fedavg_bbt, dev_set=False"
+    assert set(by) == {fa, fb_}
+    g = by[fa]
     assert g["seeds"] == [0, 1] and g["final"]["n"] == 2
     assert g["final"]["mean"] == pytest.approx(0.8) and g["final"]["std"] == pytest.approx(0.1 * 2**0.5)
     # Dev-selected: seed 0 picks round 1 (dev 0.9) -> 0.6; seed 1 ties at 0.6 -> the earliest, round 1 -> 0.8.
     assert g["by_seed"]["dev_selected"] == {"0": 0.6, "1": 0.8}
     assert g["initial"]["mean"] == pytest.approx(0.5) and g["best_on_test"]["mean"] == pytest.approx(0.8)
-    b = by["algorithm=fedavg_bbt"]
+    b = by[fb_]
     assert b["final"] == {"mean": 0.6, "std": None, "n": 1, "min": 0.6, "max": 0.6} and b["dev_selected"] is None
     md = (out / "report.md").read_text()
     assert (
-        "| algorithm=fedbpt | 2 | 0,1 | 2 | 50.00 ± 0.00 (n=2) | 80.00 ± 14.14 (n=2) | 70.00 ± 14.14 (n=2) | 1,1 |"
+        "| algorithm=fedbpt, dev_set=True | 2 | 0,1 | 2 | 50.00 ± 0.00 (n=2) | 80.00 ± 14.14 (n=2) | 70.00 ± 14.14 (n=2) | 1,1 |"
         in md
     )
-    assert "| algorithm=fedavg_bbt | 1 | 0 | 2 | 50.00 (n=1) | 60.00 (n=1) | — | — |" in md
+    assert "| algorithm=fedavg_bbt, dev_set=False | 1 | 0 | 2 | 50.00 (n=1) | 60.00 (n=1) | — | — |" in md
     assert '| model | "tiny" |' in md  # settings all runs share
     for name in ("accuracy_rounds.png", "accuracy_bars.png"):
         assert (out / name).read_bytes()[:8] == PNG
     assert "report written to" in capsys.readouterr().out
+
+
+def test_runs_with_and_without_a_dev_set_are_two_configurations(tmp_path):
+    """The same settings and seed, one run with dev-set selection and one without (as a grid keeps when
+    dev selection was added), are two groups rather than a duplicate."""
+    with_dev = _write_run(tmp_path / "d", seed=0, accs=[0.5, 0.7], devs=[0.5, 0.6])
+    without = _write_run(tmp_path / "n", seed=0, accs=[0.5, 0.7])
+    rep = report.report([with_dev, without], out=tmp_path / "rep")
+    assert sorted(g["label"] for g in rep["groups"]) == ["dev_set=False", "dev_set=True"]
 
 
 def test_a_folder_of_runs_and_the_default_output(tmp_path):
