@@ -134,7 +134,7 @@ def _check_args(args) -> None:
         f"--style {args.style!r}: accepted: 'completion', 'chat' or 'bbt' (decoders)",
     )
     need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
-    if args.command == "simulate":
+    if args.command in ("simulate", "sweep"):
         need(args.clients >= 1, f"--clients {args.clients}: accepted: a positive number of clients")
         need(
             args.per_round is None or 1 <= args.per_round <= args.clients,
@@ -147,8 +147,9 @@ def _check_args(args) -> None:
         need(args.alpha >= 0, f"--alpha {args.alpha}: accepted: a Dirichlet concentration > 0, or 0 for IID")
         need(args.local_generations >= 1, f"--local-generations {args.local_generations}: accepted: 1 or more")
         need(args.chunk_clients >= 0, f"--chunk-clients {args.chunk_clients}: accepted: 0 (all at once) or more")
-        need(args.checkpoint_every >= 1, f"--checkpoint-every {args.checkpoint_every}: accepted: a positive integer")
         need(args.eval_chunk >= 1, f"--eval-chunk {args.eval_chunk}: accepted: a positive number of examples")
+    if args.command == "simulate":
+        need(args.checkpoint_every >= 1, f"--checkpoint-every {args.checkpoint_every}: accepted: a positive integer")
         need(args.devices >= 0, f"--devices {args.devices}: accepted: 1 or more local devices, or 0 for all")
         if args.devices > 1:
             have = _local_device_count()
@@ -157,7 +158,7 @@ def _check_args(args) -> None:
                 f"--devices {args.devices}: this machine has {have} local device(s); "
                 f"accepted: 1 to {have}, or 0 for all",
             )
-    else:
+    if args.command == "bbt":
         need(args.generations >= 1, f"--generations {args.generations}: accepted: 1 or more")
 
 

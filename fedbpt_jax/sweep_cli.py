@@ -149,28 +149,7 @@ def _check(args):
     from . import cli_options as co
     from . import federated as fl
 
-    def need(ok, msg):
-        if not ok:
-            raise cli.CliError(msg)
-
-    need(args.test_size >= 0, f"--test-size {args.test_size}: accepted: 0 (the whole test set) or a positive count")
-    need(args.shots >= 1, f"--shots {args.shots}: accepted: a positive number of examples per class")
-    need(args.d >= 1, f"--d {args.d}: accepted: a positive intrinsic dimension")
-    need(args.n_prompt is None or args.n_prompt >= 1, f"--n-prompt {args.n_prompt}: accepted: a positive token count")
-    need(args.eval_every >= 1, f"--eval-every {args.eval_every}: accepted: a positive integer")
-    need(
-        args.rounds >= 1 and args.rounds % args.eval_every == 0,
-        f"--rounds {args.rounds}: accepted: a positive multiple of --eval-every ({args.eval_every})",
-    )
-    need(args.clients >= 1, f"--clients {args.clients}: accepted: a positive number of clients")
-    need(
-        args.per_round is None or 1 <= args.per_round <= args.clients,
-        f"--per-round {args.per_round}: accepted: 1 to --clients ({args.clients}), or leave it out for all",
-    )
-    need(args.alpha >= 0, f"--alpha {args.alpha}: accepted: a Dirichlet concentration > 0, or 0 for IID")
-    need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
-    need(args.local_generations >= 1, f"--local-generations {args.local_generations}: accepted: 1 or more")
-    need(args.chunk_clients >= 0, f"--chunk-clients {args.chunk_clients}: accepted: 0 (all at once) or more")
+    cli._check_args(args)  # the same checks and messages as simulate's
     try:
         seeds = _ints(args.seeds) if isinstance(args.seeds, str) else list(args.seeds)
     except argparse.ArgumentTypeError as err:
