@@ -11,6 +11,12 @@ sentences; most SST-2 train items are short phrases), sampled with ``--seed`` fr
 after removing every example that BBT's few-shot draw (40 train + 40 dev per class) could give to seeds
 0-9, so no few-shot training example of those seeds is in it.
 
+``--split test`` scores the same starts on a task's whole test split instead, for **reporting** the
+zero-shot table (the choice of the default uses the train-derived numbers only)::
+
+    python experiments/prompt_start.py --split test --task sst2   # the 872 SST-2 test sentences
+    python experiments/prompt_start.py --split test --task mr     # the 2,000 MR test snippets
+
 Usage::
 
     python experiments/prompt_start.py            # about 3-5 minutes on 2 cores
@@ -134,7 +140,17 @@ def main(argv=None) -> int:
     ap.add_argument("--min-words", type=int, default=8)
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--chunk", type=int, default=50)
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--split",
+        choices=("dev-like", "test"),
+        default="dev-like",
+        help="dev-like: train-split sentences (choosing the default); test: the whole test split (reporting)",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default: results/prompt_start, or results/zero_shot_<task>_test with --split test)",
+    )
     ap.add_argument("--tiny", action="store_true", help="a tiny random decoder with a small real tokenizer")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -145,12 +161,23 @@ def main(argv=None) -> int:
     else:
         lm = fb.models.load("smollm2-135m-instruct")
         model_name = "SmolLM2-135M-Instruct (float32)"
-    examples, excluded, eligible = dev_like(args.task, args.size, args.seed, args.min_words)
-    print(
-        f"{model_name}; {len(examples)} dev-like {args.task} train examples (>= {args.min_words} words, "
-        f"{excluded} few-shot candidates excluded, {eligible} eligible)",
-        flush=True,
-    )
+    if args.split == "test":
+        examples = fb.data.load_task_data(args.task, split="test")
+        if args.tiny:
+            examples = examples.take(np.arange(min(args.size, len(examples))))
+        excluded, eligible = 0, len(examples)
+        what = f"{len(examples)} {args.task} test examples (the whole test split)"
+        split = "test (reporting only; the default start was chosen on train-split data)"
+    else:
+        examples, excluded, eligible = dev_like(args.task, args.size, args.seed, args.min_words)
+        what = (
+            f"{len(examples)} dev-like {args.task} sentences from the train split (>= {args.min_words} words, "
+            f"seed {args.seed})"
+        )
+        split = "train (dev-like, never test)"
+    print(f"{model_name}; {what}; {excluded} few-shot candidates excluded, {eligible} eligible", flush=True)
+    if args.out is None:
+        args.out = str(RESULTS if args.split == "dev-like" else RESULTS.parent / f"zero_shot_{args.task}_test")
     t0 = time.perf_counter()
     rows = [r for style in STYLES for r in measure(lm, examples, args.task, style, args.chunk, args.tiny)]
     share = float(np.mean(examples.labels == 1))
@@ -160,7 +187,7 @@ def main(argv=None) -> int:
     meta = {
         "model": model_name,
         "task": args.task,
-        "split": "train (dev-like, never test)",
+        "split": split,
         "size": len(examples),
         "min_words": args.min_words,
         "seed": args.seed,
@@ -170,10 +197,7 @@ def main(argv=None) -> int:
         "seconds": time.perf_counter() - t0,
     }
     fb.checkpoint.write_json_atomic(str(out / "prompt_start.json"), {"meta": meta, "rows": rows})
-    (out / "prompt_start.md").write_text(
-        f"Zero-shot at z = 0, {model_name}, {len(examples)} dev-like {args.task} sentences from the train "
-        f"split (>= {args.min_words} words, seed {args.seed}), prompt after the text.\n\n{md}\n"
-    )
+    (out / "prompt_start.md").write_text(f"Zero-shot at z = 0, {model_name}, {what}, prompt after the text.\n\n{md}\n")
     print(md)
     return 0
 

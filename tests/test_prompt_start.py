@@ -450,3 +450,20 @@ def test_prompt_start_experiment_runs_on_a_tiny_config(tmp_path):
     assert len(out["rows"]) == len(mod.STARTS) * len(mod.STYLES)
     assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["share_positive"] <= 1.0 for r in out["rows"])
     assert "| phrase ' In short:' |" in (tmp_path / "prompt_start.md").read_text()
+
+
+def test_prompt_start_experiment_scores_the_test_split_for_reporting(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "prompt_start.py"
+    spec = importlib.util.spec_from_file_location("prompt_start_experiment_test_split", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--tiny", "--task", "rotten_tomatoes", "--split", "test", "--size", "10", "--out", str(tmp_path)]
+    assert mod.main(args) == 0
+    out = json.loads((tmp_path / "prompt_start.json").read_text())
+    assert out["meta"]["split"].startswith("test") and out["meta"]["size"] == 10
+    assert out["meta"]["excluded_few_shot_candidates"] == 0
+    assert "test examples" in (tmp_path / "prompt_start.md").read_text()
