@@ -14,6 +14,7 @@ declare -A FLAGS=(
   [normclip]="--norm-clip"                         # the reference's ||z|| clip (15, +1 a round up to 20)
   [clamp]="--sigma-schedule clamp"                 # the server sigma clamp stabiliser
   [shots32]="--shots 32"                           # twice the examples (and a 64-example dev split)
+  [sigma0.5]="--sigma0 0.5"                        # half the paper's starting step size
 )
 for variant in ${VARIANTS:-bbt iid}; do
   [[ -v "FLAGS[$variant]" ]] || { echo "unknown variant '$variant'; accepted: ${!FLAGS[*]}" >&2; exit 2; }
