@@ -53,6 +53,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import sys
 import threading
 import time
@@ -432,6 +433,40 @@ def is_finished(run_dir: Path, rounds: int) -> tuple[bool, int]:
     return last >= rounds, last
 
 
+def find_reusable(out: Path, run: dict) -> Path | None:
+    """A finished run with ``run``'s id (the same settings) in another grid folder beside ``out``, or None.
+
+    Grids overlap (the perturbation-rate ablation's r_p = 0.5 arm is the main grid's FedBPT); a run found
+    finished elsewhere is copied instead of being computed again. The newest such folder wins."""
+    found = [
+        d
+        for d in out.parent.glob(f"*/*-{run['run_id']}")
+        if d.is_dir() and d.parent.resolve() != out.resolve() and is_finished(d, run["settings"]["rounds"])[0]
+    ]
+    return max(found, key=lambda d: (d / "metrics.json").stat().st_mtime) if found else None
+
+
+def reuse(src: Path, dst: Path, run: dict, grid_name: str) -> None:
+    """Copies the finished run ``src`` (checkpoint included) to ``dst`` under this grid's name and labels.
+
+    The copy is assembled beside ``dst`` and renamed into place, so an interruption leaves no half copy;
+    ``config.json`` records where it came from (``copied_from``)."""
+    from fedbpt_jax.checkpoint import read_json, write_json_atomic
+
+    tmp = dst.with_name(dst.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    cfg = read_json(tmp / "config.json")
+    cfg.update(
+        grid=grid_name,
+        labels=run["labels"],
+        copied_from=f"{src.parent.name}/{src.name} (identical settings, same run id; relabelled)",
+    )
+    write_json_atomic(tmp / "config.json", cfg)
+    shutil.rmtree(dst, ignore_errors=True)  # an empty or failed attempt of this run
+    tmp.rename(dst)
+
+
 class Context:
     """Caches across the runs of one process: the backbone per (model, dtype), data per data settings."""
 
@@ -751,6 +786,13 @@ def cmd_run(args) -> int:
                 else ""
             )
             print(f"{tag}: finished, skipped{more}", flush=True)
+            continue
+        src = find_reusable(out, r) if args.reuse and not last else None
+        if src is not None:
+            counts["skipped"] += 1
+            if not args.dry_run:
+                reuse(src, d, r, grid["name"])
+            print(f"{tag}: {'would copy' if args.dry_run else 'copied'} the finished {_portable(str(src))}", flush=True)
             continue
         if args.dry_run:
             try:
@@ -1099,6 +1141,13 @@ def main(argv=None) -> int:
     )
     r.add_argument("--max-runs", type=int, default=None, help="start at most N runs (skipped ones do not count)")
     r.add_argument("--dry-run", action="store_true", help="list what would run, resume or be skipped")
+    r.add_argument(
+        "--no-reuse",
+        dest="reuse",
+        action="store_false",
+        help="compute every run here, even one finished with the same settings in another grid folder beside "
+        "the output folder (by default that run is copied, checkpoint included, and relabelled)",
+    )
     p = sub.add_parser("report", help="tables (markdown + JSON) and plots of one or more grid folders")
     p.add_argument("dirs", nargs="+", help="grid output folders")
     p.add_argument("--out", default=None, help="report folder (default <first dir>/report)")

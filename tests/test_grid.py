@@ -204,3 +204,35 @@ def test_paired_differences_and_the_detectable_effect():
     assert grid._paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.78, 1: 0.789, 2: 0.798})["verdict"] == "A > B"
     assert grid._paired({0: 0.8, 1: 0.7}, {0: 0.7, 1: 0.8})["verdict"] == "inconclusive"
     assert grid._paired({0: 0.8}, {0: 0.7})["verdict"] == "n/a (one seed)"
+
+
+def test_a_run_finished_in_another_grid_is_copied_not_recomputed(tmp_path, capsys):
+    a, b = tmp_path / "grid_a", tmp_path / "grid_b"
+    assert grid.main(["run", str(_grid_file(tmp_path, 1)), "--out", str(a)]) == 0
+    fedbpt_a = next(a.glob("fedbpt_s0-*"))
+    # Another grid whose FedBPT point has the same settings under another label, plus a new point.
+    other = BASE.replace('name = "tiny"', 'name = "tiny_b"').replace(
+        '[{{ label = "fedbpt", algorithm = "fedbpt" }}, {{ label = "manual", algorithm = "manual" }}]',
+        '[{{ label = "rp0.5", algorithm = "fedbpt" }}, {{ label = "rp0", algorithm = "fedbpt", perturb = false }}]',
+    )
+    gb = _grid_file(tmp_path, 1, name="b.toml", text=other)
+    capsys.readouterr()
+    assert grid.main(["run", str(gb), "--out", str(b), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would copy the finished" in out and "rp0_s0-" in out and ": run (1 rounds)" in out
+    assert not b.exists() or not list(b.glob("rp0.5_s0-*"))
+    assert grid.main(["run", str(gb), "--out", str(b), "--dry-run", "--no-reuse"]) == 0
+    assert "would copy" not in capsys.readouterr().out
+
+    assert grid.main(["run", str(gb), "--out", str(b)]) == 0
+    assert capsys.readouterr().out.count("copied the finished") == 1
+    copied = next(b.glob("rp0.5_s0-*"))
+    assert copied.name.split("-")[-1] == fedbpt_a.name.split("-")[-1]
+    cfg = json.loads((copied / "config.json").read_text())
+    assert cfg["grid"] == "tiny_b" and cfg["labels"]["method"] == "rp0.5"
+    assert cfg["copied_from"].startswith(f"grid_a/{fedbpt_a.name}")
+    for f in ("metrics.json", "status.json"):
+        assert (copied / f).read_text() == (fedbpt_a / f).read_text()
+    assert (copied / "ckpt").is_dir() and not list(b.glob("*.copying"))
+    # The new point was computed, and the report groups both.
+    assert json.loads((next(b.glob("rp0_s0-*")) / "status.json").read_text())["state"] == "finished"
