@@ -67,7 +67,8 @@ class ReportError(ValueError):
 def run_figures(metrics: dict) -> dict:
     """The accuracy figures a ``metrics.json`` supports, whatever version of ``run`` wrote it:
     ``initial``, ``final``, ``final_round``, ``curve`` ``[(round, test accuracy)]``, ``best_on_test`` and,
-    when the run evaluated a dev set, ``dev_selected`` and ``dev_selected_round``."""
+    when the run evaluated a dev set, ``dev_selected``, ``dev_selected_round`` and ``dev_selected_dev`` (the
+    dev accuracy there: what a choice among configurations made on dev compares)."""
     evals = metrics["evals"]
     finite = [e for e in evals if isinstance(e["accuracy"], float) and math.isfinite(e["accuracy"])]
     out = {
@@ -89,6 +90,8 @@ def run_figures(metrics: dict) -> dict:
                 metrics["selected_test_accuracy"],
                 metrics["selected_round"],
             )
+        at = [e for e in dev if e["round"] == out["dev_selected_round"]]
+        out["dev_selected_dev"] = at[0]["dev_accuracy"] if at else pick["dev_accuracy"]
     return out
 
 

@@ -77,9 +77,10 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
 
     # Interrupted after round 1 (a 1-round grid, same run directories: rounds are not in the hash), then
     # the 2-round grid resumes from the checkpoint and ends where the uninterrupted run ended.
-    assert grid.main(["run", str(_grid_file(tmp_path, 1)), "--out", str(part)]) == 0
+    # (--no-reuse: the finished runs beside it in `full` would otherwise be copied instead.)
+    assert grid.main(["run", str(_grid_file(tmp_path, 1)), "--out", str(part), "--no-reuse"]) == 0
     capsys.readouterr()
-    assert grid.main(["run", str(g2), "--out", str(part)]) == 0
+    assert grid.main(["run", str(g2), "--out", str(part), "--no-reuse"]) == 0
     printed = capsys.readouterr().out
     assert "resuming after round 1" in printed  # FedBPT from its checkpoint; the manual prompt runs again
     man = next(d.name for d in dirs if d.name.startswith("manual_"))
@@ -105,7 +106,9 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
         ]
     )
     md = (full / "report" / "report.md").read_text()
-    assert "reference-compatibility (optimistic)" in md and "float32" in md
+    assert "reference-compatibility (optimistic)" in md and "float32" in md and "| dev at selected |" in md
+    fedbpt_row = next(line for line in md.splitlines() if line.startswith("| fedbpt |"))
+    assert len(fedbpt_row.split("|")) == len(md.splitlines()[4].split("|"))  # every column filled
     assert (full / "report" / "accuracy_rounds.png").stat().st_size > 0
     assert (full / "report" / "accuracy_bars.png").stat().st_size > 0
 
@@ -181,6 +184,7 @@ def test_report_figures_from_either_metrics_layout():
     }
     f = grid.run_figures(new)
     assert (f["final"], f["dev_selected"], f["dev_selected_round"], f["best_on_test"]) == (0.55, 0.5, 0, 0.7)
+    assert f["dev_selected_dev"] == 0.6
     f = grid.run_figures(
         {
             **new,
@@ -190,6 +194,7 @@ def test_report_figures_from_either_metrics_layout():
         }
     )
     assert (f["dev_selected"], f["dev_selected_round"]) == (0.7, 1)  # run()'s own selection when it recorded one
+    assert f["dev_selected_dev"] == 0.6
 
 
 def test_paired_differences_and_the_detectable_effect():
