@@ -435,15 +435,22 @@ def test_cli_prompt_start_template_and_errors(dec_lm, monkeypatch, capsys):
     assert tasks.get("ag_news").decoder_prompt_start is None
 
 
-def test_prompt_start_experiment_runs_on_a_tiny_config(tmp_path):
+def _prompt_start_experiment():
+    """experiments/prompt_start.py as a module (it is a script, not part of the package)."""
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "experiments" / "prompt_start.py"
     spec = importlib.util.spec_from_file_location("prompt_start_experiment", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prompt_start_experiment_runs_on_a_tiny_config(tmp_path):
+    import json
+
+    mod = _prompt_start_experiment()
     assert mod.main(["--tiny", "--task", "rotten_tomatoes", "--size", "12", "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "prompt_start.json").read_text())
     assert out["meta"]["split"].startswith("train") and out["meta"]["size"] == 12
@@ -453,14 +460,9 @@ def test_prompt_start_experiment_runs_on_a_tiny_config(tmp_path):
 
 
 def test_prompt_start_experiment_scores_the_test_split_for_reporting(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "prompt_start.py"
-    spec = importlib.util.spec_from_file_location("prompt_start_experiment_test_split", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _prompt_start_experiment()
     args = ["--tiny", "--task", "rotten_tomatoes", "--split", "test", "--size", "10", "--out", str(tmp_path)]
     assert mod.main(args) == 0
     out = json.loads((tmp_path / "prompt_start.json").read_text())
