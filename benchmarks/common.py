@@ -97,6 +97,9 @@ def machine_info() -> dict[str, Any]:
         "versions": versions(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "loadavg_start": list(os.getloadavg()),
+        "smollm2_weights": weights_note("smollm2"),
+        "device_kind": [getattr(d, "device_kind", "") for d in jax.devices()],
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
     }
 
 
@@ -156,17 +159,21 @@ def aot_compile(jitted, *args) -> tuple[Any, float]:
 
 class Peak:
     """The matmul peak of this machine in ``dtype``, measured now (jitted ``n x n @ n x n``, best of a
-    few; bfloat16 inputs accumulate in float32, as the models' matmuls do).
+    few; bfloat16 inputs accumulate in float32, as the models' matmuls do; ``n`` 2048 on a CPU, 8192 on an
+    accelerator; float32 at JAX's default matmul precision, as the models run: TF32 inputs on recent
+    NVIDIA GPUs unless ``jax_default_matmul_precision`` says otherwise).
 
     ``best`` (the highest measurement of the run) is the machine's capability and the conservative
     reference for fractions of peak; :meth:`bracket` also gives the peak measured right before and
     after an item, i.e. under the same load from other processes (the development machine is shared).
     """
 
-    def __init__(self, n: int = 2048, repeats: int = 4, dtype: str = "float32"):
+    def __init__(self, n: int | None = None, repeats: int = 4, dtype: str = "float32"):
         import jax
         import jax.numpy as jnp
 
+        if n is None:  # 2048 saturates a CPU; an accelerator needs a larger product to reach its rate
+            n = 2048 if jax.default_backend() == "cpu" else 8192
         self.n, self.repeats, self.dtype = n, repeats, dtype
         key_a, key_b = jax.random.split(jax.random.key(0))
         self.a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
@@ -271,9 +278,70 @@ MODELS = ("tiny", "smollm2")
 DTYPES = ("float32", "bfloat16")
 
 
+#: Environment variable naming an architecture folder (:func:`export_architecture`): when set,
+#: ``load_model("smollm2")`` builds SmolLM2's exact architecture and tokenizer from it with *random*
+#: weights, for throughput figures on a machine the 98 MB checkpoint cannot reach. Subprocess workers
+#: inherit it. Throughput does not depend on the weights' values; accuracies measured with it mean nothing.
+RANDOM_WEIGHTS_ENV = "FEDBPT_BENCH_RANDOM_WEIGHTS"
+
+
+def export_architecture(name: str, out_dir: str | os.PathLike) -> Path:
+    """Writes ``name``'s decoder config (``decoder_config.json``) and tokenizer files into ``out_dir``:
+    everything but the weights (a few MB). ``load_model`` rebuilds the model from it, with random weights,
+    when :data:`RANDOM_WEIGHTS_ENV` names the folder."""
+    import dataclasses
+
+    lm = load_model(name)
+    if lm.kind != "decoder":
+        raise ValueError(f"export_architecture supports decoders; {name!r} is a {lm.kind}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.asdict(lm.config)
+    cfg["compute_dtype"] = "float32"
+    (out / "decoder_config.json").write_text(json.dumps({"name": lm.name, "config": cfg}, indent=1) + "\n")
+    lm.tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _random_weights_model(directory: str, compute_dtype: str):
+    import jax
+    from transformers import AutoTokenizer
+
+    from fedbpt_jax.models import decoder
+    from fedbpt_jax.models.base import LanguageModel
+
+    path = Path(directory)
+    try:
+        raw = json.loads((path / "decoder_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"${RANDOM_WEIGHTS_ENV}={directory!r}: cannot read decoder_config.json ({err}); write the folder with "
+            "`python benchmarks/common.py export-architecture smollm2 DIR`"
+        ) from err
+    config = decoder.DecoderConfig(**{**raw["config"], "compute_dtype": compute_dtype})
+    tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
+    params = decoder.init_params(config, jax.random.key(0))
+    return LanguageModel(
+        name=f"{raw['name']} (random weights)",
+        kind="decoder",
+        config=config,
+        params=params,
+        tokenizer=tokenizer,
+        module=None,
+    )
+
+
+def weights_note(name: str) -> str:
+    """``"real"`` or ``"random (architecture from DIR)"``: what ``load_model(name)`` loads now."""
+    if name == "smollm2" and os.environ.get(RANDOM_WEIGHTS_ENV):
+        return f"random (architecture and tokenizer from ${RANDOM_WEIGHTS_ENV})"
+    return "random (test model)" if name == "tiny" else "real"
+
+
 def load_model(name: str, compute_dtype: str = "float32"):
     """``"tiny"``: the random 2-layer decoder of :mod:`fedbpt_jax.testing`; ``"smollm2"``: the real
-    SmolLM2-135M-Instruct (GGUF, offline); in ``compute_dtype``."""
+    SmolLM2-135M-Instruct (GGUF, offline), or its architecture with random weights when
+    ``$FEDBPT_BENCH_RANDOM_WEIGHTS`` names an exported folder; in ``compute_dtype``."""
     if name == "tiny":
         import dataclasses
 
@@ -285,6 +353,9 @@ def load_model(name: str, compute_dtype: str = "float32"):
         return dataclasses.replace(lm, config=cfg, params=decoder.cast_params(cfg, lm.params))
     if name == "smollm2":
         from fedbpt_jax import models
+
+        if os.environ.get(RANDOM_WEIGHTS_ENV):
+            return _random_weights_model(os.environ[RANDOM_WEIGHTS_ENV], compute_dtype)
 
         return models.load("smollm2-135m-instruct", compute_dtype=compute_dtype)
     raise ValueError(f"unknown model {name!r}; accepted: {MODELS}")
@@ -373,3 +444,15 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_jsonable(obj), indent=1))
     os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="benchmark helpers")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export-architecture", help="write a model's config and tokenizer (no weights) to DIR")
+    ex.add_argument("model", choices=["smollm2"])
+    ex.add_argument("out_dir")
+    a = ap.parse_args()
+    print(export_architecture(a.model, a.out_dir))
