@@ -285,15 +285,13 @@ DTYPES = ("float32", "bfloat16")
 RANDOM_WEIGHTS_ENV = "FEDBPT_BENCH_RANDOM_WEIGHTS"
 
 
-def export_architecture(name: str, out_dir: str | os.PathLike) -> Path:
-    """Writes ``name``'s decoder config (``decoder_config.json``) and tokenizer files into ``out_dir``:
-    everything but the weights (a few MB). ``load_model`` rebuilds the model from it, with random weights,
-    when :data:`RANDOM_WEIGHTS_ENV` names the folder."""
+def write_architecture(lm, out_dir: str | os.PathLike) -> Path:
+    """Writes a decoder bundle's config (``decoder_config.json``) and tokenizer files into ``out_dir``:
+    everything but the weights (a few MB). :func:`random_weights_model` rebuilds it with random weights."""
     import dataclasses
 
-    lm = load_model(name)
-    if lm.kind != "decoder":
-        raise ValueError(f"export_architecture supports decoders; {name!r} is a {lm.kind}")
+    if lm.kind != "decoder" or lm.tokenizer is None:
+        raise ValueError(f"write_architecture needs a decoder with a tokenizer; {lm.name!r} is a {lm.kind}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.asdict(lm.config)
@@ -303,7 +301,14 @@ def export_architecture(name: str, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _random_weights_model(directory: str, compute_dtype: str):
+def export_architecture(name: str, out_dir: str | os.PathLike) -> Path:
+    """:func:`write_architecture` of ``load_model(name)``; ``load_model`` rebuilds the model from the folder,
+    with random weights, when :data:`RANDOM_WEIGHTS_ENV` names it."""
+    return write_architecture(load_model(name), out_dir)
+
+
+def random_weights_model(directory: str | os.PathLike, compute_dtype: str = "float32"):
+    """The decoder that :func:`write_architecture` wrote to ``directory``, with random weights (key 0)."""
     import jax
     from transformers import AutoTokenizer
 
@@ -315,7 +320,7 @@ def _random_weights_model(directory: str, compute_dtype: str):
         raw = json.loads((path / "decoder_config.json").read_text())
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"${RANDOM_WEIGHTS_ENV}={directory!r}: cannot read decoder_config.json ({err}); write the folder with "
+            f"{str(directory)!r}: cannot read decoder_config.json ({err}); write the folder with "
             "`python benchmarks/common.py export-architecture smollm2 DIR`"
         ) from err
     config = decoder.DecoderConfig(**{**raw["config"], "compute_dtype": compute_dtype})
@@ -355,7 +360,7 @@ def load_model(name: str, compute_dtype: str = "float32"):
         from fedbpt_jax import models
 
         if os.environ.get(RANDOM_WEIGHTS_ENV):
-            return _random_weights_model(os.environ[RANDOM_WEIGHTS_ENV], compute_dtype)
+            return random_weights_model(os.environ[RANDOM_WEIGHTS_ENV], compute_dtype)
 
         return models.load("smollm2-135m-instruct", compute_dtype=compute_dtype)
     raise ValueError(f"unknown model {name!r}; accepted: {MODELS}")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,3 +77,32 @@ def test_forward_throughput_quick_runs_and_checks_agree(tmp_path):
     assert set(d["peak_gflops_best"]) == {"float32", "bfloat16"}
     bf = [s for s in d["summary"] if s["dtype"] == "bfloat16"]
     assert bf and all(s["speed_vs_float32[after+cache]"] > 0 for s in bf)
+
+
+def test_architecture_folder_rebuilds_the_model_with_random_weights(tmp_path, monkeypatch):
+    """What travels to a machine without the checkpoint: config + tokenizer, no weights. The rebuilt model has
+    the same config (in the asked dtype), the same parameter tree and shapes, the same tokenizer."""
+    import dataclasses
+
+    import jax
+
+    from fedbpt_jax import testing, testing_tokenizers
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    common = __import__("common")
+
+    lm = dataclasses.replace(testing.tiny_decoder(0), tokenizer=testing_tokenizers.chatml_tokenizer(), name="tiny-chat")
+    folder = common.write_architecture(lm, tmp_path / "arch")
+    assert not list(folder.glob("*.safetensors")) and (folder / "decoder_config.json").exists()
+    rebuilt = common.random_weights_model(folder, "bfloat16")
+    assert rebuilt.config == dataclasses.replace(lm.config, compute_dtype="bfloat16")
+    shapes = lambda p: jax.tree_util.tree_map(lambda x: x.shape, p)  # noqa: E731
+    assert shapes(rebuilt.params) == shapes(lm.params)
+    assert "random weights" in rebuilt.name
+    text = "Review: a fine film\nSentiment:"
+    assert rebuilt.tokenizer(text)["input_ids"] == lm.tokenizer(text)["input_ids"]
+    monkeypatch.setenv(common.RANDOM_WEIGHTS_ENV, str(folder))
+    assert common.load_model("smollm2").name == rebuilt.name
+    assert common.weights_note("smollm2").startswith("random")
+    with pytest.raises(ValueError, match="decoder_config.json"):
+        common.random_weights_model(tmp_path / "missing")
