@@ -16,6 +16,10 @@
 # seconds. SUITE_DEADLINE (seconds, default 3000) bounds the whole suite: a step gets at most its own limit
 # and what is left, so a slow step cannot take the time of those after it (a step cut short leaves its log).
 # The round benchmark runs one invocation per K so that each K's JSON is written as soon as it is measured.
+# The step limits come from one H100 (2026-11-26): round_smollm2_k10 took 175 s; K = 100 and 1000 did not finish
+# both precisions in 180 and 170 s (each configuration compiles ~25 s and runs the reference-style client, the
+# pure-inference pass and the checks); the sweep with SmolLM2 did not pass S = 1 in 120 s. The whole set needs
+# ~40 minutes there.
 #
 # On a machine that cannot read the SmolLM2 checkpoint, export its architecture here
 # (`python benchmarks/common.py export-architecture smollm2 DIR`) and set FEDBPT_BENCH_RANDOM_WEIGHTS=DIR
@@ -52,15 +56,15 @@ for s in $steps; do
     case $s in
     round_smollm2_k10) step "$s" 240 $R --models smollm2 --ks 10 --warmup-smollm2 --rounds-smollm2 3 \
         --ref-clients-smollm2 2 --es-ks 10 --plot "$out/$s.png" ;;
-    round_smollm2_k100) step "$s" 180 $R --models smollm2 --ks 100 --warmup-smollm2 --rounds-smollm2 2 \
+    round_smollm2_k100) step "$s" 300 $R --models smollm2 --ks 100 --warmup-smollm2 --rounds-smollm2 2 \
         --es-ks none --plot "$out/$s.png" ;;
-    round_smollm2_k1000) step "$s" 240 $R --models smollm2 --ks 1000 --warmup-smollm2 --rounds-smollm2 1 \
+    round_smollm2_k1000) step "$s" 420 $R --models smollm2 --ks 1000 --warmup-smollm2 --rounds-smollm2 1 \
         --es-ks none --plot "$out/$s.png" ;;
-    round_tiny) step "$s" 240 $R --models tiny --ks 10,100,1000,10000 --chunk 1000 --ref-clients 10 \
+    round_tiny) step "$s" 360 $R --models tiny --ks 10,100,1000,10000 --chunk 1000 --ref-clients 10 \
         --ref-before-clients 0 --es-ks none --plot "$out/$s.png" ;;
-    sweep_smollm2) step "$s" 240 benchmarks/sweep_throughput.py --model smollm2-135m-instruct ;;
-    forward_throughput) step "$s" 240 benchmarks/forward_throughput.py ;;
-    sweep_tiny) step "$s" 120 benchmarks/sweep_throughput.py ;;
+    sweep_smollm2) step "$s" 420 benchmarks/sweep_throughput.py --model smollm2-135m-instruct ;;
+    forward_throughput) step "$s" 300 benchmarks/forward_throughput.py ;;
+    sweep_tiny) step "$s" 240 benchmarks/sweep_throughput.py ;;
     *) echo "unknown step $s" | tee -a "$log" ;;
     esac
 done
