@@ -291,7 +291,10 @@ def write_architecture(lm, out_dir: str | os.PathLike) -> Path:
     import dataclasses
 
     if lm.kind != "decoder" or lm.tokenizer is None:
-        raise ValueError(f"write_architecture needs a decoder with a tokenizer; {lm.name!r} is a {lm.kind}")
+        raise ValueError(
+            f"write_architecture needs a decoder with a tokenizer; {lm.name!r} is a {lm.kind} "
+            f"{'with' if lm.tokenizer is not None else 'without'} one"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.asdict(lm.config)
@@ -310,9 +313,8 @@ def export_architecture(name: str, out_dir: str | os.PathLike) -> Path:
 def random_weights_model(directory: str | os.PathLike, compute_dtype: str = "float32"):
     """The decoder that :func:`write_architecture` wrote to ``directory``, with random weights (key 0)."""
     import jax
-    from transformers import AutoTokenizer
 
-    from fedbpt_jax.models import decoder
+    from fedbpt_jax.models import decoder, hf
     from fedbpt_jax.models.base import LanguageModel
 
     path = Path(directory)
@@ -324,7 +326,7 @@ def random_weights_model(directory: str | os.PathLike, compute_dtype: str = "flo
             "`python benchmarks/common.py export-architecture smollm2 DIR`"
         ) from err
     config = decoder.DecoderConfig(**{**raw["config"], "compute_dtype": compute_dtype})
-    tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
+    tokenizer = hf.load_tokenizer(path)
     params = decoder.init_params(config, jax.random.key(0))
     return LanguageModel(
         name=f"{raw['name']} (random weights)",
@@ -337,7 +339,8 @@ def random_weights_model(directory: str | os.PathLike, compute_dtype: str = "flo
 
 
 def weights_note(name: str) -> str:
-    """``"real"`` or ``"random (architecture from DIR)"``: what ``load_model(name)`` loads now."""
+    """Which weights ``load_model(name)`` loads now: ``"real"``, ``"random (test model)"`` (tiny) or random
+    with the architecture of the folder :data:`RANDOM_WEIGHTS_ENV` names."""
     if name == "smollm2" and os.environ.get(RANDOM_WEIGHTS_ENV):
         return f"random (architecture and tokenizer from ${RANDOM_WEIGHTS_ENV})"
     return "random (test model)" if name == "tiny" else "real"
