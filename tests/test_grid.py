@@ -241,3 +241,20 @@ def test_a_run_finished_in_another_grid_is_copied_not_recomputed(tmp_path, capsy
     assert (copied / "ckpt").is_dir() and not list(b.glob("*.copying"))
     # The new point was computed, and the report groups both.
     assert json.loads((next(b.glob("rp0_s0-*")) / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.parametrize("path", sorted((PATH.parent / "grids").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_grids_are_valid(path):
+    """Every grid file in experiments/grids parses, expands to distinct runs whose settings and algorithm
+    options pass the checks a run makes, and names in its report pairs only labels it declares."""
+    g = grid.load_grid(path)
+    runs = grid.expand(g)
+    assert runs, path
+    for r in runs:
+        grid.check_settings(r["settings"])
+        grid.algorithm_options(r["settings"]["algorithm"], r["settings"]["algorithm_options"] or {})
+        grid.identify(r)
+    assert len({r["run_id"] for r in runs}) == len(runs), "two runs with the same settings"
+    labels = {label for _, points in g["axes"] for label, _ in points}
+    for a, b in g["pairs"]:
+        assert {a, b} <= labels, (a, b, sorted(labels))
