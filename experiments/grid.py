@@ -205,6 +205,14 @@ def check_grid(raw: dict, origin: str = "grid") -> dict:
     pairs = report.get("pairs", [])
     if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
         raise GridError(f"{origin} [report] pairs: a list of [label_a, label_b] pairs, got {pairs!r}")
+    declared = sorted({label for _, points in axes for label, _ in points})
+    for p in pairs:
+        unknown = [x for x in p if x not in declared]
+        if unknown:
+            raise GridError(
+                f"{origin} [report] pairs: {p!r} names {', '.join(map(repr, unknown))}, not an axis label; "
+                f"declared labels: {declared}"
+            )
     return {
         "name": str(name),
         "description": meta.get("description", ""),
