@@ -64,9 +64,9 @@ from typing import Any
 import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 from fedbpt_jax.plots import FIGURES
 from fedbpt_jax.plots import comparison_plots as plots
+from fedbpt_jax.report import DIAGNOSTICS, diagnostics_markdown, run_diagnostics, run_figures
 from fedbpt_jax.report import cell as _cell
 from fedbpt_jax.report import pct as _pct
-from fedbpt_jax.report import run_figures
 from fedbpt_jax.report import seed_order as _seed_order
 from fedbpt_jax.report import stats as _stats
 
@@ -935,6 +935,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
             try:
                 m = read_json(d / "metrics.json")
                 rec.update(run_figures(m))
+                rec.update(run_diagnostics(m))
             except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
                 rec["final_round"] = 0
             if rec["final_round"] >= cfg["settings"]["rounds"] and rec["state"] != "failed":
@@ -1077,6 +1078,13 @@ def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: st
                     f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | "
                     f"{_pct(d['detectable_2se'])} | {_pct(d['ci95_halfwidth'])} | {d['verdict']} |"
                 )
+    if groups:
+        rows = [
+            (g["label"], {**r, "seed": r["settings"]["seed"]})
+            for g in groups
+            for r in sorted(g["runs"], key=lambda r: _seed_order(r["settings"]["seed"]))
+        ]
+        lines += ["", *diagnostics_markdown(rows)]
     if other:
         lines += ["", "## Not (yet) complete", "", "| run | state | rounds done | error |", "| --- | --- | --- | --- |"]
         for r in other:
@@ -1131,6 +1139,12 @@ def cmd_report(args) -> int:
             for g in groups
         ],
         "pairs": pairs,
+        "per_run": [
+            {"label": g["label"], "seed": r["settings"]["seed"], "dir": r["dir"]}
+            | {k: r.get(k) for k in (*FIGURES, "dev_selected_round", *DIAGNOSTICS)}
+            for g in groups
+            for r in g["runs"]
+        ],
         "incomplete": [{k: r.get(k) for k in ("dir", "state", "final_round", "error")} for r in other],
         "plots": [Path(p).name for p in made],
     }

@@ -20,7 +20,9 @@ round, mean over seeds with a ± 1 std band) and ``accuracy_bars.png`` (final an
 Figures per run (:func:`run_figures`): z = 0 (round 0, the prompt start), final (last round),
 dev-selected (the round with the highest dev accuracy, ties to the earliest: the run's own selection)
 and best-on-test (selected on the test set itself: the reference code's optimistic figure, labelled
-as such).
+as such). Per run, :func:`run_diagnostics` adds what became of the global prompt (predictions per label,
+the largest one-label share, ‖z‖, the prompt's norm, σ, repaired uploads): a table in ``report.md`` and
+``per_run`` in ``report.json``.
 """
 
 from __future__ import annotations
@@ -95,6 +97,96 @@ def run_figures(metrics: dict) -> dict:
     return out
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def run_diagnostics(metrics: dict) -> dict:
+    """What became of the global prompt, from a ``metrics.json`` (any version; a field the run did not record
+    is None): ``final_pred_dist`` (share of the test predictions per label at the last evaluation),
+    ``peak_label_share`` and ``peak_label_round`` (the largest share any one label took in an evaluation after
+    round 0: 1.0 is a collapse to one label), ``final_z_norm`` (‖z‖), ``final_prompt_norm_ratio`` (the prompt
+    tokens' norm over the median token-embedding norm), ``final_sigma`` (the broadcast σ after the last round;
+    None for methods without one) and ``repaired`` ``(min, max)`` of the uploads the server repaired per
+    round, with ``clients`` the most clients a round had."""
+    evals = metrics.get("evals") or []
+    last = evals[-1] if evals else {}
+    dist = last.get("pred_dist")
+    out = {
+        "final_pred_dist": [float(x) for x in dist] if isinstance(dist, list) and dist else None,
+        "peak_label_share": None,
+        "peak_label_round": None,
+        "final_z_norm": last.get("z_norm") if _finite(last.get("z_norm")) else None,
+        "final_prompt_norm_ratio": last.get("prompt_norm_ratio") if _finite(last.get("prompt_norm_ratio")) else None,
+        "final_sigma": None,
+        "repaired": None,
+        "clients": None,
+    }
+    for e in evals:
+        d = e.get("pred_dist")
+        if e.get("round", 0) > 0 and isinstance(d, list) and d and all(_finite(x) for x in d):
+            if out["peak_label_share"] is None or max(d) > out["peak_label_share"]:
+                out["peak_label_share"], out["peak_label_round"] = float(max(d)), e["round"]
+    rounds = [r for r in metrics.get("rounds") or [] if r.get("active_clients", 1)]
+    if rounds and _finite(rounds[-1].get("sigma")) and rounds[-1]["sigma"] > 0:
+        out["final_sigma"] = float(rounds[-1]["sigma"])
+    rep = [r["num_repaired"] for r in rounds if _finite(r.get("num_repaired"))]
+    if rep:
+        out["repaired"] = (int(min(rep)), int(max(rep)))
+        out["clients"] = int(max(r.get("active_clients", 0) for r in rounds))
+    return out
+
+
+#: The fields :func:`run_diagnostics` returns.
+DIAGNOSTICS = (
+    "final_pred_dist",
+    "peak_label_share",
+    "peak_label_round",
+    "final_z_norm",
+    "final_prompt_norm_ratio",
+    "final_sigma",
+    "repaired",
+    "clients",
+)
+
+
+def _num(x, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def diagnostics_markdown(rows: list[tuple[str, dict]]) -> list[str]:
+    """Markdown lines of the per-run diagnostics table: ``rows`` are ``(configuration label, run record)``
+    with the record holding :func:`run_figures` and :func:`run_diagnostics` fields and ``seed``."""
+    lines = [
+        "## Per run: what became of the global prompt",
+        "",
+        "Test predictions per label at the final round (label order of the task's verbalizer); the largest "
+        "share one label took in any evaluation after round 0 (1.00 = every test example given one label), "
+        "with its round; ‖z‖, the prompt tokens' norm over the median token-embedding norm and the broadcast "
+        "σ after the final round; the uploads the server repaired per round (min-max of the clients). — = "
+        "not recorded or not defined for the method.",
+        "",
+        "| configuration | seed | final | dev-selected (round) | predictions per label, final "
+        "| largest one-label share (round) | ‖z‖ | prompt norm ÷ median token norm | σ | uploads repaired a round |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, r in rows:
+        dist = r.get("final_pred_dist")
+        dist_s = " / ".join(f"{x:.2f}" for x in dist) if dist else "—"
+        peak = r.get("peak_label_share")
+        peak_s = f"{peak:.2f} ({r['peak_label_round']})" if peak is not None else "—"
+        sel = r.get("dev_selected")
+        sel_s = f"{pct(sel)} ({r['dev_selected_round']})" if sel is not None else "—"
+        rep = r.get("repaired")
+        rep_s = f"{rep[0]}-{rep[1]} of {r['clients']}" if rep else "—"
+        lines.append(
+            f"| {label} | {r.get('seed')} | {pct(r.get('final'))} | {sel_s} | {dist_s} | {peak_s} "
+            f"| {_num(r.get('final_z_norm'), '.1f')} | {_num(r.get('final_prompt_norm_ratio'), '.2f')} "
+            f"| {_num(r.get('final_sigma'), '.3f')} | {rep_s} |"
+        )
+    return lines
+
+
 def stats(xs: list[float]) -> dict:
     """``mean``, sample ``std`` (ddof = 1; None for one value), ``n``, ``min`` and ``max`` of ``xs``."""
     import numpy as np
@@ -156,7 +248,7 @@ def load_run(directory) -> dict:
     try:
         cfg = read_json(d / "config.json")
         metrics = read_json(d / "metrics.json")
-        figures = run_figures(metrics)
+        figures = run_figures(metrics) | run_diagnostics(metrics)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ReportError(f"{str(d)!r}: config.json or metrics.json is not valid JSON ({err}); {ACCEPTED}") from None
     except (KeyError, IndexError, TypeError) as err:
@@ -294,6 +386,8 @@ def markdown(groups: list[dict], title: str) -> str:
         ]
     lines += ["", "## Runs", "", "| configuration | seed | folder |", "| --- | --- | --- |"]
     lines += [f"| {g['label']} | {r['seed']} | {r['name']} |" for g in groups for r in g["runs"]]
+    if groups:
+        lines += ["", *diagnostics_markdown([(g["label"], r) for g in groups for r in g["runs"]])]
     if common:
         lines += ["", "## Settings shared by every run", "", "| setting | value |", "| --- | --- |"]
         lines += [f"| {k} | {json.dumps(v, default=str)} |" for k, v in common.items()]
@@ -338,6 +432,12 @@ def report(dirs, out=None, *, same_config: bool = False, title: str | None = Non
                 "runs": [r["dir"] for r in g["runs"]],
             }
             for g in groups
+        ],
+        "per_run": [
+            {"label": g["label"], "seed": r["seed"], "dir": r["dir"]}
+            | {k: r.get(k) for k in (*FIGURES, "dev_selected_round", *DIAGNOSTICS)}
+            for g in groups
+            for r in g["runs"]
         ],
         "plots": [Path(p).name for p in made],
         "out": str(out),

@@ -109,6 +109,11 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     assert "reference-compatibility (optimistic)" in md and "float32" in md and "| dev at selected |" in md
     fedbpt_row = next(line for line in md.splitlines() if line.startswith("| fedbpt |"))
     assert len(fedbpt_row.split("|")) == len(md.splitlines()[4].split("|"))  # every column filled
+    # Per run: the final round's label shares and ‖z‖ as the run recorded them.
+    per = {r["dir"]: r for r in rep["per_run"]}
+    assert per[name]["final_pred_dist"] == pytest.approx(a["evals"][-1]["pred_dist"])
+    assert per[name]["final_z_norm"] == pytest.approx(a["evals"][-1]["z_norm"])
+    assert "## Per run: what became of the global prompt" in md
     assert (full / "report" / "accuracy_rounds.png").stat().st_size > 0
     assert (full / "report" / "accuracy_bars.png").stat().st_size > 0
 

@@ -83,6 +83,11 @@ def test_groups_by_configuration_with_mean_and_std_over_seeds(tmp_path, capsys):
     )
     assert "| algorithm=fedavg_bbt, dev_set=False | 1 | 0 | 2 | 50.00 (n=1) | 60.00 (n=1) | — | — |" in md
     assert '| model | "tiny" |' in md  # settings all runs share
+    # Per run: what became of the prompt (these runs record ‖z‖ = round and σ per round, no label shares).
+    per = {(r["label"], r["seed"]): r for r in rep["per_run"]}
+    assert per[(fa, 1)]["final_z_norm"] == 2.0 and per[(fa, 1)]["final_sigma"] == 1.0
+    assert per[(fa, 1)]["final_pred_dist"] is None and per[(fa, 1)]["repaired"] is None
+    assert f"| {fa} | 1 | 90.00 | 80.00 (1) | — | — | 2.0 | — | 1.000 | — |" in md
     for name in ("accuracy_rounds.png", "accuracy_bars.png"):
         assert (out / name).read_bytes()[:8] == PNG
     assert "report written to" in capsys.readouterr().out
@@ -165,3 +170,34 @@ def test_plot_run_writes_metrics_png_next_to_metrics_json(tmp_path):
         plots.plot_run(tmp_path / "nothing")
     with pytest.raises(ValueError, match="no evaluation"):
         plots.plot_run({"evals": [], "rounds": []}, tmp_path / "e.png")
+
+
+def test_run_diagnostics_reads_what_became_of_the_prompt():
+    """Label shares, the largest one-label share after round 0, ‖z‖, prompt norm, σ and repaired uploads;
+    rounds without clients (the manual prompt) and σ = 0 (gradient methods) count as no σ."""
+    metrics = {
+        "evals": [
+            {"round": 0, "accuracy": 0.8, "pred_dist": [0.99, 0.01], "z_norm": 0.0},  # round 0 never counts
+            {"round": 1, "accuracy": 0.7, "pred_dist": [0.2, 0.8], "z_norm": 3.0},
+            {"round": 2, "accuracy": 0.6, "pred_dist": [float("nan"), 0.1]},  # non-finite: skipped
+            {"round": 3, "accuracy": 0.5, "pred_dist": [0.6, 0.4], "z_norm": 5.5, "prompt_norm_ratio": 2.5},
+        ],
+        "rounds": [
+            {"round": 1, "active_clients": 10, "sigma": 0.9, "num_repaired": 7},
+            {"round": 2, "active_clients": 9, "sigma": 0.8, "num_repaired": 3},
+            {"round": 3, "active_clients": 10, "sigma": 0.7, "num_repaired": 5},
+        ],
+    }
+    d = report.run_diagnostics(metrics)
+    assert d["final_pred_dist"] == [0.6, 0.4]
+    assert (d["peak_label_share"], d["peak_label_round"]) == (0.8, 1)
+    assert (d["final_z_norm"], d["final_prompt_norm_ratio"], d["final_sigma"]) == (5.5, 2.5, 0.7)
+    assert d["repaired"] == (3, 7) and d["clients"] == 10
+    manual = {"evals": metrics["evals"][:1], "rounds": [{"round": 1, "active_clients": 0, "sigma": 0.0}]}
+    m = report.run_diagnostics(manual)
+    assert m["final_sigma"] is None and m["repaired"] is None and m["peak_label_share"] is None
+    gradient = {"evals": metrics["evals"], "rounds": [{"round": 1, "active_clients": 10, "sigma": 0.0}]}
+    assert report.run_diagnostics(gradient)["final_sigma"] is None
+    assert set(d) == set(report.DIAGNOSTICS)
+    row = report.diagnostics_markdown([("fedbpt", {**report.run_figures(metrics), **d, "seed": 0})])[-1]
+    assert row == "| fedbpt | 0 | 50.00 | — | 0.60 / 0.40 | 0.80 (1) | 5.5 | 2.50 | 0.700 | 3-7 of 10 |"
