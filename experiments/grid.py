@@ -113,6 +113,20 @@ SETTINGS: dict[str, Any] = {
 #: evaluation's speed): left out of the run's hash, so a grid can ask for more rounds later and the finished
 #: runs resume from their checkpoints.
 NOT_IN_HASH = ("rounds", "eval_cache_gb")
+#: Settings an algorithm does not read: a finished run that differs from a wanted one only in these is the
+#: same experiment, so it is copied instead of computed again. The manual prompt never trains: its copy is
+#: exact. Centralized BBT pools every client's examples, so the partition changes only the order in which the
+#: pooled examples' losses are summed: the fitness values agree to float rounding (~1e-7 relative), CMA-ES
+#: uses only their ranking, and the trajectory is the same unless two candidates tie to within rounding
+#: (``tests/test_grid.py`` compares copies with runs computed from scratch; on SmolLM2, SST-2 seed 0, the
+#: IID and Dirichlet(1) runs' accuracies and losses were bit-identical over 15 rounds). The copy's cost
+#: figures are its source's (:data:`PARTITION_COST_KEYS`). ``--no-reuse`` computes them instead.
+UNUSED_BY = {"centralized_bbt": ("partition",), "manual": ("partition",)}
+#: Per-round cost figures of ``metrics.json`` that a copy across partitions keeps from its source (the pooled
+#: batch is padded to the partition's largest client, so they differ from what the copy's own run would count).
+PARTITION_COST_KEYS = ("examples_per_call", "model_flops")
+#: The per-client keys of ``config.json``'s ``data`` record (they describe the partition).
+PER_CLIENT_DATA = ("train_counts", "train_label_counts")
 SECTIONS = ("grid", "base", "axes", "report")
 
 
@@ -355,12 +369,19 @@ def resolve_dev_selection(value) -> bool:
     return supported if value == "auto" else bool(value)
 
 
+def _digest(settings: dict, unused: tuple[str, ...] = ()) -> str:
+    """Hash of the settings that change the computation, leaving out ``unused`` ones as well."""
+    ident = {k: v for k, v in settings.items() if k not in NOT_IN_HASH and k not in unused}
+    ident["dev_selection"] = resolve_dev_selection(settings["dev_selection"])
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def identify(run: dict) -> None:
-    """Adds ``run_id`` (hash of the settings that change the computation) and ``dirname`` to ``run``."""
+    """Adds ``run_id`` (hash of the settings that change the computation), ``equivalence_id`` (the same
+    without the settings its algorithm does not read: :data:`UNUSED_BY`) and ``dirname`` to ``run``."""
     s = run["settings"]
-    ident = {k: v for k, v in s.items() if k not in NOT_IN_HASH}
-    ident["dev_selection"] = resolve_dev_selection(s["dev_selection"])
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    digest = _digest(s)
+    run["equivalence_id"] = _digest(s, UNUSED_BY.get(s["algorithm"], ()))
     labels = [v for k, v in run["labels"].items() if k != "seed"] + [f"s{s['seed']}"]
     prefix = "_".join(labels)
     prefix = re.sub(r"[^A-Za-z0-9._=-]+", "-", prefix).strip("-")[:80]
@@ -442,15 +463,34 @@ def is_finished(run_dir: Path, rounds: int) -> tuple[bool, int]:
 
 
 def find_reusable(out: Path, run: dict) -> Path | None:
-    """A finished run with ``run``'s id (the same settings) in another grid folder beside ``out``, or None.
+    """A finished run that computed what ``run`` would, or None: one with ``run``'s id (the same settings)
+    in another grid folder beside ``out``, else one in ``out`` or beside it that differs only in settings
+    ``run``'s algorithm does not read (:data:`UNUSED_BY`: the IID grid's centralized BBT is the non-IID
+    grid's).
 
     Grids overlap (the perturbation-rate ablation's r_p = 0.5 arm is the main grid's FedBPT); a run found
     finished elsewhere is copied instead of being computed again. The newest such folder wins."""
+    rounds = run["settings"]["rounds"]
     found = [
         d
         for d in out.parent.glob(f"*/*-{run['run_id']}")
-        if d.is_dir() and d.parent.resolve() != out.resolve() and is_finished(d, run["settings"]["rounds"])[0]
+        if d.is_dir() and d.parent.resolve() != out.resolve() and is_finished(d, rounds)[0]
     ]
+    if not found and run["settings"]["algorithm"] in UNUSED_BY:
+        unused = UNUSED_BY[run["settings"]["algorithm"]]
+        for cfg_path in out.parent.glob("*/*/config.json"):
+            d = cfg_path.parent
+            if d.name.endswith(".copying") or (d.name == run["dirname"] and d.parent.resolve() == out.resolve()):
+                continue
+            try:
+                settings = json.loads(cfg_path.read_text())["settings"]
+                same = {**SETTINGS, **settings}["algorithm"] == run["settings"]["algorithm"] and _digest(
+                    {**SETTINGS, **settings}, unused
+                ) == run["equivalence_id"]
+            except (json.JSONDecodeError, KeyError, TypeError, GridError):
+                continue
+            if same and is_finished(d, rounds)[0]:
+                found.append(d)
     return max(found, key=lambda d: (d / "metrics.json").stat().st_mtime) if found else None
 
 
@@ -458,18 +498,38 @@ def reuse(src: Path, dst: Path, run: dict, grid_name: str) -> None:
     """Copies the finished run ``src`` (checkpoint included) to ``dst`` under this grid's name and labels.
 
     The copy is assembled beside ``dst`` and renamed into place, so an interruption leaves no half copy;
-    ``config.json`` records where it came from (``copied_from``)."""
+    ``config.json`` records where it came from (``copied_from``). A copy of an equivalent run (differing
+    only in settings the algorithm does not read) takes ``run``'s settings and id, and keeps the source's
+    values of those settings under ``copied_settings``; the source's per-client data counts, which describe
+    its partition, are left out, and ``copied_cost_figures`` names the per-round cost figures that are the
+    source's (:data:`PARTITION_COST_KEYS`)."""
     from fedbpt_jax.checkpoint import read_json, write_json_atomic
 
     tmp = dst.with_name(dst.name + ".copying")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     cfg = read_json(tmp / "config.json")
-    cfg.update(
-        grid=grid_name,
-        labels=run["labels"],
-        copied_from=f"{src.parent.name}/{src.name} (identical settings, same run id; relabelled)",
-    )
+    if cfg.get("run_id") == run["run_id"]:
+        how = "identical settings, same run id; relabelled"
+    else:
+        src_settings = {**SETTINGS, **cfg.get("settings", {})}
+        differ = sorted(
+            k for k in run["settings"] if run["settings"][k] != src_settings.get(k) and k not in NOT_IN_HASH
+        )
+        how = (
+            f"run id {cfg.get('run_id')}: differs only in {', '.join(differ)}, which "
+            f"{run['settings']['algorithm']} does not read; relabelled"
+        )
+        cfg["copied_settings"] = {k: src_settings.get(k) for k in differ}
+        cfg["copied_cost_figures"] = (
+            f"{', '.join(PARTITION_COST_KEYS)} in metrics.json count the source's padded batches "
+            f"({', '.join(f'{k} = {v}' for k, v in cfg['copied_settings'].items())})"
+        )
+        cfg["settings"] = {**cfg.get("settings", {}), **{k: run["settings"][k] for k in differ}}
+        cfg["run_id"] = run["run_id"]
+        if isinstance(cfg.get("data"), dict):
+            cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in PER_CLIENT_DATA}
+    cfg.update(grid=grid_name, labels=run["labels"], copied_from=f"{src.parent.name}/{src.name} ({how})")
     write_json_atomic(tmp / "config.json", cfg)
     shutil.rmtree(dst, ignore_errors=True)  # an empty or failed attempt of this run
     tmp.rename(dst)

@@ -253,6 +253,58 @@ def test_a_run_finished_in_another_grid_is_copied_not_recomputed(tmp_path, capsy
     assert json.loads((next(b.glob("rp0_s0-*")) / "status.json").read_text())["state"] == "finished"
 
 
+def test_a_run_that_differs_only_in_a_setting_its_algorithm_ignores_is_copied(tmp_path, capsys):
+    """Centralized BBT pools every client's examples and the manual prompt never trains: across partitions
+    their runs are copied, and the copies equal runs computed from scratch (to float rounding of the summed
+    training losses, whose order the partition sets): what makes copying them right."""
+    text = (
+        BASE.replace(
+            "seed = [0]",
+            'seed = [0]\nsplit = [{{ label = "noniid", partition = "dirichlet:1.0" }}, '
+            '{{ label = "iid", partition = "iid" }}]',
+        )
+        .replace('{{ label = "fedbpt", algorithm = "fedbpt" }}', '{{ label = "cbbt", algorithm = "centralized_bbt" }}')
+        .replace('pairs = [["fedbpt", "manual"]]', 'pairs = [["cbbt", "manual"]]')
+    )
+    g = _grid_file(tmp_path, 2, name="eq.toml", text=text)
+    a, b = tmp_path / "grid_eq", tmp_path / "grid_fresh"
+    capsys.readouterr()
+    assert grid.main(["run", str(g), "--out", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("copied the finished") == 2 and out.count(": finished in") == 2
+    assert grid.main(["run", str(g), "--out", str(b), "--no-reuse"]) == 0
+    for method in ("cbbt", "manual"):
+        (copy,) = a.glob(f"iid_{method}_s0-*")
+        (fresh,) = b.glob(f"iid_{method}_s0-*")
+        assert copy.name == fresh.name  # the copy carries its own run id
+        cfg = json.loads((copy / "config.json").read_text())
+        assert cfg["settings"]["partition"] == "iid" and cfg["copied_settings"] == {"partition": "dirichlet:1.0"}
+        assert cfg["copied_from"].startswith(f"grid_eq/noniid_{method}_s0-") and "does not read" in cfg["copied_from"]
+        assert "train_counts" not in cfg["data"] and cfg["run_id"] == fresh.name.split("-")[-1]
+        m_copy = _strip_seconds(json.loads((copy / "metrics.json").read_text()))
+        m_fresh = _strip_seconds(json.loads((fresh / "metrics.json").read_text()))
+        # The same evaluations; the training losses agree to float rounding (the pooled examples' order). The
+        # cost figures are the source's: the pooled batch is padded to the partition's largest client.
+        assert m_copy["evals"] == m_fresh["evals"]
+        for rc, rf in zip(m_copy["rounds"], m_fresh["rounds"], strict=True):
+            assert rc.keys() == rf.keys()
+            for k in set(rc) - set(grid.PARTITION_COST_KEYS):
+                if isinstance(rc[k], float):
+                    assert rc[k] == pytest.approx(rf[k], rel=1e-5, abs=1e-7), k
+                else:
+                    assert rc[k] == rf[k], k
+    # FedBPT reads the partition: nothing is copied across partitions for it.
+    fed = text.replace('{{ label = "cbbt", algorithm = "centralized_bbt" }}, ', "").replace(
+        '{{ label = "manual", algorithm = "manual" }}', '{{ label = "fedbpt", algorithm = "fedbpt" }}'
+    )
+    fed = fed.replace('pairs = [["cbbt", "manual"]]', "pairs = []")
+    capsys.readouterr()
+    assert (
+        grid.main(["run", str(_grid_file(tmp_path, 2, name="fed.toml", text=fed)), "--out", str(a), "--dry-run"]) == 0
+    )
+    assert "would copy" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("path", sorted((PATH.parent / "grids").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_grids_are_valid(path):
     """Every grid file in experiments/grids parses (report pairs naming declared labels included), expands
