@@ -64,8 +64,8 @@ from typing import Any
 import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 from fedbpt_jax.plots import FIGURES
 from fedbpt_jax.plots import comparison_plots as plots
-from fedbpt_jax.report import DIAGNOSTICS, diagnostics_markdown, run_diagnostics, run_figures
 from fedbpt_jax.report import cell as _cell
+from fedbpt_jax.report import diagnostics_markdown, per_run_record, run_diagnostics, run_figures
 from fedbpt_jax.report import pct as _pct
 from fedbpt_jax.report import seed_order as _seed_order
 from fedbpt_jax.report import stats as _stats
@@ -482,11 +482,11 @@ def find_reusable(out: Path, run: dict) -> Path | None:
             d = cfg_path.parent
             if d.name.endswith(".copying") or (d.name == run["dirname"] and d.parent.resolve() == out.resolve()):
                 continue
-            try:
-                settings = json.loads(cfg_path.read_text())["settings"]
-                same = {**SETTINGS, **settings}["algorithm"] == run["settings"]["algorithm"] and _digest(
-                    {**SETTINGS, **settings}, unused
-                ) == run["equivalence_id"]
+            try:  # the algorithm is in the digest: only runs of the same algorithm match
+                same = (
+                    _digest({**SETTINGS, **json.loads(cfg_path.read_text())["settings"]}, unused)
+                    == run["equivalence_id"]
+                )
             except (json.JSONDecodeError, KeyError, TypeError, GridError):
                 continue
             if same and is_finished(d, rounds)[0]:
@@ -1199,12 +1199,7 @@ def cmd_report(args) -> int:
             for g in groups
         ],
         "pairs": pairs,
-        "per_run": [
-            {"label": g["label"], "seed": r["settings"]["seed"], "dir": r["dir"]}
-            | {k: r.get(k) for k in (*FIGURES, "dev_selected_round", *DIAGNOSTICS)}
-            for g in groups
-            for r in g["runs"]
-        ],
+        "per_run": [per_run_record(g["label"], r["settings"]["seed"], r["dir"], r) for g in groups for r in g["runs"]],
         "incomplete": [{k: r.get(k) for k in ("dir", "state", "final_round", "error")} for r in other],
         "plots": [Path(p).name for p in made],
     }

@@ -150,6 +150,13 @@ DIAGNOSTICS = (
 )
 
 
+def per_run_record(label: str, seed, directory: str, record: dict) -> dict:
+    """One run's entry of ``report.json``'s ``per_run``: its figures (:func:`run_figures`) and diagnostics."""
+    return {"label": label, "seed": seed, "dir": directory} | {
+        k: record.get(k) for k in (*FIGURES, "dev_selected_round", *DIAGNOSTICS)
+    }
+
+
 def _num(x, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
@@ -433,12 +440,7 @@ def report(dirs, out=None, *, same_config: bool = False, title: str | None = Non
             }
             for g in groups
         ],
-        "per_run": [
-            {"label": g["label"], "seed": r["seed"], "dir": r["dir"]}
-            | {k: r.get(k) for k in (*FIGURES, "dev_selected_round", *DIAGNOSTICS)}
-            for g in groups
-            for r in g["runs"]
-        ],
+        "per_run": [per_run_record(g["label"], r["seed"], r["dir"], r) for g in groups for r in g["runs"]],
         "plots": [Path(p).name for p in made],
         "out": str(out),
     }
