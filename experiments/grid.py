@@ -377,11 +377,9 @@ def _digest(settings: dict, unused: tuple[str, ...] = ()) -> str:
 
 
 def identify(run: dict) -> None:
-    """Adds ``run_id`` (hash of the settings that change the computation), ``equivalence_id`` (the same
-    without the settings its algorithm does not read: :data:`UNUSED_BY`) and ``dirname`` to ``run``."""
+    """Adds ``run_id`` (hash of the settings that change the computation) and ``dirname`` to ``run``."""
     s = run["settings"]
     digest = _digest(s)
-    run["equivalence_id"] = _digest(s, UNUSED_BY.get(s["algorithm"], ()))
     labels = [v for k, v in run["labels"].items() if k != "seed"] + [f"s{s['seed']}"]
     prefix = "_".join(labels)
     prefix = re.sub(r"[^A-Za-z0-9._=-]+", "-", prefix).strip("-")[:80]
@@ -478,15 +476,13 @@ def find_reusable(out: Path, run: dict) -> Path | None:
     ]
     if not found and run["settings"]["algorithm"] in UNUSED_BY:
         unused = UNUSED_BY[run["settings"]["algorithm"]]
+        wanted = _digest(run["settings"], unused)
         for cfg_path in out.parent.glob("*/*/config.json"):
             d = cfg_path.parent
             if d.name.endswith(".copying") or (d.name == run["dirname"] and d.parent.resolve() == out.resolve()):
                 continue
             try:  # the algorithm is in the digest: only runs of the same algorithm match
-                same = (
-                    _digest({**SETTINGS, **json.loads(cfg_path.read_text())["settings"]}, unused)
-                    == run["equivalence_id"]
-                )
+                same = _digest({**SETTINGS, **json.loads(cfg_path.read_text())["settings"]}, unused) == wanted
             except (json.JSONDecodeError, KeyError, TypeError, GridError):
                 continue
             if same and is_finished(d, rounds)[0]:
