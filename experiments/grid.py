@@ -52,6 +52,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -640,13 +641,12 @@ def _read_commit() -> str | None:
             text=True,
             timeout=10,
         ).stdout.strip()
-        return (
-            out.stdout.strip() + ("+uncommitted changes in fedbpt_jax" if dirty else "")
-            if out.returncode == 0
-            else None
-        )
+        if out.returncode == 0:
+            return out.stdout.strip() + ("+uncommitted changes in fedbpt_jax" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    # A copy of the tree without its git folder (a remote machine): the commit it was copied from, if given.
+    return os.environ.get("FEDBPT_JAX_COMMIT") or None
 
 
 class Watcher(threading.Thread):
@@ -763,6 +763,9 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
             "commit": _git_commit(),
             "jax": jax.__version__,
             "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind,
+            # float32 on a GPU means TF32 matmul inputs unless this says "highest" (bit width of the figures)
+            "matmul_precision": jax.config.jax_default_matmul_precision or "default",
         },
     }
     write_json_atomic(d / "config.json", effective)
