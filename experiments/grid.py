@@ -969,6 +969,16 @@ def _paired(a: dict, b: dict) -> dict | None:
     return out
 
 
+def run_precision(cfg: dict) -> str:
+    """The compute dtype, and where a run did not run on a CPU, the device and matmul precision it ran with
+    (float32 on a GPU at JAX's default precision means TF32 products)."""
+    p = cfg["resolved"]["precision"]
+    env = cfg.get("environment", {})
+    if env.get("backend", "cpu") != "cpu":
+        p += f" ({env.get('device', env['backend'])}, matmul {env.get('matmul_precision', 'default')})"
+    return p
+
+
 def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
     """(runs with metrics, runs without a complete result) under the given grid folders."""
     from fedbpt_jax.checkpoint import read_json
@@ -986,7 +996,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
                 "grid": cfg.get("grid"),
                 "labels": cfg["labels"],
                 "settings": cfg["settings"],
-                "precision": cfg["resolved"]["precision"],
+                "precision": run_precision(cfg),
                 "dev_selection": cfg["resolved"]["dev_selection"],
                 "state": status.get("state", "unknown"),
                 "error": status.get("error"),
@@ -1036,6 +1046,8 @@ def group_runs(runs: list[dict]) -> list[dict]:
             },
         )
         g["runs"].append(r)
+        # Seeds of one configuration computed on different machines: every precision is named.
+        g["precision"] = " + ".join(sorted({x["precision"] for x in g["runs"]}))
     out = list(groups.values())
     names = [g["label"] for g in out]
     for g in out:

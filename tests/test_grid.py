@@ -65,6 +65,8 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
             assert m["evals"][0]["accuracy"] == m["evals"][1]["accuracy"]
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["settings"]["rounds"] == 2 and cfg["resolved"]["n_prompt"] == 2
+        env = cfg["environment"]
+        assert env["backend"] == "cpu" and env["device"] == "cpu" and env["matmul_precision"] == "default"
         assert (d / "rounds.csv").exists() and (d / "ckpt").is_dir() != manual
         assert json.loads((d / "status.json").read_text())["state"] == "finished"
     capsys.readouterr()
@@ -317,3 +319,47 @@ def test_shipped_grids_are_valid(path):
         grid.algorithm_options(r["settings"]["algorithm"], r["settings"]["algorithm_options"])
         grid.identify(r)
     assert len({r["run_id"] for r in runs}) == len(runs), "two runs with the same settings"
+
+
+def test_where_a_run_ran_is_named_with_its_precision():
+    cfg = {"resolved": {"precision": "float32"}, "environment": {"backend": "cpu", "device": "cpu"}}
+    assert grid.run_precision(cfg) == "float32"
+    assert grid.run_precision({"resolved": {"precision": "bfloat16"}}) == "bfloat16"  # older runs: no environment
+    gpu = {
+        "resolved": {"precision": "float32"},
+        "environment": {"backend": "gpu", "device": "NVIDIA H200", "matmul_precision": "highest"},
+    }
+    assert grid.run_precision(gpu) == "float32 (NVIDIA H200, matmul highest)"
+    # Seeds of one configuration from two machines: the group names both.
+    runs = [
+        {
+            "dir": f"r{i}",
+            "grid": "g",
+            "labels": {"method": "m", "seed": str(i)},
+            "settings": {"seed": i, "x": 1},
+            "dev_selection": True,
+            "precision": p,
+        }
+        for i, p in enumerate(["float32", "float32 (NVIDIA H200, matmul highest)"])
+    ]
+    (g,) = grid.group_runs(runs)
+    assert g["precision"] == "float32 + float32 (NVIDIA H200, matmul highest)"
+
+
+def test_the_commit_comes_from_the_environment_where_git_cannot_tell(monkeypatch):
+    import subprocess
+
+    def no_repo(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 128, stdout="", stderr="fatal: not a git repository")
+
+    monkeypatch.setattr(subprocess, "run", no_repo)
+    monkeypatch.delenv("FEDBPT_JAX_COMMIT", raising=False)
+    assert grid._read_commit() is None
+    monkeypatch.setenv("FEDBPT_JAX_COMMIT", "0123abc")
+    assert grid._read_commit() == "0123abc"
+
+    def no_git(cmd, **kw):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert grid._read_commit() == "0123abc"
