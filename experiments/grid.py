@@ -14,6 +14,7 @@ Usage::
     python experiments/grid.py run experiments/grids/sst2_noniid.toml --dry-run     # list the runs
     python experiments/grid.py run experiments/grids/sst2_noniid.toml --only seed=0 --max-runs 3
     python experiments/grid.py run experiments/grids/sst2_noniid.toml               # the rest (resumes)
+    python experiments/grid.py run experiments/grids/mr_iid.toml --jobs 8           # 8 runs at once (a GPU)
     python experiments/grid.py report experiments/results/grid_sst2_noniid           # tables and plots
 
 A run is the same simulation as ``fedbpt-jax simulate`` with the same settings: ``seed`` drives the few-shot
@@ -805,6 +806,43 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     return status
 
 
+def run_in_workers(grid_path: Path, out: Path, pending: list[tuple[str, dict]], jobs: int) -> tuple[int, int]:
+    """Runs each pending run in its own ``grid.py run --run NAME`` process, at most ``jobs`` at a time;
+    returns (finished, failed). For accelerators that one small simulation does not fill (a SmolLM2 run with
+    10 clients uses a few percent of a GPU): the runs share the device. Each worker writes only its own run
+    folder (every file atomically), so the results are those of running the runs one after another. JAX's
+    preallocation of most of the device memory per process is turned off unless the caller set it."""
+    import subprocess
+
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    queue, running = list(pending), {}
+    finished = failed = 0
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                tag, r = queue.pop(0)
+                cmd = [sys.executable, str(HERE / "grid.py"), "run", str(grid_path), "--out", str(out)]
+                cmd += ["--run", r["dirname"], "--no-reuse"]
+                running[subprocess.Popen(cmd, env=env)] = tag
+                print(f"{tag}: started in a worker process ({len(running)} of {jobs})", flush=True)
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                tag = running.pop(proc)
+                if proc.returncode == 0:
+                    finished += 1
+                else:
+                    failed += 1
+                    print(f"{tag}: worker exited with code {proc.returncode}", flush=True)
+    except KeyboardInterrupt:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.wait()
+        raise
+    return finished, failed
+
+
 def cmd_run(args) -> int:
     grid = load_grid(args.grid)
     runs = expand(grid)
@@ -816,6 +854,17 @@ def cmd_run(args) -> int:
             check_settings(r["settings"])
             identify(r)
             selected.append(r)
+    if args.run:
+        wanted = set(args.run)
+        unknown = sorted(wanted - {r["dirname"] for r in selected} - {r["run_id"] for r in selected})
+        if unknown:
+            raise GridError(
+                f"--run {', '.join(unknown)}: no such run among the {len(selected)} selected; accepted: the "
+                "run folder names (or their hash) that --dry-run lists"
+            )
+        selected = [r for r in selected if r["dirname"] in wanted or r["run_id"] in wanted]
+    if args.jobs < 1:
+        raise GridError(f"--jobs {args.jobs}: expected a positive number of worker processes")
     names = [r["dirname"] for r in selected]
     if len(set(names)) != len(names):
         raise GridError(
@@ -841,6 +890,7 @@ def cmd_run(args) -> int:
     _git_commit()
     started = 0
     counts = {"finished": 0, "skipped": 0, "failed": 0}
+    pending: list[tuple[str, dict]] = []
     for i, r in enumerate(selected, 1):
         d = out / r["dirname"]
         done, last = is_finished(d, r["settings"]["rounds"])
@@ -879,6 +929,10 @@ def cmd_run(args) -> int:
             if again
             else (f"resuming after round {last}" if last else "starting")
         )
+        if args.jobs > 1:
+            print(f"{tag}: queued ({what})", flush=True)
+            pending.append((tag, r))
+            continue
         print(f"{tag}: {what}", flush=True)
         try:
             st = run_one(r, out, ctx, grid["name"])
@@ -907,6 +961,10 @@ def cmd_run(args) -> int:
                 },
             )
             print(f"{tag}: FAILED: {type(err).__name__}: {err}", flush=True)
+    if pending:
+        finished, failed = run_in_workers(Path(args.grid), out, pending, args.jobs)
+        counts["finished"] += finished
+        counts["failed"] += failed
     if args.dry_run:
         print(
             f"grid {grid['name']}: dry run, {counts['skipped']} of {len(selected)} selected run(s) already finished",
@@ -1232,7 +1290,20 @@ def main(argv=None) -> int:
         default=[],
         help="keep runs whose axis label or setting equals a value: key=value or key=v1,v2 (repeatable: all must hold)",
     )
+    r.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        help="only this run (its folder name or hash, as --dry-run lists them; repeatable)",
+    )
     r.add_argument("--max-runs", type=int, default=None, help="start at most N runs (skipped ones do not count)")
+    r.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run up to N runs at once, each in its own process (for a GPU/TPU that one run does not fill; "
+        "on a CPU they only share its cores)",
+    )
     r.add_argument("--dry-run", action="store_true", help="list what would run, resume or be skipped")
     r.add_argument(
         "--no-reuse",

@@ -363,3 +363,27 @@ def test_the_commit_comes_from_the_environment_where_git_cannot_tell(monkeypatch
 
     monkeypatch.setattr(subprocess, "run", no_git)
     assert grid._read_commit() == "0123abc"
+
+
+def test_runs_in_worker_processes_equal_runs_one_after_another(tmp_path, capsys):
+    g = _grid_file(tmp_path, 2)
+    serial, workers = tmp_path / "serial", tmp_path / "workers"
+    assert grid.main(["run", str(g), "--out", str(serial)]) == 0
+    capsys.readouterr()
+    assert grid.main(["run", str(g), "--out", str(workers), "--jobs", "2", "--no-reuse"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("started in a worker process") == 2 and "2 finished now" in printed
+    names = sorted(d.name for d in serial.iterdir() if d.is_dir())
+    assert names == sorted(d.name for d in workers.iterdir() if d.is_dir())
+    for n in names:
+        a = json.loads((serial / n / "metrics.json").read_text())
+        b = json.loads((workers / n / "metrics.json").read_text())
+        assert _strip_seconds(a) == _strip_seconds(b)
+    # One run by its folder name; unknown names and a worker count below 1 are errors naming the value.
+    fedbpt = next(n for n in names if n.startswith("fedbpt_"))
+    assert grid.main(["run", str(g), "--out", str(serial), "--run", fedbpt, "--dry-run"]) == 0
+    assert "1 selected" in capsys.readouterr().out
+    assert grid.main(["run", str(g), "--out", str(serial), "--run", "nope-123"]) == 2
+    assert "--run nope-123: no such run" in capsys.readouterr().err
+    assert grid.main(["run", str(g), "--out", str(serial), "--jobs", "0"]) == 2
+    assert "--jobs 0: expected a positive number" in capsys.readouterr().err
