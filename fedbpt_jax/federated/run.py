@@ -648,6 +648,15 @@ def _caches_eval_prefix(scorer, params, chunks, dev_chunks, cache: bool | None, 
         return False
     if cache is None:
         need = sum(objective.prepared_bytes(scorer, params, c) for c in (chunks, dev_chunks) if c is not None)
+        if need > budget:
+            import warnings
+
+            warnings.warn(
+                f"the evaluation sets' prefix caches need {need / 2**30:.2f} GiB, more than eval_cache_budget "
+                f"({budget / 2**30:.2f} GiB): every evaluation recomputes the examples' text, which is slower "
+                "(the results agree to float rounding); raise eval_cache_budget (bytes) where memory allows",
+                stacklevel=3,
+            )
         return need <= budget
     return bool(cache)
 
