@@ -1148,7 +1148,7 @@ def pair_groups(groups: list[dict], wanted: list[list[str]]) -> list[dict]:
                 "b": b["label"],
                 "axis": diff[0],
                 "context": rest,
-                "precision": a["precision"],
+                "precision": " + ".join(sorted({a["precision"], b["precision"]})),
                 "figures": {},
             }
             for fig in FIGURES:

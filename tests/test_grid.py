@@ -344,6 +344,12 @@ def test_where_a_run_ran_is_named_with_its_precision():
     ]
     (g,) = grid.group_runs(runs)
     assert g["precision"] == "float32 + float32 (NVIDIA H200, matmul highest)"
+    # A pair of configurations from two machines names both.
+    runs[1]["labels"] = {"method": "n", "seed": "0"}
+    runs[1]["settings"] = {"seed": 0, "x": 2}
+    groups = grid.group_runs(runs)
+    (pair,) = grid.pair_groups(groups, [["m", "n"]])
+    assert pair["precision"] == "float32 + float32 (NVIDIA H200, matmul highest)"
 
 
 def test_the_commit_comes_from_the_environment_where_git_cannot_tell(monkeypatch):
