@@ -1099,18 +1099,17 @@ def group_runs(runs: list[dict]) -> list[dict]:
                 "labels": labels,
                 "label": " / ".join(labels.values()) or r["dir"],
                 "grid": r["grid"],
-                "precision": r["precision"],
                 "runs": [],
             },
         )
         g["runs"].append(r)
-        # Seeds of one configuration computed on different machines: every precision is named.
-        g["precision"] = " + ".join(sorted({x["precision"] for x in g["runs"]}))
     out = list(groups.values())
     names = [g["label"] for g in out]
     for g in out:
         if names.count(g["label"]) > 1:
             g["label"] += " (dev)" if json.loads(g["key"])["dev_selection"] else " (no dev)"
+        # Seeds of one configuration computed on different machines: every precision is named.
+        g["precision"] = " + ".join(sorted({r["precision"] for r in g["runs"]}))
         g["by_seed"] = {}
         for fig in FIGURES:
             vals = {r["settings"]["seed"]: r[fig] for r in g["runs"] if r.get(fig) is not None}
