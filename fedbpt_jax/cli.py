@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -148,6 +149,10 @@ def _check_args(args) -> None:
         need(args.local_generations >= 1, f"--local-generations {args.local_generations}: accepted: 1 or more")
         need(args.chunk_clients >= 0, f"--chunk-clients {args.chunk_clients}: accepted: 0 (all at once) or more")
         need(args.eval_chunk >= 1, f"--eval-chunk {args.eval_chunk}: accepted: a positive number of examples")
+        need(
+            math.isfinite(args.eval_cache_gb) and args.eval_cache_gb >= 0,
+            f"--eval-cache-gb {args.eval_cache_gb}: accepted: a finite number of GiB >= 0 (0: never cache)",
+        )
     if args.command == "simulate":
         need(args.checkpoint_every >= 1, f"--checkpoint-every {args.checkpoint_every}: accepted: a positive integer")
         need(args.devices >= 0, f"--devices {args.devices}: accepted: 1 or more local devices, or 0 for all")
@@ -509,7 +514,12 @@ def cmd_simulate(args) -> int:
             "devices": 1 if mesh is None else int(mesh.devices.size),
         },
     )
-    run_kwargs = dict(eval_every=args.eval_every, eval_chunk=args.eval_chunk, mesh=mesh)
+    run_kwargs = dict(
+        eval_every=args.eval_every,
+        eval_chunk=args.eval_chunk,
+        eval_cache_budget=int(args.eval_cache_gb * 2**30),
+        mesh=mesh,
+    )
     if args.tune_lr:
         if args.algorithm != "fedprompt":
             raise ValueError(f"--tune-lr picks FedPrompt's learning rate; --algorithm is {args.algorithm!r}")

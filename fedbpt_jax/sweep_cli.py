@@ -254,6 +254,7 @@ def cmd_sweep(args) -> int:
         num_rounds=args.rounds,
         eval_every=args.eval_every,
         eval_chunk=args.eval_chunk,
+        eval_cache_budget=int(args.eval_cache_gb * 2**30),
         mesh=mesh,
         keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache],
     )

@@ -74,6 +74,8 @@ SMALL = [
         (["--style", "poem"], "--style 'poem': accepted: 'completion', 'chat' or 'bbt'"),
         (["--alpha", "-1"], "--alpha -1.0: accepted"),
         (["--population", "1"], "--population 1: accepted: 2 or more"),
+        (["--eval-cache-gb", "-1"], "--eval-cache-gb -1.0: accepted: a finite number of GiB >= 0 (0: never cache)"),
+        (["sweep", "--eval-cache-gb", "nan"], "--eval-cache-gb nan: accepted: a finite number of GiB >= 0"),
         (["bbt", "--eval-every", "0"], "--eval-every 0: accepted: a positive integer"),
         (["bbt", "--generations", "0"], "--generations 0: accepted: 1 or more"),
     ],

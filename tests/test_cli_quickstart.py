@@ -141,6 +141,20 @@ def test_cli_baseline_and_stabiliser_flags(tiny_lm, monkeypatch, tmp_path, capsy
     assert u["mean"].shape == (2, 4, 8)
 
 
+def test_cli_eval_cache_budget_reaches_the_run(tiny_lm, monkeypatch, capsys):
+    """--eval-cache-gb is run's eval_cache_budget: at 0 the test and dev prefix caches cannot fit, and the run
+    says so (and still evaluates, recomputing the text); at the default 2 GiB the tiny sets fit, no warning."""
+    import warnings
+
+    monkeypatch.setattr(fb.models, "load", lambda name, **kw: tiny_lm)
+    with pytest.warns(UserWarning, match=r"prefix caches need [0-9.]+ GiB, more than eval_cache_budget \(0.00 GiB\)"):
+        assert cli.main(["simulate", *SMALL, "--rounds", "1", "--eval-cache-gb", "0"]) == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*eval_cache_budget")
+        assert cli.main(["simulate", *SMALL, "--rounds", "1"]) == 0
+    assert "final (round 1)" in capsys.readouterr().out
+
+
 def test_cli_tunes_fedprompt_learning_rate_on_dev(tiny_lm, monkeypatch, capsys):
     monkeypatch.setattr(fb.models, "load", lambda name, **kw: tiny_lm)
     rc = cli.main(["simulate", *SMALL, "--algorithm", "fedprompt", "--tune-lr", "--lr-grid", "0.001,0.1"])
