@@ -15,6 +15,7 @@ package's one cost model (``Scorer.cost``, ``federated.round_cost``).
 from __future__ import annotations
 
 import fedbpt_jax  # noqa: F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
+from fedbpt_jax.machine import cpu_flags, cpu_model
 
 # isort: split
 import datetime
@@ -35,27 +36,6 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # ----------------------------------------------------------------------------------------------
 # Machine facts
 # ----------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
-    except OSError:
-        pass
-    return ""
-
-
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("jax", "jaxlib", "flax", "evosax", "cma", "numpy"):

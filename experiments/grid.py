@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
+from fedbpt_jax.machine import cpu_flags, cpu_model
 from fedbpt_jax.plots import FIGURES
 from fedbpt_jax.plots import comparison_plots as plots
 from fedbpt_jax.report import cell as _cell
@@ -765,6 +766,8 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
             "jax": jax.__version__,
             "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind,
+            "cpu": cpu_model(),
+            "cpu_flags": cpu_flags(),
             # float32 on a GPU means TF32 matmul inputs unless this says "highest" (bit width of the figures)
             "matmul_precision": jax.config.jax_default_matmul_precision or "default",
         },

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fedbpt_jax import machine
+
 PATH = Path(__file__).resolve().parents[1] / "experiments" / "grid.py"
 _spec = importlib.util.spec_from_file_location("grid_driver", PATH)
 grid = importlib.util.module_from_spec(_spec)
@@ -67,6 +69,7 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
         assert cfg["settings"]["rounds"] == 2 and cfg["resolved"]["n_prompt"] == 2
         env = cfg["environment"]
         assert env["backend"] == "cpu" and env["device"] == "cpu" and env["matmul_precision"] == "default"
+        assert env["cpu"] and set(env["cpu_flags"].split()) <= set(machine.RELEVANT_FLAGS)
         assert (d / "rounds.csv").exists() and (d / "ckpt").is_dir() != manual
         assert json.loads((d / "status.json").read_text())["state"] == "finished"
     capsys.readouterr()
@@ -393,3 +396,14 @@ def test_runs_in_worker_processes_equal_runs_one_after_another(tmp_path, capsys)
     assert "--run nope-123: no such run" in capsys.readouterr().err
     assert grid.main(["run", str(g), "--out", str(serial), "--jobs", "0"]) == 2
     assert "--jobs 0: expected a positive number" in capsys.readouterr().err
+
+
+def test_the_cpu_is_named_from_cpuinfo(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse avx2 fma avx512_bf16 avx512f\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+    assert machine.cpu_model() == "Example CPU 9000"
+    assert machine.cpu_flags() == "avx2 fma avx512f avx512_bf16"  # the relevant ones, in a fixed order
+    info.write_text("processor\t: 0\n")
+    assert machine.cpu_flags() == ""
