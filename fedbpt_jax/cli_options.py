@@ -121,8 +121,8 @@ class SimulateOptions:
       eval_chunk: test/dev examples per evaluation batch.
       eval_cache_gb: GiB for the test and dev sets' text-prefix caches (decoder, layout "after"): where they
         fit, each evaluation runs only the prompt and the cue over cached text; where they do not (a warning
-        says so), every evaluation recomputes the text. SmolLM2 in float32 needs ~3 MB per example of 100
-        tokens (MR's 2,000 test snippets: ~6 GiB).
+        says so), every evaluation recomputes the text. SmolLM2 in float32 needs ~46 KB per text token
+        (MR's 2,000 test snippets: ~6 GiB).
       tune_lr: FedPrompt: pick the learning rate on the dev set from --lr-grid first (one run per value,
         test set untouched), then run with it.
       lr_grid: comma-separated learning rates for --tune-lr (default: 0.001,0.003,0.01,0.03,0.1,0.3).
