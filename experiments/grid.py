@@ -85,7 +85,8 @@ SETTINGS: dict[str, Any] = {
     "task": "sst2",
     "data": None,  # data source (None: the package default, ../shared/data for sst2)
     "style": None,  # decoder template style: completion (None) | chat | bbt
-    "shots": 16,  # few-shot examples per class, train (and as many dev)
+    "shots": 16,  # few-shot examples per class, train (and as many dev unless dev_shots)
+    "dev_shots": None,  # dev examples per class from the training pool (None: as many as shots)
     "test_size": None,  # None: the full test split (872 SST-2 sentences)
     "clients": 10,
     "per_round": None,  # K clients a round (None: all)
@@ -95,7 +96,9 @@ SETTINGS: dict[str, Any] = {
     "d": 500,
     "n_prompt": None,  # None: the prompt start's token count, else 5
     "prompt_start": "auto",  # auto | zeros | tokens:<ids> | phrase:<text> | <file>.npy
-    "layout": None,  # decoders: after (None) | before
+    # decoders: after (None) | before. The grids of experiments/README.md ran when the library's decoder default
+    # was the prompt after the text, and their run ids hash None: here None keeps meaning "after" (GRID_LAYOUT).
+    "layout": None,
     "loss": "ce",
     "perturb": True,
     "perturb_rate": 0.5,  # r_p
@@ -112,10 +115,24 @@ SETTINGS: dict[str, Any] = {
     "eval_cache_gb": 4.0,  # keep the test/dev prefix caches when they fit (SmolLM2, 872 SST-2: 2.5 GiB)
     "seed": 0,
 }
+#: What a grid's ``layout = None`` means for a decoder (the library's default is now the prompt before the text).
+GRID_LAYOUT = "after"
+
+
+def grid_layout(s: dict, kind: str = "decoder") -> str | None:
+    """The layout a run uses: ``s["layout"]``, or for a decoder with None the grids' :data:`GRID_LAYOUT`."""
+    if s["layout"] is not None or kind != "decoder":
+        return s["layout"]
+    return GRID_LAYOUT
+
+
 #: Settings that do not change what a run computes up to its last round (the prefix cache changes only the
 #: evaluation's speed): left out of the run's hash, so a grid can ask for more rounds later and the finished
 #: runs resume from their checkpoints.
 NOT_IN_HASH = ("rounds", "eval_cache_gb")
+#: Settings added after grids had run, at the value that reproduces those runs: left out of the hash at that value
+#: (so the finished runs keep their ids), in it at any other.
+HASHED_UNLESS = {"dev_shots": None}
 #: Settings an algorithm does not read: a finished run that differs from a wanted one only in these is the
 #: same experiment, so it is copied instead of computed again. The manual prompt never trains: its copy is
 #: exact. Centralized BBT pools every client's examples, so the partition changes only the order in which the
@@ -293,7 +310,7 @@ def check_settings(s: dict) -> None:
             isinstance(s[k], int) and not isinstance(s[k], bool) and s[k] >= 0,
             f"{k} must be a non-negative integer, got {s[k]!r}",
         )
-    for k in ("test_size", "n_prompt", "per_round"):
+    for k in ("test_size", "n_prompt", "per_round", "dev_shots"):
         need(
             s[k] is None or (isinstance(s[k], int) and s[k] > 0),
             f"{k} must be a positive integer or null, got {s[k]!r}",
@@ -375,6 +392,7 @@ def resolve_dev_selection(value) -> bool:
 def _digest(settings: dict, unused: tuple[str, ...] = ()) -> str:
     """Hash of the settings that change the computation, leaving out ``unused`` ones as well."""
     ident = {k: v for k, v in settings.items() if k not in NOT_IN_HASH and k not in unused}
+    ident = {k: v for k, v in ident.items() if k not in HASHED_UNLESS or v != HASHED_UNLESS[k]}
     ident["dev_selection"] = resolve_dev_selection(settings["dev_selection"])
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -574,6 +592,7 @@ class Context:
             s["data"],
             s["style"],
             s["shots"],
+            s["dev_shots"],
             s["test_size"],
             s["clients"],
             s["partition"],
@@ -587,6 +606,7 @@ class Context:
                 lm.kind,
                 num_clients=s["clients"],
                 shots_per_class=s["shots"],
+                dev_shots_per_class=s["dev_shots"],
                 alpha=parse_partition(s["partition"]),
                 seed=s["seed"],
                 n_prompt=n_prompt,
@@ -719,7 +739,7 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
         fitness_form=s["fitness_form"],
         server_variant=s["server_variant"],
         client_keys=s["client_keys"],
-        layout=s["layout"],
+        layout=grid_layout(s, lm.kind),
         chunk_clients=s["chunk_clients"],
     )
     hp = fb.HParams(

@@ -255,7 +255,7 @@ def tune(
     )
     state, es_params = init(key_init, config)
     hidden = lm.hidden_size
-    ctx = jax.jit(scorer.prepare)(lm.params, train)
+    ctx = jax.jit(scorer.prepare)(lm.params, train, spec)
     segment = max(1, min(config.eval_every or config.num_generations, config.num_generations))
     run = jax.jit(
         functools.partial(run_generations, config=config, scorer=scorer, hidden_size=hidden),
@@ -311,9 +311,13 @@ class Evaluator:
         chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, chunk))
         self.labels, self.example_mask = chunks.labels, chunks.example_mask
         self.spec = spec
-        self.prepared = scorer.caches_prefix and objective.prepared_bytes(scorer, lm.params, chunks) <= cache_budget
+        self.prepared = (
+            scorer.caches_prefix and objective.prepared_bytes(scorer, lm.params, chunks, spec) <= cache_budget
+        )
         self.ctx = (
-            jax.jit(functools.partial(objective.prepare_chunks, scorer))(lm.params, chunks) if self.prepared else chunks
+            jax.jit(functools.partial(objective.prepare_chunks, scorer))(lm.params, chunks, spec)
+            if self.prepared
+            else chunks
         )
         hidden = lm.hidden_size
         prepared = self.prepared

@@ -119,6 +119,10 @@ def _check_args(args) -> None:
 
     need(args.test_size >= 0, f"--test-size {args.test_size}: accepted: 0 (the whole test set) or a positive count")
     need(args.shots >= 1, f"--shots {args.shots}: accepted: a positive number of examples per class")
+    need(
+        args.dev_shots is None or args.dev_shots >= 1,
+        f"--dev-shots {args.dev_shots}: accepted: a positive number of dev examples per class",
+    )
     need(args.d >= 1, f"--d {args.d}: accepted: a positive intrinsic dimension")
     need(
         args.max_length is None or args.max_length >= 1,
@@ -278,6 +282,7 @@ def _data(args, lm, *, num_clients: int, alpha):
     kw = dict(
         num_clients=num_clients,
         shots_per_class=args.shots,
+        dev_shots_per_class=args.dev_shots,
         alpha=alpha,
         seed=args.seed,
         n_prompt=args.n_prompt,

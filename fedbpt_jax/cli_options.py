@@ -61,6 +61,9 @@ class CommonOptions:
       data: data source: a folder like ../shared/data, a csv/tsv/json/parquet file, a hub name, "hub" or
         "embedded" (default: the task's offline default).
       shots: few-shot examples per class.
+      dev_shots: dev examples per class for dev-set selection, drawn from the training pool after the train
+        shots (disjoint from them; never from test). 100 per class (200 on two classes) resolves about half
+        a point of accuracy; BBT's convention (as many as --shots) is --dev-shots 16.
       max_length: truncate each example's text part to this many tokens (default: no truncation, the text
         is padded to the longest example; an example that does not fit the model's context with the
         prompt and cue is an error that gives the largest value that fits).
@@ -89,6 +92,7 @@ class CommonOptions:
     task: str = "rotten_tomatoes"
     data: str | None = None
     shots: int = 16
+    dev_shots: int | None = 100
     max_length: int | None = None
     style: str | None = None
     template: str | None = None

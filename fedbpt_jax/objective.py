@@ -130,55 +130,90 @@ class ScoreCost(NamedTuple):
       forward: one call of ``logits`` (one candidate prompt) per example.
       prepare: one call of ``prepare`` per example (the decoder's text-prefix cache; 0 when ``prepare``
         is the identity).
+      per_prompt: one call of ``logits`` once per candidate, whatever the number of examples (layout
+        "before" with the prompt cache: the ``[lead, prompt]`` pass; ``logits_paired`` runs it once for
+        both copies).
     """
 
     forward: float
     prepare: float
+    per_prompt: float = 0.0
+
+    def call(self, examples: int) -> float:
+        """FLOPs of one ``logits`` call (one candidate) over ``examples`` examples."""
+        return examples * self.forward + self.per_prompt
 
 
 class Scorer(NamedTuple):
     """A backbone as a black box, as a pair of pure functions plus what they cost.
 
-    ``prepare(params, batch) -> ctx`` does the per-data work that does not depend on the prompt (the
-    decoder's text-prefix key/value cache for layout "after"; the identity otherwise), so it runs once
-    per data set (clean data: once per run; perturbed data: once per round), not per candidate.
-    ``logits(params, ctx, spec, prompt [n, H]) -> [B, C]`` scores one candidate prompt.
+    ``prepare(params, batch, spec) -> ctx`` does the per-data work that does not depend on the prompt
+    (the decoder's text-prefix key/value cache for layout "after"; the length-sorted packing of the texts
+    for layout "before"; the identity otherwise), so it runs once per data set (clean data: once per run;
+    perturbed data: once per round), not per candidate. ``logits(params, ctx, spec, prompt [n, H]) ->
+    [B, C]`` scores one candidate prompt.
 
     Attributes:
       prepare, logits: the functions.
       layout: where the prompt goes (encoder: "add"/"cat"; decoder: "before"/"after").
-      cost: ``(seq_len, cue_len, num_labels) -> ScoreCost``: the one cost model every FLOP figure of
-        the package (``run``, the CLI, the benchmarks) is computed from. ``seq_len`` is the padded text
-        length ``T`` of the batch (padding is computed, so it is counted).
+      cost: ``(seq_len, cue_len, num_labels, widths=None, lead_len=0) -> ScoreCost``: the one cost model
+        every FLOP figure of the package (``run``, the CLI, the benchmarks) is computed from. ``seq_len``
+        is the padded text length ``T`` of the batch (padding is computed, so it is counted), ``widths``
+        the batch's slot profile (:attr:`TokenBatch.widths`; layout "before" computes to it), ``lead_len``
+        the template's fixed instruction before the prompt.
       caches_prefix: ``prepare`` does real, prompt-independent work (the decoder's prefix cache), so
         its result is worth keeping across calls (e.g. for a fixed test set).
+      logits_paired: ``(params, paired_ctx, spec, prompt) -> [2, B, C]`` on a clean and a perturbed
+        context stacked by :func:`stack_contexts`, sharing what does not depend on the copy (layout
+        "before": the candidate's prompt cache); None: ``logits`` vmapped over the two copies.
+      cache: the name of the scorer's cache (``"prefix"``, ``"prompt"`` or ``"none"``), for reports.
     """
 
-    prepare: Callable[[Any, TokenBatch], Any]
+    prepare: Callable[[Any, TokenBatch, ScoringSpec], Any]
     logits: Callable[[Any, Any, ScoringSpec, jax.Array | None], jax.Array]
     layout: str
-    cost: Callable[[int, int, int], ScoreCost]
+    cost: Callable[..., ScoreCost]
     caches_prefix: bool = False
+    logits_paired: Callable[[Any, Any, ScoringSpec, jax.Array | None], jax.Array] | None = None
+    cache: str = "none"
 
     def flops_per_example(self, seq_len: int, cue_len: int = 0, num_labels: int = 2) -> float:
         """``cost(seq_len, cue_len, num_labels).forward``: FLOPs of one candidate per example."""
         return self.cost(seq_len, cue_len, num_labels).forward
 
+    def paired(self, params, paired_ctx, spec: ScoringSpec, prompt) -> jax.Array:
+        """``[2, B, C]`` logits of one candidate on a stacked clean and perturbed context."""
+        if self.logits_paired is not None:
+            return self.logits_paired(params, paired_ctx, spec, prompt)
+        return jax.vmap(lambda c: self.logits(params, c, spec, prompt))(paired_ctx)
+
 
 ENCODER_LAYOUTS = ("add", "cat")
+#: Which cache a scorer uses: "auto" (the layout's own), "prompt" (decoders, layout "before"), "prefix"
+#: (decoders, layout "after") or "none".
+SCORER_CACHES = ("auto", "prompt", "prefix", "none")
+_LAYOUT_CACHE = {"before": "prompt", "after": "prefix"}
 DECODER_LAYOUTS = ("before", "after")
 LAYOUTS = {"encoder": ENCODER_LAYOUTS, "decoder": DECODER_LAYOUTS}
 
 
-def make_scorer(lm, layout: str | None = None, *, use_cache: bool = True, n_prompt_tokens: int = 0) -> Scorer:
+def make_scorer(
+    lm, layout: str | None = None, *, use_cache: bool = True, n_prompt_tokens: int = 0, cache: str = "auto"
+) -> Scorer:
     """Builds the :class:`Scorer` of a :class:`~fedbpt_jax.models.base.LanguageModel`
     (:func:`scorer_for` its kind and config)."""
-    return scorer_for(lm.kind, lm.config, layout, use_cache=use_cache, n_prompt_tokens=n_prompt_tokens)
+    return scorer_for(lm.kind, lm.config, layout, use_cache=use_cache, n_prompt_tokens=n_prompt_tokens, cache=cache)
 
 
 @functools.lru_cache(maxsize=128)
 def scorer_for(
-    kind: str, config, layout: str | None = None, *, use_cache: bool = True, n_prompt_tokens: int = 0
+    kind: str,
+    config,
+    layout: str | None = None,
+    *,
+    use_cache: bool = True,
+    n_prompt_tokens: int = 0,
+    cache: str = "auto",
 ) -> Scorer:
     """The :class:`Scorer` of a backbone of ``kind`` (``"encoder"``/``"decoder"``) and static ``config``.
 
@@ -187,11 +222,16 @@ def scorer_for(
     Args:
       kind: the backbone kind.
       config: its ``EncoderConfig`` / ``DecoderConfig``.
-      layout: encoders ``"add"`` (BBT default) or ``"cat"``; decoders ``"after"`` (default here: the
-        text prefix's key/value cache is shared by all candidates) or ``"before"`` (the paper's
-        layout: prompt, then text).
-      use_cache: decoders with layout "after" reuse the text-prefix cache (results equal the uncached
-        computation; turn off only to measure the cache's effect).
+      layout: encoders ``"add"`` (BBT default) or ``"cat"``; decoders ``"before"`` (the default: the
+        paper's and every reference's layout, ``[lead, prompt, text, cue]``) or ``"after"`` (the fast
+        variant, ``[lead, text, prompt, cue]``: the text prefix's key/value cache is shared by all
+        candidates).
+      use_cache: decoders: layout "after" reuses the text-prefix cache; layout "before" computes each
+        candidate's ``[lead, prompt]`` keys/values once (the prompt cache) and every example's text and
+        cue, packed by length to real tokens, against them. Results equal the uncached computation up to
+        float rounding; turn off only to measure the caches' effect.
+      cache: :data:`SCORER_CACHES`: "auto" (the layout's cache, or none when ``use_cache`` is False), or
+        one named: "prompt" (layout "before"), "prefix" (layout "after"), "none".
       n_prompt_tokens: the soft prompt length (for the cost model).
 
     Raises:
@@ -201,21 +241,35 @@ def scorer_for(
 
     if kind not in LAYOUTS:
         raise ValueError(f"unknown model kind {kind!r}; accepted: {tuple(LAYOUTS)}")
-    layout = layout or LAYOUTS[kind][0 if kind == "encoder" else 1]
+    layout = layout or LAYOUTS[kind][0]
     if layout not in LAYOUTS[kind]:
         raise ValueError(f"unknown {kind} layout {layout!r}; accepted: {LAYOUTS[kind]}")
+    if cache not in SCORER_CACHES:
+        raise ValueError(f"unknown scorer cache {cache!r}; accepted: {SCORER_CACHES}")
+    if kind == "encoder" and cache not in ("auto", "none"):
+        raise ValueError(
+            f"scorer cache {cache!r} is for decoders; an encoder (layout {layout!r}) has no cache: accepted 'auto' "
+            "or 'none'"
+        )
+    if kind == "decoder" and cache not in ("auto", "none") and cache != _LAYOUT_CACHE[layout]:
+        raise ValueError(
+            f"scorer cache {cache!r} cannot apply to decoder layout {layout!r} (the {cache} cache is layout "
+            f"{[k for k, v in _LAYOUT_CACHE.items() if v == cache][0]!r}'s); accepted with layout {layout!r}: "
+            f"'auto', {_LAYOUT_CACHE[layout]!r} or 'none'"
+        )
+    use_cache = use_cache and cache != "none"
     n = int(n_prompt_tokens)
     cfg = config
 
     if kind == "encoder":
 
-        def prepare(params, batch):
+        def prepare(params, batch, spec=None):
             return batch
 
         def logits(params, batch, spec, prompt):
             return encoder.label_logits(cfg, params, batch, spec, prompt, mode=layout)
 
-        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2) -> ScoreCost:
+        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2, widths=None, lead_len: int = 0) -> ScoreCost:
             # The head runs at the <mask> position only, on the label rows only.
             return ScoreCost(
                 float(encoder.flops_per_example(cfg, seq_len, n_prompt=n, mode=layout, num_labels=num_labels)), 0.0
@@ -225,32 +279,78 @@ def scorer_for(
 
     if layout == "after" and use_cache:
 
-        def prepare(params, batch):
-            return decoder.prefix_cache(cfg, params, batch)
+        def prepare(params, batch, spec=None):
+            return decoder.prefix_cache(cfg, params, batch, spec)
 
         def logits(params, cache, spec, prompt):
             return decoder.label_logits_cached(cfg, params, cache, spec, prompt)
 
-        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2) -> ScoreCost:
+        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2, widths=None, lead_len: int = 0) -> ScoreCost:
             s = n + cue_len
+            pre = lead_len + seq_len
             return ScoreCost(
-                decoder.flops_per_example(cfg, s, seq_len + s, num_labels),
-                decoder.flops_per_example(cfg, seq_len, seq_len, 0),
+                decoder.flops_per_example(cfg, s, pre + s, num_labels),
+                decoder.flops_per_example(cfg, pre, pre, 0),
             )
 
-        return Scorer(prepare, logits, layout, cost, caches_prefix=True)
+        return Scorer(prepare, logits, layout, cost, caches_prefix=True, cache="prefix")
 
-    def prepare(params, batch):
+    if layout == "before" and use_cache:
+        key_cost = decoder.key_cost_ratio(cfg)
+
+        def prepare(params, batch, spec):
+            return decoder.pack_texts(batch, spec, key_cost=key_cost)
+
+        def logits(params, packed, spec, prompt):
+            return decoder.label_logits_packed(cfg, params, packed, spec, prompt)
+
+        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2, widths=None, lead_len: int = 0) -> ScoreCost:
+            return packed_cost(cfg, n, seq_len, cue_len, num_labels, widths, lead_len)
+
+        return Scorer(prepare, logits, layout, cost, logits_paired=logits, cache="prompt")
+
+    def prepare(params, batch, spec=None):
         return batch
 
     def logits(params, batch, spec, prompt):
         return decoder.label_logits(cfg, params, batch, spec, prompt, layout=layout)
 
-    def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2) -> ScoreCost:
-        total = seq_len + n + cue_len
+    def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2, widths=None, lead_len: int = 0) -> ScoreCost:
+        total = lead_len + seq_len + n + cue_len
         return ScoreCost(decoder.flops_per_example(cfg, total, total, num_labels), 0.0)
 
     return Scorer(prepare, logits, layout, cost)
+
+
+def packed_cost(
+    cfg,
+    n: int,
+    seq_len: int,
+    cue_len: int,
+    num_labels: int,
+    widths=None,
+    lead_len: int = 0,
+    examples: int | None = None,
+) -> ScoreCost:
+    """Layout "before" with the prompt cache: per candidate, one ``[lead, prompt]`` pass (``per_prompt``;
+    the lead's own pass is shared by every candidate and not counted); per example, its share of the packed
+    rows (:func:`fedbpt_jax.models.decoder.packing_plan`), every row computing all its positions against
+    the ``lead + n`` cached keys and its own positions, plus the label head."""
+    from .models import decoder
+
+    if widths is None:
+        widths = (int(seq_len),) * int(examples or 1)
+    plan = decoder.packing_plan(tuple(int(w) for w in widths), int(seq_len), int(cue_len), decoder.key_cost_ratio(cfg))
+    e = len(widths)
+    past = int(lead_len) + int(n)
+    w = plan.width
+    per_layer = decoder.matmul_params_per_token(cfg) // cfg.num_layers
+    attn = 4 * cfg.num_heads * cfg.head_dim
+    # Every row computes W queries against the cached keys and its own W keys (masked, not skipped).
+    row = cfg.num_layers * (2 * per_layer * w + attn * w * (past + w))
+    forward = plan.rows * row / e + 2 * cfg.hidden_size * num_labels
+    per_prompt = decoder.flops_per_example(cfg, int(n), past, 0) if n else 0.0
+    return ScoreCost(float(forward), 0.0, float(per_prompt))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,6 +375,10 @@ def population_logits(
     def one(prompt):
         return scorer.logits(params, ctx, spec, prompt)
 
+    return _map_population(one, prompts, chunk_size)
+
+
+def _map_population(one, prompts, chunk_size: int):
     if chunk_size and chunk_size < prompts.shape[0]:
         return jax.lax.map(one, prompts, batch_size=chunk_size)
     return jax.vmap(one)(prompts)
@@ -294,6 +398,15 @@ def population_losses(
     """Per-example losses ``[P, B]`` of a population of prompts ``[P, n, H]``."""
     logits = population_logits(scorer, params, ctx, spec, prompts, chunk_size=chunk_size)
     return per_example_loss(logits, batch.labels, loss)
+
+
+def flatten_clients(batch: TokenBatch) -> TokenBatch:
+    """``[N, E, ...]`` → ``[N·E, ...]`` (one pooled batch), with the slot profile of the pooled examples
+    (the ``j``-th longest of the union is at most the ``j``-th of the clients' profiles merged)."""
+    n = batch.input_ids.shape[0]
+    flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), batch)
+    widths = None if batch.widths is None else tuple(sorted(batch.widths * n, reverse=True))
+    return flat.replace(widths=widths)
 
 
 def stack_contexts(clean_ctx: Any, pert_ctx: Any) -> Any:
@@ -318,9 +431,8 @@ def population_fitness_paired(
     :func:`stack_contexts`: both passes run as **one** forward pass over (copy × candidate × example)
     rows, so every weight matrix is streamed once per generation instead of twice and the GEMMs are
     twice as tall."""
-    losses = jax.vmap(
-        lambda ctx: population_losses(scorer, params, ctx, batch, spec, prompts, loss=loss, chunk_size=chunk_size)
-    )(paired_ctx)  # [2, P, B]
+    logits = _map_population(lambda p: scorer.paired(params, paired_ctx, spec, p), prompts, chunk_size)  # [P, 2, B, C]
+    losses = jnp.moveaxis(per_example_loss(logits, batch.labels, loss), 1, 0)  # [2, P, B]
     fit = fitness(losses[0], losses[1], batch.example_mask, form)
     return fit, masked_mean(losses[0], batch.example_mask)
 
@@ -392,23 +504,23 @@ def evaluate_logits(scorer: Scorer, params, chunks: TokenBatch, spec: ScoringSpe
     """Label logits ``[chunks, size, C]`` of one prompt on chunked examples (``lax.map`` over chunks)."""
 
     def one(chunk):
-        return scorer.logits(params, scorer.prepare(params, chunk), spec, prompt)
+        return scorer.logits(params, scorer.prepare(params, chunk, spec), spec, prompt)
 
     return jax.lax.map(one, chunks)
 
 
-def prepare_chunks(scorer: Scorer, params, chunks: TokenBatch) -> Any:
+def prepare_chunks(scorer: Scorer, params, chunks: TokenBatch, spec: ScoringSpec) -> Any:
     """``scorer.prepare`` of every chunk ``[chunks, size, T]`` (``lax.map``): e.g. a fixed test set's prefix
     cache, computed once and reused by every later evaluation (:func:`evaluate_prepared`)."""
-    return jax.lax.map(lambda c: scorer.prepare(params, c), chunks)
+    return jax.lax.map(lambda c: scorer.prepare(params, c, spec), chunks)
 
 
-def prepared_bytes(scorer: Scorer, params, chunks: TokenBatch) -> int:
+def prepared_bytes(scorer: Scorer, params, chunks: TokenBatch, spec: ScoringSpec) -> int:
     """Bytes :func:`prepare_chunks` would hold for ``chunks`` (shape inference only, nothing computed)."""
     import numpy as np
 
-    spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), chunks)
-    shapes = jax.eval_shape(lambda c: prepare_chunks(scorer, params, c), spec)
+    shape_of = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), t)  # noqa: E731
+    shapes = jax.eval_shape(lambda c, s: prepare_chunks(scorer, params, c, s), shape_of(chunks), shape_of(spec))
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
 
 

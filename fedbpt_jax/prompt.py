@@ -99,8 +99,13 @@ def start_prompt(start: jax.Array | None, n_prompt_tokens: int, hidden_size: int
 # ----------------------------------------------------------------------------------------------
 # Prompt start: what the soft prompt is at z = 0
 # ----------------------------------------------------------------------------------------------
+#: The reference code's prompt slots: the tokens of vocabulary ids 1000…1049 (50 tokens). The reference
+#: decodes them with Llama-2's tokenizer and re-tokenizes the text; here the model's own ids are used as they are.
+REFERENCE_START_IDS = tuple(range(1000, 1050))
+
 START_FORMS = (
     "zeros",
+    "reference",
     "tokens:<id>,<id>,...",
     "phrase:<text>",
     "<file>.npy",
@@ -134,7 +139,8 @@ class PromptStart(NamedTuple):
 def parse_start(start) -> PromptStart:
     """Parses a prompt-start option (see :func:`build_start` for what each means).
 
-    Accepted: ``None`` or ``"zeros"``; ``"tokens:1000,1001"`` (token ids); ``"phrase:<text>"`` (the
+    Accepted: ``None`` or ``"zeros"``; ``"reference"`` (ids 1000…1049, the reference code's 50 prompt
+    slots); ``"tokens:1000,1001"`` (token ids); ``"phrase:<text>"`` (the
     text's tokens, leading space significant); a path to a ``.npy`` file holding ``[n, H]`` floats; an
     array ``[n, H]``; a sequence of ints (token ids); a :class:`PromptStart`.
 
@@ -151,6 +157,8 @@ def parse_start(start) -> PromptStart:
         head, sep, rest = start.partition(":")
         if start.strip().lower() == "zeros":
             return PromptStart("zeros")
+        if start.strip().lower() == "reference":
+            return PromptStart("tokens", REFERENCE_START_IDS)
         if sep and head.strip().lower() == "tokens":
             try:
                 ids = tuple(int(t) for t in rest.replace(" ", "").split(",") if t != "")

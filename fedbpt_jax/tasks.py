@@ -24,6 +24,14 @@ Decoder (causal-LM) templates come in two styles every task has, selected by nam
 * ``"bbt"``: BBT's own SST-2 template and verbalizer as a completion: ``{text}`` + cue `` It was`` +
   `` terrible``/`` great`` (sentiment tasks only).
 
+* ``"reference"``: the FedBPT authors' Llama-2 layout (``../docs/algorithm.md``, "Decoder templates"): an
+  optional fixed instruction (the *lead*) before the soft prompt, then `` . {text}``, then a short cue, the
+  label word read at the last position: SST-2 (and the movie-review tasks) ``What is the sentiment of this
+  sentence: [P] . {text} .``; Yelp ``[P] . {text} . It is``; AG News ``[P] . {text} The news above is
+  about``; DBPedia ``[P] {text} The text above is about``. The pair tasks have no reference form; theirs put
+  the completion template's text and question after the prompt in the same way. With a tokenizer that
+  adds BOS (Llama's), BOS opens the lead, before the prompt, as in the reference.
+
 Any template and verbalizer can be replaced with :func:`override` (or a :class:`DecoderTemplate` passed
 as ``style``).
 
@@ -50,8 +58,8 @@ import numpy as np
 ENCODER = "encoder"
 DECODER = "decoder"
 KINDS = (ENCODER, DECODER)
-DECODER_STYLES = ("completion", "chat", "bbt")
-REQUIRED_DECODER_STYLES = ("completion", "chat")  # every task has these; "bbt" only where BBT has one
+DECODER_STYLES = ("completion", "chat", "bbt", "reference")
+REQUIRED_DECODER_STYLES = ("completion", "chat", "reference")  # every task has these; "bbt" only where BBT has one
 DEFAULT_DECODER_STYLE = "completion"
 _TEXT_SLOTS = ("text", "text_a", "text_b")
 
@@ -79,6 +87,8 @@ class DecoderTemplate:
       label_words: one word per class, spelled exactly as it follows the cue (leading space where the
         cue ends without whitespace).
       system: chat only: a system message; ``None`` keeps the chat template's own default.
+      lead: a fixed instruction *before* the soft prompt (``ScoringSpec.lead_ids``), e.g. the reference
+        SST-2 form's ``What is the sentiment of this sentence:``; not for chat templates.
     """
 
     style: str
@@ -86,6 +96,7 @@ class DecoderTemplate:
     cue: str
     label_words: tuple[str, ...]
     system: str | None = None
+    lead: str = ""
 
     def __post_init__(self):
         if self.style not in DECODER_STYLES:
@@ -103,6 +114,13 @@ class DecoderTemplate:
             )
         if not self.label_words or any(not isinstance(w, str) or not w for w in self.label_words):
             raise ValueError(f"decoder template label words {self.label_words!r}: need one non-empty word per class")
+        if not isinstance(self.lead, str) or (self.lead and self.style == "chat"):
+            raise ValueError(
+                f"decoder template lead {self.lead!r}: a lead (instruction before the soft prompt) is a string, "
+                "for the completion, bbt and reference styles (a chat template puts its instruction in the user turn)"
+            )
+        if SLOT_RE.search(self.lead or ""):
+            raise ValueError(f"decoder template lead {self.lead!r} has a slot; the lead is fixed text (no {{text}})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +136,7 @@ class RenderedDecoderTemplate:
     body: str
     cue: str
     label_words: tuple[str, ...]
+    lead: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,9 +345,24 @@ _MOVIE_START = "phrase: (movie review)"
 _PAIR_ENC = "{prompt} . {text_a} ? {mask} , {text_b}"
 
 
-def _sentiment_decoders(kind_of_review: str) -> tuple[DecoderTemplate, ...]:
+#: The reference SST-2 form (the FedBPT authors' Llama code): instruction, prompt, ". {text} ." (the movie tasks).
+_REF_SST2 = DecoderTemplate(
+    "reference", " . {text}", " .", (" negative", " positive"), lead="What is the sentiment of this sentence:"
+)
+#: The reference Yelp form: prompt, ". {text} . It is".
+_REF_YELP = DecoderTemplate("reference", " . {text}", " . It is", (" negative", " positive"))
+
+
+def _reference_from_completion(t: DecoderTemplate) -> DecoderTemplate:
+    """A task without a reference form (the pair tasks): the prompt first, then " . " and the completion
+    template's text and cue."""
+    return DecoderTemplate("reference", " . " + t.text, t.cue, t.label_words)
+
+
+def _sentiment_decoders(kind_of_review: str, reference: DecoderTemplate = _REF_SST2) -> tuple[DecoderTemplate, ...]:
     """SST-2-style sentiment. Completion: 78.6%, chat: 80.0% zero-shot SST-2 on SmolLM2-135M-Instruct."""
     return (
+        reference,
         DecoderTemplate("completion", "Review: {text}", "\nSentiment:", (" negative", " positive")),
         DecoderTemplate(
             "chat",
@@ -370,6 +404,12 @@ def _register(task: Task) -> Task:
     return task
 
 
+def _with_reference(*templates: DecoderTemplate) -> tuple[DecoderTemplate, ...]:
+    """``templates`` plus the reference form derived from their completion template."""
+    completion = next(t for t in templates if t.style == "completion")
+    return (*templates, _reference_from_completion(completion))
+
+
 _register(
     Task(
         name="sst2",
@@ -400,7 +440,7 @@ _register(
         metric="accuracy",
         encoder_template=_SENT_ENC,
         encoder_label_words=_SENT_ENC_WORDS,
-        decoder_templates=_sentiment_decoders("review"),
+        decoder_templates=_sentiment_decoders("review", _REF_YELP),
         text_replacements=(("\\n", " "),),  # BBT: the hub's texts carry a literal backslash-n
     )
 )
@@ -467,6 +507,9 @@ _register(
                 "",
                 _AG_WORDS,
             ),
+            DecoderTemplate(
+                "reference", " . {text}", " The news above is about", (" world", " sports", " business", " tech")
+            ),
         ),
     )
 )
@@ -529,6 +572,7 @@ _register(
                 "Category:",
                 tuple(" " + w for w in _DBP_WORDS),
             ),
+            DecoderTemplate("reference", " {text}", " The text above is about", tuple(" " + w for w in _DBP_WORDS)),
         ),
     )
 )
@@ -545,7 +589,7 @@ _register(
         metric="f1",
         encoder_template=_PAIR_ENC,
         encoder_label_words=("No", "Yes"),
-        decoder_templates=(
+        decoder_templates=_with_reference(
             DecoderTemplate(
                 "completion",
                 "Sentence 1: {text_a}\nSentence 2: {text_b}",
@@ -575,7 +619,7 @@ _register(
         metric="accuracy",
         encoder_template=_PAIR_ENC,
         encoder_label_words=("Yes", "No"),
-        decoder_templates=(
+        decoder_templates=_with_reference(
             DecoderTemplate(
                 "completion",
                 "Premise: {text_a}\nHypothesis: {text_b}",
@@ -605,7 +649,7 @@ _register(
         metric="accuracy",
         encoder_template=_PAIR_ENC,
         encoder_label_words=("Yes", "Maybe", "No"),
-        decoder_templates=(
+        decoder_templates=_with_reference(
             DecoderTemplate(
                 "completion",
                 "Premise: {text_a}\nHypothesis: {text_b}",
@@ -734,7 +778,7 @@ def render_decoder_template(
     task = get(task)
     t = task.decoder_template(style)
     if t.style != "chat":
-        return RenderedDecoderTemplate(t.style, "", t.text, t.cue, t.label_words)
+        return RenderedDecoderTemplate(t.style, "", t.text, t.cue, t.label_words, t.lead)
     use = _chat_template_available(tokenizer) if use_chat_template is None else use_chat_template
     if use_chat_template is None and not use and getattr(tokenizer, "chat_template", None):
         warnings.warn(

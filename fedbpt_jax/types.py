@@ -35,6 +35,11 @@ class TokenBatch:
       labels: ``[..., B]`` int32 class index in ``[0, num_labels)``.
       example_mask: ``[..., B]`` float32, 1 for real examples, 0 for padding rows (clients with fewer
         examples than the padded width).
+      widths: static length profile (decoders; ``None``: unknown): sort each group's ``B`` examples by
+        real length, longest first, and the ``j``-th is at most ``widths[j]`` tokens, in every group of
+        the leading axes (:func:`fedbpt_jax.models.decoder.slot_widths`). Layout "before" computes each
+        example to its slot's width instead of to ``T``. Gathering groups (sampling clients) and
+        perturbing tokens keep it; :meth:`take` drops it.
     """
 
     input_ids: jax.Array
@@ -42,6 +47,7 @@ class TokenBatch:
     answer_pos: jax.Array
     labels: jax.Array
     example_mask: jax.Array
+    widths: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def num_examples(self) -> int:
@@ -71,6 +77,8 @@ class ScoringSpec:
       cue_ids: ``[Tc]`` int32 answer-cue tokens appended after text/prompt (decoders; empty for encoders).
       exempt_ids: ``[S]`` int32 ids that the perturbation may leave untouched when asked to (special,
         placeholder and mask tokens); padded with -1.
+      lead_ids: ``[Tl]`` int32 fixed instruction tokens *before* the soft prompt (decoders' "reference"
+        template: ``[lead, prompt, text, cue]``; empty for every other template).
       vocab_size: size of the vocabulary perturbation draws from (static).
       n_prompt: soft prompt tokens the examples were built for (static; 0: not recorded). Encoder
         templates hold that many placeholders, and decoder texts were fitted to the context leaving that
@@ -80,5 +88,6 @@ class ScoringSpec:
     label_ids: jax.Array
     cue_ids: jax.Array
     exempt_ids: jax.Array
+    lead_ids: jax.Array | None = None
     vocab_size: int = flax.struct.field(pytree_node=False, default=0)
     n_prompt: int = flax.struct.field(pytree_node=False, default=0)

@@ -37,6 +37,7 @@ import federated_setup as fs
 from fedbpt_jax import federated as fl
 from fedbpt_jax import machine, prompt, testing
 from fedbpt_jax.federated.core import ModelInputs
+from fedbpt_jax.models import decoder
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 REGEN = os.environ.get("FEDBPT_JAX_REGEN_GOLDEN", "") not in ("", "0")
@@ -51,8 +52,16 @@ HP = fl.HParams(dropout_rate=0.3, learning_rate=0.05)
 
 
 def _config(**kw) -> fl.FedConfig:
+    # The files of the cases below were written when the decoder default was the prompt after the text: they
+    # name that layout. "fedbpt_prompt_before" pins the default layout (prompt cache, texts packed by length).
     base = dict(
-        num_clients=N, clients_per_round=K, population_size=4, local_generations=2, intrinsic_dim=D, n_prompt_tokens=2
+        num_clients=N,
+        clients_per_round=K,
+        population_size=4,
+        local_generations=2,
+        intrinsic_dim=D,
+        n_prompt_tokens=2,
+        layout="after",
     )
     base.update(kw)
     return fl.FedConfig(**base)
@@ -70,6 +79,7 @@ CASES = {
     "fedavg_bbt_perturbed": (lambda c, lm: fl.fedavg_bbt(c, lm, perturb=True), _config()),
     "centralized_bbt": (fl.centralized_bbt, _config(perturb=False)),
     "fedprompt": (fl.fedprompt, _config(perturb=False)),
+    "fedbpt_prompt_before": (fl.fedbpt, _config(layout="before")),
 }
 
 
@@ -89,6 +99,8 @@ def _run(name: str, ckpt_dir: Path):
     lm = fs.tiny_lm()
     algo = make(cfg, lm)
     data = fs.make_data(N, seed=7, counts=COUNTS)
+    if cfg.layout == "before":  # the texts packed to their length profile, as the data loader gives them
+        data = data.replace(train=data.train.replace(widths=decoder.slot_widths(data.train.attention_mask)))
     dev = _clean(testing.random_batch(2, 8, fs.SEQ, fs.VOCAB - 1))
     kw = dict(
         num_rounds=NUM_ROUNDS,

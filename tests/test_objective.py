@@ -91,7 +91,7 @@ def test_population_scoring_equals_loop_and_chunks(kind, layout):
     spec = testing.random_spec(256)
     sc = objective.make_scorer(lm, layout, n_prompt_tokens=3)
     prompts = jax.random.normal(jax.random.key(0), (5, 3, 64)) * 0.02
-    ctx = jax.jit(sc.prepare)(lm.params, b)
+    ctx = jax.jit(sc.prepare)(lm.params, b, spec)
     pop = jax.jit(objective.population_logits, static_argnums=0, static_argnames="chunk_size")
     batched = pop(sc, lm.params, ctx, spec, prompts)
     one = jax.jit(sc.logits)
@@ -110,8 +110,8 @@ def test_prefix_cache_scorer_equals_uncached():
     plain = objective.make_scorer(lm, "after", use_cache=False, n_prompt_tokens=4)
     prompts = jax.random.normal(jax.random.key(0), (3, 4, 64)) * 0.05
     pop = jax.jit(objective.population_logits, static_argnums=0)
-    a = pop(cached, lm.params, jax.jit(cached.prepare)(lm.params, b), spec, prompts)
-    c = pop(plain, lm.params, plain.prepare(lm.params, b), spec, prompts)
+    a = pop(cached, lm.params, jax.jit(cached.prepare)(lm.params, b, spec), spec, prompts)
+    c = pop(plain, lm.params, plain.prepare(lm.params, b, spec), spec, prompts)
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
 
 

@@ -163,7 +163,9 @@ def test_population_fitness_ranking_survives_bf16():
 
     def fit(cfg, p):
         sc = objective.scorer_for("decoder", cfg, "after", n_prompt_tokens=3)
-        f = jax.jit(lambda p, pr: objective.population_fitness(sc, p, sc.prepare(p, batch), None, batch, spec, pr)[0])
+        f = jax.jit(
+            lambda p, pr: objective.population_fitness(sc, p, sc.prepare(p, batch, spec), None, batch, spec, pr)[0]
+        )
         return np.asarray(f(p, prompts))
 
     a, b = fit(config, params), fit(cb, pb)

@@ -183,7 +183,7 @@ def _logits_of(lm, layout, p, kind):
         batch = data.encode_encoder("sst2", _examples(), lm.tokenizer, n_prompt=N)
     spec = data.scoring_spec("sst2", lm.tokenizer, kind, n_prompt=N)
     scorer = objective.make_scorer(lm, layout, n_prompt_tokens=N)
-    return np.asarray(scorer.logits(lm.params, scorer.prepare(lm.params, batch), spec, p))
+    return np.asarray(scorer.logits(lm.params, scorer.prepare(lm.params, batch, spec), spec, p))
 
 
 @pytest.mark.parametrize(

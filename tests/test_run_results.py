@@ -353,9 +353,9 @@ def test_bbt_tune_drives_the_same_cma_es_as_centralized_bbt():
     )
     b0, es_params = bbt.init(None, bcfg)
     np.testing.assert_array_equal(np.asarray(b0.es.C), np.asarray(algo.init(None, hp).es.C))
-    flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), data.train)
+    flat = objective.flatten_clients(data.train)
     scorer = objective.make_scorer(lm, None, n_prompt_tokens=2)
-    ctx = scorer.prepare(lm.params, flat)
+    ctx = scorer.prepare(lm.params, flat, data.spec)
     b1, hist = jax.jit(
         lambda k, s: bbt.run_generations(
             k,

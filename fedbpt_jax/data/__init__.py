@@ -21,7 +21,7 @@ Every public name is re-exported here, so ``fedbpt_jax.data.<name>`` works for a
 from __future__ import annotations
 
 from .batches import FederatedSplits, federated, federated_batches
-from .decoder_inputs import decoder_cue_ids, encode_decoder
+from .decoder_inputs import decoder_cue_ids, decoder_lead_ids, encode_decoder
 from .embedded import group_stratified_split, load_rotten_tomatoes
 from .encoder_inputs import encode_encoder
 from .examples import Example, Examples
@@ -38,6 +38,7 @@ __all__ = [
     "FederatedSplits",
     "Partition",
     "decoder_cue_ids",
+    "decoder_lead_ids",
     "default_data_dir",
     "encode_decoder",
     "encode_encoder",

@@ -17,6 +17,14 @@ from .sources import pool_and_test
 from .tokenization import scoring_spec, tokenize
 
 
+def slot_widths(attention_mask) -> tuple[int, ...]:
+    """The examples' length profile (:attr:`TokenBatch.widths`; see
+    :func:`fedbpt_jax.models.decoder.slot_widths`)."""
+    from ..models.decoder import slot_widths as widths
+
+    return widths(attention_mask)
+
+
 def federated_batches(batch: TokenBatch, parts, pad_to: int | None = None) -> tuple[TokenBatch, np.ndarray]:
     """Gathers each client's examples into ``[N, E, T]`` arrays (``E`` = the largest client or
     ``pad_to``); missing rows have ``example_mask`` 0.
@@ -62,7 +70,7 @@ def federated_batches(batch: TokenBatch, parts, pad_to: int | None = None) -> tu
         labels=np.asarray(batch.labels)[gather],
         example_mask=(np.asarray(batch.example_mask)[gather] * valid).astype(np.float32),
     )
-    return out, counts
+    return out.replace(widths=slot_widths(out.attention_mask)), counts
 
 
 class FederatedSplits(NamedTuple):
@@ -98,10 +106,13 @@ def federated(
     min_size: int = 1,
     pad_to: int | None = None,
     pad_to_max_length: bool = False,
+    dev_shots_per_class: int | None = None,
 ) -> FederatedSplits:
     """Task → BBT few-shot train/dev → tokenised → partitioned over clients (IID, or Dirichlet(α)).
 
-    ``seed`` drives the few-shot draw and the partition; ``test_size`` keeps a fixed random subset of
+    ``dev_shots_per_class``: dev examples per class, drawn from the training pool after the train shots
+    and disjoint from them (default: as many as ``shots_per_class``, BBT's convention); the test split
+    is never used for it. ``seed`` drives the few-shot draw and the partition; ``test_size`` keeps a fixed random subset of
     the test split (the same for every seed). Train and dev share one static length ``T``. A single
     data file is split into a training pool and a disjoint test set (:func:`pool_and_test`).
 
@@ -116,7 +127,7 @@ def federated(
     pool, test = pool_and_test(task, source)
     if test_size is not None and test_size < len(test):
         test = test.take(np.sort(np.random.default_rng(0).permutation(len(test))[:test_size]))
-    train, dev = few_shot(pool, shots_per_class, seed)
+    train, dev = few_shot(pool, shots_per_class, seed, dev_shots_per_class=dev_shots_per_class)
     kw = dict(
         n_prompt=n_prompt, max_length=max_length, max_positions=max_positions, pad_to_max_length=pad_to_max_length
     )

@@ -26,6 +26,20 @@ def decoder_cue_ids(
     return np.asarray(tasks_lib.encode_after(tokenizer, probe, r.cue), np.int32)
 
 
+def decoder_lead_ids(
+    task: Task | str, tokenizer, *, style: str | None = None, use_chat_template: bool | None = None
+) -> np.ndarray:
+    """``[Tl]`` int32 ids of what comes before the soft prompt: the template's lead (an instruction), and for
+    the "reference" style the BOS that a tokenizer like Llama's adds (there the text part has none).
+    Empty for the other templates."""
+    task = tasks_lib.get(task)
+    r = tasks_lib.render_decoder_template(task, tokenizer, style, use_chat_template=use_chat_template)
+    ids = list(tasks_lib.encode_after(tokenizer, "", r.lead)) if r.lead else []
+    if r.style == "reference" and _tokenizer_adds_bos(tokenizer):
+        ids = [int(tokenizer.bos_token_id)] + ids
+    return np.asarray(ids, np.int32)
+
+
 def _split_body(body: str) -> list[tuple[str, str]]:
     """``"Review: {text}"`` → ``[("literal", "Review: "), ("slot", "text")]``."""
     out, pos = [], 0
@@ -78,7 +92,9 @@ def encode_decoder(
     cue = decoder_cue_ids(task, tokenizer, style=style, use_chat_template=use_chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = 0 if pad_id is None else int(pad_id)
-    bos = [int(tokenizer.bos_token_id)] if _tokenizer_adds_bos(tokenizer) else []
+    # The reference style puts BOS in the lead, before the prompt (decoder_lead_ids).
+    bos = [int(tokenizer.bos_token_id)] if _tokenizer_adds_bos(tokenizer) and r.style != "reference" else []
+    lead = decoder_lead_ids(task, tokenizer, style=style, use_chat_template=use_chat_template)
     parts = _split_body(r.body)
     by_field = texts_by_field(task, examples)
     n = len(examples)
@@ -103,13 +119,19 @@ def encode_decoder(
 
     lengths = np.array([len(with_bos(x)) for x in ids_list], np.int64)
     limit = context_limit(tokenizer, max_positions)
-    room = None if limit is None else limit - n_prompt - len(cue)
+    room = None if limit is None else limit - n_prompt - len(cue) - len(lead)
+    if room is not None and room < 1 and len(lead):
+        raise ValueError(
+            f"task {task.name}: the lead ({len(lead)} tokens) + prompt ({n_prompt}) + cue ({len(cue)}) = "
+            f"{len(lead) + n_prompt + len(cue)} tokens leave no room for the text in the model's context of {limit}; "
+            f"accepted: n_prompt (--n-prompt) at most {limit - len(cue) - len(lead) - 1}, or a shorter lead"
+        )
     if max_length is not None:
         T = int(max_length)
         if room is not None and T > room:
             raise ValueError(
-                f"task {task.name}: prompt ({n_prompt}) + text part (max_length={T}) + cue "
-                f"({len(cue)}) = {n_prompt + T + len(cue)} tokens exceeds the model's context "
+                f"task {task.name}: lead ({len(lead)}) + prompt ({n_prompt}) + text part (max_length={T}) + cue "
+                f"({len(cue)}) = {len(lead) + n_prompt + T + len(cue)} tokens exceeds the model's context "
                 f"of {limit}"
             )
         if not pad_to_max_length:
@@ -119,8 +141,9 @@ def encode_decoder(
         if room is not None and longest > room:
             i = int(np.argmax(lengths))
             need = (
-                f"task {task.name}: example {i} needs prompt ({n_prompt}) + text part ({longest}) + cue "
-                f"({len(cue)}) = {n_prompt + longest + len(cue)} tokens, more than the model's context of {limit}"
+                f"task {task.name}: example {i} needs lead ({len(lead)}) + prompt ({n_prompt}) + text part "
+                f"({longest}) + cue ({len(cue)}) = {len(lead) + n_prompt + longest + len(cue)} tokens, more than "
+                f"the model's context of {limit}"
             )
             if room < 1:
                 raise ValueError(

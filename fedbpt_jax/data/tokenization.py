@@ -7,7 +7,7 @@ import numpy as np
 from .. import tasks as tasks_lib
 from ..tasks import ENCODER, Task
 from ..types import ScoringSpec, TokenBatch
-from .decoder_inputs import decoder_cue_ids, encode_decoder
+from .decoder_inputs import decoder_cue_ids, decoder_lead_ids, encode_decoder
 from .encoder_inputs import encode_encoder
 from .examples import Examples
 from .text_encoding import placeholder_ids
@@ -73,8 +73,11 @@ def scoring_spec(
         exempt |= set(placeholder_ids(tokenizer, n_prompt, mode=placeholder).tolist())
         if tokenizer.mask_token_id is not None:
             exempt.add(int(tokenizer.mask_token_id))
+        lead = None
     else:
         cue = decoder_cue_ids(task, tokenizer, style=style, use_chat_template=use_chat_template)
+        lead = decoder_lead_ids(task, tokenizer, style=style, use_chat_template=use_chat_template)
+        lead = lead if len(lead) else None  # most templates: no lead (the spec's structure as before)
     ex = np.asarray(sorted(exempt), np.int32)
     if exempt_pad_to is not None:
         if exempt_pad_to < len(ex):
@@ -84,6 +87,7 @@ def scoring_spec(
         label_ids=labels,
         cue_ids=cue,
         exempt_ids=ex,
+        lead_ids=lead,
         vocab_size=int(vocab_size if vocab_size is not None else len(tokenizer)),
         n_prompt=int(n_prompt),
     )

@@ -76,7 +76,7 @@ class ClientUpload:
 
 
 def _scorer(config: FedConfig, lm) -> Scorer:
-    return objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens)
+    return objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens, cache=config.scorer_cache)
 
 
 def _local_es(
@@ -114,11 +114,11 @@ def _local_es(
     frozen = not strategy.eigen_refresh_due(config.population_size, config.intrinsic_dim, config.local_generations)
     track_c = keep_state or not frozen
     if clean_ctx is None:
-        clean_ctx = scorer.prepare(model.params, batch)
+        clean_ctx = scorer.prepare(model.params, batch, spec)
 
     def perturbed_ctx(k):
         pert = objective.perturb(k, batch, hp.perturb_rate, spec, exempt_special=config.exempt_special)
-        return scorer.prepare(model.params, pert)
+        return scorer.prepare(model.params, pert, spec)
 
     # One perturbed copy per round (reference): the clean and perturbed contexts are stacked once, and
     # every generation scores both in one forward pass.
@@ -146,9 +146,8 @@ def _local_es(
             )
             return fit[0], loss[0], jnp.asarray(jnp.nan, fit.dtype)
         ctx = paired_ctx if paired_ctx is not None else objective.stack_contexts(clean_ctx, perturbed_ctx(k))
-        losses = jax.vmap(
-            lambda c: objective.population_losses(scorer, model.params, c, batch, spec, prompts, loss=config.loss)
-        )(ctx)  # [2, 1, B]
+        logits = scorer.paired(model.params, ctx, spec, prompts[0])  # [2, B, C]
+        losses = objective.per_example_loss(logits, batch.labels, config.loss)[:, None]  # [2, 1, B]
         fit = objective.fitness(losses[0], losses[1], batch.example_mask, config.fitness_form)
         means = objective.masked_mean(losses, batch.example_mask)  # [2, 1]
         return fit[0], means[0, 0], means[1, 0]
@@ -370,7 +369,9 @@ def _es_cost(config: FedConfig, lm, *, perturb: bool, covariance: bool) -> Algor
     if perturb:
         calls *= 2
         prefix += 1 if config.perturb_every == "round" else config.local_generations + 1
-    return AlgorithmCost(comm=_comm(config, lm, covariance=covariance), forward_calls=calls, prefix_passes=prefix)
+    return AlgorithmCost(
+        comm=_comm(config, lm, covariance=covariance), forward_calls=calls, prefix_passes=prefix, paired=perturb
+    )
 
 
 def _es_round(
@@ -590,8 +591,8 @@ def centralized_bbt(
         return CentralState(es=es, round=jnp.asarray(0, jnp.int32))
 
     def round_fn(key, state: CentralState, data: FederatedData, hp: HParams, model: ModelInputs):
-        flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), data.train)
-        ctx = scorer.prepare(model.params, flat)
+        flat = objective.flatten_clients(data.train)
+        ctx = scorer.prepare(model.params, flat, data.spec)
 
         def score(z):
             prompts = prompt.to_prompt(model.projection, z, hidden, model.start)
@@ -696,7 +697,7 @@ def fedprompt(
 
     def client(key, p0, batch, spec, hp, model):
         opt = optax.adam(hp.learning_rate)
-        ctx = scorer.prepare(model.params, batch)
+        ctx = scorer.prepare(model.params, batch, spec)
 
         def loss_fn(p):
             logits = scorer.logits(model.params, ctx, spec, p if model.start is None else p + model.start)

@@ -65,7 +65,11 @@ class FedConfig:
         reference's identical CMA-ES draws on all clients, every round).
       sampling: "uniform" (default) | "weighted" (probability ∝ example count), without replacement.
       projection: "normal" | "uniform" (see :mod:`fedbpt_jax.prompt`).
-      layout: prompt placement (encoder "add"/"cat", decoder "after"/"before"; None = backbone default).
+      layout: prompt placement (encoder "add"/"cat", decoder "before"/"after"; None = backbone default:
+        "add" for encoders, "before" for decoders, the paper's and every reference's layout).
+      scorer_cache: "auto" (the layout's cache: decoders "before" the per-candidate prompt cache with the
+        texts packed by length, "after" the text-prefix cache; encoders none) | "prompt" | "prefix" | "none"
+        (every row computed in full, padding included: only to measure what the caches save).
       chunk_clients: clients scored per vmapped chunk (0 = all K at once); bounds peak memory.
       projection_alpha: BBT's projection scale α (``A ~ N(0, (α σ̂_E / √d)²)``); named so that it is not
         confused with the Dirichlet concentration, which "alpha" means everywhere else (data, CLI, grids).
@@ -99,6 +103,7 @@ class FedConfig:
     sampling: str = _choice("uniform", SAMPLING)
     projection: str = _choice("normal", prompt.PROJECTIONS)
     layout: str | None = None
+    scorer_cache: str = _choice("auto", objective.SCORER_CACHES)
     chunk_clients: int = 0
     projection_alpha: float = 1.0
     norm_clip: bool = False
@@ -145,6 +150,10 @@ class FedConfig:
             f"unknown projection {self.projection!r}; accepted: {prompt.PROJECTIONS}",
         )
         need(self.chunk_clients >= 0, f"chunk_clients must be >= 0, got {self.chunk_clients}")
+        need(
+            self.scorer_cache in objective.SCORER_CACHES,
+            f"unknown scorer_cache {self.scorer_cache!r}; accepted: {objective.SCORER_CACHES}",
+        )
         need(
             math.isfinite(self.projection_alpha) and self.projection_alpha > 0,
             f"projection_alpha must be finite and > 0, got {self.projection_alpha}",

@@ -112,12 +112,16 @@ class AlgorithmCost:
         key/value cache (:meth:`fedbpt_jax.objective.Scorer.prepare`), per active client per round.
       pooled: the algorithm trains on the union of all clients' data (centralized BBT): its forward
         calls run over all ``N × E`` examples, once per round.
+      paired: the forward calls come in clean/perturbed pairs run as one pass
+        (:meth:`fedbpt_jax.objective.Scorer.paired`): a scorer's per-candidate work (layout "before": the
+        prompt cache) runs once per pair.
     """
 
     comm: Any
     forward_calls: int
     prefix_passes: int = 0
     pooled: bool = False
+    paired: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +295,7 @@ def clean_context_bytes(scorer, params, data: FederatedData) -> int:
 
     if not scorer.caches_prefix:
         return 0
-    return objective.prepared_bytes(scorer, params, data.train)
+    return objective.prepared_bytes(scorer, params, data.train, data.spec)
 
 
 def with_clean_context(data: FederatedData, scorer, params, *, chunk: int = 0, mesh=None) -> FederatedData:
@@ -305,7 +309,9 @@ def with_clean_context(data: FederatedData, scorer, params, *, chunk: int = 0, m
     """
     if not scorer.caches_prefix:
         return data
-    ctx = jax.jit(lambda p, b: map_clients(lambda x: scorer.prepare(p, x), (b,), chunk, mesh))(params, data.train)
+    ctx = jax.jit(lambda p, b, s: map_clients(lambda x: scorer.prepare(p, x, s), (b,), chunk, mesh))(
+        params, data.train, data.spec
+    )
     return data.replace(clean_context=ctx)
 
 

@@ -317,7 +317,9 @@ def _algo_scorer(algo: FederatedAlgorithm, kind: str, model_config):
     cfg = algo.config
     if algo.scorer is not None:
         return algo.scorer
-    return objective.scorer_for(kind, model_config, cfg.layout, n_prompt_tokens=cfg.n_prompt_tokens)
+    return objective.scorer_for(
+        kind, model_config, cfg.layout, n_prompt_tokens=cfg.n_prompt_tokens, cache=getattr(cfg, "scorer_cache", "auto")
+    )
 
 
 def compiled_segments(
@@ -382,9 +384,13 @@ def _mesh_context(mesh):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
-def _costs(scorer, data_spec, seq_len: int) -> objective.ScoreCost:
-    """The scorer's cost model for a batch of padded text length ``seq_len`` and this task's spec."""
-    return scorer.cost(int(seq_len), int(np.shape(data_spec.cue_ids)[0]), int(np.shape(data_spec.label_ids)[0]))
+def _costs(scorer, data_spec, seq_len: int, widths=None) -> objective.ScoreCost:
+    """The scorer's cost model for a batch of padded text length ``seq_len`` (slot profile ``widths``) and
+    this task's spec."""
+    lead = 0 if getattr(data_spec, "lead_ids", None) is None else int(np.shape(data_spec.lead_ids)[0])
+    return scorer.cost(
+        int(seq_len), int(np.shape(data_spec.cue_ids)[0]), int(np.shape(data_spec.label_ids)[0]), widths, lead
+    )
 
 
 def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, float]:
@@ -397,12 +403,17 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
     """
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     n, e, t = np.shape(data.train.input_ids)
-    cost = _costs(scorer, data.spec, t)
+    widths = data.train.widths
+    if algo.cost.pooled and widths is not None:
+        widths = tuple(sorted(widths * n, reverse=True))
+    cost = _costs(scorer, data.spec, t, widths)
     examples = n * e if algo.cost.pooled else e
     prefix = algo.cost.prefix_passes
     if data.clean_context is not None and algo.uses_clean_context and prefix:
         prefix -= 1  # the clean prefix cache is kept across rounds
-    flops = algo.cost.forward_calls * examples * cost.forward + prefix * examples * cost.prepare
+    calls = algo.cost.forward_calls
+    prompt_passes = calls // 2 if algo.cost.paired and scorer.logits_paired is not None else calls
+    flops = calls * examples * cost.forward + prompt_passes * cost.per_prompt + prefix * examples * cost.prepare
     return {
         "examples_per_call": examples,
         "forward_calls": algo.cost.forward_calls,
@@ -438,7 +449,7 @@ def _eval_flops(scorer, chunks: TokenBatch, spec, prefix_cached: bool = False) -
     """FLOPs of one evaluation of the chunked examples ``[C, S, T]`` (without the prefix pass when cached)."""
     c, b, t = np.shape(chunks.input_ids)
     cost = _costs(scorer, spec, t)
-    return c * b * (cost.forward + (0.0 if prefix_cached else cost.prepare))
+    return c * (b * (cost.forward + (0.0 if prefix_cached else cost.prepare)) + cost.per_prompt)
 
 
 def _fingerprint(x) -> str | None:
@@ -641,13 +652,13 @@ class EvalSets:
         return {"round": r, **{k: _eval_value(v) for k, v in ev.items()}, **self.flops}
 
 
-def _caches_eval_prefix(scorer, params, chunks, dev_chunks, cache: bool | None, budget: int) -> bool:
+def _caches_eval_prefix(scorer, params, chunks, dev_chunks, spec, cache: bool | None, budget: int) -> bool:
     """Whether the evaluation sets' prefix caches are kept for the run (``run``'s ``cache_eval_prefix``):
     only for a scorer that has one; ``None``: when they fit ``budget`` bytes."""
     if not scorer.caches_prefix:
         return False
     if cache is None:
-        need = sum(objective.prepared_bytes(scorer, params, c) for c in (chunks, dev_chunks) if c is not None)
+        need = sum(objective.prepared_bytes(scorer, params, c, spec) for c in (chunks, dev_chunks) if c is not None)
         if need > budget:
             import warnings
 
@@ -680,7 +691,7 @@ def eval_sets(
             return None
         if cache_prefix:
             with _mesh_context(mesh):
-                ctx = _prepare_eval(scorer)(model.params, c)
+                ctx = _prepare_eval(scorer)(model.params, c, spec)
             return EvalSet(ctx, c.labels, c.example_mask, prepared=True)
         return EvalSet(c, c.labels, c.example_mask)
 
@@ -860,7 +871,7 @@ def run(
         chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
     data = _clean_context(data, keep_ctx, scorer, model, algo.config, mesh)
     cost = round_cost(algo, lm, data)
-    cache = _caches_eval_prefix(scorer, lm.params, chunks, dev_chunks, cache_eval_prefix, eval_cache_budget)
+    cache = _caches_eval_prefix(scorer, lm.params, chunks, dev_chunks, data.spec, cache_eval_prefix, eval_cache_budget)
     evals = eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache, mesh=mesh)
 
     history = History()

@@ -545,7 +545,9 @@ def sweep(
     chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(test, eval_chunk))
     dev_chunks = None if dev is None else jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(dev, eval_chunk))
     data = run_mod._clean_context(data, keep, scorer, model, algo.config, None)
-    cache = run_mod._caches_eval_prefix(scorer, lm.params, chunks, dev_chunks, cache_eval_prefix, eval_cache_budget)
+    cache = run_mod._caches_eval_prefix(
+        scorer, lm.params, chunks, dev_chunks, data.spec, cache_eval_prefix, eval_cache_budget
+    )
     evals = run_mod.eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache)
     token_norm = jnp.asarray(run_mod.median_token_norm(lm), jnp.float32)
     lane_args = (jnp.asarray(key_init), jnp.asarray(key_rounds), hparams)

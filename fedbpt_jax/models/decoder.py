@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -279,8 +280,16 @@ class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, positions, key_valid, past_k, past_v, last_only: bool = False):
-        """``last_only``: keys/values for every new position, queries (and the output) for the last only."""
+    def __call__(self, x, positions, key_valid, past_k, past_v, last_only: bool = False, segments=None):
+        """``last_only``: keys/values for every new position, queries (and the output) for the last only.
+
+        ``past_k``/``past_v`` are ``[B, Tp, Nkv, D]`` (each row its own past; ``key_valid [B, Tp + S]``
+        masks past and new keys) or ``[Tp, Nkv, D]``: one past **shared by every row** (a per-candidate
+        prompt cache), all of it valid, scored against every row's queries in one GEMM without being
+        broadcast to the rows; ``key_valid [B, S]`` then masks the new keys only. ``segments [B, S]``
+        (optional) packs several sequences into one row: a query attends to the new keys of its own
+        segment only (and to the whole past).
+        """
         c = self.config
         b, s, _ = x.shape
         sq = 1 if last_only else s
@@ -296,8 +305,10 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, c.rope_theta, c.rope_interleaved).astype(cd)
         v = v.astype(cd)
 
-        tp = past_k.shape[1]
+        shared_past = past_k.ndim == 3
+        tp = past_k.shape[-3]
         valid = key_valid.astype(bool)
+        valid_new = valid if shared_past else valid[:, tp:]
         nkv, g, hd = c.num_kv_heads, c.num_groups, c.head_dim
         # Query head h uses key/value head h // groups (HF's repeat_kv order), without repeating K/V.
         # Heads-major layout [B, Nkv, G·Sq, D] for queries and [B, Nkv, T, D] for keys/values: every
@@ -312,10 +323,17 @@ class Attention(nn.Module):
         # masked copy or slice of the probabilities is materialised. Masks are additive biases.
         causal = jnp.arange(s)[None, :] <= jnp.arange(s - sq, s)[:, None]  # query i is new position s - sq + i
         causal = jnp.tile(causal, (g, 1))  # rows: (group, query)
-        bias_new = jnp.where(causal[None] & valid[:, None, tp:], 0.0, _MASK_BIAS)[:, None]  # [B, 1, G·Sq, S]
+        allowed = causal[None] & valid_new[:, None, :]  # [B, G·Sq, S]
+        if segments is not None:
+            seg_q = jnp.tile(segments[:, s - sq :], (1, g))  # [B, G·Sq], rows (group, query)
+            allowed = allowed & (seg_q[:, :, None] == segments[:, None, :])
+        bias_new = jnp.where(allowed, 0.0, _MASK_BIAS)[:, None]  # [B, 1, G·Sq, S]
         s_new = precision.einsum("bkqd,bktd->bkqt", qh, heads(k), cd) + bias_new  # [B, Nkv, G·Sq, S]
         m = jnp.max(s_new, axis=-1, keepdims=True)
-        if tp:
+        if tp and shared_past:  # one past for every row: all valid, no mask
+            s_past = precision.einsum("bkqd,tkd->bkqt", qh, past_k, cd)  # [B, Nkv, G·Sq, Tp]
+            m = jnp.maximum(m, jnp.max(s_past, axis=-1, keepdims=True))
+        elif tp:
             bias_past = jnp.where(valid[:, None, None, :tp], 0.0, _MASK_BIAS)  # [B, 1, 1, Tp]
             s_past = precision.einsum("bkqd,bktd->bkqt", qh, heads(past_k), cd) + bias_past  # [B, Nkv, G·Sq, Tp]
             m = jnp.maximum(m, jnp.max(s_past, axis=-1, keepdims=True))
@@ -326,7 +344,10 @@ class Attention(nn.Module):
         if tp:
             e_past = jnp.exp(s_past - m)
             denom = denom + jnp.sum(e_past, axis=-1, keepdims=True)
-            out = out + precision.einsum("bkqt,bktd->bkqd", e_past, heads(past_v), cd)
+            if shared_past:
+                out = out + precision.einsum("bkqt,tkd->bkqd", e_past, past_v, cd)
+            else:
+                out = out + precision.einsum("bkqt,bktd->bkqd", e_past, heads(past_v), cd)
         out = (out / denom).reshape(b, nkv, g, sq, hd)
         out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, sq, c.num_heads * hd)
         return dense(c.hidden_size, "o_proj")(out), k, v
@@ -353,12 +374,13 @@ class DecoderLayer(nn.Module):
     collect_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, past_k, past_v, positions, key_valid, last_only: bool = False):
+    def __call__(self, x, past_k, past_v, positions, key_valid, last_only: bool = False, segments=None):
         """``last_only``: the block's output is computed for the last position only (the other rows of
-        the returned residual stream are its input, unchanged); keys/values cover every position."""
+        the returned residual stream are its input, unchanged); keys/values cover every position.
+        ``segments``: packed rows (see :class:`Attention`)."""
         c = self.config
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x)
-        attn, k, v = Attention(c, name="self_attn")(h, positions, key_valid, past_k, past_v, last_only)
+        attn, k, v = Attention(c, name="self_attn")(h, positions, key_valid, past_k, past_v, last_only, segments)
         rest, x = (x[:, :-1], x[:, -1:]) if last_only else (None, x)
         x = x + attn
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
@@ -444,7 +466,18 @@ def init_params(config: DecoderConfig, key: jax.Array) -> dict:
     return dict(cast_params(config, init(key)))
 
 
-def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=None, collect_kv=False, last_only=False):
+def _trunk(
+    config,
+    params,
+    embeds,
+    positions,
+    key_valid,
+    past_k=None,
+    past_v=None,
+    collect_kv=False,
+    last_only=False,
+    segments=None,
+):
     """The decoder trunk on the stacked parameter tree, as a ``lax.scan`` over layers.
 
     ``last_only=True``: the caller reads the final hidden state at the last position only (label
@@ -454,6 +487,9 @@ def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=Non
     (they hold the last layer's input). Earlier layers run in full. The switch is a ``lax.cond`` on the
     layer index inside the scan, so it stays one compiled layer body (and a cond, not a select, under
     vmaps over candidates or clients).
+
+    ``past_k``/``past_v``: ``[L, B, Tp, Nkv, D]`` per-row pasts, or ``[L, Tp, Nkv, D]`` one past shared
+    by every row (see :class:`Attention`); ``segments [B, S]``: packed rows.
     """
     if past_k is None:
         past_k, past_v = _empty_past(config, embeds.shape[0])
@@ -467,7 +503,10 @@ def _trunk(config, params, embeds, positions, key_valid, past_k=None, past_v=Non
         # transposed to layer-major as a whole, a full copy of every client's cache.
         pk = jax.lax.dynamic_index_in_dim(past_k, i, axis=0, keepdims=False)
         pv = jax.lax.dynamic_index_in_dim(past_v, i, axis=0, keepdims=False)
-        run = lambda last: lambda x: layer.apply({"params": p}, x, pk, pv, positions, key_valid, last)  # noqa: E731
+
+        def run(last):
+            return lambda x: layer.apply({"params": p}, x, pk, pv, positions, key_valid, last, segments)
+
         if not last_only or num_layers == 1:
             return run(last_only)(x)
         return jax.lax.cond(i == num_layers - 1, run(True), run(False), x)
@@ -529,10 +568,12 @@ def label_logits(
     prompt: jax.Array | None,
     layout: str,
 ) -> jax.Array:
-    """Label-word logits at the last position: ``[B, C]``.
+    """Label-word logits at the last position: ``[B, C]``, every token of every row computed (the
+    reference computation the cached scorers are tested against).
 
-    The sequence is ``[prompt, text, cue]`` (layout ``"before"``, the paper's) or ``[text, prompt,
-    cue]`` (``"after"``); ``batch.input_ids [B, T]`` is the left-padded text, ``spec.cue_ids [Tc]`` the
+    The sequence is ``[lead, prompt, text, cue]`` (layout ``"before"``, the paper's) or ``[lead, text,
+    prompt, cue]`` (``"after"``); ``spec.lead_ids [Tl]`` is a fixed instruction before everything (empty
+    for most templates), ``batch.input_ids [B, T]`` the left-padded text, ``spec.cue_ids [Tc]`` the
     shared answer cue, ``prompt [n, H]`` soft-prompt embeddings or ``None``. Only the rows
     ``spec.label_ids`` of the output embedding are projected, only at the last position.
     """
@@ -547,6 +588,10 @@ def label_logits(
         pre = jnp.broadcast_to(prompt.astype(jnp.float32)[None], (b, *prompt.shape))
         parts.insert(0, pre)
         masks.insert(0, jnp.ones(pre.shape[:2], jnp.int32))
+    lead = lead_ids(spec)
+    if lead.shape[0]:
+        parts.insert(0, jnp.broadcast_to(embed(params, lead)[None], (b, lead.shape[0], text.shape[-1])))
+        masks.insert(0, jnp.ones((b, lead.shape[0]), jnp.int32))
     embeds = jnp.concatenate(parts, axis=1)
     mask = jnp.concatenate(masks, axis=1)
     hidden, _ = _trunk(config, params, embeds, _positions(mask), mask, last_only=True)
@@ -572,10 +617,15 @@ class PrefixCache:
     last_hidden: jax.Array
 
 
-def prefix_cache(config: DecoderConfig, params, batch: TokenBatch) -> PrefixCache:
-    """Runs the text part once and keeps its per-layer K/V (see :func:`label_logits_cached`)."""
+def prefix_cache(config: DecoderConfig, params, batch: TokenBatch, spec: ScoringSpec | None = None) -> PrefixCache:
+    """Runs ``[lead, text]`` once and keeps its per-layer K/V (see :func:`label_logits_cached`); the lead
+    is ``spec.lead_ids`` (none without a spec)."""
     ids = jnp.asarray(batch.input_ids, jnp.int32)
     mask = jnp.asarray(batch.attention_mask, jnp.int32)
+    lead = lead_ids(spec) if spec is not None else jnp.zeros((0,), jnp.int32)
+    if lead.shape[0]:
+        ids = jnp.concatenate([jnp.broadcast_to(lead[None], (ids.shape[0], lead.shape[0])), ids], axis=1)
+        mask = jnp.concatenate([jnp.ones((ids.shape[0], lead.shape[0]), jnp.int32), mask], axis=1)
     hidden, (k, v) = _trunk(config, params, embed(params, ids), _positions(mask), mask, collect_kv=True, last_only=True)
     return PrefixCache(k=k, v=v, mask=mask, lengths=jnp.sum(mask, axis=-1), last_hidden=hidden[:, -1])
 
@@ -598,6 +648,244 @@ def label_logits_cached(
     key_valid = jnp.concatenate([cache.mask, jnp.ones((b, s), jnp.int32)], axis=1)
     hidden, _ = _trunk(config, params, suffix, positions, key_valid, cache.k, cache.v, last_only=True)
     return _label_rows_logits(config, params, hidden[:, -1], spec)
+
+
+def lead_ids(spec: ScoringSpec) -> jax.Array:
+    """``[Tl]`` int32: the fixed instruction before the prompt (``spec.lead_ids``; empty when there is none)."""
+    lead = getattr(spec, "lead_ids", None)
+    return jnp.zeros((0,), jnp.int32) if lead is None else jnp.asarray(lead, jnp.int32).reshape(-1)
+
+
+def prompt_kv(
+    config: DecoderConfig, params, spec: ScoringSpec, prompt: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Keys/values ``[L, Tl + n, Nkv, D]`` of ``[lead, prompt]``: the per-candidate prompt cache of layout "before".
+
+    They depend on the candidate (and on the fixed lead before it), not on the example: every example's
+    text and cue attend to them (:func:`label_logits_packed`). The lead's own keys/values do not depend
+    on the candidate either, so under a ``vmap`` over candidates (and over clients) its pass stays
+    unbatched: computed once for all of them.
+    """
+    lead = lead_ids(spec)
+    tl = lead.shape[0]
+    empty = jnp.zeros((config.num_layers, 0, config.num_kv_heads, config.head_dim), jnp.dtype(config.compute_dtype))
+    if tl:
+        ones = jnp.ones((1, tl), jnp.int32)
+        _, (lk, lv) = _trunk(
+            config, params, embed(params, lead)[None], _positions(ones), ones, collect_kv=True, last_only=True
+        )
+        lk, lv = lk[:, 0], lv[:, 0]
+    else:
+        lk, lv = empty, empty
+    if prompt is None:
+        return lk, lv
+    n = prompt.shape[0]
+    positions = (tl + jnp.arange(n, dtype=jnp.int32))[None]
+    _, (k, v) = _trunk(
+        config,
+        params,
+        prompt.astype(jnp.float32)[None],
+        positions,
+        jnp.ones((1, tl + n), jnp.int32),
+        lk[:, None],
+        lv[:, None],
+        collect_kv=True,
+        last_only=True,
+    )
+    return jnp.concatenate([lk, k[:, 0]], axis=1), jnp.concatenate([lv, v[:, 0]], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout "before", fast: texts packed by length, one prompt cache per candidate
+# ----------------------------------------------------------------------------------------------
+def slot_widths(attention_mask, multiple: int = 1) -> tuple[int, ...]:
+    """The length profile of left-padded examples ``[..., E, T]`` (numpy; host side).
+
+    Sort each group's ``E`` examples by real length, longest first; ``widths[j]`` is the largest
+    ``j``-th length over all groups (leading axes), rounded up to ``multiple`` and capped at ``T``. Any
+    subset of the groups (sampled clients), and any perturbed copy (same lengths), keeps the profile.
+    """
+    mask = np.asarray(attention_mask)
+    t = mask.shape[-1]
+    lengths = mask.reshape(-1, mask.shape[-2], t).sum(-1)  # [G, E]
+    order = -np.sort(-lengths, axis=-1)
+    widths = order.max(axis=0) if order.shape[0] else np.zeros(mask.shape[-2], np.int64)
+    widths = np.minimum(-(-np.maximum(widths, 1) // multiple) * multiple, t)
+    return tuple(int(w) for w in widths)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingPlan:
+    """Where each length-sorted example slot goes when ``E`` texts (each followed by the cue) are packed
+    into ``rows`` rows of ``width`` positions (first-fit decreasing; static, built from the slot widths).
+
+    Attributes:
+      widths: text positions slot ``j`` keeps (the last ``widths[j]`` of its left-padded ``T``).
+      seq_len, cue_len: ``T`` and ``Tc``.
+      rows, width: the packed shape ``[R, W]`` (``W`` = the longest slot plus the cue).
+      src: ``[R, W]`` index into ``concat(sorted_ids.ravel(), cue_ids, [pad])`` (``E·T + Tc``: a pad).
+      segments: ``[R, W]`` the slot each position belongs to (``-1``: unused).
+      seg_start: ``[R, W]`` the column where that position's segment starts.
+      ends: ``[E]`` flat index ``r·W + c`` of each slot's last position (its cue's last token).
+    """
+
+    widths: tuple[int, ...]
+    seq_len: int
+    cue_len: int
+    rows: int
+    width: int
+    src: np.ndarray
+    segments: np.ndarray
+    seg_start: np.ndarray
+    ends: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        """Positions computed per copy of the examples (``rows · width``)."""
+        return self.rows * self.width
+
+
+def _first_fit(sizes: tuple[int, ...], width: int) -> tuple[list[int], list[tuple[int, int]]]:
+    loads: list[int] = []
+    place = []
+    for size in sizes:  # first fit, in decreasing order
+        r = next((i for i, load in enumerate(loads) if load + size <= width), len(loads))
+        if r == len(loads):
+            loads.append(0)
+        place.append((r, loads[r]))
+        loads[r] += size
+    return loads, place
+
+
+def key_cost_ratio(config: DecoderConfig) -> float:
+    """How many attention keys cost as much as one token's matmuls (per layer): what makes a wider packed
+    row dearer (each of its positions scores every position of the row)."""
+    c = config
+    return 2 * (matmul_params_per_token(c) // c.num_layers) / (4 * c.num_heads * c.head_dim)
+
+
+@functools.lru_cache(maxsize=256)
+def packing_plan(widths: tuple[int, ...], seq_len: int, cue_len: int, key_cost: float = 2048.0) -> PackingPlan:
+    """The :class:`PackingPlan` of slots ``widths`` (non-increasing), left-padded length ``seq_len``, cue ``cue_len``.
+
+    The row width is chosen from the longest slot up to four times it, for the least estimated work
+    ``rows · W · (1 + W / key_cost)`` (positions computed, each scoring the row's ``W`` keys;
+    :func:`key_cost_ratio`); ties go to the narrower row.
+    """
+    e, t, tc = len(widths), int(seq_len), int(cue_len)
+    if not widths or any(w > t or w < 1 for w in widths) or list(widths) != sorted(widths, reverse=True):
+        raise ValueError(f"slot widths must be non-increasing, in [1, {t}]; got {widths}")
+    sizes = tuple(w + tc for w in widths)
+    best = None
+    for width in range(sizes[0], min(sum(sizes), 4 * sizes[0]) + 1):
+        loads, place = _first_fit(sizes, width)
+        work = len(loads) * width * (1.0 + width / float(key_cost))
+        if best is None or work < best[0]:
+            best = (work, width, loads, place)
+    _, width, loads, place = best
+    rows = len(loads)
+    pad = e * t + tc
+    src = np.full((rows, width), pad, np.int32)
+    segments = np.full((rows, width), -1, np.int32)
+    seg_start = np.zeros((rows, width), np.int32)
+    ends = np.zeros((e,), np.int32)
+    for j, (w, (r, o)) in enumerate(zip(widths, place)):
+        src[r, o : o + w] = j * t + (t - w) + np.arange(w)
+        src[r, o + w : o + w + tc] = e * t + np.arange(tc)
+        segments[r, o : o + w + tc] = j
+        seg_start[r, o : o + w + tc] = o
+        ends[j] = r * width + o + w + tc - 1
+    for r in range(rows):  # unused tail: its own segment start (no real keys)
+        seg_start[r, loads[r] :] = loads[r]
+    return PackingPlan(tuple(widths), t, tc, rows, width, src, segments, seg_start, ends)
+
+
+@flax.struct.dataclass
+class PackedText:
+    """The prepared context of layout "before" (prompt-independent): a client's texts sorted by length and
+    packed into rows, each text followed by its own copy of the cue.
+
+    Attributes:
+      ids: ``[R, W]`` int32 token ids (pad where ``mask`` is 0).
+      mask: ``[R, W]`` int32, 1 for real text and cue tokens.
+      seg_pos: ``[R, W]`` int32 position within its example (text and cue), counted over real tokens.
+      segments: ``[R, W]`` int32 slot of each position (``-1`` unused).
+      ends: ``[E]`` int32 flat index of each example's last position, in the batch's own example order.
+    """
+
+    ids: jax.Array
+    mask: jax.Array
+    seg_pos: jax.Array
+    segments: jax.Array
+    ends: jax.Array
+
+
+def pack_texts(
+    batch: TokenBatch, spec: ScoringSpec, widths: tuple[int, ...] | None = None, key_cost: float = 2048.0
+) -> PackedText:
+    """Sorts one batch's examples ``[E, T]`` by real length and packs them by :func:`packing_plan`.
+
+    ``widths``: the batch's slot profile (:func:`slot_widths`; ``batch.widths`` by default); without one
+    every slot keeps the whole ``T`` (no trimming; still one prompt pass per candidate). ``key_cost``:
+    :func:`key_cost_ratio` of the model.
+    """
+    ids = jnp.asarray(batch.input_ids, jnp.int32)
+    mask = jnp.asarray(batch.attention_mask, jnp.int32)
+    e, t = ids.shape
+    widths = widths if widths is not None else getattr(batch, "widths", None)
+    if widths is None or len(widths) != e:
+        widths = (t,) * e
+    cue = jnp.asarray(spec.cue_ids, jnp.int32)
+    plan = packing_plan(tuple(int(w) for w in widths), t, cue.shape[0], float(key_cost))
+    perm = jnp.argsort(-jnp.sum(mask, axis=-1), stable=True)  # longest first
+    flat_ids = jnp.concatenate([ids[perm].reshape(-1), cue, jnp.zeros((1,), jnp.int32)])
+    flat_mask = jnp.concatenate([mask[perm].reshape(-1), jnp.ones_like(cue), jnp.zeros((1,), jnp.int32)])
+    p_ids, p_mask = flat_ids[plan.src], flat_mask[plan.src]
+    before = jnp.concatenate([jnp.zeros((plan.rows, 1), jnp.int32), jnp.cumsum(p_mask, axis=-1)], axis=1)
+    seg_pos = jnp.maximum(before[:, 1:] - jnp.take_along_axis(before, jnp.asarray(plan.seg_start), axis=1) - 1, 0)
+    inverse = jnp.argsort(perm)
+    return PackedText(
+        ids=p_ids,
+        mask=p_mask,
+        seg_pos=seg_pos.astype(jnp.int32),
+        segments=jnp.asarray(plan.segments),
+        ends=jnp.asarray(plan.ends)[inverse],
+    )
+
+
+def prompt_cache_bytes(config: DecoderConfig, n_prompt: int, lead_len: int = 0) -> int:
+    """Bytes of one candidate's prompt cache (:func:`prompt_kv`): keys and values of ``lead + n`` positions in
+    every layer, in the compute dtype. A vmapped population of ``P`` candidates for ``K`` clients holds
+    ``K · P`` of them at once (SmolLM2 in float32: 46 KB a position, 2.3 MB for 50 prompt tokens)."""
+    c = config
+    per_position = c.num_layers * 2 * c.num_kv_heads * c.head_dim * jnp.dtype(c.compute_dtype).itemsize
+    return int((lead_len + n_prompt) * per_position)
+
+
+def label_logits_packed(
+    config: DecoderConfig, params, packed: PackedText, spec: ScoringSpec, prompt: jax.Array | None
+) -> jax.Array:
+    """``label_logits(..., layout="before")`` from :func:`pack_texts`: ``[E, C]`` (or ``[..., E, C]`` for
+    stacked copies ``[..., R, W]``, e.g. a clean and a perturbed one, which then share one prompt pass).
+
+    The candidate's ``[lead, prompt]`` keys/values are computed once (:func:`prompt_kv`); the packed texts
+    and cues run as rows that attend to them as a shared past and to their own segment causally, at the
+    positions the uncached sequence gives them. Only real tokens (to each slot's width) are computed.
+    """
+    pk, pv = prompt_kv(config, params, spec, prompt)
+    lead = pk.shape[1]
+    lead_shape = packed.ids.shape[:-2]
+    r, w = packed.ids.shape[-2:]
+    flat = lambda a: a.reshape(-1, w)  # noqa: E731  copies' rows side by side
+    copies = int(np.prod(lead_shape)) if lead_shape else 1
+    emb = embed(params, flat(packed.ids))
+    hidden, _ = _trunk(
+        config, params, emb, lead + flat(packed.seg_pos), flat(packed.mask), pk, pv, segments=flat(packed.segments)
+    )
+    ends = packed.ends.reshape(copies, -1) + (jnp.arange(copies, dtype=jnp.int32) * (r * w))[:, None]
+    h = hidden.reshape(-1, hidden.shape[-1])[ends.reshape(-1)]
+    out = _label_rows_logits(config, params, h, spec)
+    return out.reshape(*lead_shape, packed.ends.shape[-1], out.shape[-1])
 
 
 def logits(config: DecoderConfig, params, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -810,6 +1098,15 @@ __all__ = [
     "label_logits",
     "PrefixCache",
     "prefix_cache",
+    "lead_ids",
+    "prompt_kv",
+    "slot_widths",
+    "PackingPlan",
+    "packing_plan",
+    "PackedText",
+    "pack_texts",
+    "label_logits_packed",
+    "prompt_cache_bytes",
     "label_logits_cached",
     "logits",
     "greedy_next_token",
