@@ -43,7 +43,12 @@ import numpy as np  # noqa: E402
 
 from fedbpt_jax import objective, prompt  # noqa: E402
 
-LAYOUTS = (("after", True, "after+cache"), ("after", False, "after (no cache)"), ("before", False, "before"))
+LAYOUTS = (
+    ("after", True, "after+cache"),
+    ("after", False, "after (no cache)"),
+    ("before", False, "before"),
+    ("before", True, "before+prompt cache"),
+)
 PASSES_PER_ROUND = 9  # FedBPT: I = 8 local generations + the final mean, one shared cache
 
 
@@ -74,7 +79,7 @@ def bench_model(name: str, args, peak: common.Peak, dtype: str = "float32") -> d
         ref_logits = {}
         for layout, cached, label in LAYOUTS:
             scorer = objective.make_scorer(lm, layout, use_cache=cached, n_prompt_tokens=n)
-            prepare = jax.jit(scorer.prepare)
+            prepare = jax.jit(lambda p, b, sc=scorer: sc.prepare(p, b, spec))
             prepare_c, prepare_compile = common.aot_compile(prepare, params, batch)
             prep = common.time_call(prepare_c, params, batch, repeats=args.repeats)
             ctx = prep.pop("out")
@@ -96,7 +101,7 @@ def bench_model(name: str, args, peak: common.Peak, dtype: str = "float32") -> d
             checks[f"{name}/{dtype}/P={P}/{label}: batched vs loop max|diff|"] = diff_loop
 
             num_labels = int(spec.label_ids.shape[0])
-            flops = P * B * scorer.cost(T, cue, num_labels).forward
+            flops = P * scorer.cost(T, cue, num_labels).call(B)
             for mode, fn in (("batched", batched_c), ("loop", loop)):
                 if mode == "loop" and not args.loop_all and not cached and P > 1 and name != "tiny":
                     continue  # same FLOPs as the cached loop's ratio shows; skipped to save time

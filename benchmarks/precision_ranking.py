@@ -119,7 +119,7 @@ def main(argv=None):
     fits = {}
     for name, lm in (("float32", lm32), ("bfloat16", lm16)):
         sc = objective.make_scorer(lm, "after", n_prompt_tokens=args.n_prompt)
-        ctx = jax.jit(sc.prepare)(lm.params, batch)
+        ctx = jax.jit(sc.prepare)(lm.params, batch, spec)
 
         def fitness(params, ctx, Z, sc=sc, hidden=lm.hidden_size):
             prompts = prompt.to_prompt(A, Z, hidden)

@@ -14,8 +14,9 @@ For each configuration (model, compute dtype, K clients per round, all K sampled
   mean/σ/C), I = 8 ask/tell iterations on the host, every candidate scored by its own jitted forward
   call (clean and perturbed: two calls per candidate, each loss read back on the host), then f of the
   final mean; the server aggregates with its own pycma ES (σ' as in the reference code, ask, tell on
-  the client means). The same scorer (layout "after" with the prefix cache, the library default) is
-  used by both paths, so the ratio measures batching and the ES placement, not the cache. For large K
+  the client means). The same scorer (layout "after" with the prefix cache: this script's figures were
+  measured in that layout, the library default until the prompt-before layout got its prompt cache; see
+  ``layout_round.py`` for the default layout) is used by both paths, so the ratio measures batching and the ES placement, not the cache. For large K
   only ``--ref-clients`` clients are timed and the client time is extrapolated linearly to K (said in
   the output).
 * **ES share**: the same vectorized round with the model call replaced by a trivial function of the
@@ -127,7 +128,7 @@ def _cheap_scorer(num_labels: int):
 
     from fedbpt_jax.objective import ScoreCost, Scorer
 
-    def prepare(params, batch):
+    def prepare(params, batch, spec=None):
         return batch
 
     def logits(params, batch, spec, prompt):
@@ -159,7 +160,10 @@ class _RefStyle:
         from fedbpt_jax import objective, prompt
 
         self.lm, self.cfg, self.data, self.model, self.hp = lm, cfg, data, model, hp
-        self.scorer = scorer = objective.make_scorer(lm, layout or cfg.layout, n_prompt_tokens=cfg.n_prompt_tokens)
+        layout = layout or cfg.layout
+        # The paper-layout reference run is the plain computation (no prompt cache), as its label says.
+        cache = "none" if layout == "before" else "auto"
+        self.scorer = scorer = objective.make_scorer(lm, layout, n_prompt_tokens=cfg.n_prompt_tokens, cache=cache)
         spec, hidden = data.spec, lm.hidden_size
 
         def one_loss(params, A, ctx, labels, mask, z):
@@ -170,7 +174,7 @@ class _RefStyle:
             return objective.perturb(key, batch, rate, spec, exempt_special=cfg.exempt_special)
 
         self.loss = jax.jit(one_loss)
-        self.prepare = jax.jit(scorer.prepare)
+        self.prepare = jax.jit(lambda p, b: scorer.prepare(p, b, spec))
         self.perturb = jax.jit(perturbed)
         self.es_seconds = 0.0
 
@@ -266,8 +270,8 @@ def _check_fitness(ref: _RefStyle, cfg, data, model, num_clients: int) -> float:
             fit, _ = objective.population_fitness(
                 scorer,
                 params,
-                scorer.prepare(params, b),
-                scorer.prepare(params, pert) if cfg.perturb else None,
+                scorer.prepare(params, b, spec),
+                scorer.prepare(params, pert, spec) if cfg.perturb else None,
                 b,
                 spec,
                 prompt.to_prompt(A, z, hidden),
@@ -300,10 +304,10 @@ def _pure_inference(lm, scorer, data, A, P: int, chunk: int):
     def client(params, A, b2, z, kept):
         prompts = prompt.to_prompt(A, z, hidden)
         if kept is None:
-            contexts = jax.vmap(lambda b: scorer.prepare(params, b))(b2)
+            contexts = jax.vmap(lambda b: scorer.prepare(params, b, spec))(b2)
         else:  # the clean copy's prefix cache is kept across rounds: only the perturbed copy is prepared
             pert = jax.tree_util.tree_map(lambda a: a[1], b2)
-            contexts = objective.stack_contexts(kept, scorer.prepare(params, pert))
+            contexts = objective.stack_contexts(kept, scorer.prepare(params, pert, spec))
         return jax.vmap(lambda c: objective.population_logits(scorer, params, c, spec, prompts))(contexts)
 
     def run(params, A, batches, Z, kept=None):
@@ -340,6 +344,7 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
         intrinsic_dim=args.intrinsic_dim,
         n_prompt_tokens=n,
         chunk_clients=chunk,
+        layout="after",
     )
     hp = HParams(sigma0=1.0, perturb_rate=0.5).validate()
     A = prompt.make_projection(

@@ -81,7 +81,9 @@ def measure(lm, examples, task: str, style: str, chunk: int, first_token: bool =
     labels, mask = np.asarray(chunks.labels).reshape(-1), np.asarray(chunks.example_mask).reshape(-1) > 0
     rows = []
     # The text-prefix key/value cache does not depend on the prompt (nor on its length): computed once.
-    ctx = jax.jit(objective.prepare_chunks, static_argnums=0)(objective.make_scorer(lm, "after"), lm.params, chunks)
+    ctx = jax.jit(objective.prepare_chunks, static_argnums=0)(
+        objective.make_scorer(lm, "after"), lm.params, chunks, spec
+    )
     for label, option in STARTS:
         if option is None:
             n, start = 0, None

@@ -308,7 +308,9 @@ class Evaluator:
         self, lm, scorer: Scorer, batch: TokenBatch, spec: ScoringSpec, *, chunk: int = 64, cache_budget: int = 2 << 30
     ):
         self.lm, self.scorer = lm, scorer
-        chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, chunk))
+        chunks = jax.tree_util.tree_map(
+            jnp.asarray, objective.chunk_examples(batch, chunk, by_length=scorer.cache == "prompt")
+        )
         self.labels, self.example_mask = chunks.labels, chunks.example_mask
         self.spec = spec
         self.prepared = (

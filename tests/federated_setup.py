@@ -51,6 +51,10 @@ def config_a(**kw) -> fl.FedConfig:
         local_generations=2,
         intrinsic_dim=D_A,
         n_prompt_tokens=2,
+        # These tests were written for (and count the passes of) the prefix cache, layout "after"'s; the
+        # default layout ("before", the prompt cache) has tests of its own (test_prompt_cache.py, the golden
+        # case "fedbpt_prompt_before") and is named where a test here runs it.
+        layout="after",
     )
     base.update(kw)
     return fl.FedConfig(**base)

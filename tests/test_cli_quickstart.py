@@ -148,10 +148,11 @@ def test_cli_eval_cache_budget_reaches_the_run(tiny_lm, monkeypatch, capsys):
 
     monkeypatch.setattr(fb.models, "load", lambda name, **kw: tiny_lm)
     with pytest.warns(UserWarning, match=r"prefix caches need [0-9.]+ GiB, more than eval_cache_budget \(0.00 GiB\)"):
-        assert cli.main(["simulate", *SMALL, "--rounds", "1", "--eval-cache-gb", "0"]) == 0
-    with warnings.catch_warnings():
+        assert cli.main(["simulate", *SMALL, "--layout", "after", "--rounds", "1", "--eval-cache-gb", "0"]) == 0
+    with warnings.catch_warnings():  # the prefix caches are layout "after"'s (the default layout has none)
         warnings.filterwarnings("error", message=".*eval_cache_budget")
-        assert cli.main(["simulate", *SMALL, "--rounds", "1"]) == 0
+        assert cli.main(["simulate", *SMALL, "--layout", "after", "--rounds", "1"]) == 0
+        assert cli.main(["simulate", *SMALL, "--rounds", "1", "--eval-cache-gb", "0"]) == 0
     assert "final (round 1)" in capsys.readouterr().out
 
 

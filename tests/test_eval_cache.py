@@ -20,7 +20,13 @@ def test_cached_eval_prefix_equals_recomputed():
     )
     test = testing.random_batch(1, 20, 10, 256)
     cfg = fl.FedConfig(
-        num_clients=n, clients_per_round=2, population_size=4, local_generations=2, intrinsic_dim=8, n_prompt_tokens=2
+        num_clients=n,
+        clients_per_round=2,
+        population_size=4,
+        local_generations=2,
+        intrinsic_dim=8,
+        n_prompt_tokens=2,
+        layout="after",  # the prefix cache's layout
     )
     model = ModelInputs(
         lm.params, prompt.make_projection(jax.random.key(1), lm.input_embeddings(), intrinsic_dim=8, n_prompt_tokens=2)

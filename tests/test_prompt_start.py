@@ -73,7 +73,7 @@ def test_parse_start_forms(tmp_path):
 @pytest.mark.parametrize(
     "bad, match",
     [
-        ("ones", r"unknown prompt start 'ones'; accepted: zeros, tokens:"),
+        ("ones", r"unknown prompt start 'ones'; accepted: zeros, reference, tokens:"),
         ("tokens:a,b", r"'tokens:a,b'.*integer token ids"),
         ("tokens:", r"names no token id"),
         ("phrase:", r"non-empty text"),
@@ -283,7 +283,7 @@ def test_bbt_style_mirrors_bbt_template(dec_tok):
     with pytest.raises(
         ValueError,
         match=r"unknown decoder template style 'bbt' for task ag_news; known styles: "
-        r"\['completion', 'chat'\]",
+        r"\['completion', 'chat', 'reference'\]",
     ):
         tasks.get("ag_news").decoder_template("bbt")
     ex = _examples(2)

@@ -126,10 +126,10 @@ def test_eval_prefix_cache_asks_the_scorer_and_the_budget():
     cached = objective.make_scorer(lm, "after", n_prompt_tokens=2)
     plain = objective.make_scorer(lm, "after", n_prompt_tokens=2, use_cache=False)
     assert cached.caches_prefix and not plain.caches_prefix
-    assert run_mod._caches_eval_prefix(cached, lm.params, chunks, None, None, 1 << 30)
+    assert run_mod._caches_eval_prefix(cached, lm.params, chunks, None, fs.spec(), None, 1 << 30)
     with pytest.warns(UserWarning, match=r"prefix caches need .* GiB, more than eval_cache_budget \(0.00 GiB\)"):
-        assert not run_mod._caches_eval_prefix(cached, lm.params, chunks, None, None, 0)  # over the budget
-    assert not run_mod._caches_eval_prefix(plain, lm.params, chunks, None, True, 1 << 30)  # nothing to cache
+        assert not run_mod._caches_eval_prefix(cached, lm.params, chunks, None, fs.spec(), None, 0)  # over the budget
+    assert not run_mod._caches_eval_prefix(plain, lm.params, chunks, None, fs.spec(), True, 1 << 30)  # nothing to cache
     sets = run_mod.eval_sets(cached, lm, fs.model(), chunks, chunks, fs.spec(), cache_prefix=True)
     assert sets.test.prepared and sets.dev.prepared
     plain_sets = run_mod.eval_sets(plain, lm, fs.model(), chunks, None, fs.spec(), cache_prefix=False)

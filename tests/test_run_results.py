@@ -349,12 +349,12 @@ def test_bbt_tune_drives_the_same_cma_es_as_centralized_bbt():
         n_prompt_tokens=2,
         population_size=cfg.population_size,
         num_generations=cfg.local_generations,
-        layout=None,
+        layout=cfg.layout,
     )
     b0, es_params = bbt.init(None, bcfg)
     np.testing.assert_array_equal(np.asarray(b0.es.C), np.asarray(algo.init(None, hp).es.C))
     flat = objective.flatten_clients(data.train)
-    scorer = objective.make_scorer(lm, None, n_prompt_tokens=2)
+    scorer = objective.make_scorer(lm, cfg.layout, n_prompt_tokens=2)
     ctx = scorer.prepare(lm.params, flat, data.spec)
     b1, hist = jax.jit(
         lambda k, s: bbt.run_generations(

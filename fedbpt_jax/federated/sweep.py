@@ -542,8 +542,13 @@ def sweep(
 
     scorer = run_mod._algo_scorer(algo, lm.kind, lm.config)
     keep = run_mod._keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
-    chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(test, eval_chunk))
-    dev_chunks = None if dev is None else jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(dev, eval_chunk))
+    by_length = scorer.cache == "prompt"  # as run() chunks them
+    chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(test, eval_chunk, by_length=by_length))
+    dev_chunks = (
+        None
+        if dev is None
+        else jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(dev, eval_chunk, by_length=by_length))
+    )
     data = run_mod._clean_context(data, keep, scorer, model, algo.config, None)
     cache = run_mod._caches_eval_prefix(
         scorer, lm.params, chunks, dev_chunks, data.spec, cache_eval_prefix, eval_cache_budget
