@@ -17,8 +17,8 @@ For each configuration (model, compute dtype, K clients per round, all K sampled
   the client means). The same scorer (layout "after" with the prefix cache: this script's figures were
   measured in that layout, the library default until the prompt-before layout got its prompt cache; see
   ``layout_round.py`` for the default layout) is used by both paths, so the ratio measures batching and
-  the ES placement, not the cache. For large K only ``--ref-clients`` clients are timed and the client time is extrapolated linearly to K (said in
-  the output).
+  the ES placement, not the cache. For large K only ``--ref-clients`` clients are timed and the client
+  time is extrapolated linearly to K (said in the output).
 * **ES share**: the same vectorized round with the model call replaced by a trivial function of the
   prompt (the CMA-ES ask/tell, perturbation, prompt projection and server aggregation remain).
 * **memory**: each configuration runs in its own subprocess; peak RSS (``VmHWM``, reset through
