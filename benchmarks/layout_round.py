@@ -7,7 +7,7 @@ per round) is compiled ahead of time and then timed:
 * ``after``: ``[text, prompt, cue]`` with the text-prefix cache (the fast variant);
 * ``before``: ``[lead, prompt, text, cue]`` (the default) with the prompt cache: each candidate's ``[lead,
   prompt]`` keys/values are computed once and the texts, sorted by length and packed to their real tokens
-  (``TokenBatch.widths``), with their cues attend to them; the clean and the perturbed copy share the pass;
+  (``TokenBatch.packing``), with their cues attend to them; the clean and the perturbed copy share the pass;
 * ``before-nocache``: the same layout computed the plain way, every (candidate, example) row in full at the
   padded length ``T`` (what the layout cost before the cache).
 
@@ -52,8 +52,8 @@ def _data(lm, task: str, source, K: int, E: int, n: int, style: str | None, seed
 
     if lm.tokenizer is None:  # tiny random model: random lengths
         train = testing.random_batch(seed, E, 24, lm.vocab_size, leading=(K,), min_len=2)
-        train = train.replace(widths=decoder.slot_widths(train.attention_mask))
         spec = testing.random_spec(lm.vocab_size, cue_len=3)
+        train = train.replace(packing=decoder.packing_for(train.attention_mask, cue_len=3))
         counts = np.full((K,), E, np.int32)
         desc = "random tokens"
     else:
@@ -166,13 +166,21 @@ def run_item(lm, task: str, n: int, variant: str, args) -> dict:
         "lead": lead,
         "cue": int(np.shape(data.spec.cue_ids)[0]),
         "mean_text_tokens": float(mask.sum(-1).mean()),
-        "widths": list(data.train.widths or ()),
+        "packing": list(data.train.packing or ()),
         "population": cfg.population_size,
         "generations": cfg.local_generations,
     }
     if variant == "before":
-        plan = decoder.packing_plan(tuple(data.train.widths), T, res["cue"], decoder.key_cost_ratio(lm.config))
-        res["packed_rows"], res["packed_width"] = plan.rows, plan.width
+        rows, width, _ = data.train.packing
+        res["packed_rows"], res["packed_width"] = rows, width
+        res["mean_client_tokens"] = float(
+            (
+                decoder.example_lengths(mask, data.train.example_mask)
+                + res["cue"] * (np.asarray(data.train.example_mask) > 0)
+            )
+            .sum(-1)
+            .mean()
+        )
         res["prompt_cache_bytes_per_candidate"] = decoder.prompt_cache_bytes(lm.config, n, lead)
         res["check_max_rel_diff"] = _check(lm, data, A, n, layout)
         print(

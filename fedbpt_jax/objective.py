@@ -156,11 +156,11 @@ class Scorer(NamedTuple):
     Attributes:
       prepare, logits: the functions.
       layout: where the prompt goes (encoder: "add"/"cat"; decoder: "before"/"after").
-      cost: ``(seq_len, cue_len, num_labels, widths=None, lead_len=0) -> ScoreCost``: the one cost model
-        every FLOP figure of the package (``run``, the CLI, the benchmarks) is computed from. ``seq_len``
-        is the padded text length ``T`` of the batch (padding is computed, so it is counted), ``widths``
-        the batch's slot profile (:attr:`TokenBatch.widths`; layout "before" computes to it), ``lead_len``
-        the template's fixed instruction before the prompt.
+      cost: ``(seq_len, cue_len, num_labels, packing=None, lead_len=0, examples=None) -> ScoreCost``: the
+        one cost model every FLOP figure of the package (``run``, the CLI, the benchmarks) is computed from.
+        ``seq_len`` is the padded text length ``T`` of the batch (padding is computed, so it is counted),
+        ``packing`` the batch's :attr:`TokenBatch.packing` and ``examples`` its example count (layout
+        "before" computes the packed rows), ``lead_len`` the template's fixed instruction before the prompt.
       caches_prefix: ``prepare`` does real, prompt-independent work (the decoder's prefix cache), so
         its result is worth keeping across calls (e.g. for a fixed test set).
       logits_paired: ``(params, paired_ctx, spec, prompt) -> [2, B, C]`` on a clean and a perturbed
@@ -269,7 +269,9 @@ def scorer_for(
         def logits(params, batch, spec, prompt):
             return encoder.label_logits(cfg, params, batch, spec, prompt, mode=layout)
 
-        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2, widths=None, lead_len: int = 0) -> ScoreCost:
+        def cost(
+            seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+        ) -> ScoreCost:
             # The head runs at the <mask> position only, on the label rows only.
             return ScoreCost(
                 float(encoder.flops_per_example(cfg, seq_len, n_prompt=n, mode=layout, num_labels=num_labels)), 0.0
@@ -285,7 +287,9 @@ def scorer_for(
         def logits(params, cache, spec, prompt):
             return decoder.label_logits_cached(cfg, params, cache, spec, prompt)
 
-        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2, widths=None, lead_len: int = 0) -> ScoreCost:
+        def cost(
+            seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+        ) -> ScoreCost:
             s = n + cue_len
             pre = lead_len + seq_len
             return ScoreCost(
@@ -296,16 +300,17 @@ def scorer_for(
         return Scorer(prepare, logits, layout, cost, caches_prefix=True, cache="prefix")
 
     if layout == "before" and use_cache:
-        key_cost = decoder.key_cost_ratio(cfg)
 
         def prepare(params, batch, spec):
-            return decoder.pack_texts(batch, spec, key_cost=key_cost)
+            return decoder.pack_texts(batch, spec)
 
         def logits(params, packed, spec, prompt):
             return decoder.label_logits_packed(cfg, params, packed, spec, prompt)
 
-        def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2, widths=None, lead_len: int = 0) -> ScoreCost:
-            return packed_cost(cfg, n, seq_len, cue_len, num_labels, widths, lead_len)
+        def cost(
+            seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+        ) -> ScoreCost:
+            return packed_cost(cfg, n, seq_len, cue_len, num_labels, packing, lead_len, examples)
 
         return Scorer(prepare, logits, layout, cost, logits_paired=logits, cache="prompt")
 
@@ -315,7 +320,9 @@ def scorer_for(
     def logits(params, batch, spec, prompt):
         return decoder.label_logits(cfg, params, batch, spec, prompt, layout=layout)
 
-    def cost(seq_len: int, cue_len: int = 0, num_labels: int = 2, widths=None, lead_len: int = 0) -> ScoreCost:
+    def cost(
+        seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+    ) -> ScoreCost:
         total = lead_len + seq_len + n + cue_len
         return ScoreCost(decoder.flops_per_example(cfg, total, total, num_labels), 0.0)
 
@@ -328,27 +335,25 @@ def packed_cost(
     seq_len: int,
     cue_len: int,
     num_labels: int,
-    widths=None,
+    packing=None,
     lead_len: int = 0,
     examples: int | None = None,
 ) -> ScoreCost:
     """Layout "before" with the prompt cache: per candidate, one ``[lead, prompt]`` pass (``per_prompt``;
     the lead's own pass is shared by every candidate and not counted); per example, its share of the packed
-    rows (:func:`fedbpt_jax.models.decoder.packing_plan`), every row computing all its positions against
-    the ``lead + n`` cached keys and its own positions, plus the label head."""
+    rows (:func:`fedbpt_jax.models.decoder.pack_texts`: ``packing = (rows, width)``, or a row of ``T + Tc``
+    per example without one), every row computing all its positions against the ``lead + n`` cached keys
+    and its own positions, plus the label head. ``examples``: the batch's examples (default 1)."""
     from .models import decoder
 
-    if widths is None:
-        widths = (int(seq_len),) * int(examples or 1)
-    plan = decoder.packing_plan(tuple(int(w) for w in widths), int(seq_len), int(cue_len), decoder.key_cost_ratio(cfg))
-    e = len(widths)
+    e = int(examples or 1)
+    rows, w = (int(packing[0]), int(packing[1])) if packing is not None else (e, int(seq_len) + int(cue_len))
     past = int(lead_len) + int(n)
-    w = plan.width
     per_layer = decoder.matmul_params_per_token(cfg) // cfg.num_layers
     attn = 4 * cfg.num_heads * cfg.head_dim
     # Every row computes W queries against the cached keys and its own W keys (masked, not skipped).
     row = cfg.num_layers * (2 * per_layer * w + attn * w * (past + w))
-    forward = plan.rows * row / e + 2 * cfg.hidden_size * num_labels
+    forward = rows * row / e + 2 * cfg.hidden_size * num_labels
     per_prompt = decoder.flops_per_example(cfg, int(n), past, 0) if n else 0.0
     return ScoreCost(float(forward), 0.0, float(per_prompt))
 
@@ -401,12 +406,30 @@ def population_losses(
 
 
 def flatten_clients(batch: TokenBatch) -> TokenBatch:
-    """``[N, E, ...]`` → ``[N·E, ...]`` (one pooled batch), with the slot profile of the pooled examples
-    (the ``j``-th longest of the union is at most the ``j``-th of the clients' profiles merged)."""
-    n = batch.input_ids.shape[0]
+    """``[N, E, ...]`` → ``[N·E, ...]`` (one pooled batch). Its packing is unknown (``None``): a pooled batch
+    that layout "before" should compute to real tokens is packed per client (:func:`prepare_pooled`)."""
     flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), batch)
-    widths = None if batch.widths is None else tuple(sorted(batch.widths * n, reverse=True))
-    return flat.replace(widths=widths)
+    return flat.replace(packing=None)
+
+
+def prepare_pooled(scorer: Scorer, params, batch: TokenBatch, spec: ScoringSpec) -> Any:
+    """``scorer.prepare`` of the pooled ``[N·E]`` examples of ``batch [N, E, T]``: for layout "before" each
+    client's texts are packed by its own packing and the rows stacked (logits then come out in the pooled
+    order); otherwise ``prepare`` of :func:`flatten_clients`."""
+    if scorer.cache != "prompt":
+        return scorer.prepare(params, flatten_clients(batch), spec)
+    from .models import decoder
+
+    packed = jax.vmap(lambda b: decoder.pack_texts(b, spec))(batch)  # [N, R, W], ends [N, E]
+    n, r, w = packed.ids.shape
+    offset = (jnp.arange(n, dtype=jnp.int32) * (r * w))[:, None]
+    return decoder.PackedText(
+        ids=packed.ids.reshape(n * r, w),
+        mask=packed.mask.reshape(n * r, w),
+        seg_pos=packed.seg_pos.reshape(n * r, w),
+        segments=packed.segments.reshape(n * r, w),
+        ends=(packed.ends + offset).reshape(-1),
+    )
 
 
 def stack_contexts(clean_ctx: Any, pert_ctx: Any) -> Any:
@@ -476,13 +499,13 @@ def population_fitness(
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
-def chunk_examples(batch: TokenBatch, size: int, *, by_length: bool = False) -> TokenBatch:
+def chunk_examples(batch: TokenBatch, size: int, *, by_length: bool = False, cue_len: int = 0) -> TokenBatch:
     """Reshapes ``[B, T]`` examples into ``[ceil(B/size), size, T]`` chunks (padding rows masked out).
 
     ``by_length`` (a scorer that computes each example to its slot's width: layout "before"): the examples
     are ordered by real length, longest first, and dealt round-robin, so every chunk holds the same spread of
-    lengths, and the chunks carry their common slot profile (:attr:`TokenBatch.widths`): one compiled
-    evaluation over all chunks computes close to the real tokens only. The order of examples changes, which
+    lengths, and the chunks carry their common packing (:attr:`TokenBatch.packing`, for a cue of ``cue_len``
+    tokens): one compiled evaluation over all chunks computes close to the real tokens only. The order of examples changes, which
     no set metric (accuracy, loss, F1, label shares) depends on.
     """
     import numpy as np
@@ -514,9 +537,9 @@ def chunk_examples(batch: TokenBatch, size: int, *, by_length: bool = False) -> 
         example_mask=fix(batch.example_mask, 0),
     )
     if by_length:
-        from .models.decoder import slot_widths
+        from .models.decoder import packing_for
 
-        out = out.replace(widths=slot_widths(out.attention_mask))
+        out = out.replace(packing=packing_for(out.attention_mask, out.example_mask, cue_len=cue_len))
     return out
 
 

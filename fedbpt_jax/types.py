@@ -35,11 +35,12 @@ class TokenBatch:
       labels: ``[..., B]`` int32 class index in ``[0, num_labels)``.
       example_mask: ``[..., B]`` float32, 1 for real examples, 0 for padding rows (clients with fewer
         examples than the padded width).
-      widths: static length profile (decoders; ``None``: unknown): sort each group's ``B`` examples by
-        real length, longest first, and the ``j``-th is at most ``widths[j]`` tokens, in every group of
-        the leading axes (:func:`fedbpt_jax.models.decoder.slot_widths`). Layout "before" computes each
-        example to its slot's width instead of to ``T``. Gathering groups (sampling clients) and
-        perturbing tokens keep it; :meth:`take` drops it.
+      packing: static ``(rows, width, cue_len)`` (decoders; ``None``: unknown): each group of the leading
+        axes (a client, an evaluation chunk), its real examples sorted by length and dealt round-robin to
+        ``rows`` rows, each example followed by the ``cue_len``-token cue, fits rows of ``width`` positions
+        (:func:`fedbpt_jax.models.decoder.packing_for`). Layout "before" then computes real tokens only,
+        not ``B × T``. Gathering groups (sampling clients) and perturbing tokens keep it; :meth:`take`
+        drops it.
     """
 
     input_ids: jax.Array
@@ -47,7 +48,7 @@ class TokenBatch:
     answer_pos: jax.Array
     labels: jax.Array
     example_mask: jax.Array
-    widths: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
+    packing: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def num_examples(self) -> int:

@@ -61,30 +61,30 @@ ENCODER = encoder.EncoderConfig(
 
 
 @pytest.mark.parametrize(
-    "layout,use_cache,widths",
+    "layout,use_cache,packing",
     [
         ("after", True, None),
         ("after", False, None),
         ("before", False, None),
         ("before", True, None),
-        ("before", True, (24, 20, 9, 4)),  # packed to the slot widths: rows [24+3], [20+3], [9+3, 4+3]
+        ("before", True, (2, 30, CUE)),  # packed: 2 rows of 30 positions instead of 4 of T + cue
     ],
 )
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
-def test_decoder_scorer_flops_match_xla(layout, use_cache, widths, compute_dtype):
+def test_decoder_scorer_flops_match_xla(layout, use_cache, packing, compute_dtype):
     import dataclasses
 
     cfg = dataclasses.replace(DECODER, compute_dtype=compute_dtype)
     params = jax.eval_shape(lambda: dec.init_params(cfg, jax.random.key(0)))
     sc = objective.scorer_for("decoder", cfg, layout, use_cache=use_cache, n_prompt_tokens=N_PROMPT)
-    batch, spec = _batch(T).replace(widths=widths), _spec(CUE)
+    batch, spec = _batch(T).replace(packing=packing), _spec(CUE)
     prompt = jax.ShapeDtypeStruct((N_PROMPT, cfg.hidden_size), jnp.float32)
     ctx = jax.eval_shape(sc.prepare, params, batch, spec)
-    cost = sc.cost(T, CUE, C, widths)
+    cost = sc.cost(T, CUE, C, packing, 0, B)
     ratio = _xla_flops(lambda p, c, pr: sc.logits(p, c, spec, pr), params, ctx, prompt) / cost.call(B)
     assert LOW <= ratio <= HIGH, ratio
-    if widths is not None:  # the packed rows compute less than the padded ones
-        assert cost.forward < sc.cost(T, CUE, C).forward
+    if packing is not None:  # the packed rows compute less than the padded ones
+        assert cost.forward < sc.cost(T, CUE, C, None, 0, B).forward
     if sc.caches_prefix:
         ratio = _xla_flops(sc.prepare, params, batch, spec) / (B * cost.prepare)
         assert LOW <= ratio <= HIGH, ratio

@@ -99,8 +99,10 @@ def _run(name: str, ckpt_dir: Path):
     lm = fs.tiny_lm()
     algo = make(cfg, lm)
     data = fs.make_data(N, seed=7, counts=COUNTS)
-    if cfg.layout == "before":  # the texts packed to their length profile, as the data loader gives them
-        data = data.replace(train=data.train.replace(widths=decoder.slot_widths(data.train.attention_mask)))
+    if cfg.layout == "before":  # the texts packed to their real tokens, as the data loader gives them
+        t = data.train
+        packing = decoder.packing_for(t.attention_mask, t.example_mask, cue_len=int(fs.spec().cue_ids.shape[0]))
+        data = data.replace(train=t.replace(packing=packing))
     dev = _clean(testing.random_batch(2, 8, fs.SEQ, fs.VOCAB - 1))
     kw = dict(
         num_rounds=NUM_ROUNDS,

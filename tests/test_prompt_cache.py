@@ -25,7 +25,7 @@ CFG = dec.DecoderConfig(
 TOL = {"float32": 2e-5, "bfloat16": 0.1}
 
 
-def _batch(seed: int, clients: int, examples: int, t: int, min_len: int = 1) -> TokenBatch:
+def _batch(seed: int, clients: int, examples: int, t: int, min_len: int = 1, cue_len: int = 2) -> TokenBatch:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_len, t + 1, size=(clients, examples))
     ids = np.zeros((clients, examples, t), np.int32)
@@ -35,13 +35,15 @@ def _batch(seed: int, clients: int, examples: int, t: int, min_len: int = 1) -> 
             n = lengths[c, e]
             ids[c, e, t - n :] = rng.integers(3, CFG.vocab_size, size=n)
             mask[c, e, t - n :] = 1
+    example_mask = np.ones((clients, examples), np.float32)
+    example_mask[0, -1] = 0  # a padding row (a copy, never scored): not computed
     return TokenBatch(
         input_ids=ids,
         attention_mask=mask,
         answer_pos=np.full((clients, examples), t - 1, np.int32),
         labels=rng.integers(0, 2, size=(clients, examples)).astype(np.int32),
-        example_mask=np.ones((clients, examples), np.float32),
-        widths=dec.slot_widths(mask),
+        example_mask=example_mask,
+        packing=dec.packing_for(mask, example_mask, cue_len=cue_len, key_cost=1000.0),
     )
 
 
@@ -73,11 +75,12 @@ def test_packed_prompt_cache_equals_uncached_layout_before(compute_dtype, lead):
     for c in range(3):
         b = _client(batch, c)
         packed = dec.pack_texts(b, spec)
-        assert packed.ids.size < b.input_ids.size + 7 * 2  # trimmed to the slot widths
+        assert packed.ids.size < b.input_ids.size + 7 * 2  # real tokens only
+        real = np.asarray(b.example_mask) > 0  # a padding row's logits are not computed
         for p in (prompt, None):
             want = uncached(cfg, params, b, spec, p, "before")
             got = packed_logits(cfg, params, packed, spec, p)
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL[compute_dtype], rtol=0)
+            np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=TOL[compute_dtype], rtol=0)
     # the prompt matters, and a different prompt gives different logits through the cache
     b = _client(batch, 0)
     a = packed_logits(cfg, params, dec.pack_texts(b, spec), spec, prompt)
@@ -95,7 +98,7 @@ def test_scorer_with_and_without_the_prompt_cache_agree_and_pair_copies():
     pop = jax.jit(objective.population_logits, static_argnums=0)
     b = _client(batch, 1)
     pert = objective.perturb(jax.random.key(3), b, 0.5, spec)
-    assert pert.widths == b.widths  # a perturbed copy keeps the length profile
+    assert pert.packing == b.packing  # a perturbed copy keeps the packing
     got = pop(cached, params, cached.prepare(params, b, spec), spec, prompts)
     want = pop(plain, params, plain.prepare(params, b, spec), spec, prompts)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
@@ -120,47 +123,53 @@ def test_prefix_cache_puts_the_lead_before_the_text():
     assert float(jnp.max(jnp.abs(no_lead - want))) > 1e-4  # the lead is read
 
 
-def test_packing_plan_places_every_token_once():
-    widths, t, tc = (20, 14, 9, 9, 6, 3, 1), 24, 3
-    narrow = dec.packing_plan(widths, t, tc, key_cost=4.0)  # wide rows dear: the longest slot sets the width
-    assert narrow.width == widths[0] + tc and narrow.rows < len(widths)  # short examples share rows
-    wide = dec.packing_plan(widths, t, tc, key_cost=1e6)  # keys nearly free: one row, no waste
-    assert wide.rows == 1 and wide.width == sum(widths) + len(widths) * tc
-    for plan in (narrow, wide):
-        _check_plan(plan, widths, t, tc)
-    with pytest.raises(ValueError, match="non-increasing"):
-        dec.packing_plan((3, 5), 8, 1)
+def test_pack_texts_places_every_real_token_once_at_its_position():
+    b, spec = _client(_batch(5, 1, 9, 20, cue_len=3), 0), _spec(cue=(12, 13, 14))
+    b = b.replace(example_mask=jnp.ones(9, jnp.float32), packing=None)  # every row real
+    lengths = np.asarray(b.attention_mask).sum(-1)
+    for packing in [dec.packing_for(b.attention_mask, cue_len=3, key_cost=k) for k in (4.0, 1e6)] + [None]:
+        p = dec.pack_texts(b, spec, packing)
+        ids, mask, seg, pos = (np.asarray(x) for x in (p.ids, p.mask, p.segments, p.seg_pos))
+        assert mask.sum() == lengths.sum() + 9 * 3  # every real token and every cue, once
+        for e in range(9):
+            sel = seg == np.asarray(jnp.argsort(-jnp.asarray(lengths), stable=True)).tolist().index(e)
+            want = np.asarray(b.input_ids[e])[-lengths[e] :].tolist() + [12, 13, 14]
+            assert ids[sel].tolist() == want and pos[sel].tolist() == list(range(lengths[e] + 3))
+            r, c = divmod(int(p.ends[e]), ids.shape[1])
+            assert ids[r, c] == 14 and seg[r, c] >= 0 and pos[r, c] == lengths[e] + 2
+    wide = dec.packing_for(b.attention_mask, cue_len=3, key_cost=1e6)
+    assert wide[:2] == (1, lengths.sum() + 27)  # keys nearly free: one row, no waste
+    with pytest.raises(ValueError, match="made for a cue of 3 token.*the spec's cue has 2"):
+        dec.pack_texts(b, _spec(cue=(12, 13)), wide)
 
 
-def _check_plan(plan, widths, t, tc):
-    real = plan.src[plan.src < len(widths) * t]
-    assert len(real) == sum(widths) and len(set(real.tolist())) == len(real)
-    for j, w in enumerate(widths):
-        r, col = divmod(int(plan.ends[j]), plan.width)
-        assert plan.segments[r, col] == j
-        assert plan.src[r, col] == len(widths) * t + tc - 1  # the cue's last token ends every slot
-        assert (plan.segments == j).sum() == w + tc
-
-
-def test_slot_widths_hold_for_sampled_clients_and_pooled_data():
+def test_packing_holds_for_sampled_clients_and_a_pooled_batch():
     batch = _batch(3, 6, 5, 16)
-    lengths = np.asarray(batch.attention_mask).sum(-1)
+    rows, width, _ = batch.packing
+    lengths = dec.example_lengths(batch.attention_mask, batch.example_mask)
     for subset in ([0], [2, 5], [1, 3, 4]):
-        sorted_len = -np.sort(-lengths[subset], axis=-1)
-        assert np.all(sorted_len <= np.asarray(batch.widths)[None])
-    flat = objective.flatten_clients(jax.tree_util.tree_map(jnp.asarray, batch))
-    assert len(flat.widths) == 30
-    assert np.all(-np.sort(-lengths.reshape(-1)) <= np.asarray(flat.widths))
-    fed, _ = federated_batches(_client(batch, 0), [np.arange(3), np.arange(3, 5)])
-    assert fed.widths == dec.slot_widths(fed.attention_mask)
+        assert dec._row_loads(lengths[subset], 2, rows).max() <= width
+    params = dec.init_params(CFG, jax.random.key(0))
+    sc = objective.scorer_for("decoder", CFG, "before", n_prompt_tokens=2)
+    jb = jax.tree_util.tree_map(jnp.asarray, batch)
+    prompt = 0.1 * jax.random.normal(jax.random.key(1), (2, CFG.hidden_size))
+    pooled = sc.logits(params, objective.prepare_pooled(sc, params, jb, _spec()), _spec(), prompt)
+    flat = objective.flatten_clients(jb)
+    assert flat.packing is None
+    plain = objective.scorer_for("decoder", CFG, "before", n_prompt_tokens=2, cache="none")
+    want = plain.logits(params, flat, _spec(), prompt)
+    real = np.asarray(flat.example_mask) > 0
+    np.testing.assert_allclose(np.asarray(pooled)[real], np.asarray(want)[real], atol=2e-5, rtol=0)
+    chunks = objective.chunk_examples(_client(batch, 1), 2, by_length=True, cue_len=2)
+    assert chunks.packing[2] == 2 and chunks.input_ids.shape[:2] == (3, 2)
 
 
 def test_cost_model_counts_the_prompt_pass_once_per_candidate():
     sc = objective.scorer_for("decoder", CFG, "before", n_prompt_tokens=10)
-    c = sc.cost(24, 3, 2, (24, 12, 6, 3), 4)
+    c = sc.cost(24, 3, 2, (2, 30, 3), 4, 4)
     assert c.per_prompt == dec.flops_per_example(CFG, 10, 14, 0)
     assert c.call(4) == 4 * c.forward + c.per_prompt
-    assert sc.cost(24, 3, 2, (24, 12, 6, 3)).forward < sc.cost(24, 3, 2).forward  # packed < padded
+    assert c.forward < sc.cost(24, 3, 2, None, 4, 4).forward  # 2 rows of 30 < 4 rows of 27
     assert dec.prompt_cache_bytes(CFG, 10, 4) == 14 * 3 * 2 * 2 * 8 * 4
 
 

@@ -244,3 +244,35 @@ def test_chat_template_without_jinja_warns_and_falls_back():
     with pytest.warns(UserWarning, match="jinja2"):
         r = tasks.render_decoder_template("sst2", tok, "chat")
     assert r.head == "<|im_start|>user\n"
+
+
+def test_reference_template_puts_an_instruction_before_the_prompt(dec_tok):
+    """The "reference" style mirrors the FedBPT authors' Llama layout: SST-2's instruction is the lead (before
+    the soft prompt, in the spec), then " . {text}" (the text part) and the cue " ."."""
+    import numpy as np
+
+    from fedbpt_jax import data
+
+    for name in tasks.TASK_NAMES:
+        assert "reference" in tasks.get(name).styles
+    ref = tasks.get("sst2").decoder_template("reference")
+    assert (ref.lead, ref.text, ref.cue) == ("What is the sentiment of this sentence:", " . {text}", " .")
+    yelp = tasks.get("yelp_polarity").decoder_template("reference")
+    assert (yelp.lead, yelp.cue) == ("", " . It is")
+    spec = data.scoring_spec("sst2", dec_tok, "decoder", style="reference")
+    want = dec_tok("What is the sentiment of this sentence:", add_special_tokens=False)["input_ids"]
+    assert np.asarray(spec.lead_ids).tolist() == want
+    assert data.scoring_spec("sst2", dec_tok, "decoder").lead_ids is None  # other templates: no lead
+    ex = data.Examples("sst2", ["a fine film"], np.asarray([1]))
+    batch = data.encode_decoder("sst2", ex, dec_tok, style="reference", n_prompt=5)
+    ids = batch.input_ids[0][batch.attention_mask[0] > 0].tolist()
+    assert dec_tok.decode(ids) == " . a fine film"
+    # the lead, the prompt and the cue must leave room for the text in the context
+    with pytest.raises(
+        ValueError, match=r"the lead \(\d+ tokens\) \+ prompt \(60\) \+ cue \(\d+\).*accepted: n_prompt"
+    ):
+        data.encode_decoder("sst2", ex, dec_tok, style="reference", n_prompt=60, max_positions=64)
+    with pytest.raises(ValueError, match="a lead .* is a string, for the completion, bbt and reference styles"):
+        tasks.DecoderTemplate("chat", "{text}", "", ("a", "b"), lead="Say:")
+    with pytest.raises(ValueError, match="has no text slot"):
+        tasks.DecoderTemplate("reference", "no slot here", " .", ("a", "b"))

@@ -17,14 +17,6 @@ from .sources import pool_and_test
 from .tokenization import scoring_spec, tokenize
 
 
-def slot_widths(attention_mask) -> tuple[int, ...]:
-    """The examples' length profile (:attr:`TokenBatch.widths`; see
-    :func:`fedbpt_jax.models.decoder.slot_widths`)."""
-    from ..models.decoder import slot_widths as widths
-
-    return widths(attention_mask)
-
-
 def federated_batches(batch: TokenBatch, parts, pad_to: int | None = None) -> tuple[TokenBatch, np.ndarray]:
     """Gathers each client's examples into ``[N, E, T]`` arrays (``E`` = the largest client or
     ``pad_to``); missing rows have ``example_mask`` 0.
@@ -70,7 +62,7 @@ def federated_batches(batch: TokenBatch, parts, pad_to: int | None = None) -> tu
         labels=np.asarray(batch.labels)[gather],
         example_mask=(np.asarray(batch.example_mask)[gather] * valid).astype(np.float32),
     )
-    return out.replace(widths=slot_widths(out.attention_mask)), counts
+    return out, counts
 
 
 class FederatedSplits(NamedTuple):
@@ -151,4 +143,8 @@ def federated(
         )
     fed, counts = federated_batches(tr_batch, part, pad_to)
     spec = scoring_spec(task, tokenizer, kind, n_prompt=n_prompt, style=style, first_token=first_token)
+    if kind == DECODER:  # what layout "before" packs the clients' texts into (real tokens only)
+        from ..models.decoder import packing_for
+
+        fed = fed.replace(packing=packing_for(fed.attention_mask, fed.example_mask, cue_len=len(spec.cue_ids)))
     return FederatedSplits(fed, counts, dv_batch, te_batch, spec, part)

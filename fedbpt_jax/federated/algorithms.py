@@ -592,7 +592,7 @@ def centralized_bbt(
 
     def round_fn(key, state: CentralState, data: FederatedData, hp: HParams, model: ModelInputs):
         flat = objective.flatten_clients(data.train)
-        ctx = scorer.prepare(model.params, flat, data.spec)
+        ctx = objective.prepare_pooled(scorer, model.params, data.train, data.spec)
 
         def score(z):
             prompts = prompt.to_prompt(model.projection, z, hidden, model.start)

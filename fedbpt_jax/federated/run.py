@@ -384,12 +384,17 @@ def _mesh_context(mesh):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
-def _costs(scorer, data_spec, seq_len: int, widths=None) -> objective.ScoreCost:
-    """The scorer's cost model for a batch of padded text length ``seq_len`` (slot profile ``widths``) and
-    this task's spec."""
+def _costs(scorer, data_spec, seq_len: int, packing=None, examples: int | None = None) -> objective.ScoreCost:
+    """The scorer's cost model for a batch of ``examples`` examples of padded text length ``seq_len``
+    (packed as ``packing``, :attr:`TokenBatch.packing`) and this task's spec."""
     lead = 0 if getattr(data_spec, "lead_ids", None) is None else int(np.shape(data_spec.lead_ids)[0])
     return scorer.cost(
-        int(seq_len), int(np.shape(data_spec.cue_ids)[0]), int(np.shape(data_spec.label_ids)[0]), widths, lead
+        int(seq_len),
+        int(np.shape(data_spec.cue_ids)[0]),
+        int(np.shape(data_spec.label_ids)[0]),
+        packing,
+        lead,
+        examples,
     )
 
 
@@ -403,11 +408,11 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
     """
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     n, e, t = np.shape(data.train.input_ids)
-    widths = data.train.widths
-    if algo.cost.pooled and widths is not None:
-        widths = tuple(sorted(widths * n, reverse=True))
-    cost = _costs(scorer, data.spec, t, widths)
     examples = n * e if algo.cost.pooled else e
+    packing = data.train.packing
+    if algo.cost.pooled and packing is not None:  # each client's rows, stacked (objective.prepare_pooled)
+        packing = (n * packing[0], *packing[1:])
+    cost = _costs(scorer, data.spec, t, packing, examples)
     prefix = algo.cost.prefix_passes
     if data.clean_context is not None and algo.uses_clean_context and prefix:
         prefix -= 1  # the clean prefix cache is kept across rounds
@@ -448,7 +453,7 @@ def _keep_clean_context(algo, scorer, lm, data: FederatedData, keep: bool | None
 def _eval_flops(scorer, chunks: TokenBatch, spec, prefix_cached: bool = False) -> float:
     """FLOPs of one evaluation of the chunked examples ``[C, S, T]`` (without the prefix pass when cached)."""
     c, b, t = np.shape(chunks.input_ids)
-    cost = _costs(scorer, spec, t)
+    cost = _costs(scorer, spec, t, chunks.packing, b)
     return c * (b * (cost.forward + (0.0 if prefix_cached else cost.prepare)) + cost.per_prompt)
 
 
@@ -859,8 +864,11 @@ def run(
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     keep_ctx = _keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
     by_length = scorer.cache == "prompt"  # computes each example to its slot's width: chunks by length
-    chunks = objective.chunk_examples(test, eval_chunk, by_length=by_length)
-    dev_chunks = None if dev is None else objective.chunk_examples(dev, eval_chunk, by_length=by_length)
+    cue_len = int(np.shape(data.spec.cue_ids)[0])
+    chunks = objective.chunk_examples(test, eval_chunk, by_length=by_length, cue_len=cue_len)
+    dev_chunks = (
+        None if dev is None else objective.chunk_examples(dev, eval_chunk, by_length=by_length, cue_len=cue_len)
+    )
     carry = initial_carry(algo, key_init, hp, lm.hidden_size)
     token_norm = jnp.asarray(median_token_norm(lm), jnp.float32)
     data = _place_data(data, mesh)

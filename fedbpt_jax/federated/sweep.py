@@ -543,12 +543,13 @@ def sweep(
     scorer = run_mod._algo_scorer(algo, lm.kind, lm.config)
     keep = run_mod._keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
     by_length = scorer.cache == "prompt"  # as run() chunks them
-    chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(test, eval_chunk, by_length=by_length))
-    dev_chunks = (
-        None
-        if dev is None
-        else jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(dev, eval_chunk, by_length=by_length))
-    )
+
+    def chunked(batch):
+        kw = dict(by_length=by_length, cue_len=int(np.shape(data.spec.cue_ids)[0]))
+        return jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, eval_chunk, **kw))
+
+    chunks = chunked(test)
+    dev_chunks = None if dev is None else chunked(dev)
     data = run_mod._clean_context(data, keep, scorer, model, algo.config, None)
     cache = run_mod._caches_eval_prefix(
         scorer, lm.params, chunks, dev_chunks, data.spec, cache_eval_prefix, eval_cache_budget

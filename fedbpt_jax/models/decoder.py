@@ -698,63 +698,25 @@ def prompt_kv(
 # ----------------------------------------------------------------------------------------------
 # Layout "before", fast: texts packed by length, one prompt cache per candidate
 # ----------------------------------------------------------------------------------------------
-def slot_widths(attention_mask, multiple: int = 1) -> tuple[int, ...]:
-    """The length profile of left-padded examples ``[..., E, T]`` (numpy; host side).
-
-    Sort each group's ``E`` examples by real length, longest first; ``widths[j]`` is the largest
-    ``j``-th length over all groups (leading axes), rounded up to ``multiple`` and capped at ``T``. Any
-    subset of the groups (sampled clients), and any perturbed copy (same lengths), keeps the profile.
-    """
-    mask = np.asarray(attention_mask)
-    t = mask.shape[-1]
-    lengths = mask.reshape(-1, mask.shape[-2], t).sum(-1)  # [G, E]
-    order = -np.sort(-lengths, axis=-1)
-    widths = order.max(axis=0) if order.shape[0] else np.zeros(mask.shape[-2], np.int64)
-    widths = np.minimum(-(-np.maximum(widths, 1) // multiple) * multiple, t)
-    return tuple(int(w) for w in widths)
+def example_lengths(attention_mask, example_mask=None) -> np.ndarray:
+    """Real tokens per example ``[..., E]`` (numpy; host side); 0 for an example whose ``example_mask`` is 0
+    (a padding row, never scored: the packed layout does not compute it)."""
+    lengths = np.asarray(attention_mask).sum(-1)
+    if example_mask is not None:
+        lengths = np.where(np.asarray(example_mask) > 0, lengths, 0)
+    return lengths.astype(np.int64)
 
 
-@dataclasses.dataclass(frozen=True)
-class PackingPlan:
-    """Where each length-sorted example slot goes when ``E`` texts (each followed by the cue) are packed
-    into ``rows`` rows of ``width`` positions (first-fit decreasing; static, built from the slot widths).
-
-    Attributes:
-      widths: text positions slot ``j`` keeps (the last ``widths[j]`` of its left-padded ``T``).
-      seq_len, cue_len: ``T`` and ``Tc``.
-      rows, width: the packed shape ``[R, W]`` (``W`` = the longest slot plus the cue).
-      src: ``[R, W]`` index into ``concat(sorted_ids.ravel(), cue_ids, [pad])`` (``E·T + Tc``: a pad).
-      segments: ``[R, W]`` the slot each position belongs to (``-1``: unused).
-      seg_start: ``[R, W]`` the column where that position's segment starts.
-      ends: ``[E]`` flat index ``r·W + c`` of each slot's last position (its cue's last token).
-    """
-
-    widths: tuple[int, ...]
-    seq_len: int
-    cue_len: int
-    rows: int
-    width: int
-    src: np.ndarray
-    segments: np.ndarray
-    seg_start: np.ndarray
-    ends: np.ndarray
-
-    @property
-    def tokens(self) -> int:
-        """Positions computed per copy of the examples (``rows · width``)."""
-        return self.rows * self.width
-
-
-def _first_fit(sizes: tuple[int, ...], width: int) -> tuple[list[int], list[tuple[int, int]]]:
-    loads: list[int] = []
-    place = []
-    for size in sizes:  # first fit, in decreasing order
-        r = next((i for i, load in enumerate(loads) if load + size <= width), len(loads))
-        if r == len(loads):
-            loads.append(0)
-        place.append((r, loads[r]))
-        loads[r] += size
-    return loads, place
+def _row_loads(lengths: np.ndarray, cue_len: int, rows: int) -> np.ndarray:
+    """``[G, rows]`` positions each row takes when a group's examples, sorted by length (longest first,
+    stably), are dealt round-robin to ``rows`` rows, each real example with its cue (as :func:`pack_texts`)."""
+    g, e = lengths.shape
+    order = np.argsort(-lengths, axis=-1, kind="stable")
+    sizes = np.take_along_axis(lengths, order, axis=-1)
+    sizes = np.where(sizes > 0, sizes + cue_len, 0)
+    pad = -e % rows
+    sizes = np.concatenate([sizes, np.zeros((g, pad), sizes.dtype)], axis=-1)
+    return sizes.reshape(g, -1, rows).sum(axis=1)
 
 
 def key_cost_ratio(config: DecoderConfig) -> float:
@@ -764,53 +726,41 @@ def key_cost_ratio(config: DecoderConfig) -> float:
     return 2 * (matmul_params_per_token(c) // c.num_layers) / (4 * c.num_heads * c.head_dim)
 
 
-@functools.lru_cache(maxsize=256)
-def packing_plan(widths: tuple[int, ...], seq_len: int, cue_len: int, key_cost: float = 2048.0) -> PackingPlan:
-    """The :class:`PackingPlan` of slots ``widths`` (non-increasing), left-padded length ``seq_len``, cue ``cue_len``.
+def packing_for(
+    attention_mask, example_mask=None, *, cue_len: int, key_cost: float = 2048.0, past: int = 0
+) -> tuple[int, int, int]:
+    """The static packing ``(rows, width, cue_len)`` of left-padded examples ``[..., E, T]`` (numpy; host
+    side): :attr:`TokenBatch.packing`.
 
-    The row width is chosen from the longest slot up to four times it, for the least estimated work
-    ``rows · W · (1 + W / key_cost)`` (positions computed, each scoring the row's ``W`` keys;
-    :func:`key_cost_ratio`); ties go to the narrower row.
+    Every group (the leading axes: clients, chunks) sorts its real examples by length and deals them
+    round-robin to ``rows`` rows, each example followed by its cue; ``width`` is the longest row over all
+    groups, so any subset of the groups (sampled clients) and any perturbed copy fits it. ``rows`` is chosen
+    for the least estimated work ``rows · W · (1 + (W + past) / key_cost)`` (:func:`key_cost_ratio`).
     """
-    e, t, tc = len(widths), int(seq_len), int(cue_len)
-    if not widths or any(w > t or w < 1 for w in widths) or list(widths) != sorted(widths, reverse=True):
-        raise ValueError(f"slot widths must be non-increasing, in [1, {t}]; got {widths}")
-    sizes = tuple(w + tc for w in widths)
+    lengths = example_lengths(attention_mask, example_mask)
+    e = lengths.shape[-1]
+    lengths = lengths.reshape(-1, e)
     best = None
-    for width in range(sizes[0], min(sum(sizes), 4 * sizes[0]) + 1):
-        loads, place = _first_fit(sizes, width)
-        work = len(loads) * width * (1.0 + width / float(key_cost))
+    for rows in range(1, e + 1):
+        width = max(int(_row_loads(lengths, int(cue_len), rows).max()) if lengths.size else 1, 1)
+        work = rows * width * (1.0 + (width + past) / float(key_cost))
         if best is None or work < best[0]:
-            best = (work, width, loads, place)
-    _, width, loads, place = best
-    rows = len(loads)
-    pad = e * t + tc
-    src = np.full((rows, width), pad, np.int32)
-    segments = np.full((rows, width), -1, np.int32)
-    seg_start = np.zeros((rows, width), np.int32)
-    ends = np.zeros((e,), np.int32)
-    for j, (w, (r, o)) in enumerate(zip(widths, place)):
-        src[r, o : o + w] = j * t + (t - w) + np.arange(w)
-        src[r, o + w : o + w + tc] = e * t + np.arange(tc)
-        segments[r, o : o + w + tc] = j
-        seg_start[r, o : o + w + tc] = o
-        ends[j] = r * width + o + w + tc - 1
-    for r in range(rows):  # unused tail: its own segment start (no real keys)
-        seg_start[r, loads[r] :] = loads[r]
-    return PackingPlan(tuple(widths), t, tc, rows, width, src, segments, seg_start, ends)
+            best = (work, rows, width)
+    return best[1], best[2], int(cue_len)
 
 
 @flax.struct.dataclass
 class PackedText:
-    """The prepared context of layout "before" (prompt-independent): a client's texts sorted by length and
-    packed into rows, each text followed by its own copy of the cue.
+    """The prepared context of layout "before" (prompt-independent): a client's real examples sorted by
+    length and packed into rows, each text followed by its own copy of the cue.
 
     Attributes:
       ids: ``[R, W]`` int32 token ids (pad where ``mask`` is 0).
       mask: ``[R, W]`` int32, 1 for real text and cue tokens.
-      seg_pos: ``[R, W]`` int32 position within its example (text and cue), counted over real tokens.
-      segments: ``[R, W]`` int32 slot of each position (``-1`` unused).
-      ends: ``[E]`` int32 flat index of each example's last position, in the batch's own example order.
+      seg_pos: ``[R, W]`` int32 position within its example (text, then cue).
+      segments: ``[R, W]`` int32 the example each position belongs to (``-1``: unused).
+      ends: ``[E]`` int32 flat index ``r·W + c`` of each example's last position (its cue's last token), in
+        the batch's own example order (0 for an example that is not computed: ``example_mask`` 0).
     """
 
     ids: jax.Array
@@ -820,36 +770,58 @@ class PackedText:
     ends: jax.Array
 
 
-def pack_texts(
-    batch: TokenBatch, spec: ScoringSpec, widths: tuple[int, ...] | None = None, key_cost: float = 2048.0
-) -> PackedText:
-    """Sorts one batch's examples ``[E, T]`` by real length and packs them by :func:`packing_plan`.
+def pack_texts(batch: TokenBatch, spec: ScoringSpec, packing: tuple[int, int] | None = None) -> PackedText:
+    """Packs one batch's examples ``[E, T]`` (left-padded) into ``[R, W]`` rows of real tokens (jittable).
 
-    ``widths``: the batch's slot profile (:func:`slot_widths`; ``batch.widths`` by default); without one
-    every slot keeps the whole ``T`` (no trimming; still one prompt pass per candidate). ``key_cost``:
-    :func:`key_cost_ratio` of the model.
+    The examples are sorted by real length, longest first (an example with ``example_mask`` 0 counts as
+    empty and is left out), and dealt round-robin to the ``R`` rows; in its row each takes its real tokens
+    then the cue, one after the other. ``packing``: ``(R, W, Tc)``, by default ``batch.packing``
+    (:func:`packing_for`); without one each example gets a row of ``T + Tc`` (no trimming; the prompt is
+    still computed once per candidate).
+
+    Raises:
+      ValueError: the packing was made for another cue length than ``spec``'s (its rows could be too short).
     """
     ids = jnp.asarray(batch.input_ids, jnp.int32)
     mask = jnp.asarray(batch.attention_mask, jnp.int32)
     e, t = ids.shape
-    widths = widths if widths is not None else getattr(batch, "widths", None)
-    if widths is None or len(widths) != e:
-        widths = (t,) * e
     cue = jnp.asarray(spec.cue_ids, jnp.int32)
-    plan = packing_plan(tuple(int(w) for w in widths), t, cue.shape[0], float(key_cost))
-    perm = jnp.argsort(-jnp.sum(mask, axis=-1), stable=True)  # longest first
-    flat_ids = jnp.concatenate([ids[perm].reshape(-1), cue, jnp.zeros((1,), jnp.int32)])
-    flat_mask = jnp.concatenate([mask[perm].reshape(-1), jnp.ones_like(cue), jnp.zeros((1,), jnp.int32)])
-    p_ids, p_mask = flat_ids[plan.src], flat_mask[plan.src]
-    before = jnp.concatenate([jnp.zeros((plan.rows, 1), jnp.int32), jnp.cumsum(p_mask, axis=-1)], axis=1)
-    seg_pos = jnp.maximum(before[:, 1:] - jnp.take_along_axis(before, jnp.asarray(plan.seg_start), axis=1) - 1, 0)
-    inverse = jnp.argsort(perm)
+    tc = cue.shape[0]
+    packing = packing if packing is not None else getattr(batch, "packing", None)
+    if packing is not None and int(packing[2]) != tc:
+        raise ValueError(
+            f"the batch's packing {tuple(packing)} was made for a cue of {packing[2]} token(s), the spec's cue has "
+            f"{tc}; accepted: a packing from packing_for(..., cue_len={tc}), or none (batch.replace(packing=None))"
+        )
+    rows, width = (int(packing[0]), int(packing[1])) if packing is not None else (e, t + tc)
+    lengths = jnp.sum(mask, axis=-1) * (jnp.asarray(batch.example_mask) > 0).astype(jnp.int32)
+    perm = jnp.argsort(-lengths, stable=True)  # rank j holds example perm[j]
+    ls = lengths[perm]
+    sizes = jnp.where(ls > 0, ls + tc, 0)
+    pad = -e % rows
+    grid = jnp.concatenate([sizes, jnp.zeros((pad,), sizes.dtype)]).reshape(-1, rows)  # [k, r]: rank k·R + r
+    offsets = (jnp.cumsum(grid, axis=0) - grid).reshape(-1)[:e]  # where rank j starts in its row
+    row_of = jnp.arange(e) % rows
+    # Each position's rank: mark every example's first position, then carry the mark along the row.
+    marks = jnp.zeros((rows, width + 1), jnp.int32)
+    marks = marks.at[row_of, jnp.where(sizes > 0, offsets, width)].max(jnp.arange(e, dtype=jnp.int32) + 1)
+    rank = jax.lax.cummax(marks[:, :width], axis=1) - 1  # [R, W]; -1 before the first example
+    r_safe = jnp.maximum(rank, 0)
+    local = jnp.arange(width)[None, :] - offsets[r_safe]
+    valid = (rank >= 0) & (local < sizes[r_safe])
+    in_text = local < ls[r_safe]
+    src = perm[r_safe]
+    text_col = jnp.clip(t - ls[r_safe] + local, 0, t - 1)
+    cue_col = jnp.clip(local - ls[r_safe], 0, max(tc - 1, 0))
+    tok = jnp.where(in_text, ids[src, text_col], cue[cue_col] if tc else 0)
+    ends_sorted = row_of * width + offsets + sizes - 1
+    ends = jnp.zeros((e,), jnp.int32).at[perm].set(jnp.where(sizes > 0, ends_sorted, 0).astype(jnp.int32))
     return PackedText(
-        ids=p_ids,
-        mask=p_mask,
-        seg_pos=seg_pos.astype(jnp.int32),
-        segments=jnp.asarray(plan.segments),
-        ends=jnp.asarray(plan.ends)[inverse],
+        ids=jnp.where(valid, tok, 0).astype(jnp.int32),
+        mask=valid.astype(jnp.int32),
+        seg_pos=jnp.where(valid, local, 0).astype(jnp.int32),
+        segments=jnp.where(valid, rank, -1).astype(jnp.int32),
+        ends=ends,
     )
 
 
@@ -1100,9 +1072,9 @@ __all__ = [
     "prefix_cache",
     "lead_ids",
     "prompt_kv",
-    "slot_widths",
-    "PackingPlan",
-    "packing_plan",
+    "example_lengths",
+    "packing_for",
+    "key_cost_ratio",
     "PackedText",
     "pack_texts",
     "label_logits_packed",
