@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from fedbpt_jax import objective, testing
-from fedbpt_jax.data.batches import federated_batches
 from fedbpt_jax.models import decoder as dec
 from fedbpt_jax.types import ScoringSpec, TokenBatch
 

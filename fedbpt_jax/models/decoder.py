@@ -37,7 +37,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from pathlib import Path
