@@ -252,6 +252,8 @@ def main(argv=None) -> int:
                 if variant not in VARIANTS:
                     raise SystemExit(f"unknown variant {variant!r}; accepted: {VARIANTS}")
                 rows.append(run_item(lm, task, n, variant, args))
+                if args.json:  # after every item: a long run that stops keeps what it measured
+                    common.write_json(args.json, {"machine": info, "args": vars(args), "rows": rows})
     by = {(r["task"], r["n_prompt"], r["variant"]): r for r in rows}
     for r in rows:
         base = by.get((r["task"], r["n_prompt"], "after"))

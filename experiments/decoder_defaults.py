@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedbpt_jax import objective, prompt
+from fedbpt_jax.machine import cpu_flags, cpu_model
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "decoder_defaults"
@@ -75,7 +76,7 @@ def zero_shot(lm, examples, task: str, chunk: int) -> list[dict]:
             max_positions=getattr(lm.config, "max_position_embeddings", None),
         )
         for layout in LAYOUTS:
-            chunks = objective.chunk_examples(batch, chunk, by_length=layout == "before")
+            chunks = objective.chunk_examples(batch, chunk, by_length=layout == "before", cue_len=len(spec.cue_ids))
             chunks = jax.tree_util.tree_map(jnp.asarray, chunks)
             labels = np.asarray(chunks.labels).reshape(-1)
             mask = np.asarray(chunks.example_mask).reshape(-1) > 0
@@ -147,7 +148,7 @@ def cmd_zero_shot(args) -> int:
         "what": what,
         "share_positive_labels": float(np.mean(examples.labels == 1)),
         "seconds": time.perf_counter() - t0,
-        "machine": {"cpu": fb.machine.cpu_model(), "cpu_flags": fb.machine.cpu_flags()},
+        "machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags()},
         "jax": jax.__version__,
     }
     fb.checkpoint.write_json_atomic(str(out / "zero_shot.json"), {"meta": meta, "rows": rows})

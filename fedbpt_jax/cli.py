@@ -134,9 +134,15 @@ def _check_args(args) -> None:
         args.layout is None or args.layout in ("after", "before", "add", "cat"),
         f"--layout {args.layout!r}: accepted: 'after' or 'before' (decoders), 'add' or 'cat' (encoders)",
     )
+    cache, layout = getattr(args, "scorer_cache", "auto"), args.layout or "before"
     need(
-        args.style is None or args.style in ("completion", "chat", "bbt"),
-        f"--style {args.style!r}: accepted: 'completion', 'chat' or 'bbt' (decoders)",
+        cache in ("auto", "none") or (cache, layout) in (("prompt", "before"), ("prefix", "after")),
+        f"--scorer-cache {cache!r} cannot apply to --layout {layout!r}: accepted 'auto' or 'none', or the "
+        f"layout's own cache ({'prompt' if layout == 'before' else 'prefix' if layout == 'after' else 'none'})",
+    )
+    need(
+        args.style is None or args.style in ("completion", "chat", "bbt", "reference"),
+        f"--style {args.style!r}: accepted: 'completion', 'chat', 'bbt' or 'reference' (decoders)",
     )
     need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
     if args.command in ("simulate", "sweep"):
