@@ -421,7 +421,7 @@ def test_manual_prompt_equals_scoring_the_start_prompt():
         eval_chunk=16,
         progress=False,
     )
-    scorer = objective.make_scorer(lm, None, n_prompt_tokens=2)
+    scorer = objective.make_scorer(lm, _cfg_b().layout, n_prompt_tokens=2)
     chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(fs.test_set(), 16))
     logits = objective.evaluate_logits(scorer, lm.params, chunks, fs.spec(), jnp.zeros((2, lm.hidden_size)))
     want = objective.classification_metrics(logits, chunks.labels, chunks.example_mask)
