@@ -76,16 +76,15 @@ def zero_shot(lm, examples, task: str, chunk: int) -> list[dict]:
             max_positions=getattr(lm.config, "max_position_embeddings", None),
         )
         for layout in LAYOUTS:
-            chunks = objective.chunk_examples(batch, chunk, by_length=layout == "before", cue_len=len(spec.cue_ids))
-            chunks = jax.tree_util.tree_map(jnp.asarray, chunks)
-            labels = np.asarray(chunks.labels).reshape(-1)
-            mask = np.asarray(chunks.example_mask).reshape(-1) > 0
             for label, option in STARTS:
                 n = 0 if option is None else prompt.start_length(option, lm.tokenizer)
                 start = None
                 if option is not None:
                     start = prompt.start_prompt(prompt.build_start(lm, option, n, layout), n, lm.hidden_size)
                 scorer = objective.make_scorer(lm, layout, n_prompt_tokens=n)
+                chunks = jax.tree_util.tree_map(jnp.asarray, objective.eval_chunks(scorer, batch, chunk, spec))
+                labels = np.asarray(chunks.labels).reshape(-1)
+                mask = np.asarray(chunks.example_mask).reshape(-1) > 0
                 t0 = time.perf_counter()
                 logits = jax.jit(objective.evaluate_logits, static_argnums=0)(scorer, lm.params, chunks, spec, start)
                 logits = np.asarray(logits).reshape(-1, logits.shape[-1])[mask]
@@ -198,11 +197,10 @@ def cmd_fedbpt(args) -> int:
                 subprocess.run(cmd, check=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
                 (d / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
             m = json.loads(metrics.read_text())
-            evals = m["history"]["evals"] if "history" in m else m["evals"]
+            evals = m["evals"]
             dev = [e["dev_accuracy"] for e in evals]
             best = int(np.argmax(dev))
-            rounds = m["history"]["rounds"] if "history" in m else m["rounds"]
-            secs = [r["seconds"] for r in rounds if "seconds" in r]
+            secs = [r["seconds"] for r in m["rounds"] if "seconds" in r]
             rows.append(
                 {
                     "setting": name,

@@ -308,10 +308,7 @@ class Evaluator:
         self, lm, scorer: Scorer, batch: TokenBatch, spec: ScoringSpec, *, chunk: int = 64, cache_budget: int = 2 << 30
     ):
         self.lm, self.scorer = lm, scorer
-        by_length, cue_len = scorer.cache == "prompt", int(np.shape(spec.cue_ids)[0])
-        chunks = jax.tree_util.tree_map(
-            jnp.asarray, objective.chunk_examples(batch, chunk, by_length=by_length, cue_len=cue_len)
-        )
+        chunks = jax.tree_util.tree_map(jnp.asarray, objective.eval_chunks(scorer, batch, chunk, spec))
         self.labels, self.example_mask = chunks.labels, chunks.example_mask
         self.spec = spec
         self.prepared = (

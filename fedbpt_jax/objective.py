@@ -502,7 +502,7 @@ def population_fitness(
 def chunk_examples(batch: TokenBatch, size: int, *, by_length: bool = False, cue_len: int = 0) -> TokenBatch:
     """Reshapes ``[B, T]`` examples into ``[ceil(B/size), size, T]`` chunks (padding rows masked out).
 
-    ``by_length`` (a scorer that computes each example to its slot's width: layout "before"): the examples
+    ``by_length`` (a scorer that computes real tokens only: layout "before" with the prompt cache): the examples
     are ordered by real length, longest first, and dealt round-robin, so every chunk holds the same spread of
     lengths, and the chunks carry their common packing (:attr:`TokenBatch.packing`, for a cue of ``cue_len``
     tokens): one compiled evaluation over all chunks computes close to the real tokens only. The order of examples changes, which
@@ -526,8 +526,9 @@ def chunk_examples(batch: TokenBatch, size: int, *, by_length: bool = False, cue
             a = a[order]
         if pad:
             a = np.concatenate([a, np.full((pad,) + a.shape[1:], fill, a.dtype)], axis=0)
-        a = a.reshape((chunks, size) + a.shape[1:])
-        return np.swapaxes(a.reshape((size, chunks) + a.shape[2:]), 0, 1) if order is not None else a
+        if order is not None:  # sorted example i -> chunk i % chunks, slot i // chunks
+            return np.swapaxes(a.reshape((size, chunks) + a.shape[1:]), 0, 1)
+        return a.reshape((chunks, size) + a.shape[1:])
 
     out = TokenBatch(
         input_ids=fix(batch.input_ids, 0),
@@ -541,6 +542,15 @@ def chunk_examples(batch: TokenBatch, size: int, *, by_length: bool = False, cue
 
         out = out.replace(packing=packing_for(out.attention_mask, out.example_mask, cue_len=cue_len))
     return out
+
+
+def eval_chunks(scorer: Scorer, batch: TokenBatch, size: int, spec: ScoringSpec) -> TokenBatch:
+    """:func:`chunk_examples` as ``scorer`` evaluates best: by length, packed for ``spec``'s cue, when it
+    computes real tokens only (layout "before" with the prompt cache); in order otherwise."""
+    import numpy as np
+
+    by_length = scorer.cache == "prompt"
+    return chunk_examples(batch, size, by_length=by_length, cue_len=int(np.shape(spec.cue_ids)[0]))
 
 
 def evaluate_logits(scorer: Scorer, params, chunks: TokenBatch, spec: ScoringSpec, prompt) -> jax.Array:

@@ -863,12 +863,8 @@ def run(
     )
     scorer = _algo_scorer(algo, lm.kind, lm.config)
     keep_ctx = _keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
-    by_length = scorer.cache == "prompt"  # computes each example to its slot's width: chunks by length
-    cue_len = int(np.shape(data.spec.cue_ids)[0])
-    chunks = objective.chunk_examples(test, eval_chunk, by_length=by_length, cue_len=cue_len)
-    dev_chunks = (
-        None if dev is None else objective.chunk_examples(dev, eval_chunk, by_length=by_length, cue_len=cue_len)
-    )
+    chunks = objective.eval_chunks(scorer, test, eval_chunk, data.spec)
+    dev_chunks = None if dev is None else objective.eval_chunks(scorer, dev, eval_chunk, data.spec)
     carry = initial_carry(algo, key_init, hp, lm.hidden_size)
     token_norm = jnp.asarray(median_token_norm(lm), jnp.float32)
     data = _place_data(data, mesh)

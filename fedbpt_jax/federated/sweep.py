@@ -542,11 +542,9 @@ def sweep(
 
     scorer = run_mod._algo_scorer(algo, lm.kind, lm.config)
     keep = run_mod._keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
-    by_length = scorer.cache == "prompt"  # as run() chunks them
 
-    def chunked(batch):
-        kw = dict(by_length=by_length, cue_len=int(np.shape(data.spec.cue_ids)[0]))
-        return jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(batch, eval_chunk, **kw))
+    def chunked(batch):  # as run() chunks them
+        return jax.tree_util.tree_map(jnp.asarray, objective.eval_chunks(scorer, batch, eval_chunk, data.spec))
 
     chunks = chunked(test)
     dev_chunks = None if dev is None else chunked(dev)
