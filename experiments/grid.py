@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
+from fedbpt_jax import stats as fstats
 from fedbpt_jax.machine import cpu_flags, cpu_model
 from fedbpt_jax.plots import FIGURES
 from fedbpt_jax.plots import comparison_plots as plots
@@ -640,6 +641,30 @@ def resolve_start(s: dict, lm):
     return start, n
 
 
+def declaration(grid_file: Path, pairs: list) -> dict:
+    """The comparisons a grid declares before its first run, with the commit that holds the grid file as it is
+    ("uncommitted" when it differs from that commit or is not tracked; None outside a repository)."""
+    import subprocess
+
+    rec = {"pairs": [list(p) for p in pairs], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    where = grid_file.resolve().parent
+    try:
+        last = subprocess.run(
+            ["git", "log", "-1", "--format=%H", "--", grid_file.name], cwd=where, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", grid_file.name], cwd=where, capture_output=True, text=True, timeout=10
+        )
+        if last.returncode != 0:
+            rec["grid_file_commit"] = None
+        else:
+            commit = last.stdout.strip()
+            rec["grid_file_commit"] = commit if commit and not dirty.stdout.strip() else "uncommitted"
+    except (OSError, subprocess.SubprocessError):
+        rec["grid_file_commit"] = None
+    return rec
+
+
 def _git_commit() -> str | None:
     """The commit this process started from (read once: later commits do not change the code it runs)."""
     global _COMMIT
@@ -897,17 +922,26 @@ def cmd_run(args) -> int:
     if not args.dry_run:
         from fedbpt_jax.checkpoint import write_json_atomic
 
-        write_json_atomic(
-            out / "grid.json",
-            {
-                "name": grid["name"],
-                "description": grid["description"],
-                "axes": [a for a, _ in grid["axes"]],
-                "pairs": grid["pairs"],
-                "source": Path(args.grid).name,
-                "base": grid["base"],
-            },
-        )
+        meta = {
+            "name": grid["name"],
+            "description": grid["description"],
+            "axes": [a for a, _ in grid["axes"]],
+            "pairs": grid["pairs"],
+            "source": Path(args.grid).name,
+            "base": grid["base"],
+        }
+        old = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else {}
+        if "declared" in old:  # the comparisons as they stood when the first run started: kept
+            meta["declared"] = old["declared"]
+        elif not any(out.glob("*/config.json")) and not any(out.glob("*/status.json")):
+            meta["declared"] = declaration(Path(args.grid), grid["pairs"])
+        write_json_atomic(out / "grid.json", meta)
+        if meta.get("declared", {}).get("grid_file_commit") in (None, "uncommitted"):
+            print(
+                f"note: the grid file {_portable(str(args.grid))} is not committed as it is: its comparisons count as "
+                "declared before the runs only from a committed file (grid.json's 'declared')",
+                flush=True,
+            )
     print(f"grid {grid['name']}: {len(runs)} runs, {len(selected)} selected, output {_portable(str(out))}", flush=True)
     ctx = CONTEXT
     _git_commit()
@@ -1015,39 +1049,12 @@ def _portable(text: str) -> str:
 
 
 def _paired(a: dict, b: dict) -> dict | None:
-    """Paired per-seed differences a − b over the seeds both have."""
-    import numpy as np
-
+    """Paired per-seed differences a − b over the seeds both have (:func:`fedbpt_jax.stats.paired`)."""
     seeds = sorted(set(a) & set(b), key=_seed_order)
     if not seeds:
         return None
-    diffs = np.asarray([a[s] - b[s] for s in seeds], float)
-    n = len(diffs)
-    out = {
-        "seeds": seeds,
-        "per_seed": diffs.tolist(),
-        "n": n,
-        "mean": float(diffs.mean()),
-        "std": None,
-        "se": None,
-        "detectable_2se": None,
-        "ci95_halfwidth": None,
-        "verdict": "n/a (one seed)",
-    }
-    if n > 1:
-        from scipy import stats
-
-        sd = float(diffs.std(ddof=1))
-        se = sd / math.sqrt(n)
-        half = float(stats.t.ppf(0.975, n - 1)) * se
-        out.update(std=sd, se=se, detectable_2se=2 * se, ci95_halfwidth=half)
-        if se == 0:
-            out["verdict"] = "identical" if out["mean"] == 0 else ("A > B" if out["mean"] > 0 else "A < B")
-        elif abs(out["mean"]) > half:
-            out["verdict"] = "A > B" if out["mean"] > 0 else "A < B"
-        else:
-            out["verdict"] = "inconclusive"
-    return out
+    diffs = [a[s] - b[s] for s in seeds]
+    return {"seeds": seeds, "per_seed": diffs, **fstats.paired(diffs)}
 
 
 def run_precision(cfg: dict) -> str:
@@ -1143,9 +1150,12 @@ def group_runs(runs: list[dict]) -> list[dict]:
     return out
 
 
-def pair_groups(groups: list[dict], wanted: list[list[str]]) -> list[dict]:
+def pair_groups(groups: list[dict], wanted: list[list[str]], declared: dict | None = None) -> list[dict]:
     """Pairs of groups that differ in exactly one axis label; ``wanted`` ([[a, b]] labels of that axis)
-    picks and orients them (all pairs, in declared order, when empty)."""
+    picks and orients them (all pairs, in declared order, when empty). ``declared`` maps a grid's name to the
+    pairs its first run recorded (``grid.json``'s ``declared``; None: not recorded): each pair says whether it
+    was declared before that grid's runs ("yes"), added later ("post hoc") or cannot tell ("not recorded")."""
+    declared = declared or {}
     pairs = []
     for i, ga in enumerate(groups):
         for gb in groups[i + 1 :]:
@@ -1171,6 +1181,8 @@ def pair_groups(groups: list[dict], wanted: list[list[str]]) -> list[dict]:
                 "axis": diff[0],
                 "context": rest,
                 "precision": " + ".join(sorted({a["precision"], b["precision"]})),
+                "grid": a["grid"],
+                "declared": _declared(declared.get(a["grid"]), la, lb),
                 "figures": {},
             }
             for fig in FIGURES:
@@ -1181,7 +1193,77 @@ def pair_groups(groups: list[dict], wanted: list[list[str]]) -> list[dict]:
     return pairs
 
 
-def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: str) -> str:
+def _declared(pairs: list | None, la: str, lb: str) -> str:
+    if pairs is None:
+        return "not recorded"
+    return "yes" if ([la, lb] in pairs or [lb, la] in pairs) else "post hoc"
+
+
+#: The figures whose paired tests form a report's family (z = 0 is the same prompt in every paired run).
+TESTED = ("final", "dev_selected", "best_on_test")
+
+
+def family(pairs: list[dict]) -> list[dict]:
+    """Every paired test of ``pairs`` that the report states (figures in :data:`TESTED`), as one list."""
+    return [d for p in pairs for fig, d in p["figures"].items() if fig in TESTED]
+
+
+def pooled(pairs: list[dict]) -> list[dict]:
+    """The same comparison (A and B labels) pooled over every grid and context that has it: one paired test
+    over all their seed pairs. Pairs that share a task and a seed share the few-shot draw, the projection and
+    the keys (``units`` counts the distinct (task, seed) draws): not independent."""
+    out: dict[tuple, dict] = {}
+    for p in pairs:
+        key = (p["a"], p["b"])
+        rec = out.setdefault(
+            key, {"a": p["a"], "b": p["b"], "contexts": [], "figures": {}, "precision": set(), "tasks_seeds": {}}
+        )
+        rec["contexts"].append(f"{p.get('grid')}: {p['context']}" if p["context"] else str(p.get("grid")))
+        rec["precision"].add(p["precision"])
+        for fig, d in p["figures"].items():
+            acc = rec["tasks_seeds"].setdefault(fig, [])
+            acc += [((p.get("task"), s), x) for s, x in zip(d["seeds"], d["per_seed"])]
+    result = []
+    for rec in out.values():
+        if len(rec["contexts"]) < 2:
+            continue
+        for fig, items in rec.pop("tasks_seeds").items():
+            diffs = [x for _, x in items]
+            d = {"seeds": [f"{t}:{s}" for (t, s), _ in items], "per_seed": diffs, **fstats.paired(diffs)}
+            d["units"] = len({u for u, _ in items})
+            rec["figures"][fig] = d
+        rec["precision"] = " + ".join(sorted(rec["precision"]))
+        result.append(rec)
+    return result
+
+
+def _pair_rows(pairs: list[dict], per_seed: bool = True) -> list[str]:
+    rows = []
+    for p in pairs:
+        for fig, d in p["figures"].items():
+            if fig not in TESTED:
+                continue
+            per = ", ".join(f"{100 * x:+.2f}" for x in d["per_seed"]) if per_seed else str(d.get("units", ""))
+            ms = f"{_pct(d['mean'], True)} ± {_pct(d['std'])}" if d["std"] is not None else _pct(d["mean"], True)
+            ci = (
+                f"{_pct(d['mean'] - d['ci95_halfwidth'], True)} to {_pct(d['mean'] + d['ci95_halfwidth'], True)}"
+                if d["ci95_halfwidth"] is not None
+                else "—"
+            )
+            pv = " | ".join(_p(d.get(k)) for k in ("p", "p_holm", "p_bh"))
+            decl = p.get("declared", "")
+            rows.append(
+                f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | {ci} | {pv} "
+                f"| {_pct(d['power80_effect'])} | {d['verdict']} |" + (f" {decl} |" if per_seed else "")
+            )
+    return rows
+
+
+def _p(p) -> str:
+    return "—" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: str, pools: list[dict] = ()) -> str:
     lines = [
         f"# {title}",
         "",
@@ -1206,29 +1288,41 @@ def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: st
             f"| {_cell(g['final'])} | {_cell(g['dev_selected'])} | {_cell(g['dev_at_selected'])} "
             f"| {_cell(g['best_on_test'])} |"
         )
+    stat_rule = (
+        "mean ± std of the differences; 95 % CI = the t-interval of the mean difference; p = two-sided paired "
+        "t-test; p Holm / p BH = adjusted over the family of every test in this table (Holm: family-wise error; "
+        "Benjamini-Hochberg: false discovery rate); 80 %-power effect = the true mean difference this test would "
+        "detect with probability 0.8 at the observed std (at n = 3 about 5.7 standard errors). Verdict: A > B or "
+        "A < B when the Holm-adjusted p < 0.05; 'unadjusted only' when only the raw p is; else inconclusive."
+    )
+    if pools:
+        lines += [
+            "",
+            "## Pooled over grids (the headline comparisons)",
+            "",
+            "Each comparison pooled over every grid and context that has it: one paired test over all their seed "
+            "pairs (units = distinct (task, seed) draws; pairs sharing one share the few-shot draw, projection and "
+            "keys, so they are not independent). " + stat_rule,
+            "",
+            "| A | B | figure | precision | n | units | mean ± std | 95 % CI | p | p Holm | p BH "
+            "| 80 %-power effect | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *_pair_rows(pools, per_seed=False),
+        ]
     if pairs:
         lines += [
             "",
             "## Paired per-seed differences (A − B, points of accuracy)",
             "",
-            "Per seed, A and B share data, partition, projection and round keys. mean ± std of the differences; "
-            "detectable = 2·std/√n (the rule: a smaller mean difference is within two standard errors of zero); "
-            "verdict from the 95 % t-interval of the mean difference (± t(0.975, n−1)·std/√n, wider than 2·SE "
-            "for small n: 4.30·SE at n = 3): A > B or A < B when it excludes 0, else inconclusive.",
+            "Per seed, A and B share data, partition, projection and round keys. " + stat_rule + " Declared = "
+            "whether the pair was in the grid file when its first run started (post hoc: added later; not recorded: "
+            "a grid run before declarations were recorded).",
             "",
-            "| A | B | figure | precision | n | per seed | mean ± std | detectable (2·SE) | 95 % CI ± | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| A | B | figure | precision | n | per seed | mean ± std | 95 % CI | p | p Holm | p BH "
+            "| 80 %-power effect | verdict | declared |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *_pair_rows(pairs),
         ]
-        for p in pairs:
-            for fig, d in p["figures"].items():
-                if fig == "initial":
-                    continue
-                per = ", ".join(f"{100 * x:+.2f}" for x in d["per_seed"])
-                ms = f"{_pct(d['mean'], True)} ± {_pct(d['std'])}" if d["std"] is not None else _pct(d["mean"], True)
-                lines.append(
-                    f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | "
-                    f"{_pct(d['detectable_2se'])} | {_pct(d['ci95_halfwidth'])} | {d['verdict']} |"
-                )
     if groups:
         rows = [
             (g["label"], {**r, "seed": r["settings"]["seed"]})
@@ -1254,29 +1348,42 @@ def cmd_report(args) -> int:
     done, other = collect(dirs)
     wanted = []
     names = []
+    declared = {}
     for d in dirs:
         if (d / "grid.json").exists():
             meta = json.loads((d / "grid.json").read_text())
             wanted += meta.get("pairs", [])
             names.append(meta["name"])
+            declared[meta["name"]] = meta.get("declared", {}).get("pairs")
     title = args.title or ("grid " + ", ".join(names or [d.name for d in dirs]))
     out = Path(args.out) if args.out else dirs[0] / "report"
     groups = group_runs(done)
-    pairs = pair_groups(groups, wanted)
+    pairs = pair_groups(groups, wanted, declared)
+    tasks = {g["grid"]: g["runs"][0]["settings"].get("task") for g in groups}
+    for p in pairs:
+        p["task"] = tasks.get(p["grid"])
+    fstats.adjust(family(pairs))
+    pools = pooled(pairs) if len(dirs) > 1 or len({p["context"] for p in pairs}) > 1 else []
+    fstats.adjust(family(pools))
     precisions = sorted({g["precision"] for g in groups})
     if precisions:
         title += f" ({', '.join(precisions)})"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(groups, pairs, other, title))
+    (out / "report.md").write_text(markdown(groups, pairs, other, title, pools))
     made = plots(groups, out, title) if groups else []
     summary = {
         "title": title,
         "figures": FIGURES,
         "rules": {
             "std": "sample std over seeds (ddof = 1)",
-            "detectable_2se": "2 * std(paired differences) / sqrt(n)",
-            "verdict": "A > B / A < B when the 95 % t-interval of the mean paired difference excludes 0, "
-            "else inconclusive",
+            "p": "two-sided paired t-test of mean(A - B) = 0 over seeds",
+            "p_holm": "Holm-adjusted over every test of the report's pairs table (figures final, dev_selected, "
+            "best_on_test); the pooled table is its own family",
+            "p_bh": "Benjamini-Hochberg-adjusted over the same family",
+            "power80_effect": "true mean difference detected with probability 0.8 (two-sided, alpha 0.05) at the "
+            "observed std",
+            "verdict": "A > B / A < B when p_holm < 0.05; '... unadjusted only' when only p < 0.05; else "
+            "inconclusive",
             "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
             "best_on_test": "reference-compatibility (optimistic): selected on the test set itself",
         },
@@ -1290,6 +1397,7 @@ def cmd_report(args) -> int:
             for g in groups
         ],
         "pairs": pairs,
+        "pooled": pools,
         "per_run": [per_run_record(g["label"], r["settings"]["seed"], r["dir"], r) for g in groups for r in g["runs"]],
         "incomplete": [{k: r.get(k) for k in ("dir", "state", "final_round", "error")} for r in other],
         "plots": [Path(p).name for p in made],

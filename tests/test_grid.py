@@ -208,18 +208,37 @@ def test_report_figures_from_either_metrics_layout():
     assert f["dev_selected_dev"] == 0.6
 
 
-def test_paired_differences_and_the_detectable_effect():
+def test_paired_differences_p_values_and_the_power_effect():
+    from scipy import stats as sst
+
+    from fedbpt_jax import stats
+
     a = {0: 0.80, 1: 0.82, 2: 0.84}
     b = {0: 0.78, 1: 0.81, 2: 0.80, 3: 0.5}  # seed 3 has no partner: left out
     p = grid._paired(a, b)
     assert p["seeds"] == [0, 1, 2] and p["per_seed"] == pytest.approx([0.02, 0.01, 0.04])
     sd = float(__import__("numpy").std([0.02, 0.01, 0.04], ddof=1))
-    assert p["std"] == pytest.approx(sd) and p["detectable_2se"] == pytest.approx(2 * sd / 3**0.5)
+    assert p["std"] == pytest.approx(sd) and p["se"] == pytest.approx(sd / 3**0.5)
     assert p["ci95_halfwidth"] == pytest.approx(4.302653 * sd / 3**0.5, rel=1e-5)
-    assert p["verdict"] == "inconclusive"  # mean 0.0233 < 4.30 · 0.0088, though > 2 · 0.0088
-    assert grid._paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.78, 1: 0.789, 2: 0.798})["verdict"] == "A > B"
-    assert grid._paired({0: 0.8, 1: 0.7}, {0: 0.7, 1: 0.8})["verdict"] == "inconclusive"
-    assert grid._paired({0: 0.8}, {0: 0.7})["verdict"] == "n/a (one seed)"
+    assert p["p"] == pytest.approx(sst.ttest_1samp([0.02, 0.01, 0.04], 0.0).pvalue)
+    # 80 % power at n = 3 needs about 5.65 standard errors, not 2
+    assert p["power80_effect"] == pytest.approx(5.6535 * sd / 3**0.5, rel=1e-3)
+    stats.adjust([p])
+    assert p["verdict"] == "inconclusive" and p["p_holm"] == p["p"]  # p = 0.10: a family of one
+    q = grid._paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.78, 1: 0.789, 2: 0.798})
+    r = grid._paired({0: 0.80, 1: 0.82, 2: 0.81}, {0: 0.78, 1: 0.807, 2: 0.783})  # diffs .02, .013, .027
+    null = grid._paired({0: 0.80, 1: 0.82, 2: 0.81}, {0: 0.79, 1: 0.83, 2: 0.805})
+    stats.adjust([q, r, null])
+    assert q["p"] < 0.05 / 3 and q["verdict"] == "A > B"  # survives Holm's factor 3
+    # p = 0.038: below 0.05 alone, not after Holm's factor 2 for the second smallest of three
+    assert 0.025 < r["p"] < 0.05 and r["p_holm"] >= 0.05 and r["verdict"] == "A > B unadjusted only"
+    assert null["verdict"] == "inconclusive"
+    s = grid._paired({0: 0.8, 1: 0.7}, {0: 0.7, 1: 0.8})
+    stats.adjust([s])
+    assert s["verdict"] == "no difference"
+    one = grid._paired({0: 0.8}, {0: 0.7})
+    stats.adjust([one])
+    assert one["verdict"] == "n/a (one seed)" and one["p_holm"] is None
 
 
 def test_a_run_finished_in_another_grid_is_copied_not_recomputed(tmp_path, capsys):
