@@ -650,10 +650,18 @@ def declaration(grid_file: Path, pairs: list) -> dict:
     where = grid_file.resolve().parent
     try:
         last = subprocess.run(
-            ["git", "log", "-1", "--format=%H", "--", grid_file.name], cwd=where, capture_output=True, text=True, timeout=10
+            ["git", "log", "-1", "--format=%H", "--", grid_file.name],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", grid_file.name], cwd=where, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--", grid_file.name],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         if last.returncode != 0:
             rec["grid_file_commit"] = None
@@ -1382,8 +1390,7 @@ def cmd_report(args) -> int:
             "p_bh": "Benjamini-Hochberg-adjusted over the same family",
             "power80_effect": "true mean difference detected with probability 0.8 (two-sided, alpha 0.05) at the "
             "observed std",
-            "verdict": "A > B / A < B when p_holm < 0.05; '... unadjusted only' when only p < 0.05; else "
-            "inconclusive",
+            "verdict": "A > B / A < B when p_holm < 0.05; '... unadjusted only' when only p < 0.05; else inconclusive",
             "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
             "best_on_test": "reference-compatibility (optimistic): selected on the test set itself",
         },
