@@ -89,6 +89,9 @@ SETTINGS: dict[str, Any] = {
     "shots": 16,  # few-shot examples per class, train (and as many dev unless dev_shots)
     "dev_shots": None,  # dev examples per class from the training pool (None: as many as shots)
     "test_size": None,  # None: the full test split (872 SST-2 sentences)
+    # the training pool without duplicate texts and test texts before the few-shot draw (data.federated's
+    # clean); the grids run before that rule set it false, which reproduces their draws
+    "clean_data": True,
     "clients": 10,
     "per_round": None,  # K clients a round (None: all)
     "partition": "dirichlet:1.0",  # "iid" | "dirichlet:<alpha>"
@@ -106,6 +109,9 @@ SETTINGS: dict[str, Any] = {
     "fitness_form": "ratio_of_means",
     "server_variant": "reference",
     "client_keys": "independent",
+    # further FedConfig fields the settings above do not name, e.g. {norm_clip = true}, {sigma_schedule =
+    # "clamp"}, {server_ranking = "random"} (the mechanism studies); checked against FedConfig
+    "fed_config": {},
     "sigma0": 1.0,
     "learning_rate": 0.3,  # FedPrompt's Adam learning rate
     "dropout": 0.0,
@@ -133,7 +139,7 @@ def grid_layout(s: dict, kind: str = "decoder") -> str | None:
 NOT_IN_HASH = ("rounds", "eval_cache_gb")
 #: Settings added after grids had run, at the value that reproduces those runs: left out of the hash at that value
 #: (so the finished runs keep their ids), in it at any other.
-HASHED_UNLESS = {"dev_shots": None}
+HASHED_UNLESS = {"dev_shots": None, "fed_config": {}, "clean_data": False}
 #: Settings an algorithm does not read: a finished run that differs from a wanted one only in these is the
 #: same experiment, so it is copied instead of computed again. The manual prompt never trains: its copy is
 #: exact. Centralized BBT pools every client's examples, so the partition changes only the order in which the
@@ -349,6 +355,7 @@ def check_settings(s: dict) -> None:
             client_keys=s["client_keys"],
             layout=s["layout"],
             chunk_clients=s["chunk_clients"],
+            **fed_config_extra(s),
         )
         fb.HParams(
             sigma0=s["sigma0"],
@@ -358,6 +365,44 @@ def check_settings(s: dict) -> None:
         ).validate()
     except (ValueError, TypeError) as err:
         raise GridError(str(err)) from None
+
+
+#: FedConfig fields that the grid's own settings set (a ``fed_config`` table may not name them)
+_FED_SET_BY_GRID = (
+    "num_clients",
+    "clients_per_round",
+    "population_size",
+    "local_generations",
+    "intrinsic_dim",
+    "n_prompt_tokens",
+    "loss",
+    "perturb",
+    "fitness_form",
+    "server_variant",
+    "client_keys",
+    "layout",
+    "chunk_clients",
+)
+
+
+def fed_config_extra(s: dict) -> dict:
+    """The ``fed_config`` table: FedConfig fields beyond the grid's own settings (GridError naming a bad key)."""
+    import dataclasses
+
+    import fedbpt_jax as fb
+
+    extra = s["fed_config"]
+    if not isinstance(extra, dict):
+        raise GridError(f"fed_config must be a table of FedConfig fields, got {extra!r}")
+    fields = {f.name for f in dataclasses.fields(fb.FedConfig)}
+    for k in extra:
+        if k in _FED_SET_BY_GRID:
+            raise GridError(f"fed_config key {k!r} is a grid setting of its own; set it outside fed_config")
+        if k not in fields:
+            raise GridError(
+                f"fed_config key {k!r} is not a FedConfig field; accepted: {sorted(fields - set(_FED_SET_BY_GRID))}"
+            )
+    return dict(extra)
 
 
 def parse_partition(p) -> float | None:
@@ -599,6 +644,7 @@ class Context:
             s["partition"],
             s["seed"],
             n_prompt,
+            s["clean_data"],
         )
         if key not in self.data:
             fed = fb.data.federated(
@@ -608,6 +654,7 @@ class Context:
                 num_clients=s["clients"],
                 shots_per_class=s["shots"],
                 dev_shots_per_class=s["dev_shots"],
+                clean=s["clean_data"],
                 alpha=parse_partition(s["partition"]),
                 seed=s["seed"],
                 n_prompt=n_prompt,
@@ -774,6 +821,7 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
         client_keys=s["client_keys"],
         layout=grid_layout(s, lm.kind),
         chunk_clients=s["chunk_clients"],
+        **fed_config_extra(s),
     )
     hp = fb.HParams(
         sigma0=s["sigma0"], perturb_rate=s["perturb_rate"], dropout_rate=s["dropout"], learning_rate=s["learning_rate"]

@@ -74,7 +74,9 @@ def read_json(path) -> Any:
     return from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def _write_atomic(path: Path, text: str) -> Path:
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Writes ``text`` to ``path`` atomically (a temporary file in the same folder, then a rename): a reader sees
+    the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -98,7 +100,7 @@ def _write_atomic(path: Path, text: str) -> Path:
 def write_json_atomic(path, obj: Any) -> Path:
     """Writes ``obj`` (numpy/jax arrays allowed) as strict JSON, non-finite floats as ``"nan"``, ``"inf"``,
     ``"-inf"`` (:func:`to_json`; read back with :func:`read_json`); the file is replaced atomically."""
-    return _write_atomic(Path(path), json.dumps(to_json(obj), indent=2, allow_nan=False) + "\n")
+    return write_text_atomic(Path(path), json.dumps(to_json(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv_atomic(path, rows: list[dict]) -> Path:
@@ -115,7 +117,7 @@ def write_csv_atomic(path, rows: list[dict]) -> Path:
     w.writeheader()
     for r in rows:
         w.writerow({k: to_json(v) for k, v in r.items()})
-    return _write_atomic(Path(path), buf.getvalue())
+    return write_text_atomic(Path(path), buf.getvalue())
 
 
 def fingerprint(*parts: Any) -> str:

@@ -176,7 +176,7 @@ class SweepOptions:
       lanes: "all": shard the lanes over every local device; "one": run them on the default device.
     """
 
-    seeds: str = "0"
+    seeds: str = dataclasses.field(default="0", metadata={"comma_list": True})
     grid: bool = False
     lanes: str = dataclasses.field(default="all", metadata={"choices": ("all", "one")})
 
@@ -224,6 +224,11 @@ LEGACY_KEYS = {"no_perturb": ("perturb", True), "no_progress": ("progress", True
 #: Keys only the command line may set: ``overwrite`` replaces results, so a config file (in particular a
 #: run's own ``config.json``) never turns it on; ``config`` does not chain files.
 COMMAND_LINE_ONLY = ("overwrite", "config")
+
+#: Where a run writes. A run's own ``config.json`` given as ``--config`` repeats that run's settings, not its
+#: outputs: these entries of it are left out (a replay that took over the finished run's checkpoint folder would
+#: resume at its last round and compute nothing); a hand-written config file may set them.
+RUN_OUTPUTS = ("results_dir", "checkpoint_dir", "tensorboard_dir", "save_uploads")
 
 
 def sources(command: str) -> list[Source]:
@@ -515,7 +520,7 @@ def values_from_file(path, command: str, opts: list[Option], data: Mapping | Non
 
     Keys are the option names (``clients``, ``per_round``; ``-`` and ``_`` alike) or the dataclass field
     names (``num_clients``, ``clients_per_round``). A run's ``config.json`` is read from its ``"args"``
-    (its ``overwrite`` and ``config`` entries are left out).
+    (its ``overwrite`` and ``config`` entries and its output folders, :data:`RUN_OUTPUTS`, are left out).
 
     Raises:
       ConfigFileError: an unknown key (with close matches and the accepted keys), a key given twice, a
@@ -534,7 +539,7 @@ def values_from_file(path, command: str, opts: list[Option], data: Mapping | Non
     items = dict(data["args"]) if record else dict(data)
     items.pop("command", None)
     if record:
-        for key in COMMAND_LINE_ONLY:
+        for key in (*COMMAND_LINE_ONLY, *RUN_OUTPUTS):
             items.pop(key, None)
     by_key = {}
     for o in opts:
@@ -564,7 +569,17 @@ def values_from_file(path, command: str, opts: list[Option], data: Mapping | Non
     return out
 
 
+def _comma_list(o: Option) -> bool:
+    """Whether the option is a comma-separated list on the command line (a config file may give a list)."""
+    f = {x.name: x for x in dataclasses.fields(o.owner)}.get(o.field)
+    return bool(f is not None and f.metadata.get("comma_list"))
+
+
 def _checked(where: str, key, value, o: Option, negate: bool):
+    if isinstance(value, list) and o.kind is str and _comma_list(o):
+        if value and all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
+            return ",".join(str(v) for v in value)
+        raise ConfigFileError(f"{where}: key {key!r}: {value!r} is not a non-empty list of values")
     expected = _TYPE_NAMES[o.kind] + (" or null" if o.optional else "")
     if value is None:
         if o.optional:
@@ -588,13 +603,23 @@ def _checked(where: str, key, value, o: Option, negate: bool):
 
 
 def find_config_arg(argv: list[str]) -> str | None:
-    """The ``--config`` value in ``argv`` (``--config F`` or ``--config=F``; the last one wins), or None."""
-    found = None
+    """The ``--config`` value in ``argv`` (``--config F`` or ``--config=F``), or None.
+
+    Raises:
+      ConfigFileError: ``--config`` given more than once (files do not chain, and a second one would
+        silently replace the first).
+    """
+    found = []
     for i, a in enumerate(argv):
         if a == "--":
             break
         if a == "--config" and i + 1 < len(argv):
-            found = argv[i + 1]
+            found.append(argv[i + 1])
         elif a.startswith("--config="):
-            found = a.split("=", 1)[1]
-    return found
+            found.append(a.split("=", 1)[1])
+    if len(found) > 1:
+        raise ConfigFileError(
+            f"--config given {len(found)} times ({', '.join(repr(f) for f in found)}); config files do not chain: "
+            "give one file and set the other values as options"
+        )
+    return found[0] if found else None

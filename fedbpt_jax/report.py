@@ -49,6 +49,11 @@ SEED_AND_IO = frozenset(
         "command",
         "tensorboard_dir",
         "eval_cache_gb",
+        # display and evaluation-batching options: the same numbers however they are set
+        "progress",
+        "plot",
+        "config",
+        "eval_chunk",
     }
 )
 
@@ -95,6 +100,32 @@ def run_figures(metrics: dict) -> dict:
         at = [e for e in dev if e["round"] == out["dev_selected_round"]]
         out["dev_selected_dev"] = at[0]["dev_accuracy"] if at else pick["dev_accuracy"]
     return out
+
+
+def _check_accuracies(d: Path, metrics: dict) -> None:
+    """Every evaluation's test accuracy is a number or null, and at least one is a finite number."""
+    evals = metrics.get("evals")
+    if not isinstance(evals, list) or not evals or not all(isinstance(e, dict) for e in evals):
+        raise ReportError(f'{str(d / "metrics.json")!r}: no evaluations ("evals" is not a list of rows); {ACCEPTED}')
+    for e in evals:
+        a = e.get("accuracy")
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float))):
+            raise ReportError(
+                f"{str(d / 'metrics.json')!r}: round {e.get('round')!r} has accuracy {a!r} "
+                f"({type(a).__name__}); accepted: a number or null"
+            )
+    if not any(_finite(e.get("accuracy")) for e in evals):
+        raise ReportError(
+            f"{str(d / 'metrics.json')!r}: no evaluation has a finite test accuracy (all null or non-finite): "
+            "nothing to report"
+        )
+
+
+def _extent(r: dict) -> str:
+    """A run's rounds for the table: the last round reached, with "of N (incomplete)" when it fell short."""
+    if r.get("complete") is False and r.get("planned_rounds") is not None:
+        return f"{r['final_round']} of {r['planned_rounds']} (incomplete)"
+    return str(r["final_round"])
 
 
 def _finite(x) -> bool:
@@ -255,6 +286,10 @@ def load_run(directory) -> dict:
     try:
         cfg = read_json(d / "config.json")
         metrics = read_json(d / "metrics.json")
+        for name, value in (("config.json", cfg), ("metrics.json", metrics)):
+            if not isinstance(value, dict):
+                raise ReportError(f"{str(d / name)!r} holds a JSON {type(value).__name__}, not an object; {ACCEPTED}")
+        _check_accuracies(d, metrics)
         figures = run_figures(metrics) | run_diagnostics(metrics)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ReportError(f"{str(d)!r}: config.json or metrics.json is not valid JSON ({err}); {ACCEPTED}") from None
@@ -273,6 +308,9 @@ def load_run(directory) -> dict:
         "settings": settings,
         "identity": identity,
         "stopped_early": metrics.get("stopped_early"),
+        # the run's extent (metrics.json of runs before this field: None, not known)
+        "planned_rounds": metrics.get("planned_rounds"),
+        "complete": metrics.get("complete"),
         **figures,
     }
 
@@ -376,13 +414,22 @@ def markdown(groups: list[dict], title: str) -> str:
     ]
     for g in groups:
         seeds = ",".join(str(r["seed"]) for r in g["runs"])
-        rounds = ",".join(str(x) for x in sorted({r["final_round"] for r in g["runs"]}))
+        rounds = ",".join(sorted({_extent(r) for r in g["runs"]}, key=lambda x: (len(x), x)))
         sel = [r["dev_selected_round"] for r in g["runs"] if r.get("dev_selected_round") is not None]
         sel_rounds = ",".join(map(str, sel)) if sel else "—"
         lines.append(
             f"| {g['label']} | {len(g['runs'])} | {seeds} | {rounds} | {cell(g['initial'])} | "
             f"{cell(g['final'])} | {cell(g['dev_selected'])} | {sel_rounds} | {cell(g['best_on_test'])} |"
         )
+    short = [r for g in groups for r in g["runs"] if r.get("complete") is False and r.get("stopped_early") is None]
+    if short:
+        lines += [
+            "",
+            '**Incomplete runs** (interrupted: their "final" is the last round reached, not the planned last '
+            "round): "
+            + ", ".join(f"{r['name']} (round {r['final_round']} of {r['planned_rounds']})" for r in short)
+            + ".",
+        ]
     stopped = [r for g in groups for r in g["runs"] if r.get("stopped_early") is not None]
     if stopped:
         lines += [
@@ -405,7 +452,7 @@ def report(dirs, out=None, *, same_config: bool = False, title: str | None = Non
     """Reads the results folders ``dirs``, groups them (:func:`group_runs`) and writes ``report.md``,
     ``report.json`` and the comparison plots to ``out`` (default: ``report`` next to the first run
     folder). Returns the ``report.json`` content (with ``out``: the folder written)."""
-    from .checkpoint import _write_atomic, write_json_atomic
+    from .checkpoint import write_json_atomic, write_text_atomic
 
     runs = expand_dirs(dirs)
     if not runs:
@@ -416,9 +463,19 @@ def report(dirs, out=None, *, same_config: bool = False, title: str | None = Non
     title = title or "fedbpt-jax report: " + (
         groups[0]["label"] if len(groups) == 1 else f"{len(groups)} configurations"
     )
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {str(out)!r} is a file; accepted: a folder (created if absent)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fedbpt-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ReportError(
+            f"--out {str(out)!r} cannot be written ({err.strerror or err}); choose a writable folder"
+        ) from None
     md = markdown(groups, title)
-    _write_atomic(out / "report.md", md)
+    write_text_atomic(out / "report.md", md)
     made = comparison_plots(groups, out, title)
     summary = {
         "title": title,

@@ -732,6 +732,7 @@ def server_update(
     variant: str = "reference",
     local_population: int = 5,
     local_mu: int | None = None,
+    ranking_key: jax.Array | None = None,
 ) -> tuple[ServerCMAState, dict]:
     """One FedBPT server aggregation: σ', a server CMA-ES tell on the client means, broadcast σ.
 
@@ -745,6 +746,10 @@ def server_update(
       variant: "reference" (the NVFlare code) or "paper" (eq. 6); see docs/algorithm.md, "Server step".
       local_population: λ of the clients (the "paper" σ' divides by it).
       local_mu: μ_loc for the "reference" σ' (default ⌊λ/2⌋, pycma's μ for λ).
+      ranking_key: None (the reference: the usable clients ranked by fitness) or a key from which the
+        usable clients' ranking is drawn uniformly at random instead (a mechanism study: whatever the
+        fitness ranking does to the mean, σ' and the recombination weights stay the same, only the order
+        in which the weights are given out loses its meaning); ``best_fitness`` stays the true minimum.
 
     Returns:
       (new_state, metrics) with scalar metrics: ``num_active`` (usable clients), ``num_nonfinite``
@@ -767,7 +772,8 @@ def server_update(
     usable = _usable(mask, fitness, client_means, sigmas) & jnp.all(sigmas > 0, axis=-1)
     k = jnp.sum(usable.astype(jnp.int32))
     kf = jnp.maximum(k, 1).astype(dt)
-    ranks = _ranks(jnp.where(usable, fitness, jnp.inf))  # usable first, by fitness
+    order = fitness if ranking_key is None else jax.random.uniform(ranking_key, (m,), dt)
+    ranks = _ranks(jnp.where(usable, order, jnp.inf))  # usable first, by fitness (or at random)
 
     # σ' (reference code, or eq. 6 of the paper).
     sq = jnp.where(usable, jnp.sum(sigmas**2, axis=-1), 0)

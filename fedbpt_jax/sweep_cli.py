@@ -183,9 +183,9 @@ def fed_config(args, n_prompt: int):
 
 
 def _seeds(seeds):
-    import importlib
+    from .federated.sweep import check_seeds  # the module (the package's ``sweep`` is the function)
 
-    return importlib.import_module("fedbpt_jax.federated.sweep")._check_seeds(seeds)
+    return check_seeds(seeds)
 
 
 def cmd_sweep(args) -> int:
@@ -197,7 +197,7 @@ def cmd_sweep(args) -> int:
 
     from . import federated as fl
     from . import prompt
-    from .checkpoint import _write_atomic
+    from .checkpoint import write_text_atomic
     from .federated.core import FederatedData, ModelInputs
 
     hp, base, seeds = _check(args)
@@ -266,7 +266,7 @@ def cmd_sweep(args) -> int:
     print(table, end="")
     if args.results_dir:
         res.write(Path(args.results_dir) / "sweep.json")
-        _write_atomic(Path(args.results_dir) / "sweep.md", table)
+        write_text_atomic(Path(args.results_dir) / "sweep.md", table)
     bad = sum(r["nonfinite_evals"] for r in res.lanes)
     if bad:
         print(f"warning: {bad} evaluation(s) over all lanes were non-finite (NaN, never selected)", file=sys.stderr)

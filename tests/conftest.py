@@ -62,3 +62,14 @@ def dec_tok():
     import tokenizers_util as tu
 
     return tu.chatml_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _no_interrupt_watchdog(monkeypatch):
+    """The CLI's signal watchdog blocks SIGINT/SIGTERM in the main thread for the process's life; in this
+    process (many in-process ``cli.main`` calls, pytest's own Ctrl-C) the handlers are installed without it.
+    The watchdog itself is tested in a subprocess (``test_cli_errors``)."""
+    from fedbpt_jax import interrupts
+
+    real = interrupts.install
+    monkeypatch.setattr(interrupts, "install", lambda watchdog=True: real(watchdog=False))

@@ -154,6 +154,7 @@ def test_run_keywords_are_options_or_deliberately_fixed():
         "eval_cache_budget",
         "clean_context_budget",
         "callbacks",  # code: research scripts pass them to run; the CLI has --tensorboard-dir and --plot
+        "run_config",  # the CLI's own config.json record, handed to run to write once a resume is accepted
     }
     params = set(inspect.signature(fb.federated.run).parameters)
     dests = {o.dest for o in cli_options.options("simulate")}
@@ -276,11 +277,15 @@ def test_run_config_json_reproduces_the_run(tiny_lm, monkeypatch, tmp_path, caps
         "--chunk-clients",
         "0",
     ]
-    assert cli.main([*TINY, *extra, "--results-dir", str(first)]) == 0
+    ck = tmp_path / "ck"
+    assert cli.main([*TINY, *extra, "--results-dir", str(first), "--checkpoint-dir", str(ck)]) == 0
+    # the replay repeats the settings, not the outputs: the finished run's checkpoint folder is not taken over
+    # (it would resume at the last round and compute nothing)
     assert cli.main(["--config", str(first / "config.json"), "--results-dir", str(second)]) == 0
     a, b = (json.loads((d / "config.json").read_text()) for d in (first, second))
+    assert a["args"]["checkpoint_dir"] == str(ck) and b["args"]["checkpoint_dir"] is None
     for d in (a, b):
-        d["args"].pop("results_dir"), d["args"].pop("config")
+        d["args"].pop("results_dir"), d["args"].pop("config"), d["args"].pop("checkpoint_dir")
     assert a["args"] == b["args"] and a["resolved"] == b["resolved"]
     assert a["resolved"]["fed_config"]["sampling"] == "weighted" and a["resolved"]["fed_config"]["exempt_special"]
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (first, second))
@@ -338,9 +343,13 @@ def test_overwrite_in_a_run_record_is_ignored(tmp_path, no_model, capsys):
     (tmp_path / "metrics.json").write_text("{}")
     args = cli.parse(["--config", str(f)])
     assert args.overwrite is False and args.clients == 3
+    assert args.results_dir is None  # a run's outputs are not replayed
     assert args.perturb is False and args.progress is False  # keys of earlier config.json files
-    assert cli.main(["--config", str(f)]) == 2
+    assert cli.main(["--config", str(f), "--results-dir", str(tmp_path)]) == 2
     assert "already holds a run's results (metrics.json); pass --overwrite" in capsys.readouterr().err
+    # two --config files: refused (they do not chain), naming both
+    assert cli.main(["--config", str(f), "--config", str(f)]) == 2
+    assert "--config given 2 times" in capsys.readouterr().err
 
 
 def test_more_devices_than_here_is_an_error_naming_both(no_model, capsys):

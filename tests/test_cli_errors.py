@@ -159,8 +159,8 @@ def test_interrupt_is_a_clean_stop_with_the_last_round_and_how_to_resume(tiny_lm
     real_write = fb.federated.run.__globals__["write_results"]
     calls = []
 
-    def write_then_signal(d, history, carry):
-        real_write(d, history, carry)
+    def write_then_signal(d, history, carry, **kw):
+        real_write(d, history, carry, **kw)
         calls.append(len(history.rounds))
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives after the first round's results are on disk
@@ -205,3 +205,51 @@ def test_deferred_holds_a_signal_until_the_section_ends():
         assert got == ["section finished", "handled"]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+_BLOCKED_IN_C = """
+import os, sys
+from fedbpt_jax import interrupts
+interrupts.install()
+r, w = os.pipe()
+print("ready", flush=True)
+try:
+    os.read(r, 1)  # one long call that returns only when the process ends (like one long XLA computation)
+except interrupts.Interrupted:
+    print("clean stop", flush=True)
+"""
+
+_IN_PYTHON = """
+import time
+from fedbpt_jax import interrupts
+interrupts.install()
+print("ready", flush=True)
+try:
+    while True:
+        time.sleep(0.01)
+except interrupts.Interrupted as err:
+    print("clean stop", flush=True)
+    raise SystemExit(err.exit_status)
+"""
+
+
+@pytest.mark.parametrize("script, stops_cleanly", [(_BLOCKED_IN_C, False), (_IN_PYTHON, True)])
+def test_ctrl_c_ends_a_long_computation_within_seconds(script, stops_cleanly):
+    """SIGINT while Python code runs: the clean stop (Interrupted). SIGINT while the main thread waits in one
+    long C call: the watchdog ends the process after its grace period, saying so, with status 130."""
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    waited = time.monotonic() - t0
+    assert p.returncode == 130 and waited < interrupts.GRACE_SECONDS + 5
+    if stops_cleanly:
+        assert "clean stop" in out and "quitting now" not in err
+    else:
+        assert "clean stop" not in out and "SIGINT (still computing after 3 s): quitting now" in err
+        assert waited >= interrupts.GRACE_SECONDS - 0.5

@@ -574,3 +574,78 @@ def test_one_name_per_type_host_splits_and_device_arrays():
     assert data.FederatedSplits is not fb.FederatedData
     with pytest.warns(DeprecationWarning, match="now fedbpt_jax.data.FederatedSplits"):
         assert data.FederatedData is data.FederatedSplits
+
+
+def _folder(tmp_path, train_rows, test_rows, task="sst2"):
+    d = tmp_path / "data" / task
+    d.mkdir(parents=True)
+    (d / "train.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in train_rows))
+    (d / "test.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in test_rows))
+    return tmp_path / "data"
+
+
+def test_a_pool_with_duplicates_and_test_texts_gives_disjoint_splits(tmp_path, dec_tok):
+    """Duplicate pool texts keep one copy (none when their labels conflict), test texts leave the pool, and
+    train, dev and test are disjoint by text on every seed; what went is counted and warned about."""
+    from fedbpt_jax.data.integrity import DataOverlapWarning, clean_pool
+
+    rows = [(f"film number {i} was {'good' if i % 2 else 'bad'}", i % 2) for i in range(40)]
+    rows += rows[:10] * 2  # 20 extra copies, same labels
+    rows += [("the same words", 0), ("the same words", 1)]  # conflicting labels: both go
+    test_rows = [(f"test film {i}", i % 2) for i in range(8)] + [rows[20], rows[21]]  # 2 pool texts in test
+    folder = _folder(tmp_path, rows, test_rows)
+    pool, test = data.pool_and_test("sst2", folder)
+    with pytest.warns(DataOverlapWarning, match="20 duplicate copies, 2 copies of texts with conflicting labels and 2"):
+        clean, report = clean_pool(pool, test)
+    assert (report.pool_before, report.pool_after) == (62, 38) and len(clean) == 38
+    assert len(set(clean.texts)) == 38 and not set(clean.texts) & set(test.texts)
+    for seed in range(5):
+        with pytest.warns(DataOverlapWarning):
+            fed = data.federated(
+                "sst2",
+                dec_tok,
+                "decoder",
+                num_clients=2,
+                shots_per_class=6,
+                dev_shots_per_class=6,
+                n_prompt=2,
+                source=str(folder),
+                seed=seed,
+            )
+
+        def texts(b):
+            ids = np.asarray(b.input_ids).reshape(-1, b.input_ids.shape[-1])
+            mask = np.asarray(b.attention_mask).reshape(ids.shape) > 0
+            keep = np.asarray(b.example_mask).reshape(-1) > 0 if b.example_mask is not None else np.ones(len(ids), bool)
+            return [tuple(r[m]) for r, m, k in zip(ids, mask, keep) if k]
+
+        tr, dv, te = texts(fed.train), texts(fed.dev), texts(fed.test)
+        assert len(set(tr)) == len(tr) == 12 and len(set(dv)) == len(dv) == 12
+        assert not set(tr) & set(dv) and not set(tr) & set(te) and not set(dv) & set(te)
+    # clean=False keeps the earlier draws (duplicates and all), for reproducing runs made before the rule
+    data.federated(
+        "sst2", dec_tok, "decoder", num_clients=2, shots_per_class=6, n_prompt=2, source=str(folder), clean=False
+    )
+
+
+def test_empty_texts_a_folder_of_another_task_and_a_test_size_too_large_are_refused(tmp_path, dec_tok):
+    folder = _folder(tmp_path, [("good", 1), ("  ", 0), ("bad", 0)], [("ok", 1)])
+    with pytest.raises(ValueError, match=r"train.tsv: line 3 has an empty text"):
+        data.load_task_data("sst2", folder)
+    good = _folder(tmp_path / "g", [(f"t{i}", i % 2) for i in range(20)], [("ok", 1), ("no", 0)])
+    with pytest.raises(ValueError, match=r"named after task 'sst2', but the task is 'mr'"):
+        data.load_task_data("mr", good / "sst2")
+    with pytest.raises(ValueError, match=r"test_size 3 for task sst2: its test split has 2 examples; accepted: 1..2"):
+        data.federated(
+            "sst2", dec_tok, "decoder", num_clients=2, shots_per_class=2, n_prompt=2, source=str(good), test_size=3
+        )
+
+
+def test_the_data_source_identity_names_files_and_hashes(tmp_path):
+    from fedbpt_jax.data.sources import source_identity
+
+    folder = _folder(tmp_path, [("good", 1), ("bad", 0)], [("ok", 1)])
+    ident = source_identity("sst2", folder)
+    assert ident["kind"] == "folder" and set(ident["sha256"]) == {"train.tsv", "test.tsv"}
+    (folder / "sst2" / "test.tsv").write_text("text\tlabel\nok\t0\n")
+    assert source_identity("sst2", folder)["sha256"]["test.tsv"] != ident["sha256"]["test.tsv"]

@@ -178,10 +178,42 @@ def test_resume_is_bit_identical_and_results_are_written(tmp_path):
         assert (tmp_path / d / "rounds.csv").read_text().count("\n") == 4
         assert not list((tmp_path / d).glob(".*.tmp"))
     # Another configuration in the same directory: a clear error naming the differing value.
-    with pytest.raises(CheckpointMismatch, match=r"hp\.perturb_rate: checkpoint 0\.5, this run 0\.3"):
-        fs.run_a(0, num_rounds=3, checkpoint_dir=ck, hp=fl.HParams(perturb_rate=0.3))
+    # A refused resume leaves the results folder's config.json as the finished run wrote it.
+    first = {"run": "the first"}
+    fs.run_a(0, num_rounds=3, checkpoint_dir=ck, results_dir=tmp_path / "resumed", run_config=first)
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text()) == first
+    with pytest.raises(CheckpointMismatch, match=r"HParams\.perturb_rate: checkpoint 0\.5, this run 0\.3"):
+        fs.run_a(
+            0,
+            num_rounds=3,
+            checkpoint_dir=ck,
+            hp=fl.HParams(perturb_rate=0.3),
+            results_dir=tmp_path / "resumed",
+            run_config={"run": "the refused one"},
+        )
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text()) == first
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["planned_rounds"] == 3 and metrics["rounds_reached"] == 3 and metrics["complete"] is True
+    # Another test set (size or content) or other label words: another run, named in words.
+    test = fs.test_set()
+    with pytest.raises(CheckpointMismatch, match="the test examples .*: not the checkpoint's"):
+        fl.run(
+            fs.algo_a(),
+            jax.random.key(0),
+            fs.data_a(),
+            test.take(np.arange(8)),
+            fs.tiny_lm(),
+            fs.model(),
+            num_rounds=3,
+            eval_chunk=16,
+            checkpoint_dir=ck,
+            progress=False,
+        )
+    relabelled = fs.data_a().replace(spec=fs.data_a().spec.replace(label_ids=fs.data_a().spec.label_ids[::-1]))
+    with pytest.raises(CheckpointMismatch, match="the scoring .*: not the checkpoint's"):
+        fs.run_a(0, num_rounds=3, checkpoint_dir=ck, data=relabelled)
     other = fl.fedbpt(fs.config_a(population_size=5), fs.tiny_lm())
-    with pytest.raises(CheckpointMismatch, match=r"config\.population_size: checkpoint 4, this run 5"):
+    with pytest.raises(CheckpointMismatch, match=r"FedConfig\.population_size: checkpoint 4, this run 5"):
         fl.run(
             other,
             jax.random.key(0),
@@ -193,11 +225,12 @@ def test_resume_is_bit_identical_and_results_are_written(tmp_path):
             checkpoint_dir=ck,
             progress=False,
         )
-    with pytest.raises(CheckpointMismatch, match="key"):
+    with pytest.raises(CheckpointMismatch, match=r"the run's key \(--seed\): not the checkpoint's") as err:
         fs.run_a(7, num_rounds=3, checkpoint_dir=ck)
+    assert "[" not in str(err.value).split("is from another configuration")[1]  # no raw key integers
     # Another prompt start (the prompt at z = 0) is another run too.
     started = fs.model().replace(start=jnp.full((fs.config_a().n_prompt_tokens, fs.tiny_lm().hidden_size), 0.1))
-    with pytest.raises(CheckpointMismatch, match="prompt_start"):
+    with pytest.raises(CheckpointMismatch, match="the prompt start: not the checkpoint's"):
         fs.run_a(0, num_rounds=3, checkpoint_dir=ck, model_inputs=started)
 
 

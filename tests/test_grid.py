@@ -426,3 +426,20 @@ def test_the_cpu_is_named_from_cpuinfo(monkeypatch, tmp_path):
     assert machine.cpu_flags() == "avx2 fma avx512f avx512_bf16"  # the relevant ones, in a fixed order
     info.write_text("processor\t: 0\n")
     assert machine.cpu_flags() == ""
+
+
+def test_fed_config_table_reaches_fedconfig_and_names_bad_keys():
+    base = dict(grid.SETTINGS, model="tiny")
+    assert grid.fed_config_extra(dict(base, fed_config={"server_ranking": "random", "norm_clip": True})) == {
+        "server_ranking": "random",
+        "norm_clip": True,
+    }
+    with pytest.raises(grid.GridError, match="'num_clients' is a grid setting"):
+        grid.fed_config_extra(dict(base, fed_config={"num_clients": 3}))
+    with pytest.raises(grid.GridError, match="'bogus' is not a FedConfig field"):
+        grid.fed_config_extra(dict(base, fed_config={"bogus": 1}))
+    with pytest.raises(grid.GridError, match="server_ranking 'best'"):
+        grid.check_settings(dict(base, fed_config={"server_ranking": "best"}))
+    # an empty table keeps the run ids of grids written before it; a non-empty one changes them
+    assert grid._digest(base) == grid._digest({k: v for k, v in base.items() if k != "fed_config"})
+    assert grid._digest(dict(base, fed_config={"server_ranking": "random"})) != grid._digest(base)

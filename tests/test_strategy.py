@@ -544,3 +544,32 @@ def test_fedavg_weights_and_mask():
     same, met = fedavg_aggregate(state, up, jnp.zeros(m))
     np.testing.assert_array_equal(same.mean, state.mean)
     assert int(met["num_active"]) == 0
+
+
+def test_server_random_ranking_permutes_the_weights_and_keeps_the_rest():
+    """server_ranking "random": the usable clients' ranks are a key's permutation (so the weights follow it, not
+    the fitness); σ', the unusable clients and best_fitness are those of the fitness ranking."""
+    d, m = 8, 6
+    rng = np.random.default_rng(1)
+    state = st.server_init(d, 1.0, m)
+    means = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+    fits = jnp.asarray([3.0, 1.0, 2.0, 6.0, 5.0, 4.0], jnp.float32)
+    sig = jnp.ones((m, 3))
+    mask = jnp.asarray([True, True, True, True, True, False])
+    rank = jax.jit(st.server_update, static_argnames=("variant", "local_population", "local_mu"))
+    ref, mref = rank(state, means, fits, sig, mask)
+    np.testing.assert_array_equal(mref["client_rank"], [2, 0, 1, 4, 3, -1])
+    seen = set()
+    for seed in range(6):
+        new, met = rank(state, means, fits, sig, mask, ranking_key=jax.random.key(seed))
+        r = np.asarray(met["client_rank"])
+        assert r[5] == -1 and sorted(r[:5]) == [0, 1, 2, 3, 4]  # a permutation of the usable clients
+        # the weight a client gets is the weight of its rank under the fitness ranking
+        by_rank = {int(k): float(w) for k, w in zip(mref["client_rank"], mref["client_weight"]) if k >= 0}
+        np.testing.assert_allclose([float(w) for w in met["client_weight"][:5]], [by_rank[int(k)] for k in r[:5]])
+        assert float(met["sigma_prime"]) == pytest.approx(float(mref["sigma_prime"]))
+        assert float(met["best_fitness"]) == 1.0
+        seen.add(tuple(r[:5]))
+        again, _ = rank(state, means, fits, sig, mask, ranking_key=jax.random.key(seed))
+        np.testing.assert_array_equal(again.mean, new.mean)  # the same key, the same step
+    assert len(seen) >= 4  # the keys give different rankings, and so different means

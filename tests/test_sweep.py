@@ -182,6 +182,8 @@ def test_dev_selection_never_picks_a_nonfinite_evaluation():
         (dict(seeds=[]), "seeds is empty"),
         (dict(seeds=[0, 0]), r"distinct.*\[0\]"),
         (dict(seeds=[0.5]), "seeds must be integers, got 0.5"),
+        (dict(seeds=[0, 2**32]), r"seed 4294967296 is outside 0\.\.4294967295 .*would repeat seed 0"),
+        (dict(seeds=[-1]), r"seed -1 is outside 0\.\.4294967295"),
         (dict(seeds="01"), "list of integers"),
         (dict(hp={"sigma": [1.0]}), r"unknown hyperparameter\(s\) \['sigma'\]; accepted: \['sigma0'"),
         (
@@ -296,6 +298,8 @@ def test_cli_hp_parsing():
         (["--hp", "sigma0=0.5,2000"], "sigma0 must be a finite value in [1e-06, 1000], got 2000.0"),
         (["--hp", "lr=0.1"], "unknown hyperparameter 'lr'"),
         (["--seeds", "0,0"], "seeds must be distinct"),
+        (["--seeds", "0,4294967296"], "seed 4294967296 is outside 0..4294967295"),
+        (["--seed", "-1"], "--seed -1: accepted: an integer 0..4294967295"),
         (["--rounds", "3", "--eval-every", "2"], "--rounds 3: accepted: a positive multiple of --eval-every (2)"),
     ],
 )

@@ -11,6 +11,7 @@ from .. import tasks as tasks_lib
 from ..tasks import DECODER, Task
 from ..types import ScoringSpec, TokenBatch
 from .examples import Examples
+from .integrity import clean_pool
 from .partitions import ClientIndices, Partition, partition_dirichlet, partition_iid
 from .sampling import few_shot
 from .sources import pool_and_test
@@ -99,6 +100,7 @@ def federated(
     pad_to: int | None = None,
     pad_to_max_length: bool = False,
     dev_shots_per_class: int | None = None,
+    clean: bool = True,
 ) -> FederatedSplits:
     """Task → BBT few-shot train/dev → tokenised → partitioned over clients (IID, or Dirichlet(α)).
 
@@ -106,7 +108,13 @@ def federated(
     and disjoint from them (default: as many as ``shots_per_class``, BBT's convention); the test split
     is never used for it. ``seed`` drives the few-shot draw and the partition; ``test_size`` keeps a fixed random subset of
     the test split (the same for every seed). Train and dev share one static length ``T``. A single
-    data file is split into a training pool and a disjoint test set (:func:`pool_and_test`).
+    data file is split into a training pool and a disjoint test set (:func:`pool_and_test`). ``clean``
+    (default): the pool loses duplicate texts and test texts before the draw
+    (:func:`~fedbpt_jax.data.integrity.clean_pool`), so train, dev and test are disjoint by text; False
+    reproduces draws made before that rule (a pool with duplicates gives other draws).
+
+    Raises:
+      ValueError: ``test_size`` below 1 or above the test split's size (names both).
 
     Example:
       >>> data = federated("sst2", tok, "encoder", num_clients=10, shots_per_class=40, alpha=1.0)
@@ -117,8 +125,16 @@ def federated(
     # different seeds are evaluated on the same examples.
     # A single file is split into a pool and a disjoint test set (never both roles at once).
     pool, test = pool_and_test(task, source)
-    if test_size is not None and test_size < len(test):
-        test = test.take(np.sort(np.random.default_rng(0).permutation(len(test))[:test_size]))
+    if clean:
+        pool, _ = clean_pool(pool, test, origin=f"task {task.name} ({'default source' if source is None else source})")
+    if test_size is not None:
+        if not 1 <= int(test_size) <= len(test):
+            raise ValueError(
+                f"test_size {test_size} for task {task.name}: its test split has {len(test)} examples; accepted: "
+                f"1..{len(test)}, or none for the whole split"
+            )
+        if test_size < len(test):
+            test = test.take(np.sort(np.random.default_rng(0).permutation(len(test))[:test_size]))
     train, dev = few_shot(pool, shots_per_class, seed, dev_shots_per_class=dev_shots_per_class)
     kw = dict(
         n_prompt=n_prompt, max_length=max_length, max_positions=max_positions, pad_to_max_length=pad_to_max_length

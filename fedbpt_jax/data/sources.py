@@ -139,6 +139,12 @@ def _to_examples(
         texts = tuple((s(fields[0][i]), s(fields[1][i])) for i in idx)
     else:
         texts = tuple(s(fields[0][i]) for i in idx)
+    for i, t in zip(idx, texts):
+        if not all(part.strip() for part in ((t,) if isinstance(t, str) else t)):
+            raise ValueError(
+                f"{origin}: row {int(i) + 1} (column {', '.join(cols[f] for f in task.input_fields)}) has an empty "
+                "text; every example needs a text"
+            )
     return Examples(task.name, texts, labels)
 
 
@@ -160,14 +166,17 @@ def _read_shared_tsv(path: Path) -> tuple[list[str], list[str]]:
             raise ValueError(
                 f"{path}: expected the header 'text<TAB>label' of the shared data layout, got columns {header}"
             )
-        for line in f:
+        for number, line in enumerate(f, start=2):
             line = line.rstrip("\r\n")
             if not line:
                 continue
             text, sep, label = line.rpartition("\t")
             if not sep:
-                raise ValueError(f"{path}: a line has no tab separator: {line[:80]!r}")
-            texts.append(_unquote_tsv_field(text))
+                raise ValueError(f"{path}: line {number} has no tab separator: {line[:80]!r}")
+            text = _unquote_tsv_field(text)
+            if not text.strip():
+                raise ValueError(f"{path}: line {number} has an empty text; every example needs a text")
+            texts.append(text)
             labels.append(label)
     return texts, labels
 
@@ -175,6 +184,12 @@ def _read_shared_tsv(path: Path) -> tuple[list[str], list[str]]:
 def _load_folder(task: Task, folder: Path, split: str, columns: dict | None, cache_dir) -> Examples:
     sub = folder / task.name
     base = sub if sub.is_dir() else folder
+    other = folder.resolve().name
+    if base == folder and other != task.name and other in tasks_lib.TASK_NAMES:
+        raise ValueError(
+            f"data folder {str(folder)!r} is named after task {other!r}, but the task is {task.name!r}: give "
+            f"--task {other}, or the folder that holds {task.name}/ (e.g. its parent)"
+        )
     meta_path = base / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -388,3 +403,39 @@ def pool_and_test(
             f"larger file or a folder with separate train and test files"
         )
     return pool, test
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_identity(task: Task | str, source=None) -> dict:
+    """What a run's data came from, for its ``config.json``: the kind of source, its path or name, and the
+    SHA-256 of every file read (the embedded data's file, a folder's split files, a single file); a hub
+    dataset is named (its revision is the hub's)."""
+    task = tasks_lib.get(task)
+    if source is None and task.hub_id is not None and (default_data_dir() / task.name).is_dir():
+        source = default_data_dir()
+    if source is None or source == "embedded":
+        if task.hub_id is not None and source is None:
+            return {"kind": "hub", "name": task.hub_id, "config": task.hub_config}
+        from .. import assets
+
+        path = Path(assets.fetch("rotten-tomatoes-csv"))
+        return {"kind": "embedded", "path": str(path), "sha256": _sha256(path)}
+    if source == "hub":
+        return {"kind": "hub", "name": task.hub_id, "config": task.hub_config}
+    path = Path(source).expanduser()
+    if path.is_file():
+        return {"kind": "file", "path": str(path.resolve()), "sha256": _sha256(path)}
+    if path.is_dir():
+        base = path / task.name if (path / task.name).is_dir() else path
+        files = sorted(p for p in base.iterdir() if p.is_file() and p.name.split(".")[0] in ("train", "test", "meta"))
+        return {"kind": "folder", "path": str(base.resolve()), "sha256": {p.name: _sha256(p) for p in files}}
+    return {"kind": "hub", "name": str(source)}

@@ -310,6 +310,8 @@ def _round_metrics(
 
 #: Round-metric keys that hold per-client arrays (only :attr:`FederatedAlgorithm.round_detailed` returns them).
 DETAIL_KEYS = ("clients", "uploads")
+#: fold_in constant of the server's own key within a round's key (``server_ranking="random"``)
+SERVER_STREAM = 0x5E
 
 
 def scalars_only(round_detailed):
@@ -382,7 +384,7 @@ def _es_round(
     server state (:func:`_local_es`, under the round's ‖z‖ clip τ_t when on), aggregate, apply the optional
     σ schedule, and report the round's metrics, per-client diagnostics and uploads.
 
-    ``aggregate(server, uploads, sample) -> (server, metrics)`` is the server step, the only difference
+    ``aggregate(server, uploads, sample, key) -> (server, metrics)`` is the server step, the only difference
     between the two: FedBPT's server CMA-ES step, FedAvg-BBT's example-weighted average. ``keep_state``:
     the clients also upload their CMA-ES states (``uploads.local_state``, FedAvg-BBT); with the ‖z‖ clip
     their means are the clipped means, what the clients send.
@@ -408,7 +410,10 @@ def _es_round(
         )
         if keep_state and tau is not None:
             up = up.replace(local_state=up.local_state.replace(mean=up.mean))
-        server, smetrics = aggregate(state.server, up, sample)
+        # the server's own draws (only the random-ranking study has any): folded in, so the round's other
+        # streams (sampling, dropout, client keys) are the same with and without it
+        key_server = jax.random.fold_in(key, SERVER_STREAM)
+        server, smetrics = aggregate(state.server, up, sample, key_server)
         server = _sigma_schedule(config, state.server, server)
         extra = {"sigma": server.std, **smetrics}
         if tau is not None:
@@ -485,7 +490,7 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
             norm_threshold=jnp.asarray(config.norm_clip_threshold, jnp.float32),
         )
 
-    def aggregate(server, up: ClientUpload, sample: ClientSample):
+    def aggregate(server, up: ClientUpload, sample: ClientSample, key):
         return strategy.server_update(
             server,
             up.mean,
@@ -494,6 +499,7 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
             sample.active,
             variant=config.server_variant,
             local_population=config.population_size,
+            ranking_key=key if config.server_ranking == "random" else None,
         )
 
     round_detailed = _es_round(
@@ -537,9 +543,15 @@ def fedavg_bbt(
     hidden = lm.hidden_size
     if perturb and config.loss == "accuracy":
         raise ValueError("FedAvg-BBT with perturbation needs a positive loss: use loss 'ce' or 'hinge'")
+    if config.server_ranking != "fitness":
+        raise ValueError(
+            f"server_ranking {config.server_ranking!r} changes FedBPT's server CMA-ES ranking; FedAvg-BBT averages "
+            "and ranks nothing: use server_ranking 'fitness' (the default)"
+        )
     base = fedbpt(config, lm, mesh=mesh, scorer=scorer)  # the same state, init and global prompt
 
-    def aggregate(server, up: ClientUpload, sample: ClientSample):
+    def aggregate(server, up: ClientUpload, sample: ClientSample, key):
+        del key  # averaging draws nothing
         weights = sample.counts.astype(jnp.float32) * sample.active.astype(jnp.float32)
         return strategy.fedavg_aggregate(server, up.local_state, weights)
 

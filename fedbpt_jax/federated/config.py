@@ -18,6 +18,7 @@ import numpy as np
 from .. import objective, prompt
 
 SERVER_VARIANTS = ("reference", "paper")
+SERVER_RANKINGS = ("fitness", "random")
 CLIENT_KEYS = ("independent", "shared")
 PERTURB_EVERY = ("round", "generation")
 SAMPLING = ("uniform", "weighted")
@@ -61,6 +62,10 @@ class FedConfig:
       perturb_every: "round" (reference: one perturbed copy per round) | "generation".
       exempt_special: keep special/placeholder/mask tokens out of the perturbation (reference: no).
       server_variant: "reference" (pycma-3.4-like server, default) | "paper" (eq. 6 σ').
+      server_ranking: "fitness" (the paper and the reference: the server CMA-ES ranks the client means by
+        their uploaded fitness) | "random" (a mechanism study, not FedBPT: the ranking is drawn at random
+        each round from the round's key, so the recombination weights no longer follow the fitness; FedBPT
+        only, FedAvg-BBT does not rank).
       client_keys: "independent" (every client and round its own key, default) | "shared" (the
         reference's identical CMA-ES draws on all clients, every round).
       sampling: "uniform" (default) | "weighted" (probability ∝ example count), without replacement.
@@ -102,6 +107,7 @@ class FedConfig:
     perturb_every: str = _choice("round", PERTURB_EVERY)
     exempt_special: bool = False
     server_variant: str = _choice("reference", SERVER_VARIANTS)
+    server_ranking: str = _choice("fitness", SERVER_RANKINGS)
     client_keys: str = _choice("independent", CLIENT_KEYS)
     sampling: str = _choice("uniform", SAMPLING)
     projection: str = _choice("normal", prompt.PROJECTIONS)
@@ -145,6 +151,10 @@ class FedConfig:
         need(
             self.server_variant in SERVER_VARIANTS,
             f"unknown server_variant {self.server_variant!r}; accepted: {SERVER_VARIANTS}",
+        )
+        need(
+            self.server_ranking in SERVER_RANKINGS,
+            f"unknown server_ranking {self.server_ranking!r}; accepted: {SERVER_RANKINGS}",
         )
         need(self.client_keys in CLIENT_KEYS, f"unknown client_keys {self.client_keys!r}; accepted: {CLIENT_KEYS}")
         need(self.sampling in SAMPLING, f"unknown sampling {self.sampling!r}; accepted: {SAMPLING}")

@@ -44,6 +44,7 @@ import numpy as np
 from .. import objective
 from ..checkpoint import Checkpointer, CheckpointMismatch, fingerprint, write_csv_atomic, write_json_atomic
 from ..types import TokenBatch
+from . import records
 from .config import HParams
 from .core import (
     FederatedAlgorithm,
@@ -467,14 +468,49 @@ def _fingerprint(x) -> str | None:
     return f"{arr.dtype}{list(arr.shape)}:{hashlib.sha256(arr.tobytes()).hexdigest()[:16]}"
 
 
+def _readable(x) -> bool:
+    return not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated
+
+
+def _tree_fingerprint(tree) -> str | None:
+    """One digest of every array leaf of ``tree`` (examples, a scoring spec); None when a leaf lives on
+    devices this process cannot read (a multi-process run: the shapes and the other entries still apply)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if x is not None]
+    if not all(_readable(x) for x in leaves):
+        return None
+    return fingerprint(*[_fingerprint(x) for x in leaves])
+
+
+#: What a checkpoint's description entries are, in words (a refused resume names these, not raw values).
+_DESCRIBED_IN_WORDS = {
+    "key": "the run's key (--seed)",
+    "train_examples": "the clients' training examples (task, data source, shots, seed, partition, template)",
+    "test_examples": "the test examples (task, data source, --test-size, template)",
+    "dev_examples": "the dev examples (task, data source, --dev-shots, template)",
+    "scoring": "the scoring (label words, answer cue, instruction lead)",
+    "backbone": "the backbone (model and its configuration)",
+    "prompt_start": "the prompt start",
+}
+
+
 #: FedConfig fields recorded in a checkpoint's description under their earlier names.
 _DESCRIBED_AS = {"projection_alpha": "alpha"}
 
 
 def _describe(
-    algo: FederatedAlgorithm, hp: HParams, eval_every: int, key_data, data: FederatedData, lm, model: ModelInputs
+    algo: FederatedAlgorithm,
+    hp: HParams,
+    eval_every: int,
+    key_data,
+    data: FederatedData,
+    lm,
+    model: ModelInputs,
+    test: TokenBatch | None = None,
+    dev: TokenBatch | None = None,
 ) -> dict[str, str]:
-    """What identifies a run for resuming (everything but the round count, the mesh and the I/O)."""
+    """What identifies a run for resuming (everything but the round count, the mesh and the I/O): the
+    configuration, the hyperparameters, the key, and digests of every example it trains, selects and is
+    scored on, and of how it scores them (label words, cue, instruction)."""
     c = data.counts
     readable = not isinstance(c, jax.Array) or c.is_fully_addressable or c.is_fully_replicated
     counts = host(c) if readable else None
@@ -487,6 +523,10 @@ def _describe(
         "client_counts_sum": None if counts is None else int(np.sum(counts)),
         "projection_shape": None if model.projection is None else list(np.shape(model.projection)),
         "prompt_start": _fingerprint(getattr(model, "start", None)),
+        "train_examples": _tree_fingerprint(data.train),
+        "test_examples": None if test is None else _tree_fingerprint(test),
+        "dev_examples": None if dev is None else _tree_fingerprint(dev),
+        "scoring": _tree_fingerprint(data.spec),
     }
     # Keys keep their historical names (projection_alpha was "alpha"), so older checkpoints still resume.
     desc.update(
@@ -497,6 +537,18 @@ def _describe(
     )
     desc.update({f"hp.{k}": float(np.asarray(v)) for k, v in dataclasses.asdict(host(hp)).items()})
     return {k: repr(v) for k, v in desc.items()}
+
+
+def _differs(name: str, then: str, now: str) -> str:
+    """One difference between a checkpoint's description and this run's, in words: digests and keys are named
+    by what they cover ("the test examples differ"), settings by name with both values."""
+    if name in _DESCRIBED_IN_WORDS:
+        if "<absent>" in (then, now):
+            where = "the checkpoint" if then == "<absent>" else "this run"
+            return f"{_DESCRIBED_IN_WORDS[name]}: not recorded by {where}"
+        return f"{_DESCRIBED_IN_WORDS[name]}: not the checkpoint's"
+    label = name.replace("config.", "FedConfig.").replace("hp.", "HParams.")
+    return f"{label}: checkpoint {then}, this run {now}"
 
 
 class _RunCheckpoint:
@@ -525,10 +577,8 @@ class _RunCheckpoint:
     def _mismatch(self, err: Exception) -> str:
         step = self.ckpt.latest_step()
         old = self.ckpt.restore_meta(step).get("config", {})
-        diff = [
-            f"{k}: checkpoint {old.get(k, '<absent>')}, this run {v}" for k, v in self.desc.items() if old.get(k) != v
-        ]
-        diff += [f"{k}: checkpoint {v}, this run <absent>" for k, v in old.items() if k not in self.desc]
+        diff = [_differs(k, old.get(k, "<absent>"), v) for k, v in self.desc.items() if old.get(k) != v]
+        diff += [_differs(k, v, "<absent>") for k, v in old.items() if k not in self.desc]
         return (
             f"checkpoint {self.ckpt.directory} (round {step}) is from another configuration: "
             + ("; ".join(diff) or str(err))
@@ -773,6 +823,7 @@ def run(
     callbacks=None,
     tensorboard_dir: str | Path | None = None,
     plot: bool = True,
+    run_config: dict | None = None,
 ) -> tuple[RunCarry, History]:
     """Runs ``num_rounds`` rounds of ``algo``, evaluates the global prompt every ``eval_every`` rounds on
     the test set and the dev set, and selects the round on dev.
@@ -830,6 +881,14 @@ def run(
         ``tensorboardX``).
       plot: with ``results_dir``, write ``metrics.png`` when the run ends (a plotting failure warns, it does
         not fail the run).
+      run_config: with ``results_dir``, written there as ``config.json`` once the run owns the folder and a
+        checkpoint (if any) was accepted, never before: a refused resume or a failed set-up leaves the
+        folder's earlier ``config.json`` as it was.
+
+    The run holds ``results_dir`` and ``save_uploads`` (:func:`~fedbpt_jax.federated.records.claim`) from
+    the start to the end: a second run on either folder meanwhile is refused
+    (:class:`~fedbpt_jax.federated.records.FolderInUse`). ``metrics.json`` records the planned rounds, the
+    last round reached and whether the run is complete.
 
     Returns:
       ``(carry, history)``: the final carry (state, the dev-selected round with its dev and test accuracy
@@ -857,69 +916,77 @@ def run(
     )
     hp = hp.validate()
     _validate_inputs(algo, data, test, dev, lm)
-    key_init, key_data, impl = _run_keys(key)
-    segment, initial = compiled_segments(
-        algo, lm, eval_every, impl, mesh, keep_uploads=save_uploads is not None, log_clients=log_clients
-    )
-    scorer = _algo_scorer(algo, lm.kind, lm.config)
-    keep_ctx = _keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
-    chunks = objective.eval_chunks(scorer, test, eval_chunk, data.spec)
-    dev_chunks = None if dev is None else objective.eval_chunks(scorer, dev, eval_chunk, data.spec)
-    carry = initial_carry(algo, key_init, hp, lm.hidden_size)
-    token_norm = jnp.asarray(median_token_norm(lm), jnp.float32)
-    data = _place_data(data, mesh)
-    if mesh is not None:
-        model, hp, chunks, dev_chunks, carry, key_data, token_norm = to_global(
-            (model, hp, chunks, dev_chunks, carry, key_data, token_norm), mesh
+    with contextlib.ExitStack() as held:  # the output folders are this run's until it returns or fails
+        if jax.process_index() == 0:
+            held.enter_context(records.claim(results_dir))
+            if save_uploads is not None:
+                held.enter_context(records.claim(save_uploads, "uploads folder"))
+        key_init, key_data, impl = _run_keys(key)
+        segment, initial = compiled_segments(
+            algo, lm, eval_every, impl, mesh, keep_uploads=save_uploads is not None, log_clients=log_clients
         )
-    else:
-        chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
-    data = _clean_context(data, keep_ctx, scorer, model, algo.config, mesh)
-    cost = round_cost(algo, lm, data)
-    cache = _caches_eval_prefix(scorer, lm.params, chunks, dev_chunks, data.spec, cache_eval_prefix, eval_cache_budget)
-    evals = eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache, mesh=mesh)
-
-    history = History()
-    lead = jax.process_index() == 0
-    if tensorboard_dir is not None and lead:
-        from ..callbacks import TensorBoardLogger
-
-        callbacks = [*callbacks, TensorBoardLogger(tensorboard_dir)]
-    desc = None
-    if checkpoint_dir is not None:
-        desc = _describe(algo, hp, eval_every, key_data, data, lm, model)
-        desc["dev_shape"] = repr(None if dev is None else list(np.shape(dev.input_ids)))
-    try:
-        return _loop(
-            algo,
-            segment,
-            initial,
-            carry,
-            history,
-            data,
-            hp,
-            model,
-            evals,
-            token_norm,
-            key_data,
-            cost,
-            ckpt_args=None if desc is None else (checkpoint_dir, desc),
-            num_rounds=num_rounds,
-            eval_every=eval_every,
-            checkpoint_every=checkpoint_every,
-            results_dir=results_dir,
-            save_uploads=save_uploads,
-            progress=progress,
-            stop_after=stop_after,
-            mesh=mesh,
-            callbacks=callbacks if lead else [],
-            lead=lead,
-            plot=plot,
+        scorer = _algo_scorer(algo, lm.kind, lm.config)
+        keep_ctx = _keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
+        chunks = objective.eval_chunks(scorer, test, eval_chunk, data.spec)
+        dev_chunks = None if dev is None else objective.eval_chunks(scorer, dev, eval_chunk, data.spec)
+        carry = initial_carry(algo, key_init, hp, lm.hidden_size)
+        token_norm = jnp.asarray(median_token_norm(lm), jnp.float32)
+        data = _place_data(data, mesh)
+        if mesh is not None:
+            model, hp, chunks, dev_chunks, carry, key_data, token_norm = to_global(
+                (model, hp, chunks, dev_chunks, carry, key_data, token_norm), mesh
+            )
+        else:
+            chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
+        data = _clean_context(data, keep_ctx, scorer, model, algo.config, mesh)
+        cost = round_cost(algo, lm, data)
+        cache = _caches_eval_prefix(
+            scorer, lm.params, chunks, dev_chunks, data.spec, cache_eval_prefix, eval_cache_budget
         )
-    finally:
-        from ..callbacks import close_all
+        evals = eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache, mesh=mesh)
 
-        close_all(callbacks)
+        history = History()
+        lead = jax.process_index() == 0
+        if tensorboard_dir is not None and lead:
+            from ..callbacks import TensorBoardLogger
+
+            callbacks = [*callbacks, TensorBoardLogger(tensorboard_dir)]
+        desc = None
+        if checkpoint_dir is not None:
+            desc = _describe(algo, hp, eval_every, key_data, data, lm, model, test=test, dev=dev)
+            desc["dev_shape"] = repr(None if dev is None else list(np.shape(dev.input_ids)))
+        try:
+            return _loop(
+                algo,
+                segment,
+                initial,
+                carry,
+                history,
+                data,
+                hp,
+                model,
+                evals,
+                token_norm,
+                key_data,
+                cost,
+                ckpt_args=None if desc is None else (checkpoint_dir, desc),
+                num_rounds=num_rounds,
+                eval_every=eval_every,
+                checkpoint_every=checkpoint_every,
+                results_dir=results_dir,
+                save_uploads=save_uploads,
+                progress=progress,
+                stop_after=stop_after,
+                mesh=mesh,
+                callbacks=callbacks if lead else [],
+                lead=lead,
+                plot=plot,
+                run_config=run_config,
+            )
+        finally:
+            from ..callbacks import close_all
+
+            close_all(callbacks)
 
 
 def _loop(
@@ -948,6 +1015,7 @@ def _loop(
     callbacks,
     lead,
     plot,
+    run_config=None,
 ):
     """:func:`run`'s segments after its set-up: resume, initial evaluation, the segment loop with the
     checkpoints, results and callbacks (see :mod:`fedbpt_jax.callbacks` for when they fire)."""
@@ -961,6 +1029,14 @@ def _loop(
         resumed = ckpt.resume(carry, num_rounds, mesh)
         if resumed is not None:
             carry, history = resumed
+            if progress and lead:
+                print(
+                    f"{algo.name}: resuming from checkpoint {ckpt.ckpt.directory} at round "
+                    f"{int(host(carry.rounds_done))} of {num_rounds}",
+                    flush=True,
+                )
+    if results_dir is not None and lead and run_config is not None:  # the checkpoint (if any) was accepted
+        write_json_atomic(Path(results_dir) / "config.json", run_config)
     stop = False
     if not history.evals:
         with _mesh_context(mesh):
@@ -994,12 +1070,12 @@ def _loop(
             if ckpt is not None and (done % checkpoint_every == 0 or done >= last or stop):
                 ckpt.save(done, carry, history)
             if results_dir is not None and lead:
-                write_results(results_dir, history, carry)
+                write_results(results_dir, history, carry, planned_rounds=num_rounds)
     if ckpt is not None:
         ckpt.close()
     if results_dir is not None and lead:
         if stop and not history.rounds:  # stopped before round 1: the initial evaluation alone
-            write_results(results_dir, history, carry)
+            write_results(results_dir, history, carry, planned_rounds=num_rounds)
         if plot and (Path(results_dir) / "metrics.json").exists():
             _plot(results_dir, algo.name)
     _warn_nonfinite(summarize(history, carry), algo.name)
@@ -1065,6 +1141,14 @@ def _client_rows(clients: dict) -> list[dict]:
     return rows
 
 
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _save_upload(directory, r: int, uploads: dict) -> None:
     import os
     import tempfile
@@ -1075,6 +1159,7 @@ def _save_upload(directory, r: int, uploads: dict) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, round=np.asarray(r, np.int32), **{k: np.asarray(v) for k, v in uploads.items()})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what any new file gets, like every other output
         os.replace(tmp, d / f"round_{r:06d}.npz")
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -1090,10 +1175,22 @@ def load_uploads(directory) -> dict[str, np.ndarray]:
     replay another server rule: ``strategy.server_update(state, u["mean"][r], u["fitness"][r],
     u["sigmas"][r], u["active"][r])``.
     """
-    files = sorted(Path(directory).glob("round_*.npz"))
+    files = sorted(Path(directory).glob("round_[0-9][0-9][0-9][0-9][0-9][0-9].npz"))
     if not files:
-        raise FileNotFoundError(f"no round_*.npz uploads in {directory}")
-    loaded = [dict(np.load(f)) for f in files]
+        raise FileNotFoundError(f"no round_NNNNNN.npz uploads in {directory}")
+    loaded = []
+    for f in files:
+        x = dict(np.load(f))
+        if "round" not in x or int(x["round"]) != int(f.stem.split("_")[1]):
+            raise ValueError(
+                f"{f} is not an upload file of round {f.stem.split('_')[1]} (its 'round' entry: "
+                f"{x.get('round')!r}); the folder holds files of another kind or run"
+            )
+        loaded.append(x)
+    keys = set(loaded[0])
+    odd = [f.name for f, x in zip(files, loaded) if set(x) != keys]
+    if odd:
+        raise ValueError(f"{directory}: {odd[0]} holds other entries than {files[0].name}: uploads of two runs mixed")
     return {k: np.stack([x[k] for x in loaded]) for k in loaded[0]}
 
 
@@ -1161,12 +1258,14 @@ def _warn_nonfinite(summary: dict, name: str) -> None:
         )
 
 
-def write_results(results_dir, history: History, carry: RunCarry) -> None:
-    """``metrics.json`` (history, per-client diagnostics and :func:`summarize`'s figures) and
-    ``rounds.csv`` (one row a round, scalars only), each replaced atomically."""
+def write_results(results_dir, history: History, carry: RunCarry, planned_rounds: int | None = None) -> None:
+    """``metrics.json`` (history, per-client diagnostics, :func:`summarize`'s figures and the run's extent:
+    planned rounds, the last round reached, complete or not) and ``rounds.csv`` (one row a round, scalars
+    only), each replaced atomically."""
     from ..interrupts import deferred
 
     d = Path(results_dir)
+    extent = records.completeness(planned_rounds, history.evals, history.stopped_early)
     with deferred():  # a Ctrl-C / SIGTERM lands after both files describe the same round
-        write_json_atomic(d / "metrics.json", {**history.as_dict(), **summarize(history, carry)})
+        write_json_atomic(d / "metrics.json", {**history.as_dict(), **summarize(history, carry), **extent})
         write_csv_atomic(d / "rounds.csv", [{k: v for k, v in r.items() if k != "clients"} for r in history.rounds])

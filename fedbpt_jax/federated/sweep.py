@@ -87,15 +87,25 @@ def lane_mesh(devices: Sequence[Any] | None = None):
 # ------------------------------------------------------------------------------------------------
 # Inputs: seeds and hyperparameter points
 # ------------------------------------------------------------------------------------------------
-def _check_seeds(seeds) -> list[int]:
+#: Seeds a run accepts: jax.random.key keeps 32 bits of a seed (without x64), so 2**32 would be seed 0 again,
+#: and the few-shot draw (numpy) refuses negative seeds.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_seeds(seeds) -> list[int]:
+    """``seeds`` as distinct ints in :data:`SEED_RANGE` (ValueError naming a bad one and what is accepted)."""
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) and not isinstance(seeds, np.ndarray):
         raise ValueError(f"seeds must be a list of integers, got {seeds!r}")
     out = []
+    lo, hi = SEED_RANGE
     for s in list(seeds):
         if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
             raise ValueError(f"seeds must be integers, got {s!r} in {list(seeds)!r}")
-        if not -(2**63) <= int(s) < 2**64:
-            raise ValueError(f"seed {int(s)} is outside the 64-bit range jax.random.key accepts")
+        if not lo <= int(s) <= hi:
+            raise ValueError(
+                f"seed {int(s)} is outside {lo}..{hi} (jax keeps 32 bits of a seed: {2**32} would repeat seed 0); "
+                f"accepted: integers {lo}..{hi}"
+            )
         out.append(int(s))
     if not out:
         raise ValueError("seeds is empty: give at least one seed")
@@ -519,7 +529,7 @@ def sweep(
       ValueError: bad seeds, hyperparameters (see :func:`hp_points`), schedule, mesh or data, before
         anything compiles.
     """
-    seeds = _check_seeds(seeds)
+    seeds = check_seeds(seeds)
     _check_sweep_options(num_rounds, eval_every, eval_chunk, mesh)
     if getattr(algo, "mesh", None) is not None:
         raise ValueError(
