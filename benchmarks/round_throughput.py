@@ -138,8 +138,8 @@ def _cheap_scorer(num_labels: int):
     return Scorer(prepare, logits, "after", lambda *a, **k: ScoreCost(0.0, 0.0))
 
 
-def _algo_scorer(algo, lm):
-    from fedbpt_jax.federated.run import _algo_scorer as scorer_of
+def algo_scorer(algo, lm):
+    from fedbpt_jax.federated.run import algo_scorer as scorer_of
 
     return scorer_of(algo, lm.kind, lm.config)
 
@@ -383,7 +383,7 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
         from fedbpt_jax.federated import with_clean_context
 
         t0 = time.perf_counter()
-        data = with_clean_context(data, _algo_scorer(algo, lm), lm.params, chunk=chunk)
+        data = with_clean_context(data, algo_scorer(algo, lm), lm.params, chunk=chunk)
         common.block(data.clean_context)
         res["clean_cache_build_s"] = time.perf_counter() - t0
         res["clean_cache_bytes"] = common.tree_bytes(data.clean_context)

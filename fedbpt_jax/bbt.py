@@ -321,11 +321,11 @@ class Evaluator:
         )
         hidden = lm.hidden_size
         prepared = self.prepared
-        from .federated.run import EvalSet, _set_metrics
+        from .federated.run import EvalSet, set_metrics
 
         def metrics(params, ctx, labels, mask, spec, projection, z):
             p = None if z is None else prompt.to_prompt(projection, z, hidden)
-            return _set_metrics(scorer, params, EvalSet(ctx, labels, mask, prepared=prepared), spec, p)
+            return set_metrics(scorer, params, EvalSet(ctx, labels, mask, prepared=prepared), spec, p)
 
         self._metrics = jax.jit(metrics)
 

@@ -104,7 +104,7 @@ class CliError(ValueError):
     """A bad command line or input, reported as one line (exit status 2)."""
 
 
-def _one_line(err: BaseException, limit: int = 400) -> str:
+def one_line(err: BaseException, limit: int = 400) -> str:
     """An exception's message on one line (its type when it has none), shortened to ``limit`` characters."""
     msg = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, KeyError) and msg.startswith("'") and msg.endswith("'"):
@@ -112,7 +112,7 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
     return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 
 
-def _check_args(args) -> None:
+def check_args(args) -> None:
     """Values argparse accepts but no run could use: an error naming the value, before anything loads."""
 
     def need(ok, msg):
@@ -184,7 +184,7 @@ def _check_args(args) -> None:
         need(args.generations >= 1, f"--generations {args.generations}: accepted: 1 or more")
 
 
-def _check_output_dir(path, flag: str) -> None:
+def check_output_dir(path, flag: str) -> None:
     """``path`` is (or can be made) a writable folder: checked before the model loads, so a bad location
     costs nothing."""
     import tempfile
@@ -203,7 +203,7 @@ def _check_output_dir(path, flag: str) -> None:
             pass
     except OSError as err:
         raise CliError(
-            f"{flag} {str(path)!r} is not writable ({err.strerror or _one_line(err)}); choose a folder you can write to"
+            f"{flag} {str(path)!r} is not writable ({err.strerror or one_line(err)}); choose a folder you can write to"
         ) from None
 
 
@@ -217,7 +217,7 @@ def _check_outputs(args) -> None:
         ("--tensorboard-dir", "tensorboard_dir"),
     ):
         if getattr(args, attr, None):
-            _check_output_dir(getattr(args, attr), flag)
+            check_output_dir(getattr(args, attr), flag)
     resuming = getattr(args, "checkpoint_dir", None) and any(Path(args.checkpoint_dir).iterdir())
     uploads = getattr(args, "save_uploads", None)
     if uploads and not args.overwrite and not resuming:
@@ -249,7 +249,7 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _write_config(args, resolved: dict) -> None:
+def write_config(args, resolved: dict) -> None:
     """``config.json`` in the results folder now (:func:`config_record`); ``simulate`` hands the record to
     :func:`fedbpt_jax.federated.run` instead, which writes it only once a resume has been accepted."""
     if not args.results_dir:
@@ -279,7 +279,7 @@ def config_record(args, resolved: dict) -> dict:
     }
 
 
-def _load(args):
+def load_model(args):
     from . import models
 
     t0 = time.perf_counter()
@@ -289,7 +289,7 @@ def _load(args):
         if getattr(args, "debug", False):
             raise
         raise CliError(
-            f"cannot load model {args.model!r}: {_one_line(err).rstrip('.')}. --model takes a registry "
+            f"cannot load model {args.model!r}: {one_line(err).rstrip('.')}. --model takes a registry "
             "name (e.g. smollm2-135m-instruct), a local Hugging Face folder (config.json, *.safetensors, "
             "tokenizer), a .gguf file, or a hub id (needs network access)"
         ) from None
@@ -312,7 +312,7 @@ def _data_identity(args, lm) -> dict | None:
         return None
 
 
-def _data(args, lm, *, num_clients: int, alpha):
+def load_data(args, lm, *, num_clients: int, alpha):
     from . import data as data_lib
 
     kw = dict(
@@ -343,7 +343,7 @@ def _data(args, lm, *, num_clients: int, alpha):
                 "'embedded', or a hub name (needs network access)"
             )
         )
-        raise CliError(f"task {args.task!r}, data {args.data or 'default source'!r}: {_one_line(err)}{hint}") from None
+        raise CliError(f"task {args.task!r}, data {args.data or 'default source'!r}: {one_line(err)}{hint}") from None
     print(
         f"task {args.task}: {int(fed.train_counts.sum())} train examples over {num_clients} client(s) "
         f"(counts {fed.train_counts.tolist() if num_clients <= 20 else '…'}), {len(fed.dev.labels)} dev, "
@@ -365,7 +365,7 @@ def _task(args, lm):
     return tasks.override(task, kind=lm.kind, style=style, template=args.template, cue=args.cue, label_words=words)
 
 
-def _n_prompt(args, lm, start=None, default: int = 5) -> None:
+def resolve_n_prompt(args, lm, start=None, default: int = 5) -> None:
     """Sets ``args.n_prompt``: as given, else the start's token count, else ``default``."""
     from . import prompt
 
@@ -373,7 +373,7 @@ def _n_prompt(args, lm, start=None, default: int = 5) -> None:
         args.n_prompt = prompt.start_length(start, lm.tokenizer) or default
 
 
-def _auto_start(args, lm):
+def auto_start(args, lm):
     """``--prompt-start auto``: the task's measured decoder start (``Task.decoder_prompt_start``), unless the
     backbone is an encoder (BBT's placeholders: "zeros" in "add" mode), the task has none, or an explicit
     ``--n-prompt`` differs from its token count (then "zeros", said on the console)."""
@@ -404,13 +404,13 @@ def cmd_bbt(args) -> int:
         return build(bbt_lib.BBTConfig, args, options("bbt"), n_prompt_tokens=n_prompt)
 
     config(args.n_prompt or 1)  # validated before anything is loaded (n may come from the prompt start)
-    lm = _load(args)
-    _n_prompt(args, lm)
+    lm = load_model(args)
+    resolve_n_prompt(args, lm)
     cfg = config(args.n_prompt)
-    fed = _data(args, lm, num_clients=1, alpha=None)
+    fed = load_data(args, lm, num_clients=1, alpha=None)
     import dataclasses
 
-    _write_config(
+    write_config(
         args,
         {
             "model": lm.name,
@@ -513,12 +513,12 @@ def cmd_simulate(args) -> int:
 
     fed_config(args.n_prompt or 1)  # validated before the model loads (n may come from the prompt start)
     mesh = _mesh(args.devices)
-    lm = _load(args)
+    lm = load_model(args)
     if auto:
-        start = _auto_start(args, lm)
-    _n_prompt(args, lm, start)
+        start = auto_start(args, lm)
+    resolve_n_prompt(args, lm, start)
     alpha = None if not args.alpha else args.alpha
-    fed = _data(args, lm, num_clients=args.clients, alpha=alpha)
+    fed = load_data(args, lm, num_clients=args.clients, alpha=alpha)
     k = args.per_round or args.clients
     cfg = fed_config(args.n_prompt)
     key_proj, key_run = jax.random.split(jax.random.key(args.seed))
@@ -729,12 +729,12 @@ def guarded(prog: str, args, command, on_interrupt) -> int:
             raise
         expected = isinstance(err, (CliError, ValueError, KeyError, FileNotFoundError))
         hint = "" if expected else " (--debug shows the traceback)"
-        print(f"{prog}: error: {_one_line(err, 600)}{hint}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err, 600)}{hint}", file=sys.stderr)
         return 2
 
 
 def _command(args) -> int:
-    _check_args(args)
+    check_args(args)
     _check_outputs(args)
     return {"simulate": cmd_simulate, "bbt": cmd_bbt}[args.command](args)
 
@@ -749,7 +749,7 @@ def main(argv=None) -> int:
     except ValueError as err:  # a --config file: one line naming the key and what is accepted
         if debugging(argv):
             raise
-        print(f"fedbpt-jax: error: {_one_line(err, 1200)}", file=sys.stderr)
+        print(f"fedbpt-jax: error: {one_line(err, 1200)}", file=sys.stderr)
         return 2
     if args.command is None:
         parser.print_help()

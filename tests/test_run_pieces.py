@@ -100,8 +100,8 @@ def test_gather_takes_the_sampled_clients_rows_and_keeps_none():
 
 def test_run_keys_typed_and_raw_agree_with_round_key():
     key = jax.random.key(4)
-    k_init, k_data, impl = run_mod._run_keys(key)
-    _, raw_data, raw_impl = run_mod._run_keys(jax.random.key_data(key))
+    k_init, k_data, impl = run_mod.run_keys(key)
+    _, raw_data, raw_impl = run_mod.run_keys(jax.random.key_data(key))
     np.testing.assert_array_equal(np.asarray(k_data), np.asarray(raw_data))
     assert str(impl) == str(raw_impl)
     rounds = jax.random.wrap_key_data(k_data, impl=impl)
@@ -126,10 +126,14 @@ def test_eval_prefix_cache_asks_the_scorer_and_the_budget():
     cached = objective.make_scorer(lm, "after", n_prompt_tokens=2)
     plain = objective.make_scorer(lm, "after", n_prompt_tokens=2, use_cache=False)
     assert cached.caches_prefix and not plain.caches_prefix
-    assert run_mod._caches_eval_prefix(cached, lm.params, chunks, None, fs.spec(), None, 1 << 30)
+    assert run_mod.decide_eval_prefix_cache(cached, lm.params, chunks, None, fs.spec(), None, 1 << 30)
     with pytest.warns(UserWarning, match=r"prefix caches need .* GiB, more than eval_cache_budget \(0.00 GiB\)"):
-        assert not run_mod._caches_eval_prefix(cached, lm.params, chunks, None, fs.spec(), None, 0)  # over the budget
-    assert not run_mod._caches_eval_prefix(plain, lm.params, chunks, None, fs.spec(), True, 1 << 30)  # nothing to cache
+        assert not run_mod.decide_eval_prefix_cache(
+            cached, lm.params, chunks, None, fs.spec(), None, 0
+        )  # over the budget
+    assert not run_mod.decide_eval_prefix_cache(
+        plain, lm.params, chunks, None, fs.spec(), True, 1 << 30
+    )  # nothing to cache
     sets = run_mod.eval_sets(cached, lm, fs.model(), chunks, chunks, fs.spec(), cache_prefix=True)
     assert sets.test.prepared and sets.dev.prepared
     plain_sets = run_mod.eval_sets(plain, lm, fs.model(), chunks, None, fs.spec(), cache_prefix=False)

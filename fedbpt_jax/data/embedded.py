@@ -50,7 +50,7 @@ def _read_rotten_tomatoes(path: Path) -> tuple[list[str], np.ndarray, np.ndarray
 
 
 @functools.lru_cache(maxsize=2)
-def _rotten_tomatoes_table(path: str):
+def rotten_tomatoes_table(path: str):
     return _read_rotten_tomatoes(Path(path))
 
 
@@ -92,7 +92,7 @@ def load_rotten_tomatoes(
         raise ValueError(f"the embedded Rotten Tomatoes data is binary; task {task.name} has {task.num_labels} classes")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' for the embedded data, got {split!r}")
-    texts, labels, movies, _ = _rotten_tomatoes_table(str(assets.fetch("rotten-tomatoes-csv")))
+    texts, labels, movies, _ = rotten_tomatoes_table(str(assets.fetch("rotten-tomatoes-csv")))
     test = group_stratified_split(labels, movies, test_fraction, seed, 2)
     idx = np.flatnonzero(test if split == "test" else ~test)
     return Examples(task.name, tuple(texts[i] for i in idx), labels[idx], movies[idx])

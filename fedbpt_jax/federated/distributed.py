@@ -91,7 +91,7 @@ def _is_global_on(x, mesh: Mesh) -> bool:
     return isinstance(s, NamedSharding) and s.mesh == mesh
 
 
-def _put(x, sharding: NamedSharding):
+def put_sharded(x, sharding: NamedSharding):
     """A global array with ``sharding`` from a full host copy ``x`` (every process holds the same value)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return x  # already global (e.g. made by the caller with make_array_from_callback)
@@ -119,7 +119,7 @@ def to_global(tree, mesh: Mesh, *, clients: bool = False):
             return x
         shape = np.shape(x)
         split = clients and len(shape) >= 1 and shape[0] % n_dev == 0
-        return _put(x, NamedSharding(mesh, P(CLIENT_AXIS) if split else P()))
+        return put_sharded(x, NamedSharding(mesh, P(CLIENT_AXIS) if split else P()))
 
     return jax.tree_util.tree_map(one, tree)
 

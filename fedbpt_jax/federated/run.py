@@ -167,7 +167,7 @@ class EvalSet:
     prepared: bool = flax.struct.field(pytree_node=False, default=False)
 
 
-def _set_metrics(scorer, params, evalset: EvalSet, spec, p) -> dict:
+def set_metrics(scorer, params, evalset: EvalSet, spec, p) -> dict:
     """Accuracy, loss, F1, count of examples with non-finite label logits and the predicted-label
     distribution ``[C]`` of prompt ``p`` on one example set. Any non-finite example makes accuracy,
     loss and F1 NaN: an argmax over NaN logits is not a prediction."""
@@ -192,9 +192,9 @@ def _eval(
     algo: FederatedAlgorithm, state, model: ModelInputs, test: EvalSet, dev: EvalSet | None, spec, scorer, token_norm
 ):
     p = algo.global_prompt(state, model)
-    ev = _set_metrics(scorer, model.params, test, spec, p)
+    ev = set_metrics(scorer, model.params, test, spec, p)
     if dev is not None:
-        ev.update({f"dev_{k}": v for k, v in _set_metrics(scorer, model.params, dev, spec, p).items()})
+        ev.update({f"dev_{k}": v for k, v in set_metrics(scorer, model.params, dev, spec, p).items()})
     if algo.global_z is not None:
         ev["z_norm"] = jnp.linalg.norm(algo.global_z(state))
     if p is not None:
@@ -314,7 +314,7 @@ def _replicated(mesh):
     return NamedSharding(mesh, P())
 
 
-def _algo_scorer(algo: FederatedAlgorithm, kind: str, model_config):
+def algo_scorer(algo: FederatedAlgorithm, kind: str, model_config):
     cfg = algo.config
     if algo.scorer is not None:
         return algo.scorer
@@ -357,7 +357,7 @@ def _jitted(
     log_clients: bool = True,
 ):
     cfg = algo.config
-    scorer = _algo_scorer(algo, kind, model_config)
+    scorer = algo_scorer(algo, kind, model_config)
     out = _replicated(mesh)
     segment = jax.jit(
         make_segment(
@@ -407,7 +407,7 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
     calls · examples · forward FLOPs/example + prefix passes · examples · prepare FLOPs/example. Padding
     rows are computed, so they are counted.
     """
-    scorer = _algo_scorer(algo, lm.kind, lm.config)
+    scorer = algo_scorer(algo, lm.kind, lm.config)
     n, e, t = np.shape(data.train.input_ids)
     examples = n * e if algo.cost.pooled else e
     packing = data.train.packing
@@ -428,7 +428,9 @@ def round_cost(algo: FederatedAlgorithm, lm, data: FederatedData) -> dict[str, f
     }
 
 
-def _keep_clean_context(algo, scorer, lm, data: FederatedData, keep: bool | None, budget: int, num_rounds: int) -> bool:
+def decide_clean_context(
+    algo, scorer, lm, data: FederatedData, keep: bool | None, budget: int, num_rounds: int
+) -> bool:
     """Whether ``run`` keeps the clients' clean prefix caches across rounds (see ``run``'s ``keep_clean_context``)."""
     usable = algo.uses_clean_context and bool(scorer.caches_prefix)
     if keep is None:
@@ -628,7 +630,7 @@ def _check_options(
     return algo.mesh if mesh is None else mesh
 
 
-def _validate_inputs(
+def validate_inputs(
     algo: FederatedAlgorithm, data: FederatedData, test: TokenBatch, dev: TokenBatch | None, lm
 ) -> None:
     """Host-side checks of the training data, the test set and the dev set (clear errors before compiling)."""
@@ -642,7 +644,7 @@ def _validate_inputs(
             raise ValueError(f"dev set: {err}") from None
 
 
-def _run_keys(key) -> tuple[jax.Array, jax.Array, Any]:
+def run_keys(key) -> tuple[jax.Array, jax.Array, Any]:
     """``(key_init, key_data of the rounds' key, key implementation)`` of a run's key (typed or raw uint32):
     the key is split once into the initial state's key and the rounds' key (see :func:`round_key`)."""
     if not jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
@@ -677,7 +679,7 @@ def _place_data(data: FederatedData, mesh) -> FederatedData:
     )
 
 
-def _clean_context(data: FederatedData, keep: bool, scorer, model: ModelInputs, config, mesh) -> FederatedData:
+def prepare_clean_context(data: FederatedData, keep: bool, scorer, model: ModelInputs, config, mesh) -> FederatedData:
     """``data`` with the clients' clean contexts kept across rounds (prepared once here if missing), or
     without any when ``keep`` is False."""
     if not keep:
@@ -707,7 +709,7 @@ class EvalSets:
         return {"round": r, **{k: _eval_value(v) for k, v in ev.items()}, **self.flops}
 
 
-def _caches_eval_prefix(scorer, params, chunks, dev_chunks, spec, cache: bool | None, budget: int) -> bool:
+def decide_eval_prefix_cache(scorer, params, chunks, dev_chunks, spec, cache: bool | None, budget: int) -> bool:
     """Whether the evaluation sets' prefix caches are kept for the run (``run``'s ``cache_eval_prefix``):
     only for a scorer that has one; ``None``: when they fit ``budget`` bytes."""
     if not scorer.caches_prefix:
@@ -915,18 +917,18 @@ def run(
         mesh=mesh,
     )
     hp = hp.validate()
-    _validate_inputs(algo, data, test, dev, lm)
+    validate_inputs(algo, data, test, dev, lm)
     with contextlib.ExitStack() as held:  # the output folders are this run's until it returns or fails
         if jax.process_index() == 0:
             held.enter_context(records.claim(results_dir))
             if save_uploads is not None:
                 held.enter_context(records.claim(save_uploads, "uploads folder"))
-        key_init, key_data, impl = _run_keys(key)
+        key_init, key_data, impl = run_keys(key)
         segment, initial = compiled_segments(
             algo, lm, eval_every, impl, mesh, keep_uploads=save_uploads is not None, log_clients=log_clients
         )
-        scorer = _algo_scorer(algo, lm.kind, lm.config)
-        keep_ctx = _keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
+        scorer = algo_scorer(algo, lm.kind, lm.config)
+        keep_ctx = decide_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
         chunks = objective.eval_chunks(scorer, test, eval_chunk, data.spec)
         dev_chunks = None if dev is None else objective.eval_chunks(scorer, dev, eval_chunk, data.spec)
         carry = initial_carry(algo, key_init, hp, lm.hidden_size)
@@ -938,9 +940,9 @@ def run(
             )
         else:
             chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
-        data = _clean_context(data, keep_ctx, scorer, model, algo.config, mesh)
+        data = prepare_clean_context(data, keep_ctx, scorer, model, algo.config, mesh)
         cost = round_cost(algo, lm, data)
-        cache = _caches_eval_prefix(
+        cache = decide_eval_prefix_cache(
             scorer, lm.params, chunks, dev_chunks, data.spec, cache_eval_prefix, eval_cache_budget
         )
         evals = eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache, mesh=mesh)

@@ -237,7 +237,7 @@ def _constrain_lanes(tree, mesh):
 def _jitted(
     algo: FederatedAlgorithm, kind: str, model_config, hidden: int, eval_every: int, num_segments: int, key_impl, mesh
 ):
-    scorer = run_mod._algo_scorer(algo, kind, model_config)
+    scorer = run_mod.algo_scorer(algo, kind, model_config)
     out = None
     if mesh is not None:
         from jax.sharding import NamedSharding
@@ -472,7 +472,7 @@ def _lane_keys(seeds: list[int]):
     from ``jax.random.key(seed)``, and the key implementation."""
     inits, rounds, impl = [], [], None
     for s in seeds:
-        key_init, key_rounds, impl = run_mod._run_keys(jax.random.key(s))
+        key_init, key_rounds, impl = run_mod.run_keys(jax.random.key(s))
         inits.append(np.asarray(jax.random.key_data(key_init)))
         rounds.append(np.asarray(key_rounds))
     return np.stack(inits), np.stack(rounds), impl
@@ -538,7 +538,7 @@ def sweep(
         )
     points = hp_points(hp, grid=grid, base=base)
     swept = list(dict(hp or {}))
-    run_mod._validate_inputs(algo, data, test, dev, lm)
+    run_mod.validate_inputs(algo, data, test, dev, lm)
 
     key_init, key_rounds, impl = _lane_keys(seeds)
     n_lanes = len(seeds) * len(points)
@@ -550,16 +550,16 @@ def sweep(
         hps = {k: np.concatenate([v, np.repeat(v[-1:], pad)]) for k, v in hps.items()}
     hparams = HParams(**{k: jnp.asarray(v) for k, v in hps.items()})
 
-    scorer = run_mod._algo_scorer(algo, lm.kind, lm.config)
-    keep = run_mod._keep_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
+    scorer = run_mod.algo_scorer(algo, lm.kind, lm.config)
+    keep = run_mod.decide_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
 
     def chunked(batch):  # as run() chunks them
         return jax.tree_util.tree_map(jnp.asarray, objective.eval_chunks(scorer, batch, eval_chunk, data.spec))
 
     chunks = chunked(test)
     dev_chunks = None if dev is None else chunked(dev)
-    data = run_mod._clean_context(data, keep, scorer, model, algo.config, None)
-    cache = run_mod._caches_eval_prefix(
+    data = run_mod.prepare_clean_context(data, keep, scorer, model, algo.config, None)
+    cache = run_mod.decide_eval_prefix_cache(
         scorer, lm.params, chunks, dev_chunks, data.spec, cache_eval_prefix, eval_cache_budget
     )
     evals = run_mod.eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache)
@@ -570,10 +570,10 @@ def sweep(
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from .distributed import _put
+        from .distributed import put_sharded
 
         lanes_sharding = NamedSharding(mesh, P(LANE_AXIS))
-        lane_args = jax.tree_util.tree_map(lambda x: _put(np.asarray(x), lanes_sharding), lane_args)
+        lane_args = jax.tree_util.tree_map(lambda x: put_sharded(np.asarray(x), lanes_sharding), lane_args)
         shared = to_global(shared, mesh)
 
     program = compiled_program(algo, lm, eval_every, num_rounds // eval_every, impl, mesh)
