@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from . import cli_options as co
 
-    parser = argparse.ArgumentParser(
+    parser = co.OneLineParser(
         prog="fedbpt-jax",
         description="\n\n".join(__doc__.split("\n\n")[:2]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -611,7 +611,12 @@ def cmd_simulate(args) -> int:
     print(
         f"per round: {last['forward_calls']} model forward calls over local batches, "
         f"{last['model_flops'] / 1e12:.2f} TFLOP, {last['active_clients']} active clients, "
-        f"{last['bytes_up_per_client']} B up per client; steady round time {last['seconds']:.1f}s"
+        f"{last['bytes_up_per_client']} B up per client; "
+        + (
+            f"steady round time {last['seconds']:.1f}s"
+            if len(hist.rounds) > args.eval_every
+            else f"round time {last['seconds']:.1f}s (one segment: compilation included)"
+        )
     )
     s = fl.summarize(hist, carry)
     manual = _manual_accuracy(lm, fed, args.layout, args.n_prompt)

@@ -231,6 +231,14 @@ COMMAND_LINE_ONLY = ("overwrite", "config")
 RUN_OUTPUTS = ("results_dir", "checkpoint_dir", "tensorboard_dir", "save_uploads")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming the problem and where the help is (argparse
+    prints the whole usage first: ~50 lines for ``simulate``). Its sub-parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (options: '{self.prog} --help')\n")
+
+
 def sources(command: str) -> list[Source]:
     """The dataclasses whose fields are ``command``'s options, in help order."""
     if command == "simulate":

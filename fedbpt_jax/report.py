@@ -507,7 +507,9 @@ def report(dirs, out=None, *, same_config: bool = False, title: str | None = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cli_options import OneLineParser
+
+    p = OneLineParser(
         prog="fedbpt-jax report",
         description=__doc__.split("\n\n")[0],
         epilog="Runs are grouped by configuration (all settings but the seed and the "

@@ -133,7 +133,9 @@ def _apply_config(p: argparse.ArgumentParser, opts: list, argv: list[str]) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .cli_options import OneLineParser
+
+    p = OneLineParser(
         prog="fedbpt-jax sweep",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -245,11 +245,22 @@ def test_ctrl_c_ends_a_long_computation_within_seconds(script, stops_cleanly):
     assert p.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=30)
-    waited = time.monotonic() - t0
-    assert p.returncode == 130 and waited < interrupts.GRACE_SECONDS + 5
-    if stops_cleanly:
-        assert "clean stop" in out and "quitting now" not in err
+    if stops_cleanly:  # the handler runs at once (the interpreter's own shutdown afterwards is not timed)
+        assert p.stdout.readline().strip() == "clean stop"
+        assert time.monotonic() - t0 < interrupts.GRACE_SECONDS
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and "quitting now" not in err
     else:
+        out, err = p.communicate(timeout=60)
+        waited = time.monotonic() - t0
+        assert p.returncode == 130 and interrupts.GRACE_SECONDS - 0.5 <= waited < interrupts.GRACE_SECONDS + 5
         assert "clean stop" not in out and "SIGINT (still computing after 3 s): quitting now" in err
-        assert waited >= interrupts.GRACE_SECONDS - 0.5
+
+
+@pytest.mark.parametrize("argv", [["--no-such-option"], ["simulate", "--clients", "many"], ["sweep", "--bogus"]])
+def test_usage_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and "--help" in err[0], err
