@@ -748,6 +748,17 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTERNAL_COMMANDS:
         return _run_external(argv[0], argv[1:])
+    if argv and argv[0].startswith("-"):  # no command: a --config file may name one that lives in its own module
+        from . import cli_options as co
+
+        try:
+            path = co.find_config_arg(argv)
+            named = co.file_command(co.read_config_file(path)) if path is not None else None
+        except ValueError as err:
+            print(f"fedbpt-jax: error: {one_line(err, 1200)}", file=sys.stderr)
+            return 2
+        if named in EXTERNAL_COMMANDS:
+            return _run_external(named, argv)
     parser = build_parser()
     try:
         args = parse(argv, parser)

@@ -368,6 +368,12 @@ def test_cli_runs_a_grid_and_writes_its_results(tmp_path, monkeypatch, capsys):
     assert sweep_cli.main(["--config", str(out / "config.json"), "--results-dir", str(tmp_path / "again")]) == 0
     same = lambda d: {k: v for k, v in d.items() if k not in ("results_dir", "config")}  # noqa: E731
     assert same(seen) == same(first)
+    # the main command finds the sweep command in the file (it lives in its own module)
+    from fedbpt_jax import cli
+
+    seen.clear()
+    assert cli.main(["--config", str(out / "config.json"), "--results-dir", str(tmp_path / "again")]) == 0
+    assert same(seen) == same(first)
 
 
 def test_cli_options_are_derived_and_a_config_file_sets_them(tmp_path, monkeypatch, capsys):
