@@ -479,6 +479,10 @@ def read_config_file(path) -> dict:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigFileError(f"--config {str(path)!r}: cannot read it ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigFileError(
+            f"--config {str(path)!r}: not UTF-8 text (byte {err.start}); accepted: a TOML, YAML or JSON text file"
+        ) from None
     try:
         if suffix == ".toml":
             try:

@@ -179,7 +179,14 @@ def parse_start(start) -> PromptStart:
 
             if not os.path.isfile(start):
                 raise ValueError(f"prompt start {start!r}: no such .npy file")
-            return parse_start(np.load(start))
+            try:
+                arr = np.load(start, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as err:
+                raise ValueError(
+                    f"prompt start {start!r}: not a NumPy .npy array file ({' '.join(str(err).split())}); accepted: "
+                    "a file written by numpy.save of token ids [n] or embeddings [n, hidden]"
+                ) from None
+            return parse_start(arr)
         raise ValueError(f"unknown prompt start {start!r}; accepted: {', '.join(START_FORMS)}")
     arr = np.asarray(start)
     if arr.dtype.kind in "iu" and arr.ndim == 1:

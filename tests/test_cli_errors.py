@@ -264,3 +264,20 @@ def test_usage_errors_are_one_line(argv, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0] and "--help" in err[0], err
+
+
+def test_files_that_are_not_what_they_claim_are_named(tmp_path):
+    from fedbpt_jax import cli_options, data, prompt
+
+    toml = tmp_path / "c.toml"
+    toml.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(cli_options.ConfigFileError, match=r"c\.toml'?: not UTF-8 text"):
+        cli_options.read_config_file(toml)
+    npy = tmp_path / "start.npy"
+    npy.write_text("not an array")
+    with pytest.raises(ValueError, match=r"start\.npy'?: not a NumPy \.npy array file"):
+        prompt.parse_start(str(npy))
+    (tmp_path / "d" / "sst2").mkdir(parents=True)
+    (tmp_path / "d" / "sst2" / "train.tsv").write_bytes(b"text\tlabel\ngood \xff film\t1\n")
+    with pytest.raises(ValueError, match=r"train\.tsv: not UTF-8 text"):
+        data.load_task_data("sst2", tmp_path / "d")

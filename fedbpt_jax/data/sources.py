@@ -159,6 +159,13 @@ def _unquote_tsv_field(field: str) -> str:
 
 def _read_shared_tsv(path: Path) -> tuple[list[str], list[str]]:
     """Fast reader for the shared-data TSVs: ``text<TAB>label``, one example per line."""
+    try:
+        return _read_shared_tsv_lines(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); the shared data layout is UTF-8 TSV") from None
+
+
+def _read_shared_tsv_lines(path: Path) -> tuple[list[str], list[str]]:
     texts, labels = [], []
     with open(path, encoding="utf-8", newline="") as f:
         header = f.readline().rstrip("\r\n").split("\t")
@@ -200,8 +207,11 @@ def _load_folder(task: Task, folder: Path, split: str, columns: dict | None, cac
             )
     tsv = base / f"{split}.tsv"
     if tsv.is_file() and columns is None:
-        with open(tsv, encoding="utf-8") as f:
-            header = f.readline().rstrip("\r\n").split("\t")
+        try:
+            with open(tsv, encoding="utf-8") as f:
+                header = f.readline().rstrip("\r\n").split("\t")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{tsv}: not UTF-8 text (byte {err.start}); the shared data layout is UTF-8 TSV") from None
         if header == ["text", "label"] and not task.is_pair:
             texts, labels = _read_shared_tsv(tsv)
             return _to_examples(task, {"text": texts, "label": labels}, ["text", "label"], None, str(tsv))
