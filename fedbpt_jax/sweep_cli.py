@@ -192,6 +192,15 @@ def _seeds(seeds):
 
 def cmd_sweep(args) -> int:
     """Runs the sweep of parsed ``args`` (see :func:`add_arguments`); returns the exit status."""
+    from .federated.records import claim
+
+    checked = _check(args)  # before the folder is claimed (created): a bad location is a one-line error
+    with claim(args.results_dir):  # one sweep (or run) writes a folder at a time
+        return _sweep(args, checked)
+
+
+def _sweep(args, checked) -> int:
+    """:func:`cmd_sweep` once it holds its results folder (``checked``: :func:`_check`'s result)."""
     import dataclasses
     from pathlib import Path
 
@@ -202,7 +211,7 @@ def cmd_sweep(args) -> int:
     from .checkpoint import write_text_atomic
     from .federated.core import FederatedData, ModelInputs
 
-    hp, base, seeds = _check(args)
+    hp, base, seeds = checked
     auto = args.prompt_start == "auto"
     start = None if auto else prompt.parse_start(args.prompt_start)
     lm = cli.load_model(args)

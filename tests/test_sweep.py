@@ -409,3 +409,25 @@ def test_cli_options_are_derived_and_a_config_file_sets_them(tmp_path, monkeypat
     assert sweep_cli.main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'client'" in err and "'clients'" in err, err
+
+
+def test_a_sweep_holds_its_results_folder(tmp_path, monkeypatch):
+    """While a sweep runs, its folder is claimed: a run or another sweep there is refused."""
+    from fedbpt_jax import sweep_cli
+    from fedbpt_jax.federated import records
+
+    out = tmp_path / "sweep"
+    held = []
+
+    def body(args, checked):
+        with pytest.raises(records.FolderInUse, match="in use by another run"):
+            with records.claim(out):
+                pass
+        held.append(True)
+        return 0
+
+    monkeypatch.setattr(sweep_cli, "_sweep", body)
+    args = sweep_cli.build_parser().parse_args(["--seeds", "0,1", "--results-dir", str(out)])
+    assert sweep_cli.cmd_sweep(args) == 0 and held == [True]
+    with records.claim(out):  # released afterwards
+        pass
