@@ -207,6 +207,12 @@ def check_output_dir(path, flag: str) -> None:
         ) from None
 
 
+def _resuming(args) -> bool:
+    """Whether the run resumes: its ``--checkpoint-dir`` holds something."""
+    ck = getattr(args, "checkpoint_dir", None)
+    return bool(ck) and Path(ck).is_dir() and any(Path(ck).iterdir())
+
+
 def _check_outputs(args) -> None:
     from pathlib import Path
 
@@ -218,7 +224,7 @@ def _check_outputs(args) -> None:
     ):
         if getattr(args, attr, None):
             check_output_dir(getattr(args, attr), flag)
-    resuming = getattr(args, "checkpoint_dir", None) and any(Path(args.checkpoint_dir).iterdir())
+    resuming = _resuming(args)
     uploads = getattr(args, "save_uploads", None)
     if uploads and not args.overwrite and not resuming:
         held = sorted(p.name for p in Path(uploads).glob("round_*.npz"))
@@ -577,13 +583,7 @@ def cmd_simulate(args) -> int:
             flush=True,
         )
         hp = hp.replace(learning_rate=lr)
-    if (
-        args.save_uploads
-        and args.overwrite
-        and not (
-            args.checkpoint_dir and Path(args.checkpoint_dir).is_dir() and any(Path(args.checkpoint_dir).iterdir())
-        )
-    ):
+    if args.save_uploads and args.overwrite and not _resuming(args):
         for old in Path(args.save_uploads).glob("round_*.npz"):  # --overwrite: another run's uploads go
             old.unlink()
     carry, hist = fl.run(

@@ -77,7 +77,7 @@ def _watch() -> None:
         while True:
             if _taken.wait(0.05) and received == 1:
                 break  # the main thread took it and stops cleanly
-            if time.monotonic() >= deadline and not _critical[0]:
+            if time.monotonic() >= deadline and not _critical[0]:  # never while a results file is written
                 why = "a second signal" if received > 1 else f"still computing after {GRACE_SECONDS:g} s"
                 print(
                     f"fedbpt-jax: {signal.Signals(signum).name} ({why}): quitting now; results and checkpoints "
@@ -86,8 +86,6 @@ def _watch() -> None:
                     flush=True,
                 )
                 os._exit(128 + signum)
-            if received > 1 and _taken.is_set() and _critical[0]:
-                continue  # let the file being written finish
 
 
 @contextlib.contextmanager

@@ -162,7 +162,11 @@ def _read_shared_tsv(path: Path) -> tuple[list[str], list[str]]:
     try:
         return _read_shared_tsv_lines(path)
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); the shared data layout is UTF-8 TSV") from None
+        raise _not_utf8(path, err) from None
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path}: not UTF-8 text (byte {err.start}); the shared data layout is UTF-8 TSV")
 
 
 def _read_shared_tsv_lines(path: Path) -> tuple[list[str], list[str]]:
@@ -211,7 +215,7 @@ def _load_folder(task: Task, folder: Path, split: str, columns: dict | None, cac
             with open(tsv, encoding="utf-8") as f:
                 header = f.readline().rstrip("\r\n").split("\t")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{tsv}: not UTF-8 text (byte {err.start}); the shared data layout is UTF-8 TSV") from None
+            raise _not_utf8(tsv, err) from None
         if header == ["text", "label"] and not task.is_pair:
             texts, labels = _read_shared_tsv(tsv)
             return _to_examples(task, {"text": texts, "label": labels}, ["text", "label"], None, str(tsv))
