@@ -139,7 +139,7 @@ def _cheap_scorer(num_labels: int):
 
 
 def algo_scorer(algo, lm):
-    from fedbpt_jax.federated.run import algo_scorer as scorer_of
+    from fedbpt_jax.federated.driver import algo_scorer as scorer_of
 
     return scorer_of(algo, lm.kind, lm.config)
 

@@ -321,7 +321,7 @@ class Evaluator:
         )
         hidden = lm.hidden_size
         prepared = self.prepared
-        from .federated.run import EvalSet, set_metrics
+        from .federated.evaluation import EvalSet, set_metrics
 
         def metrics(params, ctx, labels, mask, spec, projection, z):
             p = None if z is None else prompt.to_prompt(projection, z, hidden)

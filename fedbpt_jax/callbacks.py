@@ -3,7 +3,7 @@ without editing the library.
 
 A callback is any object with the methods ``on_round(row)`` and ``on_eval(row)`` (subclass
 :class:`Callback` to get both as no-ops and override what you need); ``row`` is the dict that
-:class:`~fedbpt_jax.federated.run.History` records (keys and units: ``docs/metrics.md``). A method that
+:class:`~fedbpt_jax.federated.records.History` records (keys and units: ``docs/metrics.md``). A method that
 returns ``True`` asks the run to stop early; any other return value (``None``, ``False``) lets it go on.
 
 **When they fire.** :func:`~fedbpt_jax.federated.run` executes its rounds in compiled *segments* of

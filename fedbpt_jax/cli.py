@@ -32,12 +32,23 @@ being written are complete (exit status 130 / 143).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
+
+from .errors import CliError, one_line
+from .plan import (
+    client_mesh_for,
+    config_record,
+    data_identity,
+    load_data,
+    load_model,
+    local_device_count,
+    resolve_n_prompt,
+)
 
 #: Sub-commands that live in their own module: ``fedbpt-jax NAME ...`` calls ``module.main(argv)`` with the
 #: arguments after NAME (listed in the help only when the module is installed).
@@ -98,18 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
         if _external_available(module):
             sub.add_parser(name, help=text, add_help=False)
     return parser
-
-
-class CliError(ValueError):
-    """A bad command line or input, reported as one line (exit status 2)."""
-
-
-def one_line(err: BaseException, limit: int = 400) -> str:
-    """An exception's message on one line (its type when it has none), shortened to ``limit`` characters."""
-    msg = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, KeyError) and msg.startswith("'") and msg.endswith("'"):
-        msg = msg[1:-1]
-    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 
 
 def check_args(args) -> None:
@@ -174,7 +173,7 @@ def check_args(args) -> None:
         need(args.checkpoint_every >= 1, f"--checkpoint-every {args.checkpoint_every}: accepted: a positive integer")
         need(args.devices >= 0, f"--devices {args.devices}: accepted: 1 or more local devices, or 0 for all")
         if args.devices > 1:
-            have = _local_device_count()
+            have = local_device_count()
             need(
                 args.devices <= have,
                 f"--devices {args.devices}: this machine has {have} local device(s); "
@@ -242,161 +241,23 @@ def _check_outputs(args) -> None:
             )
 
 
-def _git_revision() -> str | None:
-    import subprocess
-    from pathlib import Path
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def write_config(args, resolved: dict) -> None:
-    """``config.json`` in the results folder now (:func:`config_record`); ``simulate`` hands the record to
-    :func:`fedbpt_jax.federated.run` instead, which writes it only once a resume has been accepted."""
+def write_with_config(args, record: dict, results: dict) -> None:
+    """The results files of a command that writes them once at its end (``bbt``, ``sweep``): ``results``
+    (``{file name: JSON content or text}``) and ``config.json`` (``record``, :func:`config_record`, made
+    before the run) in the results folder, one consistent set: the config is written with its results,
+    never before them (a run that fails leaves no config describing results that do not exist), and a
+    Ctrl-C / SIGTERM lands after all of them. ``simulate`` hands its record to
+    :func:`fedbpt_jax.federated.run` instead, which writes it once a resume has been accepted."""
     if not args.results_dir:
         return
-    from .checkpoint import write_json_atomic
+    from .checkpoint import write_json_atomic, write_text_atomic
+    from .interrupts import deferred
 
-    write_json_atomic(os.path.join(args.results_dir, "config.json"), config_record(args, resolved))
-
-
-def config_record(args, resolved: dict) -> dict:
-    """What ``config.json`` holds: the command line, every option, what was resolved from it, the package
-    versions and the git revision."""
-    import importlib.metadata as md
-
-    versions = {}
-    for name in ("fedbpt-jax", "jax", "jaxlib", "flax", "evosax", "optax", "transformers", "numpy", "orbax-checkpoint"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "command": ["fedbpt-jax", *sys.argv[1:]],
-        "args": vars(args),
-        "resolved": resolved,
-        "versions": versions,
-        "git_revision": _git_revision(),
-    }
-
-
-def load_model(args):
-    from . import models
-
-    t0 = time.perf_counter()
-    try:
-        lm = models.load(args.model, compute_dtype=args.compute_dtype)
-    except Exception as err:  # noqa: BLE001  (any failure to load is the model argument's problem)
-        if getattr(args, "debug", False):
-            raise
-        raise CliError(
-            f"cannot load model {args.model!r}: {one_line(err).rstrip('.')}. --model takes a registry "
-            "name (e.g. smollm2-135m-instruct), a local Hugging Face folder (config.json, *.safetensors, "
-            "tokenizer), a .gguf file, or a hub id (needs network access)"
-        ) from None
-    print(
-        f"model {lm.name}: {lm.kind}, {lm.num_params() / 1e6:.1f}M parameters, {lm.config.compute_dtype} "
-        f"(loaded in {time.perf_counter() - t0:.1f}s)",
-        flush=True,
-    )
-    return lm
-
-
-def _data_identity(args, lm) -> dict | None:
-    """The data source's identity for ``config.json`` (path or name and content hashes); None when it cannot be
-    read again (the run itself already loaded it, so this only loses the record, never the run)."""
-    from .data.sources import source_identity
-
-    try:
-        return source_identity(_task(args, lm), args.data)
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def load_data(args, lm, *, num_clients: int, alpha):
-    from . import data as data_lib
-
-    kw = dict(
-        num_clients=num_clients,
-        shots_per_class=args.shots,
-        dev_shots_per_class=args.dev_shots,
-        alpha=alpha,
-        seed=args.seed,
-        n_prompt=args.n_prompt,
-        source=args.data,
-        style=args.style,
-        first_token=args.first_token,
-        max_length=args.max_length,
-        test_size=args.test_size or None,
-        max_positions=getattr(lm.config, "max_position_embeddings", None),
-    )
-    try:
-        fed = data_lib.federated(_task(args, lm), lm.tokenizer, lm.kind, **kw)
-    except Exception as err:  # noqa: BLE001
-        if getattr(args, "debug", False):
-            raise
-        # The data layer's ValueErrors already say what is accepted; anything else gets the general answer.
-        hint = (
-            ""
-            if isinstance(err, ValueError) and not isinstance(err, UnicodeError)
-            else (
-                ". --data takes a folder like ../shared/data, a non-empty csv/tsv/json/parquet file with a header row, "
-                "'embedded', or a hub name (needs network access)"
-            )
-        )
-        raise CliError(f"task {args.task!r}, data {args.data or 'default source'!r}: {one_line(err)}{hint}") from None
-    print(
-        f"task {args.task}: {int(fed.train_counts.sum())} train examples over {num_clients} client(s) "
-        f"(counts {fed.train_counts.tolist() if num_clients <= 20 else '…'}), {len(fed.dev.labels)} dev, "
-        f"{len(fed.test.labels)} test",
-        flush=True,
-    )
-    return fed
-
-
-def _task(args, lm):
-    """The task, with --template/--cue/--verbalizer applied."""
-    from . import tasks
-
-    task = tasks.get(args.task)
-    if args.template is None and args.cue is None and args.verbalizer is None:
-        return task
-    words = None if args.verbalizer is None else tuple(args.verbalizer.split("|"))
-    style = args.style if lm.kind == "decoder" else None
-    return tasks.override(task, kind=lm.kind, style=style, template=args.template, cue=args.cue, label_words=words)
-
-
-def resolve_n_prompt(args, lm, start=None, default: int = 5) -> None:
-    """Sets ``args.n_prompt``: as given, else the start's token count, else ``default``."""
-    from . import prompt
-
-    if args.n_prompt is None:
-        args.n_prompt = prompt.start_length(start, lm.tokenizer) or default
-
-
-def auto_start(args, lm):
-    """``--prompt-start auto``: the task's measured decoder start (``Task.decoder_prompt_start``), unless the
-    backbone is an encoder (BBT's placeholders: "zeros" in "add" mode), the task has none, or an explicit
-    ``--n-prompt`` differs from its token count (then "zeros", said on the console)."""
-    from . import prompt, tasks
-
-    chosen = tasks.get(args.task).decoder_prompt_start if lm.kind == "decoder" else None
-    if chosen is None:
-        return prompt.parse_start("zeros")
-    length = prompt.start_length(chosen, lm.tokenizer)
-    if args.n_prompt is not None and args.n_prompt != length:
-        print(
-            f"prompt start: --n-prompt {args.n_prompt} differs from the task's default start {chosen!r} "
-            f"({length} tokens): using 'zeros'",
-            flush=True,
-        )
-        return prompt.parse_start("zeros")
-    return prompt.parse_start(chosen)
+    with deferred():
+        for name, content in results.items():
+            path = os.path.join(args.results_dir, name)
+            write_text_atomic(path, content) if isinstance(content, str) else write_json_atomic(path, content)
+        write_json_atomic(os.path.join(args.results_dir, "config.json"), record)
 
 
 def cmd_bbt(args) -> int:
@@ -416,7 +277,7 @@ def cmd_bbt(args) -> int:
     fed = load_data(args, lm, num_clients=1, alpha=None)
     import dataclasses
 
-    write_config(
+    record = config_record(
         args,
         {
             "model": lm.name,
@@ -425,7 +286,7 @@ def cmd_bbt(args) -> int:
             "bbt_config": dataclasses.asdict(cfg),
             "dev_size": len(fed.dev.labels),
             "test_size": len(fed.test.labels),
-            "data_source": _data_identity(args, lm),
+            "data_source": data_identity(args, lm),
         },
     )
     train = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], fed.train)
@@ -445,12 +306,11 @@ def cmd_bbt(args) -> int:
         f"BBT dev-selected (generation {dev_best[0]}, dev {dev_best[1]:.4f}): {tuned['accuracy']:.4f}  "
         f"[{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]"
     )
-    if args.results_dir:
-        from .checkpoint import write_json_atomic
-
-        write_json_atomic(
-            os.path.join(args.results_dir, "bbt.json"),
-            {
+    write_with_config(
+        args,
+        record,
+        {
+            "bbt.json": {
                 "args": vars(args),
                 "manual": manual,
                 "z0": z0,
@@ -459,8 +319,9 @@ def cmd_bbt(args) -> int:
                 "selected_generation": dev_best[0],
                 "history": result.history,
                 "dev_history": result.dev_history,
-            },
-        )
+            }
+        },
+    )
     return 0
 
 
@@ -473,140 +334,98 @@ def _manual_accuracy(lm, fed, layout, n_prompt) -> float:
     return ev.metrics(None, None)["accuracy"]
 
 
-def _local_device_count() -> int:
-    import jax
-
-    return jax.local_device_count()
-
-
-def _mesh(devices: int):
-    """The client mesh over the first ``devices`` local devices (0: all of them); None for one device."""
-    if devices == 1 or (devices == 0 and _local_device_count() == 1):
-        return None
-    import jax
-
-    from .federated import client_mesh
-
-    chosen = jax.local_devices() if devices == 0 else jax.local_devices()[:devices]
-    print(f"clients sharded over {len(chosen)} {chosen[0].platform} devices", flush=True)
-    return client_mesh(chosen)
-
-
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
 def cmd_simulate(args) -> int:
-    import jax
-
     from . import federated as fl
-    from . import prompt
-    from .cli_options import build, options
-    from .federated.core import FederatedData, ModelInputs
+    from .plan import prepare
 
-    auto = args.prompt_start == "auto"
-    start = None if auto else prompt.parse_start(args.prompt_start)  # a bad option fails before the model loads
-
-    opts = options("simulate")
-    hp = build(fl.HParams, args, opts)
-    hp.validate()  # before loading anything: a bad value is an error naming it and its range
-
-    def fed_config(n_prompt: int):
-        """FedConfig from every option that is one of its fields, with K = N unless --per-round."""
-        return build(
-            fl.FedConfig, args, opts, clients_per_round=args.per_round or args.clients, n_prompt_tokens=n_prompt
-        )
-
-    fed_config(args.n_prompt or 1)  # validated before the model loads (n may come from the prompt start)
-    mesh = _mesh(args.devices)
-    lm = load_model(args)
-    if auto:
-        start = auto_start(args, lm)
-    resolve_n_prompt(args, lm, start)
-    alpha = None if not args.alpha else args.alpha
-    fed = load_data(args, lm, num_clients=args.clients, alpha=alpha)
-    k = args.per_round or args.clients
-    cfg = fed_config(args.n_prompt)
-    key_proj, key_run = jax.random.split(jax.random.key(args.seed))
-    model = ModelInputs.build(key_proj, lm, cfg, start=start)
+    plan = prepare(args, "simulate")  # checks every option before the model loads
+    mesh = client_mesh_for(args.devices)
+    c = plan.algo.cost.comm
     print(
-        f"prompt start (the prompt at z = 0 and the manual baseline): {start.describe()}, {args.n_prompt} tokens",
+        f"{plan.algo.name}: N={args.clients} K={plan.config.clients_per_round} λ={args.population} "
+        f"I={args.local_generations} d={args.d} | per client per round: {c.down_per_client} B down, "
+        f"{c.up_per_client} B up (FedAvg of the full model: {c.fedavg_full_model_per_client / 1e6:.0f} MB each way)",
         flush=True,
     )
-    data = FederatedData.from_host(fed)
-    kwargs = {"perturb": True} if args.algorithm == "fedavg_bbt" and args.fedavg_perturb else {}
-    algo = fl.make(args.algorithm, cfg, lm, **kwargs)
-    c = algo.cost.comm
-    print(
-        f"{algo.name}: N={args.clients} K={k} λ={args.population} I={args.local_generations} d={args.d} "
-        f"| per client per round: {c.down_per_client} B down, {c.up_per_client} B up "
-        f"(FedAvg of the full model: {c.fedavg_full_model_per_client / 1e6:.0f} MB each way)",
-        flush=True,
-    )
-    import dataclasses
-
+    hp = _tuned_hparams(args, plan, mesh) if args.tune_lr else plan.hp
     record = config_record(
         args,
-        {
-            "model": lm.name,
-            "kind": lm.kind,
-            "compute_dtype": str(lm.config.compute_dtype),
-            "prompt_start": start.describe(),
-            "n_prompt": args.n_prompt,
-            "algorithm": algo.name,
-            "fed_config": dataclasses.asdict(cfg),
-            "hparams": {k: float(v) for k, v in dataclasses.asdict(hp).items()},
-            "train_counts": fed.train_counts.tolist(),
-            "dev_size": len(fed.dev.labels),
-            "test_size": len(fed.test.labels),
-            "data_source": _data_identity(args, lm),
-            "devices": 1 if mesh is None else int(mesh.devices.size),
-        },
+        plan.resolved(
+            hparams={k: float(v) for k, v in dataclasses.asdict(hp).items()},
+            devices=1 if mesh is None else int(mesh.devices.size),
+        ),
     )
-    run_kwargs = dict(
-        eval_every=args.eval_every,
-        eval_chunk=args.eval_chunk,
-        eval_cache_budget=int(args.eval_cache_gb * 2**30),
-        mesh=mesh,
-    )
-    if args.tune_lr:
-        if args.algorithm != "fedprompt":
-            raise ValueError(f"--tune-lr picks FedPrompt's learning rate; --algorithm is {args.algorithm!r}")
-        grid = fl.LR_GRID if args.lr_grid is None else tuple(float(x) for x in args.lr_grid.split(","))
-        lr, table = fl.tune_learning_rate(
-            algo, key_run, data, fed.dev, lm, model, num_rounds=args.rounds, hp=hp, grid=grid, **run_kwargs
-        )
-        print(
-            "learning rate on dev: "
-            + "  ".join(f"{r['learning_rate']:g}: {_fmt(r['dev_accuracy'])}" for r in table)
-            + f"  -> {lr:g}",
-            flush=True,
-        )
-        hp = hp.replace(learning_rate=lr)
     if args.save_uploads and args.overwrite and not _resuming(args):
         for old in Path(args.save_uploads).glob("round_*.npz"):  # --overwrite: another run's uploads go
             old.unlink()
     carry, hist = fl.run(
-        algo,
-        key_run,
-        data,
-        fed.test,
-        lm,
-        model,
-        dev=fed.dev,
+        plan.algo,
+        plan.key_run,
+        plan.data,
+        plan.fed.test,
+        plan.lm,
+        plan.model,
+        dev=plan.fed.dev,
         num_rounds=args.rounds,
         hp=hp,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         results_dir=args.results_dir,
         save_uploads=args.save_uploads,
-        **run_kwargs,
+        eval_every=args.eval_every,
+        eval_chunk=args.eval_chunk,
+        eval_cache_budget=int(args.eval_cache_gb * 2**30),
+        mesh=mesh,
         progress=args.progress,
         tensorboard_dir=args.tensorboard_dir,
         plot=args.plot,
         keep_clean_context={"auto": None, "on": True, "off": False}[args.keep_clean_cache],
         run_config=record if args.results_dir else None,
     )
+    _print_outcome(args, plan, hist, fl.summarize(hist, carry))
+    return 0
+
+
+def _tuned_hparams(args, plan, mesh):
+    """``--tune-lr``: the hyperparameters with FedPrompt's learning rate picked on dev (one sweep over the
+    rates, its lanes, not the clients, sharded over the devices); prints the rates' dev scores."""
+    from . import federated as fl
+
+    if args.algorithm != "fedprompt":
+        raise ValueError(f"--tune-lr picks FedPrompt's learning rate; --algorithm is {args.algorithm!r}")
+    grid = fl.LR_GRID if args.lr_grid is None else tuple(float(x) for x in args.lr_grid.split(","))
+    lr, table = fl.tune_learning_rate(
+        plan.algo,
+        plan.key_run,
+        plan.data,
+        plan.fed.dev,
+        plan.lm,
+        plan.model,
+        num_rounds=args.rounds,
+        hp=plan.hp,
+        grid=grid,
+        eval_every=args.eval_every,
+        eval_chunk=args.eval_chunk,
+        eval_cache_budget=int(args.eval_cache_gb * 2**30),
+        mesh=None if mesh is None else fl.lane_mesh(),
+    )
+    print(
+        "learning rate on dev: "
+        + "  ".join(f"{r['learning_rate']:g}: {_fmt(r['dev_accuracy'])}" for r in table)
+        + f"  -> {lr:g}",
+        flush=True,
+    )
+    return plan.hp.replace(learning_rate=lr)
+
+
+def _print_outcome(args, plan, hist, s: dict) -> None:
+    """The end of ``simulate``'s console output: the round's cost and time, the accuracies (bare template,
+    manual prompt, final, dev-selected, the labelled best-on-test) and warnings of non-finite values."""
+    fed = plan.fed
     last = hist.rounds[-1]
     print(
         f"per round: {last['forward_calls']} model forward calls over local batches, "
@@ -618,8 +437,7 @@ def cmd_simulate(args) -> int:
             else f"round time {last['seconds']:.1f}s (one segment: compilation included)"
         )
     )
-    s = fl.summarize(hist, carry)
-    manual = _manual_accuracy(lm, fed, args.layout, args.n_prompt)
+    manual = _manual_accuracy(plan.lm, fed, args.layout, args.n_prompt)
     print(
         f"test accuracy  bare template (no prompt tokens): {manual:.4f}   "
         f"manual prompt (z=0, the prompt start): {s['initial_test_accuracy']:.4f}   "
@@ -638,7 +456,6 @@ def cmd_simulate(args) -> int:
         )
     if s["nonfinite_evals"]:
         print(f"warning: {s['nonfinite_evals']} evaluation(s) were non-finite (NaN, never selected)", file=sys.stderr)
-    return 0
 
 
 def _interrupted(args, err) -> int:

@@ -43,6 +43,8 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
+from .federated.registry import COMMAND_ALGORITHMS
+
 # --------------------------------------------------------------------------------------------------------------------
 # The CLI's own settings: what a run needs beyond the algorithm's configuration dataclasses.
 
@@ -144,9 +146,7 @@ class SimulateOptions:
       plot: write metrics.png (accuracy, loss, σ and ‖z‖ per round) next to metrics.json in --results-dir.
     """
 
-    algorithm: str = dataclasses.field(
-        default="fedbpt", metadata={"choices": ("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt")}
-    )
+    algorithm: str = dataclasses.field(default="fedbpt", metadata={"choices": COMMAND_ALGORITHMS})
     prompt_start: str = "auto"
     fedavg_perturb: bool = False
     alpha: float = 1.0

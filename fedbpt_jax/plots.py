@@ -87,7 +87,7 @@ def plot_run(source, out=None, *, title: str | None = None) -> str:
 
     Args:
       source: a results folder (with ``metrics.json``), the path of a ``metrics.json``, or its content
-        (the dict :func:`fedbpt_jax.federated.run.write_results` writes).
+        (the dict :func:`fedbpt_jax.federated.records.write_results` writes).
       out: the PNG's path (default: ``metrics.png`` next to ``metrics.json``; required for a dict).
       title: the figure's title (default: the folder's name).
 

@@ -448,7 +448,7 @@ def markdown(groups: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(dirs, out=None, *, same_config: bool = False, title: str | None = None) -> dict:
+def write_report(dirs, out=None, *, same_config: bool = False, title: str | None = None) -> dict:
     """Reads the results folders ``dirs``, groups them (:func:`group_runs`) and writes ``report.md``,
     ``report.json`` and the comparison plots to ``out`` (default: ``report`` next to the first run
     folder). Returns the ``report.json`` content (with ``out``: the folder written)."""
@@ -535,7 +535,7 @@ def main(argv=None) -> int:
     """``fedbpt-jax report``: exit status 0, or 2 with a one-line error."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        summary = report(args.dirs, args.out, same_config=args.same_config, title=args.title)
+        summary = write_report(args.dirs, args.out, same_config=args.same_config, title=args.title)
     except ReportError as err:
         print(f"fedbpt-jax report: error: {err}", file=sys.stderr)
         return 2

@@ -20,8 +20,6 @@ import sys
 
 from . import cli
 
-ALGORITHMS = ("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt")
-
 
 def _ints(text: str) -> list[int]:
     try:
@@ -40,7 +38,7 @@ def parse_hp(items: list[str] | None) -> dict[str, list[float]]:
     Raises:
       cli.CliError: naming the bad item and the accepted form and names.
     """
-    from .federated.sweep import HP_FIELDS
+    from .federated.lanes import HP_FIELDS
 
     out: dict[str, list[float]] = {}
     for item in items or []:
@@ -148,20 +146,22 @@ def _check(args):
     """Checks everything that needs no model: the options, the hyperparameter points, the output folder."""
     from pathlib import Path
 
-    from . import cli_options as co
     from . import federated as fl
+    from . import plan
 
     cli.check_args(args)  # the same checks and messages as simulate's
     try:
         seeds = _ints(args.seeds) if isinstance(args.seeds, str) else list(args.seeds)
     except argparse.ArgumentTypeError as err:
         raise cli.CliError(f"--seeds {err}") from None
-    base = co.build(fl.HParams, args, co.options("sweep"))
     hp = parse_hp(args.hp)
     try:
+        base = plan.check(args, "sweep")
         fl.hp_points(hp, grid=args.grid, base=base)
         _seeds(seeds)
-        fed_config(args, args.n_prompt or 1)  # validated before the model loads (n may come from the prompt start)
+        cfg = plan.fed_config(args, "sweep", args.n_prompt or 1)  # n: maybe the start's, once the model loads
+        name = plan.algorithm_name(args)
+        _check_swept(name, fl.hparams_read(name, cfg), list(hp))
     except ValueError as err:
         raise cli.CliError(f"{cli.one_line(err)}") from None
     if args.results_dir:
@@ -174,18 +174,14 @@ def _check(args):
     return hp, base, seeds
 
 
-def fed_config(args, n_prompt: int):
-    """``FedConfig`` from every option that is one of its fields, with K = N unless ``--per-round``."""
-    from . import federated as fl
-    from .cli_options import build, options
+def _check_swept(name, reads, swept):
+    from .federated.lanes import check_swept
 
-    return build(
-        fl.FedConfig, args, options("sweep"), clients_per_round=args.per_round or args.clients, n_prompt_tokens=n_prompt
-    )
+    check_swept(name, reads, swept)
 
 
 def _seeds(seeds):
-    from .federated.sweep import check_seeds  # the module (the package's ``sweep`` is the function)
+    from .federated.lanes import check_seeds
 
     return check_seeds(seeds)
 
@@ -201,29 +197,14 @@ def cmd_sweep(args) -> int:
 
 def _sweep(args, checked) -> int:
     """:func:`cmd_sweep` once it holds its results folder (``checked``: :func:`_check`'s result)."""
-    import dataclasses
-    from pathlib import Path
-
     import jax
 
     from . import federated as fl
-    from . import prompt
-    from .checkpoint import write_text_atomic
-    from .federated.core import FederatedData, ModelInputs
+    from .plan import prepare
 
     hp, base, seeds = checked
-    auto = args.prompt_start == "auto"
-    start = None if auto else prompt.parse_start(args.prompt_start)
-    lm = cli.load_model(args)
-    if auto:
-        start = cli.auto_start(args, lm)
-    cli.resolve_n_prompt(args, lm, start)
-    fed = cli.load_data(args, lm, num_clients=args.clients, alpha=None if not args.alpha else args.alpha)
-    cfg = fed_config(args, args.n_prompt)
-    key_proj, _ = jax.random.split(jax.random.key(args.seed))  # the projection simulate --seed draws
-    model = ModelInputs.build(key_proj, lm, cfg, start=start)
-    kwargs = {"perturb": True} if args.algorithm == "fedavg_bbt" and args.fedavg_perturb else {}
-    algo = fl.make(args.algorithm, cfg, lm, **kwargs)
+    p = prepare(args, "sweep")  # the model, data, projection and algorithm simulate --seed would use
+    algo, fed = p.algo, p.fed
     mesh = fl.lane_mesh() if args.lanes == "all" and len(jax.devices()) > 1 else None
     points = fl.hp_points(hp, grid=args.grid, base=base)
     print(
@@ -232,31 +213,13 @@ def _sweep(args, checked) -> int:
         f"{f' over {mesh.devices.size} devices' if mesh is not None else ''}",
         flush=True,
     )
-    cli.write_config(
-        args,
-        {
-            "model": lm.name,
-            "kind": lm.kind,
-            "compute_dtype": str(lm.config.compute_dtype),
-            "prompt_start": start.describe(),
-            "n_prompt": args.n_prompt,
-            "algorithm": algo.name,
-            "fed_config": dataclasses.asdict(cfg),
-            "seeds": seeds,
-            "hp": hp,
-            "grid": args.grid,
-            "points": points,
-            "train_counts": fed.train_counts.tolist(),
-            "dev_size": len(fed.dev.labels),
-            "test_size": len(fed.test.labels),
-        },
-    )
+    record = cli.config_record(args, p.resolved(seeds=seeds, hp=hp, grid=args.grid, points=points))
     res = fl.sweep(
         algo,
-        FederatedData.from_host(fed),
+        p.data,
         fed.test,
-        lm,
-        model,
+        p.lm,
+        p.model,
         seeds=seeds,
         hp=hp,
         grid=args.grid,
@@ -275,9 +238,7 @@ def _sweep(args, checked) -> int:
         f"{res.selection_rule}) [{len(fed.test.labels)} test, {len(fed.dev.labels)} dev examples]"
     )
     print(table, end="")
-    if args.results_dir:
-        res.write(Path(args.results_dir) / "sweep.json")
-        write_text_atomic(Path(args.results_dir) / "sweep.md", table)
+    cli.write_with_config(args, record, {"sweep.json": res.to_json(), "sweep.md": table})
     bad = sum(r["nonfinite_evals"] for r in res.lanes)
     if bad:
         print(f"warning: {bad} evaluation(s) over all lanes were non-finite (NaN, never selected)", file=sys.stderr)

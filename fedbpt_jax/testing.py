@@ -136,13 +136,6 @@ def assert_trees_all_close(a, b, *, rtol: float = 1e-6, atol: float = 0.0) -> No
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=f"leaf {i}")
 
 
-def _run_module():
-    # The module itself (``fedbpt_jax.federated.run`` as an attribute is the function ``run``).
-    import importlib
-
-    return importlib.import_module("fedbpt_jax.federated.run")
-
-
 @dataclasses.dataclass
 class CompileCounts:
     """Traces and XLA compilations of :func:`fedbpt_jax.federated.run`'s jitted segments since a
@@ -156,8 +149,9 @@ class CompileCounts:
     def _now(self):
         if self._end is not None:
             return self._end
-        run_mod = _run_module()
-        return collections.Counter(run_mod.TRACE_COUNTS), collections.Counter(run_mod.COMPILE_COUNTS)
+        from .federated import counters
+
+        return collections.Counter(counters.TRACE_COUNTS), collections.Counter(counters.COMPILE_COUNTS)
 
     @property
     def traces(self) -> collections.Counter:
@@ -181,8 +175,9 @@ def count_compiles():
             fl.run(algo, key2, data, test, lm, model, num_rounds=2)
         assert counts.traces["fedbpt"] <= 1 and counts.compiles["fedbpt"] <= 1   # the second run reuses it
     """
-    run_mod = _run_module()
-    counts = CompileCounts(collections.Counter(run_mod.TRACE_COUNTS), collections.Counter(run_mod.COMPILE_COUNTS))
+    from .federated import counters
+
+    counts = CompileCounts(collections.Counter(counters.TRACE_COUNTS), collections.Counter(counters.COMPILE_COUNTS))
     try:
         yield counts
     finally:

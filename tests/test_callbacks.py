@@ -215,7 +215,7 @@ def test_wandb_logger_logs_the_same_scalars_to_a_given_run():
 def test_the_package_imports_without_the_optional_loggers():
     code = (
         "import sys; sys.modules['tensorboardX'] = None; sys.modules['wandb'] = None\n"
-        "import fedbpt_jax.callbacks, fedbpt_jax.plots, fedbpt_jax.report, fedbpt_jax.federated.run, fedbpt_jax.cli\n"
+        "import fedbpt_jax.callbacks, fedbpt_jax.plots, fedbpt_jax.report, fedbpt_jax.federated.driver, fedbpt_jax.cli\n"
         "print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -169,11 +169,22 @@ def test_cli_tunes_fedprompt_learning_rate_on_dev(tiny_lm, monkeypatch, capsys):
     assert "--tune-lr picks FedPrompt's learning rate" in capsys.readouterr().err
 
 
-def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
+def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(fb.models, "load", lambda name, **kw: tiny_lm)
+    from fedbpt_jax import bbt
+
+    # a run that fails leaves no config.json describing results that were never written
+    real_tune = bbt.tune
+    monkeypatch.setattr(bbt, "tune", lambda *a, **k: (_ for _ in ()).throw(ValueError("tune failed")))
+    short = ["bbt", "--task", "rotten_tomatoes", "--shots", "4", "--d", "8", "--n-prompt", "2", "--no-progress"]
+    assert cli.main([*short, "--results-dir", str(tmp_path / "failed")]) == 2
+    assert "tune failed" in capsys.readouterr().err and not (tmp_path / "failed" / "config.json").exists()
+    monkeypatch.setattr(bbt, "tune", real_tune)
     rc = cli.main(
         [
             "bbt",
+            "--results-dir",
+            str(tmp_path / "done"),
             "--task",
             "rotten_tomatoes",
             "--shots",
@@ -201,6 +212,9 @@ def test_cli_bbt_end_to_end(tiny_lm, monkeypatch, capsys):
         r"BBT dev-selected \(generation [24], dev [0-9.]+\): [0-9.]+",
         out,
     ), out
+    written = json.loads((tmp_path / "done" / "bbt.json").read_text())
+    assert written["selected_generation"] in (2, 4)
+    assert json.loads((tmp_path / "done" / "config.json").read_text())["resolved"]["bbt_config"]["num_generations"] == 4
 
 
 def test_cli_bad_input_is_a_clear_error(capsys):

@@ -762,12 +762,11 @@ def test_projection_alpha_is_named_apart_from_the_dirichlet_alpha():
         fs.config_a(projection_alpha=0.0)
     assert not hasattr(fs.config_a(), "alpha")
     # A checkpoint's description keeps the field's earlier name, so runs saved before the rename resume.
-    import importlib
 
-    run_mod = importlib.import_module("fedbpt_jax.federated.run")  # the module, not the function
+    from fedbpt_jax.federated import identity
 
     lm = fs.tiny_lm()
-    desc = run_mod._describe(
+    desc = identity.describe(
         fl.fedbpt(fs.config_a(), lm), fl.HParams(), 1, np.zeros(2, np.uint32), fs.data_a(), lm, fs.model()
     )
     assert "config.alpha" in desc and "config.projection_alpha" not in desc

@@ -37,3 +37,84 @@ def _private_uses(path: Path) -> list[str]:
 def test_no_module_uses_another_module_s_private_names():
     found = [u for d in SCANNED for f in sorted((ROOT / d).rglob("*.py")) for u in _private_uses(f)]
     assert not found, "cross-module private uses:\n  " + "\n  ".join(found)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """``module -> modules of the package it imports``, every import counted (also those inside functions,
+    which only defer a cycle). A submodule's import of its own package (``from . import x``) is an edge to
+    ``x``, not to the package's ``__init__``."""
+    pkg = ROOT / "fedbpt_jax"
+    mods = {}
+    for f in pkg.rglob("*.py"):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for name, f in mods.items():
+        here = name if f.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = here.split(".")[: len(here.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
+                for a in node.names:
+                    full = f"{target}.{a.name}"
+                    deps.add(full if full in mods else target)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in mods and d != name and not name.startswith(d + ".")}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_package_has_no_import_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check can fail
+    graph = _import_graph()
+    assert "fedbpt_jax.federated.driver" in graph["fedbpt_jax.federated.lanes"]  # it sees imports
+    assert not _cycles(graph), f"import cycles: {_cycles(graph)}"
+
+
+def test_no_function_shares_its_module_s_name():
+    """``fedbpt_jax.federated.run`` is the function; no attribute of a package hides a module of it."""
+    found = []
+    for f in sorted((ROOT / "fedbpt_jax").rglob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == f.stem:
+                found.append(f"{f.relative_to(ROOT)}: {node.name}")
+            if f.name == "__init__.py" and isinstance(node, ast.ImportFrom):
+                for a in node.names:
+                    if (f.parent / f"{a.asname or a.name}.py").exists() and node.module != (a.asname or a.name):
+                        if node.module is not None:
+                            found.append(f"{f.relative_to(ROOT)}: {a.asname or a.name} (from .{node.module})")
+    assert not found, found

@@ -16,9 +16,10 @@ import federated_setup as fs
 from fedbpt_jax import callbacks as cb
 from fedbpt_jax import federated as fl
 from fedbpt_jax.checkpoint import read_json
+from fedbpt_jax.federated.registry import COMMAND_ALGORITHMS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
-ALGORITHMS = ("fedbpt", "fedavg_bbt", "centralized_bbt", "manual", "fedprompt")
+ALGORITHMS = COMMAND_ALGORITHMS
 SECTIONS = {
     "Round rows": "round",
     "Evaluation rows": "eval",

@@ -60,4 +60,6 @@ def test_completeness_says_whether_the_planned_rounds_were_reached():
     assert records.completeness(4, evals)["complete"] is True
     assert records.completeness(None, evals)["complete"] is None
     assert records.completeness(8, evals, stopped_early=4)["complete"] is False
+    assert records.completeness(None, evals, stopped_early=4)["complete"] is False  # known: it was stopped
+    assert records.completeness(4, evals, stopped_early=4)["complete"] is True  # stopped at its last round
     assert records.completeness(3, [], None) == {"planned_rounds": 3, "rounds_reached": 0, "complete": False}

@@ -98,14 +98,14 @@ def test_runs_with_and_without_a_dev_set_are_two_configurations(tmp_path):
     dev selection was added), are two groups rather than a duplicate."""
     with_dev = _write_run(tmp_path / "d", seed=0, accs=[0.5, 0.7], devs=[0.5, 0.6])
     without = _write_run(tmp_path / "n", seed=0, accs=[0.5, 0.7])
-    rep = report.report([with_dev, without], out=tmp_path / "rep")
+    rep = report.write_report([with_dev, without], out=tmp_path / "rep")
     assert sorted(g["label"] for g in rep["groups"]) == ["dev_set=False", "dev_set=True"]
 
 
 def test_a_folder_of_runs_and_the_default_output(tmp_path):
     _write_run(tmp_path / "runs" / "s0", seed=0, accs=[0.5, 0.7])
     _write_run(tmp_path / "runs" / "s1", seed=1, accs=[0.5, 0.9])
-    rep = report.report([tmp_path / "runs"], same_config=True)
+    rep = report.write_report([tmp_path / "runs"], same_config=True)
     assert rep["out"] == str(tmp_path / "runs" / "report")
     (g,) = rep["groups"]
     assert g["label"] == "fedbpt" and g["final"]["mean"] == pytest.approx(0.8)
@@ -120,12 +120,12 @@ def test_same_config_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, ca
         match=r"--same-config: the runs differ in more than the seed "
         r"\(alpha: 1.0 in '.*a', 0.1 in '.*b'\)",
     ):
-        report.report([a, b], tmp_path / "out", same_config=True)
+        report.write_report([a, b], tmp_path / "out", same_config=True)
     assert cli.main(["report", "--same-config", str(a), str(b), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedbpt-jax report: error: --same-config") and "leave out --same-config" in err
     # Without the flag: two groups, labelled by the setting that differs.
-    labels = [g["label"] for g in report.report([a, b], tmp_path / "out")["groups"]]
+    labels = [g["label"] for g in report.write_report([a, b], tmp_path / "out")["groups"]]
     assert labels == ["alpha=1.0", "alpha=0.1"]
 
 
@@ -144,17 +144,17 @@ def test_bad_folders_are_named_with_what_is_accepted(tmp_path):
     }
     for bad, why in cases.items():
         with pytest.raises(report.ReportError, match=rf"'{bad}' {why}.*accepted: a results folder"):
-            report.report([run, bad], tmp_path / "out")
+            report.write_report([run, bad], tmp_path / "out")
     broken = _write_run(tmp_path / "broken", seed=1, accs=[0.5])
     (broken / "metrics.json").write_text("{not json")
     with pytest.raises(report.ReportError, match=r"broken': config.json or metrics.json is not valid JSON"):
-        report.report([broken], tmp_path / "out")
+        report.write_report([broken], tmp_path / "out")
     twin = tmp_path / "twin"
     twin.mkdir()
     for f in ("config.json", "metrics.json"):
         (twin / f).write_bytes((run / f).read_bytes())
     with pytest.raises(report.ReportError, match=r"same configuration with the same seed \(0\)"):
-        report.report([run, twin], tmp_path / "out")
+        report.write_report([run, twin], tmp_path / "out")
 
 
 def test_plot_run_writes_metrics_png_next_to_metrics_json(tmp_path):

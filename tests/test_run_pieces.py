@@ -4,7 +4,6 @@ initial carry, the evaluation-prefix decision and sets, the history rows, the co
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +13,8 @@ import pytest
 import federated_setup as fs
 from fedbpt_jax import federated as fl
 from fedbpt_jax import objective, testing
-from fedbpt_jax.federated import core
-
-run_mod = importlib.import_module("fedbpt_jax.federated.run")
-algs = importlib.import_module("fedbpt_jax.federated.algorithms")
+from fedbpt_jax.federated import algorithms as algs  # noqa: E402
+from fedbpt_jax.federated import core, counters, driver, evaluation, records  # noqa: E402
 
 
 def _algo():
@@ -37,15 +34,15 @@ def _options(**kw):
 
 def test_check_options_names_the_bad_option():
     algo = _algo()
-    assert run_mod._check_options(algo, **_options()) is None
+    assert driver._check_options(algo, **_options()) is None
     with pytest.raises(ValueError, match="eval_chunk must be a positive integer"):
-        run_mod._check_options(algo, **_options(eval_chunk=0))
+        driver._check_options(algo, **_options(eval_chunk=0))
     with pytest.raises(ValueError, match="multiple of eval_every"):
-        run_mod._check_options(algo, **_options(num_rounds=3))
+        driver._check_options(algo, **_options(num_rounds=3))
     with pytest.raises(ValueError, match="stop_after"):
-        run_mod._check_options(algo, **_options(stop_after=1))
+        driver._check_options(algo, **_options(stop_after=1))
     with pytest.raises(ValueError, match="no client uploads"):
-        run_mod._check_options(fl.centralized_bbt(algo.config, fs.tiny_lm()), **_options(save_uploads="x"))
+        driver._check_options(fl.centralized_bbt(algo.config, fs.tiny_lm()), **_options(save_uploads="x"))
 
 
 def test_algorithm_declares_what_run_checks_not_its_name():
@@ -61,14 +58,14 @@ def test_algorithm_declares_what_run_checks_not_its_name():
         algo.spec.scorer,
     )
     renamed = algo._replace(name="my_algorithm")
-    assert run_mod._check_options(renamed, **_options(save_uploads="x")) is None
+    assert driver._check_options(renamed, **_options(save_uploads="x")) is None
     silent = algo._replace(spec=dataclasses.replace(algo.spec, uploads=False))
     with pytest.raises(
         ValueError,
         match=r"algorithm 'fedbpt' has no client uploads to save \(its spec.uploads is "
         r"False\); .*built in: \['fedavg_bbt', 'fedavg_bbt_perturbed', 'fedbpt'\]",
     ):
-        run_mod._check_options(silent, **_options(save_uploads="x"))
+        driver._check_options(silent, **_options(save_uploads="x"))
     lm = fs.tiny_lm()
     declared = {
         name: (a.uploads, a.uses_clean_context)
@@ -100,8 +97,8 @@ def test_gather_takes_the_sampled_clients_rows_and_keeps_none():
 
 def test_run_keys_typed_and_raw_agree_with_round_key():
     key = jax.random.key(4)
-    k_init, k_data, impl = run_mod.run_keys(key)
-    _, raw_data, raw_impl = run_mod.run_keys(jax.random.key_data(key))
+    k_init, k_data, impl = driver.run_keys(key)
+    _, raw_data, raw_impl = driver.run_keys(jax.random.key_data(key))
     np.testing.assert_array_equal(np.asarray(k_data), np.asarray(raw_data))
     assert str(impl) == str(raw_impl)
     rounds = jax.random.wrap_key_data(k_data, impl=impl)
@@ -114,7 +111,7 @@ def test_run_keys_typed_and_raw_agree_with_round_key():
 
 def test_initial_carry_selects_nothing():
     algo = _algo()
-    carry = run_mod.initial_carry(algo, jax.random.key(0), fl.HParams().validate(), fs.tiny_lm().hidden_size)
+    carry = driver.initial_carry(algo, jax.random.key(0), fl.HParams().validate(), fs.tiny_lm().hidden_size)
     assert int(carry.selected_round) == -1 and int(carry.rounds_done) == 0
     assert carry.selected_prompt.shape == (2, fs.tiny_lm().hidden_size)
     assert float(carry.best_test_reference) == -1.0
@@ -126,17 +123,17 @@ def test_eval_prefix_cache_asks_the_scorer_and_the_budget():
     cached = objective.make_scorer(lm, "after", n_prompt_tokens=2)
     plain = objective.make_scorer(lm, "after", n_prompt_tokens=2, use_cache=False)
     assert cached.caches_prefix and not plain.caches_prefix
-    assert run_mod.decide_eval_prefix_cache(cached, lm.params, chunks, None, fs.spec(), None, 1 << 30)
+    assert evaluation.decide_eval_prefix_cache(cached, lm.params, chunks, None, fs.spec(), None, 1 << 30)
     with pytest.warns(UserWarning, match=r"prefix caches need .* GiB, more than eval_cache_budget \(0.00 GiB\)"):
-        assert not run_mod.decide_eval_prefix_cache(
+        assert not evaluation.decide_eval_prefix_cache(
             cached, lm.params, chunks, None, fs.spec(), None, 0
         )  # over the budget
-    assert not run_mod.decide_eval_prefix_cache(
+    assert not evaluation.decide_eval_prefix_cache(
         plain, lm.params, chunks, None, fs.spec(), True, 1 << 30
     )  # nothing to cache
-    sets = run_mod.eval_sets(cached, lm, fs.model(), chunks, chunks, fs.spec(), cache_prefix=True)
+    sets = evaluation.eval_sets(cached, lm, fs.model(), chunks, chunks, fs.spec(), cache_prefix=True)
     assert sets.test.prepared and sets.dev.prepared
-    plain_sets = run_mod.eval_sets(plain, lm, fs.model(), chunks, None, fs.spec(), cache_prefix=False)
+    plain_sets = evaluation.eval_sets(plain, lm, fs.model(), chunks, None, fs.spec(), cache_prefix=False)
     assert plain_sets.dev is None and set(plain_sets.flops) == {"eval_flops"}
     assert sets.flops["eval_flops"] < plain_sets.flops["eval_flops"]  # the prefix pass is not repeated
     row = sets.row(2, {"accuracy": np.float32(0.5), "pred_dist": np.array([0.25, 0.75], np.float32)})
@@ -156,7 +153,7 @@ def test_round_rows_account_for_the_active_clients():
             "fitness": np.array([[0.1, np.nan], [np.nan, np.nan]], np.float32),
         },
     }
-    rows = run_mod.round_rows(metrics, 5, algo, cost, seconds=0.5)
+    rows = records.round_rows(metrics, 5, algo, cost, seconds=0.5)
     assert [r["round"] for r in rows] == [5, 6]
     assert rows[0]["forward_calls"] == 2 * algo.cost.forward_calls and rows[1]["forward_calls"] == 0
     assert rows[0]["prefix_passes"] == 4 and rows[0]["model_flops"] == 20.0 and rows[1]["model_flops"] == 0.0
@@ -167,9 +164,9 @@ def test_round_rows_account_for_the_active_clients():
 
 def test_count_compiles_is_a_block_counter():
     with testing.count_compiles() as counts:
-        run_mod.TRACE_COUNTS["test_counter"] += 1
+        counters.TRACE_COUNTS["test_counter"] += 1
         assert counts.traces["test_counter"] == 1  # live inside the block
-    run_mod.TRACE_COUNTS["test_counter"] += 1
+    counters.TRACE_COUNTS["test_counter"] += 1
     assert counts.traces["test_counter"] == 1 and not counts.compiles  # frozen after it
     assert fl.trace_count("test_counter") >= 2
 

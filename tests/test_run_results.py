@@ -7,7 +7,6 @@ learning rate picked on dev, one BBT) and the optional stabilisers. Tiny decoder
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 
 import jax
@@ -18,10 +17,10 @@ import pytest
 import federated_setup as fs
 from fedbpt_jax import bbt, objective, strategy
 from fedbpt_jax import federated as fl
+from fedbpt_jax.federated import driver, evaluation  # noqa: E402
 from fedbpt_jax.federated.core import ModelInputs
 from fedbpt_jax.models import decoder
 
-run_mod = importlib.import_module("fedbpt_jax.federated.run")  # the module (the package's `run` is the function)
 COUNTS = np.array([1, 2, 3, 4], np.int32)
 
 
@@ -122,7 +121,7 @@ def test_select_rule_ties_earliest_and_never_non_finite():
     for r, dev, test, finite in steps:
         p = jnp.full((n, h), float(r) if finite else nan)
         ev = {"accuracy": jnp.asarray(test), "dev_accuracy": jnp.asarray(dev)}
-        carry = run_mod._select(carry, ev, p, jnp.asarray(r), n, h)
+        carry = evaluation.select(carry, ev, p, jnp.asarray(r), n, h)
     assert int(carry.selected_round) == 1
     assert float(carry.selected_dev_accuracy) == pytest.approx(0.7)
     assert float(carry.selected_test_accuracy) == pytest.approx(0.5)
@@ -253,7 +252,7 @@ def test_scan_returns_no_d_length_vectors_unless_uploads_are_saved():
     lm = fs.tiny_lm()
     scorer = objective.make_scorer(lm, None, n_prompt_tokens=2)
     chunks = jax.tree_util.tree_map(jnp.asarray, objective.chunk_examples(fs.test_set(), 16))
-    evalset = run_mod.EvalSet(chunks, chunks.labels, chunks.example_mask)
+    evalset = evaluation.EvalSet(chunks, chunks.labels, chunks.example_mask)
     carry = fl.RunCarry(
         state=algo.init(None, hp),
         selected_round=jnp.asarray(-1),
@@ -267,7 +266,7 @@ def test_scan_returns_no_d_length_vectors_unless_uploads_are_saved():
     key_data = jax.random.key_data(jax.random.key(0))
     shapes = {}
     for keep in (False, True):
-        seg = run_mod.make_segment(algo, scorer, 2, 2, lm.hidden_size, keep_uploads=keep)
+        seg = driver.make_segment(algo, scorer, 2, 2, lm.hidden_size, keep_uploads=keep)
         _, metrics, _ = jax.eval_shape(seg, key_data, carry, _data(), hp, fs.model(), evalset, None, jnp.asarray(1.0))
         shapes[keep] = {
             "/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
@@ -313,26 +312,28 @@ def test_fedavg_bbt_with_and_without_perturbation():
     )
 
 
-def test_fedprompt_learning_rate_is_picked_on_dev(monkeypatch):
+def test_fedprompt_learning_rate_is_picked_on_dev():
+    """One sweep over the rates, each lane what run() with that rate computes on dev (its only evaluation
+    set: tune_learning_rate takes no test set)."""
     lm = fs.tiny_lm()
     algo = fl.fedprompt(_cfg(), lm)
     dev = _flipped(fs.test_set())
-    seen = []
-    real_run = run_mod.run
-
-    def spy(algo, key, data, test, *a, **kw):
-        seen.append(test)
-        return real_run(algo, key, data, test, *a, **kw)
-
-    monkeypatch.setattr(run_mod, "run", spy)
-    lr, table = fl.tune_learning_rate(
-        algo, jax.random.key(0), _data(), dev, lm, fs.model(), num_rounds=2, grid=(0.001, 0.3)
-    )
-    assert all(t is dev for t in seen) and len(seen) == 2  # only dev is ever evaluated
+    key = jax.random.key(0)
+    lr, table = fl.tune_learning_rate(algo, key, _data(), dev, lm, fs.model(), num_rounds=2, grid=(0.001, 0.3))
     assert [r["learning_rate"] for r in table] == [0.001, 0.3]
+    for row in table:
+        _, hist = fl.run(
+            algo, key, _data(), dev, lm, fs.model(), num_rounds=2, hp=fl.HParams(learning_rate=row["learning_rate"])
+        )
+        accs = [e["accuracy"] for e in hist.evals]
+        assert row["dev_accuracy"] == pytest.approx(max(accs), abs=1e-6)
+        assert row["dev_round"] == hist.evals[accs.index(max(accs))]["round"]
+        assert row["final_dev_accuracy"] == pytest.approx(accs[-1], abs=1e-6)
     best = max(range(2), key=lambda i: (table[i]["dev_accuracy"], -i))
     assert lr == table[best]["learning_rate"]
     assert fl.LR_GRID == (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+    with pytest.raises(ValueError, match="learning_rate: fedbpt never reads it"):
+        fl.tune_learning_rate(fl.fedbpt(_cfg(), lm), key, _data(), dev, lm, fs.model(), num_rounds=2)
 
 
 def test_bbt_tune_drives_the_same_cma_es_as_centralized_bbt():

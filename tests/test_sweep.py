@@ -205,6 +205,58 @@ def test_bad_input_is_refused_before_compiling(kw, match):
     assert not counts.traces
 
 
+@pytest.mark.parametrize(
+    "name", ["fedbpt", "fedavg_bbt", "fedavg_bbt_perturbed", "centralized_bbt", "manual", "fedprompt"]
+)
+def test_each_algorithm_declares_the_hyperparameters_its_round_reads(name):
+    """A round from init with each field changed alone equals the unchanged round exactly where the
+    algorithm declares it does not read that field (so a sweep over it is refused, and over the others not)."""
+    a = fl.make(name, algo().config, fs.tiny_lm())
+    assert a.spec.hparams == fl.hparams_read(name, algo().config)
+    base = fl.HParams(sigma0=1.0, perturb_rate=0.5, dropout_rate=0.0, learning_rate=0.3)
+    other = {"sigma0": 0.5, "perturb_rate": 0.2, "dropout_rate": 1.0, "learning_rate": 0.01}
+    key, d, m = jax.random.key(3), data(), model()
+    step = jax.jit(lambda hp: a.round(key, a.init(key, hp), d, hp, m))
+    ref = jax.tree_util.tree_leaves(step(base.validate()))
+    reads = []
+    for field, value in other.items():
+        out = jax.tree_util.tree_leaves(step(base.replace(**{field: value}).validate()))
+        if not all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True) for x, y in zip(ref, out)):
+            reads.append(field)
+    assert tuple(reads) == a.spec.hparams
+    unread = [f for f in other if f not in reads]
+    if unread:
+        with pytest.raises(ValueError, match=f"{unread[0]}: {a.name} never reads it"):
+            fl.sweep(
+                a, data(), fs.test_set(), fs.tiny_lm(), model(), seeds=[0], num_rounds=2, hp={unread[0]: [0.1, 0.2]}
+            )
+
+
+def test_memory_floor_counts_the_inputs_and_the_largest_product():
+    from fedbpt_jax.federated.lanes import memory_floor
+
+    def f(x, y):
+        return jax.lax.scan(lambda c, _: (c @ y, None), x, None, length=3)[0].sum()
+
+    traced = jax.jit(f).trace(jnp.ones((4, 8)), jnp.ones((8, 8)))
+    assert memory_floor(traced.jaxpr) == ((32 + 64) * 4, 32 * 4)  # the product inside the scan is found
+
+
+def test_a_sweep_larger_than_memory_is_refused_before_compiling(monkeypatch):
+    from fedbpt_jax.federated import lanes as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "available_memory", lambda device=None: 1000)
+    with testing.count_compiles() as counts, pytest.raises(ValueError) as err:
+        do_sweep([0, 1, 2], {"sigma0": [0.5, 1.0]})
+    msg = str(err.value)
+    assert "a sweep of 6 lanes needs at least" in msg and "0.0 GiB are available" in msg, msg
+    assert "accepted: at most about 0 lanes" in msg and "\n" not in msg
+    assert not counts.compiles
+    # the floor is a floor: it never refuses what fits (the 2x2 sweep above ran on this machine)
+    monkeypatch.undo()
+    assert sweep_mod.available_memory() > 0
+
+
 def test_bad_mesh_and_data_are_refused():
     with pytest.raises(ValueError, match="axis named 'lanes'"):
         do_sweep([0], mesh=fl.client_mesh())
@@ -301,6 +353,16 @@ def test_cli_hp_parsing():
         (["--seeds", "0,4294967296"], "seed 4294967296 is outside 0..4294967295"),
         (["--seed", "-1"], "--seed -1: accepted: an integer 0..4294967295"),
         (["--rounds", "3", "--eval-every", "2"], "--rounds 3: accepted: a positive multiple of --eval-every (2)"),
+        (
+            ["--algorithm", "fedbpt", "--hp", "learning_rate=0.1,0.01"],
+            "learning_rate: fedbpt never reads it, so every lane would be the same run; accepted for fedbpt: "
+            "sigma0, perturb_rate, dropout_rate",
+        ),
+        (
+            ["--algorithm", "fedavg_bbt", "--hp", "perturb_rate=0.3,0.6"],
+            "perturb_rate: fedavg_bbt never reads it",
+        ),
+        (["--algorithm", "manual", "--hp", "sigma0=0.5,1"], "accepted for manual: none"),
     ],
 )
 def test_cli_bad_input_is_one_line_before_the_model_loads(argv, says, monkeypatch, capsys):
@@ -352,6 +414,12 @@ def test_cli_runs_a_grid_and_writes_its_results(tmp_path, monkeypatch, capsys):
         "--results-dir",
         str(out),
     ]
+    # a sweep that fails leaves no config.json describing results that were never written
+    real_sweep = fb.federated.sweep
+    monkeypatch.setattr(fb.federated, "sweep", lambda *a, **k: (_ for _ in ()).throw(ValueError("no memory")))
+    assert sweep_cli.main(argv) == 2 and "no memory" in capsys.readouterr().err
+    assert not (out / "config.json").exists() and not (out / "sweep.json").exists()
+    monkeypatch.setattr(fb.federated, "sweep", real_sweep)
     assert sweep_cli.main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert (

@@ -23,21 +23,13 @@ from .core import (
     validate_data,
     with_clean_context,
 )
+from .counters import compile_count, trace_count
 from .distributed import client_mesh, clients_to_global, host, init_distributed, to_global
-from .run import (
-    History,
-    RunCarry,
-    compile_count,
-    load_uploads,
-    median_token_norm,
-    round_cost,
-    round_key,
-    run,
-    summarize,
-    trace_count,
-    write_results,
-)
-from .sweep import SweepResults, hp_points, lane_mesh, sweep
+from .driver import median_token_norm, round_cost, round_key, run
+from .evaluation import RunCarry
+from .lanes import LR_GRID, SweepResults, hp_points, lane_mesh, sweep, tune_learning_rate
+from .records import History, load_uploads, summarize, write_results
+from .registry import ALGORITHM_NAMES, COMMAND_ALGORITHMS, hparams_read
 
 _LAZY = (
     "ALGORITHMS",
@@ -47,8 +39,6 @@ _LAZY = (
     "fedprompt",
     "make",
     "manual_prompt",
-    "LR_GRID",
-    "tune_learning_rate",
 )
 
 __all__ = [
@@ -79,6 +69,9 @@ __all__ = [
     "tune_learning_rate",
     "validate_data",
     "make",
+    "hparams_read",
+    "ALGORITHM_NAMES",
+    "COMMAND_ALGORITHMS",
     "fedbpt",
     "fedavg_bbt",
     "centralized_bbt",
@@ -113,12 +106,10 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover
     from .algorithms import (  # noqa: F401
         ALGORITHMS,
-        LR_GRID,
         centralized_bbt,
         fedavg_bbt,
         fedbpt,
         fedprompt,
         make,
         manual_prompt,
-        tune_learning_rate,
     )

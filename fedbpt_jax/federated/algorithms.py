@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
@@ -51,6 +50,7 @@ from .core import (
     map_clients,
     sample_round,
 )
+from .registry import ALGORITHM_NAMES, hparams_read
 
 
 @flax.struct.dataclass
@@ -519,6 +519,7 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
         scorer=scorer,
         global_z=global_z,
         round_detailed=round_detailed,
+        hparams=hparams_read("fedbpt", config),
         **fedbpt.declares,
     )
     return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, spec)
@@ -561,6 +562,7 @@ def fedavg_bbt(
         base.spec,
         round_detailed=round_detailed,
         cost=_es_cost(config, lm, perturb=perturb, covariance=True),
+        hparams=hparams_read(name, config),
         **fedavg_bbt.declares,
     )
     return base._replace(name=name, round=scalars_only(round_detailed), spec=spec)
@@ -642,7 +644,14 @@ def centralized_bbt(
         prefix_passes=1,
         pooled=True,
     )
-    spec = AlgorithmSpec(config, cost, scorer=scorer, global_z=global_z, **centralized_bbt.declares)
+    spec = AlgorithmSpec(
+        config,
+        cost,
+        scorer=scorer,
+        global_z=global_z,
+        hparams=hparams_read("centralized_bbt", config),
+        **centralized_bbt.declares,
+    )
     return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, spec)
 
 
@@ -669,7 +678,10 @@ def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
         return prompt.start_prompt(model.start, n, hidden)
 
     spec = AlgorithmSpec(
-        config, AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=0), **manual_prompt.declares
+        config,
+        AlgorithmCost(comm=accounting.CommBytes(0, 0, 0), forward_calls=0),
+        hparams=hparams_read("manual", config),
+        **manual_prompt.declares,
     )
     return FederatedAlgorithm("manual", init, round_fn, global_prompt, spec)
 
@@ -775,7 +787,15 @@ def fedprompt(
     cost = AlgorithmCost(
         comm=accounting.prompt_bytes(n, hidden, lm.num_params()), forward_calls=3 * steps + 1, prefix_passes=1
     )
-    spec = AlgorithmSpec(config, cost, mesh=mesh, scorer=scorer, round_detailed=round_detailed, **fedprompt.declares)
+    spec = AlgorithmSpec(
+        config,
+        cost,
+        mesh=mesh,
+        scorer=scorer,
+        round_detailed=round_detailed,
+        hparams=hparams_read("fedprompt", config),
+        **fedprompt.declares,
+    )
     return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, spec)
 
 
@@ -787,6 +807,7 @@ ALGORITHMS = {
     "manual": manual_prompt,
     "fedprompt": fedprompt,
 }
+assert tuple(ALGORITHMS) == ALGORITHM_NAMES, "the factories cover exactly the registry's names"
 
 
 def make(name: str, config: FedConfig, lm, **kwargs) -> FederatedAlgorithm:
@@ -794,79 +815,3 @@ def make(name: str, config: FedConfig, lm, **kwargs) -> FederatedAlgorithm:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; accepted: {sorted(ALGORITHMS)}")
     return ALGORITHMS[name](config, lm, **kwargs)
-
-
-#: FedPrompt's learning-rate grid for :func:`tune_learning_rate`: Adam step sizes on the soft-prompt
-#: embeddings, half-decades from 1e-3 to 0.3 (0.3 is prompt tuning's usual rate and the old default;
-#: Adam moves every embedding entry by about the learning rate per step, and token-embedding entries
-#: are typically of order 0.01-0.1, so the useful rates sit well below it).
-LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-
-
-def tune_learning_rate(
-    algo: FederatedAlgorithm,
-    key: jax.Array,
-    data: FederatedData,
-    dev,
-    lm,
-    model: ModelInputs,
-    *,
-    num_rounds: int,
-    hp: HParams = HParams(),
-    grid=LR_GRID,
-    eval_every: int = 1,
-    **run_kwargs,
-) -> tuple[float, list[dict]]:
-    """Picks the learning rate (FedPrompt's local Adam rate, ``hp.learning_rate``) on the **dev** set.
-
-    One :func:`~fedbpt_jax.federated.run` per grid value, all with the same ``key`` (same client
-    sampling), each evaluated on ``dev`` only: the test set is never touched. A value's score is its
-    best dev accuracy over the evaluations (what dev selection would keep); the highest score wins,
-    ties to the earlier grid value (the smaller rate, with the default ascending grid). The rounds
-    reuse one compiled program (the rate is a traced hyperparameter).
-
-    Example::
-
-        lr, table = fl.tune_learning_rate(fl.fedprompt(cfg, lm), jax.random.key(0), data, fed.dev, lm, model,
-                                          num_rounds=10)
-        carry, hist = fl.run(algo, key, data, fed.test, lm, model, dev=fed.dev, hp=fl.HParams(learning_rate=lr), ...)
-
-    Returns:
-      ``(best_rate, table)``: ``table`` has one row per grid value: ``learning_rate``, ``dev_accuracy``
-      (its score, NaN if no evaluation was finite), ``dev_round`` (where it was reached) and
-      ``final_dev_accuracy``.
-    """
-    from .run import run
-
-    grid = tuple(float(g) for g in grid)
-    if not grid:
-        raise ValueError("grid must hold at least one learning rate")
-    table = []
-    for lr in grid:
-        _, hist = run(
-            algo,
-            key,
-            data,
-            dev,
-            lm,
-            model,
-            num_rounds=num_rounds,
-            hp=hp.replace(learning_rate=lr),
-            eval_every=eval_every,
-            progress=False,
-            **run_kwargs,
-        )
-        accs = [(e["accuracy"], e["round"]) for e in hist.evals if math.isfinite(e["accuracy"])]
-        best = max(accs, key=lambda a: (a[0], -a[1])) if accs else (float("nan"), None)
-        table.append(
-            {
-                "learning_rate": lr,
-                "dev_accuracy": best[0],
-                "dev_round": best[1],
-                "final_dev_accuracy": hist.evals[-1]["accuracy"],
-            }
-        )
-    scored = [(row["dev_accuracy"], -i) for i, row in enumerate(table) if math.isfinite(row["dev_accuracy"])]
-    if not scored:
-        raise ValueError(f"no learning rate of the grid {grid} gave a finite dev evaluation")
-    return table[-max(scored)[1]]["learning_rate"], table

@@ -148,6 +148,9 @@ class AlgorithmSpec:
         per round (``run(keep_clean_context=...)`` accepts it, :func:`~fedbpt_jax.federated.round_cost`
         counts one prefix pass fewer).
       uploads: ``round_detailed``'s metrics hold ``"uploads"`` (``run(save_uploads=...)`` accepts it).
+      hparams: the :class:`~fedbpt_jax.federated.HParams` fields that ``init`` and ``round`` read (see
+        :func:`~fedbpt_jax.federated.algorithms.hparams_read`); a sweep over any other field would run
+        identical lanes and is refused. None: not declared (a user-built algorithm), every field accepted.
     """
 
     config: Any
@@ -158,6 +161,7 @@ class AlgorithmSpec:
     round_detailed: Callable | None = None
     uses_clean_context: bool = False
     uploads: bool = False
+    hparams: tuple[str, ...] | None = None
 
 
 class FederatedAlgorithm(NamedTuple):

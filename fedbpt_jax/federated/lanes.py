@@ -5,9 +5,9 @@
 ``eval_every`` rounds, each followed by an evaluation of the global prompt on the test and dev sets and the
 dev-selection update)*. Shapes are static and the swept numbers live in the :class:`HParams` pytree, so
 every lane is the same program on other values. The round, the evaluation and the selection are
-:func:`~fedbpt_jax.federated.run`'s own pieces (:func:`~fedbpt_jax.federated.run.make_segment`,
-:func:`~fedbpt_jax.federated.run.make_initial_eval`, :func:`~fedbpt_jax.federated.run.initial_carry`,
-:func:`~fedbpt_jax.federated.run.eval_sets`), so lane ``(seed, hp)`` computes what
+:func:`~fedbpt_jax.federated.run`'s own pieces (:func:`~fedbpt_jax.federated.driver.make_segment`,
+:func:`~fedbpt_jax.federated.evaluation.make_initial_eval`, :func:`~fedbpt_jax.federated.driver.initial_carry`,
+:func:`~fedbpt_jax.federated.evaluation.eval_sets`), so lane ``(seed, hp)`` computes what
 ``run(algo, jax.random.key(seed), ..., hp=hp)`` computes: the same accuracies, the server's CMA-ES state to
 float rounding (a vmapped CMA-ES is not bitwise the unbatched one: XLA fuses the batched program differently).
 
@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import itertools
-import json
 import math
 import numbers
-from pathlib import Path
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -51,26 +49,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import objective
-from ..checkpoint import to_json, write_json_atomic
+from . import counters, driver, evaluation
 from .config import HParams
 from .core import FederatedAlgorithm, FederatedData, ModelInputs
 from .distributed import host, to_global
-
-# The module (``fedbpt_jax.federated.run`` as an attribute is the function ``run``).
-run_mod = importlib.import_module(".run", __package__)
+from .lane_results import SweepResults, sweep_results
 
 #: The mesh axis the lanes are sharded over (:func:`lane_mesh`).
 LANE_AXIS = "lanes"
 _PROGRAM_PREFIX = "fedbpt_jax_sweep__"
-#: Figures summarised over the seeds of a hyperparameter point (mean ± std, n finite values).
-SUMMARY_FIGURES = ("final_test_accuracy", "selected_test_accuracy", "selected_dev_accuracy", "best_test_reference")
 HP_FIELDS = tuple(f.name for f in dataclasses.fields(HParams))
 
 
 def _on_compile(event: str, duration: float, **kwargs) -> None:
     name = str(kwargs.get("fun_name", ""))
     if event == "/jax/core/compile/backend_compile_duration" and _PROGRAM_PREFIX in name:
-        run_mod.COMPILE_COUNTS["sweep/" + name[name.index(_PROGRAM_PREFIX) + len(_PROGRAM_PREFIX) :].rstrip(")")] += 1
+        counters.COMPILE_COUNTS["sweep/" + name[name.index(_PROGRAM_PREFIX) + len(_PROGRAM_PREFIX) :].rstrip(")")] += 1
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_compile)
@@ -172,6 +166,24 @@ def hp_points(hp: Mapping[str, Any] | None, *, grid: bool = False, base: HParams
     return points
 
 
+def check_swept(algorithm: str, reads: Sequence[str] | None, swept: Sequence[str]) -> None:
+    """Refuses sweeping an :class:`HParams` field that ``algorithm`` never reads (``reads``: its spec's
+    ``hparams``; None accepts every field): its lanes would be identical runs reported as a spread.
+
+    Raises:
+      ValueError: naming the field, the algorithm and the fields it does read.
+    """
+    if reads is None:
+        return
+    unread = [k for k in swept if k not in reads]
+    if unread:
+        what = ", ".join(reads) if reads else "none: its rounds do not depend on any of them"
+        raise ValueError(
+            f"hyperparameter(s) {', '.join(unread)}: {algorithm} never reads {'it' if len(unread) == 1 else 'them'}, "
+            f"so every lane would be the same run; accepted for {algorithm}: {what}"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # The compiled program
 # ------------------------------------------------------------------------------------------------
@@ -189,16 +201,16 @@ def make_program(
     (carry [L], initial eval [L], evals [L, num_segments], metrics [L, num_segments, eval_every])``.
 
     ``key_init`` and ``key_rounds`` are raw key data (``jax.random.key_data``) of each lane's initial-state key
-    and rounds' key (:func:`fedbpt_jax.federated.run.round_key`); everything but the lane inputs is shared.
+    and rounds' key (:func:`fedbpt_jax.federated.round_key`); everything but the lane inputs is shared.
     """
     name = algo.name
-    segment = run_mod.make_segment(
+    segment = driver.make_segment(
         algo, scorer, eval_every, n_prompt, hidden, key_impl, keep_uploads=False, log_clients=False
     )
-    initial = run_mod.make_initial_eval(algo, scorer, n_prompt, hidden)
+    initial = evaluation.make_initial_eval(algo, scorer, n_prompt, hidden)
 
     def lane(key_init, key_rounds, hp, data, model, test, dev, token_norm):
-        carry = run_mod.initial_carry(algo, jax.random.wrap_key_data(key_init, impl=key_impl), hp, hidden)
+        carry = driver.initial_carry(algo, jax.random.wrap_key_data(key_init, impl=key_impl), hp, hidden)
         carry, ev0 = initial(carry, data, model, test, dev, token_norm)
 
         def body(carry, _):
@@ -209,7 +221,7 @@ def make_program(
         return carry, ev0, evs, metrics
 
     def program(key_init, key_rounds, hp, data, model, test, dev, token_norm):
-        counts = run_mod.TRACE_COUNTS
+        counts = counters.TRACE_COUNTS
         own = {k: counts[k] for k in (name, name + "/eval")}
         counts["sweep/" + name] += 1  # Python side effect: runs only while tracing
         if mesh is not None:
@@ -237,7 +249,7 @@ def _constrain_lanes(tree, mesh):
 def _jitted(
     algo: FederatedAlgorithm, kind: str, model_config, hidden: int, eval_every: int, num_segments: int, key_impl, mesh
 ):
-    scorer = run_mod.algo_scorer(algo, kind, model_config)
+    scorer = driver.algo_scorer(algo, kind, model_config)
     out = None
     if mesh is not None:
         from jax.sharding import NamedSharding
@@ -264,190 +276,90 @@ def compiled_program(algo: FederatedAlgorithm, lm, eval_every: int, num_segments
     return _jitted(algo, lm.kind, lm.config, lm.hidden_size, eval_every, num_segments, key_impl, mesh)
 
 
-# ------------------------------------------------------------------------------------------------
-# Results
-# ------------------------------------------------------------------------------------------------
-def _stats(values: list) -> dict:
-    """mean, sample std (ddof 1; NaN with fewer than 2 values) and n over the finite values."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(xs)
-    mean = float(np.mean(xs)) if n else float("nan")
-    std = float(np.std(xs, ddof=1)) if n >= 2 else float("nan")
-    return {"mean": mean, "std": std, "n": n}
+def memory_floor(jaxpr) -> tuple[int, int]:
+    """A lower bound on what a traced program needs at once, from its jaxpr, before XLA compiles it:
+    ``(inputs, largest)``, the bytes of the program's inputs and of its largest matrix product
+    (``dot_general``) result, inner programs (scans, loops, conditionals) included. Both are live together
+    (the inputs for the whole call), and a product's result is a buffer XLA cannot fuse away, so their sum
+    is a floor, not an estimate of the peak (which is higher)."""
+
+    def nbytes(aval) -> int:
+        shape = getattr(aval, "shape", None)
+        return 0 if shape is None else int(np.prod(shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+
+    def inner(value):
+        if hasattr(value, "eqns"):
+            yield value
+        elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+            yield value.jaxpr
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                yield from inner(v)
+
+    def largest(jx) -> int:
+        out = 0
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "dot_general":
+                out = max(out, sum(nbytes(v.aval) for v in eqn.outvars))
+            for value in eqn.params.values():
+                for sub in inner(value):
+                    out = max(out, largest(sub))
+        return out
+
+    jx = jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr
+    return sum(nbytes(v.aval) for v in jx.invars), largest(jx)
 
 
-def _fmt_stat(s: dict) -> str:
-    if not s["n"]:
-        return "n/a"
-    if not math.isfinite(s["std"]):
-        return f"{s['mean']:.4f}"
-    return f"{s['mean']:.4f} ± {s['std']:.4f}"
-
-
-@dataclasses.dataclass
-class SweepResults:
-    """What :func:`sweep` returns.
-
-    Attributes:
-      algorithm: the algorithm's name.
-      num_rounds, eval_every: the schedule; ``eval_rounds``: the evaluated rounds (0 = the initial state).
-      swept: the hyperparameter fields that vary (in the order given).
-      seeds: the S seeds; ``points``: the H hyperparameter points (every :class:`HParams` field).
-      lanes: one dict per lane (point-major: lane ``h·S + s`` is point h with seed s): ``lane``, ``seed``,
-        ``point``, ``hparams``; per evaluated round ``test_accuracy``, ``dev_accuracy`` (None without a dev
-        set), ``test_loss``, ``z_norm`` (when the algorithm has a z); per round the scalar round metrics
-        under ``rounds`` (e.g. ``sigma``, ``client_loss``); ``final_round``, ``final_test_accuracy``,
-        ``final_dev_accuracy``; the dev-selected ``selected_round``, ``selected_dev_accuracy``,
-        ``selected_test_accuracy`` (None when no finite evaluation was ever selected); the
-        reference-compatibility ``best_test_reference`` (selected on test: optimistic) and its round;
-        ``nonfinite_evals``. NaN accuracies are kept (as ``"nan"`` in JSON).
-      summary: one dict per point: ``point``, ``hparams`` (the swept fields), ``seeds`` and, for each of
-        :data:`SUMMARY_FIGURES`, ``{"mean", "std", "n"}`` over the seeds' finite values (std: sample std,
-        NaN with fewer than two).
-      selection_rule: how ``selected_*`` was chosen.
-      carry: the lanes' final :class:`~fedbpt_jax.federated.RunCarry` as numpy with a leading lane axis (not
-        written to JSON), e.g. ``carry.state.server.mean[lane]``.
-    """
-
-    algorithm: str
-    num_rounds: int
-    eval_every: int
-    eval_rounds: list[int]
-    swept: list[str]
-    seeds: list[int]
-    points: list[dict]
-    lanes: list[dict]
-    summary: list[dict]
-    selection_rule: str
-    carry: Any = dataclasses.field(default=None, repr=False)
-
-    def lane(self, seed: int, **hparams) -> dict:
-        """The lane of ``seed`` at the point whose swept fields equal ``hparams``."""
-        for row in self.lanes:
-            if row["seed"] == seed and all(row["hparams"].get(k) == float(v) for k, v in hparams.items()):
-                return row
-        raise KeyError(
-            f"no lane with seed {seed} and {hparams}; seeds {self.seeds}, points "
-            f"{[{k: p[k] for k in self.swept} for p in self.points]}"
-        )
-
-    def as_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "carry"}
-        return {"kind": "sweep", **d}
-
-    def to_json(self) -> str:
-        """Strict JSON (NaN and ±inf as ``"nan"``, ``"inf"``, ``"-inf"``: read back with
-        :func:`fedbpt_jax.checkpoint.read_json`)."""
-        return json.dumps(to_json(self.as_dict()), indent=2, allow_nan=False) + "\n"
-
-    def write(self, path) -> Path:
-        """Writes :meth:`to_json` to ``path`` atomically (a complete file or the previous one, never half)."""
-        return write_json_atomic(path, self.as_dict())
-
-    def markdown(self) -> str:
-        """A markdown table: one row per hyperparameter point, the swept values, n seeds, and mean ± std of
-        the final, dev-selected and best-on-test (reference figure, optimistic) test accuracies."""
-        cols = [
-            *self.swept,
-            "seeds",
-            "final test acc",
-            "dev-selected test acc",
-            "selected dev acc",
-            "best-on-test (reference, optimistic)",
-        ]
-        lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-        for s in self.summary:
-            cells = [f"{s['hparams'][k]:g}" for k in self.swept] + [str(len(s["seeds"]))]
-            cells += [_fmt_stat(s[f]) for f in SUMMARY_FIGURES]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
-
-
-def _finite_eval(ev0, evs, i: int, e: int, has_dev: bool) -> bool:
-    """Whether evaluation ``e`` (0: the initial one) of lane ``i`` had finite logits on test (and dev)."""
-
-    def at(k):
-        return np.asarray(ev0[k])[i] if e == 0 else np.asarray(evs[k])[i, e - 1]
-
-    names = ("", "dev_") if has_dev else ("",)
-    return all(int(at(p + "nonfinite_examples")) == 0 and math.isfinite(float(at(p + "accuracy"))) for p in names)
-
-
-def _results(algo, seeds, points, swept, num_rounds, eval_every, out, has_dev: bool) -> SweepResults:
-    carry, ev0, evs, metrics = host(out)
-    n_lanes = len(seeds) * len(points)
-    carry = jax.tree_util.tree_map(lambda a: np.asarray(a)[:n_lanes], carry)
-    eval_rounds = list(range(0, num_rounds + 1, eval_every))
-
-    def curve(k, i):
-        if k not in ev0:
+def available_memory(device=None) -> int | None:
+    """Bytes the program could still allocate on ``device`` (default: the first device): an accelerator's
+    ``memory_stats()`` limit less what is in use; on the CPU, the host's ``MemAvailable``; None if unknown."""
+    device = device or jax.devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
             return None
-        return [float(np.asarray(ev0[k])[i])] + [float(x) for x in np.asarray(evs[k])[i]]
+    return None
 
-    lanes = []
-    for h, point in enumerate(points):
-        for j, seed in enumerate(seeds):
-            i = h * len(seeds) + j
-            test_acc, dev_acc = curve("accuracy", i), curve("dev_accuracy", i)
-            nonfinite = sum(1 for e in range(len(eval_rounds)) if not _finite_eval(ev0, evs, i, e, has_dev))
-            rounds = {
-                k: [float(x) for x in np.asarray(v)[i].reshape(-1)]
-                for k, v in metrics.items()
-                if np.asarray(v)[i].size == num_rounds
-            }
-            sel = int(carry.selected_round[i])
-            ref_round = int(carry.best_test_reference_round[i])
-            lanes.append(
-                {
-                    "lane": i,
-                    "seed": seed,
-                    "point": h,
-                    "hparams": dict(point),
-                    "eval_rounds": eval_rounds,
-                    "test_accuracy": test_acc,
-                    "dev_accuracy": dev_acc,
-                    "test_loss": curve("loss", i),
-                    "z_norm": curve("z_norm", i),
-                    "rounds": rounds,
-                    "final_round": num_rounds,
-                    "final_test_accuracy": test_acc[-1],
-                    "final_dev_accuracy": None if dev_acc is None else dev_acc[-1],
-                    "selected_round": sel if sel >= 0 else None,
-                    "selected_dev_accuracy": float(carry.selected_dev_accuracy[i]) if has_dev and sel >= 0 else None,
-                    "selected_test_accuracy": float(carry.selected_test_accuracy[i]) if sel >= 0 else None,
-                    "best_test_reference": float(carry.best_test_reference[i]) if ref_round >= 0 else None,
-                    "best_test_reference_round": ref_round if ref_round >= 0 else None,
-                    "nonfinite_evals": nonfinite,
-                }
-            )
-    summary = []
-    for h, point in enumerate(points):
-        rows = [r for r in lanes if r["point"] == h]
-        summary.append(
-            {
-                "point": h,
-                "hparams": {k: point[k] for k in swept},
-                "seeds": list(seeds),
-                **{f: _stats([r[f] for r in rows]) for f in SUMMARY_FIGURES},
-            }
-        )
-    rule = (
-        "dev accuracy, ties to the earliest round; non-finite evaluations never selected"
-        if has_dev
-        else "none (no dev set): the latest finite evaluation"
-    )
-    return SweepResults(
-        algorithm=algo.name,
-        num_rounds=num_rounds,
-        eval_every=eval_every,
-        eval_rounds=eval_rounds,
-        swept=list(swept),
-        seeds=list(seeds),
-        points=[dict(p) for p in points],
-        lanes=lanes,
-        summary=summary,
-        selection_rule=rule,
-        carry=carry,
+
+def check_memory(jaxpr, n_lanes: int, n_devices: int = 1, available: int | None = None) -> None:
+    """Refuses, before compiling, a sweep whose :func:`memory_floor` (per device: lanes are sharded over
+    ``n_devices``) exceeds :func:`available_memory` (or ``available``), naming both and how many lanes would
+    fit; a sweep that passes can still run out of memory (the floor is not the peak).
+
+    Raises:
+      ValueError: the one-line refusal.
+    """
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    inputs, largest = memory_floor(jaxpr)
+    need = (inputs + largest) / n_devices
+    if need <= available:
+        return
+    per_lane = need / n_lanes
+    fit = int(available // per_lane) if per_lane > 0 else n_lanes
+    gib = 2**30
+    raise ValueError(
+        f"a sweep of {n_lanes} lanes needs at least {need / gib:.1f} GiB{' per device' if n_devices > 1 else ''} "
+        f"(its inputs {inputs / n_devices / gib:.1f} GiB and its largest matrix product "
+        f"{largest / n_devices / gib:.1f} GiB, before anything else) but {available / gib:.1f} GiB are available; "
+        f"accepted: at most about {max(fit, 0)} lanes at once (fewer seeds or hyperparameter points per sweep, "
+        "or more devices with lanes='all')"
     )
 
 
@@ -467,12 +379,12 @@ def _check_sweep_options(num_rounds, eval_every, eval_chunk, mesh):
         )
 
 
-def _lane_keys(seeds: list[int]):
+def _lane_keys(seeds: list[int], keys: Sequence[jax.Array] | None = None):
     """Raw key data ``[L, k]`` of each seed's initial-state key and rounds' key, as :func:`run` derives them
-    from ``jax.random.key(seed)``, and the key implementation."""
+    from ``jax.random.key(seed)`` (or from each of ``keys``), and the key implementation."""
     inits, rounds, impl = [], [], None
-    for s in seeds:
-        key_init, key_rounds, impl = run_mod.run_keys(jax.random.key(s))
+    for key in keys if keys is not None else [jax.random.key(s) for s in seeds]:
+        key_init, key_rounds, impl = driver.run_keys(key)
         inits.append(np.asarray(jax.random.key_data(key_init)))
         rounds.append(np.asarray(key_rounds))
     return np.stack(inits), np.stack(rounds), impl
@@ -526,10 +438,57 @@ def sweep(
       :class:`SweepResults` (``to_json``, ``write(path)``, ``markdown()``).
 
     Raises:
-      ValueError: bad seeds, hyperparameters (see :func:`hp_points`), schedule, mesh or data, before
-        anything compiles.
+      ValueError: bad seeds, hyperparameters (see :func:`hp_points`; a swept field the algorithm never
+        reads, see :func:`check_swept`), schedule, mesh or data, before anything compiles.
     """
     seeds = check_seeds(seeds)
+    return _sweep_lanes(
+        algo,
+        data,
+        test,
+        lm,
+        model,
+        seeds=seeds,
+        lane_keys=_lane_keys(seeds),
+        num_rounds=num_rounds,
+        hp=hp,
+        grid=grid,
+        base=base,
+        dev=dev,
+        eval_every=eval_every,
+        eval_chunk=eval_chunk,
+        mesh=mesh,
+        cache_eval_prefix=cache_eval_prefix,
+        eval_cache_budget=eval_cache_budget,
+        keep_clean_context=keep_clean_context,
+        clean_context_budget=clean_context_budget,
+    )
+
+
+def _sweep_lanes(
+    algo,
+    data,
+    test,
+    lm,
+    model,
+    *,
+    seeds,
+    lane_keys,
+    num_rounds,
+    hp,
+    grid,
+    base,
+    dev,
+    eval_every,
+    eval_chunk,
+    mesh,
+    cache_eval_prefix,
+    eval_cache_budget,
+    keep_clean_context,
+    clean_context_budget,
+) -> SweepResults:
+    """:func:`sweep` once its seeds are checked, with each seed's lane keys ``(key_init [S, k], key_rounds
+    [S, k], impl)`` given (:func:`_lane_keys`, or one run key's for :func:`tune_learning_rate`)."""
     _check_sweep_options(num_rounds, eval_every, eval_chunk, mesh)
     if getattr(algo, "mesh", None) is not None:
         raise ValueError(
@@ -538,9 +497,10 @@ def sweep(
         )
     points = hp_points(hp, grid=grid, base=base)
     swept = list(dict(hp or {}))
-    run_mod.validate_inputs(algo, data, test, dev, lm)
+    check_swept(algo.name, getattr(algo.spec, "hparams", None), swept)
+    driver.validate_inputs(algo, data, test, dev, lm)
 
-    key_init, key_rounds, impl = _lane_keys(seeds)
+    key_init, key_rounds, impl = lane_keys
     n_lanes = len(seeds) * len(points)
     key_init, key_rounds = np.tile(key_init, (len(points), 1)), np.tile(key_rounds, (len(points), 1))
     hps = {k: np.repeat(np.asarray([p[k] for p in points], np.float32), len(seeds)) for k in HP_FIELDS}
@@ -550,20 +510,20 @@ def sweep(
         hps = {k: np.concatenate([v, np.repeat(v[-1:], pad)]) for k, v in hps.items()}
     hparams = HParams(**{k: jnp.asarray(v) for k, v in hps.items()})
 
-    scorer = run_mod.algo_scorer(algo, lm.kind, lm.config)
-    keep = run_mod.decide_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
+    scorer = driver.algo_scorer(algo, lm.kind, lm.config)
+    keep = driver.decide_clean_context(algo, scorer, lm, data, keep_clean_context, clean_context_budget, num_rounds)
 
     def chunked(batch):  # as run() chunks them
         return jax.tree_util.tree_map(jnp.asarray, objective.eval_chunks(scorer, batch, eval_chunk, data.spec))
 
     chunks = chunked(test)
     dev_chunks = None if dev is None else chunked(dev)
-    data = run_mod.prepare_clean_context(data, keep, scorer, model, algo.config, None)
-    cache = run_mod.decide_eval_prefix_cache(
+    data = driver.prepare_clean_context(data, keep, scorer, model, algo.config, None)
+    cache = evaluation.decide_eval_prefix_cache(
         scorer, lm.params, chunks, dev_chunks, data.spec, cache_eval_prefix, eval_cache_budget
     )
-    evals = run_mod.eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache)
-    token_norm = jnp.asarray(run_mod.median_token_norm(lm), jnp.float32)
+    evals = evaluation.eval_sets(scorer, lm, model, chunks, dev_chunks, data.spec, cache_prefix=cache)
+    token_norm = jnp.asarray(driver.median_token_norm(lm), jnp.float32)
     lane_args = (jnp.asarray(key_init), jnp.asarray(key_rounds), hparams)
     shared = (data, model, evals.test, evals.dev, token_norm)
     if mesh is not None:
@@ -577,5 +537,99 @@ def sweep(
         shared = to_global(shared, mesh)
 
     program = compiled_program(algo, lm, eval_every, num_rounds // eval_every, impl, mesh)
+    traced = program.trace(*lane_args, *shared)  # the trace the call below reuses: nothing compiled yet
+    check_memory(traced.jaxpr, n_lanes, 1 if mesh is None else mesh.devices.size)
     out = program(*lane_args, *shared)
-    return _results(algo, seeds, points, swept, num_rounds, eval_every, out, dev is not None)
+    return sweep_results(algo, seeds, points, swept, num_rounds, eval_every, out, dev is not None)
+
+
+#: FedPrompt's learning-rate grid for :func:`tune_learning_rate`: Adam step sizes on the soft-prompt
+#: embeddings, half-decades from 1e-3 to 0.3 (0.3 is prompt tuning's usual rate and the old default;
+#: Adam moves every embedding entry by about the learning rate per step, and token-embedding entries
+#: are typically of order 0.01-0.1, so the useful rates sit well below it).
+LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+
+
+def tune_learning_rate(
+    algo: FederatedAlgorithm,
+    key: jax.Array,
+    data: FederatedData,
+    dev,
+    lm,
+    model: ModelInputs,
+    *,
+    num_rounds: int,
+    hp: HParams = HParams(),
+    grid=LR_GRID,
+    eval_every: int = 1,
+    eval_chunk: int = 64,
+    mesh=None,
+    eval_cache_budget: int = 2 << 30,
+) -> tuple[float, list[dict]]:
+    """Picks the learning rate (FedPrompt's local Adam rate, ``hp.learning_rate``) on the **dev** set.
+
+    One :func:`sweep` over the grid's rates: every lane runs from ``key`` (the client sampling of
+    ``run(algo, key, ...)``) and is evaluated on ``dev`` only: the test set is never touched. A rate's
+    score is its best dev accuracy over the evaluations (what dev selection would keep); the highest
+    score wins, ties to the earlier grid value (the smaller rate, with the default ascending grid).
+    Each lane computes what ``run`` with that rate computes, up to float rounding (see :func:`sweep`).
+
+    Example::
+
+        lr, table = fl.tune_learning_rate(fl.fedprompt(cfg, lm), jax.random.key(0), data, fed.dev, lm, model,
+                                          num_rounds=10)
+        carry, hist = fl.run(algo, key, data, fed.test, lm, model, dev=fed.dev, hp=fl.HParams(learning_rate=lr), ...)
+
+    Args:
+      algo: an algorithm that reads ``learning_rate`` (FedPrompt), built without a client mesh.
+      mesh: a :func:`lane_mesh` (the rates' lanes sharded over its devices), or None.
+
+    Returns:
+      ``(best_rate, table)``: ``table`` has one row per grid value: ``learning_rate``, ``dev_accuracy``
+      (its score, NaN if no evaluation was finite), ``dev_round`` (where it was reached) and
+      ``final_dev_accuracy``.
+
+    Raises:
+      ValueError: an empty or invalid grid, an algorithm that never reads the rate, or no finite evaluation.
+    """
+    grid = tuple(float(g) for g in grid)
+    if not grid:
+        raise ValueError("grid must hold at least one learning rate")
+    _check_sweep_options(num_rounds, eval_every, eval_chunk, mesh)
+    res = _sweep_lanes(
+        algo,
+        data,
+        dev,
+        lm,
+        model,
+        seeds=[0],
+        lane_keys=_lane_keys([0], [key]),
+        num_rounds=num_rounds,
+        hp={"learning_rate": list(grid)},
+        grid=False,
+        base=hp,
+        dev=None,
+        eval_every=eval_every,
+        eval_chunk=eval_chunk,
+        mesh=mesh,
+        cache_eval_prefix=None,
+        eval_cache_budget=eval_cache_budget,
+        keep_clean_context=None,
+        clean_context_budget=1 << 30,
+    )
+    table = []
+    for lane in res.lanes:  # one lane a rate, in grid order
+        accs = [(a, r) for a, r in zip(lane["test_accuracy"], lane["eval_rounds"]) if math.isfinite(a)]
+        best = max(accs, key=lambda a: (a[0], -a[1])) if accs else (float("nan"), None)
+        table.append(
+            {
+                "learning_rate": lane["hparams"]["learning_rate"],
+                "dev_accuracy": best[0],
+                "dev_round": best[1],
+                "final_dev_accuracy": lane["test_accuracy"][-1],
+            }
+        )
+    scored = [(row["dev_accuracy"], -i) for i, row in enumerate(table) if math.isfinite(row["dev_accuracy"])]
+    if not scored:
+        raise ValueError(f"no learning rate of the grid {grid} gave a finite dev evaluation")
+    return table[-max(scored)[1]]["learning_rate"], table
