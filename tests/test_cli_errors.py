@@ -243,6 +243,9 @@ def test_ctrl_c_ends_a_long_computation_within_seconds(script, stops_cleanly):
 
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
+    # "ready" is read while the child may still be inside print(): give it time to reach its loop or call,
+    # else the signal lands in print() itself (outside the try) and the test measures that race
+    time.sleep(0.5)
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
     if stops_cleanly:  # the handler runs at once (the interpreter's own shutdown afterwards is not timed)
