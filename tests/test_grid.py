@@ -443,3 +443,34 @@ def test_fed_config_table_reaches_fedconfig_and_names_bad_keys():
     # an empty table keeps the run ids of grids written before it; a non-empty one changes them
     assert grid._digest(base) == grid._digest({k: v for k, v in base.items() if k != "fed_config"})
     assert grid._digest(dict(base, fed_config={"server_ranking": "random"})) != grid._digest(base)
+
+
+GOLDEN_IDS = json.loads((Path(__file__).parent / "golden" / "grid_run_ids.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_IDS))
+def test_run_ids_of_the_shipped_grids_never_change(name):
+    """A run's folder name (labels and the hash of what it computes) is how a grid finds its finished and
+    interrupted runs: every shipped grid file expands to the folders it had when this file was written, in the
+    same order, whatever the driver's code becomes (a refactor that changed them would rerun finished grids)."""
+    g = grid.load_grid(PATH.parent / "grids" / name)
+    runs = grid.expand(g)
+    for r in runs:
+        grid.identify(r)
+    assert [r["dirname"] for r in runs] == GOLDEN_IDS[name]
+
+
+def test_committed_result_folders_are_found_by_their_grid_files():
+    """Every committed run folder of a shipped grid is one its grid file expands to (same id, same name)."""
+    results = PATH.parent / "results"
+    stale = {"manual_s0-78b1e5c437"}  # sst2_noniid: a run of an earlier version of that grid file, kept
+    checked = 0
+    for name, dirnames in GOLDEN_IDS.items():
+        gname = grid.load_grid(PATH.parent / "grids" / name)["name"]
+        for cfg in sorted((results / f"grid_{gname}").glob("*/config.json")):
+            if cfg.parent.name in stale:
+                continue
+            assert cfg.parent.name in dirnames, cfg.parent
+            assert json.loads(cfg.read_text())["run_id"] == cfg.parent.name.rsplit("-", 1)[1]
+            checked += 1
+    assert checked >= 100
