@@ -64,15 +64,9 @@ from pathlib import Path
 from typing import Any
 
 import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
-from fedbpt_jax import stats as fstats
+from fedbpt_jax.cli_options import options as simulate_options
 from fedbpt_jax.machine import cpu_flags, cpu_model
-from fedbpt_jax.plots import FIGURES
-from fedbpt_jax.plots import comparison_plots as plots
-from fedbpt_jax.report import cell as _cell
-from fedbpt_jax.report import diagnostics_markdown, per_run_record, run_diagnostics, run_figures
-from fedbpt_jax.report import pct as _pct
 from fedbpt_jax.report import seed_order as _seed_order
-from fedbpt_jax.report import stats as _stats
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -122,6 +116,35 @@ SETTINGS: dict[str, Any] = {
     "eval_cache_gb": 4.0,  # keep the test/dev prefix caches when they fit (SmolLM2, 872 SST-2: 2.5 GiB)
     "seed": 0,
 }
+#: ``fedbpt-jax simulate``'s options that a grid spells its own way (``partition``, ``server_variant``,
+#: ``algorithm_options = {perturb = true}``) or that say where results go and how they are shown (the grid decides
+#: those for each run), and ``--tune-lr`` (a grid picks a learning rate with a grid of its own).
+NOT_GRID_SETTINGS = (
+    "alpha",
+    "server",
+    "fedavg_perturb",
+    "results_dir",
+    "overwrite",
+    "progress",
+    "debug",
+    "checkpoint_dir",
+    "save_uploads",
+    "tensorboard_dir",
+    "plot",
+    "tune_lr",
+    "lr_grid",
+    "devices",
+)
+#: Every other option of ``simulate`` is a setting too, by the same name and with the CLI's default (so an option
+#: added to the package is a grid setting without a change here): e.g. ``norm_clip``, ``sigma_schedule``,
+#: ``sampling``, ``template``. The settings above keep the defaults that the shipped grids were written against
+#: (task sst2, 15 rounds, the full test set, dev as many as the shots, ...): their run ids hash them.
+ADDED_SETTINGS: dict[str, Any] = {
+    o.dest: o.default
+    for o in simulate_options("simulate")
+    if o.dest not in SETTINGS and o.dest not in NOT_GRID_SETTINGS
+}
+SETTINGS.update(ADDED_SETTINGS)
 #: What a grid's ``layout = None`` means for a decoder (the library's default is now the prompt before the text).
 GRID_LAYOUT = "after"
 
@@ -136,7 +159,7 @@ def grid_layout(s: dict, kind: str = "decoder") -> str | None:
 #: Settings that do not change what a run computes up to its last round (the prefix cache changes only the
 #: evaluation's speed): left out of the run's hash, so a grid can ask for more rounds later and the finished
 #: runs resume from their checkpoints.
-NOT_IN_HASH = ("rounds", "eval_cache_gb")
+NOT_IN_HASH = ("rounds", "eval_cache_gb", "eval_chunk", "keep_clean_cache", "checkpoint_every")
 #: Settings added after grids had run, at the value that reproduces those runs: left out of the hash at that value
 #: (so the finished runs keep their ids), in it at any other.
 HASHED_UNLESS = {"dev_shots": None, "fed_config": {}, "clean_data": False}
@@ -338,33 +361,36 @@ def check_settings(s: dict) -> None:
         "perturb = true with perturb_rate = 0 makes every fitness exactly 1 (the perturbed copy is the clean "
         "one): the paper's r_p = 0 is perturb = false",
     )
-    import fedbpt_jax as fb
+    for k, v in fed_config_extra(s).items():
+        if k in ADDED_SETTINGS and s[k] != ADDED_SETTINGS[k] and s[k] != v:
+            raise GridError(f"{k} is set twice, to {s[k]!r} and in fed_config to {v!r}: set it once")
+    from fedbpt_jax.plan import check
 
     try:  # the library's own checks of the names and numbers (loss, server_variant, client_keys, rates, ...)
-        fb.FedConfig(
-            num_clients=s["clients"],
-            clients_per_round=s["per_round"] or s["clients"],
-            population_size=s["population"],
-            local_generations=s["local_generations"],
-            intrinsic_dim=s["d"],
-            n_prompt_tokens=s["n_prompt"] or 1,
-            loss=s["loss"],
-            perturb=s["perturb"],
-            fitness_form=s["fitness_form"],
-            server_variant=s["server_variant"],
-            client_keys=s["client_keys"],
-            layout=s["layout"],
-            chunk_clients=s["chunk_clients"],
-            **fed_config_extra(s),
-        )
-        fb.HParams(
-            sigma0=s["sigma0"],
-            perturb_rate=s["perturb_rate"],
-            dropout_rate=s["dropout"],
-            learning_rate=s["learning_rate"],
-        ).validate()
+        check(run_options(s), "simulate")
     except (ValueError, TypeError) as err:
         raise GridError(str(err)) from None
+
+
+def run_options(s: dict, kind: str | None = None):
+    """The ``fedbpt-jax simulate`` options (:mod:`fedbpt_jax.cli_options`) that a grid run's settings describe,
+    as the namespace :func:`fedbpt_jax.plan.prepare` takes: the same names where the grid has them, ``partition``
+    as ``alpha`` (0: IID), ``server_variant`` as ``server``, ``test_size`` None as 0 (all), the ``fed_config``
+    table as its fields' options; ``layout`` None is the grids' :data:`GRID_LAYOUT` for a decoder (``kind``)."""
+    opts = simulate_options("simulate")
+    ns = {o.dest: o.default for o in opts}
+    ns.update({k: v for k, v in s.items() if k in ns})
+    dest_of = {o.field: o.dest for o in opts}
+    ns.update({dest_of[k]: v for k, v in fed_config_extra(s).items()})
+    ns.update(
+        alpha=parse_partition(s["partition"]) or 0.0,
+        server=s["server_variant"],
+        test_size=s["test_size"] or 0,
+        layout=grid_layout(s, kind) if kind else s["layout"],
+        clean_data=s["clean_data"],
+        progress=False,
+    )
+    return argparse.Namespace(**ns)
 
 
 #: FedConfig fields that the grid's own settings set (a ``fed_config`` table may not name them)
@@ -385,16 +411,21 @@ _FED_SET_BY_GRID = (
 )
 
 
-def fed_config_extra(s: dict) -> dict:
-    """The ``fed_config`` table: FedConfig fields beyond the grid's own settings (GridError naming a bad key)."""
+def fed_config_fields() -> set[str]:
     import dataclasses
 
     import fedbpt_jax as fb
 
+    return {f.name for f in dataclasses.fields(fb.FedConfig)}
+
+
+def fed_config_extra(s: dict) -> dict:
+    """The ``fed_config`` table: FedConfig fields beyond the grid's own settings (GridError naming a bad key).
+    Each of them is also a setting of its own (``norm_clip = true`` is ``fed_config = {norm_clip = true}``)."""
     extra = s["fed_config"]
     if not isinstance(extra, dict):
         raise GridError(f"fed_config must be a table of FedConfig fields, got {extra!r}")
-    fields = {f.name for f in dataclasses.fields(fb.FedConfig)}
+    fields = fed_config_fields()
     for k in extra:
         if k in _FED_SET_BY_GRID:
             raise GridError(f"fed_config key {k!r} is a grid setting of its own; set it outside fed_config")
@@ -438,6 +469,14 @@ def resolve_dev_selection(value) -> bool:
 def _digest(settings: dict, unused: tuple[str, ...] = ()) -> str:
     """Hash of the settings that change the computation, leaving out ``unused`` ones as well."""
     ident = {k: v for k, v in settings.items() if k not in NOT_IN_HASH and k not in unused}
+    # Settings that came with simulate's options count only away from their default (the runs before them keep
+    # their ids), and a FedConfig field set on its own hashes as in the fed_config table (one run, one id).
+    fields = fed_config_fields()
+    extra = {k: v for k, v in ident.items() if k in ADDED_SETTINGS and v != ADDED_SETTINGS[k]}
+    ident = {k: v for k, v in ident.items() if k not in ADDED_SETTINGS}
+    ident.update({k: v for k, v in extra.items() if k not in fields})
+    if any(k in fields for k in extra):
+        ident["fed_config"] = {**ident.get("fed_config", {}), **{k: v for k, v in extra.items() if k in fields}}
     ident = {k: v for k, v in ident.items() if k not in HASHED_UNLESS or v != HASHED_UNLESS[k]}
     ident["dev_selection"] = resolve_dev_selection(settings["dev_selection"])
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -599,7 +638,7 @@ def reuse(src: Path, dst: Path, run: dict, grid_name: str) -> None:
 
 
 class Context:
-    """Caches across the runs of one process: the backbone per (model, dtype), data per data settings."""
+    """Caches across the runs of one process: the backbone per (model, dtype), the algorithm objects."""
 
     def __init__(self):
         self.models: dict = {}
@@ -629,63 +668,8 @@ class Context:
             self.algos = {}
         return self.models[key]
 
-    def federated(self, s: dict, lm, n_prompt: int):
-        import fedbpt_jax as fb
-
-        key = (
-            s["model"],
-            s["task"],
-            s["data"],
-            s["style"],
-            s["shots"],
-            s["dev_shots"],
-            s["test_size"],
-            s["clients"],
-            s["partition"],
-            s["seed"],
-            n_prompt,
-            s["clean_data"],
-        )
-        if key not in self.data:
-            fed = fb.data.federated(
-                s["task"],
-                lm.tokenizer,
-                lm.kind,
-                num_clients=s["clients"],
-                shots_per_class=s["shots"],
-                dev_shots_per_class=s["dev_shots"],
-                clean=s["clean_data"],
-                alpha=parse_partition(s["partition"]),
-                seed=s["seed"],
-                n_prompt=n_prompt,
-                source=s["data"],
-                style=s["style"],
-                test_size=s["test_size"],
-                max_positions=getattr(lm.config, "max_position_embeddings", None),
-            )
-            self.data = {key: fed}
-        return self.data[key]
-
 
 CONTEXT = Context()
-
-
-def resolve_start(s: dict, lm):
-    """(PromptStart, n_prompt) as the CLI resolves them; ``auto`` with a conflicting n_prompt is an error."""
-    from fedbpt_jax import prompt, tasks
-
-    option = s["prompt_start"]
-    if option == "auto":
-        option = (tasks.get(s["task"]).decoder_prompt_start if lm.kind == "decoder" else None) or "zeros"
-        length = prompt.start_length(option, lm.tokenizer)
-        if s["n_prompt"] is not None and length is not None and s["n_prompt"] != length:
-            raise GridError(
-                f"prompt_start 'auto' is {option!r} ({length} tokens) but n_prompt = {s['n_prompt']}: "
-                "set prompt_start explicitly or n_prompt = null"
-            )
-    start = prompt.parse_start(option)
-    n = s["n_prompt"] or prompt.start_length(start, lm.tokenizer) or 5
-    return start, n
 
 
 def declaration(grid_file: Path, pairs: list) -> dict:
@@ -790,69 +774,38 @@ class Watcher(threading.Thread):
         self.poll()
 
 
-def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
-    """Runs (or resumes) one grid point; returns its status record."""
-    import jax
-
-    import fedbpt_jax as fb
-    from fedbpt_jax.checkpoint import write_json_atomic
-
-    s = run["settings"]
-    d = out / run["dirname"]
-    t0 = time.time()
-    d.mkdir(parents=True, exist_ok=True)
-    _, seen = is_finished(d, s["rounds"])
-    lm = ctx.model(s["model"], s["compute_dtype"])
-    start, n_prompt = resolve_start(s, lm)
-    options = algorithm_options(s["algorithm"], s["algorithm_options"])
-    dev = resolve_dev_selection(s["dev_selection"])
-    fed = ctx.federated(s, lm, n_prompt)
-    cfg = fb.FedConfig(
-        num_clients=s["clients"],
-        clients_per_round=s["per_round"] or s["clients"],
-        population_size=s["population"],
-        local_generations=s["local_generations"],
-        intrinsic_dim=s["d"],
-        n_prompt_tokens=n_prompt,
-        loss=s["loss"],
-        perturb=s["perturb"],
-        fitness_form=s["fitness_form"],
-        server_variant=s["server_variant"],
-        client_keys=s["client_keys"],
-        layout=grid_layout(s, lm.kind),
-        chunk_clients=s["chunk_clients"],
-        **fed_config_extra(s),
-    )
-    hp = fb.HParams(
-        sigma0=s["sigma0"], perturb_rate=s["perturb_rate"], dropout_rate=s["dropout"], learning_rate=s["learning_rate"]
-    )
-    key = jax.random.key(s["seed"])
-    key_projection, key_run = jax.random.split(key)
-    model = fb.ModelInputs.build(key_projection, lm, cfg, start=start)
-    algo = ctx.algorithm(s["algorithm"], cfg, lm, s["algorithm_options"])
+def run_record(run: dict, grid_name: str, plan, options, dev: bool) -> dict:
+    """``config.json`` of a grid run: the layout ``fedbpt-jax simulate`` writes (``command``, ``args``: every
+    option, ``resolved``, ``versions``, ``git_revision``) with the grid's own keys: ``grid``, ``run_id``,
+    ``labels``, ``settings`` (the grid's vocabulary, what the run id hashes), ``data`` (per-client label counts)
+    and ``environment`` (where it ran)."""
     import dataclasses
 
+    import jax
     import numpy as np
 
+    import fedbpt_jax as fb
+    from fedbpt_jax.plan import config_record
+
+    s, fed, lm = run["settings"], plan.fed, plan.lm
     train_labels = np.asarray(fed.train.labels)
     mask = np.asarray(fed.train.example_mask) > 0
     nl = int(np.shape(fed.spec.label_ids)[0])
-    effective = {
-        "grid": grid_name,
-        "run_id": run["run_id"],
-        "labels": run["labels"],
-        "settings": s,
-        "resolved": {
-            "prompt_start": start.describe(),
-            "n_prompt": n_prompt,
-            "algorithm_options": options,
-            "dev_selection": dev,
-            "precision": str(lm.config.compute_dtype) if s["model"] != "tiny" else "float32",
-            "fed_config": dataclasses.asdict(cfg),
-            "hparams": {k: float(v) for k, v in dataclasses.asdict(hp).items()},
-            "keys": "key(seed) -> split -> (projection, run); data seed = seed",
-        },
-        "data": {
+    resolved = plan.resolved(
+        algorithm_options=algorithm_options(s["algorithm"], s["algorithm_options"]),
+        dev_selection=dev,
+        precision=str(lm.config.compute_dtype) if s["model"] != "tiny" else "float32",
+        hparams={k: float(v) for k, v in dataclasses.asdict(plan.hp).items()},
+        keys="key(seed) -> split -> (projection, run); data seed = seed",
+    )
+    record = config_record(options, resolved)
+    record["command"] = ["python", "experiments/grid.py", *sys.argv[1:]]
+    record.update(
+        grid=grid_name,
+        run_id=run["run_id"],
+        labels=run["labels"],
+        settings=s,
+        data={
             "train_counts": np.asarray(fed.train_counts).tolist(),
             "train_label_counts": [
                 [int(((train_labels[i] == c) & mask[i]).sum()) for c in range(nl)] for i in range(train_labels.shape[0])
@@ -860,7 +813,7 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
             "dev_size": int(len(fed.dev.labels)),
             "test_size": int(len(fed.test.labels)),
         },
-        "environment": {
+        environment={
             "model": lm.name,
             "fedbpt_jax": fb.__version__,
             "commit": _git_commit(),
@@ -872,8 +825,30 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
             # float32 on a GPU means TF32 matmul inputs unless this says "highest" (bit width of the figures)
             "matmul_precision": jax.config.jax_default_matmul_precision or "default",
         },
-    }
-    write_json_atomic(d / "config.json", effective)
+    )
+    return record
+
+
+def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
+    """Runs (or resumes) one grid point; returns its status record. The run is prepared as ``fedbpt-jax
+    simulate`` prepares one (:func:`fedbpt_jax.plan.prepare` from :func:`run_options`)."""
+    import fedbpt_jax as fb
+    from fedbpt_jax.checkpoint import write_json_atomic
+    from fedbpt_jax.plan import prepare
+
+    s = run["settings"]
+    d = out / run["dirname"]
+    t0 = time.time()
+    d.mkdir(parents=True, exist_ok=True)
+    _, seen = is_finished(d, s["rounds"])
+    lm = ctx.model(s["model"], s["compute_dtype"])
+    options = run_options(s, lm.kind)
+    algorithm_options(s["algorithm"], s["algorithm_options"])  # an option the factory does not take: named
+    dev = resolve_dev_selection(s["dev_selection"])
+    plan = prepare(options, "simulate", lm=lm, algorithm_options=s["algorithm_options"])
+    # runs that differ only in seed (or data) share one algorithm object, and so its compiled segment
+    algo = ctx.algorithm(s["algorithm"], plan.config, lm, s["algorithm_options"])
+    write_json_atomic(d / "config.json", run_record(run, grid_name, plan, options, dev))
     write_json_atomic(d / "status.json", {"state": "running", "started": t0, "from_round": seen})
     # The manual prompt never changes: evaluating it at round 0 and at the last round is enough (the same
     # numbers as every round, at a fraction of the evaluation cost; the run's identity is unchanged). It
@@ -881,19 +856,22 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     manual = s["algorithm"] == "manual"
     kw = dict(
         num_rounds=s["rounds"],
-        hp=hp,
+        hp=plan.hp,
         eval_every=s["rounds"] if manual else s["eval_every"],
+        eval_chunk=s["eval_chunk"],
         checkpoint_dir=None if manual else d / "ckpt",
+        checkpoint_every=s["checkpoint_every"],
         results_dir=d,
         progress=False,
         eval_cache_budget=int(s["eval_cache_gb"] * 2**30),
+        keep_clean_context={"auto": None, "on": True, "off": False}[s["keep_clean_cache"]],
     )
     if dev:
-        kw["dev"] = fed.dev
+        kw["dev"] = plan.fed.dev
     watcher = Watcher(d, run["dirname"][:40], seen)
     watcher.start()
     try:
-        carry, hist = fb.run(algo, key_run, fb.FederatedData.from_host(fed), fed.test, lm, model, **kw)
+        carry, hist = fb.run(algo, plan.key_run, plan.data, plan.fed.test, lm, plan.model, **kw)
     finally:
         watcher.finish()
     ev = hist.evals
@@ -947,11 +925,10 @@ def run_in_workers(grid_path: Path, out: Path, pending: list[tuple[str, dict]], 
     return finished, failed
 
 
-def cmd_run(args) -> int:
-    grid = load_grid(args.grid)
+def select_runs(args, grid: dict) -> tuple[list[dict], list[dict]]:
+    """(all runs of the grid, those ``--only`` and ``--run`` select, checked and identified)."""
     runs = expand(grid)
     filters = parse_filters(args.only, runs)
-    out = Path(args.out) if args.out else RESULTS / f"grid_{grid['name']}"
     selected = []
     for r in runs:
         if matches(r, filters):
@@ -967,88 +944,118 @@ def cmd_run(args) -> int:
                 "run folder names (or their hash) that --dry-run lists"
             )
         selected = [r for r in selected if r["dirname"] in wanted or r["run_id"] in wanted]
-    if args.jobs < 1:
-        raise GridError(f"--jobs {args.jobs}: expected a positive number of worker processes")
     names = [r["dirname"] for r in selected]
     if len(set(names)) != len(names):
         raise GridError(
             "two grid points have the same settings (an axis changes nothing?): "
             + ", ".join(sorted({n for n in names if names.count(n) > 1}))
         )
-    if not args.dry_run:
-        from fedbpt_jax.checkpoint import write_json_atomic
+    return runs, selected
 
-        meta = {
-            "name": grid["name"],
-            "description": grid["description"],
-            "axes": [a for a, _ in grid["axes"]],
-            "pairs": grid["pairs"],
-            "source": Path(args.grid).name,
-            "base": grid["base"],
-        }
-        old = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else {}
-        if "declared" in old:  # the comparisons as they stood when the first run started: kept
-            meta["declared"] = old["declared"]
-        elif not any(out.glob("*/config.json")) and not any(out.glob("*/status.json")):
-            meta["declared"] = declaration(Path(args.grid), grid["pairs"])
-        write_json_atomic(out / "grid.json", meta)
-        if meta.get("declared", {}).get("grid_file_commit") in (None, "uncommitted"):
-            print(
-                f"note: the grid file {_portable(str(args.grid))} is not committed as it is: its comparisons count as "
-                "declared before the runs only from a committed file (grid.json's 'declared')",
-                flush=True,
-            )
+
+def write_grid_meta(out: Path, grid: dict, grid_file: str) -> None:
+    """``grid.json``: the grid's name, axes, base and pairs, and the comparisons as declared when its first run
+    started (kept from then on)."""
+    from fedbpt_jax.checkpoint import write_json_atomic
+
+    meta = {
+        "name": grid["name"],
+        "description": grid["description"],
+        "axes": [a for a, _ in grid["axes"]],
+        "pairs": grid["pairs"],
+        "source": Path(grid_file).name,
+        "base": grid["base"],
+    }
+    old = json.loads((out / "grid.json").read_text()) if (out / "grid.json").exists() else {}
+    if "declared" in old:  # the comparisons as they stood when the first run started: kept
+        meta["declared"] = old["declared"]
+    elif not any(out.glob("*/config.json")) and not any(out.glob("*/status.json")):
+        meta["declared"] = declaration(Path(grid_file), grid["pairs"])
+    write_json_atomic(out / "grid.json", meta)
+    if meta.get("declared", {}).get("grid_file_commit") in (None, "uncommitted"):
+        print(
+            f"note: the grid file {_portable(str(grid_file))} is not committed as it is: its comparisons count as "
+            "declared before the runs only from a committed file (grid.json's 'declared')",
+            flush=True,
+        )
+
+
+def record_failure(d: Path, r: dict, err: Exception, tag: str) -> None:
+    from fedbpt_jax.checkpoint import write_json_atomic
+
+    d.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        d / "status.json",
+        {
+            "state": "failed",
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": _portable(traceback.format_exc()),
+            "settings": r["settings"],
+            "labels": r["labels"],
+            "run_id": r["run_id"],
+        },
+    )
+    print(f"{tag}: FAILED: {type(err).__name__}: {err}", flush=True)
+
+
+def settled(args, out: Path, r: dict, tag: str, grid_name: str) -> tuple[bool, int]:
+    """(whether ``r`` needs no run here: finished, copied from a finished twin, or listed by --dry-run; the last
+    round it has), saying so on the console."""
+    done, last = is_finished(out / r["dirname"], r["settings"]["rounds"])
+    rounds = r["settings"]["rounds"]
+    if done:
+        more = f" (has {last} rounds, more than the {rounds} asked)" if last > rounds else ""
+        print(f"{tag}: finished, skipped{more}", flush=True)
+        return True, last
+    src = find_reusable(out, r) if args.reuse and not last else None
+    if src is not None:
+        if not args.dry_run:
+            reuse(src, out / r["dirname"], r, grid_name)
+        print(f"{tag}: {'would copy' if args.dry_run else 'copied'} the finished {_portable(str(src))}", flush=True)
+        return True, last
+    if args.dry_run:
+        try:
+            algorithm_options(r["settings"]["algorithm"], r["settings"]["algorithm_options"])
+            what = f"resume from round {last}" if last else "run"
+        except GridError as err:
+            what = f"would fail: {err}"
+        print(f"{tag}: {what} ({rounds} rounds)", flush=True)
+    return False, last
+
+
+def cmd_run(args) -> int:
+    grid = load_grid(args.grid)
+    if args.jobs < 1:
+        raise GridError(f"--jobs {args.jobs}: expected a positive number of worker processes")
+    runs, selected = select_runs(args, grid)
+    out = Path(args.out) if args.out else RESULTS / f"grid_{grid['name']}"
+    if not args.dry_run:
+        write_grid_meta(out, grid, args.grid)
     print(f"grid {grid['name']}: {len(runs)} runs, {len(selected)} selected, output {_portable(str(out))}", flush=True)
-    ctx = CONTEXT
     _git_commit()
     started = 0
     counts = {"finished": 0, "skipped": 0, "failed": 0}
     pending: list[tuple[str, dict]] = []
     for i, r in enumerate(selected, 1):
-        d = out / r["dirname"]
-        done, last = is_finished(d, r["settings"]["rounds"])
         tag = f"[{i}/{len(selected)}] {r['dirname']}"
-        if done:
-            counts["skipped"] += 1
-            more = (
-                f" (has {last} rounds, more than the {r['settings']['rounds']} asked)"
-                if last > r["settings"]["rounds"]
-                else ""
-            )
-            print(f"{tag}: finished, skipped{more}", flush=True)
-            continue
-        src = find_reusable(out, r) if args.reuse and not last else None
-        if src is not None:
-            counts["skipped"] += 1
-            if not args.dry_run:
-                reuse(src, d, r, grid["name"])
-            print(f"{tag}: {'would copy' if args.dry_run else 'copied'} the finished {_portable(str(src))}", flush=True)
-            continue
-        if args.dry_run:
-            try:
-                algorithm_options(r["settings"]["algorithm"], r["settings"]["algorithm_options"])
-                what = f"resume from round {last}" if last else "run"
-            except GridError as err:
-                what = f"would fail: {err}"
-            print(f"{tag}: {what} ({r['settings']['rounds']} rounds)", flush=True)
+        skip, last = settled(args, out, r, tag, grid["name"])
+        if skip or args.dry_run:
+            counts["skipped"] += skip
             continue
         if args.max_runs is not None and started >= args.max_runs:
             print(f"--max-runs {args.max_runs} reached; {len(selected) - i + 1} selected run(s) left", flush=True)
             break
         started += 1
         again = r["settings"]["algorithm"] == "manual" and last
-        what = (
-            "running again (the manual prompt keeps no checkpoint)"
-            if again
-            else (f"resuming after round {last}" if last else "starting")
-        )
+        what = "running again (the manual prompt keeps no checkpoint)" if again else "starting"
+        what = f"resuming after round {last}" if last and not again else what
         if args.jobs > 1:
             print(f"{tag}: queued ({what})", flush=True)
             pending.append((tag, r))
             continue
         print(f"{tag}: {what}", flush=True)
         try:
-            st = run_one(r, out, ctx, grid["name"])
+            st = run_one(r, out, CONTEXT, grid["name"])
             counts["finished"] += 1
             print(
                 f"{tag}: finished in {st['seconds']:.0f}s, test z=0 {st['initial_test_accuracy']:.4f} "
@@ -1059,21 +1066,7 @@ def cmd_run(args) -> int:
             raise
         except Exception as err:  # recorded; the grid goes on
             counts["failed"] += 1
-            from fedbpt_jax.checkpoint import write_json_atomic
-
-            d.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(
-                d / "status.json",
-                {
-                    "state": "failed",
-                    "error": f"{type(err).__name__}: {err}",
-                    "traceback": _portable(traceback.format_exc()),
-                    "settings": r["settings"],
-                    "labels": r["labels"],
-                    "run_id": r["run_id"],
-                },
-            )
-            print(f"{tag}: FAILED: {type(err).__name__}: {err}", flush=True)
+            record_failure(out / r["dirname"], r, err, tag)
     if pending:
         finished, failed = run_in_workers(Path(args.grid), out, pending, args.jobs)
         counts["finished"] += finished
@@ -1099,368 +1092,18 @@ def _portable(text: str) -> str:
     return text
 
 
-# --------------------------------------------------------------------------------------------------
-# Report (the per-run figures, statistics, cells and plots are the package's: fedbpt_jax.report and
-# fedbpt_jax.plots, shared with `fedbpt-jax report`)
-
-
-def _paired(a: dict, b: dict) -> dict | None:
-    """Paired per-seed differences a − b over the seeds both have (:func:`fedbpt_jax.stats.paired`)."""
-    seeds = sorted(set(a) & set(b), key=_seed_order)
-    if not seeds:
-        return None
-    diffs = [a[s] - b[s] for s in seeds]
-    return {"seeds": seeds, "per_seed": diffs, **fstats.paired(diffs)}
-
-
-def run_precision(cfg: dict) -> str:
-    """The compute dtype, and where a run did not run on a CPU, the device and matmul precision it ran with
-    (float32 on a GPU at JAX's default precision means TF32 products)."""
-    p = cfg["resolved"]["precision"]
-    env = cfg.get("environment", {})
-    if env.get("backend", "cpu") != "cpu":
-        p += f" ({env.get('device', env['backend'])}, matmul {env.get('matmul_precision', 'default')})"
-    return p
-
-
-def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
-    """(runs with metrics, runs without a complete result) under the given grid folders."""
-    from fedbpt_jax.checkpoint import read_json
-
-    done, other = [], []
-    for root in dirs:
-        for cfg_path in sorted(Path(root).glob("*/config.json")):
-            d = cfg_path.parent
-            cfg = json.loads(cfg_path.read_text())
-            status = {}
-            if (d / "status.json").exists():
-                status = json.loads((d / "status.json").read_text())
-            rec = {
-                "dir": d.name,
-                "grid": cfg.get("grid"),
-                "labels": cfg["labels"],
-                "settings": cfg["settings"],
-                "precision": run_precision(cfg),
-                "dev_selection": cfg["resolved"]["dev_selection"],
-                "state": status.get("state", "unknown"),
-                "error": status.get("error"),
-            }
-            try:
-                m = read_json(d / "metrics.json")
-                rec.update(run_figures(m))
-                rec.update(run_diagnostics(m))
-            except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
-                rec["final_round"] = 0
-            if rec["final_round"] >= cfg["settings"]["rounds"] and rec["state"] != "failed":
-                done.append(rec)
-            else:
-                other.append(rec)
-        for st_path in sorted(Path(root).glob("*/status.json")):  # failed before config.json was written
-            if not (st_path.parent / "config.json").exists():
-                st = json.loads(st_path.read_text())
-                other.append(
-                    {
-                        "dir": st_path.parent.name,
-                        "labels": st.get("labels", {}),
-                        "state": st.get("state"),
-                        "error": st.get("error"),
-                        "final_round": 0,
-                    }
-                )
-    return done, other
-
-
-def group_runs(runs: list[dict]) -> list[dict]:
-    groups: dict[str, dict] = {}
-    for r in runs:
-        ident = {k: v for k, v in r["settings"].items() if k != "seed"}
-        ident["dev_selection"] = r["dev_selection"]
-        ident["grid"] = r["grid"]
-        key = json.dumps(ident, sort_keys=True, default=str)
-        labels = {k: v for k, v in r["labels"].items() if k != "seed"}
-        g = groups.setdefault(
-            key,
-            {
-                "key": key,
-                "labels": labels,
-                "label": " / ".join(labels.values()) or r["dir"],
-                "grid": r["grid"],
-                "runs": [],
-            },
-        )
-        g["runs"].append(r)
-    out = list(groups.values())
-    names = [g["label"] for g in out]
-    for g in out:
-        if names.count(g["label"]) > 1:
-            g["label"] += " (dev)" if json.loads(g["key"])["dev_selection"] else " (no dev)"
-        # Seeds of one configuration computed on different machines: every precision is named.
-        g["precision"] = " + ".join(sorted({r["precision"] for r in g["runs"]}))
-        g["by_seed"] = {}
-        for fig in FIGURES:
-            vals = {r["settings"]["seed"]: r[fig] for r in g["runs"] if r.get(fig) is not None}
-            g["by_seed"][fig] = vals
-            g[fig] = _stats(list(vals.values())) if vals else None
-        devs = [r["dev_selected_dev"] for r in g["runs"] if r.get("dev_selected_dev") is not None]
-        g["dev_at_selected"] = _stats(devs) if devs else None
-    return out
-
-
-def pair_groups(groups: list[dict], wanted: list[list[str]], declared: dict | None = None) -> list[dict]:
-    """Pairs of groups that differ in exactly one axis label; ``wanted`` ([[a, b]] labels of that axis)
-    picks and orients them (all pairs, in declared order, when empty). ``declared`` maps a grid's name to the
-    pairs its first run recorded (``grid.json``'s ``declared``; None: not recorded): each pair says whether it
-    was declared before that grid's runs ("yes"), added later ("post hoc") or cannot tell ("not recorded")."""
-    declared = declared or {}
-    pairs = []
-    for i, ga in enumerate(groups):
-        for gb in groups[i + 1 :]:
-            if ga["grid"] != gb["grid"] or set(ga["labels"]) != set(gb["labels"]):
-                continue
-            diff = [k for k in ga["labels"] if ga["labels"][k] != gb["labels"][k]]
-            if len(diff) != 1:
-                continue
-            la, lb = ga["labels"][diff[0]], gb["labels"][diff[0]]
-            if wanted:
-                if [la, lb] in wanted:
-                    a, b = ga, gb
-                elif [lb, la] in wanted:
-                    a, b = gb, ga
-                else:
-                    continue
-            else:
-                a, b = ga, gb
-            rest = " / ".join(v for k, v in a["labels"].items() if k != diff[0])
-            rec = {
-                "a": a["label"],
-                "b": b["label"],
-                "axis": diff[0],
-                "context": rest,
-                "precision": " + ".join(sorted({a["precision"], b["precision"]})),
-                "grid": a["grid"],
-                "declared": _declared(declared.get(a["grid"]), la, lb),
-                "figures": {},
-            }
-            for fig in FIGURES:
-                p = _paired(a["by_seed"][fig], b["by_seed"][fig])
-                if p is not None:
-                    rec["figures"][fig] = p
-            pairs.append(rec)
-    return pairs
-
-
-def _declared(pairs: list | None, la: str, lb: str) -> str:
-    if pairs is None:
-        return "not recorded"
-    return "yes" if ([la, lb] in pairs or [lb, la] in pairs) else "post hoc"
-
-
-#: The figures whose paired tests form a report's family (z = 0 is the same prompt in every paired run).
-TESTED = ("final", "dev_selected", "best_on_test")
-
-
-def family(pairs: list[dict]) -> list[dict]:
-    """Every paired test of ``pairs`` that the report states (figures in :data:`TESTED`), as one list."""
-    return [d for p in pairs for fig, d in p["figures"].items() if fig in TESTED]
-
-
-def pooled(pairs: list[dict]) -> list[dict]:
-    """The same comparison (A and B labels) pooled over every grid and context that has it: one paired test
-    over all their seed pairs. Pairs that share a task and a seed share the few-shot draw, the projection and
-    the keys (``units`` counts the distinct (task, seed) draws): not independent."""
-    out: dict[tuple, dict] = {}
-    for p in pairs:
-        key = (p["a"], p["b"])
-        rec = out.setdefault(
-            key, {"a": p["a"], "b": p["b"], "contexts": [], "figures": {}, "precision": set(), "tasks_seeds": {}}
-        )
-        rec["contexts"].append(f"{p.get('grid')}: {p['context']}" if p["context"] else str(p.get("grid")))
-        rec["precision"].add(p["precision"])
-        for fig, d in p["figures"].items():
-            acc = rec["tasks_seeds"].setdefault(fig, [])
-            acc += [((p.get("task"), s), x) for s, x in zip(d["seeds"], d["per_seed"])]
-    result = []
-    for rec in out.values():
-        if len(rec["contexts"]) < 2:
-            continue
-        for fig, items in rec.pop("tasks_seeds").items():
-            diffs = [x for _, x in items]
-            d = {"seeds": [f"{t}:{s}" for (t, s), _ in items], "per_seed": diffs, **fstats.paired(diffs)}
-            d["units"] = len({u for u, _ in items})
-            rec["figures"][fig] = d
-        rec["precision"] = " + ".join(sorted(rec["precision"]))
-        result.append(rec)
-    return result
-
-
-def _pair_rows(pairs: list[dict], per_seed: bool = True) -> list[str]:
-    rows = []
-    for p in pairs:
-        for fig, d in p["figures"].items():
-            if fig not in TESTED:
-                continue
-            per = ", ".join(f"{100 * x:+.2f}" for x in d["per_seed"]) if per_seed else str(d.get("units", ""))
-            ms = f"{_pct(d['mean'], True)} ± {_pct(d['std'])}" if d["std"] is not None else _pct(d["mean"], True)
-            ci = (
-                f"{_pct(d['mean'] - d['ci95_halfwidth'], True)} to {_pct(d['mean'] + d['ci95_halfwidth'], True)}"
-                if d["ci95_halfwidth"] is not None
-                else "—"
-            )
-            pv = " | ".join(_p(d.get(k)) for k in ("p", "p_holm", "p_bh"))
-            decl = p.get("declared", "")
-            rows.append(
-                f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | {ci} | {pv} "
-                f"| {_pct(d['power80_effect'])} | {d['verdict']} |" + (f" {decl} |" if per_seed else "")
-            )
-    return rows
-
-
-def _p(p) -> str:
-    return "—" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
-
-
-def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: str, pools: list[dict] = ()) -> str:
-    lines = [
-        f"# {title}",
-        "",
-        "Accuracy in % on the test split: mean ± std over seeds (sample std, ddof = 1), n = seeds. "
-        "Final = the last round's global prompt; dev-selected = the round with the highest dev accuracy "
-        "(shown only when the runs evaluated a dev set); best-on-test picks the round on the test set itself, as "
-        "the reference code's reported peak does: a **reference-compatibility (optimistic)** figure, not a "
-        "claim. Dev at selected = the dev accuracy of the dev-selected round (the figure to compare when choosing "
-        "among configurations without touching the test set).",
-        "",
-        "| configuration | precision | rounds | seeds | z = 0 | final | dev-selected | dev at selected "
-        "| best-on-test (ref.-compat., optimistic) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for g in groups:
-        seeds = ",".join(
-            str(r["settings"]["seed"]) for r in sorted(g["runs"], key=lambda r: _seed_order(r["settings"]["seed"]))
-        )
-        rounds = sorted({r["final_round"] for r in g["runs"]})
-        lines.append(
-            f"| {g['label']} | {g['precision']} | {','.join(map(str, rounds))} | {seeds} | {_cell(g['initial'])} "
-            f"| {_cell(g['final'])} | {_cell(g['dev_selected'])} | {_cell(g['dev_at_selected'])} "
-            f"| {_cell(g['best_on_test'])} |"
-        )
-    stat_rule = (
-        "mean ± std of the differences; 95 % CI = the t-interval of the mean difference; p = two-sided paired "
-        "t-test; p Holm / p BH = adjusted over the family of every test in this table (Holm: family-wise error; "
-        "Benjamini-Hochberg: false discovery rate); 80 %-power effect = the true mean difference this test would "
-        "detect with probability 0.8 at the observed std (at n = 3 about 5.7 standard errors). Verdict: A > B or "
-        "A < B when the Holm-adjusted p < 0.05; 'unadjusted only' when only the raw p is; else inconclusive."
-    )
-    if pools:
-        lines += [
-            "",
-            "## Pooled over grids (the headline comparisons)",
-            "",
-            "Each comparison pooled over every grid and context that has it: one paired test over all their seed "
-            "pairs (units = distinct (task, seed) draws; pairs sharing one share the few-shot draw, projection and "
-            "keys, so they are not independent). " + stat_rule,
-            "",
-            "| A | B | figure | precision | n | units | mean ± std | 95 % CI | p | p Holm | p BH "
-            "| 80 %-power effect | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            *_pair_rows(pools, per_seed=False),
-        ]
-    if pairs:
-        lines += [
-            "",
-            "## Paired per-seed differences (A − B, points of accuracy)",
-            "",
-            "Per seed, A and B share data, partition, projection and round keys. " + stat_rule + " Declared = "
-            "whether the pair was in the grid file when its first run started (post hoc: added later; not recorded: "
-            "a grid run before declarations were recorded).",
-            "",
-            "| A | B | figure | precision | n | per seed | mean ± std | 95 % CI | p | p Holm | p BH "
-            "| 80 %-power effect | verdict | declared |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            *_pair_rows(pairs),
-        ]
-    if groups:
-        rows = [
-            (g["label"], {**r, "seed": r["settings"]["seed"]})
-            for g in groups
-            for r in sorted(g["runs"], key=lambda r: _seed_order(r["settings"]["seed"]))
-        ]
-        lines += ["", *diagnostics_markdown(rows)]
-    if other:
-        lines += ["", "## Not (yet) complete", "", "| run | state | rounds done | error |", "| --- | --- | --- | --- |"]
-        for r in other:
-            err = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:200]
-            lines.append(f"| {r['dir']} | {r.get('state')} | {r.get('final_round', 0)} | {err} |")
-    return "\n".join(lines) + "\n"
-
-
 def cmd_report(args) -> int:
-    from fedbpt_jax.checkpoint import write_json_atomic
+    from fedbpt_jax.comparisons import write_grid_report
+    from fedbpt_jax.report import ReportError
 
-    dirs = [Path(d) for d in args.dirs]
-    for d in dirs:
-        if not d.is_dir():
-            raise GridError(f"report: {str(d)!r} is not a folder (give the grid's output folder)")
-    done, other = collect(dirs)
-    wanted = []
-    names = []
-    declared = {}
-    for d in dirs:
-        if (d / "grid.json").exists():
-            meta = json.loads((d / "grid.json").read_text())
-            wanted += meta.get("pairs", [])
-            names.append(meta["name"])
-            declared[meta["name"]] = meta.get("declared", {}).get("pairs")
-    title = args.title or ("grid " + ", ".join(names or [d.name for d in dirs]))
-    out = Path(args.out) if args.out else dirs[0] / "report"
-    groups = group_runs(done)
-    pairs = pair_groups(groups, wanted, declared)
-    tasks = {g["grid"]: g["runs"][0]["settings"].get("task") for g in groups}
-    for p in pairs:
-        p["task"] = tasks.get(p["grid"])
-    fstats.adjust(family(pairs))
-    pools = pooled(pairs) if len(dirs) > 1 or len({p["context"] for p in pairs}) > 1 else []
-    fstats.adjust(family(pools))
-    precisions = sorted({g["precision"] for g in groups})
-    if precisions:
-        title += f" ({', '.join(precisions)})"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(groups, pairs, other, title, pools))
-    made = plots(groups, out, title) if groups else []
-    summary = {
-        "title": title,
-        "figures": FIGURES,
-        "rules": {
-            "std": "sample std over seeds (ddof = 1)",
-            "p": "two-sided paired t-test of mean(A - B) = 0 over seeds",
-            "p_holm": "Holm-adjusted over every test of the report's pairs table (figures final, dev_selected, "
-            "best_on_test); the pooled table is its own family",
-            "p_bh": "Benjamini-Hochberg-adjusted over the same family",
-            "power80_effect": "true mean difference detected with probability 0.8 (two-sided, alpha 0.05) at the "
-            "observed std",
-            "verdict": "A > B / A < B when p_holm < 0.05; '... unadjusted only' when only p < 0.05; else inconclusive",
-            "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
-            "best_on_test": "reference-compatibility (optimistic): selected on the test set itself",
-        },
-        "groups": [
-            {k: g[k] for k in ("label", "labels", "grid", "precision", *FIGURES)}
-            | {
-                "seeds": sorted(g["by_seed"]["final"], key=_seed_order),
-                "by_seed": g["by_seed"],
-                "runs": [r["dir"] for r in g["runs"]],
-            }
-            for g in groups
-        ],
-        "pairs": pairs,
-        "pooled": pools,
-        "per_run": [per_run_record(g["label"], r["settings"]["seed"], r["dir"], r) for g in groups for r in g["runs"]],
-        "incomplete": [{k: r.get(k) for k in ("dir", "state", "final_round", "error")} for r in other],
-        "plots": [Path(p).name for p in made],
-    }
-    write_json_atomic(out / "report.json", summary)
+    try:
+        summary = write_grid_report(args.dirs, args.out, args.title)
+    except ReportError as err:
+        raise GridError(str(err)) from None
+    out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     print((out / "report.md").read_text())
     print(f"report written to {out}")
-    return 0
+    return 0 if summary else 1
 
 
 def main(argv=None) -> int:

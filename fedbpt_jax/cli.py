@@ -44,10 +44,8 @@ from .plan import (
     client_mesh_for,
     config_record,
     data_identity,
-    load_data,
-    load_model,
+    load_inputs,
     local_device_count,
-    resolve_n_prompt,
 )
 
 #: Sub-commands that live in their own module: ``fedbpt-jax NAME ...`` calls ``module.main(argv)`` with the
@@ -271,10 +269,8 @@ def cmd_bbt(args) -> int:
         return build(bbt_lib.BBTConfig, args, options("bbt"), n_prompt_tokens=n_prompt)
 
     config(args.n_prompt or 1)  # validated before anything is loaded (n may come from the prompt start)
-    lm = load_model(args)
-    resolve_n_prompt(args, lm)
+    lm, _, fed = load_inputs(args, num_clients=1, alpha=None)
     cfg = config(args.n_prompt)
-    fed = load_data(args, lm, num_clients=1, alpha=None)
     import dataclasses
 
     record = config_record(

@@ -112,9 +112,13 @@ def check(options, command: str):
     return hp
 
 
-def prepare(options, command: str = "simulate") -> Plan:
+def prepare(options, command: str = "simulate", *, lm=None, algorithm_options: dict | None = None) -> Plan:
     """The run the options of ``command`` ("simulate" or "sweep") describe (see the module docstring); prints
     what it loaded and resolved, one line each. ``options.n_prompt`` is set to the resolved length.
+
+    ``lm``: a backbone already loaded (a driver that runs many points on one model, e.g. the experiment grid),
+    used instead of loading ``options.model``. ``algorithm_options``: keyword options of the algorithm's factory
+    beyond the command's options (e.g. centralized BBT's ``population_size``).
 
     Raises:
       CliError: a model or data source that cannot be loaded, in one line naming what is accepted.
@@ -123,15 +127,10 @@ def prepare(options, command: str = "simulate") -> Plan:
     import jax
 
     from . import federated as fl
-    from . import prompt
     from .federated.core import FederatedData, ModelInputs
 
     hp = check(options, command)
-    auto = options.prompt_start == "auto"
-    lm = load_model(options)
-    start = auto_start(options, lm) if auto else prompt.parse_start(options.prompt_start)
-    resolve_n_prompt(options, lm, start)
-    fed = load_data(options, lm, num_clients=options.clients, alpha=options.alpha or None)
+    lm, start, fed = load_inputs(options, lm=lm, num_clients=options.clients, alpha=options.alpha or None)
     cfg = fed_config(options, command, options.n_prompt)
     key_proj, key_run = jax.random.split(jax.random.key(options.seed))
     model = ModelInputs.build(key_proj, lm, cfg, start=start)
@@ -139,8 +138,22 @@ def prepare(options, command: str = "simulate") -> Plan:
         f"prompt start (the prompt at z = 0 and the manual baseline): {start.describe()}, {options.n_prompt} tokens",
         flush=True,
     )
-    algo = fl.make(algorithm_name(options), cfg, lm)
+    algo = fl.make(algorithm_name(options), cfg, lm, **(algorithm_options or {}))
     return Plan(options, lm, start, fed, FederatedData.from_host(fed), cfg, hp, model, key_run, algo)
+
+
+def load_inputs(options, *, lm=None, num_clients: int, alpha):
+    """``(lm, start, fed)``: the backbone (``lm`` if given, else :func:`load_model`), the prompt start (None for a
+    command without ``--prompt-start``, e.g. ``bbt``), the prompt length (``options.n_prompt`` is set to it) and
+    the data over ``num_clients`` clients (Dirichlet ``alpha``, None: IID): what every command that runs a prompt
+    search loads, in this order (:func:`prepare` for the federated commands; ``bbt`` with one client)."""
+    from . import prompt
+
+    lm = load_model(options) if lm is None else lm
+    option = getattr(options, "prompt_start", None)
+    start = None if option is None else auto_start(options, lm) if option == "auto" else prompt.parse_start(option)
+    resolve_n_prompt(options, lm, start)
+    return lm, start, load_data(options, lm, num_clients=num_clients, alpha=alpha)
 
 
 def git_revision() -> str | None:
@@ -225,6 +238,9 @@ def load_data(args, lm, *, num_clients: int, alpha):
         max_length=args.max_length,
         test_size=args.test_size or None,
         max_positions=getattr(lm.config, "max_position_embeddings", None),
+        # the pool without duplicate and test texts (every front end; the experiment grid may turn it off to
+        # reproduce draws made before the rule)
+        clean=getattr(args, "clean_data", True),
     )
     try:
         fed = data_lib.federated(task_of(args, lm), lm.tokenizer, lm.kind, **kw)

@@ -1,8 +1,10 @@
 """``fedbpt-jax report RUN_DIR...``: tables and plots comparing finished runs, mean ± std over seeds.
 
 Each ``RUN_DIR`` is a results folder as ``fedbpt-jax simulate --results-dir`` writes it (``config.json``
-and ``metrics.json``), or a run folder of ``experiments/grid.py`` (the same two files, its own
-``config.json`` layout). A folder that holds runs in sub-folders (e.g. ``results/*/``) can be given
+and ``metrics.json``), or a run folder of ``experiments/grid.py`` (the same two files and ``config.json``
+layout, with the grid's keys added; grid runs written before the grid ran on :func:`fedbpt_jax.plan.prepare` have
+the grid's older layout, read by its ``settings``). The paired comparisons of grid folders are
+:mod:`fedbpt_jax.comparisons`. A folder that holds runs in sub-folders (e.g. ``results/*/``) can be given
 instead of each run: its immediate sub-folders with a ``metrics.json`` are taken.
 
 **Grouping.** Runs are grouped by their configuration: every option of ``config.json`` except the seed
@@ -257,7 +259,8 @@ def cell(st: dict | None) -> str:
 
 
 def _settings(cfg: dict, where: Path) -> dict:
-    """The run's settings from its ``config.json`` (CLI: ``args``; grid: ``settings``)."""
+    """The run's settings from its ``config.json``: ``args`` (the CLI's layout, which grid runs also write), else
+    ``settings`` (grid runs of the older layout)."""
     if isinstance(cfg.get("args"), dict):
         return dict(cfg["args"])
     if isinstance(cfg.get("settings"), dict):

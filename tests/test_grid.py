@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbpt_jax import machine
+from fedbpt_jax import comparisons, machine, report
 
 PATH = Path(__file__).resolve().parents[1] / "experiments" / "grid.py"
 _spec = importlib.util.spec_from_file_location("grid_driver", PATH)
@@ -183,7 +183,7 @@ def test_report_figures_from_either_metrics_layout():
         "best_accuracy": 0.7,
         "best_round": 1,
     }
-    f = grid.run_figures(old)
+    f = report.run_figures(old)
     assert (f["initial"], f["final"], f["best_on_test"]) == (0.5, 0.6, 0.7) and "dev_selected" not in f
     new = {
         "evals": [
@@ -193,10 +193,10 @@ def test_report_figures_from_either_metrics_layout():
         ],
         "best_test_reference": 0.7,
     }
-    f = grid.run_figures(new)
+    f = report.run_figures(new)
     assert (f["final"], f["dev_selected"], f["dev_selected_round"], f["best_on_test"]) == (0.55, 0.5, 0, 0.7)
     assert f["dev_selected_dev"] == 0.6
-    f = grid.run_figures(
+    f = report.run_figures(
         {
             **new,
             "selection_rule": "dev accuracy, ties to the earliest round",
@@ -215,7 +215,7 @@ def test_paired_differences_p_values_and_the_power_effect():
 
     a = {0: 0.80, 1: 0.82, 2: 0.84}
     b = {0: 0.78, 1: 0.81, 2: 0.80, 3: 0.5}  # seed 3 has no partner: left out
-    p = grid._paired(a, b)
+    p = comparisons.paired(a, b)
     assert p["seeds"] == [0, 1, 2] and p["per_seed"] == pytest.approx([0.02, 0.01, 0.04])
     sd = float(__import__("numpy").std([0.02, 0.01, 0.04], ddof=1))
     assert p["std"] == pytest.approx(sd) and p["se"] == pytest.approx(sd / 3**0.5)
@@ -225,18 +225,18 @@ def test_paired_differences_p_values_and_the_power_effect():
     assert p["power80_effect"] == pytest.approx(5.6535 * sd / 3**0.5, rel=1e-3)
     stats.adjust([p])
     assert p["verdict"] == "inconclusive" and p["p_holm"] == p["p"]  # p = 0.10: a family of one
-    q = grid._paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.78, 1: 0.789, 2: 0.798})
-    r = grid._paired({0: 0.80, 1: 0.82, 2: 0.81}, {0: 0.78, 1: 0.807, 2: 0.783})  # diffs .02, .013, .027
-    null = grid._paired({0: 0.80, 1: 0.82, 2: 0.81}, {0: 0.79, 1: 0.83, 2: 0.805})
+    q = comparisons.paired({0: 0.80, 1: 0.81, 2: 0.82}, {0: 0.78, 1: 0.789, 2: 0.798})
+    r = comparisons.paired({0: 0.80, 1: 0.82, 2: 0.81}, {0: 0.78, 1: 0.807, 2: 0.783})  # diffs .02, .013, .027
+    null = comparisons.paired({0: 0.80, 1: 0.82, 2: 0.81}, {0: 0.79, 1: 0.83, 2: 0.805})
     stats.adjust([q, r, null])
     assert q["p"] < 0.05 / 3 and q["verdict"] == "A > B"  # survives Holm's factor 3
     # p = 0.038: below 0.05 alone, not after Holm's factor 2 for the second smallest of three
     assert 0.025 < r["p"] < 0.05 and r["p_holm"] >= 0.05 and r["verdict"] == "A > B unadjusted only"
     assert null["verdict"] == "inconclusive"
-    s = grid._paired({0: 0.8, 1: 0.7}, {0: 0.7, 1: 0.8})
+    s = comparisons.paired({0: 0.8, 1: 0.7}, {0: 0.7, 1: 0.8})
     stats.adjust([s])
     assert s["verdict"] == "no difference"
-    one = grid._paired({0: 0.8}, {0: 0.7})
+    one = comparisons.paired({0: 0.8}, {0: 0.7})
     stats.adjust([one])
     assert one["verdict"] == "n/a (one seed)" and one["p_holm"] is None
 
@@ -345,13 +345,15 @@ def test_shipped_grids_are_valid(path):
 
 def test_where_a_run_ran_is_named_with_its_precision():
     cfg = {"resolved": {"precision": "float32"}, "environment": {"backend": "cpu", "device": "cpu"}}
-    assert grid.run_precision(cfg) == "float32"
-    assert grid.run_precision({"resolved": {"precision": "bfloat16"}}) == "bfloat16"  # older runs: no environment
+    assert comparisons.run_precision(cfg) == "float32"
+    assert (
+        comparisons.run_precision({"resolved": {"precision": "bfloat16"}}) == "bfloat16"
+    )  # older runs: no environment
     gpu = {
         "resolved": {"precision": "float32"},
         "environment": {"backend": "gpu", "device": "NVIDIA H200", "matmul_precision": "highest"},
     }
-    assert grid.run_precision(gpu) == "float32 (NVIDIA H200, matmul highest)"
+    assert comparisons.run_precision(gpu) == "float32 (NVIDIA H200, matmul highest)"
     # Seeds of one configuration from two machines: the group names both.
     runs = [
         {
@@ -364,13 +366,13 @@ def test_where_a_run_ran_is_named_with_its_precision():
         }
         for i, p in enumerate(["float32", "float32 (NVIDIA H200, matmul highest)"])
     ]
-    (g,) = grid.group_runs(runs)
+    (g,) = comparisons.group_runs(runs)
     assert g["precision"] == "float32 + float32 (NVIDIA H200, matmul highest)"
     # A pair of configurations from two machines names both.
     runs[1]["labels"] = {"method": "n", "seed": "0"}
     runs[1]["settings"] = {"seed": 0, "x": 2}
-    groups = grid.group_runs(runs)
-    (pair,) = grid.pair_groups(groups, [["m", "n"]])
+    groups = comparisons.group_runs(runs)
+    (pair,) = comparisons.pair_groups(groups, [["m", "n"]])
     assert pair["precision"] == "float32 + float32 (NVIDIA H200, matmul highest)"
 
 
@@ -474,3 +476,32 @@ def test_committed_result_folders_are_found_by_their_grid_files():
             assert json.loads(cfg.read_text())["run_id"] == cfg.parent.name.rsplit("-", 1)[1]
             checked += 1
     assert checked >= 100
+
+
+def test_every_simulate_option_is_a_grid_setting_or_spelled_by_the_grid():
+    """The grid's settings are the run options: every option of ``fedbpt-jax simulate`` is a setting by the same
+    name with the CLI's default, except the few a grid spells its own way or decides per run."""
+    from fedbpt_jax.cli_options import options
+
+    for o in options("simulate"):
+        assert o.dest in grid.SETTINGS or o.dest in grid.NOT_GRID_SETTINGS, o.dest
+        if o.dest in grid.ADDED_SETTINGS:
+            assert grid.SETTINGS[o.dest] == o.default
+    ns = grid.run_options(dict(grid.SETTINGS, partition="iid", server_variant="paper", test_size=None), "decoder")
+    assert (ns.alpha, ns.server, ns.test_size, ns.layout) == (0.0, "paper", 0, grid.GRID_LAYOUT)
+    ns = grid.run_options(dict(grid.SETTINGS, partition="dirichlet:0.5", fed_config={"norm_clip": True}), "encoder")
+    assert (ns.alpha, ns.norm_clip, ns.layout) == (0.5, True, None)
+
+
+def test_options_that_came_with_the_cli_hash_only_away_from_their_default():
+    base = dict(grid.SETTINGS, model="tiny")
+    # a FedConfig field on its own is the same run as in the fed_config table
+    assert grid._digest(dict(base, norm_clip=True)) == grid._digest(dict(base, fed_config={"norm_clip": True}))
+    assert grid._digest(dict(base, norm_clip=True)) != grid._digest(base)
+    assert grid._digest(dict(base, sampling="uniform")) == grid._digest(base)  # the default
+    assert grid._digest(dict(base, template="Review: {text}")) != grid._digest(base)
+    assert grid._digest(dict(base, eval_chunk=8, keep_clean_cache="off")) == grid._digest(base)  # no number changes
+    with pytest.raises(grid.GridError, match="sigma_schedule is set twice"):
+        grid.check_settings(dict(base, sigma_schedule="clamp", fed_config={"sigma_schedule": "none"}))
+    with pytest.raises(grid.GridError, match="sampling"):
+        grid.check_settings(dict(base, sampling="sometimes"))

@@ -1,0 +1,385 @@
+"""Paired comparisons of experiment-grid runs: the tables of ``experiments/grid.py report``.
+
+A grid folder (``experiments/grid.py run`` writes one per grid file) holds one run folder per point and a
+``grid.json`` with the pairs the grid declares. :func:`write_grid_report` reads one or more such folders, groups the
+runs that differ only by seed (:func:`group_runs`), pairs the groups that differ in one axis label
+(:func:`pair_groups`: paired per-seed differences, t-interval, p, Holm and Benjamini-Hochberg adjusted over the
+report's family, the effect a test at this n detects with 80 % power), pools a comparison over every grid that has it
+(:func:`pooled`), and writes ``report.md``, ``report.json`` and the plots. The per-run figures, diagnostics, cells
+and plots are :mod:`fedbpt_jax.report`'s and :mod:`fedbpt_jax.plots`', shared with ``fedbpt-jax report``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import stats as fstats
+from .plots import FIGURES
+from .plots import comparison_plots as plots
+from .report import ReportError, diagnostics_markdown, per_run_record, run_diagnostics, run_figures
+from .report import cell as _cell
+from .report import pct as _pct
+from .report import seed_order as _seed_order
+from .report import stats as _stats
+
+
+def paired(a: dict, b: dict) -> dict | None:
+    """Paired per-seed differences a − b over the seeds both have (:func:`fedbpt_jax.stats.paired`)."""
+    seeds = sorted(set(a) & set(b), key=_seed_order)
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    return {"seeds": seeds, "per_seed": diffs, **fstats.paired(diffs)}
+
+
+def run_precision(cfg: dict) -> str:
+    """The compute dtype, and where a run did not run on a CPU, the device and matmul precision it ran with
+    (float32 on a GPU at JAX's default precision means TF32 products)."""
+    p = cfg["resolved"]["precision"]
+    env = cfg.get("environment", {})
+    if env.get("backend", "cpu") != "cpu":
+        p += f" ({env.get('device', env['backend'])}, matmul {env.get('matmul_precision', 'default')})"
+    return p
+
+
+def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
+    """(runs with metrics, runs without a complete result) under the given grid folders."""
+    from fedbpt_jax.checkpoint import read_json
+
+    done, other = [], []
+    for root in dirs:
+        for cfg_path in sorted(Path(root).glob("*/config.json")):
+            d = cfg_path.parent
+            cfg = json.loads(cfg_path.read_text())
+            status = {}
+            if (d / "status.json").exists():
+                status = json.loads((d / "status.json").read_text())
+            rec = {
+                "dir": d.name,
+                "grid": cfg.get("grid"),
+                "labels": cfg["labels"],
+                "settings": cfg["settings"],
+                "precision": run_precision(cfg),
+                "dev_selection": cfg["resolved"]["dev_selection"],
+                "state": status.get("state", "unknown"),
+                "error": status.get("error"),
+            }
+            try:
+                m = read_json(d / "metrics.json")
+                rec.update(run_figures(m))
+                rec.update(run_diagnostics(m))
+            except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
+                rec["final_round"] = 0
+            if rec["final_round"] >= cfg["settings"]["rounds"] and rec["state"] != "failed":
+                done.append(rec)
+            else:
+                other.append(rec)
+        for st_path in sorted(Path(root).glob("*/status.json")):  # failed before config.json was written
+            if not (st_path.parent / "config.json").exists():
+                st = json.loads(st_path.read_text())
+                other.append(
+                    {
+                        "dir": st_path.parent.name,
+                        "labels": st.get("labels", {}),
+                        "state": st.get("state"),
+                        "error": st.get("error"),
+                        "final_round": 0,
+                    }
+                )
+    return done, other
+
+
+def group_runs(runs: list[dict]) -> list[dict]:
+    groups: dict[str, dict] = {}
+    for r in runs:
+        ident = {k: v for k, v in r["settings"].items() if k != "seed"}
+        ident["dev_selection"] = r["dev_selection"]
+        ident["grid"] = r["grid"]
+        key = json.dumps(ident, sort_keys=True, default=str)
+        labels = {k: v for k, v in r["labels"].items() if k != "seed"}
+        g = groups.setdefault(
+            key,
+            {
+                "key": key,
+                "labels": labels,
+                "label": " / ".join(labels.values()) or r["dir"],
+                "grid": r["grid"],
+                "runs": [],
+            },
+        )
+        g["runs"].append(r)
+    out = list(groups.values())
+    names = [g["label"] for g in out]
+    for g in out:
+        if names.count(g["label"]) > 1:
+            g["label"] += " (dev)" if json.loads(g["key"])["dev_selection"] else " (no dev)"
+        # Seeds of one configuration computed on different machines: every precision is named.
+        g["precision"] = " + ".join(sorted({r["precision"] for r in g["runs"]}))
+        g["by_seed"] = {}
+        for fig in FIGURES:
+            vals = {r["settings"]["seed"]: r[fig] for r in g["runs"] if r.get(fig) is not None}
+            g["by_seed"][fig] = vals
+            g[fig] = _stats(list(vals.values())) if vals else None
+        devs = [r["dev_selected_dev"] for r in g["runs"] if r.get("dev_selected_dev") is not None]
+        g["dev_at_selected"] = _stats(devs) if devs else None
+    return out
+
+
+def pair_groups(groups: list[dict], wanted: list[list[str]], declared: dict | None = None) -> list[dict]:
+    """Pairs of groups that differ in exactly one axis label; ``wanted`` ([[a, b]] labels of that axis)
+    picks and orients them (all pairs, in declared order, when empty). ``declared`` maps a grid's name to the
+    pairs its first run recorded (``grid.json``'s ``declared``; None: not recorded): each pair says whether it
+    was declared before that grid's runs ("yes"), added later ("post hoc") or cannot tell ("not recorded")."""
+    declared = declared or {}
+    pairs = []
+    for i, ga in enumerate(groups):
+        for gb in groups[i + 1 :]:
+            if ga["grid"] != gb["grid"] or set(ga["labels"]) != set(gb["labels"]):
+                continue
+            diff = [k for k in ga["labels"] if ga["labels"][k] != gb["labels"][k]]
+            if len(diff) != 1:
+                continue
+            la, lb = ga["labels"][diff[0]], gb["labels"][diff[0]]
+            if wanted:
+                if [la, lb] in wanted:
+                    a, b = ga, gb
+                elif [lb, la] in wanted:
+                    a, b = gb, ga
+                else:
+                    continue
+            else:
+                a, b = ga, gb
+            rest = " / ".join(v for k, v in a["labels"].items() if k != diff[0])
+            rec = {
+                "a": a["label"],
+                "b": b["label"],
+                "axis": diff[0],
+                "context": rest,
+                "precision": " + ".join(sorted({a["precision"], b["precision"]})),
+                "grid": a["grid"],
+                "declared": declared_status(declared.get(a["grid"]), la, lb),
+                "figures": {},
+            }
+            for fig in FIGURES:
+                p = paired(a["by_seed"][fig], b["by_seed"][fig])
+                if p is not None:
+                    rec["figures"][fig] = p
+            pairs.append(rec)
+    return pairs
+
+
+def declared_status(pairs: list | None, la: str, lb: str) -> str:
+    if pairs is None:
+        return "not recorded"
+    return "yes" if ([la, lb] in pairs or [lb, la] in pairs) else "post hoc"
+
+
+#: The figures whose paired tests form a report's family (z = 0 is the same prompt in every paired run).
+TESTED = ("final", "dev_selected", "best_on_test")
+
+
+def family(pairs: list[dict]) -> list[dict]:
+    """Every paired test of ``pairs`` that the report states (figures in :data:`TESTED`), as one list."""
+    return [d for p in pairs for fig, d in p["figures"].items() if fig in TESTED]
+
+
+def pooled(pairs: list[dict]) -> list[dict]:
+    """The same comparison (A and B labels) pooled over every grid and context that has it: one paired test
+    over all their seed pairs. Pairs that share a task and a seed share the few-shot draw, the projection and
+    the keys (``units`` counts the distinct (task, seed) draws): not independent."""
+    out: dict[tuple, dict] = {}
+    for p in pairs:
+        key = (p["a"], p["b"])
+        rec = out.setdefault(
+            key, {"a": p["a"], "b": p["b"], "contexts": [], "figures": {}, "precision": set(), "tasks_seeds": {}}
+        )
+        rec["contexts"].append(f"{p.get('grid')}: {p['context']}" if p["context"] else str(p.get("grid")))
+        rec["precision"].add(p["precision"])
+        for fig, d in p["figures"].items():
+            acc = rec["tasks_seeds"].setdefault(fig, [])
+            acc += [((p.get("task"), s), x) for s, x in zip(d["seeds"], d["per_seed"])]
+    result = []
+    for rec in out.values():
+        if len(rec["contexts"]) < 2:
+            continue
+        for fig, items in rec.pop("tasks_seeds").items():
+            diffs = [x for _, x in items]
+            d = {"seeds": [f"{t}:{s}" for (t, s), _ in items], "per_seed": diffs, **fstats.paired(diffs)}
+            d["units"] = len({u for u, _ in items})
+            rec["figures"][fig] = d
+        rec["precision"] = " + ".join(sorted(rec["precision"]))
+        result.append(rec)
+    return result
+
+
+def pair_rows(pairs: list[dict], per_seed: bool = True) -> list[str]:
+    rows = []
+    for p in pairs:
+        for fig, d in p["figures"].items():
+            if fig not in TESTED:
+                continue
+            per = ", ".join(f"{100 * x:+.2f}" for x in d["per_seed"]) if per_seed else str(d.get("units", ""))
+            ms = f"{_pct(d['mean'], True)} ± {_pct(d['std'])}" if d["std"] is not None else _pct(d["mean"], True)
+            ci = (
+                f"{_pct(d['mean'] - d['ci95_halfwidth'], True)} to {_pct(d['mean'] + d['ci95_halfwidth'], True)}"
+                if d["ci95_halfwidth"] is not None
+                else "—"
+            )
+            pv = " | ".join(fmt_p(d.get(k)) for k in ("p", "p_holm", "p_bh"))
+            decl = p.get("declared", "")
+            rows.append(
+                f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | {ci} | {pv} "
+                f"| {_pct(d['power80_effect'])} | {d['verdict']} |" + (f" {decl} |" if per_seed else "")
+            )
+    return rows
+
+
+def fmt_p(p) -> str:
+    return "—" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: str, pools: list[dict] = ()) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        "Accuracy in % on the test split: mean ± std over seeds (sample std, ddof = 1), n = seeds. "
+        "Final = the last round's global prompt; dev-selected = the round with the highest dev accuracy "
+        "(shown only when the runs evaluated a dev set); best-on-test picks the round on the test set itself, as "
+        "the reference code's reported peak does: a **reference-compatibility (optimistic)** figure, not a "
+        "claim. Dev at selected = the dev accuracy of the dev-selected round (the figure to compare when choosing "
+        "among configurations without touching the test set).",
+        "",
+        "| configuration | precision | rounds | seeds | z = 0 | final | dev-selected | dev at selected "
+        "| best-on-test (ref.-compat., optimistic) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for g in groups:
+        seeds = ",".join(
+            str(r["settings"]["seed"]) for r in sorted(g["runs"], key=lambda r: _seed_order(r["settings"]["seed"]))
+        )
+        rounds = sorted({r["final_round"] for r in g["runs"]})
+        lines.append(
+            f"| {g['label']} | {g['precision']} | {','.join(map(str, rounds))} | {seeds} | {_cell(g['initial'])} "
+            f"| {_cell(g['final'])} | {_cell(g['dev_selected'])} | {_cell(g['dev_at_selected'])} "
+            f"| {_cell(g['best_on_test'])} |"
+        )
+    stat_rule = (
+        "mean ± std of the differences; 95 % CI = the t-interval of the mean difference; p = two-sided paired "
+        "t-test; p Holm / p BH = adjusted over the family of every test in this table (Holm: family-wise error; "
+        "Benjamini-Hochberg: false discovery rate); 80 %-power effect = the true mean difference this test would "
+        "detect with probability 0.8 at the observed std (at n = 3 about 5.7 standard errors). Verdict: A > B or "
+        "A < B when the Holm-adjusted p < 0.05; 'unadjusted only' when only the raw p is; else inconclusive."
+    )
+    if pools:
+        lines += [
+            "",
+            "## Pooled over grids (the headline comparisons)",
+            "",
+            "Each comparison pooled over every grid and context that has it: one paired test over all their seed "
+            "pairs (units = distinct (task, seed) draws; pairs sharing one share the few-shot draw, projection and "
+            "keys, so they are not independent). " + stat_rule,
+            "",
+            "| A | B | figure | precision | n | units | mean ± std | 95 % CI | p | p Holm | p BH "
+            "| 80 %-power effect | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *pair_rows(pools, per_seed=False),
+        ]
+    if pairs:
+        lines += [
+            "",
+            "## Paired per-seed differences (A − B, points of accuracy)",
+            "",
+            "Per seed, A and B share data, partition, projection and round keys. " + stat_rule + " Declared = "
+            "whether the pair was in the grid file when its first run started (post hoc: added later; not recorded: "
+            "a grid run before declarations were recorded).",
+            "",
+            "| A | B | figure | precision | n | per seed | mean ± std | 95 % CI | p | p Holm | p BH "
+            "| 80 %-power effect | verdict | declared |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *pair_rows(pairs),
+        ]
+    if groups:
+        rows = [
+            (g["label"], {**r, "seed": r["settings"]["seed"]})
+            for g in groups
+            for r in sorted(g["runs"], key=lambda r: _seed_order(r["settings"]["seed"]))
+        ]
+        lines += ["", *diagnostics_markdown(rows)]
+    if other:
+        lines += ["", "## Not (yet) complete", "", "| run | state | rounds done | error |", "| --- | --- | --- | --- |"]
+        for r in other:
+            err = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:200]
+            lines.append(f"| {r['dir']} | {r.get('state')} | {r.get('final_round', 0)} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_grid_report(dirs, out=None, title: str | None = None) -> dict:
+    """The report of the grid folders ``dirs`` (see the module docstring) in ``out`` (default: ``report`` in the
+    first folder); returns ``report.json``'s content. Raises :class:`~fedbpt_jax.report.ReportError` for a folder
+    that is not one.
+    """
+    from .checkpoint import write_json_atomic, write_text_atomic
+
+    dirs = [Path(d) for d in dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise ReportError(f"report: {str(d)!r} is not a folder (give the grid's output folder)")
+    done, other = collect(dirs)
+    wanted = []
+    names = []
+    declared = {}
+    for d in dirs:
+        if (d / "grid.json").exists():
+            meta = json.loads((d / "grid.json").read_text())
+            wanted += meta.get("pairs", [])
+            names.append(meta["name"])
+            declared[meta["name"]] = meta.get("declared", {}).get("pairs")
+    title = title or ("grid " + ", ".join(names or [d.name for d in dirs]))
+    out = Path(out) if out else dirs[0] / "report"
+    groups = group_runs(done)
+    pairs = pair_groups(groups, wanted, declared)
+    tasks = {g["grid"]: g["runs"][0]["settings"].get("task") for g in groups}
+    for p in pairs:
+        p["task"] = tasks.get(p["grid"])
+    fstats.adjust(family(pairs))
+    pools = pooled(pairs) if len(dirs) > 1 or len({p["context"] for p in pairs}) > 1 else []
+    fstats.adjust(family(pools))
+    precisions = sorted({g["precision"] for g in groups})
+    if precisions:
+        title += f" ({', '.join(precisions)})"
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "report.md", markdown(groups, pairs, other, title, pools))
+    made = plots(groups, out, title) if groups else []
+    summary = {
+        "title": title,
+        "figures": FIGURES,
+        "rules": {
+            "std": "sample std over seeds (ddof = 1)",
+            "p": "two-sided paired t-test of mean(A - B) = 0 over seeds",
+            "p_holm": "Holm-adjusted over every test of the report's pairs table (figures final, dev_selected, "
+            "best_on_test); the pooled table is its own family",
+            "p_bh": "Benjamini-Hochberg-adjusted over the same family",
+            "power80_effect": "true mean difference detected with probability 0.8 (two-sided, alpha 0.05) at the "
+            "observed std",
+            "verdict": "A > B / A < B when p_holm < 0.05; '... unadjusted only' when only p < 0.05; else inconclusive",
+            "dev_selected": "the round with the highest dev accuracy, ties to the earliest; absent without a dev set",
+            "best_on_test": "reference-compatibility (optimistic): selected on the test set itself",
+        },
+        "groups": [
+            {k: g[k] for k in ("label", "labels", "grid", "precision", *FIGURES)}
+            | {
+                "seeds": sorted(g["by_seed"]["final"], key=_seed_order),
+                "by_seed": g["by_seed"],
+                "runs": [r["dir"] for r in g["runs"]],
+            }
+            for g in groups
+        ],
+        "pairs": pairs,
+        "pooled": pools,
+        "per_run": [per_run_record(g["label"], r["settings"]["seed"], r["dir"], r) for g in groups for r in g["runs"]],
+        "incomplete": [{k: r.get(k) for k in ("dir", "state", "final_round", "error")} for r in other],
+        "plots": [Path(p).name for p in made],
+    }
+    write_json_atomic(out / "report.json", summary)
+    return summary
