@@ -877,7 +877,7 @@ MEM_COLUMNS = [
 ]
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--quick",
@@ -903,22 +903,7 @@ def main(argv=None):
         help="SmolLM2 K>=10: run a warm-up round too (default: time the first execution after AOT "
         "compilation, which saves a ~1-minute round)",
     )
-    ap.add_argument("--ref-clients", type=int, default=100, help="reference-style: clients timed (<=0: all)")
-    ap.add_argument("--ref-clients-smollm2", type=int, default=1, help="reference-style clients timed, SmolLM2")
-    ap.add_argument(
-        "--ref-before-clients",
-        type=int,
-        default=10,
-        help="reference-style with the paper's 'before' layout (uncached): clients timed (0: skip)",
-    )
-    ap.add_argument(
-        "--ref-before-clients-smollm2",
-        type=int,
-        default=0,
-        help="the same for SmolLM2 (default 0: ~5x the cached cost per client)",
-    )
-    ap.add_argument("--skip-ref", action="store_true", help="leave out the reference-style runs")
-    ap.add_argument("--skip-pure", action="store_true", help="leave out the pure-inference comparison")
+    _add_reference_options(ap)
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
     ap.add_argument(
         "--keep-clean-cache",
@@ -942,87 +927,111 @@ def main(argv=None):
         help="only draw the plot (--plot) from the results of earlier --json files",
     )
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "K", "OUT"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
 
-    if args.worker:
-        model, K, out = args.worker[0], int(args.worker[1]), args.worker[2]
-        if model == "smollm2":
-            args.ref_clients, args.ref_before_clients = args.ref_clients_smollm2, args.ref_before_clients_smollm2
-        res = run_config(model, K, args, dtype=args.dtypes)
-        common.write_json(out, res)
-        return 0
 
-    if args.plot_from:
-        runs = [json.load(open(path)) for path in args.plot_from]
-        rows = [r for run in runs for r in run["results"] if "round_s" in r]
-        plot = args.plot or str(common.RESULTS_DIR / "round_throughput.png")
-        _plot(rows, plot, runs[0].get("machine"))
-        print(f"wrote {plot}")
-        return 0
-    models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
-    if args.quick:
-        args.no_subprocess = True
-        # Time box (< 60 s on a 2-core CPU): compilation dominates, so the ES-only round is compiled and
-        # timed for K = 1 only, and the paper-layout reference run is left out.
-        args.rounds, args.check_clients, args.ref_clients, args.ref_before_clients = 2, 1, 2, 0
-        args.es_ks, args.peak_samples, args.peak_repeats = "1", 1, 2
-    info = common.machine_info()
-    print(
-        f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
-        f"cma {info['versions']['cma']}, load average {info['loadavg_start']}",
-        flush=True,
+def _add_reference_options(ap: argparse.ArgumentParser) -> None:
+    """The reference-style runs' options, and those that leave out a comparison."""
+    ap.add_argument("--ref-clients", type=int, default=100, help="reference-style: clients timed (<=0: all)")
+    ap.add_argument("--ref-clients-smollm2", type=int, default=1, help="reference-style clients timed, SmolLM2")
+    ap.add_argument(
+        "--ref-before-clients",
+        type=int,
+        default=10,
+        help="reference-style with the paper's 'before' layout (uncached): clients timed (0: skip)",
     )
-    import jax  # noqa: F401  (the parent measures the peak too; it is idle while a worker runs)
+    ap.add_argument(
+        "--ref-before-clients-smollm2",
+        type=int,
+        default=0,
+        help="the same for SmolLM2 (default 0: ~5x the cached cost per client)",
+    )
+    ap.add_argument("--skip-ref", action="store_true", help="leave out the reference-style runs")
+    ap.add_argument("--skip-pure", action="store_true", help="leave out the pure-inference comparison")
 
-    dtypes = args.dtypes.split(",")
-    for d in dtypes:
-        if d not in common.DTYPES:
-            ap.error(f"unknown dtype {d!r}; accepted: {common.DTYPES}")
-    peaks = {d: common.Peak(repeats=args.peak_repeats, dtype=d) for d in dtypes}
-    for pk in peaks.values():
-        for _ in range(args.peak_samples + 1):
-            pk.measure()
-    results = []
-    # Both precisions of one K run back to back (the same machine load for the ratio).
-    configs = [
+
+def _worker(args) -> int:
+    """A worker process: one configuration, its record written to OUT."""
+    model, K, out = args.worker[0], int(args.worker[1]), args.worker[2]
+    if model == "smollm2":
+        args.ref_clients, args.ref_before_clients = args.ref_clients_smollm2, args.ref_before_clients_smollm2
+    res = run_config(model, K, args, dtype=args.dtypes)
+    common.write_json(out, res)
+    return 0
+
+
+def _plot_only(args) -> int:
+    """``--plot-from``: the plot of earlier runs' results, nothing measured."""
+    runs = [json.load(open(path)) for path in args.plot_from]
+    rows = [r for run in runs for r in run["results"] if "round_s" in r]
+    plot = args.plot or str(common.RESULTS_DIR / "round_throughput.png")
+    _plot(rows, plot, runs[0].get("machine"))
+    print(f"wrote {plot}")
+    return 0
+
+
+def _apply_quick(args) -> None:
+    """Time box (< 60 s on a 2-core CPU): compilation dominates, so the ES-only round is compiled and timed
+    for K = 1 only, and the paper-layout reference run is left out."""
+    args.no_subprocess = True
+    args.rounds, args.check_clients, args.ref_clients, args.ref_before_clients = 2, 1, 2, 0
+    args.es_ks, args.peak_samples, args.peak_repeats = "1", 1, 2
+
+
+def _configs(args, models: list[str], dtypes: list[str]) -> list[tuple[str, int, str]]:
+    """``(model, K, dtype)`` in run order: both precisions of one K back to back (the same machine load for
+    the ratio)."""
+    default_ks = QUICK_KS if args.quick else DEFAULT_KS
+    return [
         (model, K, dtype)
         for model in models
-        for K in ([int(k) for k in args.ks.split(",")] if args.ks else (QUICK_KS if args.quick else DEFAULT_KS)[model])
+        for K in ([int(k) for k in args.ks.split(",")] if args.ks else default_ks[model])
         for dtype in dtypes
     ]
-    for model, K, dtype in configs:
-        t0 = time.perf_counter()
-        if args.no_subprocess:
-            if model == "smollm2":
-                args.ref_clients = args.ref_clients_smollm2
-                args.ref_before_clients = args.ref_before_clients_smollm2
-            res = run_config(model, K, args, common.load_model(model, dtype), dtype)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                out = os.path.join(tmp, "res.json")
-                proc = subprocess.run(_worker_cmd(model, K, args, out, dtype))
-                if proc.returncode != 0 or not os.path.exists(out):
-                    print(f"[{model} {dtype} K={K}] worker failed (exit {proc.returncode})", flush=True)
-                    results.append({"model": model, "dtype": dtype, "K": K, "error": f"exit {proc.returncode}"})
-                    continue
-                res = json.load(open(out))
-        res["wall_s"] = time.perf_counter() - t0
-        res["peak_rss_mib"] = res["peak_rss_run"] / 2**20
-        res["runtime_rss_mib"] = res["rss_runtime"] / 2**20
-        res["mem_x_model"] = res["peak_rss_run"] / res["model_bytes"]
-        res["mem_above_runtime_x_model"] = (res["peak_rss_run"] - res["rss_runtime"]) / res["model_bytes"]
-        res["round_working_set_mib"] = (res["peak_rss_run"] - res["rss_before_run"]) / 2**20
-        res["subprocess"] = not args.no_subprocess
-        results.append(res)
 
+
+def _run_worker(model: str, K: int, dtype: str, args) -> dict:
+    """One configuration in its own process: its record, or ``{..., "error": ...}`` when the worker failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "res.json")
+        proc = subprocess.run(_worker_cmd(model, K, args, out, dtype))
+        if proc.returncode != 0 or not os.path.exists(out):
+            print(f"[{model} {dtype} K={K}] worker failed (exit {proc.returncode})", flush=True)
+            return {"model": model, "dtype": dtype, "K": K, "error": f"exit {proc.returncode}"}
+        return json.load(open(out))
+
+
+def _measure(model: str, K: int, dtype: str, args) -> dict:
+    """One configuration's record (in this process or a worker), with its wall time and memory figures."""
+    t0 = time.perf_counter()
+    if args.no_subprocess:
+        if model == "smollm2":
+            args.ref_clients = args.ref_clients_smollm2
+            args.ref_before_clients = args.ref_before_clients_smollm2
+        res = run_config(model, K, args, common.load_model(model, dtype), dtype)
+    else:
+        res = _run_worker(model, K, dtype, args)
+        if "error" in res:
+            return res
+    res["wall_s"] = time.perf_counter() - t0
+    res["peak_rss_mib"] = res["peak_rss_run"] / 2**20
+    res["runtime_rss_mib"] = res["rss_runtime"] / 2**20
+    res["mem_x_model"] = res["peak_rss_run"] / res["model_bytes"]
+    res["mem_above_runtime_x_model"] = (res["peak_rss_run"] - res["rss_runtime"]) / res["model_bytes"]
+    res["round_working_set_mib"] = (res["peak_rss_run"] - res["rss_before_run"]) / 2**20
+    res["subprocess"] = not args.no_subprocess
+    return res
+
+
+def _measure_peaks(peaks: dict, args) -> None:
     for pk in peaks.values():
         for _ in range(args.peak_samples + 1):
             pk.measure()
-    best_of = {
-        d: max([pk.best] + [r.get("peak_best_worker", 0) for r in results if r.get("dtype") == d])
-        for d, pk in peaks.items()
-    }
-    ok_rows = [r for r in results if "round_s" in r]
+
+
+def _relate(ok_rows: list[dict], best_of: dict) -> None:
+    """Each measured row against the best matmul peak of its dtype and against its float32 twin; its model
+    and compile-time memory in MiB."""
     for r in ok_rows:  # conservative: against the best matmul peak of its dtype measured anywhere in the run
         best = best_of[r["dtype"]]
         r["peak_best"] = best
@@ -1036,13 +1045,15 @@ def main(argv=None):
             r["above_runtime_vs_float32"] = (r["peak_rss_run"] - r["rss_runtime"]) / (
                 twin[0]["peak_rss_run"] - twin[0]["rss_runtime"]
             )
+        r["model_mib"] = r["model_bytes"] / 2**20
+        r["peak_rss_compile_mib"] = r["peak_rss_compile"] / 2**20
+
+
+def _report(ok_rows: list[dict], best_of: dict) -> None:
     print(
         f"\nload average now {list(os.getloadavg())}; best matmul peaks of the run "
         f"{ {d: round(b, 1) for d, b in best_of.items()} } GFLOP/s\n"
     )
-    for r in ok_rows:
-        r["model_mib"] = r["model_bytes"] / 2**20
-        r["peak_rss_compile_mib"] = r["peak_rss_compile"] / 2**20
     print(common.table(ok_rows, COLUMNS))
     print()
     print(common.table(ok_rows, REF_COLUMNS))
@@ -1065,6 +1076,26 @@ def main(argv=None):
                 f"  {r['model']} {r['dtype']} K={r['K']}: CHECK FAILED (rel diff {r['check_max_rel_diff']:.2e} > "
                 f"{r['check_tolerance']:g})"
             )
+
+
+def _smollm2_k10_targets(r: dict, tag: str) -> dict:
+    targets = {}
+    if "speed_vs_float32" in r:
+        targets[f"{tag}: >= 1.7x faster than float32"] = r["speed_vs_float32"] >= 1.7
+        targets[f"{tag}: peak RSS <= 60% of float32's"] = r["peak_rss_vs_float32"] <= 0.6
+    if r["dtype"] == "float32":
+        targets["smollm2 K=10: round >= 50% of the best matmul peak of the run"] = r["frac_peak"] >= 0.5
+        if "es_share" in r:
+            targets["smollm2 K=10: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
+        targets["smollm2 K=10: peak RSS of the whole process <= 3x one model copy"] = r["mem_x_model"] <= 3
+        targets["smollm2 K=10: peak RSS above the bare JAX runtime <= 3x one model copy"] = (
+            r["mem_above_runtime_x_model"] <= 3
+        )
+    return targets
+
+
+def _targets(ok_rows: list[dict]) -> dict:
+    """The project's targets, printed MET / NOT MET."""
     targets = {}
     for r in ok_rows:
         if r["model"] == "tiny" and r["K"] == 100:
@@ -1073,23 +1104,18 @@ def main(argv=None):
         tag = f"{r['model']} {r['dtype']} K={r['K']}"
         if "frac_pure_inference" in r:
             targets[f"{tag}: round >= 90% of pure-inference tokens/s"] = r["frac_pure_inference"] >= 0.9
-        if r["model"] == "smollm2" and r["K"] == 10 and "speed_vs_float32" in r:
-            targets[f"{tag}: >= 1.7x faster than float32"] = r["speed_vs_float32"] >= 1.7
-            targets[f"{tag}: peak RSS <= 60% of float32's"] = r["peak_rss_vs_float32"] <= 0.6
-        if r["model"] == "smollm2" and r["K"] == 10 and r["dtype"] == "float32":
-            targets["smollm2 K=10: round >= 50% of the best matmul peak of the run"] = r["frac_peak"] >= 0.5
-            if "es_share" in r:
-                targets["smollm2 K=10: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
-            targets["smollm2 K=10: peak RSS of the whole process <= 3x one model copy"] = r["mem_x_model"] <= 3
-            targets["smollm2 K=10: peak RSS above the bare JAX runtime <= 3x one model copy"] = (
-                r["mem_above_runtime_x_model"] <= 3
-            )
+        if r["model"] == "smollm2" and r["K"] == 10:
+            targets.update(_smollm2_k10_targets(r, tag))
         if r["model"] == "smollm2" and r["K"] == 1:
             if "es_share" in r:
                 targets["smollm2 K=1: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
     for k, v in targets.items():
         print(f"target {k}: {'MET' if v else 'NOT MET'}")
+    return targets
 
+
+def _write_outputs(args, info: dict, results: list[dict], ok_rows: list[dict], targets: dict) -> None:
+    """The plot, and the JSON record of the run when ``--json``."""
     plot = args.plot or str(
         common.RESULTS_DIR / ("round_throughput_quick.png" if args.quick else "round_throughput.png")
     )
@@ -1111,6 +1137,43 @@ def main(argv=None):
             },
         )
         print(f"wrote {args.json}")
+
+
+def main(argv=None):
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    if args.plot_from:
+        return _plot_only(args)
+    models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
+    if args.quick:
+        _apply_quick(args)
+    info = common.machine_info()
+    print(
+        f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
+        f"cma {info['versions']['cma']}, load average {info['loadavg_start']}",
+        flush=True,
+    )
+    import jax  # noqa: F401  (the parent measures the peak too; it is idle while a worker runs)
+
+    dtypes = args.dtypes.split(",")
+    for d in dtypes:
+        if d not in common.DTYPES:
+            ap.error(f"unknown dtype {d!r}; accepted: {common.DTYPES}")
+    peaks = {d: common.Peak(repeats=args.peak_repeats, dtype=d) for d in dtypes}
+    _measure_peaks(peaks, args)
+    results = [_measure(model, K, dtype, args) for model, K, dtype in _configs(args, models, dtypes)]
+    _measure_peaks(peaks, args)
+    best_of = {
+        d: max([pk.best] + [r.get("peak_best_worker", 0) for r in results if r.get("dtype") == d])
+        for d, pk in peaks.items()
+    }
+    ok_rows = [r for r in results if "round_s" in r]
+    _relate(ok_rows, best_of)
+    _report(ok_rows, best_of)
+    targets = _targets(ok_rows)
+    _write_outputs(args, info, results, ok_rows, targets)
     return 0 if all(r.get("check_ok", False) for r in results) else 1
 
 
