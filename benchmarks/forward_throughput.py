@@ -28,9 +28,11 @@ logits equal the uncached ones.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy/jax)
@@ -52,7 +54,41 @@ LAYOUTS = (
 PASSES_PER_ROUND = 9  # FedBPT: I = 8 local generations + the final mean, one shared cache
 
 
-def bench_model(name: str, args, peak: common.Peak, dtype: str = "float32") -> dict:
+@dataclasses.dataclass
+class _Model:
+    """One model in one compute dtype, with its scoring batch and prompt projection."""
+
+    name: str
+    dtype: str
+    lm: Any
+    batch: Any
+    spec: Any
+    source: str
+    load_s: float
+    real_len: float
+    A: Any
+
+
+@dataclasses.dataclass
+class _Layout:
+    """One layout at one population size, compiled: its prepared context, the batched call and the
+    one-candidate loop, their compile seconds and the FLOPs of a pass."""
+
+    label: str
+    cached: bool
+    P: int
+    prompts: Any
+    ctx: Any
+    prepare_s: float
+    prepare_compile_s: float
+    batched: Callable
+    batched_compile_s: float
+    loop: Callable
+    single_compile_s: float
+    flops: float
+
+
+def _load(name: str, dtype: str, args) -> _Model:
     t0 = time.perf_counter()
     lm = common.load_model(name, dtype)
     load_s = time.perf_counter() - t0
@@ -71,94 +107,132 @@ def bench_model(name: str, args, peak: common.Peak, dtype: str = "float32") -> d
     A = prompt.make_projection(
         jax.random.key(1), lm.input_embeddings(), intrinsic_dim=args.intrinsic_dim, n_prompt_tokens=n
     )
-    params = lm.params
+    return _Model(name, dtype, lm, batch, spec, source, load_s, real_len, A)
+
+
+def _compile_layout(m: _Model, P: int, prompts, layout: tuple, args) -> _Layout:
+    """The layout's scorer: its context prepared (and timed), the batched and the single-candidate call."""
+    kind, cached, label = layout
+    params, batch, spec = m.lm.params, m.batch, m.spec
+    scorer = objective.make_scorer(m.lm, kind, use_cache=cached, n_prompt_tokens=args.n_prompt)
+    prepare = jax.jit(lambda p, b: scorer.prepare(p, b, spec))
+    prepare_c, prepare_compile = common.aot_compile(prepare, params, batch)
+    prep = common.time_call(prepare_c, params, batch, repeats=args.repeats)
+    ctx = prep.pop("out")
+
+    batched = jax.jit(lambda p, c, pr: objective.population_logits(scorer, p, c, spec, pr))
+    single = jax.jit(lambda p, c, pr: scorer.logits(p, c, spec, pr))
+    batched_c, batched_compile = common.aot_compile(batched, params, ctx, prompts)
+    single_c, single_compile = common.aot_compile(single, params, ctx, prompts[0])
+
+    def loop(p, c, prs):
+        # The reference's way: one forward call per candidate, each result read on the host.
+        return np.stack([np.asarray(single_c(p, c, prs[i])) for i in range(prs.shape[0])])
+
+    B, T = batch.input_ids.shape
+    cue, num_labels = int(spec.cue_ids.shape[0]), int(spec.label_ids.shape[0])
+    return _Layout(
+        label=label,
+        cached=cached,
+        P=P,
+        prompts=prompts,
+        ctx=ctx,
+        prepare_s=prep["median_s"] if cached else 0.0,
+        prepare_compile_s=prepare_compile,
+        batched=batched_c,
+        batched_compile_s=batched_compile,
+        loop=loop,
+        single_compile_s=single_compile,
+        flops=P * scorer.cost(T, cue, num_labels).call(B),
+    )
+
+
+def _time_mode(m: _Model, lay: _Layout, mode: str, args, peak: common.Peak) -> dict:
+    """One timed item (a layout's batched call or its loop), bracketed by matmul-peak measurements."""
+    fn = lay.batched if mode == "batched" else lay.loop
+    params, P, n = m.lm.params, lay.P, args.n_prompt
+    timed, before, after = peak.bracket(
+        lambda: common.time_call(fn, params, lay.ctx, lay.prompts, repeats=args.repeats)
+    )
+    t = timed["min_s"]  # best of the repeats: the machine is shared (see cpu_util)
+    ref_peak = 0.5 * (before + after)
+    B, T = m.batch.input_ids.shape
+    cue = int(m.spec.cue_ids.shape[0])
+    r = {
+        "model": m.name,
+        "dtype": m.dtype,
+        "P": P,
+        "layout": lay.label,
+        "mode": mode,
+        "B": B,
+        "T": T,
+        "n_prompt": n,
+        "cue": cue,
+        "seconds": t,
+        "seconds_median": timed["median_s"],
+        "times_s": timed["times_s"],
+        "first_call_s": timed["first_s"],
+        "compile_s": lay.batched_compile_s if mode == "batched" else lay.single_compile_s,
+        "prepare_s": lay.prepare_s,
+        "prepare_compile_s": lay.prepare_compile_s,
+        "gflop": lay.flops / 1e9,
+        "gflops": lay.flops / t / 1e9,
+        "peak_adjacent": ref_peak,
+        "frac_adjacent": lay.flops / t / 1e9 / ref_peak,
+        "cpu_util": timed["cpu_util"],
+        "candidates_per_s": P / t,
+        "query_tokens_per_s": P * B * ((n + cue) if lay.cached else (T + n + cue)) / t,
+    }
+    print(
+        f"  {m.dtype:<8s} P={P:<3d} {lay.label:<17s} {mode:<8s} {t * 1e3:10.1f} ms  {r['gflops']:7.1f} GFLOP/s "
+        f"({100 * r['frac_adjacent']:5.1f}% of the adjacent peak {ref_peak:.0f}, cpu util "
+        f"{r['cpu_util']:.2f})  compile {r['compile_s']:.1f} s",
+        flush=True,
+    )
+    return r
+
+
+def _bench_population(m: _Model, P: int, args, peak: common.Peak) -> tuple[list[dict], dict]:
+    """Every layout at population size P: ``(rows, checks)``; the checks run before any timing."""
+    z = jax.random.normal(jax.random.key(P), (P, args.intrinsic_dim), jnp.float32)
+    prompts = prompt.to_prompt(m.A, z, m.lm.config.hidden_size)
+    tag = f"{m.name}/{m.dtype}/P={P}"
+    rows, checks, ref_logits = [], {}, {}
+    for layout in LAYOUTS:
+        lay = _compile_layout(m, P, prompts, layout, args)
+        params = m.lm.params
+        out_b = np.asarray(lay.batched(params, lay.ctx, prompts))
+        out_l = lay.loop(params, lay.ctx, prompts)
+        ref_logits[lay.label] = out_b
+        checks[f"{tag}/{lay.label}: batched vs loop max|diff|"] = float(np.max(np.abs(out_b - out_l)))
+        for mode in ("batched", "loop"):
+            if mode == "loop" and not args.loop_all and not lay.cached and P > 1 and m.name != "tiny":
+                continue  # same FLOPs as the cached loop's ratio shows; skipped to save time
+            rows.append(_time_mode(m, lay, mode, args, peak))
+    checks[f"{tag}: cached vs uncached 'after' max|diff|"] = float(
+        np.max(np.abs(ref_logits["after+cache"] - ref_logits["after (no cache)"]))
+    )
+    checks[f"{tag}: logits max|value|"] = float(np.max(np.abs(ref_logits["after (no cache)"])))
+    return rows, checks
+
+
+def bench_model(name: str, args, peak: common.Peak, dtype: str = "float32") -> dict:
+    m = _load(name, dtype, args)
     rows, checks = [], {}
     for P in args.populations:
-        z = jax.random.normal(jax.random.key(P), (P, args.intrinsic_dim), jnp.float32)
-        prompts = prompt.to_prompt(A, z, cfg.hidden_size)
-        ref_logits = {}
-        for layout, cached, label in LAYOUTS:
-            scorer = objective.make_scorer(lm, layout, use_cache=cached, n_prompt_tokens=n)
-            prepare = jax.jit(lambda p, b, sc=scorer: sc.prepare(p, b, spec))
-            prepare_c, prepare_compile = common.aot_compile(prepare, params, batch)
-            prep = common.time_call(prepare_c, params, batch, repeats=args.repeats)
-            ctx = prep.pop("out")
-
-            batched = jax.jit(lambda p, c, pr, sc=scorer: objective.population_logits(sc, p, c, spec, pr))
-            single = jax.jit(lambda p, c, pr, sc=scorer: sc.logits(p, c, spec, pr))
-            batched_c, batched_compile = common.aot_compile(batched, params, ctx, prompts)
-            single_c, single_compile = common.aot_compile(single, params, ctx, prompts[0])
-
-            def loop(p, c, prs):
-                # The reference's way: one forward call per candidate, each result read on the host.
-                return np.stack([np.asarray(single_c(p, c, prs[i])) for i in range(prs.shape[0])])
-
-            # --- checks (before timing) ---
-            out_b = np.asarray(batched_c(params, ctx, prompts))
-            out_l = loop(params, ctx, prompts)
-            diff_loop = float(np.max(np.abs(out_b - out_l)))
-            ref_logits[label] = out_b
-            checks[f"{name}/{dtype}/P={P}/{label}: batched vs loop max|diff|"] = diff_loop
-
-            num_labels = int(spec.label_ids.shape[0])
-            flops = P * scorer.cost(T, cue, num_labels).call(B)
-            for mode, fn in (("batched", batched_c), ("loop", loop)):
-                if mode == "loop" and not args.loop_all and not cached and P > 1 and name != "tiny":
-                    continue  # same FLOPs as the cached loop's ratio shows; skipped to save time
-                timed, before, after = peak.bracket(
-                    lambda fn=fn: common.time_call(fn, params, ctx, prompts, repeats=args.repeats)
-                )
-                t = timed["min_s"]  # best of the repeats: the machine is shared (see cpu_util)
-                ref_peak = 0.5 * (before + after)
-                rows.append(
-                    {
-                        "model": name,
-                        "dtype": dtype,
-                        "P": P,
-                        "layout": label,
-                        "mode": mode,
-                        "B": B,
-                        "T": T,
-                        "n_prompt": n,
-                        "cue": cue,
-                        "seconds": t,
-                        "seconds_median": timed["median_s"],
-                        "times_s": timed["times_s"],
-                        "first_call_s": timed["first_s"],
-                        "compile_s": batched_compile if mode == "batched" else single_compile,
-                        "prepare_s": prep["median_s"] if cached else 0.0,
-                        "prepare_compile_s": prepare_compile,
-                        "gflop": flops / 1e9,
-                        "gflops": flops / t / 1e9,
-                        "peak_adjacent": ref_peak,
-                        "frac_adjacent": flops / t / 1e9 / ref_peak,
-                        "cpu_util": timed["cpu_util"],
-                        "candidates_per_s": P / t,
-                        "query_tokens_per_s": P * B * ((n + cue) if cached else (T + n + cue)) / t,
-                    }
-                )
-                r = rows[-1]
-                print(
-                    f"  {dtype:<8s} P={P:<3d} {label:<17s} {mode:<8s} {t * 1e3:10.1f} ms  {r['gflops']:7.1f} GFLOP/s "
-                    f"({100 * r['frac_adjacent']:5.1f}% of the adjacent peak {ref_peak:.0f}, cpu util "
-                    f"{r['cpu_util']:.2f})  compile {r['compile_s']:.1f} s",
-                    flush=True,
-                )
-        checks[f"{name}/{dtype}/P={P}: cached vs uncached 'after' max|diff|"] = float(
-            np.max(np.abs(ref_logits["after+cache"] - ref_logits["after (no cache)"]))
-        )
-        scale = float(np.max(np.abs(ref_logits["after (no cache)"])))
-        checks[f"{name}/{dtype}/P={P}: logits max|value|"] = scale
+        more_rows, more_checks = _bench_population(m, P, args, peak)
+        rows += more_rows
+        checks.update(more_checks)
     return {
         "model": name,
         "dtype": dtype,
-        "model_bytes": common.tree_bytes(lm.params),
-        "num_params": lm.num_params(),
+        "model_bytes": common.tree_bytes(m.lm.params),
+        "num_params": m.lm.num_params(),
         "rows": rows,
         "checks": checks,
-        "source": source,
-        "mean_real_text_tokens": real_len,
-        "load_s": load_s,
+        "source": m.source,
+        "mean_real_text_tokens": m.real_len,
+        "load_s": m.load_s,
     }
 
 
@@ -216,7 +290,45 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main(argv=None):
+ROW_COLUMNS = [
+    ("model", "model"),
+    ("dtype", "dtype"),
+    ("P", "P"),
+    ("layout", "layout"),
+    ("mode", "mode"),
+    ("B", "B"),
+    ("T", "T"),
+    ("n_prompt", "n"),
+    ("cue", "cue"),
+    ("seconds", "s / pass (best)"),
+    ("candidates_per_s", "cand/s"),
+    ("gflop", "GFLOP/pass"),
+    ("gflops", "GFLOP/s"),
+    ("frac_peak", "frac of best peak"),
+    ("peak_adjacent", "adjacent peak"),
+    ("frac_adjacent", "frac of adjacent"),
+    ("cpu_util", "cpu util"),
+    ("compile_s", "compile s"),
+]
+SUMMARY_COLUMNS = [
+    ("model", "model"),
+    ("dtype", "dtype"),
+    ("P", "P"),
+    ("speed_vs_float32[after+cache]", "speed vs float32 (cache)"),
+    ("speed_vs_float32[before]", "speed vs float32 (before)"),
+    ("batched_speedup[after+cache]", "batched/loop (cache)"),
+    ("batched_speedup[after (no cache)]", "batched/loop (no cache)"),
+    ("batched_speedup[before]", "batched/loop (before)"),
+    ("cache_speedup_per_pass", "cache speedup/pass"),
+    ("cache_speedup_per_round", "cache speedup/round"),
+    ("cache_speedup_vs_before", "cache vs before"),
+    ("frac_peak_cached_batched", "frac best peak (cache, batched)"),
+    ("frac_adjacent_cached_batched", "frac adjacent peak"),
+]
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    """The options; ``dtypes``, ``models`` and ``populations`` come back as lists (``--quick`` applied)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model only, small sizes (< 60 s)")
     ap.add_argument("--models", default=None, help="comma list of tiny,smollm2 (default: both; --quick: tiny)")
@@ -234,15 +346,52 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
-    dtypes = args.dtypes.split(",")
-    for d in dtypes:
+    for d in args.dtypes.split(","):
         if d not in common.DTYPES:
             ap.error(f"unknown dtype {d!r}; accepted: {common.DTYPES}")
-    models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
     args.populations = [int(p) for p in args.populations.split(",")]
     if args.quick:
         args.repeats = min(args.repeats, 2)
+    return args
 
+
+def _report(rows: list[dict], summary: list[dict], results: list[dict], peaks: dict) -> None:
+    print(
+        "\nfractions: 'frac of best peak' = GFLOP/s over the best matmul peak of the item's dtype measured in "
+        "this run (conservative); 'adjacent' = over the peak measured right before/after the item (same load)."
+    )
+    for d, pk in peaks.items():
+        print(f"{d} matmul peak in this run: best {pk.best:.1f} GFLOP/s, all {[round(x, 1) for x in pk.history]}")
+    print(f"load average now {list(os.getloadavg())}\n")
+    print(common.table(rows, ROW_COLUMNS))
+    print()
+    print(common.table(summary, SUMMARY_COLUMNS))
+    print("\nchecks (max |difference| of label logits):")
+    for res in results:
+        for k, v in res["checks"].items():
+            print(f"  {k}: {v:.3g}")
+
+
+def _targets(summary: list[dict]) -> dict:
+    """The project's targets for SmolLM2 in float32, printed MET / NOT MET."""
+    targets = {}
+    for s in summary:
+        if s["model"] == "smollm2" and s["dtype"] == "float32":
+            targets[f"P={s['P']}: population scoring >= 50% of the best matmul peak of the run"] = (
+                s.get("frac_peak_cached_batched", 0) >= 0.5
+            )
+            targets[f"P={s['P']}: prefix cache >= 2x uncached 'after' (per pass)"] = (
+                s.get("cache_speedup_per_pass", 0) >= 2
+            )
+    for k, v in targets.items():
+        print(f"target {k}: {'MET' if v else 'NOT MET'}")
+    return targets
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    dtypes = args.dtypes.split(",")
+    models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
     info = common.machine_info()
     print(
         f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
@@ -260,75 +409,8 @@ def main(argv=None):
         r["peak_best"] = peaks[r["dtype"]].best
         r["frac_peak"] = r["gflops"] / r["peak_best"]
     summary = summarise(rows)
-
-    print(
-        "\nfractions: 'frac of best peak' = GFLOP/s over the best matmul peak of the item's dtype measured in "
-        "this run (conservative); 'adjacent' = over the peak measured right before/after the item (same load)."
-    )
-    for d, pk in peaks.items():
-        print(f"{d} matmul peak in this run: best {pk.best:.1f} GFLOP/s, all {[round(x, 1) for x in pk.history]}")
-    print(f"load average now {list(os.getloadavg())}\n")
-    print(
-        common.table(
-            rows,
-            [
-                ("model", "model"),
-                ("dtype", "dtype"),
-                ("P", "P"),
-                ("layout", "layout"),
-                ("mode", "mode"),
-                ("B", "B"),
-                ("T", "T"),
-                ("n_prompt", "n"),
-                ("cue", "cue"),
-                ("seconds", "s / pass (best)"),
-                ("candidates_per_s", "cand/s"),
-                ("gflop", "GFLOP/pass"),
-                ("gflops", "GFLOP/s"),
-                ("frac_peak", "frac of best peak"),
-                ("peak_adjacent", "adjacent peak"),
-                ("frac_adjacent", "frac of adjacent"),
-                ("cpu_util", "cpu util"),
-                ("compile_s", "compile s"),
-            ],
-        )
-    )
-    print()
-    print(
-        common.table(
-            summary,
-            [
-                ("model", "model"),
-                ("dtype", "dtype"),
-                ("P", "P"),
-                ("speed_vs_float32[after+cache]", "speed vs float32 (cache)"),
-                ("speed_vs_float32[before]", "speed vs float32 (before)"),
-                ("batched_speedup[after+cache]", "batched/loop (cache)"),
-                ("batched_speedup[after (no cache)]", "batched/loop (no cache)"),
-                ("batched_speedup[before]", "batched/loop (before)"),
-                ("cache_speedup_per_pass", "cache speedup/pass"),
-                ("cache_speedup_per_round", "cache speedup/round"),
-                ("cache_speedup_vs_before", "cache vs before"),
-                ("frac_peak_cached_batched", "frac best peak (cache, batched)"),
-                ("frac_adjacent_cached_batched", "frac adjacent peak"),
-            ],
-        )
-    )
-    print("\nchecks (max |difference| of label logits):")
-    for res in results:
-        for k, v in res["checks"].items():
-            print(f"  {k}: {v:.3g}")
-    targets = {}
-    for s in summary:
-        if s["model"] == "smollm2" and s["dtype"] == "float32":
-            targets[f"P={s['P']}: population scoring >= 50% of the best matmul peak of the run"] = (
-                s.get("frac_peak_cached_batched", 0) >= 0.5
-            )
-            targets[f"P={s['P']}: prefix cache >= 2x uncached 'after' (per pass)"] = (
-                s.get("cache_speedup_per_pass", 0) >= 2
-            )
-    for k, v in targets.items():
-        print(f"target {k}: {'MET' if v else 'NOT MET'}")
+    _report(rows, summary, results, peaks)
+    targets = _targets(summary)
     ok = all(v < 1e-3 for res in results for k, v in res["checks"].items() if "max|diff|" in k and "float32" in k)
     info["loadavg_end"] = list(os.getloadavg())
     out = {

@@ -28,8 +28,10 @@ SmolLM2 round takes minutes: run items one by one (``--variants``) and merge the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy/jax)
@@ -124,13 +126,27 @@ def _check(lm, data, A, n: int, layout: str) -> float:
     return float(np.max(np.abs(out[0] - out[1]) / np.maximum(np.abs(out[1]), 1e-12)))
 
 
-def run_item(lm, task: str, n: int, variant: str, args) -> dict:
+@dataclasses.dataclass
+class _Item:
+    """One item's round: its data, configuration, projection, scorer and algorithm."""
+
+    layout: str
+    data: Any
+    desc: str
+    cfg: Any
+    hp: Any
+    A: Any
+    model: Any
+    scorer: Any
+    algo: Any
+
+
+def _prepare_item(lm, task: str, n: int, variant: str, args) -> _Item:
     import jax
 
     from fedbpt_jax import objective, prompt
-    from fedbpt_jax.federated import FedConfig, HParams, algorithms, round_cost
+    from fedbpt_jax.federated import FedConfig, HParams, algorithms
     from fedbpt_jax.federated.core import ModelInputs
-    from fedbpt_jax.models import decoder
 
     K, E = args.clients, args.examples
     layout = "after" if variant == "after" else "before"
@@ -151,62 +167,99 @@ def run_item(lm, task: str, n: int, variant: str, args) -> dict:
     model = ModelInputs(lm.params, A)
     scorer = objective.make_scorer(lm, layout, use_cache=variant != "before-nocache", n_prompt_tokens=n)
     algo = algorithms.fedbpt(cfg, lm, scorer=scorer)
+    return _Item(layout, data, desc, cfg, hp, A, model, scorer, algo)
+
+
+def _describe(item: _Item, task: str, n: int, variant: str, args) -> dict:
+    """The item's shape: task, variant, sizes, padded and real text lengths."""
+    data, cfg = item.data, item.cfg
     mask = np.asarray(data.train.attention_mask)
-    T = int(mask.shape[-1])
-    lead = 0 if data.spec.lead_ids is None else int(np.shape(data.spec.lead_ids)[0])
-    res = {
+    return {
         "task": task,
-        "data": desc,
+        "data": item.desc,
         "variant": variant,
-        "layout": layout,
+        "layout": item.layout,
         "n_prompt": n,
-        "K": K,
-        "E": E,
-        "T": T,
-        "lead": lead,
+        "K": args.clients,
+        "E": args.examples,
+        "T": int(mask.shape[-1]),
+        "lead": 0 if data.spec.lead_ids is None else int(np.shape(data.spec.lead_ids)[0]),
         "cue": int(np.shape(data.spec.cue_ids)[0]),
         "mean_text_tokens": float(mask.sum(-1).mean()),
         "packing": list(data.train.packing or ()),
         "population": cfg.population_size,
         "generations": cfg.local_generations,
     }
-    if variant == "before":
-        rows, width, _ = data.train.packing
-        res["packed_rows"], res["packed_width"] = rows, width
-        res["mean_client_tokens"] = float(
-            (
-                decoder.example_lengths(mask, data.train.example_mask)
-                + res["cue"] * (np.asarray(data.train.example_mask) > 0)
-            )
-            .sum(-1)
-            .mean()
-        )
-        res["prompt_cache_bytes_per_candidate"] = decoder.prompt_cache_bytes(lm.config, n, lead)
-        res["check_max_rel_diff"] = _check(lm, data, A, n, layout)
-        print(
-            f"[{task} n={n} {variant}] cached vs uncached fitness: max rel diff {res['check_max_rel_diff']:.2e}",
-            flush=True,
-        )
-    res["gflop_per_round"] = K * round_cost(algo, lm, data)["flops_per_client"] / 1e9
-    state = algo.init(jax.random.key(0), hp)
-    compiled, res["compile_s"] = common.aot_compile(jax.jit(algo.round), jax.random.key(3), state, data, hp, model)
+
+
+def _before_details(lm, item: _Item, res: dict) -> dict:
+    """The prompt-before layout's packing, prompt-cache bytes and the cached vs uncached fitness check."""
+    from fedbpt_jax.models import decoder
+
+    train = item.data.train
+    rows, width, _ = train.packing
+    mask = np.asarray(train.attention_mask)
+    real = decoder.example_lengths(mask, train.example_mask) + res["cue"] * (np.asarray(train.example_mask) > 0)
+    n = res["n_prompt"]
+    out = {
+        "packed_rows": rows,
+        "packed_width": width,
+        "mean_client_tokens": float(real.sum(-1).mean()),
+        "prompt_cache_bytes_per_candidate": decoder.prompt_cache_bytes(lm.config, n, res["lead"]),
+        "check_max_rel_diff": _check(lm, item.data, item.A, n, item.layout),
+    }
+    print(
+        f"[{res['task']} n={n} {res['variant']}] cached vs uncached fitness: max rel diff "
+        f"{out['check_max_rel_diff']:.2e}",
+        flush=True,
+    )
+    return out
+
+
+def _time_round(item: _Item, args) -> dict:
+    """The jitted round compiled ahead of time, its XLA temp buffers, then timed."""
+    import jax
+
+    out = {}
+    state = item.algo.init(jax.random.key(0), item.hp)
+    key = jax.random.key(3)
+    compiled, out["compile_s"] = common.aot_compile(
+        jax.jit(item.algo.round), key, state, item.data, item.hp, item.model
+    )
     try:
         ma = compiled.memory_analysis()
-        res["xla_temp_bytes"] = int(getattr(ma, "temp_size_in_bytes", 0))
+        out["xla_temp_bytes"] = int(getattr(ma, "temp_size_in_bytes", 0))
     except Exception:  # noqa: BLE001  (not every backend has it)
         pass
-    t = common.time_call(compiled, jax.random.key(3), state, data, hp, model, repeats=args.repeats, warmup=args.warmup)
-    res["round_s"] = t["median_s"]
-    res["round_times_s"] = t["times_s"]
-    res["cpu_util"] = t["cpu_util"]
+    t = common.time_call(compiled, key, state, item.data, item.hp, item.model, repeats=args.repeats, warmup=args.warmup)
+    out.update({"round_s": t["median_s"], "round_times_s": t["times_s"], "cpu_util": t["cpu_util"]})
+    return out
+
+
+def _time_pure(lm, item: _Item, round_s: float, args) -> dict:
+    """The round's model work alone, compiled and timed; its fraction of the round."""
+    evals = item.cfg.local_generations * item.cfg.population_size + 1
+    fn, Z = _pure_inference(lm, item.scorer, item.data, item.A, evals)
+    out = {}
+    pure, out["pure_compile_s"] = common.aot_compile(fn, lm.params, item.A, item.data.train, Z)
+    p = common.time_call(pure, lm.params, item.A, item.data.train, Z, repeats=args.repeats, warmup=args.warmup)
+    out["pure_inference_s"] = p["median_s"]
+    out["fraction_of_pure_inference"] = p["median_s"] / round_s
+    return out
+
+
+def run_item(lm, task: str, n: int, variant: str, args) -> dict:
+    from fedbpt_jax.federated import round_cost
+
+    item = _prepare_item(lm, task, n, variant, args)
+    res = _describe(item, task, n, variant, args)
+    if variant == "before":
+        res.update(_before_details(lm, item, res))
+    res["gflop_per_round"] = res["K"] * round_cost(item.algo, lm, item.data)["flops_per_client"] / 1e9
+    res.update(_time_round(item, args))
     res["gflops"] = res["gflop_per_round"] / res["round_s"]
     if variant == "before" and not args.skip_pure:
-        evals = cfg.local_generations * cfg.population_size + 1
-        fn, Z = _pure_inference(lm, scorer, data, A, evals)
-        pure, res["pure_compile_s"] = common.aot_compile(fn, lm.params, A, data.train, Z)
-        p = common.time_call(pure, lm.params, A, data.train, Z, repeats=args.repeats, warmup=args.warmup)
-        res["pure_inference_s"] = p["median_s"]
-        res["fraction_of_pure_inference"] = p["median_s"] / res["round_s"]
+        res.update(_time_pure(lm, item, res["round_s"], args))
     print(
         f"[{task} n={n} {variant}] round {res['round_s']:.1f} s (compile {res['compile_s']:.1f} s), "
         f"{res['gflop_per_round']:.0f} GFLOP, {res['gflops']:.1f} GFLOP/s"

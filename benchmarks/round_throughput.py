@@ -46,12 +46,14 @@ matmuls on TF32 inputs: 3e-3 there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy/jax)
@@ -319,9 +321,61 @@ def _pure_inference(lm, scorer, data, A, P: int, chunk: int):
     return jax.jit(run)
 
 
-def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -> dict:
+@dataclasses.dataclass
+class _Bench:
+    """One configuration being measured: the model, the clients' data, the FedBPT configuration, and what
+    the timing steps share. ``algo``, ``flops_round`` and ``tokens_round`` are set by ``_workload``."""
+
+    model_name: str
+    K: int
+    dtype: str
+    lm: Any
+    data: Any
+    cfg: Any
+    hp: Any
+    A: Any
+    model: Any
+    chunk: int
+    warm: int  # untimed rounds before the timed ones
+    rounds: int  # timed rounds
+    key: Any  # the vectorized round's key (folded with the round number)
+    algo: Any = None
+    flops_round: float = 0.0
+    tokens_round: int = 0
+
+    @property
+    def tag(self) -> str:
+        return f"[{self.model_name} K={self.K}]"
+
+    @property
+    def passes(self) -> int:
+        """Fitness evaluations per client per round."""
+        return self.cfg.local_generations * self.cfg.population_size + 1
+
+    @property
+    def E(self) -> int:
+        return int(self.data.train.input_ids.shape[-2])
+
+    @property
+    def T(self) -> int:
+        return int(self.data.train.input_ids.shape[-1])
+
+    @property
+    def cue(self) -> int:
+        return int(self.data.spec.cue_ids.shape[0])
+
+
+def _warmup_and_rounds(model_name: str, K: int, args) -> tuple[int, int]:
+    """``(warm-up rounds, timed rounds)``: the SmolLM2 K >= 10 round is timed at its first execution unless
+    ``--warmup-smollm2``; SmolLM2 and tiny K >= 1000 have their own round counts."""
+    warm = args.warmup if not (model_name == "smollm2" and K >= 10 and not args.warmup_smollm2) else 0
+    rounds = args.rounds_smollm2 if model_name == "smollm2" else (args.rounds_tiny_large if K >= 1000 else args.rounds)
+    return warm, rounds
+
+
+def _prepare(model_name: str, K: int, args, lm, dtype: str) -> tuple[_Bench, dict]:
+    """Load the model and the clients' data, build the configuration: ``(bench, its record so far)``."""
     import jax
-    import jax.numpy as jnp
 
     from fedbpt_jax import prompt
     from fedbpt_jax.federated import FedConfig, HParams
@@ -333,8 +387,8 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     t0 = time.perf_counter()
     lm = lm or common.load_model(model_name, dtype)
     res["load_s"] = time.perf_counter() - t0
-    E, T, n = args.examples, args.text_len, args.n_prompt
-    data, source = _federated_data(lm, K, E, T, n)
+    n = args.n_prompt
+    data, source = _federated_data(lm, K, args.examples, args.text_len, n)
     chunk = args.chunk if (args.chunk and K > args.chunk) else 0
     cfg = FedConfig(
         num_clients=K,
@@ -350,17 +404,16 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     A = prompt.make_projection(
         jax.random.key(1), lm.input_embeddings(), intrinsic_dim=cfg.intrinsic_dim, n_prompt_tokens=n
     )
+    warm, rounds = _warmup_and_rounds(model_name, K, args)
     model = ModelInputs(lm.params, A)
-    cue = int(data.spec.cue_ids.shape[0])
-    T = int(data.train.input_ids.shape[-1])
-    E = int(data.train.input_ids.shape[-2])
+    b = _Bench(model_name, K, dtype, lm, data, cfg, hp, A, model, chunk, warm, rounds, jax.random.key(3))
     res.update(
         {
             "source": source,
-            "E": E,
-            "T": T,
+            "E": b.E,
+            "T": b.T,
             "n_prompt": n,
-            "cue": cue,
+            "cue": b.cue,
             "d": cfg.intrinsic_dim,
             "population": cfg.population_size,
             "generations": cfg.local_generations,
@@ -370,59 +423,58 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
             "num_params": lm.num_params(),
         }
     )
-    peak = common.Peak(repeats=args.peak_repeats, dtype=dtype)
-    for _ in range(args.peak_samples):
-        peak.measure()
+    return b, res
+
+
+def _workload(b: _Bench, args) -> dict:
+    """The algorithm (with the clean prefix caches when kept) and a round's FLOPs, tokens and evaluations."""
     from fedbpt_jax.federated import round_cost
 
-    passes = cfg.local_generations * cfg.population_size + 1  # fitness evaluations per client per round
-    fwd_per_eval = 2 if cfg.perturb else 1
-    algo = _make_algo(cfg, lm)
-    res["keep_clean_cache"] = bool(args.keep_clean_cache)
+    fwd_per_eval = 2 if b.cfg.perturb else 1
+    b.algo = _make_algo(b.cfg, b.lm)
+    out: dict = {"keep_clean_cache": bool(args.keep_clean_cache)}
     if args.keep_clean_cache:  # the clean prefix caches, built once outside the timed round (as run() keeps them)
         from fedbpt_jax.federated import with_clean_context
 
         t0 = time.perf_counter()
-        data = with_clean_context(data, algo_scorer(algo, lm), lm.params, chunk=chunk)
-        common.block(data.clean_context)
-        res["clean_cache_build_s"] = time.perf_counter() - t0
-        res["clean_cache_bytes"] = common.tree_bytes(data.clean_context)
-    flops_round = K * round_cost(algo, lm, data)["flops_per_client"]
+        b.data = with_clean_context(b.data, algo_scorer(b.algo, b.lm), b.lm.params, chunk=b.chunk)
+        common.block(b.data.clean_context)
+        out["clean_cache_build_s"] = time.perf_counter() - t0
+        out["clean_cache_bytes"] = common.tree_bytes(b.data.clean_context)
+    b.flops_round = b.K * round_cost(b.algo, b.lm, b.data)["flops_per_client"]
+    E, T, n = b.E, b.T, args.n_prompt
     prefix_tokens = (fwd_per_eval - 1 if args.keep_clean_cache else fwd_per_eval) * E * T
-    tokens_round = K * (prefix_tokens + fwd_per_eval * passes * E * (n + cue))
-    res.update(
+    b.tokens_round = b.K * (prefix_tokens + fwd_per_eval * b.passes * E * (n + b.cue))
+    out.update(
         {
-            "gflop_per_round": flops_round / 1e9,
-            "tokens_per_round": tokens_round,
-            "evals_per_round": K * passes,
-            "forward_calls_per_round_ref": K * passes * fwd_per_eval,
+            "gflop_per_round": b.flops_round / 1e9,
+            "tokens_per_round": b.tokens_round,
+            "evals_per_round": b.K * b.passes,
+            "forward_calls_per_round_ref": b.K * b.passes * fwd_per_eval,
         }
     )
+    return out
 
-    # ---- deterministic check: vectorized vs reference-style fitness of the same candidates -------
-    ref = _RefStyle(lm, cfg, data, model, hp)
-    res["check_clients"] = min(K, args.check_clients)
-    res["check_max_rel_diff"] = _check_fitness(ref, cfg, data, model, res["check_clients"])
-    res["check_tolerance"] = check_tolerance(dtype)
-    res["check_ok"] = res["check_max_rel_diff"] <= res["check_tolerance"]
+
+def _fitness_check(b: _Bench, ref: _RefStyle, args) -> dict:
+    """Deterministic check: vectorized vs reference-style fitness of the same candidates."""
+    out: dict = {"check_clients": min(b.K, args.check_clients)}
+    out["check_max_rel_diff"] = _check_fitness(ref, b.cfg, b.data, b.model, out["check_clients"])
+    out["check_tolerance"] = check_tolerance(b.dtype)
+    out["check_ok"] = out["check_max_rel_diff"] <= out["check_tolerance"]
     print(
-        f"[{model_name} K={K}] check: vectorized vs reference-style fitness, {res['check_clients']} client(s) x "
-        f"{cfg.population_size} candidates: max rel diff {res['check_max_rel_diff']:.2e}",
+        f"{b.tag} check: vectorized vs reference-style fitness, {out['check_clients']} client(s) x "
+        f"{b.cfg.population_size} candidates: max rel diff {out['check_max_rel_diff']:.2e}",
         flush=True,
     )
+    return out
 
-    # ---- vectorized round ----------------------------------------------------------------------
-    state = algo.init(jax.random.key(0), hp)
-    round_jit = jax.jit(algo.round)
-    key = jax.random.key(3)
-    common.release_freed_memory()
-    res["rss_before_compile"] = common.rss_bytes()
-    common.reset_peak_rss()
-    compiled, res["compile_s"] = common.aot_compile(round_jit, key, state, data, hp, model)
-    res["peak_rss_compile"] = common.peak_rss_bytes()
-    try:  # XLA's own buffer plan of the compiled round (what a GPU/TPU would hold in device memory)
+
+def _xla_memory(compiled) -> dict:
+    """XLA's own buffer plan of the compiled round (what a GPU/TPU would hold in device memory)."""
+    try:
         ma = compiled.memory_analysis()
-        res["xla_memory"] = {
+        return {
             k: int(getattr(ma, k))
             for k in (
                 "argument_size_in_bytes",
@@ -434,11 +486,30 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
             if hasattr(ma, k)
         }
     except Exception as e:  # noqa: BLE001  (not every backend/version implements it)
-        res["xla_memory"] = {"error": repr(e)}
-    warm = args.warmup if not (model_name == "smollm2" and K >= 10 and not args.warmup_smollm2) else 0
-    rounds = args.rounds_smollm2 if model_name == "smollm2" else (args.rounds_tiny_large if K >= 1000 else args.rounds)
+        return {"error": repr(e)}
+
+
+def _compile_round(b: _Bench, state) -> tuple[Any, dict]:
+    """The vectorized round compiled ahead of time: ``(compiled, compile seconds and memory)``."""
+    import jax
+
+    round_jit = jax.jit(b.algo.round)
     common.release_freed_memory()
-    res["rss_before_run"] = common.rss_bytes()
+    out: dict = {"rss_before_compile": common.rss_bytes()}
+    common.reset_peak_rss()
+    compiled, out["compile_s"] = common.aot_compile(round_jit, b.key, state, b.data, b.hp, b.model)
+    out["peak_rss_compile"] = common.peak_rss_bytes()
+    out["xla_memory"] = _xla_memory(compiled)
+    return compiled, out
+
+
+def _time_rounds(b: _Bench, compiled, state, peak: common.Peak, args) -> dict:
+    """Warm-up rounds, then the timed rounds, bracketed by matmul-peak measurements; peak RSS meanwhile."""
+    import jax
+
+    warm, rounds = b.warm, b.rounds
+    common.release_freed_memory()
+    out: dict = {"rss_before_run": common.rss_bytes()}
     common.reset_peak_rss()
 
     def run_rounds():
@@ -447,7 +518,7 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
         c0, w0 = common.cpu_seconds(), None
         for r in range(warm + rounds):
             t0 = time.perf_counter()
-            state, metrics = compiled(jax.random.fold_in(key, r), state, data, hp, model)  # noqa: F821 (del'd after use)
+            state, metrics = compiled(jax.random.fold_in(b.key, r), state, b.data, b.hp, b.model)
             common.block((state, metrics))
             dt = time.perf_counter() - t0
             if r < warm:
@@ -462,11 +533,11 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
 
     t_start = time.perf_counter()
     (times, first, metrics, util), pb, pa = peak.bracket(run_rounds, samples=args.peak_samples)
-    res["peak_rss_run"] = common.peak_rss_bytes()
-    res["device_memory_stats"] = common.device_memory_stats()
+    out["peak_rss_run"] = common.peak_rss_bytes()
+    out["device_memory_stats"] = common.device_memory_stats()
     t = float(np.min(times))  # best of the timed rounds: the machine is shared (see cpu_util)
     ref_peak = 0.5 * (pb + pa)
-    res.update(
+    out.update(
         {
             "warmup_rounds": warm,
             "timed_rounds": rounds,
@@ -474,81 +545,98 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
             "first_round_s": first,
             "round_s": t,
             "rounds_per_s": 1 / t,
-            "client_generations_per_s": K * cfg.local_generations / t,
-            "candidate_evals_per_s": K * passes / t,
-            "tokens_per_s": tokens_round / t,
-            "gflops": flops_round / t / 1e9,
+            "client_generations_per_s": b.K * b.cfg.local_generations / t,
+            "candidate_evals_per_s": b.K * b.passes / t,
+            "tokens_per_s": b.tokens_round / t,
+            "gflops": b.flops_round / t / 1e9,
             "peak_adjacent": ref_peak,
-            "frac_adjacent": flops_round / t / 1e9 / ref_peak,
+            "frac_adjacent": b.flops_round / t / 1e9 / ref_peak,
             "cpu_util": util,
             "metrics_last_round": {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()},
         }
     )
+    return out
+
+
+def _vectorized_round(b: _Bench, peak: common.Peak, args) -> dict:
+    """The jitted round: compiled, then timed (the compiled program is released on return)."""
+    import jax
+
+    state = b.algo.init(jax.random.key(0), b.hp)
+    compiled, out = _compile_round(b, state)
+    out.update(_time_rounds(b, compiled, state, peak, args))
+    return out
+
+
+def _print_vectorized(b: _Bench, res: dict, peak: common.Peak) -> None:
     print(
-        f"[{model_name} K={K}] vectorized: compile {res['compile_s']:.1f} s, round {t:.3f} s "
-        f"({res['gflops']:.1f} GFLOP/s, {100 * res['frac_adjacent']:.1f}% of the adjacent peak {ref_peak:.0f}, "
-        f"best peak so far {peak.best:.0f}, cpu util {util:.2f}), "
+        f"{b.tag} vectorized: compile {res['compile_s']:.1f} s, round {res['round_s']:.3f} s "
+        f"({res['gflops']:.1f} GFLOP/s, {100 * res['frac_adjacent']:.1f}% of the adjacent peak "
+        f"{res['peak_adjacent']:.0f}, best peak so far {peak.best:.0f}, cpu util {res['cpu_util']:.2f}), "
         f"peak RSS {res['peak_rss_run'] / 2**20:.0f} MiB (model {res['model_bytes'] / 2**20:.0f} MiB)",
         flush=True,
     )
-    del compiled
 
-    # ---- pure inference: the same model on the same tokens, nothing else ---------------------------
-    if not args.skip_pure:
-        from fedbpt_jax import objective as obj
 
-        pure = _pure_inference(
-            lm, algo.scorer or obj.make_scorer(lm, cfg.layout, n_prompt_tokens=n), data, A, passes, chunk
-        )
-        key_pert, key_z = jax.random.split(jax.random.key(21))
-        pert = obj.perturb(key_pert, data.train, hp.perturb_rate, data.spec)
-        batches = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b], axis=1), data.train, pert)
-        Z = jax.random.normal(key_z, (K, passes, cfg.intrinsic_dim), jnp.float32)
-        kept = data.clean_context
-        pure_c, res["pure_compile_s"] = common.aot_compile(pure, lm.params, A, batches, Z, kept)
-        timed = common.time_call(
-            pure_c,
-            lm.params,
-            A,
-            batches,
-            Z,
-            kept,
-            repeats=max(rounds, 1),
-            warmup=1 if model_name == "tiny" or K < 10 else 0,
-        )
-        res["pure_s"] = timed["min_s"]
-        res["pure_tokens_per_s"] = tokens_round / res["pure_s"]
-        res["frac_pure_inference"] = res["pure_s"] / t
-        print(
-            f"[{model_name} K={K}] pure inference of the same tokens: {res['pure_s']:.3f} s; the round runs at "
-            f"{100 * res['frac_pure_inference']:.1f}% of pure-inference tokens/s",
-            flush=True,
-        )
-        del pure_c
+def _time_pure(b: _Bench, round_s: float) -> dict:
+    """Pure inference: the same model on the same tokens, nothing else."""
+    import jax
+    import jax.numpy as jnp
 
-    # ---- ES share: the same round with a trivial model ------------------------------------------
-    if args.es_ks in ("", "all") or (args.es_ks != "none" and K in [int(k) for k in args.es_ks.split(",")]):
-        es_algo = _make_algo(cfg, lm, _cheap_scorer(int(data.spec.label_ids.shape[0])))
-        es_state = es_algo.init(jax.random.key(0), hp)
-        es_compiled, res["es_compile_s"] = common.aot_compile(jax.jit(es_algo.round), key, es_state, data, hp, model)
-        es_times = []
-        for r in range(1 + max(rounds, 2)):
-            t0 = time.perf_counter()
-            es_state, _ = common.block(es_compiled(jax.random.fold_in(key, r), es_state, data, hp, model))
-            if r:
-                es_times.append(time.perf_counter() - t0)
-        res["es_round_s"] = float(np.min(es_times))
-        res["es_share"] = res["es_round_s"] / t
-        del es_compiled
+    from fedbpt_jax import objective as obj
 
-    # ---- reference-style round ------------------------------------------------------------------
-    if args.skip_ref:
-        res["peak_gflops_history"] = peak.history
-        res["peak_best_worker"] = peak.best
-        return res
+    lm, data, cfg = b.lm, b.data, b.cfg
+    scorer = b.algo.scorer or obj.make_scorer(lm, cfg.layout, n_prompt_tokens=cfg.n_prompt_tokens)
+    pure = _pure_inference(lm, scorer, data, b.A, b.passes, b.chunk)
+    key_pert, key_z = jax.random.split(jax.random.key(21))
+    pert = obj.perturb(key_pert, data.train, b.hp.perturb_rate, data.spec)
+    batches = jax.tree_util.tree_map(lambda a, c: jnp.stack([a, c], axis=1), data.train, pert)
+    Z = jax.random.normal(key_z, (b.K, b.passes, cfg.intrinsic_dim), jnp.float32)
+    kept = data.clean_context
+    out: dict = {}
+    pure_c, out["pure_compile_s"] = common.aot_compile(pure, lm.params, b.A, batches, Z, kept)
+    warmup = 1 if b.model_name == "tiny" or b.K < 10 else 0
+    timed = common.time_call(pure_c, lm.params, b.A, batches, Z, kept, repeats=max(b.rounds, 1), warmup=warmup)
+    out["pure_s"] = timed["min_s"]
+    out["pure_tokens_per_s"] = b.tokens_round / out["pure_s"]
+    out["frac_pure_inference"] = out["pure_s"] / round_s
+    print(
+        f"{b.tag} pure inference of the same tokens: {out['pure_s']:.3f} s; the round runs at "
+        f"{100 * out['frac_pure_inference']:.1f}% of pure-inference tokens/s",
+        flush=True,
+    )
+    return out
+
+
+def _es_share_wanted(args, K: int) -> bool:
+    return args.es_ks in ("", "all") or (args.es_ks != "none" and K in [int(k) for k in args.es_ks.split(",")])
+
+
+def _time_es_share(b: _Bench, round_s: float) -> dict:
+    """ES share: the same round with a trivial model, over the full round's time."""
+    import jax
+
+    es_algo = _make_algo(b.cfg, b.lm, _cheap_scorer(int(b.data.spec.label_ids.shape[0])))
+    es_state = es_algo.init(jax.random.key(0), b.hp)
+    out: dict = {}
+    es_compiled, out["es_compile_s"] = common.aot_compile(
+        jax.jit(es_algo.round), b.key, es_state, b.data, b.hp, b.model
+    )
+    es_times = []
+    for r in range(1 + max(b.rounds, 2)):
+        t0 = time.perf_counter()
+        es_state, _ = common.block(es_compiled(jax.random.fold_in(b.key, r), es_state, b.data, b.hp, b.model))
+        if r:
+            es_times.append(time.perf_counter() - t0)
+    out["es_round_s"] = float(np.min(es_times))
+    out["es_share"] = out["es_round_s"] / round_s
+    return out
+
+
+def _time_reference(b: _Bench, ref: _RefStyle, server_es, keys, res: dict, args) -> dict:
+    """The reference-style round: ``--ref-clients`` clients timed (extrapolated to K), then the server."""
+    K, t = b.K, res["round_s"]
     S = K if args.ref_clients <= 0 else min(K, args.ref_clients)
-    server_es = _RefStyle.server_es(cfg.intrinsic_dim, 1.0, K)
-    keys = jax.random.split(jax.random.key(11), K)
     ref.client(server_es, 0, keys[0], seed=1234)  # warm-up: compiles the jitted calls, loads pycma
     ref.es_seconds = 0.0
     uploads, client_s = [], []
@@ -562,50 +650,78 @@ def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -
     sig = [uploads[c % S][2] for c in range(K)]
     server_s = ref.server(server_es, means, fits, sig)
     ref_round = sum(client_s) / S * K + server_s
-    res.update(
-        {
-            "ref_clients_timed": S,
-            "ref_extrapolated": S < K,
-            "ref_client_s_mean": float(np.mean(client_s)),
-            "ref_server_s": server_s,
-            "ref_round_s": ref_round,
-            "ref_es_s": es_client_s / S * K + server_s,
-            "ref_gflops": flops_round / ref_round / 1e9,
-            "speedup": ref_round / t,
-        }
-    )
-    res["ref_es_share"] = res["ref_es_s"] / ref_round
+    out = {
+        "ref_clients_timed": S,
+        "ref_extrapolated": S < K,
+        "ref_client_s_mean": float(np.mean(client_s)),
+        "ref_server_s": server_s,
+        "ref_round_s": ref_round,
+        "ref_es_s": es_client_s / S * K + server_s,
+        "ref_gflops": b.flops_round / ref_round / 1e9,
+        "speedup": ref_round / t,
+    }
+    out["ref_es_share"] = out["ref_es_s"] / ref_round
     print(
-        f"[{model_name} K={K}] reference-style: {S} client(s) timed{' (extrapolated to K)' if S < K else ''}, "
-        f"round {ref_round:.3f} s, pycma share {100 * res['ref_es_share']:.1f}%; vectorized speedup "
-        f"{res['speedup']:.1f}x; ES share of vectorized round {100 * res.get('es_share', float('nan')):.1f}%",
+        f"{b.tag} reference-style: {S} client(s) timed{' (extrapolated to K)' if S < K else ''}, "
+        f"round {ref_round:.3f} s, pycma share {100 * out['ref_es_share']:.1f}%; vectorized speedup "
+        f"{out['speedup']:.1f}x; ES share of vectorized round {100 * res.get('es_share', float('nan')):.1f}%",
         flush=True,
     )
+    return out
 
-    # ---- reference-style with the paper's prompt-first layout (no prefix cache possible) -----------
-    S2 = min(K, args.ref_before_clients)
-    if S2 > 0:
-        ref_b = _RefStyle(lm, cfg, data, model, hp, layout="before")
-        ref_b.client(server_es, 0, keys[0], seed=1234)  # warm-up (compiles)
-        times_b = []
-        for c in range(S2):
-            t0 = time.perf_counter()
-            ref_b.client(server_es, c, keys[c], seed=1234 + c)
-            times_b.append(time.perf_counter() - t0)
-        res.update(
-            {
-                "ref_before_clients_timed": S2,
-                "ref_before_round_s": sum(times_b) / S2 * K + server_s,
-                "ref_before_extrapolated": S2 < K,
-            }
-        )
-        res["speedup_vs_ref_before"] = res["ref_before_round_s"] / t
-        print(
-            f"[{model_name} K={K}] reference-style, paper layout 'before' (no cache): {S2} client(s) timed"
-            f"{' (extrapolated to K)' if S2 < K else ''}, round {res['ref_before_round_s']:.3f} s; vectorized "
-            f"('after' + cache) speedup {res['speedup_vs_ref_before']:.1f}x",
-            flush=True,
-        )
+
+def _time_reference_before(b: _Bench, server_es, keys, res: dict, args) -> dict:
+    """The reference-style round in the paper's prompt-first layout (no prefix cache possible)."""
+    K, S2 = b.K, min(b.K, args.ref_before_clients)
+    ref_b = _RefStyle(b.lm, b.cfg, b.data, b.model, b.hp, layout="before")
+    ref_b.client(server_es, 0, keys[0], seed=1234)  # warm-up (compiles)
+    times_b = []
+    for c in range(S2):
+        t0 = time.perf_counter()
+        ref_b.client(server_es, c, keys[c], seed=1234 + c)
+        times_b.append(time.perf_counter() - t0)
+    out = {
+        "ref_before_clients_timed": S2,
+        "ref_before_round_s": sum(times_b) / S2 * K + res["ref_server_s"],
+        "ref_before_extrapolated": S2 < K,
+    }
+    out["speedup_vs_ref_before"] = out["ref_before_round_s"] / res["round_s"]
+    print(
+        f"{b.tag} reference-style, paper layout 'before' (no cache): {S2} client(s) timed"
+        f"{' (extrapolated to K)' if S2 < K else ''}, round {out['ref_before_round_s']:.3f} s; vectorized "
+        f"('after' + cache) speedup {out['speedup_vs_ref_before']:.1f}x",
+        flush=True,
+    )
+    return out
+
+
+def run_config(model_name: str, K: int, args, lm=None, dtype: str = "float32") -> dict:
+    """One configuration's record: setup, the fitness check, the vectorized round, pure inference, the ES
+    share and the reference-style rounds, in that order (each step prints its line)."""
+    import jax
+
+    b, res = _prepare(model_name, K, args, lm, dtype)
+    peak = common.Peak(repeats=args.peak_repeats, dtype=dtype)
+    for _ in range(args.peak_samples):
+        peak.measure()
+    res.update(_workload(b, args))
+    ref = _RefStyle(b.lm, b.cfg, b.data, b.model, b.hp)
+    res.update(_fitness_check(b, ref, args))
+    res.update(_vectorized_round(b, peak, args))
+    _print_vectorized(b, res, peak)
+    if not args.skip_pure:
+        res.update(_time_pure(b, res["round_s"]))
+    if _es_share_wanted(args, K):
+        res.update(_time_es_share(b, res["round_s"]))
+    if args.skip_ref:
+        res["peak_gflops_history"] = peak.history
+        res["peak_best_worker"] = peak.best
+        return res
+    server_es = _RefStyle.server_es(b.cfg.intrinsic_dim, 1.0, K)
+    keys = jax.random.split(jax.random.key(11), K)
+    res.update(_time_reference(b, ref, server_es, keys, res, args))
+    if min(K, args.ref_before_clients) > 0:
+        res.update(_time_reference_before(b, server_es, keys, res, args))
     for _ in range(args.peak_samples):
         peak.measure()
     res["peak_gflops_history"] = peak.history
@@ -761,7 +877,7 @@ MEM_COLUMNS = [
 ]
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--quick",
@@ -787,22 +903,7 @@ def main(argv=None):
         help="SmolLM2 K>=10: run a warm-up round too (default: time the first execution after AOT "
         "compilation, which saves a ~1-minute round)",
     )
-    ap.add_argument("--ref-clients", type=int, default=100, help="reference-style: clients timed (<=0: all)")
-    ap.add_argument("--ref-clients-smollm2", type=int, default=1, help="reference-style clients timed, SmolLM2")
-    ap.add_argument(
-        "--ref-before-clients",
-        type=int,
-        default=10,
-        help="reference-style with the paper's 'before' layout (uncached): clients timed (0: skip)",
-    )
-    ap.add_argument(
-        "--ref-before-clients-smollm2",
-        type=int,
-        default=0,
-        help="the same for SmolLM2 (default 0: ~5x the cached cost per client)",
-    )
-    ap.add_argument("--skip-ref", action="store_true", help="leave out the reference-style runs")
-    ap.add_argument("--skip-pure", action="store_true", help="leave out the pure-inference comparison")
+    _add_reference_options(ap)
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
     ap.add_argument(
         "--keep-clean-cache",
@@ -826,87 +927,111 @@ def main(argv=None):
         help="only draw the plot (--plot) from the results of earlier --json files",
     )
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "K", "OUT"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
 
-    if args.worker:
-        model, K, out = args.worker[0], int(args.worker[1]), args.worker[2]
-        if model == "smollm2":
-            args.ref_clients, args.ref_before_clients = args.ref_clients_smollm2, args.ref_before_clients_smollm2
-        res = run_config(model, K, args, dtype=args.dtypes)
-        common.write_json(out, res)
-        return 0
 
-    if args.plot_from:
-        runs = [json.load(open(path)) for path in args.plot_from]
-        rows = [r for run in runs for r in run["results"] if "round_s" in r]
-        plot = args.plot or str(common.RESULTS_DIR / "round_throughput.png")
-        _plot(rows, plot, runs[0].get("machine"))
-        print(f"wrote {plot}")
-        return 0
-    models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
-    if args.quick:
-        args.no_subprocess = True
-        # Time box (< 60 s on a 2-core CPU): compilation dominates, so the ES-only round is compiled and
-        # timed for K = 1 only, and the paper-layout reference run is left out.
-        args.rounds, args.check_clients, args.ref_clients, args.ref_before_clients = 2, 1, 2, 0
-        args.es_ks, args.peak_samples, args.peak_repeats = "1", 1, 2
-    info = common.machine_info()
-    print(
-        f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
-        f"cma {info['versions']['cma']}, load average {info['loadavg_start']}",
-        flush=True,
+def _add_reference_options(ap: argparse.ArgumentParser) -> None:
+    """The reference-style runs' options, and those that leave out a comparison."""
+    ap.add_argument("--ref-clients", type=int, default=100, help="reference-style: clients timed (<=0: all)")
+    ap.add_argument("--ref-clients-smollm2", type=int, default=1, help="reference-style clients timed, SmolLM2")
+    ap.add_argument(
+        "--ref-before-clients",
+        type=int,
+        default=10,
+        help="reference-style with the paper's 'before' layout (uncached): clients timed (0: skip)",
     )
-    import jax  # noqa: F401  (the parent measures the peak too; it is idle while a worker runs)
+    ap.add_argument(
+        "--ref-before-clients-smollm2",
+        type=int,
+        default=0,
+        help="the same for SmolLM2 (default 0: ~5x the cached cost per client)",
+    )
+    ap.add_argument("--skip-ref", action="store_true", help="leave out the reference-style runs")
+    ap.add_argument("--skip-pure", action="store_true", help="leave out the pure-inference comparison")
 
-    dtypes = args.dtypes.split(",")
-    for d in dtypes:
-        if d not in common.DTYPES:
-            ap.error(f"unknown dtype {d!r}; accepted: {common.DTYPES}")
-    peaks = {d: common.Peak(repeats=args.peak_repeats, dtype=d) for d in dtypes}
-    for pk in peaks.values():
-        for _ in range(args.peak_samples + 1):
-            pk.measure()
-    results = []
-    # Both precisions of one K run back to back (the same machine load for the ratio).
-    configs = [
+
+def _worker(args) -> int:
+    """A worker process: one configuration, its record written to OUT."""
+    model, K, out = args.worker[0], int(args.worker[1]), args.worker[2]
+    if model == "smollm2":
+        args.ref_clients, args.ref_before_clients = args.ref_clients_smollm2, args.ref_before_clients_smollm2
+    res = run_config(model, K, args, dtype=args.dtypes)
+    common.write_json(out, res)
+    return 0
+
+
+def _plot_only(args) -> int:
+    """``--plot-from``: the plot of earlier runs' results, nothing measured."""
+    runs = [json.load(open(path)) for path in args.plot_from]
+    rows = [r for run in runs for r in run["results"] if "round_s" in r]
+    plot = args.plot or str(common.RESULTS_DIR / "round_throughput.png")
+    _plot(rows, plot, runs[0].get("machine"))
+    print(f"wrote {plot}")
+    return 0
+
+
+def _apply_quick(args) -> None:
+    """Time box (< 60 s on a 2-core CPU): compilation dominates, so the ES-only round is compiled and timed
+    for K = 1 only, and the paper-layout reference run is left out."""
+    args.no_subprocess = True
+    args.rounds, args.check_clients, args.ref_clients, args.ref_before_clients = 2, 1, 2, 0
+    args.es_ks, args.peak_samples, args.peak_repeats = "1", 1, 2
+
+
+def _configs(args, models: list[str], dtypes: list[str]) -> list[tuple[str, int, str]]:
+    """``(model, K, dtype)`` in run order: both precisions of one K back to back (the same machine load for
+    the ratio)."""
+    default_ks = QUICK_KS if args.quick else DEFAULT_KS
+    return [
         (model, K, dtype)
         for model in models
-        for K in ([int(k) for k in args.ks.split(",")] if args.ks else (QUICK_KS if args.quick else DEFAULT_KS)[model])
+        for K in ([int(k) for k in args.ks.split(",")] if args.ks else default_ks[model])
         for dtype in dtypes
     ]
-    for model, K, dtype in configs:
-        t0 = time.perf_counter()
-        if args.no_subprocess:
-            if model == "smollm2":
-                args.ref_clients = args.ref_clients_smollm2
-                args.ref_before_clients = args.ref_before_clients_smollm2
-            res = run_config(model, K, args, common.load_model(model, dtype), dtype)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                out = os.path.join(tmp, "res.json")
-                proc = subprocess.run(_worker_cmd(model, K, args, out, dtype))
-                if proc.returncode != 0 or not os.path.exists(out):
-                    print(f"[{model} {dtype} K={K}] worker failed (exit {proc.returncode})", flush=True)
-                    results.append({"model": model, "dtype": dtype, "K": K, "error": f"exit {proc.returncode}"})
-                    continue
-                res = json.load(open(out))
-        res["wall_s"] = time.perf_counter() - t0
-        res["peak_rss_mib"] = res["peak_rss_run"] / 2**20
-        res["runtime_rss_mib"] = res["rss_runtime"] / 2**20
-        res["mem_x_model"] = res["peak_rss_run"] / res["model_bytes"]
-        res["mem_above_runtime_x_model"] = (res["peak_rss_run"] - res["rss_runtime"]) / res["model_bytes"]
-        res["round_working_set_mib"] = (res["peak_rss_run"] - res["rss_before_run"]) / 2**20
-        res["subprocess"] = not args.no_subprocess
-        results.append(res)
 
+
+def _run_worker(model: str, K: int, dtype: str, args) -> dict:
+    """One configuration in its own process: its record, or ``{..., "error": ...}`` when the worker failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "res.json")
+        proc = subprocess.run(_worker_cmd(model, K, args, out, dtype))
+        if proc.returncode != 0 or not os.path.exists(out):
+            print(f"[{model} {dtype} K={K}] worker failed (exit {proc.returncode})", flush=True)
+            return {"model": model, "dtype": dtype, "K": K, "error": f"exit {proc.returncode}"}
+        return json.load(open(out))
+
+
+def _measure(model: str, K: int, dtype: str, args) -> dict:
+    """One configuration's record (in this process or a worker), with its wall time and memory figures."""
+    t0 = time.perf_counter()
+    if args.no_subprocess:
+        if model == "smollm2":
+            args.ref_clients = args.ref_clients_smollm2
+            args.ref_before_clients = args.ref_before_clients_smollm2
+        res = run_config(model, K, args, common.load_model(model, dtype), dtype)
+    else:
+        res = _run_worker(model, K, dtype, args)
+        if "error" in res:
+            return res
+    res["wall_s"] = time.perf_counter() - t0
+    res["peak_rss_mib"] = res["peak_rss_run"] / 2**20
+    res["runtime_rss_mib"] = res["rss_runtime"] / 2**20
+    res["mem_x_model"] = res["peak_rss_run"] / res["model_bytes"]
+    res["mem_above_runtime_x_model"] = (res["peak_rss_run"] - res["rss_runtime"]) / res["model_bytes"]
+    res["round_working_set_mib"] = (res["peak_rss_run"] - res["rss_before_run"]) / 2**20
+    res["subprocess"] = not args.no_subprocess
+    return res
+
+
+def _measure_peaks(peaks: dict, args) -> None:
     for pk in peaks.values():
         for _ in range(args.peak_samples + 1):
             pk.measure()
-    best_of = {
-        d: max([pk.best] + [r.get("peak_best_worker", 0) for r in results if r.get("dtype") == d])
-        for d, pk in peaks.items()
-    }
-    ok_rows = [r for r in results if "round_s" in r]
+
+
+def _relate(ok_rows: list[dict], best_of: dict) -> None:
+    """Each measured row against the best matmul peak of its dtype and against its float32 twin; its model
+    and compile-time memory in MiB."""
     for r in ok_rows:  # conservative: against the best matmul peak of its dtype measured anywhere in the run
         best = best_of[r["dtype"]]
         r["peak_best"] = best
@@ -920,13 +1045,15 @@ def main(argv=None):
             r["above_runtime_vs_float32"] = (r["peak_rss_run"] - r["rss_runtime"]) / (
                 twin[0]["peak_rss_run"] - twin[0]["rss_runtime"]
             )
+        r["model_mib"] = r["model_bytes"] / 2**20
+        r["peak_rss_compile_mib"] = r["peak_rss_compile"] / 2**20
+
+
+def _report(ok_rows: list[dict], best_of: dict) -> None:
     print(
         f"\nload average now {list(os.getloadavg())}; best matmul peaks of the run "
         f"{ {d: round(b, 1) for d, b in best_of.items()} } GFLOP/s\n"
     )
-    for r in ok_rows:
-        r["model_mib"] = r["model_bytes"] / 2**20
-        r["peak_rss_compile_mib"] = r["peak_rss_compile"] / 2**20
     print(common.table(ok_rows, COLUMNS))
     print()
     print(common.table(ok_rows, REF_COLUMNS))
@@ -949,6 +1076,26 @@ def main(argv=None):
                 f"  {r['model']} {r['dtype']} K={r['K']}: CHECK FAILED (rel diff {r['check_max_rel_diff']:.2e} > "
                 f"{r['check_tolerance']:g})"
             )
+
+
+def _smollm2_k10_targets(r: dict, tag: str) -> dict:
+    targets = {}
+    if "speed_vs_float32" in r:
+        targets[f"{tag}: >= 1.7x faster than float32"] = r["speed_vs_float32"] >= 1.7
+        targets[f"{tag}: peak RSS <= 60% of float32's"] = r["peak_rss_vs_float32"] <= 0.6
+    if r["dtype"] == "float32":
+        targets["smollm2 K=10: round >= 50% of the best matmul peak of the run"] = r["frac_peak"] >= 0.5
+        if "es_share" in r:
+            targets["smollm2 K=10: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
+        targets["smollm2 K=10: peak RSS of the whole process <= 3x one model copy"] = r["mem_x_model"] <= 3
+        targets["smollm2 K=10: peak RSS above the bare JAX runtime <= 3x one model copy"] = (
+            r["mem_above_runtime_x_model"] <= 3
+        )
+    return targets
+
+
+def _targets(ok_rows: list[dict]) -> dict:
+    """The project's targets, printed MET / NOT MET."""
     targets = {}
     for r in ok_rows:
         if r["model"] == "tiny" and r["K"] == 100:
@@ -957,23 +1104,18 @@ def main(argv=None):
         tag = f"{r['model']} {r['dtype']} K={r['K']}"
         if "frac_pure_inference" in r:
             targets[f"{tag}: round >= 90% of pure-inference tokens/s"] = r["frac_pure_inference"] >= 0.9
-        if r["model"] == "smollm2" and r["K"] == 10 and "speed_vs_float32" in r:
-            targets[f"{tag}: >= 1.7x faster than float32"] = r["speed_vs_float32"] >= 1.7
-            targets[f"{tag}: peak RSS <= 60% of float32's"] = r["peak_rss_vs_float32"] <= 0.6
-        if r["model"] == "smollm2" and r["K"] == 10 and r["dtype"] == "float32":
-            targets["smollm2 K=10: round >= 50% of the best matmul peak of the run"] = r["frac_peak"] >= 0.5
-            if "es_share" in r:
-                targets["smollm2 K=10: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
-            targets["smollm2 K=10: peak RSS of the whole process <= 3x one model copy"] = r["mem_x_model"] <= 3
-            targets["smollm2 K=10: peak RSS above the bare JAX runtime <= 3x one model copy"] = (
-                r["mem_above_runtime_x_model"] <= 3
-            )
+        if r["model"] == "smollm2" and r["K"] == 10:
+            targets.update(_smollm2_k10_targets(r, tag))
         if r["model"] == "smollm2" and r["K"] == 1:
             if "es_share" in r:
                 targets["smollm2 K=1: CMA-ES + aggregation <= 10% of round"] = r["es_share"] <= 0.10
     for k, v in targets.items():
         print(f"target {k}: {'MET' if v else 'NOT MET'}")
+    return targets
 
+
+def _write_outputs(args, info: dict, results: list[dict], ok_rows: list[dict], targets: dict) -> None:
+    """The plot, and the JSON record of the run when ``--json``."""
     plot = args.plot or str(
         common.RESULTS_DIR / ("round_throughput_quick.png" if args.quick else "round_throughput.png")
     )
@@ -995,6 +1137,43 @@ def main(argv=None):
             },
         )
         print(f"wrote {args.json}")
+
+
+def main(argv=None):
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    if args.plot_from:
+        return _plot_only(args)
+    models = (args.models or ("tiny" if args.quick else "tiny,smollm2")).split(",")
+    if args.quick:
+        _apply_quick(args)
+    info = common.machine_info()
+    print(
+        f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), jax {info['versions']['jax']}, "
+        f"cma {info['versions']['cma']}, load average {info['loadavg_start']}",
+        flush=True,
+    )
+    import jax  # noqa: F401  (the parent measures the peak too; it is idle while a worker runs)
+
+    dtypes = args.dtypes.split(",")
+    for d in dtypes:
+        if d not in common.DTYPES:
+            ap.error(f"unknown dtype {d!r}; accepted: {common.DTYPES}")
+    peaks = {d: common.Peak(repeats=args.peak_repeats, dtype=d) for d in dtypes}
+    _measure_peaks(peaks, args)
+    results = [_measure(model, K, dtype, args) for model, K, dtype in _configs(args, models, dtypes)]
+    _measure_peaks(peaks, args)
+    best_of = {
+        d: max([pk.best] + [r.get("peak_best_worker", 0) for r in results if r.get("dtype") == d])
+        for d, pk in peaks.items()
+    }
+    ok_rows = [r for r in results if "round_s" in r]
+    _relate(ok_rows, best_of)
+    _report(ok_rows, best_of)
+    targets = _targets(ok_rows)
+    _write_outputs(args, info, results, ok_rows, targets)
     return 0 if all(r.get("check_ok", False) for r in results) else 1
 
 

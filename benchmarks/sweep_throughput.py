@@ -126,6 +126,38 @@ def measure(s: int, setup, *, rounds: int, eval_every: int, eval_chunk: int) -> 
     }
 
 
+COLUMNS = [
+    ("S", "S"),
+    ("sweep_first_s", "first sweep s (compile)"),
+    ("sweep_s", "sweep s"),
+    ("sweep_lanes_per_s", "sweep lanes/s"),
+    ("sequential_s", "S runs s"),
+    ("sequential_lanes_per_s", "sequential lanes/s"),
+    ("speedup", "speedup"),
+    ("sweep_final_test_acc_mean", "sweep final acc"),
+    ("sequential_final_test_acc_mean", "runs final acc"),
+]
+
+
+def _config(args, source: str, rounds: int, every: int) -> dict:
+    """The measured configuration, as the JSON output records it."""
+    return {
+        "model": args.model,
+        "source": source,
+        "N": args.clients,
+        "K": args.per_round,
+        "E": args.examples,
+        "T": args.text_len,
+        "n_prompt": args.n_prompt,
+        "d": args.intrinsic_dim,
+        "population": 5,
+        "local_generations": 8,
+        "eval_size": args.eval_size,
+        "rounds": rounds,
+        "eval_every": every,
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, S in {1, 4}, 2 rounds")
@@ -159,21 +191,7 @@ def main(argv=None):
         args.intrinsic_dim,
         args.eval_size,
     )
-    config = {
-        "model": args.model,
-        "source": setup[-1],
-        "N": args.clients,
-        "K": args.per_round,
-        "E": args.examples,
-        "T": args.text_len,
-        "n_prompt": args.n_prompt,
-        "d": args.intrinsic_dim,
-        "population": 5,
-        "local_generations": 8,
-        "eval_size": args.eval_size,
-        "rounds": rounds,
-        "eval_every": every,
-    }
+    config = _config(args, setup[-1], rounds, every)
     print(
         f"machine: {info['cpu']} ({info['cores']} cores, {info['cpu_flags']}), {info['jax_backend']}, "
         f"load {info['loadavg_start']}"
@@ -187,22 +205,7 @@ def main(argv=None):
             flush=True,
         )
     print()
-    print(
-        common.table(
-            rows,
-            [
-                ("S", "S"),
-                ("sweep_first_s", "first sweep s (compile)"),
-                ("sweep_s", "sweep s"),
-                ("sweep_lanes_per_s", "sweep lanes/s"),
-                ("sequential_s", "S runs s"),
-                ("sequential_lanes_per_s", "sequential lanes/s"),
-                ("speedup", "speedup"),
-                ("sweep_final_test_acc_mean", "sweep final acc"),
-                ("sequential_final_test_acc_mean", "runs final acc"),
-            ],
-        )
-    )
+    print(common.table(rows, COLUMNS))
     info["loadavg_end"] = list(os.getloadavg())
     if args.json:
         common.write_json(

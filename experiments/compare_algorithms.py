@@ -15,13 +15,14 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
 
 ALGOS = ("manual", "fedavg_bbt", "fedbpt", "centralized_bbt", "fedprompt")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--task", default="sst2")
@@ -40,78 +41,117 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results folder (default experiments/results/compare_<task>)")
     ap.add_argument("--tiny", action="store_true", help="tiny random model and budget (smoke test)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def load_model(args: argparse.Namespace):
+    """The backbone; with ``--tiny`` the tiny random decoder, and the budget in ``args`` shrunk to match."""
+    import fedbpt_jax as fb
+
+    if not args.tiny:
+        return fb.models.load(args.model)
+    from fedbpt_jax import testing
+
+    args.clients, args.shots, args.rounds, args.d, args.n_prompt = 4, 4, 2, 8, 2
+    args.population, args.local_generations, args.test_size = 4, 2, 24
+    return testing.tiny_decoder(0, num_layers=1, tokenizer=testing.chatml_tokenizer())
+
+
+class SplitSetup(NamedTuple):
+    """What every algorithm of one partition shares: data, configuration, projection and run key. (A named
+    tuple, not a dataclass: the tests load this script by path, outside ``sys.modules``.)"""
+
+    fed: Any
+    data: Any
+    cfg: Any
+    hp: Any
+    model: Any
+    key_run: Any
+
+
+def prepare_split(args: argparse.Namespace, lm, split: str) -> SplitSetup:
     import jax
 
     import fedbpt_jax as fb
+
+    fed = fb.data.federated(
+        args.task,
+        lm.tokenizer,
+        lm.kind,
+        num_clients=args.clients,
+        shots_per_class=args.shots,
+        alpha=None if split == "iid" else 1.0,
+        seed=args.seed,
+        n_prompt=args.n_prompt,
+        source=args.data,
+        test_size=args.test_size or None,
+    )
+    cfg = fb.FedConfig(
+        num_clients=args.clients,
+        clients_per_round=args.clients,
+        population_size=args.population,
+        local_generations=args.local_generations,
+        intrinsic_dim=args.d,
+        n_prompt_tokens=args.n_prompt,
+    )
+    key_proj, key_run = jax.random.split(jax.random.key(args.seed))
+    return SplitSetup(
+        fed=fed,
+        data=fb.FederatedData.from_host(fed),
+        cfg=cfg,
+        hp=fb.HParams(perturb_rate=args.perturb_rate),
+        model=fb.ModelInputs.build(key_proj, lm, cfg),
+        key_run=key_run,
+    )
+
+
+def run_algorithm(args: argparse.Namespace, lm, setup: SplitSetup, name: str, results_dir: Path):
+    """One simulation: ``(summary row, test-accuracy curve)``."""
+    import fedbpt_jax as fb
+
+    algo = fb.make(name, setup.cfg, lm)
+    t0 = time.perf_counter()
+    carry, hist = fb.run(
+        algo,
+        setup.key_run,
+        setup.data,
+        setup.fed.test,
+        lm,
+        setup.model,
+        dev=setup.fed.dev,
+        num_rounds=args.rounds,
+        hp=setup.hp,
+        results_dir=results_dir,
+        progress=not args.tiny,
+    )
+    s = fb.summarize(hist, carry)
+    res = {
+        "z0": s["initial_test_accuracy"],
+        "final": s["final_test_accuracy"],
+        "selected": s["selected_test_accuracy"],
+        "selected_round": s["selected_round"],
+        "best_test_reference": s["best_test_reference"],
+        "seconds": time.perf_counter() - t0,
+        "bytes_up_per_client": algo.cost.comm.up_per_client,
+    }
+    return res, [(e["round"], e["accuracy"]) for e in hist.evals]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
     from fedbpt_jax.checkpoint import write_json_atomic
 
-    if args.tiny:
-        from fedbpt_jax import testing
-
-        lm = testing.tiny_decoder(0, num_layers=1, tokenizer=testing.chatml_tokenizer())
-        args.clients, args.shots, args.rounds, args.d, args.n_prompt = 4, 4, 2, 8, 2
-        args.population, args.local_generations, args.test_size = 4, 2, 24
-    else:
-        lm = fb.models.load(args.model)
+    lm = load_model(args)
     out = Path(args.out or Path(__file__).parent / "results" / f"compare_{args.task}")
     summary = {"args": vars(args), "model": lm.name, "results": {}}
     curves = {}
     for split in args.splits.split(","):
-        alpha = None if split == "iid" else 1.0
-        fed = fb.data.federated(
-            args.task,
-            lm.tokenizer,
-            lm.kind,
-            num_clients=args.clients,
-            shots_per_class=args.shots,
-            alpha=alpha,
-            seed=args.seed,
-            n_prompt=args.n_prompt,
-            source=args.data,
-            test_size=args.test_size or None,
-        )
-        data = fb.FederatedData.from_host(fed)
-        cfg = fb.FedConfig(
-            num_clients=args.clients,
-            clients_per_round=args.clients,
-            population_size=args.population,
-            local_generations=args.local_generations,
-            intrinsic_dim=args.d,
-            n_prompt_tokens=args.n_prompt,
-        )
-        hp = fb.HParams(perturb_rate=args.perturb_rate)
-        key_proj, key_run = jax.random.split(jax.random.key(args.seed))
-        model = fb.ModelInputs.build(key_proj, lm, cfg)
+        setup = prepare_split(args, lm, split)
         for name in args.algorithms.split(","):
-            algo = fb.make(name, cfg, lm)
-            t0 = time.perf_counter()
-            carry, hist = fb.run(
-                algo,
-                key_run,
-                data,
-                fed.test,
-                lm,
-                model,
-                dev=fed.dev,
-                num_rounds=args.rounds,
-                hp=hp,
-                results_dir=out / f"{name}_{split}",
-                progress=not args.tiny,
-            )
-            s = fb.summarize(hist, carry)
-            res = {
-                "z0": s["initial_test_accuracy"],
-                "final": s["final_test_accuracy"],
-                "selected": s["selected_test_accuracy"],
-                "selected_round": s["selected_round"],
-                "best_test_reference": s["best_test_reference"],
-                "seconds": time.perf_counter() - t0,
-                "bytes_up_per_client": algo.cost.comm.up_per_client,
-            }
+            res, curve = run_algorithm(args, lm, setup, name, out / f"{name}_{split}")
             summary["results"][f"{name}/{split}"] = res
-            curves[f"{name}/{split}"] = [(e["round"], e["accuracy"]) for e in hist.evals]
+            curves[f"{name}/{split}"] = curve
             print(
                 f"{name:16s} {split:7s} z0 {res['z0']:.4f} final {res['final']:.4f} dev-selected "
                 f"{res['selected']:.4f} (round {res['selected_round']})  {res['seconds']:.0f}s",
