@@ -48,12 +48,12 @@ def _data(lm, task: str, source, K: int, E: int, n: int, style: str | None, seed
     from fedbpt_jax import data as fdata
     from fedbpt_jax import testing
     from fedbpt_jax.federated.core import FederatedData
-    from fedbpt_jax.models import decoder
+    from fedbpt_jax.models import decoder_cache
 
     if lm.tokenizer is None:  # tiny random model: random lengths
         train = testing.random_batch(seed, E, 24, lm.vocab_size, leading=(K,), min_len=2)
         spec = testing.random_spec(lm.vocab_size, cue_len=3)
-        train = train.replace(packing=decoder.packing_for(train.attention_mask, cue_len=3))
+        train = train.replace(packing=decoder_cache.packing_for(train.attention_mask, cue_len=3))
         counts = np.full((K,), E, np.int32)
         desc = "random tokens"
     else:
@@ -130,7 +130,7 @@ def run_item(lm, task: str, n: int, variant: str, args) -> dict:
     from fedbpt_jax import objective, prompt
     from fedbpt_jax.federated import FedConfig, HParams, algorithms, round_cost
     from fedbpt_jax.federated.core import ModelInputs
-    from fedbpt_jax.models import decoder
+    from fedbpt_jax.models import decoder_cache
 
     K, E = args.clients, args.examples
     layout = "after" if variant == "after" else "before"
@@ -175,13 +175,13 @@ def run_item(lm, task: str, n: int, variant: str, args) -> dict:
         res["packed_rows"], res["packed_width"] = rows, width
         res["mean_client_tokens"] = float(
             (
-                decoder.example_lengths(mask, data.train.example_mask)
+                decoder_cache.example_lengths(mask, data.train.example_mask)
                 + res["cue"] * (np.asarray(data.train.example_mask) > 0)
             )
             .sum(-1)
             .mean()
         )
-        res["prompt_cache_bytes_per_candidate"] = decoder.prompt_cache_bytes(lm.config, n, lead)
+        res["prompt_cache_bytes_per_candidate"] = decoder_cache.prompt_cache_bytes(lm.config, n, lead)
         res["check_max_rel_diff"] = _check(lm, data, A, n, layout)
         print(
             f"[{task} n={n} {variant}] cached vs uncached fitness: max rel diff {res['check_max_rel_diff']:.2e}",

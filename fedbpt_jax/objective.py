@@ -237,7 +237,7 @@ def scorer_for(
     Raises:
       ValueError: an unknown kind or a layout the kind does not support (named, with what is accepted).
     """
-    from .models import decoder, encoder
+    from .models import decoder, decoder_cache, encoder
 
     if kind not in LAYOUTS:
         raise ValueError(f"unknown model kind {kind!r}; accepted: {tuple(LAYOUTS)}")
@@ -282,10 +282,10 @@ def scorer_for(
     if layout == "after" and use_cache:
 
         def prepare(params, batch, spec=None):
-            return decoder.prefix_cache(cfg, params, batch, spec)
+            return decoder_cache.prefix_cache(cfg, params, batch, spec)
 
         def logits(params, cache, spec, prompt):
-            return decoder.label_logits_cached(cfg, params, cache, spec, prompt)
+            return decoder_cache.label_logits_cached(cfg, params, cache, spec, prompt)
 
         def cost(
             seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
@@ -302,10 +302,10 @@ def scorer_for(
     if layout == "before" and use_cache:
 
         def prepare(params, batch, spec):
-            return decoder.pack_texts(batch, spec)
+            return decoder_cache.pack_texts(batch, spec)
 
         def logits(params, packed, spec, prompt):
-            return decoder.label_logits_packed(cfg, params, packed, spec, prompt)
+            return decoder_cache.label_logits_packed(cfg, params, packed, spec, prompt)
 
         def cost(
             seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
@@ -341,7 +341,7 @@ def packed_cost(
 ) -> ScoreCost:
     """Layout "before" with the prompt cache: per candidate, one ``[lead, prompt]`` pass (``per_prompt``;
     the lead's own pass is shared by every candidate and not counted); per example, its share of the packed
-    rows (:func:`fedbpt_jax.models.decoder.pack_texts`: ``packing = (rows, width)``, or a row of ``T + Tc``
+    rows (:func:`fedbpt_jax.models.decoder_cache.pack_texts`: ``packing = (rows, width)``, or a row of ``T + Tc``
     per example without one), every row computing all its positions against the ``lead + n`` cached keys
     and its own positions, plus the label head. ``examples``: the batch's examples (default 1)."""
     from .models import decoder
@@ -418,12 +418,12 @@ def prepare_pooled(scorer: Scorer, params, batch: TokenBatch, spec: ScoringSpec)
     order); otherwise ``prepare`` of :func:`flatten_clients`."""
     if scorer.cache != "prompt":
         return scorer.prepare(params, flatten_clients(batch), spec)
-    from .models import decoder
+    from .models import decoder_cache
 
-    packed = jax.vmap(lambda b: decoder.pack_texts(b, spec))(batch)  # [N, R, W], ends [N, E]
+    packed = jax.vmap(lambda b: decoder_cache.pack_texts(b, spec))(batch)  # [N, R, W], ends [N, E]
     n, r, w = packed.ids.shape
     offset = (jnp.arange(n, dtype=jnp.int32) * (r * w))[:, None]
-    return decoder.PackedText(
+    return decoder_cache.PackedText(
         ids=packed.ids.reshape(n * r, w),
         mask=packed.mask.reshape(n * r, w),
         seg_pos=packed.seg_pos.reshape(n * r, w),
@@ -538,7 +538,7 @@ def chunk_examples(batch: TokenBatch, size: int, *, by_length: bool = False, cue
         example_mask=fix(batch.example_mask, 0),
     )
     if by_length:
-        from .models.decoder import packing_for
+        from .models.decoder_cache import packing_for
 
         out = out.replace(packing=packing_for(out.attention_mask, out.example_mask, cue_len=cue_len))
     return out
