@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import tasks as tasks_lib
+from .. import templates
 from ..tasks import Task
 from ..types import TokenBatch
 from .examples import Examples
@@ -21,9 +22,9 @@ def decoder_cue_ids(
 ) -> np.ndarray:
     """``[Tc]`` int32 ids of a task's answer cue as they follow a text part."""
     task = tasks_lib.get(task)
-    r = tasks_lib.render_decoder_template(task, tokenizer, style, use_chat_template=use_chat_template)
+    r = templates.render_decoder_template(task, tokenizer, style, use_chat_template=use_chat_template)
     probe = r.head + tasks_lib.SLOT_RE.sub("Hello world.", r.body)
-    return np.asarray(tasks_lib.encode_after(tokenizer, probe, r.cue), np.int32)
+    return np.asarray(templates.encode_after(tokenizer, probe, r.cue), np.int32)
 
 
 def decoder_lead_ids(
@@ -33,8 +34,8 @@ def decoder_lead_ids(
     the "reference" style the BOS that a tokenizer like Llama's adds (there the text part has none).
     Empty for the other templates."""
     task = tasks_lib.get(task)
-    r = tasks_lib.render_decoder_template(task, tokenizer, style, use_chat_template=use_chat_template)
-    ids = list(tasks_lib.encode_after(tokenizer, "", r.lead)) if r.lead else []
+    r = templates.render_decoder_template(task, tokenizer, style, use_chat_template=use_chat_template)
+    ids = list(templates.encode_after(tokenizer, "", r.lead)) if r.lead else []
     if r.style == "reference" and _tokenizer_adds_bos(tokenizer):
         ids = [int(tokenizer.bos_token_id)] + ids
     return np.asarray(ids, np.int32)
@@ -88,7 +89,7 @@ def encode_decoder(
     """
     task = tasks_lib.get(task)
     check_examples(task, examples)
-    r = tasks_lib.render_decoder_template(task, tokenizer, style, use_chat_template=use_chat_template)
+    r = templates.render_decoder_template(task, tokenizer, style, use_chat_template=use_chat_template)
     cue = decoder_cue_ids(task, tokenizer, style=style, use_chat_template=use_chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = 0 if pad_id is None else int(pad_id)
