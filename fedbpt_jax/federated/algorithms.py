@@ -35,7 +35,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from .. import accounting, objective, prompt, strategy
+from .. import accounting, aggregation, objective, prompt, strategy
 from ..objective import Scorer
 from ..types import ScoringSpec, TokenBatch
 from .config import FedConfig, HParams, check_hparams
@@ -485,13 +485,13 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
         del key  # deterministic start: z = 0, σ = σ₀, C = I
         check_hparams(hp)
         return FedBPTState(
-            server=strategy.server_init(config.intrinsic_dim, hp.sigma0, config.clients_per_round),
+            server=aggregation.server_init(config.intrinsic_dim, hp.sigma0, config.clients_per_round),
             round=jnp.asarray(0, jnp.int32),
             norm_threshold=jnp.asarray(config.norm_clip_threshold, jnp.float32),
         )
 
     def aggregate(server, up: ClientUpload, sample: ClientSample, key):
-        return strategy.server_update(
+        return aggregation.server_update(
             server,
             up.mean,
             up.fitness,
@@ -554,7 +554,7 @@ def fedavg_bbt(
     def aggregate(server, up: ClientUpload, sample: ClientSample, key):
         del key  # averaging draws nothing
         weights = sample.counts.astype(jnp.float32) * sample.active.astype(jnp.float32)
-        return strategy.fedavg_aggregate(server, up.local_state, weights)
+        return aggregation.fedavg_aggregate(server, up.local_state, weights)
 
     round_detailed = _es_round(config, scorer, hidden, mesh, perturb=perturb, keep_state=True, aggregate=aggregate)
     name = "fedavg_bbt_perturbed" if perturb else "fedavg_bbt"
@@ -601,7 +601,7 @@ def centralized_bbt(
     def init(key, hp: HParams):
         del key  # deterministic start, as FedBPT's server
         check_hparams(hp)
-        es = strategy.client_init(strategy.server_init(d, hp.sigma0, 2), es_params)
+        es = strategy.client_init(aggregation.server_init(d, hp.sigma0, 2), es_params)
         return CentralState(es=es, round=jnp.asarray(0, jnp.int32))
 
     def round_fn(key, state: CentralState, data: FederatedData, hp: HParams, model: ModelInputs):

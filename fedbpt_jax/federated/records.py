@@ -230,7 +230,7 @@ def load_uploads(directory) -> dict[str, np.ndarray]:
     Returns ``round`` ``[R]`` and, stacked on a leading round axis, ``client_index`` ``[R, K]``,
     ``active`` ``[R, K]``, ``mean`` ``[R, K, d]``, ``fitness`` ``[R, K]``, ``sigmas`` ``[R, K, I]``,
     ``server_mean`` ``[R, d]`` and ``server_sigma`` ``[R]`` (the broadcast the clients answered). E.g.
-    replay another server rule: ``strategy.server_update(state, u["mean"][r], u["fitness"][r],
+    replay another server rule: ``aggregation.server_update(state, u["mean"][r], u["fitness"][r],
     u["sigmas"][r], u["active"][r])``.
     """
     files = sorted(Path(directory).glob("round_[0-9][0-9][0-9][0-9][0-9][0-9].npz"))
