@@ -108,7 +108,7 @@ class History:
 
     Each round row holds scalar metrics (the ``rounds.csv`` columns) and, for algorithms with clients,
     ``"clients"``: one dict per sampled client (see
-    :func:`fedbpt_jax.federated.algorithms.client_diagnostics`). Each evaluation row holds the test
+    :func:`fedbpt_jax.federated.diagnostics.client_diagnostics`). Each evaluation row holds the test
     metrics (``accuracy``, ``loss``, ``f1``, ``nonfinite_examples``, ``pred_dist``), the same with a
     ``dev_`` prefix when a dev set is given, and the global prompt's ``z_norm`` and
     ``prompt_norm_ratio``. Every key, with its meaning and units: ``docs/metrics.md``.
