@@ -237,8 +237,20 @@ def scorer_for(
     Raises:
       ValueError: an unknown kind or a layout the kind does not support (named, with what is accepted).
     """
-    from .models import decoder, decoder_cache, encoder
+    layout = _checked_layout(kind, layout, cache)
+    use_cache = use_cache and cache != "none"
+    n = int(n_prompt_tokens)
+    if kind == "encoder":
+        return _encoder_scorer(config, n, layout)
+    if layout == "after" and use_cache:
+        return _prefix_cache_scorer(config, n, layout)
+    if layout == "before" and use_cache:
+        return _prompt_cache_scorer(config, n, layout)
+    return _uncached_decoder_scorer(config, n, layout)
 
+
+def _checked_layout(kind: str, layout: str | None, cache: str) -> str:
+    """``layout`` (the kind's default when None) once ``kind``, ``layout`` and ``cache`` are known to go together."""
     if kind not in LAYOUTS:
         raise ValueError(f"unknown model kind {kind!r}; accepted: {tuple(LAYOUTS)}")
     layout = layout or LAYOUTS[kind][0]
@@ -257,62 +269,72 @@ def scorer_for(
             f"{[k for k, v in _LAYOUT_CACHE.items() if v == cache][0]!r}'s); accepted with layout {layout!r}: "
             f"'auto', {_LAYOUT_CACHE[layout]!r} or 'none'"
         )
-    use_cache = use_cache and cache != "none"
-    n = int(n_prompt_tokens)
-    cfg = config
+    return layout
 
-    if kind == "encoder":
 
-        def prepare(params, batch, spec=None):
-            return batch
+def _encoder_scorer(cfg, n: int, layout: str) -> Scorer:
+    from .models import encoder
 
-        def logits(params, batch, spec, prompt):
-            return encoder.label_logits(cfg, params, batch, spec, prompt, mode=layout)
+    def prepare(params, batch, spec=None):
+        return batch
 
-        def cost(
-            seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
-        ) -> ScoreCost:
-            # The head runs at the <mask> position only, on the label rows only.
-            return ScoreCost(
-                float(encoder.flops_per_example(cfg, seq_len, n_prompt=n, mode=layout, num_labels=num_labels)), 0.0
-            )
+    def logits(params, batch, spec, prompt):
+        return encoder.label_logits(cfg, params, batch, spec, prompt, mode=layout)
 
-        return Scorer(prepare, logits, layout, cost)
+    def cost(
+        seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+    ) -> ScoreCost:
+        # The head runs at the <mask> position only, on the label rows only.
+        return ScoreCost(
+            float(encoder.flops_per_example(cfg, seq_len, n_prompt=n, mode=layout, num_labels=num_labels)), 0.0
+        )
 
-    if layout == "after" and use_cache:
+    return Scorer(prepare, logits, layout, cost)
 
-        def prepare(params, batch, spec=None):
-            return decoder_cache.prefix_cache(cfg, params, batch, spec)
 
-        def logits(params, cache, spec, prompt):
-            return decoder_cache.label_logits_cached(cfg, params, cache, spec, prompt)
+def _prefix_cache_scorer(cfg, n: int, layout: str) -> Scorer:
+    """Decoder layout "after": the text prefix's keys/values computed once, shared by every candidate."""
+    from .models import decoder, decoder_cache
 
-        def cost(
-            seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
-        ) -> ScoreCost:
-            s = n + cue_len
-            pre = lead_len + seq_len
-            return ScoreCost(
-                decoder.flops_per_example(cfg, s, pre + s, num_labels),
-                decoder.flops_per_example(cfg, pre, pre, 0),
-            )
+    def prepare(params, batch, spec=None):
+        return decoder_cache.prefix_cache(cfg, params, batch, spec)
 
-        return Scorer(prepare, logits, layout, cost, caches_prefix=True, cache="prefix")
+    def logits(params, cache, spec, prompt):
+        return decoder_cache.label_logits_cached(cfg, params, cache, spec, prompt)
 
-    if layout == "before" and use_cache:
+    def cost(
+        seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+    ) -> ScoreCost:
+        s = n + cue_len
+        pre = lead_len + seq_len
+        return ScoreCost(
+            decoder.flops_per_example(cfg, s, pre + s, num_labels),
+            decoder.flops_per_example(cfg, pre, pre, 0),
+        )
 
-        def prepare(params, batch, spec):
-            return decoder_cache.pack_texts(batch, spec)
+    return Scorer(prepare, logits, layout, cost, caches_prefix=True, cache="prefix")
 
-        def logits(params, packed, spec, prompt):
-            return decoder_cache.label_logits_packed(cfg, params, packed, spec, prompt)
 
-        def cost(
-            seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
-        ) -> ScoreCost:
-            return packed_cost(cfg, n, seq_len, cue_len, num_labels, packing, lead_len, examples)
+def _prompt_cache_scorer(cfg, n: int, layout: str) -> Scorer:
+    """Decoder layout "before": each candidate's prompt cache, the texts packed by length against it."""
+    from .models import decoder_cache
 
-        return Scorer(prepare, logits, layout, cost, logits_paired=logits, cache="prompt")
+    def prepare(params, batch, spec):
+        return decoder_cache.pack_texts(batch, spec)
+
+    def logits(params, packed, spec, prompt):
+        return decoder_cache.label_logits_packed(cfg, params, packed, spec, prompt)
+
+    def cost(
+        seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+    ) -> ScoreCost:
+        return packed_cost(cfg, n, seq_len, cue_len, num_labels, packing, lead_len, examples)
+
+    return Scorer(prepare, logits, layout, cost, logits_paired=logits, cache="prompt")
+
+
+def _uncached_decoder_scorer(cfg, n: int, layout: str) -> Scorer:
+    from .models import decoder
 
     def prepare(params, batch, spec=None):
         return batch
