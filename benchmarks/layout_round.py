@@ -50,12 +50,12 @@ def _data(lm, task: str, source, K: int, E: int, n: int, style: str | None, seed
     from fedbpt_jax import data as fdata
     from fedbpt_jax import testing
     from fedbpt_jax.federated.core import FederatedData
-    from fedbpt_jax.models import decoder
+    from fedbpt_jax.models import decoder_cache
 
     if lm.tokenizer is None:  # tiny random model: random lengths
         train = testing.random_batch(seed, E, 24, lm.vocab_size, leading=(K,), min_len=2)
         spec = testing.random_spec(lm.vocab_size, cue_len=3)
-        train = train.replace(packing=decoder.packing_for(train.attention_mask, cue_len=3))
+        train = train.replace(packing=decoder_cache.packing_for(train.attention_mask, cue_len=3))
         counts = np.full((K,), E, np.int32)
         desc = "random tokens"
     else:
@@ -194,18 +194,18 @@ def _describe(item: _Item, task: str, n: int, variant: str, args) -> dict:
 
 def _before_details(lm, item: _Item, res: dict) -> dict:
     """The prompt-before layout's packing, prompt-cache bytes and the cached vs uncached fitness check."""
-    from fedbpt_jax.models import decoder
+    from fedbpt_jax.models import decoder_cache
 
     train = item.data.train
     rows, width, _ = train.packing
     mask = np.asarray(train.attention_mask)
-    real = decoder.example_lengths(mask, train.example_mask) + res["cue"] * (np.asarray(train.example_mask) > 0)
+    real = decoder_cache.example_lengths(mask, train.example_mask) + res["cue"] * (np.asarray(train.example_mask) > 0)
     n = res["n_prompt"]
     out = {
         "packed_rows": rows,
         "packed_width": width,
         "mean_client_tokens": float(real.sum(-1).mean()),
-        "prompt_cache_bytes_per_candidate": decoder.prompt_cache_bytes(lm.config, n, res["lead"]),
+        "prompt_cache_bytes_per_candidate": decoder_cache.prompt_cache_bytes(lm.config, n, res["lead"]),
         "check_max_rel_diff": _check(lm, item.data, item.A, n, item.layout),
     }
     print(

@@ -44,6 +44,7 @@ _SUBMODULES = (
     "report",
     "strategy",
     "tasks",
+    "templates",
     "testing",
     "types",
 )

@@ -129,7 +129,7 @@ def fingerprint(*parts: Any) -> str:
 
 
 #: Fields of the saved carry renamed since checkpoints were first written, earlier name -> current name:
-#: the server CMA-ES state's σ and p_σ (``strategy.ServerCMAState``) took the client state's (evosax's)
+#: the server CMA-ES state's σ and p_σ (``aggregation.ServerCMAState``) took the client state's (evosax's)
 #: names. A checkpoint that stores a field under its earlier name restores into the current one.
 RENAMED_FIELDS = {"sigma": "std", "p_sigma": "p_std"}
 

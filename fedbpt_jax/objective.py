@@ -237,8 +237,20 @@ def scorer_for(
     Raises:
       ValueError: an unknown kind or a layout the kind does not support (named, with what is accepted).
     """
-    from .models import decoder, encoder
+    layout = _checked_layout(kind, layout, cache)
+    use_cache = use_cache and cache != "none"
+    n = int(n_prompt_tokens)
+    if kind == "encoder":
+        return _encoder_scorer(config, n, layout)
+    if layout == "after" and use_cache:
+        return _prefix_cache_scorer(config, n, layout)
+    if layout == "before" and use_cache:
+        return _prompt_cache_scorer(config, n, layout)
+    return _uncached_decoder_scorer(config, n, layout)
 
+
+def _checked_layout(kind: str, layout: str | None, cache: str) -> str:
+    """``layout`` (the kind's default when None) once ``kind``, ``layout`` and ``cache`` are known to go together."""
     if kind not in LAYOUTS:
         raise ValueError(f"unknown model kind {kind!r}; accepted: {tuple(LAYOUTS)}")
     layout = layout or LAYOUTS[kind][0]
@@ -257,62 +269,72 @@ def scorer_for(
             f"{[k for k, v in _LAYOUT_CACHE.items() if v == cache][0]!r}'s); accepted with layout {layout!r}: "
             f"'auto', {_LAYOUT_CACHE[layout]!r} or 'none'"
         )
-    use_cache = use_cache and cache != "none"
-    n = int(n_prompt_tokens)
-    cfg = config
+    return layout
 
-    if kind == "encoder":
 
-        def prepare(params, batch, spec=None):
-            return batch
+def _encoder_scorer(cfg, n: int, layout: str) -> Scorer:
+    from .models import encoder
 
-        def logits(params, batch, spec, prompt):
-            return encoder.label_logits(cfg, params, batch, spec, prompt, mode=layout)
+    def prepare(params, batch, spec=None):
+        return batch
 
-        def cost(
-            seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
-        ) -> ScoreCost:
-            # The head runs at the <mask> position only, on the label rows only.
-            return ScoreCost(
-                float(encoder.flops_per_example(cfg, seq_len, n_prompt=n, mode=layout, num_labels=num_labels)), 0.0
-            )
+    def logits(params, batch, spec, prompt):
+        return encoder.label_logits(cfg, params, batch, spec, prompt, mode=layout)
 
-        return Scorer(prepare, logits, layout, cost)
+    def cost(
+        seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+    ) -> ScoreCost:
+        # The head runs at the <mask> position only, on the label rows only.
+        return ScoreCost(
+            float(encoder.flops_per_example(cfg, seq_len, n_prompt=n, mode=layout, num_labels=num_labels)), 0.0
+        )
 
-    if layout == "after" and use_cache:
+    return Scorer(prepare, logits, layout, cost)
 
-        def prepare(params, batch, spec=None):
-            return decoder.prefix_cache(cfg, params, batch, spec)
 
-        def logits(params, cache, spec, prompt):
-            return decoder.label_logits_cached(cfg, params, cache, spec, prompt)
+def _prefix_cache_scorer(cfg, n: int, layout: str) -> Scorer:
+    """Decoder layout "after": the text prefix's keys/values computed once, shared by every candidate."""
+    from .models import decoder, decoder_cache
 
-        def cost(
-            seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
-        ) -> ScoreCost:
-            s = n + cue_len
-            pre = lead_len + seq_len
-            return ScoreCost(
-                decoder.flops_per_example(cfg, s, pre + s, num_labels),
-                decoder.flops_per_example(cfg, pre, pre, 0),
-            )
+    def prepare(params, batch, spec=None):
+        return decoder_cache.prefix_cache(cfg, params, batch, spec)
 
-        return Scorer(prepare, logits, layout, cost, caches_prefix=True, cache="prefix")
+    def logits(params, cache, spec, prompt):
+        return decoder_cache.label_logits_cached(cfg, params, cache, spec, prompt)
 
-    if layout == "before" and use_cache:
+    def cost(
+        seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+    ) -> ScoreCost:
+        s = n + cue_len
+        pre = lead_len + seq_len
+        return ScoreCost(
+            decoder.flops_per_example(cfg, s, pre + s, num_labels),
+            decoder.flops_per_example(cfg, pre, pre, 0),
+        )
 
-        def prepare(params, batch, spec):
-            return decoder.pack_texts(batch, spec)
+    return Scorer(prepare, logits, layout, cost, caches_prefix=True, cache="prefix")
 
-        def logits(params, packed, spec, prompt):
-            return decoder.label_logits_packed(cfg, params, packed, spec, prompt)
 
-        def cost(
-            seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
-        ) -> ScoreCost:
-            return packed_cost(cfg, n, seq_len, cue_len, num_labels, packing, lead_len, examples)
+def _prompt_cache_scorer(cfg, n: int, layout: str) -> Scorer:
+    """Decoder layout "before": each candidate's prompt cache, the texts packed by length against it."""
+    from .models import decoder_cache
 
-        return Scorer(prepare, logits, layout, cost, logits_paired=logits, cache="prompt")
+    def prepare(params, batch, spec):
+        return decoder_cache.pack_texts(batch, spec)
+
+    def logits(params, packed, spec, prompt):
+        return decoder_cache.label_logits_packed(cfg, params, packed, spec, prompt)
+
+    def cost(
+        seq_len: int, cue_len: int = 0, num_labels: int = 2, packing=None, lead_len: int = 0, examples=None
+    ) -> ScoreCost:
+        return packed_cost(cfg, n, seq_len, cue_len, num_labels, packing, lead_len, examples)
+
+    return Scorer(prepare, logits, layout, cost, logits_paired=logits, cache="prompt")
+
+
+def _uncached_decoder_scorer(cfg, n: int, layout: str) -> Scorer:
+    from .models import decoder
 
     def prepare(params, batch, spec=None):
         return batch
@@ -341,7 +363,7 @@ def packed_cost(
 ) -> ScoreCost:
     """Layout "before" with the prompt cache: per candidate, one ``[lead, prompt]`` pass (``per_prompt``;
     the lead's own pass is shared by every candidate and not counted); per example, its share of the packed
-    rows (:func:`fedbpt_jax.models.decoder.pack_texts`: ``packing = (rows, width)``, or a row of ``T + Tc``
+    rows (:func:`fedbpt_jax.models.decoder_cache.pack_texts`: ``packing = (rows, width)``, or a row of ``T + Tc``
     per example without one), every row computing all its positions against the ``lead + n`` cached keys
     and its own positions, plus the label head. ``examples``: the batch's examples (default 1)."""
     from .models import decoder
@@ -418,12 +440,12 @@ def prepare_pooled(scorer: Scorer, params, batch: TokenBatch, spec: ScoringSpec)
     order); otherwise ``prepare`` of :func:`flatten_clients`."""
     if scorer.cache != "prompt":
         return scorer.prepare(params, flatten_clients(batch), spec)
-    from .models import decoder
+    from .models import decoder_cache
 
-    packed = jax.vmap(lambda b: decoder.pack_texts(b, spec))(batch)  # [N, R, W], ends [N, E]
+    packed = jax.vmap(lambda b: decoder_cache.pack_texts(b, spec))(batch)  # [N, R, W], ends [N, E]
     n, r, w = packed.ids.shape
     offset = (jnp.arange(n, dtype=jnp.int32) * (r * w))[:, None]
-    return decoder.PackedText(
+    return decoder_cache.PackedText(
         ids=packed.ids.reshape(n * r, w),
         mask=packed.mask.reshape(n * r, w),
         seg_pos=packed.seg_pos.reshape(n * r, w),
@@ -538,7 +560,7 @@ def chunk_examples(batch: TokenBatch, size: int, *, by_length: bool = False, cue
         example_mask=fix(batch.example_mask, 0),
     )
     if by_length:
-        from .models.decoder import packing_for
+        from .models.decoder_cache import packing_for
 
         out = out.replace(packing=packing_for(out.attention_mask, out.example_mask, cue_len=cue_len))
     return out

@@ -38,7 +38,7 @@ class TokenBatch:
       packing: static ``(rows, width, cue_len)`` (decoders; ``None``: unknown): each group of the leading
         axes (a client, an evaluation chunk), its real examples sorted by length and dealt round-robin to
         ``rows`` rows, each example followed by the ``cue_len``-token cue, fits rows of ``width`` positions
-        (:func:`fedbpt_jax.models.decoder.packing_for`). Layout "before" then computes real tokens only,
+        (:func:`fedbpt_jax.models.decoder_cache.packing_for`). Layout "before" then computes real tokens only,
         not ``B × T``. Gathering groups (sampling clients) and perturbing tokens keep it; :meth:`take`
         drops it.
     """

@@ -93,11 +93,11 @@ def test_a_checkpoint_with_the_server_state_s_earlier_field_names_restores(tmp_p
     import jax
     import jax.numpy as jnp
 
-    from fedbpt_jax import strategy
+    from fedbpt_jax import aggregation
     from fedbpt_jax.checkpoint import Checkpointer
 
     @flax.struct.dataclass
-    class EarlierServer:  # strategy.ServerCMAState's fields in their order, under the earlier names
+    class EarlierServer:  # aggregation.ServerCMAState's fields in their order, under the earlier names
         mean: jax.Array
         sigma: jax.Array
         C: jax.Array
@@ -109,7 +109,7 @@ def test_a_checkpoint_with_the_server_state_s_earlier_field_names_restores(tmp_p
         last_eigen_update: jax.Array
         eigen_gap: jax.Array
 
-    current = strategy.server_init(3, 0.5, 2)
+    current = aggregation.server_init(3, 0.5, 2)
     values = {
         f: getattr(current, f) + (i + 1) * (1 if getattr(current, f).dtype == jnp.int32 else 0.25)
         for i, f in enumerate(
@@ -123,7 +123,7 @@ def test_a_checkpoint_with_the_server_state_s_earlier_field_names_restores(tmp_p
     template = {"state": {"server": current, "round": jnp.asarray(0)}, "rounds_done": jnp.asarray(0)}
     step, carry, meta = Checkpointer(tmp_path / "ck", "fp").restore(template)
     assert step == 3 and meta["x"] == 1 and int(carry["rounds_done"]) == 3
-    assert isinstance(carry["state"]["server"], strategy.ServerCMAState)
+    assert isinstance(carry["state"]["server"], aggregation.ServerCMAState)
     for f, v in values.items():
         np.testing.assert_array_equal(np.asarray(getattr(carry["state"]["server"], f)), np.asarray(v), err_msg=f)
     assert float(carry["state"]["server"].std) == 1.0 and float(carry["state"]["server"].p_std[0]) == 1.5

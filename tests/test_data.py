@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tokenizers_util as tu
-from fedbpt_jax import assets, data, tasks
+from fedbpt_jax import assets, data, templates
 from fedbpt_jax.types import TokenBatch
 
 DATA = tu.data_dir()
@@ -392,7 +392,7 @@ def test_tokenize_dispatch_and_scoring_spec(enc_tok):
     ex_ids = spec.exempt_ids[spec.exempt_ids >= 0].tolist()
     assert set(enc_tok.all_special_ids) | {1000, 1001, 1002, 1003, 1004, enc_tok.mask_token_id} == set(ex_ids)
     assert spec.exempt_ids.shape == (16,) and (spec.exempt_ids[len(ex_ids) :] == -1).all()
-    assert spec.label_ids.tolist() == tasks.label_token_ids("sst2", enc_tok, "encoder").tolist()
+    assert spec.label_ids.tolist() == templates.label_token_ids("sst2", enc_tok, "encoder").tolist()
     with pytest.raises(ValueError, match="unknown backbone kind"):
         data.tokenize("sst2", ex, enc_tok, "rnn")
 

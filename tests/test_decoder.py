@@ -18,8 +18,8 @@ import pytest
 
 from fedbpt_jax import assets
 from fedbpt_jax.models import decoder as dec
+from fedbpt_jax.models import decoder_cache, decoder_hf, hf
 from fedbpt_jax.models import gguf as gguf_loader
-from fedbpt_jax.models import hf
 from fedbpt_jax.types import ScoringSpec, TokenBatch
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -27,8 +27,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # Library code is jitted at the edge by its callers; tests do the same (eager dispatch is slow).
 logits = jax.jit(dec.logits, static_argnums=0)
 label_logits = jax.jit(dec.label_logits, static_argnums=(0, 5), static_argnames="layout")
-prefix_cache = jax.jit(dec.prefix_cache, static_argnums=0)
-label_logits_cached = jax.jit(dec.label_logits_cached, static_argnums=0)
+prefix_cache = jax.jit(decoder_cache.prefix_cache, static_argnums=0)
+label_logits_cached = jax.jit(decoder_cache.label_logits_cached, static_argnums=0)
 greedy_next_token = jax.jit(dec.greedy_next_token, static_argnums=0)
 TINY = ["decoder_tiny_tied", "decoder_tiny_untied"]
 SMOLLM2 = "smollm2-135m-instruct-gguf"
@@ -39,13 +39,13 @@ SMOLLM2 = "smollm2-135m-instruct-gguf"
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=TINY)
 def tiny(request):
-    config, params = dec.load_hf_decoder(FIXTURES / request.param)
+    config, params = decoder_hf.load_hf_decoder(FIXTURES / request.param)
     return request.param, config, params
 
 
 @pytest.fixture(scope="module")
 def tied():
-    return dec.load_hf_decoder(FIXTURES / "decoder_tiny_tied")
+    return decoder_hf.load_hf_decoder(FIXTURES / "decoder_tiny_tied")
 
 
 def make_batch(rows: list[list[int]], pad_id: int = 0) -> TokenBatch:
@@ -119,11 +119,11 @@ def test_config_validation_names_the_field(field, value):
 
 
 def test_config_from_hf_reads_the_fixtures():
-    c = dec.config_from_hf(hf.load_config(FIXTURES / "decoder_tiny_untied"))
+    c = decoder_hf.config_from_hf(hf.load_config(FIXTURES / "decoder_tiny_untied"))
     assert (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size) == (4, 1, 16, 32)
     assert c.rope_theta == 500.0 and c.rms_norm_eps == 1e-5 and not c.tie_word_embeddings
     assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (1, 2, None)
-    c = dec.config_from_hf(hf.load_config(FIXTURES / "decoder_tiny_tied"))
+    c = decoder_hf.config_from_hf(hf.load_config(FIXTURES / "decoder_tiny_tied"))
     assert c.head_dim == 8 and c.tie_word_embeddings and c.rope_theta == 10000.0
     hash(c)  # usable as a jit static argument
 
@@ -132,9 +132,9 @@ def test_config_from_hf_rejects_unsupported_features():
     from transformers import LlamaConfig
 
     with pytest.raises(ValueError, match="attention_bias"):
-        dec.config_from_hf(LlamaConfig(attention_bias=True))
+        decoder_hf.config_from_hf(LlamaConfig(attention_bias=True))
     with pytest.raises(ValueError, match="hidden_act"):
-        dec.config_from_hf(LlamaConfig(hidden_act="gelu"))
+        decoder_hf.config_from_hf(LlamaConfig(hidden_act="gelu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ QWEN2 = "decoder_tiny_qwen2"
 
 @pytest.fixture(scope="module")
 def qwen2():
-    return dec.load_hf_decoder(FIXTURES / QWEN2)
+    return decoder_hf.load_hf_decoder(FIXTURES / QWEN2)
 
 
 def test_qwen2_logits_match_hf_qwen2(qwen2):
@@ -198,7 +198,7 @@ def test_qwen2_scoring_paths_and_bf16(qwen2):
     np.testing.assert_allclose(
         np.asarray(cached), np.asarray(label_logits(config, params, batch, spec, prompt, "after")), atol=2e-5, rtol=0
     )
-    bf_config, bf_params = dec.load_hf_decoder(FIXTURES / QWEN2, compute_dtype="bfloat16")
+    bf_config, bf_params = decoder_hf.load_hf_decoder(FIXTURES / QWEN2, compute_dtype="bfloat16")
     assert bf_params["layers"]["self_attn"]["q_proj"]["bias"].dtype == jnp.float32
     assert bf_params["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
     bf = np.asarray(label_logits(bf_config, bf_params, batch, spec, None, "after"))
@@ -210,19 +210,19 @@ def test_qwen2_biases_are_required_and_llama_biases_refused(qwen2):
     tensors = hf.read_safetensors(FIXTURES / QWEN2)
     missing = {k: v for k, v in tensors.items() if not k.endswith("k_proj.bias")}
     with pytest.raises(ValueError, match=r"missing 2 tensor\(s\).*layers.0.self_attn.k_proj.bias"):
-        dec.params_from_hf(config, missing)
+        decoder_hf.params_from_hf(config, missing)
     # The same tensors under a Llama config: the biases have no place, and dropping them would be wrong.
     llama = dataclasses.replace(config, qkv_bias=False)
     with pytest.raises(
         ValueError, match=r"6 bias tensor\(s\).*accepted: the q/k/v projection biases of model_type 'qwen2'"
     ):
-        dec.params_from_hf(llama, tensors)
+        decoder_hf.params_from_hf(llama, tensors)
 
 
 def test_qwen2_config_from_hf():
     from transformers import LlamaConfig, Qwen2Config
 
-    c = dec.config_from_hf(
+    c = decoder_hf.config_from_hf(
         Qwen2Config(
             vocab_size=64,
             hidden_size=32,
@@ -233,9 +233,9 @@ def test_qwen2_config_from_hf():
         )
     )
     assert c.qkv_bias and c.head_dim == 8
-    assert not dec.config_from_hf(LlamaConfig()).qkv_bias
+    assert not decoder_hf.config_from_hf(LlamaConfig()).qkv_bias
     with pytest.raises(ValueError, match="sliding-window"):
-        dec.config_from_hf(Qwen2Config(use_sliding_window=True, sliding_window=16))
+        decoder_hf.config_from_hf(Qwen2Config(use_sliding_window=True, sliding_window=16))
 
 
 def test_left_padding_equals_unpadded(tiny):
@@ -253,14 +253,14 @@ def test_params_from_hf_reports_shape_and_missing_tensors(tied):
     bad = dict(tensors)
     bad["model.layers.1.self_attn.k_proj.weight"] = np.zeros((7, 32), np.float32)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(7, 32\).*\(16, 32\)"):
-        dec.params_from_hf(config, bad)
+        decoder_hf.params_from_hf(config, bad)
     missing = {k: v for k, v in tensors.items() if "mlp.up_proj" not in k and k != "model.norm.weight"}
     with pytest.raises(ValueError, match="missing 3 tensor") as err:
-        dec.params_from_hf(config, missing)
+        decoder_hf.params_from_hf(config, missing)
     assert "model.layers.0.mlp.up_proj.weight" in str(err.value) and "model.norm.weight" in str(err.value)
     untied = dataclasses.replace(config, tie_word_embeddings=False)
     with pytest.raises(ValueError, match="lm_head.weight"):
-        dec.params_from_hf(untied, tensors)
+        decoder_hf.params_from_hf(untied, tensors)
 
 
 def test_init_params_has_the_loaded_tree(tied):

@@ -487,13 +487,13 @@ def test_fedprompt_lowers_the_training_loss():
 
 
 def test_fedavg_bbt_weights_follow_example_counts(monkeypatch):
-    original = algs.strategy.fedavg_aggregate
+    original = algs.aggregation.fedavg_aggregate
 
     def spy(state, client_states, weights, mask=None):
         new, metrics = original(state, client_states, weights, mask)
         return new, {**metrics, "spy_weights": weights, "spy_means": client_states.mean}
 
-    monkeypatch.setattr(algs.strategy, "fedavg_aggregate", spy)
+    monkeypatch.setattr(algs.aggregation, "fedavg_aggregate", spy)
     lm = fs.tiny_lm()
     algo = fl.fedavg_bbt(_cfg_b(), lm)
     counts = np.array([1, 2, 3, 4], np.int32)

@@ -20,6 +20,7 @@ import pytest
 
 from fedbpt_jax import models
 from fedbpt_jax.models import decoder as dec
+from fedbpt_jax.models import decoder_hf
 from fedbpt_jax.models import gguf as gguf_loader
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -50,7 +51,7 @@ def _source_tensors(config: dec.DecoderConfig, seed: int = 0) -> dict[str, np.nd
     """Random HF-named float32 tensors for ``config`` (norm scales around 1)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, shape in dec.expected_hf_shapes(config).items():
+    for name, shape in decoder_hf.expected_hf_shapes(config).items():
         if name.endswith("norm.weight"):
             out[name] = (1.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32)
         else:
@@ -155,7 +156,7 @@ def test_written_gguf_round_trip(written, source, qtype, use_cache, tmp_path, mo
         config2, params2, _ = gguf_loader.load_gguf(written[qtype])  # read back from the cache
         assert config2 == config
         jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
-    expected = dec.params_from_hf(CONFIG, source)
+    expected = decoder_hf.params_from_hf(CONFIG, source)
     flat_got = gguf_loader.flatten_params(params)
     flat_src = gguf_loader.flatten_params(expected)
     assert sorted(flat_got) == sorted(flat_src)
@@ -188,7 +189,7 @@ def test_written_gguf_loads_through_models_load(written, source, tmp_path, monke
     ids = np.asarray([[1, 50, 60, 70]], np.int32)
     np.testing.assert_allclose(
         np.asarray(logits_fn(lm.config, lm.params, ids)),
-        np.asarray(logits_fn(CONFIG, dec.params_from_hf(CONFIG, source), ids)),
+        np.asarray(logits_fn(CONFIG, decoder_hf.params_from_hf(CONFIG, source), ids)),
         atol=1e-5,
         rtol=0,
     )

@@ -40,7 +40,7 @@ import federated_setup as fs
 from fedbpt_jax import federated as fl
 from fedbpt_jax import machine, prompt, testing
 from fedbpt_jax.federated.core import ModelInputs
-from fedbpt_jax.models import decoder
+from fedbpt_jax.models import decoder_cache
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 REGEN = os.environ.get("FEDBPT_JAX_REGEN_GOLDEN", "") not in ("", "0")
@@ -111,7 +111,7 @@ def _run(name: str, ckpt_dir: Path):
     data = fs.make_data(N, seed=7, counts=COUNTS)
     if cfg.layout == "before":  # the texts packed to their real tokens, as the data loader gives them
         t = data.train
-        packing = decoder.packing_for(t.attention_mask, t.example_mask, cue_len=int(fs.spec().cue_ids.shape[0]))
+        packing = decoder_cache.packing_for(t.attention_mask, t.example_mask, cue_len=int(fs.spec().cue_ids.shape[0]))
         data = data.replace(train=t.replace(packing=packing))
     dev = _clean(testing.random_batch(2, 8, fs.SEQ, fs.VOCAB - 1))
     kw = dict(

@@ -19,7 +19,7 @@ import pytest
 
 from fedbpt_jax import models, objective
 from fedbpt_jax.models import decoder as dec
-from fedbpt_jax.models import encoder, gguf, hf, precision
+from fedbpt_jax.models import decoder_cache, decoder_hf, encoder, gguf, hf, precision
 from fedbpt_jax.types import ScoringSpec, TokenBatch
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -38,7 +38,7 @@ def _ids(vocab: int, shape=(3, 12), seed=0):
 
 @pytest.mark.parametrize("name", ["decoder_tiny_tied", "decoder_tiny_untied"])
 def test_decoder_bf16_logits_within_bound(name):
-    config, params = dec.load_hf_decoder(FIXTURES / name)
+    config, params = decoder_hf.load_hf_decoder(FIXTURES / name)
     cb = _bf16(config)
     pb = dec.cast_params(cb, params)
     ids = _ids(90)
@@ -64,7 +64,7 @@ def test_encoder_bf16_logits_within_bound():
 
 
 def test_storage_dtypes_follow_the_policy():
-    config, params = dec.load_hf_decoder(FIXTURES / "decoder_tiny_untied", compute_dtype="bfloat16")
+    config, params = decoder_hf.load_hf_decoder(FIXTURES / "decoder_tiny_untied", compute_dtype="bfloat16")
     assert config.compute_dtype == "bfloat16"
     assert params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
     assert params["lm_head"]["embedding"].dtype == jnp.bfloat16
@@ -72,7 +72,7 @@ def test_storage_dtypes_follow_the_policy():
     assert params["layers"]["input_layernorm"]["scale"].dtype == jnp.float32
     assert params["norm"]["scale"].dtype == jnp.float32
     assert precision.tree_bytes(params) < 0.55 * precision.tree_bytes(
-        dec.load_hf_decoder(FIXTURES / "decoder_tiny_untied")[1]
+        decoder_hf.load_hf_decoder(FIXTURES / "decoder_tiny_untied")[1]
     )
     ecfg = _bf16(
         encoder.EncoderConfig(
@@ -103,16 +103,16 @@ def test_bf16_checkpoint_loads_without_float32_round_trip(tmp_path):
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
     raw = hf.read_safetensors(tmp_path, keep_bf16=True)
     assert raw["model.embed_tokens.weight"].dtype == ml_dtypes.bfloat16
-    config, params = dec.load_hf_decoder(tmp_path, compute_dtype="bfloat16")
+    config, params = decoder_hf.load_hf_decoder(tmp_path, compute_dtype="bfloat16")
     emb = np.asarray(params["embed_tokens"]["embedding"])
     np.testing.assert_array_equal(emb.view(np.uint16), bf["model.embed_tokens.weight"].view(np.uint16))
     # float32 compute widens the same bits exactly
-    _, p32 = dec.load_hf_decoder(tmp_path)
+    _, p32 = decoder_hf.load_hf_decoder(tmp_path)
     np.testing.assert_array_equal(np.asarray(p32["embed_tokens"]["embedding"]), emb.astype(np.float32))
 
 
 def test_bf16_prefix_cache_matches_uncached_and_is_stored_in_bf16():
-    config, params = dec.load_hf_decoder(FIXTURES / "decoder_tiny_tied")
+    config, params = decoder_hf.load_hf_decoder(FIXTURES / "decoder_tiny_tied")
     cb = _bf16(config)
     pb = dec.cast_params(cb, params)
     ids = _ids(90, (2, 7))
@@ -130,9 +130,9 @@ def test_bf16_prefix_cache_matches_uncached_and_is_stored_in_bf16():
         vocab_size=0,
     )
     prompt = 0.02 * jax.random.normal(jax.random.key(1), (4, config.hidden_size))
-    cache = jax.jit(dec.prefix_cache, static_argnums=0)(cb, pb, batch)
+    cache = jax.jit(decoder_cache.prefix_cache, static_argnums=0)(cb, pb, batch)
     assert cache.k.dtype == jnp.bfloat16 and cache.v.dtype == jnp.bfloat16
-    cached = jax.jit(dec.label_logits_cached, static_argnums=0)(cb, pb, cache, spec, prompt)
+    cached = jax.jit(decoder_cache.label_logits_cached, static_argnums=0)(cb, pb, cache, spec, prompt)
     full = jax.jit(dec.label_logits, static_argnums=(0, 5))(cb, pb, batch, spec, prompt, "after")
     ref = jax.jit(dec.label_logits, static_argnums=(0, 5))(config, params, batch, spec, prompt, "after")
     assert cached.dtype == jnp.float32
@@ -142,7 +142,7 @@ def test_bf16_prefix_cache_matches_uncached_and_is_stored_in_bf16():
 
 def test_population_fitness_ranking_survives_bf16():
     """On the tiny model the ranking that CMA-ES sees is nearly unchanged by bfloat16."""
-    config, params = dec.load_hf_decoder(FIXTURES / "decoder_tiny_tied")
+    config, params = decoder_hf.load_hf_decoder(FIXTURES / "decoder_tiny_tied")
     cb = _bf16(config)
     pb = dec.cast_params(cb, params)
     ids = _ids(90, (6, 9), seed=3)
@@ -247,7 +247,7 @@ def test_gguf_unsupported_quant_type_is_named():
 
 def test_converted_cache_stores_each_precision_once(tmp_path):
     """A second precision is cast from the cached one and written once; the first file is untouched."""
-    config, params = dec.load_hf_decoder(FIXTURES / "decoder_tiny_tied")
+    config, params = decoder_hf.load_hf_decoder(FIXTURES / "decoder_tiny_tied")
     target = tmp_path / "conv"
     target.mkdir()
     gguf._save_params(params, target / gguf.params_file("float32"), "x")

@@ -16,6 +16,7 @@ import pytest
 
 from fedbpt_jax import objective, testing
 from fedbpt_jax.models import decoder as dec
+from fedbpt_jax.models import decoder_cache
 from fedbpt_jax.types import ScoringSpec, TokenBatch
 
 CFG = dec.DecoderConfig(
@@ -42,7 +43,7 @@ def _batch(seed: int, clients: int, examples: int, t: int, min_len: int = 1, cue
         answer_pos=np.full((clients, examples), t - 1, np.int32),
         labels=rng.integers(0, 2, size=(clients, examples)).astype(np.int32),
         example_mask=example_mask,
-        packing=dec.packing_for(mask, example_mask, cue_len=cue_len, key_cost=1000.0),
+        packing=decoder_cache.packing_for(mask, example_mask, cue_len=cue_len, key_cost=1000.0),
     )
 
 
@@ -61,7 +62,7 @@ def _client(batch: TokenBatch, c: int) -> TokenBatch:
 
 
 uncached = jax.jit(dec.label_logits, static_argnums=(0, 5))
-packed_logits = jax.jit(dec.label_logits_packed, static_argnums=0)
+packed_logits = jax.jit(decoder_cache.label_logits_packed, static_argnums=0)
 
 
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
@@ -73,7 +74,7 @@ def test_packed_prompt_cache_equals_uncached_layout_before(compute_dtype, lead):
     prompt = 0.1 * jax.random.normal(jax.random.key(1), (5, cfg.hidden_size))
     for c in range(3):
         b = _client(batch, c)
-        packed = dec.pack_texts(b, spec)
+        packed = decoder_cache.pack_texts(b, spec)
         assert packed.ids.size < b.input_ids.size + 7 * 2  # real tokens only
         real = np.asarray(b.example_mask) > 0  # a padding row's logits are not computed
         for p in (prompt, None):
@@ -82,8 +83,8 @@ def test_packed_prompt_cache_equals_uncached_layout_before(compute_dtype, lead):
             np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=TOL[compute_dtype], rtol=0)
     # the prompt matters, and a different prompt gives different logits through the cache
     b = _client(batch, 0)
-    a = packed_logits(cfg, params, dec.pack_texts(b, spec), spec, prompt)
-    z = packed_logits(cfg, params, dec.pack_texts(b, spec), spec, -prompt)
+    a = packed_logits(cfg, params, decoder_cache.pack_texts(b, spec), spec, prompt)
+    z = packed_logits(cfg, params, decoder_cache.pack_texts(b, spec), spec, -prompt)
     assert float(jnp.max(jnp.abs(a - z))) > 1e-4
 
 
@@ -116,7 +117,7 @@ def test_prefix_cache_puts_the_lead_before_the_text():
     b, spec = _client(_batch(2, 1, 5, 9), 0), _spec((8, 9, 10, 11))
     prompt = 0.1 * jax.random.normal(jax.random.key(5), (2, CFG.hidden_size))
     want = uncached(CFG, params, b, spec, prompt, "after")
-    got = dec.label_logits_cached(CFG, params, dec.prefix_cache(CFG, params, b, spec), spec, prompt)
+    got = decoder_cache.label_logits_cached(CFG, params, decoder_cache.prefix_cache(CFG, params, b, spec), spec, prompt)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
     no_lead = uncached(CFG, params, b, _spec(None), prompt, "after")
     assert float(jnp.max(jnp.abs(no_lead - want))) > 1e-4  # the lead is read
@@ -126,8 +127,8 @@ def test_pack_texts_places_every_real_token_once_at_its_position():
     b, spec = _client(_batch(5, 1, 9, 20, cue_len=3), 0), _spec(cue=(12, 13, 14))
     b = b.replace(example_mask=jnp.ones(9, jnp.float32), packing=None)  # every row real
     lengths = np.asarray(b.attention_mask).sum(-1)
-    for packing in [dec.packing_for(b.attention_mask, cue_len=3, key_cost=k) for k in (4.0, 1e6)] + [None]:
-        p = dec.pack_texts(b, spec, packing)
+    for packing in [decoder_cache.packing_for(b.attention_mask, cue_len=3, key_cost=k) for k in (4.0, 1e6)] + [None]:
+        p = decoder_cache.pack_texts(b, spec, packing)
         ids, mask, seg, pos = (np.asarray(x) for x in (p.ids, p.mask, p.segments, p.seg_pos))
         assert mask.sum() == lengths.sum() + 9 * 3  # every real token and every cue, once
         for e in range(9):
@@ -136,18 +137,18 @@ def test_pack_texts_places_every_real_token_once_at_its_position():
             assert ids[sel].tolist() == want and pos[sel].tolist() == list(range(lengths[e] + 3))
             r, c = divmod(int(p.ends[e]), ids.shape[1])
             assert ids[r, c] == 14 and seg[r, c] >= 0 and pos[r, c] == lengths[e] + 2
-    wide = dec.packing_for(b.attention_mask, cue_len=3, key_cost=1e6)
+    wide = decoder_cache.packing_for(b.attention_mask, cue_len=3, key_cost=1e6)
     assert wide[:2] == (1, lengths.sum() + 27)  # keys nearly free: one row, no waste
     with pytest.raises(ValueError, match="made for a cue of 3 token.*the spec's cue has 2"):
-        dec.pack_texts(b, _spec(cue=(12, 13)), wide)
+        decoder_cache.pack_texts(b, _spec(cue=(12, 13)), wide)
 
 
 def test_packing_holds_for_sampled_clients_and_a_pooled_batch():
     batch = _batch(3, 6, 5, 16)
     rows, width, _ = batch.packing
-    lengths = dec.example_lengths(batch.attention_mask, batch.example_mask)
+    lengths = decoder_cache.example_lengths(batch.attention_mask, batch.example_mask)
     for subset in ([0], [2, 5], [1, 3, 4]):
-        assert dec._row_loads(lengths[subset], 2, rows).max() <= width
+        assert decoder_cache._row_loads(lengths[subset], 2, rows).max() <= width
     params = dec.init_params(CFG, jax.random.key(0))
     sc = objective.scorer_for("decoder", CFG, "before", n_prompt_tokens=2)
     jb = jax.tree_util.tree_map(jnp.asarray, batch)
@@ -169,7 +170,7 @@ def test_cost_model_counts_the_prompt_pass_once_per_candidate():
     assert c.per_prompt == dec.flops_per_example(CFG, 10, 14, 0)
     assert c.call(4) == 4 * c.forward + c.per_prompt
     assert c.forward < sc.cost(24, 3, 2, None, 4, 4).forward  # 2 rows of 30 < 4 rows of 27
-    assert dec.prompt_cache_bytes(CFG, 10, 4) == 14 * 3 * 2 * 2 * 8 * 4
+    assert decoder_cache.prompt_cache_bytes(CFG, 10, 4) == 14 * 3 * 2 * 2 * 8 * 4
 
 
 def test_cache_where_it_cannot_apply_is_a_one_line_error():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import federated_setup as fs
-from fedbpt_jax import bbt, objective, strategy
+from fedbpt_jax import aggregation, bbt, objective
 from fedbpt_jax import federated as fl
 from fedbpt_jax.federated import driver, evaluation  # noqa: E402
 from fedbpt_jax.federated.core import ModelInputs
@@ -230,7 +230,7 @@ def test_per_client_diagnostics_and_saved_uploads_replay_the_server(tmp_path):
     assert u["round"].tolist() == [1, 2] and u["mean"].shape == (2, 4, fs.D_A) and u["sigmas"].shape == (2, 4, 2)
     init = algo.init(None, fl.HParams().validate())
     np.testing.assert_array_equal(u["server_mean"][0], np.asarray(init.server.mean))
-    replay, _ = strategy.server_update(
+    replay, _ = aggregation.server_update(
         init.server,
         jnp.asarray(u["mean"][0]),
         jnp.asarray(u["fitness"][0]),

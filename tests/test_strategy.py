@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedbpt_jax import aggregation, cma
 from fedbpt_jax import strategy as st
 
-_server_update = jax.jit(st.server_update, static_argnames=("variant", "local_population", "local_mu"))
+_server_update = jax.jit(aggregation.server_update, static_argnames=("variant", "local_population", "local_mu"))
 
 
 def server_update(*args, variant="reference", local_population=5):
@@ -21,8 +22,8 @@ def server_update(*args, variant="reference", local_population=5):
     return _server_update(*args, variant=variant, local_population=local_population)
 
 
-fedavg_aggregate = jax.jit(st.fedavg_aggregate)
-eigendecompose = jax.jit(st._eigendecompose)
+fedavg_aggregate = jax.jit(aggregation.fedavg_aggregate)
+eigendecompose = jax.jit(cma.eigendecompose)
 client_init = jax.jit(st.client_init, static_argnames=("refresh_eigen",))
 vask = jax.jit(jax.vmap(st.ask, in_axes=(0, 0, None)))
 vtell = jax.jit(jax.vmap(st.tell, in_axes=(0, 0, 0, None)))
@@ -85,7 +86,7 @@ def test_server_reference_matches_pycma(d, m, rounds):
     target = 3 * rng.normal(size=d)
     with jax.enable_x64(True):
         es = _pycma_server(cma, d, m)
-        state = st.server_init(d, 1.0, m, dtype=jnp.float64)
+        state = aggregation.server_init(d, 1.0, m, dtype=jnp.float64)
         sigma_b = 1.0
         worst, hsigs, eig, repaired = 0.0, set(), 0, 0
         for r in range(rounds):
@@ -128,7 +129,7 @@ def test_server_masked_equals_pycma_on_active_clients():
     target = 3 * rng.normal(size=d)
     with jax.enable_x64(True):
         es = _pycma_server(cma, d, k)
-        state = st.server_init(d, 1.0, m, dtype=jnp.float64)
+        state = aggregation.server_init(d, 1.0, m, dtype=jnp.float64)
         sigma_b = 1.0
         for r in range(6):
             means, fits, sig = _client_round_inputs(rng, r, es.mean.copy(), sigma_b, target, k, d, lam)
@@ -162,7 +163,7 @@ def test_server_masked_equals_pycma_on_active_clients():
 
 def test_server_all_masked_or_failed_leaves_state_unchanged():
     d, m = 8, 5
-    state = st.server_init(d, 0.7, m)
+    state = aggregation.server_init(d, 0.7, m)
     means = jnp.ones((m, d))
     fits = jnp.array([jnp.nan, jnp.inf, 1.0, 2.0, 3.0])
     sig = jnp.ones((m, 3))
@@ -176,7 +177,7 @@ def test_server_all_masked_or_failed_leaves_state_unchanged():
 def test_server_nonfinite_client_is_dropped_not_poisoning():
     d, m = 8, 5
     rng = np.random.default_rng(0)
-    state = st.server_init(d, 1.0, m)
+    state = aggregation.server_init(d, 1.0, m)
     means = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
     fits = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0], jnp.float32)
     sig = jnp.ones((m, 3))
@@ -195,7 +196,7 @@ def test_server_nonfinite_client_is_dropped_not_poisoning():
 
 def test_sigma_prime_reference_and_paper_by_hand():
     d, m, lam = 8, 5, 5
-    state = st.server_init(d, 1.0, m)
+    state = aggregation.server_init(d, 1.0, m)
     means = jnp.zeros((m, d)) + 0.1
     fits = jnp.asarray([3.0, 1.0, 2.0, 4.0, 0.5])
     sig = jnp.asarray(np.arange(1, 1 + m * 3, dtype=np.float32).reshape(m, 3) / 10)
@@ -214,12 +215,12 @@ def test_sigma_prime_reference_and_paper_by_hand():
 def test_server_update_vmaps_over_independent_servers():
     d, m = 8, 5
     rng = np.random.default_rng(1)
-    states = jax.vmap(lambda s0: st.server_init(d, s0, m))(jnp.asarray([0.5, 1.0]))
+    states = jax.vmap(lambda s0: aggregation.server_init(d, s0, m))(jnp.asarray([0.5, 1.0]))
     means = jnp.asarray(rng.normal(size=(2, m, d)), jnp.float32)
     fits = jnp.sum(means**2, -1)
     sig = jnp.asarray(rng.uniform(0.5, 1.0, size=(2, m, 3)), jnp.float32)
     mask = jnp.asarray([[True, True, False, True, True], [True] * m])
-    batched, _ = jax.jit(jax.vmap(st.server_update))(states, means, fits, sig, mask)
+    batched, _ = jax.jit(jax.vmap(aggregation.server_update))(states, means, fits, sig, mask)
     for i in range(2):
         one, _ = server_update(jax.tree_util.tree_map(lambda a: a[i], states), means[i], fits[i], sig[i], mask[i])
         for a, b in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(one)):
@@ -239,7 +240,7 @@ def test_client_tell_matches_pycma_client(d, lam, m):
     rng = np.random.default_rng(d + lam)
     with jax.enable_x64(True):
         es = _pycma_server(cma, d, m)
-        state = st.server_init(d, 1.0, m, dtype=jnp.float64)
+        state = aggregation.server_init(d, 1.0, m, dtype=jnp.float64)
         sigma_b = 1.0
         for r in range(3):  # a server with a non-trivial C
             means, fits, sig = _client_round_inputs(rng, r, es.mean.copy(), sigma_b, rng.normal(size=d), m, d, lam)
@@ -307,7 +308,7 @@ def _minimise(rosenbrock, gens, x0, key):
     """Client CMA-ES (λ = 5: mirrors and active weights on) in d = 10 from x0·1; one compilation
     serves both problems and both lengths."""
     d, lam = 10, 5
-    server = st.server_init(d, 1.0, 2).replace(mean=jnp.full((d,), x0, jnp.float32))
+    server = aggregation.server_init(d, 1.0, 2).replace(mean=jnp.full((d,), x0, jnp.float32))
     params = st.local_params(lam, d)
 
     def fn(x):
@@ -333,7 +334,7 @@ def test_local_converges_on_sphere_and_rosenbrock():
 
 
 def _local_setup(d=12, lam=5, dtype=jnp.float32):
-    server = st.server_init(d, 0.5, 3, dtype=dtype)
+    server = aggregation.server_init(d, 0.5, 3, dtype=dtype)
     C = server.C + 0.3 * jnp.outer(jnp.linspace(-1, 1, d, dtype=dtype), jnp.linspace(-1, 1, d, dtype=dtype))
     C, B, D = eigendecompose(C, server.D)
     return server.replace(C=C, B=B, D=D), st.local_params(lam, d)
@@ -525,7 +526,7 @@ def test_evosax_interface_of_local_strategy():
 
 def test_fedavg_weights_and_mask():
     d, m = 3, 4
-    state = st.server_init(d, 1.0, m)
+    state = aggregation.server_init(d, 1.0, m)
     rng = np.random.default_rng(0)
     means = rng.normal(size=(m, d)).astype(np.float32)
     stds = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
@@ -555,12 +556,12 @@ def test_server_random_ranking_permutes_the_weights_and_keeps_the_rest():
     the fitness); σ', the unusable clients and best_fitness are those of the fitness ranking."""
     d, m = 8, 6
     rng = np.random.default_rng(1)
-    state = st.server_init(d, 1.0, m)
+    state = aggregation.server_init(d, 1.0, m)
     means = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
     fits = jnp.asarray([3.0, 1.0, 2.0, 6.0, 5.0, 4.0], jnp.float32)
     sig = jnp.ones((m, 3))
     mask = jnp.asarray([True, True, True, True, True, False])
-    rank = jax.jit(st.server_update, static_argnames=("variant", "local_population", "local_mu"))
+    rank = jax.jit(aggregation.server_update, static_argnames=("variant", "local_population", "local_mu"))
     ref, mref = rank(state, means, fits, sig, mask)
     np.testing.assert_array_equal(mref["client_rank"], [2, 0, 1, 4, 3, -1])
     seen = set()

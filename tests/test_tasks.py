@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 
 import tokenizers_util as tu
-from fedbpt_jax import tasks
+from fedbpt_jax import tasks, templates
 
 HAS_JINJA = importlib.util.find_spec("jinja2") is not None
 
@@ -86,8 +86,8 @@ def test_reference_templates_and_verbalizers():
 
 
 def test_parse_encoder_template_attaches_spaces_to_what_follows():
-    P = tasks.EncoderPiece
-    assert tasks.parse_encoder_template("{prompt} . {text} . It was {mask} .") == (
+    P = templates.EncoderPiece
+    assert templates.parse_encoder_template("{prompt} . {text} . It was {mask} .") == (
         P("prompt"),
         P("literal", " ."),
         P("text", " "),
@@ -95,14 +95,14 @@ def test_parse_encoder_template_attaches_spaces_to_what_follows():
         P("mask"),
         P("literal", " ."),
     )
-    assert tasks.parse_encoder_template("{prompt} . {mask} News: {text}") == (
+    assert templates.parse_encoder_template("{prompt} . {mask} News: {text}") == (
         P("prompt"),
         P("literal", " ."),
         P("mask"),
         P("literal", " News:"),
         P("text", " "),
     )
-    assert tasks.parse_encoder_template("{prompt} . {text_a} ? {mask} , {text_b}") == (
+    assert templates.parse_encoder_template("{prompt} . {text_a} ? {mask} , {text_b}") == (
         P("prompt"),
         P("literal", " ."),
         P("text_a", " "),
@@ -130,28 +130,28 @@ def test_decoder_templates_styles_and_default():
 
 
 def test_chat_fallback_is_chatml(dec_tok):
-    r = tasks.render_decoder_template("sst2", dec_tok, "chat")  # no chat_template on this tokenizer
+    r = templates.render_decoder_template("sst2", dec_tok, "chat")  # no chat_template on this tokenizer
     assert r.head == "<|im_start|>user\n"
     assert r.cue == "<|im_end|>\n<|im_start|>assistant\n"
     assert r.body.endswith("Review: {text}") and r.label_words == ("negative", "positive")
-    db = tasks.render_decoder_template("dbpedia", dec_tok, "chat")
+    db = templates.render_decoder_template("dbpedia", dec_tok, "chat")
     assert db.cue.endswith("<|im_start|>assistant\nCategory:")
-    comp = tasks.render_decoder_template("rte", dec_tok)
+    comp = templates.render_decoder_template("rte", dec_tok)
     assert comp.head == "" and comp.body == "Premise: {text_a}\nHypothesis: {text_b}"
 
 
 @pytest.mark.skipif(not HAS_JINJA, reason="jinja2 not installed (apply_chat_template needs it)")
 def test_chat_uses_the_tokenizers_chat_template():
     tok = tu.chatml_tokenizer(chat_template=True)
-    r = tasks.render_decoder_template("sst2", tok, "chat")
+    r = templates.render_decoder_template("sst2", tok, "chat")
     assert r.head == "<|im_start|>system\nYou are a test assistant.<|im_end|>\n<|im_start|>user\n"
     assert r.cue == "<|im_end|>\n<|im_start|>assistant\n"
-    forced = tasks.render_decoder_template("sst2", tok, "chat", use_chat_template=False)
+    forced = templates.render_decoder_template("sst2", tok, "chat", use_chat_template=False)
     assert forced.head == "<|im_start|>user\n"
 
 
 def test_encoder_label_ids_bbt_rule(enc_tok):
-    ids = tasks.label_token_ids("sst2", enc_tok, "encoder")
+    ids = templates.label_token_ids("sst2", enc_tok, "encoder")
     assert ids.dtype.name == "int32" and ids.shape == (2,)
     # BBT: encoded WITHOUT a leading space
     assert ids.tolist() == [
@@ -163,42 +163,42 @@ def test_encoder_label_ids_bbt_rule(enc_tok):
         enc_tok(" great", add_special_tokens=False)["input_ids"][0],
     ]
     for name in tasks.TASK_NAMES:
-        assert len(tasks.label_token_ids(name, enc_tok, "encoder")) == tasks.get(name).num_labels
+        assert len(templates.label_token_ids(name, enc_tok, "encoder")) == tasks.get(name).num_labels
 
 
 def test_multi_token_label_word_error_and_first_token_opt_in(enc_tok):
     t = dataclasses.replace(tasks.get("ag_news"), encoder_label_words=("World", "Sports", "Business", "Sci/Tech"))
     with pytest.raises(ValueError) as err:
-        tasks.label_token_ids(t, enc_tok, "encoder")
+        templates.label_token_ids(t, enc_tok, "encoder")
     msg = str(err.value)
     assert "'Sci/Tech'" in msg and "first_token=True" in msg and "tokens" in msg
-    ids = tasks.label_token_ids(t, enc_tok, "encoder", first_token=True)
+    ids = templates.label_token_ids(t, enc_tok, "encoder", first_token=True)
     assert ids[3] == enc_tok("Sci/Tech", add_special_tokens=False)["input_ids"][0]
 
 
 def test_duplicate_label_ids_error(enc_tok):
     t = dataclasses.replace(tasks.get("sst2"), encoder_label_words=("great", "great"))
     with pytest.raises(ValueError, match="share token ids"):
-        tasks.label_token_ids(t, enc_tok, "encoder")
+        templates.label_token_ids(t, enc_tok, "encoder")
     # first-token scoring that collapses two words is an error too
     t2 = dataclasses.replace(tasks.get("sst2"), encoder_label_words=("Sci/Tech", "Sci/Fi"))
     with pytest.raises(ValueError, match="share token ids"):
-        tasks.label_token_ids(t2, enc_tok, "encoder", first_token=True)
+        templates.label_token_ids(t2, enc_tok, "encoder", first_token=True)
 
 
 def test_decoder_label_ids_follow_the_cue(dec_tok):
-    comp = tasks.label_token_ids("sst2", dec_tok, "decoder")
+    comp = templates.label_token_ids("sst2", dec_tok, "decoder")
     assert comp.tolist() == [
         dec_tok(" negative", add_special_tokens=False)["input_ids"][0],
         dec_tok(" positive", add_special_tokens=False)["input_ids"][0],
     ]
-    chat = tasks.label_token_ids("sst2", dec_tok, "decoder", style="chat")
+    chat = templates.label_token_ids("sst2", dec_tok, "decoder", style="chat")
     assert chat.tolist() == [
         dec_tok("negative", add_special_tokens=False)["input_ids"][0],
         dec_tok("positive", add_special_tokens=False)["input_ids"][0],
     ]
     with pytest.raises(ValueError, match="unknown backbone kind"):
-        tasks.label_token_ids("sst2", dec_tok, "seq2seq")
+        templates.label_token_ids("sst2", dec_tok, "seq2seq")
 
 
 @pytest.fixture(scope="module")
@@ -212,12 +212,14 @@ def smollm2_tok():
 def test_smollm2_every_decoder_label_word_is_one_token(smollm2_tok):
     for name in tasks.TASK_NAMES:
         for style in tasks.get(name).styles:
-            ids = tasks.label_token_ids(name, smollm2_tok, "decoder", style=style)
+            ids = templates.label_token_ids(name, smollm2_tok, "decoder", style=style)
             assert len(set(ids.tolist())) == tasks.get(name).num_labels
     # the ids measured in docs/measurements.md
-    assert tasks.label_token_ids("sst2", smollm2_tok, "decoder").tolist() == [3524, 2731]
-    assert tasks.label_token_ids("sst2", smollm2_tok, "decoder", style="chat").tolist() == [17728, 16185]
-    assert [smollm2_tok.decode([i]) for i in tasks.label_token_ids("sst2", smollm2_tok, "decoder", style="bbt")] == [
+    assert templates.label_token_ids("sst2", smollm2_tok, "decoder").tolist() == [3524, 2731]
+    assert templates.label_token_ids("sst2", smollm2_tok, "decoder", style="chat").tolist() == [17728, 16185]
+    assert [
+        smollm2_tok.decode([i]) for i in templates.label_token_ids("sst2", smollm2_tok, "decoder", style="bbt")
+    ] == [
         " terrible",
         " great",
     ]
@@ -226,7 +228,7 @@ def test_smollm2_every_decoder_label_word_is_one_token(smollm2_tok):
 @pytest.mark.skipif(not HAS_JINJA, reason="jinja2 not installed (apply_chat_template needs it)")
 def test_smollm2_chat_template_renders_as_measured(smollm2_tok):
     tok = tu.smollm2_tokenizer(chat_template=True)
-    r = tasks.render_decoder_template("sst2", tok, "chat")
+    r = templates.render_decoder_template("sst2", tok, "chat")
     assert r.head == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
         "<|im_end|>\n<|im_start|>user\n"
@@ -235,14 +237,14 @@ def test_smollm2_chat_template_renders_as_measured(smollm2_tok):
         "Is the sentiment of the following movie review positive or negative? Answer with one word.\n\nReview: "
     )
     assert r.cue == "<|im_end|>\n<|im_start|>assistant\n"
-    assert tasks.label_token_ids("sst2", tok, "decoder", style="chat").tolist() == [17728, 16185]
+    assert templates.label_token_ids("sst2", tok, "decoder", style="chat").tolist() == [17728, 16185]
 
 
 @pytest.mark.skipif(HAS_JINJA, reason="only without jinja2")
 def test_chat_template_without_jinja_warns_and_falls_back():
     tok = tu.chatml_tokenizer(chat_template=True)
     with pytest.warns(UserWarning, match="jinja2"):
-        r = tasks.render_decoder_template("sst2", tok, "chat")
+        r = templates.render_decoder_template("sst2", tok, "chat")
     assert r.head == "<|im_start|>user\n"
 
 

@@ -160,7 +160,7 @@ def federated(
     fed, counts = federated_batches(tr_batch, part, pad_to)
     spec = scoring_spec(task, tokenizer, kind, n_prompt=n_prompt, style=style, first_token=first_token)
     if kind == DECODER:  # what layout "before" packs the clients' texts into (real tokens only)
-        from ..models.decoder import packing_for
+        from ..models.decoder_cache import packing_for
 
         fed = fed.replace(packing=packing_for(fed.attention_mask, fed.example_mask, cue_len=len(spec.cue_ids)))
     return FederatedSplits(fed, counts, dv_batch, te_batch, spec, part)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import tasks as tasks_lib
+from .. import templates
 from ..tasks import Task
 from ..types import TokenBatch
 from .examples import Examples
@@ -74,7 +75,7 @@ def encode_encoder(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pre, post = special_frame(tokenizer)
     ph = placeholder_ids(tokenizer, n_prompt, mode=placeholder).tolist()
-    pieces = tasks_lib.parse_encoder_template(task.encoder_template)
+    pieces = templates.parse_encoder_template(task.encoder_template)
     lit_ids = {
         p.value: list(tokenizer(p.value, add_special_tokens=False)["input_ids"]) for p in pieces if p.kind == "literal"
     }

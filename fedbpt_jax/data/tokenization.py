@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import tasks as tasks_lib
+from .. import templates
 from ..tasks import ENCODER, Task
 from ..types import ScoringSpec, TokenBatch
 from .decoder_inputs import decoder_cue_ids, decoder_lead_ids, encode_decoder
@@ -64,7 +65,7 @@ def scoring_spec(
     """
     task = tasks_lib.get(task)
     tasks_lib.check_kind(kind)
-    labels = tasks_lib.label_token_ids(
+    labels = templates.label_token_ids(
         task, tokenizer, kind, first_token, style=style, use_chat_template=use_chat_template
     )
     exempt = set(int(i) for i in tokenizer.all_special_ids)

@@ -93,7 +93,8 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(".algorithms", __name__), name)
+        home = ".white_box" if name == "fedprompt" else ".algorithms"
+        value = getattr(importlib.import_module(home, __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -109,7 +110,7 @@ if TYPE_CHECKING:  # pragma: no cover
         centralized_bbt,
         fedavg_bbt,
         fedbpt,
-        fedprompt,
         make,
         manual_prompt,
     )
+    from .white_box import fedprompt  # noqa: F401

@@ -10,8 +10,9 @@
   clients' means, σ and C are averaged, weighted by example counts.
 * :func:`centralized_bbt` — BBT on the union of all clients' data (one CMA-ES, I generations a round).
 * :func:`manual_prompt` — z = 0: the template with the prompt start (placeholders in "add" mode).
-* :func:`fedprompt` — FedPrompt, the white-box baseline: local Adam on the soft prompt embeddings
-  (gradients of the same loss), FedAvg of the prompts weighted by example counts.
+* :func:`~fedbpt_jax.federated.white_box.fedprompt` (in :mod:`fedbpt_jax.federated.white_box`) — FedPrompt,
+  the white-box baseline: local Adam on the soft prompt embeddings (gradients of the same loss), FedAvg of
+  the prompts weighted by example counts.
 
 Per-client code is written for one client and ``vmap``ped (and sharded) over the client axis; each
 client's population is scored in one batched forward pass per generation, so a generation of all K
@@ -29,16 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from .. import accounting, objective, prompt, strategy
+from .. import accounting, aggregation, objective, prompt, strategy
 from ..objective import Scorer
 from ..types import ScoringSpec, TokenBatch
-from .config import FedConfig, HParams, check_hparams
+from .config import FedConfig, HParams, check_hparams, default_scorer
 from .core import (
     AlgorithmCost,
     AlgorithmSpec,
@@ -50,7 +51,9 @@ from .core import (
     map_clients,
     sample_round,
 )
-from .registry import ALGORITHM_NAMES, hparams_read
+from .diagnostics import client_diagnostics, scalars_only
+from .registry import ALGORITHM_NAMES, declares, hparams_read
+from .white_box import fedprompt
 
 
 @flax.struct.dataclass
@@ -73,10 +76,6 @@ class ClientUpload:
     nonfinite: jax.Array
     perturbed_loss: jax.Array = None
     local_state: Any = None  # FedAvg-BBT needs σ and C
-
-
-def _scorer(config: FedConfig, lm) -> Scorer:
-    return objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens, cache=config.scorer_cache)
 
 
 def _local_es(
@@ -195,79 +194,6 @@ class FedBPTState:
     norm_threshold: jax.Array = None
 
 
-def _finite_mean(x: jax.Array, where: jax.Array) -> jax.Array:
-    ok = where & jnp.isfinite(x)
-    return jnp.sum(jnp.where(ok, x, 0.0)) / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0)
-
-
-def label_counts(batch: TokenBatch, num_labels: int) -> jax.Array:
-    """``[..., C]`` int32 real examples per label of each client's batch ``[..., E]``."""
-    onehot = jax.nn.one_hot(batch.labels, num_labels, dtype=jnp.int32)
-    return jnp.sum(onehot * (batch.example_mask > 0).astype(jnp.int32)[..., None], axis=-2)
-
-
-def client_diagnostics(
-    idx,
-    batch: TokenBatch,
-    counts,
-    active,
-    spec: ScoringSpec,
-    *,
-    loss,
-    weight,
-    perturbed_loss=None,
-    fitness=None,
-    rank=None,
-    repaired=None,
-    usable=None,
-) -> dict:
-    """Per-client ``[K]`` diagnostics of a round (``metrics["clients"]``) and their scalar summaries.
-
-    Returns ``(clients, summary)``. ``clients``: ``index`` (which of the N clients), ``active``,
-    ``examples``, ``label_counts`` ``[K, C]``, ``loss`` (clean), ``perturbed_loss``, ``fitness`` (NaN for
-    a dropped client: it sent nothing),
-    ``rank`` (server rank by fitness, 0 = best, −1 unranked), ``weight`` (share of the new global
-    mean), ``repaired`` (the server's Mahalanobis repair clipped its mean), ``usable`` (finite upload
-    the server used). ``summary`` (CSV columns): ``single_class_clients`` (active clients whose
-    examples all have one label), ``single_class_weight`` (their total weight), ``top_weight``,
-    ``perturbed_loss_mean`` (with perturbation only) and ``all_fitness_nonfinite`` (1 if clients were active but none had a
-    finite fitness: the server could not move).
-    """
-    k = counts.shape[0]
-    lc = label_counts(batch, int(spec.label_ids.shape[0]))
-    nan = jnp.full((k,), jnp.nan, jnp.float32)
-    fitness = nan if fitness is None else fitness.astype(jnp.float32)
-    perturbed = perturbed_loss is not None
-    perturbed_loss = nan if perturbed_loss is None else perturbed_loss.astype(jnp.float32)
-    usable = (active & jnp.isfinite(fitness)) if usable is None else usable
-    # A dropped client sent nothing: its would-be values are not reported.
-    sent = lambda x: jnp.where(active, x, jnp.nan)  # noqa: E731
-    clients = {
-        "index": idx.astype(jnp.int32),
-        "active": active,
-        "examples": counts.astype(jnp.int32),
-        "label_counts": lc,
-        "loss": sent(loss.astype(jnp.float32)),
-        "perturbed_loss": sent(perturbed_loss),
-        "fitness": sent(fitness),
-        "rank": jnp.full((k,), -1, jnp.int32) if rank is None else rank.astype(jnp.int32),
-        "weight": weight.astype(jnp.float32),
-        "repaired": jnp.zeros((k,), bool) if repaired is None else repaired,
-        "usable": usable,
-    }
-    single = active & (jnp.sum((lc > 0).astype(jnp.int32), axis=-1) == 1)
-    n_active = jnp.sum(active.astype(jnp.int32))
-    summary = {
-        "single_class_clients": jnp.sum(single.astype(jnp.int32)),
-        "single_class_weight": jnp.sum(jnp.where(single, clients["weight"], 0.0)),
-        "top_weight": jnp.max(clients["weight"]),
-        "all_fitness_nonfinite": ((n_active > 0) & ~jnp.any(active & jnp.isfinite(fitness))).astype(jnp.int32),
-    }
-    if perturbed:
-        summary["perturbed_loss_mean"] = _finite_mean(perturbed_loss, active)
-    return clients, summary
-
-
 def _round_metrics(
     up: ClientUpload, sample: ClientSample, extra: dict, *, spec, perturbed: bool, z_norm=None, uploads=None
 ) -> dict:
@@ -308,21 +234,8 @@ def _round_metrics(
     return out
 
 
-#: Round-metric keys that hold per-client arrays (only :attr:`FederatedAlgorithm.round_detailed` returns them).
-DETAIL_KEYS = ("clients", "uploads")
 #: fold_in constant of the server's own key within a round's key (``server_ranking="random"``)
 SERVER_STREAM = 0x5E
-
-
-def scalars_only(round_detailed):
-    """``round`` from ``round_detailed``: the same round with only its scalar metrics (what a benchmark
-    or a plain ``jit(algo.round)`` wants; under ``jit`` the per-client extras are not even computed)."""
-
-    def round_fn(key, state, data, hp, model):
-        state, metrics = round_detailed(key, state, data, hp, model)
-        return state, {k: v for k, v in metrics.items() if k not in DETAIL_KEYS}
-
-    return round_fn
 
 
 def _uploads(sample: ClientSample, up: ClientUpload, server) -> dict:
@@ -432,21 +345,6 @@ def _es_round(
     return round_detailed
 
 
-def _declares(**flags):
-    """Marks an algorithm factory with what its algorithms declare to :func:`~fedbpt_jax.federated.run`
-    (:class:`AlgorithmSpec`'s ``uses_clean_context`` and ``uploads``; absent ones are False): the factory
-    passes ``**factory.declares`` to its spec, and :func:`declaring` reads them without building anything."""
-    unknown = set(flags) - {"uses_clean_context", "uploads"}
-    if unknown:
-        raise ValueError(f"unknown declared properties {sorted(unknown)}; accepted: uploads, uses_clean_context")
-
-    def mark(factory):
-        factory.declares = {"uses_clean_context": False, "uploads": False, **flags}
-        return factory
-
-    return mark
-
-
 def declaring(prop: str) -> list[str]:
     """The names of the built-in algorithms (:data:`ALGORITHMS`) whose specs declare ``prop``
     (``"uses_clean_context"`` or ``"uploads"``), sorted; for error messages."""
@@ -460,7 +358,7 @@ def declaring(prop: str) -> list[str]:
     return sorted(out)
 
 
-@_declares(uses_clean_context=True, uploads=True)
+@declares(uses_clean_context=True, uploads=True)
 def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) -> FederatedAlgorithm:
     """FedBPT (see the module docstring and :class:`FedConfig` for every option).
 
@@ -478,20 +376,20 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
         state = algo.init(jax.random.key(0), fl.HParams().validate())
         state, metrics = jax.jit(algo.round)(jax.random.key(1), state, data, fl.HParams().validate(), model)
     """
-    scorer = scorer or _scorer(config, lm)
+    scorer = scorer or default_scorer(config, lm)
     hidden = lm.hidden_size
 
     def init(key, hp: HParams):
         del key  # deterministic start: z = 0, σ = σ₀, C = I
         check_hparams(hp)
         return FedBPTState(
-            server=strategy.server_init(config.intrinsic_dim, hp.sigma0, config.clients_per_round),
+            server=aggregation.server_init(config.intrinsic_dim, hp.sigma0, config.clients_per_round),
             round=jnp.asarray(0, jnp.int32),
             norm_threshold=jnp.asarray(config.norm_clip_threshold, jnp.float32),
         )
 
     def aggregate(server, up: ClientUpload, sample: ClientSample, key):
-        return strategy.server_update(
+        return aggregation.server_update(
             server,
             up.mean,
             up.fitness,
@@ -525,7 +423,7 @@ def fedbpt(config: FedConfig, lm, *, mesh=None, scorer: Scorer | None = None) ->
     return FederatedAlgorithm("fedbpt", init, scalars_only(round_detailed), global_prompt, spec)
 
 
-@_declares(uses_clean_context=True, uploads=True)
+@declares(uses_clean_context=True, uploads=True)
 def fedavg_bbt(
     config: FedConfig, lm, *, perturb: bool = False, mesh=None, scorer: Scorer | None = None
 ) -> FederatedAlgorithm:
@@ -540,7 +438,7 @@ def fedavg_bbt(
         ``"fedavg_bbt"``; with ``perturb=True`` it is ``"fedavg_bbt_perturbed"``).
       mesh, scorer: as :func:`fedbpt`.
     """
-    scorer = scorer or _scorer(config, lm)
+    scorer = scorer or default_scorer(config, lm)
     hidden = lm.hidden_size
     if perturb and config.loss == "accuracy":
         raise ValueError("FedAvg-BBT with perturbation needs a positive loss: use loss 'ce' or 'hinge'")
@@ -554,7 +452,7 @@ def fedavg_bbt(
     def aggregate(server, up: ClientUpload, sample: ClientSample, key):
         del key  # averaging draws nothing
         weights = sample.counts.astype(jnp.float32) * sample.active.astype(jnp.float32)
-        return strategy.fedavg_aggregate(server, up.local_state, weights)
+        return aggregation.fedavg_aggregate(server, up.local_state, weights)
 
     round_detailed = _es_round(config, scorer, hidden, mesh, perturb=perturb, keep_state=True, aggregate=aggregate)
     name = "fedavg_bbt_perturbed" if perturb else "fedavg_bbt"
@@ -581,7 +479,7 @@ class CentralState:
     round: jax.Array
 
 
-@_declares()
+@declares()
 def centralized_bbt(
     config: FedConfig, lm, *, population_size: int | None = None, mesh=None, scorer: Scorer | None = None
 ) -> FederatedAlgorithm:
@@ -593,7 +491,7 @@ def centralized_bbt(
     the plain mean loss on all examples (no perturbation); NaN/inf rank worst.
     """
     del mesh  # one CMA-ES: nothing to shard over clients
-    scorer = scorer or _scorer(config, lm)
+    scorer = scorer or default_scorer(config, lm)
     hidden, d = lm.hidden_size, config.intrinsic_dim
     pop = population_size or config.population_size
     es_params = strategy.local_params(pop, d)
@@ -601,7 +499,7 @@ def centralized_bbt(
     def init(key, hp: HParams):
         del key  # deterministic start, as FedBPT's server
         check_hparams(hp)
-        es = strategy.client_init(strategy.server_init(d, hp.sigma0, 2), es_params)
+        es = strategy.client_init(aggregation.server_init(d, hp.sigma0, 2), es_params)
         return CentralState(es=es, round=jnp.asarray(0, jnp.int32))
 
     def round_fn(key, state: CentralState, data: FederatedData, hp: HParams, model: ModelInputs):
@@ -655,7 +553,7 @@ def centralized_bbt(
     return FederatedAlgorithm("centralized_bbt", init, round_fn, global_prompt, spec)
 
 
-@_declares()
+@declares()
 def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
     """The manual prompt baseline: the prompt start (``model.start``; zeros when None), i.e. exactly
     FedBPT's z = 0 prompt under every start option; rounds do nothing."""
@@ -684,119 +582,6 @@ def manual_prompt(config: FedConfig, lm, *, mesh=None) -> FederatedAlgorithm:
         **manual_prompt.declares,
     )
     return FederatedAlgorithm("manual", init, round_fn, global_prompt, spec)
-
-
-class LocalAdam(NamedTuple):
-    """A FedPrompt client's local optimisation as it is carried through its Adam steps."""
-
-    prompt: jax.Array  # [n, H] the prompt offset being tuned
-    opt_state: Any  # optax's Adam state
-
-
-@flax.struct.dataclass
-class PromptState:
-    """FedPrompt server state: the global soft prompt's offset ``[n, H]`` from the prompt start
-    (``model.start``; the deployed prompt is start + offset) and the round counter."""
-
-    prompt: jax.Array
-    round: jax.Array
-
-
-@_declares()
-def fedprompt(
-    config: FedConfig, lm, *, local_steps: int | None = None, mesh=None, scorer: Scorer | None = None
-) -> FederatedAlgorithm:
-    """FedPrompt: white-box soft-prompt tuning (gradients w.r.t. the prompt embeddings, Adam via optax),
-    FedAvg of the prompts weighted by example counts. Local steps default to ``local_generations``."""
-    import optax
-
-    scorer = scorer or _scorer(config, lm)
-    steps = local_steps or config.local_generations
-    n, hidden = config.n_prompt_tokens, lm.hidden_size
-
-    def init(key, hp):
-        check_hparams(hp)
-        # The state holds the offset from the prompt start (model.start): zero = FedBPT's z = 0 prompt.
-        return PromptState(prompt=jnp.zeros((n, hidden), jnp.float32), round=jnp.asarray(0, jnp.int32))
-
-    def client(key, p0, batch, spec, hp, model):
-        opt = optax.adam(hp.learning_rate)
-        ctx = scorer.prepare(model.params, batch, spec)
-
-        def loss_fn(p):
-            logits = scorer.logits(model.params, ctx, spec, p if model.start is None else p + model.start)
-            return objective.masked_mean(
-                objective.per_example_loss(logits, batch.labels, config.loss), batch.example_mask
-            )
-
-        def step(carry: LocalAdam, _):
-            loss, g = jax.value_and_grad(loss_fn)(carry.prompt)
-            # optax's Adam raises its Python-float decay rates to the int32 step count (bias correction):
-            # an implicit promotion, so its update is traced under JAX's standard promotion, whatever the
-            # caller set (the tests run strict). Everything of ours around it is explicitly typed.
-            with jax.numpy_dtype_promotion("standard"):
-                upd, opt_state = opt.update(g, carry.opt_state, carry.prompt)
-            return LocalAdam(prompt=optax.apply_updates(carry.prompt, upd), opt_state=opt_state), loss
-
-        final, losses = jax.lax.scan(step, LocalAdam(prompt=p0, opt_state=opt.init(p0)), None, length=steps)
-        return final.prompt, loss_fn(final.prompt)
-
-    def round_detailed(key, state: PromptState, data: FederatedData, hp: HParams, model: ModelInputs):
-        sample = sample_round(key, data, hp, config)
-        idx, batch, counts, active = sample.index, sample.batch, sample.counts, sample.active
-        prompts, losses = map_clients(
-            lambda k, b: client(k, state.prompt, b, data.spec, hp, model),
-            (sample.keys, batch),
-            config.chunk_clients,
-            mesh,
-        )
-        # A client whose loss or prompt is not finite is dropped from the average (it would poison it).
-        finite = jnp.isfinite(losses) & jnp.all(jnp.isfinite(prompts.reshape(prompts.shape[0], -1)), axis=-1)
-        usable = active & finite
-        w = counts.astype(jnp.float32) * usable.astype(jnp.float32)
-        total = jnp.sum(w)
-        clean = jnp.where(usable[:, None, None], prompts, 0.0)
-        new = jnp.where(total > 0, jnp.einsum("k,knh->nh", w, clean) / jnp.maximum(total, 1e-12), state.prompt)
-        nw = jnp.maximum(jnp.sum(usable), 1).astype(jnp.float32)  # float32 like the losses it divides
-        clients, summary = client_diagnostics(
-            idx,
-            batch,
-            counts,
-            active,
-            data.spec,
-            loss=losses,
-            fitness=jnp.where(finite, losses, jnp.nan),
-            weight=w / jnp.maximum(total, 1e-12),
-            usable=usable,
-        )
-        metrics = {
-            "client_loss": jnp.sum(jnp.where(usable, losses, 0.0)) / nw,
-            "sigma": jnp.asarray(0.0),
-            "nonfinite_fitness": jnp.sum((active & ~finite).astype(jnp.int32)),
-            "active_clients": jnp.sum(active.astype(jnp.int32)),
-            "weight_total": total,
-            **summary,
-            "clients": clients,
-        }
-        return PromptState(prompt=new, round=state.round + 1), metrics
-
-    def global_prompt(state: PromptState, model):
-        return state.prompt if model.start is None else state.prompt + model.start
-
-    # Each local step is a forward and a backward pass (≈ 2 forwards), plus the final loss.
-    cost = AlgorithmCost(
-        comm=accounting.prompt_bytes(n, hidden, lm.num_params()), forward_calls=3 * steps + 1, prefix_passes=1
-    )
-    spec = AlgorithmSpec(
-        config,
-        cost,
-        mesh=mesh,
-        scorer=scorer,
-        round_detailed=round_detailed,
-        hparams=hparams_read("fedprompt", config),
-        **fedprompt.declares,
-    )
-    return FederatedAlgorithm("fedprompt", init, scalars_only(round_detailed), global_prompt, spec)
 
 
 ALGORITHMS = {

@@ -230,3 +230,9 @@ def check_hparams(hp: HParams) -> None:
 
 def jax_tree_asarray(hp: HParams) -> HParams:
     return HParams(**{f.name: jnp.asarray(getattr(hp, f.name), jnp.float32) for f in dataclasses.fields(hp)})
+
+
+def default_scorer(config: FedConfig, lm) -> objective.Scorer:
+    """The scorer an algorithm built from ``config`` uses unless given one: ``lm``'s, for the config's layout,
+    prompt length and scorer cache."""
+    return objective.make_scorer(lm, config.layout, n_prompt_tokens=config.n_prompt_tokens, cache=config.scorer_cache)

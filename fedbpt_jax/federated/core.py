@@ -388,6 +388,54 @@ def _host_value(x):
     return np.asarray(x)
 
 
+def _check_context(data: FederatedData, config, t: int, kind: str, context: int) -> None:
+    """Raises unless texts of ``t`` tokens (with the prompt and the cue for a decoder) fit the model's ``context``."""
+    import numpy as np
+
+    cue = int(np.shape(data.spec.cue_ids)[0])
+    total = t + config.n_prompt_tokens + cue if kind == "decoder" else t
+    if total > context:
+        what = (
+            f"prompt ({config.n_prompt_tokens}) + text part ({t}) + cue ({cue}) = {total} tokens"
+            if kind == "decoder"
+            else f"{t} tokens per example"
+        )
+        raise ValueError(
+            f"the data need {what}, more than the model's context of {context}; build them with "
+            "data.federated(..., max_positions=<the model's context>) or a smaller max_length"
+        )
+
+
+def _check_counts(data: FederatedData, e: int) -> None:
+    """Raises unless every client has between 1 and ``e`` examples, as its example mask says (values read
+    only where they are addressable here)."""
+    import numpy as np
+
+    train = data.train
+    counts = _host_value(data.counts)
+    if counts is not None:
+        empty = np.flatnonzero(counts <= 0)
+        if empty.size:
+            shown = empty[:10].tolist()
+            raise ValueError(
+                f"{empty.size} client(s) have no training examples (e.g. clients {shown}, "
+                f"counts {counts[empty[:10]].tolist()}): every client needs at least 1 example"
+            )
+        if counts.max() > e:
+            i = int(np.argmax(counts))
+            raise ValueError(f"client {i} has counts={int(counts[i])} examples but the padded width is E={e}")
+        mask = _host_value(train.example_mask)
+        if mask is not None:
+            real = np.sum(mask > 0, axis=1)
+            bad = np.flatnonzero(real != counts)
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(
+                    f"client {i}: counts says {int(counts[i])} examples but its example_mask has "
+                    f"{int(real[i])} real rows"
+                )
+
+
 def validate_data(
     data: FederatedData, config, *, vocab_size: int | None = None, kind: str | None = None, context: int | None = None
 ) -> None:
@@ -431,46 +479,13 @@ def validate_data(
             f"n_prompt={config.n_prompt_tokens} or set FedConfig(n_prompt_tokens={n_built})"
         )
     if context is not None and kind is not None:
-        t = ids_shape[2]
-        cue = int(np.shape(data.spec.cue_ids)[0])
-        total = t + config.n_prompt_tokens + cue if kind == "decoder" else t
-        if total > context:
-            what = (
-                f"prompt ({config.n_prompt_tokens}) + text part ({t}) + cue ({cue}) = {total} tokens"
-                if kind == "decoder"
-                else f"{t} tokens per example"
-            )
-            raise ValueError(
-                f"the data need {what}, more than the model's context of {context}; build them with "
-                "data.federated(..., max_positions=<the model's context>) or a smaller max_length"
-            )
+        _check_context(data, config, ids_shape[2], kind, context)
     num_labels = int(np.shape(data.spec.label_ids)[0])
     if num_labels < 2:
         raise ValueError(f"the task needs at least 2 label words, got {num_labels}")
     if config.perturb and data.spec.vocab_size < 1:
         raise ValueError(f"perturbation needs data.spec.vocab_size >= 1, got {data.spec.vocab_size}")
-    counts = _host_value(data.counts)
-    if counts is not None:
-        empty = np.flatnonzero(counts <= 0)
-        if empty.size:
-            shown = empty[:10].tolist()
-            raise ValueError(
-                f"{empty.size} client(s) have no training examples (e.g. clients {shown}, "
-                f"counts {counts[empty[:10]].tolist()}): every client needs at least 1 example"
-            )
-        if counts.max() > e:
-            i = int(np.argmax(counts))
-            raise ValueError(f"client {i} has counts={int(counts[i])} examples but the padded width is E={e}")
-        mask = _host_value(train.example_mask)
-        if mask is not None:
-            real = np.sum(mask > 0, axis=1)
-            bad = np.flatnonzero(real != counts)
-            if bad.size:
-                i = int(bad[0])
-                raise ValueError(
-                    f"client {i}: counts says {int(counts[i])} examples but its example_mask has "
-                    f"{int(real[i])} real rows"
-                )
+    _check_counts(data, e)
     labels, mask = _host_value(train.labels), _host_value(train.example_mask)
     if labels is not None and mask is not None:
         real = labels[mask > 0]

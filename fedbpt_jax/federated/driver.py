@@ -355,6 +355,32 @@ def _postfix(ev: dict, row: dict, comm) -> dict:
     return postfix
 
 
+def _placed(arrays: tuple, mesh) -> tuple:
+    """``(model, hp, chunks, dev_chunks, carry, key_data, token_norm)`` as global arrays on ``mesh``; without a
+    mesh, the same with the evaluation chunks as device arrays."""
+    if mesh is not None:
+        return to_global(arrays, mesh)
+    model, hp, chunks, dev_chunks, carry, key_data, token_norm = arrays
+    chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
+    return model, hp, chunks, dev_chunks, carry, key_data, token_norm
+
+
+def _with_tensorboard(callbacks: list, tensorboard_dir) -> list:
+    """``callbacks`` and, with a ``tensorboard_dir``, a :class:`~fedbpt_jax.callbacks.TensorBoardLogger` writing there."""
+    if tensorboard_dir is None:
+        return callbacks
+    from ..callbacks import TensorBoardLogger
+
+    return [*callbacks, TensorBoardLogger(tensorboard_dir)]
+
+
+def _checkpoint_description(algo, hp, eval_every, key_data, data, lm, model, test, dev) -> dict:
+    """What a checkpoint of this run records of its configuration (a resume must match it)."""
+    desc = describe(algo, hp, eval_every, key_data, data, lm, model, test=test, dev=dev)
+    desc["dev_shape"] = repr(None if dev is None else list(np.shape(dev.input_ids)))
+    return desc
+
+
 def run(
     algo: FederatedAlgorithm,
     key: jax.Array,
@@ -492,12 +518,9 @@ def run(
         carry = initial_carry(algo, key_init, hp, lm.hidden_size)
         token_norm = jnp.asarray(median_token_norm(lm), jnp.float32)
         data = _place_data(data, mesh)
-        if mesh is not None:
-            model, hp, chunks, dev_chunks, carry, key_data, token_norm = to_global(
-                (model, hp, chunks, dev_chunks, carry, key_data, token_norm), mesh
-            )
-        else:
-            chunks, dev_chunks = jax.tree_util.tree_map(jnp.asarray, (chunks, dev_chunks))
+        model, hp, chunks, dev_chunks, carry, key_data, token_norm = _placed(
+            (model, hp, chunks, dev_chunks, carry, key_data, token_norm), mesh
+        )
         data = prepare_clean_context(data, keep_ctx, scorer, model, algo.config, mesh)
         cost = round_cost(algo, lm, data)
         cache = decide_eval_prefix_cache(
@@ -507,14 +530,10 @@ def run(
 
         history = History()
         lead = jax.process_index() == 0
-        if tensorboard_dir is not None and lead:
-            from ..callbacks import TensorBoardLogger
-
-            callbacks = [*callbacks, TensorBoardLogger(tensorboard_dir)]
+        callbacks = _with_tensorboard(callbacks, tensorboard_dir if lead else None)
         desc = None
         if checkpoint_dir is not None:
-            desc = describe(algo, hp, eval_every, key_data, data, lm, model, test=test, dev=dev)
-            desc["dev_shape"] = repr(None if dev is None else list(np.shape(dev.input_ids)))
+            desc = _checkpoint_description(algo, hp, eval_every, key_data, data, lm, model, test, dev)
         try:
             return _loop(
                 algo,

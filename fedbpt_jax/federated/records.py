@@ -108,7 +108,7 @@ class History:
 
     Each round row holds scalar metrics (the ``rounds.csv`` columns) and, for algorithms with clients,
     ``"clients"``: one dict per sampled client (see
-    :func:`fedbpt_jax.federated.algorithms.client_diagnostics`). Each evaluation row holds the test
+    :func:`fedbpt_jax.federated.diagnostics.client_diagnostics`). Each evaluation row holds the test
     metrics (``accuracy``, ``loss``, ``f1``, ``nonfinite_examples``, ``pred_dist``), the same with a
     ``dev_`` prefix when a dev set is given, and the global prompt's ``z_norm`` and
     ``prompt_norm_ratio``. Every key, with its meaning and units: ``docs/metrics.md``.
@@ -230,7 +230,7 @@ def load_uploads(directory) -> dict[str, np.ndarray]:
     Returns ``round`` ``[R]`` and, stacked on a leading round axis, ``client_index`` ``[R, K]``,
     ``active`` ``[R, K]``, ``mean`` ``[R, K, d]``, ``fitness`` ``[R, K]``, ``sigmas`` ``[R, K, I]``,
     ``server_mean`` ``[R, d]`` and ``server_sigma`` ``[R]`` (the broadcast the clients answered). E.g.
-    replay another server rule: ``strategy.server_update(state, u["mean"][r], u["fitness"][r],
+    replay another server rule: ``aggregation.server_update(state, u["mean"][r], u["fitness"][r],
     u["sigmas"][r], u["active"][r])``.
     """
     files = sorted(Path(directory).glob("round_[0-9][0-9][0-9][0-9][0-9][0-9].npz"))

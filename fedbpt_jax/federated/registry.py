@@ -40,3 +40,19 @@ def hparams_read(name: str, config: FedConfig) -> tuple[str, ...]:
         "fedprompt": {"dropout_rate", "learning_rate"},
     }[name]
     return tuple(f.name for f in dataclasses.fields(HParams) if f.name in reads)
+
+
+def declares(**flags):
+    """Marks an algorithm factory with what its algorithms declare to :func:`~fedbpt_jax.federated.run`
+    (:class:`AlgorithmSpec`'s ``uses_clean_context`` and ``uploads``; absent ones are False): the factory
+    passes ``**factory.declares`` to its spec, and :func:`fedbpt_jax.federated.algorithms.declaring` reads them
+    without building anything."""
+    unknown = set(flags) - {"uses_clean_context", "uploads"}
+    if unknown:
+        raise ValueError(f"unknown declared properties {sorted(unknown)}; accepted: uploads, uses_clean_context")
+
+    def mark(factory):
+        factory.declares = {"uses_clean_context": False, "uploads": False, **flags}
+        return factory
+
+    return mark

@@ -66,13 +66,13 @@ def _model_type(directory: Path) -> str:
 
 
 def _load_hf_dir(directory: Path, name: str, compute_dtype: str) -> LanguageModel:
-    from . import decoder, encoder, hf
+    from . import decoder_hf, encoder, hf
 
     kind = kind_of(_model_type(Path(directory)))
     hf_config = hf.load_config(directory)
     tensors = hf.read_safetensors(directory, keep_bf16=compute_dtype == "bfloat16")
     tokenizer = hf.load_tokenizer(directory)
-    mod = encoder if kind == "encoder" else decoder
+    mod = encoder if kind == "encoder" else decoder_hf
     config = mod.config_from_hf(hf_config, compute_dtype=compute_dtype)
     params = mod.params_from_hf(config, tensors)
     return LanguageModel(name=name, kind=kind, config=config, params=params, tokenizer=tokenizer, module=None)

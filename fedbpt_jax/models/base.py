@@ -16,8 +16,8 @@ Encoder (``kind == "encoder"``)::
 Decoder (``kind == "decoder"``)::
 
     decoder.label_logits(config, params, batch, spec, prompt, layout) -> [B, C]
-    decoder.prefix_cache(config, params, batch) -> PrefixCache          # the text part's K/V, once
-    decoder.label_logits_cached(config, params, cache, spec, prompt) -> [B, C]   # == layout "after"
+    decoder_cache.prefix_cache(config, params, batch) -> PrefixCache          # the text part's K/V, once
+    decoder_cache.label_logits_cached(config, params, cache, spec, prompt) -> [B, C]   # == layout "after"
 """
 
 from __future__ import annotations

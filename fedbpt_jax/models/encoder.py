@@ -492,6 +492,61 @@ def _ln_names(base: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (f"{base}.weight", f"{base}.gamma"), (f"{base}.bias", f"{base}.beta")
 
 
+class _TensorReader:
+    """Reads HF tensors by name, checking each shape; collects the missing and the misshapen ones (every one,
+    for one error at the end: :meth:`check_fits`)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], hidden: int):
+        self.tensors, self.h = tensors, hidden
+        self.missing: list[str] = []
+        self.bad: list[str] = []
+
+    def get(self, names: str | tuple[str, ...], shape: tuple[int, ...], transpose: bool = False, required=True):
+        names = (names,) if isinstance(names, str) else names
+        for name in names:
+            if name in self.tensors:
+                x = np.asarray(self.tensors[name])
+                if tuple(x.shape) != shape:
+                    self.bad.append(f"{name}: shape {tuple(x.shape)}, expected {shape}")
+                    return np.zeros(shape[::-1] if transpose else shape, np.float32)
+                return x.T if transpose else x
+        if required:
+            self.missing.append(names[0])
+        return None
+
+    def dense(self, base: str, n_in: int, n_out: int, required=True):
+        w = self.get(f"{base}.weight", (n_out, n_in), transpose=True, required=required)
+        b = self.get(f"{base}.bias", (n_out,), required=required)
+        return None if w is None or b is None else {"kernel": w, "bias": b}
+
+    def layer_norm(self, base: str, required=True):
+        w_names, b_names = _ln_names(base)
+        w, b = self.get(w_names, (self.h,), required=required), self.get(b_names, (self.h,), required=required)
+        return None if w is None or b is None else {"scale": w, "bias": b}
+
+    def check_fits(self, c: EncoderConfig) -> None:
+        """Raises ``ValueError`` naming every misshapen and missing tensor, if there is any."""
+        if not (self.missing or self.bad):
+            return
+        problems = []
+        if self.bad:
+            problems.append("tensors whose shape does not match the config:\n  " + "\n  ".join(self.bad))
+        if self.missing:
+            problems.append(f"missing tensors ({len(self.missing)}):\n  " + "\n  ".join(self.missing))
+        raise ValueError(
+            f"checkpoint does not fit EncoderConfig(family={c.family!r}, hidden_size={c.hidden_size}, "
+            f"num_layers={c.num_layers}, vocab_size={c.vocab_size}):\n" + "\n".join(problems)
+        )
+
+
+def _mlm_head_names(family: str) -> tuple[str, str, tuple[str, str]]:
+    """The MLM head's dense and layer-norm bases and its bias names (``family``'s HF names)."""
+    if family == "roberta":
+        return "lm_head.dense", "lm_head.layer_norm", ("lm_head.bias", "lm_head.decoder.bias")
+    t = "cls.predictions.transform"
+    return f"{t}.dense", f"{t}.LayerNorm", ("cls.predictions.bias", "cls.predictions.decoder.bias")
+
+
 def params_from_hf(config: EncoderConfig, tensors: Mapping[str, np.ndarray], *, zero_lm_bias: bool = True) -> dict:
     """Map HF tensor names to this module's parameter tree (jax arrays in the storage dtypes of
     ``config.compute_dtype``, see :func:`cast_params`; bfloat16 tensors read with
@@ -519,32 +574,8 @@ def params_from_hf(config: EncoderConfig, tensors: Mapping[str, np.ndarray], *, 
     prefix = _PREFIX[c.family]
     if not any(k.startswith(prefix) for k in tensors) and any(k.startswith("embeddings.") for k in tensors):
         prefix = ""
-    missing: list[str] = []
-    bad: list[str] = []
-
-    def get(names: str | tuple[str, ...], shape: tuple[int, ...], transpose: bool = False, required=True):
-        names = (names,) if isinstance(names, str) else names
-        for name in names:
-            if name in tensors:
-                x = np.asarray(tensors[name])
-                if tuple(x.shape) != shape:
-                    bad.append(f"{name}: shape {tuple(x.shape)}, expected {shape}")
-                    return np.zeros(shape[::-1] if transpose else shape, np.float32)
-                return x.T if transpose else x
-        if required:
-            missing.append(names[0])
-        return None
-
-    def dense(base: str, n_in: int, n_out: int, required=True):
-        w = get(f"{base}.weight", (n_out, n_in), transpose=True, required=required)
-        b = get(f"{base}.bias", (n_out,), required=required)
-        return None if w is None or b is None else {"kernel": w, "bias": b}
-
-    def layer_norm(base: str, required=True):
-        w_names, b_names = _ln_names(base)
-        w, b = get(w_names, (h,), required=required), get(b_names, (h,), required=required)
-        return None if w is None or b is None else {"scale": w, "bias": b}
-
+    reader = _TensorReader(tensors, h)
+    get, dense, layer_norm = reader.get, reader.dense, reader.layer_norm
     e = f"{prefix}embeddings"
     embeddings = {
         "word_embeddings": {"embedding": get(f"{e}.word_embeddings.weight", (c.vocab_size, h))},
@@ -569,12 +600,7 @@ def params_from_hf(config: EncoderConfig, tensors: Mapping[str, np.ndarray], *, 
         )
 
     # MLM head: required when any of its tensors is present, optional for bare encoder checkpoints.
-    if c.family == "roberta":
-        head_dense, head_ln, head_bias = "lm_head.dense", "lm_head.layer_norm", ("lm_head.bias", "lm_head.decoder.bias")
-    else:
-        t = "cls.predictions.transform"
-        head_dense, head_ln = f"{t}.dense", f"{t}.LayerNorm"
-        head_bias = ("cls.predictions.bias", "cls.predictions.decoder.bias")
+    head_dense, head_ln, head_bias = _mlm_head_names(c.family)
     head_prefix = head_dense.split(".")[0] + "."
     head_present = any(k.startswith(head_prefix) for k in tensors)
     head = bias = None
@@ -582,16 +608,7 @@ def params_from_hf(config: EncoderConfig, tensors: Mapping[str, np.ndarray], *, 
         head = {"dense": dense(head_dense, h, h), "layer_norm": layer_norm(head_ln)}
         bias = get(head_bias, (c.vocab_size,))
 
-    if missing or bad:
-        problems = []
-        if bad:
-            problems.append("tensors whose shape does not match the config:\n  " + "\n  ".join(bad))
-        if missing:
-            problems.append(f"missing tensors ({len(missing)}):\n  " + "\n  ".join(missing))
-        raise ValueError(
-            f"checkpoint does not fit EncoderConfig(family={c.family!r}, hidden_size={h}, num_layers={L}, "
-            f"vocab_size={c.vocab_size}):\n" + "\n".join(problems)
-        )
+    reader.check_fits(c)
 
     layers = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_layer)
     p: dict[str, Any] = {"embeddings": embeddings, "layers": layers}

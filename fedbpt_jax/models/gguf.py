@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from . import decoder, precision
+from . import decoder, decoder_hf, precision
 
 #: Bump when the conversion changes: old cache entries are then ignored.
 CONVERSION_VERSION = 3
@@ -403,7 +403,7 @@ def convert_gguf(path: str | Path, target: str | Path, *, compute_dtype: str = "
     reader = gguf.GGUFReader(str(path))
     config = config_from_gguf(reader)
     tokenizer = tokenizer_from_gguf(reader)
-    params = decoder.params_from_hf(
+    params = decoder_hf.params_from_hf(
         dataclasses.replace(config, compute_dtype=compute_dtype), hf_tensors_from_gguf(reader, config)
     )
     target = Path(target)
@@ -494,7 +494,7 @@ def load_gguf(
 
         reader = gguf.GGUFReader(str(path))
         config = dataclasses.replace(config_from_gguf(reader), compute_dtype=compute_dtype)
-        params = decoder.params_from_hf(config, hf_tensors_from_gguf(reader, config))
+        params = decoder_hf.params_from_hf(config, hf_tensors_from_gguf(reader, config))
         tokenizer = tokenizer_from_gguf(reader)
     if rope_interleaved:
         config, params = to_interleaved(config, params)
