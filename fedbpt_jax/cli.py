@@ -134,19 +134,27 @@ def check_args(args) -> None:
     )
     need(args.n_prompt is None or args.n_prompt >= 1, f"--n-prompt {args.n_prompt}: accepted: a positive token count")
     need(args.eval_every >= 1, f"--eval-every {args.eval_every}: accepted: a positive integer")
+    from .models.kinds import DECODER, KINDS
+    from .tasks import DECODER_STYLES
+
+    owner = {lay: k for k in KINDS.values() for lay in k.layouts}  # the backbone kind of each layout
+    shown = [
+        f"{' or '.join(map(repr, sorted(k.layouts)))} ({k.name}s)"
+        for k in sorted(KINDS.values(), key=lambda k: not k.causal)  # the default model's kind first
+    ]
+    need(args.layout is None or args.layout in owner, f"--layout {args.layout!r}: accepted: {', '.join(shown)}")
+    # without --layout, the default model's kind (a decoder) and its default layout
+    cache, layout = getattr(args, "scorer_cache", "auto"), args.layout or DECODER.layouts[0]
+    own = owner[layout].layout_caches.get(layout, "none")
     need(
-        args.layout is None or args.layout in ("after", "before", "add", "cat"),
-        f"--layout {args.layout!r}: accepted: 'after' or 'before' (decoders), 'add' or 'cat' (encoders)",
-    )
-    cache, layout = getattr(args, "scorer_cache", "auto"), args.layout or "before"
-    need(
-        cache in ("auto", "none") or (cache, layout) in (("prompt", "before"), ("prefix", "after")),
+        cache in ("auto", "none") or cache == own,
         f"--scorer-cache {cache!r} cannot apply to --layout {layout!r}: accepted 'auto' or 'none', or the "
-        f"layout's own cache ({'prompt' if layout == 'before' else 'prefix' if layout == 'after' else 'none'})",
+        f"layout's own cache ({own})",
     )
     need(
-        args.style is None or args.style in ("completion", "chat", "bbt", "reference"),
-        f"--style {args.style!r}: accepted: 'completion', 'chat', 'bbt' or 'reference' (decoders)",
+        args.style is None or args.style in DECODER_STYLES,
+        f"--style {args.style!r}: accepted: {', '.join(map(repr, DECODER_STYLES[:-1]))} or {DECODER_STYLES[-1]!r} "
+        "(decoders)",
     )
     need(args.population >= 2, f"--population {args.population}: accepted: 2 or more candidates")
     if args.command in ("simulate", "sweep"):

@@ -26,6 +26,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .models.kinds import KINDS
+from .models.kinds import get as get_kind
 from .types import ScoringSpec, TokenBatch
 
 LOSSES = ("ce", "hinge", "accuracy")
@@ -188,13 +190,11 @@ class Scorer(NamedTuple):
         return jax.vmap(lambda c: self.logits(params, c, spec, prompt))(paired_ctx)
 
 
-ENCODER_LAYOUTS = ("add", "cat")
-#: Which cache a scorer uses: "auto" (the layout's own), "prompt" (decoders, layout "before"), "prefix"
-#: (decoders, layout "after") or "none".
+#: Which cache a scorer uses: "auto" (the layout's own: :attr:`~fedbpt_jax.models.kinds.BackboneKind.layout_caches`),
+#: "prompt" (decoders, layout "before"), "prefix" (decoders, layout "after") or "none".
 SCORER_CACHES = ("auto", "prompt", "prefix", "none")
-_LAYOUT_CACHE = {"before": "prompt", "after": "prefix"}
-DECODER_LAYOUTS = ("before", "after")
-LAYOUTS = {"encoder": ENCODER_LAYOUTS, "decoder": DECODER_LAYOUTS}
+#: The prompt layouts of each backbone kind, the default first (:mod:`fedbpt_jax.models.kinds`).
+LAYOUTS = {k.name: k.layouts for k in KINDS.values()}
 
 
 def make_scorer(
@@ -237,42 +237,44 @@ def scorer_for(
     Raises:
       ValueError: an unknown kind or a layout the kind does not support (named, with what is accepted).
     """
-    layout = _checked_layout(kind, layout, cache)
+    spec = get_kind(kind)
+    layout = _checked_layout(spec, layout, cache)
     use_cache = use_cache and cache != "none"
-    n = int(n_prompt_tokens)
-    if kind == "encoder":
-        return _encoder_scorer(config, n, layout)
-    if layout == "after" and use_cache:
-        return _prefix_cache_scorer(config, n, layout)
-    if layout == "before" and use_cache:
-        return _prompt_cache_scorer(config, n, layout)
-    return _uncached_decoder_scorer(config, n, layout)
+    return spec.scorer_builder()(config, int(n_prompt_tokens), layout, use_cache)
 
 
-def _checked_layout(kind: str, layout: str | None, cache: str) -> str:
+def _checked_layout(kind, layout: str | None, cache: str) -> str:
     """``layout`` (the kind's default when None) once ``kind``, ``layout`` and ``cache`` are known to go together."""
-    if kind not in LAYOUTS:
-        raise ValueError(f"unknown model kind {kind!r}; accepted: {tuple(LAYOUTS)}")
-    layout = layout or LAYOUTS[kind][0]
-    if layout not in LAYOUTS[kind]:
-        raise ValueError(f"unknown {kind} layout {layout!r}; accepted: {LAYOUTS[kind]}")
+    layout = layout or kind.layouts[0]
+    if layout not in kind.layouts:
+        raise ValueError(f"unknown {kind.name} layout {layout!r}; accepted: {kind.layouts}")
     if cache not in SCORER_CACHES:
         raise ValueError(f"unknown scorer cache {cache!r}; accepted: {SCORER_CACHES}")
-    if kind == "encoder" and cache not in ("auto", "none"):
+    if cache in ("auto", "none") or cache == kind.layout_caches.get(layout):
+        return layout
+    if not kind.caches():
         raise ValueError(
-            f"scorer cache {cache!r} is for decoders; an encoder (layout {layout!r}) has no cache: accepted 'auto' "
-            "or 'none'"
+            f"scorer cache {cache!r} is for {', '.join(k.name + 's' for k in KINDS.values() if k.caches())}; "
+            f"an {kind.name} (layout {layout!r}) has no cache: accepted 'auto' or 'none'"
         )
-    if kind == "decoder" and cache not in ("auto", "none") and cache != _LAYOUT_CACHE[layout]:
-        raise ValueError(
-            f"scorer cache {cache!r} cannot apply to decoder layout {layout!r} (the {cache} cache is layout "
-            f"{[k for k, v in _LAYOUT_CACHE.items() if v == cache][0]!r}'s); accepted with layout {layout!r}: "
-            f"'auto', {_LAYOUT_CACHE[layout]!r} or 'none'"
-        )
-    return layout
+    owner = [k for k, v in kind.layout_caches.items() if v == cache][0]
+    raise ValueError(
+        f"scorer cache {cache!r} cannot apply to {kind.name} layout {layout!r} (the {cache} cache is layout "
+        f"{owner!r}'s); accepted with layout {layout!r}: 'auto', {kind.layout_caches[layout]!r} or 'none'"
+    )
 
 
-def _encoder_scorer(cfg, n: int, layout: str) -> Scorer:
+def decoder_scorer(cfg, n: int, layout: str, use_cache: bool) -> Scorer:
+    """A decoder's scorer: layout "after" with the text-prefix cache, "before" with the prompt cache, or uncached."""
+    if layout == "after" and use_cache:
+        return _prefix_cache_scorer(cfg, n, layout)
+    if layout == "before" and use_cache:
+        return _prompt_cache_scorer(cfg, n, layout)
+    return _uncached_decoder_scorer(cfg, n, layout)
+
+
+def encoder_scorer(cfg, n: int, layout: str, use_cache: bool = False) -> Scorer:
+    """An encoder's scorer (layout "add" or "cat"; an encoder has no cache)."""
     from .models import encoder
 
     def prepare(params, batch, spec=None):

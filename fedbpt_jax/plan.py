@@ -274,7 +274,9 @@ def task_of(args, lm):
     if args.template is None and args.cue is None and args.verbalizer is None:
         return task
     words = None if args.verbalizer is None else tuple(args.verbalizer.split("|"))
-    style = args.style if lm.kind == "decoder" else None
+    from .models.kinds import get
+
+    style = args.style if get(lm.kind).causal else None
     return tasks.override(task, kind=lm.kind, style=style, template=args.template, cue=args.cue, label_words=words)
 
 
@@ -291,8 +293,9 @@ def auto_start(args, lm):
     backbone is an encoder (BBT's placeholders: "zeros" in "add" mode), the task has none, or an explicit
     ``--n-prompt`` differs from its token count (then "zeros", said on the console)."""
     from . import prompt, tasks
+    from .models.kinds import get
 
-    chosen = tasks.get(args.task).decoder_prompt_start if lm.kind == "decoder" else None
+    chosen = tasks.get(args.task).decoder_prompt_start if get(lm.kind).causal else None
     if chosen is None:
         return prompt.parse_start("zeros")
     length = prompt.start_length(chosen, lm.tokenizer)

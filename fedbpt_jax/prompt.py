@@ -318,7 +318,9 @@ def build_start(
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise ValueError(f"prompt start {s.describe()!r}: token ids {bad} are outside the vocabulary [0, {vocab})")
-    if lm.kind == "decoder":
+    from .models.kinds import get
+
+    if get(lm.kind).causal:  # the prompt is tokens of the sequence: their embeddings
         return jnp.asarray(lm.input_embeddings(), jnp.float32)[jnp.asarray(ids)]
     layout = layout or "add"
     lead = None

@@ -54,6 +54,7 @@ from typing import Iterable
 
 ENCODER = "encoder"
 DECODER = "decoder"
+#: The backbone kinds a task has templates for (each built-in kind of :mod:`fedbpt_jax.models.kinds`).
 KINDS = (ENCODER, DECODER)
 DECODER_STYLES = ("completion", "chat", "bbt", "reference")
 REQUIRED_DECODER_STYLES = ("completion", "chat", "reference")  # every task has these; "bbt" only where BBT has one

@@ -8,7 +8,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import tasks as tasks_lib
-from ..tasks import DECODER, Task
+from ..models.kinds import get as get_kind
+from ..tasks import Task
 from ..types import ScoringSpec, TokenBatch
 from .examples import Examples
 from .integrity import clean_pool
@@ -139,7 +140,7 @@ def federated(
     kw = dict(
         n_prompt=n_prompt, max_length=max_length, max_positions=max_positions, pad_to_max_length=pad_to_max_length
     )
-    if kind == DECODER:
+    if get_kind(kind).causal:  # templates with styles
         kw["style"] = style
     both = tokenize(
         task,
@@ -159,7 +160,7 @@ def federated(
         )
     fed, counts = federated_batches(tr_batch, part, pad_to)
     spec = scoring_spec(task, tokenizer, kind, n_prompt=n_prompt, style=style, first_token=first_token)
-    if kind == DECODER:  # what layout "before" packs the clients' texts into (real tokens only)
+    if "prompt" in get_kind(kind).caches():  # what the prompt cache packs the clients' texts into (real tokens)
         from ..models.decoder_cache import packing_for
 
         fed = fed.replace(packing=packing_for(fed.attention_mask, fed.example_mask, cue_len=len(spec.cue_ids)))

@@ -6,10 +6,10 @@ import numpy as np
 
 from .. import tasks as tasks_lib
 from .. import templates
-from ..tasks import ENCODER, Task
+from ..models.kinds import get as get_kind
+from ..tasks import Task
 from ..types import ScoringSpec, TokenBatch
-from .decoder_inputs import decoder_cue_ids, decoder_lead_ids, encode_decoder
-from .encoder_inputs import encode_encoder
+from .decoder_inputs import decoder_cue_ids, decoder_lead_ids
 from .examples import Examples
 from .text_encoding import placeholder_ids
 
@@ -26,21 +26,14 @@ def tokenize(
     style: str | None = None,
     **kwargs,
 ) -> TokenBatch:
-    """:func:`encode_encoder` or :func:`encode_decoder` by backbone ``kind``."""
+    """The backbone ``kind``'s encoding (:attr:`~fedbpt_jax.models.kinds.BackboneKind.encode`: e.g.
+    :func:`encode_encoder`, :func:`encode_decoder`); ``style`` is for causal kinds, whose templates have styles."""
     tasks_lib.check_kind(kind)
-    if kind == ENCODER:
-        return encode_encoder(
-            task, examples, tokenizer, n_prompt=n_prompt, max_length=max_length, max_positions=max_positions, **kwargs
-        )
-    return encode_decoder(
-        task,
-        examples,
-        tokenizer,
-        n_prompt=n_prompt,
-        max_length=max_length,
-        max_positions=max_positions,
-        style=style,
-        **kwargs,
+    spec = get_kind(kind)
+    if spec.causal:
+        kwargs["style"] = style
+    return spec.encoder_fn()(
+        task, examples, tokenizer, n_prompt=n_prompt, max_length=max_length, max_positions=max_positions, **kwargs
     )
 
 
@@ -69,7 +62,7 @@ def scoring_spec(
         task, tokenizer, kind, first_token, style=style, use_chat_template=use_chat_template
     )
     exempt = set(int(i) for i in tokenizer.all_special_ids)
-    if kind == ENCODER:
+    if not get_kind(kind).causal:  # the label word at <mask>: no cue; placeholders and <mask> exempt
         cue = np.zeros(0, np.int32)
         exempt |= set(placeholder_ids(tokenizer, n_prompt, mode=placeholder).tolist())
         if tokenizer.mask_token_id is not None:

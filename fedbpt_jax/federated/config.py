@@ -164,6 +164,12 @@ class FedConfig:
         )
         need(self.chunk_clients >= 0, f"chunk_clients must be >= 0, got {self.chunk_clients}")
         need(
+            self.layout is None or any(self.layout in k.layouts for k in objective.KINDS.values()),
+            f"unknown layout {self.layout!r}; accepted: "
+            + "; ".join(f"{k.name}s {k.layouts}" for k in objective.KINDS.values())
+            + " (None: the backbone's default, the first)",
+        )
+        need(
             self.scorer_cache in objective.SCORER_CACHES,
             f"unknown scorer_cache {self.scorer_cache!r}; accepted: {objective.SCORER_CACHES}",
         )

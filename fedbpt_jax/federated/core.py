@@ -392,12 +392,15 @@ def _check_context(data: FederatedData, config, t: int, kind: str, context: int)
     """Raises unless texts of ``t`` tokens (with the prompt and the cue for a decoder) fit the model's ``context``."""
     import numpy as np
 
+    from ..models.kinds import get
+
+    causal = get(kind).causal  # the prompt and the cue are tokens of the sequence
     cue = int(np.shape(data.spec.cue_ids)[0])
-    total = t + config.n_prompt_tokens + cue if kind == "decoder" else t
+    total = t + config.n_prompt_tokens + cue if causal else t
     if total > context:
         what = (
             f"prompt ({config.n_prompt_tokens}) + text part ({t}) + cue ({cue}) = {total} tokens"
-            if kind == "decoder"
+            if causal
             else f"{t} tokens per example"
         )
         raise ValueError(

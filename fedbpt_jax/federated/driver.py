@@ -668,7 +668,7 @@ def model_context(lm) -> int | None:
     n = getattr(c, "max_position_embeddings", None)
     if n is None:
         return None
-    return int(n) - int(getattr(c, "position_offset", 0) or 0) if lm.kind == "encoder" else int(n)
+    return int(n) - int(getattr(c, "position_offset", 0) or 0)
 
 
 def median_token_norm(lm) -> float:

