@@ -14,6 +14,7 @@ PATH = Path(__file__).resolve().parents[1] / "experiments" / "grid.py"
 _spec = importlib.util.spec_from_file_location("grid_driver", PATH)
 grid = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(grid)
+import grid_spec  # noqa: E402  (beside grid.py, on the path grid.py sets)
 
 BASE = """
 [grid]
@@ -432,19 +433,19 @@ def test_the_cpu_is_named_from_cpuinfo(monkeypatch, tmp_path):
 
 def test_fed_config_table_reaches_fedconfig_and_names_bad_keys():
     base = dict(grid.SETTINGS, model="tiny")
-    assert grid.fed_config_extra(dict(base, fed_config={"server_ranking": "random", "norm_clip": True})) == {
+    assert grid_spec.fed_config_extra(dict(base, fed_config={"server_ranking": "random", "norm_clip": True})) == {
         "server_ranking": "random",
         "norm_clip": True,
     }
     with pytest.raises(grid.GridError, match="'num_clients' is a grid setting"):
-        grid.fed_config_extra(dict(base, fed_config={"num_clients": 3}))
+        grid_spec.fed_config_extra(dict(base, fed_config={"num_clients": 3}))
     with pytest.raises(grid.GridError, match="'bogus' is not a FedConfig field"):
-        grid.fed_config_extra(dict(base, fed_config={"bogus": 1}))
+        grid_spec.fed_config_extra(dict(base, fed_config={"bogus": 1}))
     with pytest.raises(grid.GridError, match="server_ranking 'best'"):
         grid.check_settings(dict(base, fed_config={"server_ranking": "best"}))
     # an empty table keeps the run ids of grids written before it; a non-empty one changes them
-    assert grid._digest(base) == grid._digest({k: v for k, v in base.items() if k != "fed_config"})
-    assert grid._digest(dict(base, fed_config={"server_ranking": "random"})) != grid._digest(base)
+    assert grid.digest(base) == grid.digest({k: v for k, v in base.items() if k != "fed_config"})
+    assert grid.digest(dict(base, fed_config={"server_ranking": "random"})) != grid.digest(base)
 
 
 GOLDEN_IDS = json.loads((Path(__file__).parent / "golden" / "grid_run_ids.json").read_text())
@@ -484,11 +485,11 @@ def test_every_simulate_option_is_a_grid_setting_or_spelled_by_the_grid():
     from fedbpt_jax.cli_options import options
 
     for o in options("simulate"):
-        assert o.dest in grid.SETTINGS or o.dest in grid.NOT_GRID_SETTINGS, o.dest
-        if o.dest in grid.ADDED_SETTINGS:
+        assert o.dest in grid.SETTINGS or o.dest in grid_spec.NOT_GRID_SETTINGS, o.dest
+        if o.dest in grid_spec.ADDED_SETTINGS:
             assert grid.SETTINGS[o.dest] == o.default
     ns = grid.run_options(dict(grid.SETTINGS, partition="iid", server_variant="paper", test_size=None), "decoder")
-    assert (ns.alpha, ns.server, ns.test_size, ns.layout) == (0.0, "paper", 0, grid.GRID_LAYOUT)
+    assert (ns.alpha, ns.server, ns.test_size, ns.layout) == (0.0, "paper", 0, grid_spec.GRID_LAYOUT)
     ns = grid.run_options(dict(grid.SETTINGS, partition="dirichlet:0.5", fed_config={"norm_clip": True}), "encoder")
     assert (ns.alpha, ns.norm_clip, ns.layout) == (0.5, True, None)
 
@@ -496,11 +497,11 @@ def test_every_simulate_option_is_a_grid_setting_or_spelled_by_the_grid():
 def test_options_that_came_with_the_cli_hash_only_away_from_their_default():
     base = dict(grid.SETTINGS, model="tiny")
     # a FedConfig field on its own is the same run as in the fed_config table
-    assert grid._digest(dict(base, norm_clip=True)) == grid._digest(dict(base, fed_config={"norm_clip": True}))
-    assert grid._digest(dict(base, norm_clip=True)) != grid._digest(base)
-    assert grid._digest(dict(base, sampling="uniform")) == grid._digest(base)  # the default
-    assert grid._digest(dict(base, template="Review: {text}")) != grid._digest(base)
-    assert grid._digest(dict(base, eval_chunk=8, keep_clean_cache="off")) == grid._digest(base)  # no number changes
+    assert grid.digest(dict(base, norm_clip=True)) == grid.digest(dict(base, fed_config={"norm_clip": True}))
+    assert grid.digest(dict(base, norm_clip=True)) != grid.digest(base)
+    assert grid.digest(dict(base, sampling="uniform")) == grid.digest(base)  # the default
+    assert grid.digest(dict(base, template="Review: {text}")) != grid.digest(base)
+    assert grid.digest(dict(base, eval_chunk=8, keep_clean_cache="off")) == grid.digest(base)  # no number changes
     with pytest.raises(grid.GridError, match="sigma_schedule is set twice"):
         grid.check_settings(dict(base, sigma_schedule="clamp", fed_config={"sigma_schedule": "none"}))
     with pytest.raises(grid.GridError, match="sampling"):
