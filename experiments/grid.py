@@ -17,9 +17,8 @@ Usage::
     python experiments/grid.py run experiments/grids/mr_iid.toml --jobs 8           # 8 runs at once (a GPU)
     python experiments/grid.py report experiments/results/grid_sst2_noniid           # tables and plots
 
-A run is the same simulation as ``fedbpt-jax simulate`` with the same settings: ``seed`` drives the few-shot
-draw, the partition and the keys (``key_projection, key_run = split(key(seed))``), so runs that differ only
-in the algorithm share data, projection and round keys (a paired design over seeds).
+A run is ``fedbpt-jax simulate`` with the same settings (``grid_spec.py``): ``seed`` drives the few-shot draw,
+the partition and the keys, so runs that differ only in the algorithm share them (a paired design over seeds).
 
 Grid file (TOML; JSON with the same structure also works)::
 
@@ -27,7 +26,7 @@ Grid file (TOML; JSON with the same structure also works)::
     name = "sst2_noniid"                 # output folder: experiments/results/grid_<name>
     description = "..."
 
-    [base]                               # any setting (see SETTINGS), for every run
+    [base]                               # any setting (grid_spec.SETTINGS), for every run
     rounds = 15
     partition = "dirichlet:1.0"
 
