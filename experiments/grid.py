@@ -140,6 +140,19 @@ def find_reusable(out: Path, run: dict) -> Path | None:
     return max(found, key=lambda d: (d / "metrics.json").stat().st_mtime) if found else None
 
 
+def find_continuable(out: Path, run: dict) -> Path | None:
+    """A run with ``run``'s id in another grid folder beside ``out`` that stopped short of ``run``'s last round but
+    kept its checkpoints, or None: a longer grid continues it from its last checkpoint instead of starting over
+    (the rounds are not in a run id, and resuming gives the bits of an uninterrupted run). The furthest wins."""
+    found = []
+    for d in out.parent.glob(f"*/*-{run['run_id']}"):
+        if d.is_dir() and d.parent.resolve() != out.resolve() and (d / "ckpt").is_dir():
+            done, last = is_finished(d, run["settings"]["rounds"])
+            if not done and last > 0:
+                found.append((last, d))
+    return max(found)[1] if found else None
+
+
 def reuse(src: Path, dst: Path, run: dict, grid_name: str) -> None:
     """Copies the finished run ``src`` (checkpoint included) to ``dst`` under this grid's name and labels.
 
@@ -557,6 +570,13 @@ def settled(args, out: Path, r: dict, tag: str, grid_name: str) -> tuple[bool, i
             reuse(src, out / r["dirname"], r, grid_name)
         print(f"{tag}: {'would copy' if args.dry_run else 'copied'} the finished {_portable(str(src))}", flush=True)
         return True, last
+    part = find_continuable(out, r) if args.reuse and not last else None
+    if part is not None:
+        if not args.dry_run:
+            reuse(part, out / r["dirname"], r, grid_name)
+            last = is_finished(out / r["dirname"], rounds)[1]
+        what = "would continue" if args.dry_run else "continuing"
+        print(f"{tag}: {what} {_portable(str(part))} (stopped at round {is_finished(part, rounds)[1]})", flush=True)
     if args.dry_run:
         try:
             algorithm_options(r["settings"]["algorithm"], r["settings"]["algorithm_options"])

@@ -506,3 +506,29 @@ def test_options_that_came_with_the_cli_hash_only_away_from_their_default():
         grid.check_settings(dict(base, sigma_schedule="clamp", fed_config={"sigma_schedule": "none"}))
     with pytest.raises(grid.GridError, match="sampling"):
         grid.check_settings(dict(base, sampling="sometimes"))
+
+
+def test_a_longer_grid_continues_a_shorter_grid_s_run_from_its_checkpoint(tmp_path, capsys):
+    """Rounds are not in a run id: a grid that asks for more rounds than a run beside it reached copies that run,
+    checkpoints included, and resumes it; the result is the uninterrupted run's, bit for bit."""
+    short, long, straight = tmp_path / "g" / "short", tmp_path / "g" / "long", tmp_path / "straight"
+    only = ["--only", "method=fedbpt"]
+    assert grid.main(["run", str(_grid_file(tmp_path, 1)), "--out", str(short), *only]) == 0
+    assert grid.main(["run", str(_grid_file(tmp_path, 2)), "--out", str(straight), "--no-reuse", *only]) == 0
+    capsys.readouterr()
+    g2 = _grid_file(tmp_path, 2)
+    assert grid.main(["run", str(g2), "--out", str(long), "--dry-run", *only]) == 0
+    assert "would continue" in capsys.readouterr().out and not long.exists()
+    assert grid.main(["run", str(g2), "--out", str(long), *only]) == 0
+    printed = capsys.readouterr().out
+    assert "continuing" in printed and "(stopped at round 1)" in printed and "resuming after round 1" in printed
+    (run,) = long.glob("fedbpt_s0-*")
+    (ref,) = straight.glob("fedbpt_s0-*")
+    assert run.name == ref.name
+    ran = json.loads((run / "metrics.json").read_text())
+    assert _strip_seconds(ran) == _strip_seconds(json.loads((ref / "metrics.json").read_text()))
+    assert json.loads((run / "config.json").read_text())["settings"]["rounds"] == 2
+    # the shorter grid's run is left as it was
+    assert [
+        e["round"] for e in json.loads((next(short.glob("fedbpt_s0-*")) / "metrics.json").read_text())["evals"]
+    ] == [0, 1]
