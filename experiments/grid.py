@@ -66,6 +66,7 @@ from grid_spec import (  # noqa: E402
     GridError,
     algorithm_options,
     check_settings,
+    declaration,
     digest,
     expand,
     identify,
@@ -227,38 +228,6 @@ class Context:
 
 
 CONTEXT = Context()
-
-
-def declaration(grid_file: Path, pairs: list) -> dict:
-    """The comparisons a grid declares before its first run, with the commit that holds the grid file as it is
-    ("uncommitted" when it differs from that commit or is not tracked; None outside a repository)."""
-    import subprocess
-
-    rec = {"pairs": [list(p) for p in pairs], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    where = grid_file.resolve().parent
-    try:
-        last = subprocess.run(
-            ["git", "log", "-1", "--format=%H", "--", grid_file.name],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", grid_file.name],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if last.returncode != 0:
-            rec["grid_file_commit"] = None
-        else:
-            commit = last.stdout.strip()
-            rec["grid_file_commit"] = commit if commit and not dirty.stdout.strip() else "uncommitted"
-    except (OSError, subprocess.SubprocessError):
-        rec["grid_file_commit"] = None
-    return rec
 
 
 def _git_commit() -> str | None:
