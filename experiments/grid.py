@@ -541,11 +541,12 @@ def settled(args, out: Path, r: dict, tag: str, grid_name: str) -> tuple[bool, i
         return True, last
     part = find_continuable(out, r) if args.reuse and not last else None
     if part is not None:
+        stopped = is_finished(part, rounds)[1]
         if not args.dry_run:
-            reuse(part, out / r["dirname"], r, grid_name)
-            last = is_finished(out / r["dirname"], rounds)[1]
+            reuse(part, out / r["dirname"], r, grid_name)  # the copy stops where its source stopped
+            last = stopped
         what = "would continue" if args.dry_run else "continuing"
-        print(f"{tag}: {what} {_portable(str(part))} (stopped at round {is_finished(part, rounds)[1]})", flush=True)
+        print(f"{tag}: {what} {_portable(str(part))} (stopped at round {stopped})", flush=True)
     if args.dry_run:
         try:
             algorithm_options(r["settings"]["algorithm"], r["settings"]["algorithm_options"])
@@ -630,13 +631,13 @@ def cmd_report(args) -> int:
     from fedbpt_jax.report import ReportError
 
     try:
-        summary = write_grid_report(args.dirs, args.out, args.title)
+        write_grid_report(args.dirs, args.out, args.title)
     except ReportError as err:
         raise GridError(str(err)) from None
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     print((out / "report.md").read_text())
     print(f"report written to {out}")
-    return 0 if summary else 1
+    return 0
 
 
 def main(argv=None) -> int:
