@@ -111,6 +111,12 @@ def is_finished(run_dir: Path, rounds: int) -> tuple[bool, int]:
     return last >= rounds, last
 
 
+def _same_id_beside(out: Path, run: dict) -> list[Path]:
+    """The run folders with ``run``'s id in the other grid folders beside ``out``."""
+    here = out.resolve()
+    return [d for d in out.parent.glob(f"*/*-{run['run_id']}") if d.is_dir() and d.parent.resolve() != here]
+
+
 def find_reusable(out: Path, run: dict) -> Path | None:
     """A finished run that computed what ``run`` would, or None: one with ``run``'s id (the same settings)
     in another grid folder beside ``out``, else one in ``out`` or beside it that differs only in settings
@@ -120,11 +126,7 @@ def find_reusable(out: Path, run: dict) -> Path | None:
     Grids overlap (the perturbation-rate ablation's r_p = 0.5 arm is the main grid's FedBPT); a run found
     finished elsewhere is copied instead of being computed again. The newest such folder wins."""
     rounds = run["settings"]["rounds"]
-    found = [
-        d
-        for d in out.parent.glob(f"*/*-{run['run_id']}")
-        if d.is_dir() and d.parent.resolve() != out.resolve() and is_finished(d, rounds)[0]
-    ]
+    found = [d for d in _same_id_beside(out, run) if is_finished(d, rounds)[0]]
     if not found and run["settings"]["algorithm"] in UNUSED_BY:
         unused = UNUSED_BY[run["settings"]["algorithm"]]
         wanted = digest(run["settings"], unused)
@@ -141,17 +143,21 @@ def find_reusable(out: Path, run: dict) -> Path | None:
     return max(found, key=lambda d: (d / "metrics.json").stat().st_mtime) if found else None
 
 
-def find_continuable(out: Path, run: dict) -> Path | None:
-    """A run with ``run``'s id in another grid folder beside ``out`` that stopped short of ``run``'s last round but
-    kept its checkpoints, or None: a longer grid continues it from its last checkpoint instead of starting over
-    (the rounds are not in a run id, and resuming gives the bits of an uninterrupted run). The furthest wins."""
+def find_continuable(out: Path, run: dict) -> tuple[Path, int] | None:
+    """(folder, last round) of a run with ``run``'s id in another grid folder beside ``out`` that stopped short of
+    ``run``'s last round but kept its checkpoints, or None: a longer grid continues it from its last checkpoint
+    instead of starting over (the rounds are not in a run id, and resuming gives the bits of an uninterrupted
+    run). The furthest wins."""
     found = []
-    for d in out.parent.glob(f"*/*-{run['run_id']}"):
-        if d.is_dir() and d.parent.resolve() != out.resolve() and (d / "ckpt").is_dir():
+    for d in _same_id_beside(out, run):
+        if (d / "ckpt").is_dir():
             done, last = is_finished(d, run["settings"]["rounds"])
             if not done and last > 0:
                 found.append((last, d))
-    return max(found)[1] if found else None
+    if not found:
+        return None
+    last, d = max(found)
+    return d, last
 
 
 def reuse(src: Path, dst: Path, run: dict, grid_name: str) -> None:
@@ -539,9 +545,9 @@ def settled(args, out: Path, r: dict, tag: str, grid_name: str) -> tuple[bool, i
             reuse(src, out / r["dirname"], r, grid_name)
         print(f"{tag}: {'would copy' if args.dry_run else 'copied'} the finished {_portable(str(src))}", flush=True)
         return True, last
-    part = find_continuable(out, r) if args.reuse and not last else None
-    if part is not None:
-        stopped = is_finished(part, rounds)[1]
+    found = find_continuable(out, r) if args.reuse and not last else None
+    if found is not None:
+        part, stopped = found
         if not args.dry_run:
             reuse(part, out / r["dirname"], r, grid_name)  # the copy stops where its source stopped
             last = stopped
