@@ -121,6 +121,9 @@ def render(kind: str, report_path: Path, results: Path | None = None) -> str:
         if not all((a, b) in declared[g] for g in gs):
             continue  # pooled over a grid that did not declare it: not a declared comparison
         figs = p["figures"]
+        missing = [key for key, _ in SHOWN if key not in figs]
+        if missing:
+            raise TableError(f"pair {a} − {b} of {report_path} has no {', '.join(missing)} figure (no dev set?)")
         n = figs["dev_selected"]["n"]
         n_txt = f"{n} ({figs['dev_selected']['units']})" if kind == "pooled" else str(n)
         cells = " | ".join(_cell(figs[key]) for key, _ in SHOWN)

@@ -98,7 +98,12 @@ def test_bad_input_is_named(tmp_path):
     report = _pooled_setup(tmp_path)
     with pytest.raises(ct.TableError, match="unknown table kind 'pool'"):
         ct.render("pool", report)
-    report.write_text(json.dumps(json.loads(report.read_text()) | {"pooled": []}))
+    data = json.loads(report.read_text())
+    del data["pooled"][0]["figures"]["dev_selected"]
+    report.write_text(json.dumps(data))
+    with pytest.raises(ct.TableError, match="fedbpt − fedavg_bbt_perturb of .* has no dev_selected figure"):
+        ct.render("pooled", report)
+    report.write_text(json.dumps(data | {"pooled": []}))
     with pytest.raises(ct.TableError, match="no pooled table"):
         ct.render("pooled", report)
     (tmp_path / "README.md").write_text("<!-- claims-table: pairs x/report.json -->\n\nno table\n")
