@@ -110,10 +110,17 @@ def group_runs(runs: list[dict]) -> list[dict]:
         )
         g["runs"].append(r)
     out = list(groups.values())
-    names = [g["label"] for g in out]
+    selections: dict[str, set] = {}
     for g in out:
-        if names.count(g["label"]) > 1:
+        selections.setdefault(g["label"], set()).add(json.loads(g["key"])["dev_selection"])
+    several_grids = len({g["grid"] for g in out}) > 1
+    for g in out:
+        # A label the report has with and without dev selection is told apart (everywhere, so that the pooled
+        # table, which matches on labels, pools like with like); otherwise a label stays as the grid file wrote
+        # it, and across grids ``display`` names the grid.
+        if len(selections[g["label"]]) > 1:
             g["label"] += " (dev)" if json.loads(g["key"])["dev_selection"] else " (no dev)"
+        g["display"] = f"{g['label']} [{g['grid']}]" if several_grids else g["label"]
         # Seeds of one configuration computed on different machines: every precision is named.
         g["precision"] = " + ".join(sorted({r["precision"] for r in g["runs"]}))
         g["by_seed"] = {}
@@ -213,7 +220,7 @@ def pooled(pairs: list[dict]) -> list[dict]:
     return result
 
 
-def pair_rows(pairs: list[dict], per_seed: bool = True) -> list[str]:
+def pair_rows(pairs: list[dict], per_seed: bool = True, grid_column: bool = False) -> list[str]:
     rows = []
     for p in pairs:
         for fig, d in p["figures"].items():
@@ -229,7 +236,8 @@ def pair_rows(pairs: list[dict], per_seed: bool = True) -> list[str]:
             pv = " | ".join(fmt_p(d.get(k)) for k in ("p", "p_holm", "p_bh"))
             decl = p.get("declared", "")
             rows.append(
-                f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | {ci} | {pv} "
+                (f"| {p.get('grid')} " if grid_column else "")
+                + f"| {p['a']} | {p['b']} | {FIGURES[fig]} | {p['precision']} | {d['n']} | {per} | {ms} | {ci} | {pv} "
                 f"| {_pct(d['power80_effect'])} | {d['verdict']} |" + (f" {decl} |" if per_seed else "")
             )
     return rows
@@ -260,7 +268,7 @@ def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: st
         )
         rounds = sorted({r["final_round"] for r in g["runs"]})
         lines.append(
-            f"| {g['label']} | {g['precision']} | {','.join(map(str, rounds))} | {seeds} | {_cell(g['initial'])} "
+            f"| {g['display']} | {g['precision']} | {','.join(map(str, rounds))} | {seeds} | {_cell(g['initial'])} "
             f"| {_cell(g['final'])} | {_cell(g['dev_selected'])} | {_cell(g['dev_at_selected'])} "
             f"| {_cell(g['best_on_test'])} |"
         )
@@ -286,6 +294,7 @@ def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: st
             *pair_rows(pools, per_seed=False),
         ]
     if pairs:
+        by_grid = len({p.get("grid") for p in pairs}) > 1
         lines += [
             "",
             "## Paired per-seed differences (A − B, points of accuracy)",
@@ -294,14 +303,16 @@ def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: st
             "whether the pair was in the grid file when its first run started (post hoc: added later; not recorded: "
             "a grid run before declarations were recorded).",
             "",
-            "| A | B | figure | precision | n | per seed | mean ± std | 95 % CI | p | p Holm | p BH "
+            ("| grid " if by_grid else "")
+            + "| A | B | figure | precision | n | per seed | mean ± std | 95 % CI | p | p Holm | p BH "
             "| 80 %-power effect | verdict | declared |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            *pair_rows(pairs),
+            ("| --- " if by_grid else "")
+            + "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *pair_rows(pairs, grid_column=by_grid),
         ]
     if groups:
         rows = [
-            (g["label"], {**r, "seed": r["settings"]["seed"]})
+            (g["display"], {**r, "seed": r["settings"]["seed"]})
             for g in groups
             for r in sorted(g["runs"], key=lambda r: _seed_order(r["settings"]["seed"]))
         ]
@@ -367,7 +378,7 @@ def write_grid_report(dirs, out=None, title: str | None = None) -> dict:
             "best_on_test": "reference-compatibility (optimistic): selected on the test set itself",
         },
         "groups": [
-            {k: g[k] for k in ("label", "labels", "grid", "precision", *FIGURES)}
+            {k: g[k] for k in ("label", "display", "labels", "grid", "precision", *FIGURES)}
             | {
                 "seeds": sorted(g["by_seed"]["final"], key=_seed_order),
                 "by_seed": g["by_seed"],

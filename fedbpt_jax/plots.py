@@ -166,7 +166,8 @@ def comparison_plots(groups: list[dict], out, title: str) -> list[str]:
     """``accuracy_rounds.png`` (each group's test accuracy per round: mean over its runs, band ± 1 sample
     std) and ``accuracy_bars.png`` (final and dev-selected accuracy, mean ± std) in folder ``out``.
 
-    ``groups``: dicts with ``label``, ``runs`` (each with ``curve``: ``[(round, accuracy)]``) and, per
+    ``groups``: dicts with ``label`` (and optionally ``display``, the name shown), ``runs`` (each with
+    ``curve``: ``[(round, accuracy)]``) and, per
     figure of :data:`FIGURES`, ``None`` or ``{"mean", "std", "min", ...}`` (:func:`fedbpt_jax.report.stats`).
     Returns the paths written.
     """
@@ -181,7 +182,7 @@ def comparison_plots(groups: list[dict], out, title: str) -> list[str]:
         rounds = sorted(set.intersection(*[set(c) for c in curves]))
         y = np.asarray([[c[r] for r in rounds] for c in curves], float) * 100
         m = y.mean(0)
-        (line,) = ax.plot(rounds, m, marker="o", ms=2.5, label=f"{g['label']} (n={len(curves)})")
+        (line,) = ax.plot(rounds, m, marker="o", ms=2.5, label=f"{g.get('display', g['label'])} (n={len(curves)})")
         if len(curves) > 1:
             s = y.std(0, ddof=1)
             ax.fill_between(rounds, m - s, m + s, color=line.get_color(), alpha=0.15)
@@ -204,7 +205,7 @@ def comparison_plots(groups: list[dict], out, title: str) -> list[str]:
         errs = [100 * (g[f]["std"] or 0) if g.get(f) else 0 for g in groups]
         ax.bar(x + (j - (len(figs) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=FIGURES[f])
     ax.set_xticks(x)
-    ax.set_xticklabels([g["label"] for g in groups], rotation=30, ha="right", fontsize=7)
+    ax.set_xticklabels([g.get("display", g["label"]) for g in groups], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("test accuracy (%)")
     lows = [100 * g[f]["min"] for g in groups for f in figs if g.get(f) and math.isfinite(g[f]["min"])]
     ax.set_ylim(max(0, min(lows, default=0) - 10), 100)

@@ -532,3 +532,50 @@ def test_a_longer_grid_continues_a_shorter_grid_s_run_from_its_checkpoint(tmp_pa
     assert [
         e["round"] for e in json.loads((next(short.glob("fedbpt_s0-*")) / "metrics.json").read_text())["evals"]
     ] == [0, 1]
+
+
+def test_one_label_in_two_grids_pools_and_is_shown_with_its_grid():
+    """Across grids a method keeps its label (the pooled table matches on it; no '(dev)' suffix), the tables and
+    plots name the grid; within one grid, configurations that differ only in dev selection are told apart."""
+
+    def run(grid, method, seed, dev=True, acc=0.8):
+        return {
+            "dir": f"{grid}-{method}-{seed}-{dev}",
+            "grid": grid,
+            "labels": {"method": method, "seed": str(seed)},
+            "settings": {"seed": seed, "task": grid, "algorithm": method},
+            "dev_selection": dev,
+            "precision": "float32",
+            "final": acc,
+        }
+
+    runs = [
+        run(g, m, s, acc=0.8 + 0.01 * s + (0.02 if m == "a" else 0)) for g in ("g1", "g2") for m in "ab" for s in (0, 1)
+    ]
+    groups = comparisons.group_runs(runs)
+    assert sorted(g["label"] for g in groups) == ["a", "a", "b", "b"]
+    assert sorted(g["display"] for g in groups) == ["a [g1]", "a [g2]", "b [g1]", "b [g2]"]
+    pairs = comparisons.pair_groups(groups, [["a", "b"]])
+    (pool,) = comparisons.pooled(pairs)
+    assert (pool["a"], pool["b"]) == ("a", "b") and pool["figures"]["final"]["n"] == 4
+    assert pool["figures"]["final"]["mean"] == pytest.approx(0.02)
+    from fedbpt_jax import stats
+
+    stats.adjust(comparisons.family(pairs))
+    stats.adjust(comparisons.family([pool]))
+    md = comparisons.markdown([], pairs, [], "t", [pool])
+    assert "| g1 | a | b |" in md and "| g2 | a | b |" in md and "(dev)" not in md
+    # One grid, the same method with and without a dev set: two configurations, told apart.
+    one = comparisons.group_runs([run("g1", "a", 0), run("g1", "a", 0, dev=False)])
+    assert sorted(g["display"] for g in one) == ["a (dev)", "a (no dev)"]
+    # ... and where one grid has both, the label is told apart in every grid, so that like pools with like.
+    groups = comparisons.group_runs([*runs, run("g1", "b", 0, dev=False), run("g1", "b", 1, dev=False)])
+    assert sorted(g["display"] for g in groups) == [
+        "a [g1]",
+        "a [g2]",
+        "b (dev) [g1]",
+        "b (dev) [g2]",
+        "b (no dev) [g1]",
+    ]
+    (pool,) = comparisons.pooled(comparisons.pair_groups(groups, [["a", "b"]]))
+    assert (pool["a"], pool["b"]) == ("a", "b (dev)") and pool["figures"]["final"]["n"] == 4
