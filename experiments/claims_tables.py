@@ -24,6 +24,9 @@ import re
 import sys
 from pathlib import Path
 
+from fedbpt_jax.comparisons import fmt_p
+from fedbpt_jax.report import pct
+
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 MARKER = re.compile(r"^<!-- claims-table: (pairs|pooled) (\S+) -->$")
@@ -47,12 +50,8 @@ class TableError(Exception):
 
 
 def _pts(x: float, signed: bool = True) -> str:
-    """Points of accuracy, two decimals, with the README's minus sign (U+2212)."""
-    return (f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}").replace("-", "\u2212")
-
-
-def _p(p) -> str:
-    return "—" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+    """Points of accuracy as the report writes them, with the README's minus sign (U+2212)."""
+    return pct(x, signed).replace("-", "\u2212")
 
 
 def _declared(results: Path, grid: str) -> list[tuple[str, str]]:
@@ -72,7 +71,7 @@ def _cell(d: dict) -> str:
         else "—"
     )
     std = _pts(d["std"], signed=False) if d.get("std") is not None else "—"
-    return f"{_pts(d['mean'])} ± {std} | {ci} | {_p(d.get('p'))} | {_p(d.get('p_holm'))}"
+    return f"{_pts(d['mean'])} ± {std} | {ci} | {fmt_p(d.get('p'))} | {fmt_p(d.get('p_holm'))}"
 
 
 def _verdict(a: str, b: str, figures: dict) -> str:
@@ -100,7 +99,7 @@ def render(kind: str, report_path: Path, results: Path | None = None) -> str:
     if kind == "pairs":
         entries = [(p, [p["grid"]]) for p in report["pairs"]]
     else:
-        entries = [(p, [c.split(":")[0] for c in p["contexts"]]) for p in report["pooled"]]
+        entries = [(p, p["grids"]) for p in report["pooled"]]
         if not entries:
             raise TableError(f"{report_path} has no pooled table (a report of one grid folder has none)")
     grids = sorted({g for _, gs in entries for g in gs})

@@ -199,9 +199,20 @@ def pooled(pairs: list[dict]) -> list[dict]:
     for p in pairs:
         key = (p["a"], p["b"])
         rec = out.setdefault(
-            key, {"a": p["a"], "b": p["b"], "contexts": [], "figures": {}, "precision": set(), "tasks_seeds": {}}
+            key,
+            {
+                "a": p["a"],
+                "b": p["b"],
+                "contexts": [],
+                "grids": [],
+                "figures": {},
+                "precision": set(),
+                "tasks_seeds": {},
+            },
         )
         rec["contexts"].append(f"{p.get('grid')}: {p['context']}" if p["context"] else str(p.get("grid")))
+        if p.get("grid") not in rec["grids"]:
+            rec["grids"].append(p.get("grid"))
         rec["precision"].add(p["precision"])
         for fig, d in p["figures"].items():
             acc = rec["tasks_seeds"].setdefault(fig, [])

@@ -36,7 +36,13 @@ def _pooled_setup(tmp_path: Path) -> Path:
         (results / f"grid_{name}" / "grid.json").write_text(json.dumps({"declared": {"pairs": pairs}}))
 
     def rec(a, b, final, dev):
-        return {"a": a, "b": b, "contexts": ["g1", "g2"], "figures": {"final": final, "dev_selected": dev}}
+        return {
+            "a": a,
+            "b": b,
+            "contexts": ["g1", "g2"],
+            "grids": ["g1", "g2"],
+            "figures": {"final": final, "dev_selected": dev},
+        }
 
     report = {
         "pairs": [],

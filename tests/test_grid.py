@@ -558,6 +558,7 @@ def test_one_label_in_two_grids_pools_and_is_shown_with_its_grid():
     pairs = comparisons.pair_groups(groups, [["a", "b"]])
     (pool,) = comparisons.pooled(pairs)
     assert (pool["a"], pool["b"]) == ("a", "b") and pool["figures"]["final"]["n"] == 4
+    assert pool["grids"] == ["g1", "g2"]
     assert pool["figures"]["final"]["mean"] == pytest.approx(0.02)
     from fedbpt_jax import stats
 
