@@ -16,6 +16,7 @@ Usage::
     python experiments/grid.py run experiments/grids/sst2_noniid.toml               # the rest (resumes)
     python experiments/grid.py run experiments/grids/mr_iid.toml --jobs 8           # 8 runs at once (a GPU)
     python experiments/grid.py report experiments/results/grid_sst2_noniid           # tables and plots
+    python experiments/grid.py sync ../wt/experiments/results/grid_mr experiments/results/grid_mr  # land/park
 
 A run is ``fedbpt-jax simulate`` with the same settings (``grid_spec.py``): ``seed`` drives the few-shot draw,
 the partition and the keys, so runs that differ only in the algorithm share them (a paired design over seeds).
@@ -625,6 +626,107 @@ def cmd_run(args) -> int:
     return 1 if counts["failed"] else 0
 
 
+#: The files of a run folder that are results (committed); ``ckpt/`` travels only while a run is in flight.
+RESULT_FILES = ("config.json", "status.json", "metrics.json", "rounds.csv", "metrics.png")
+
+
+def _ckpt_steps(run_dir: Path) -> list[int]:
+    """The checkpoint steps (orbax step folders) of a run folder, oldest first."""
+    ck = run_dir / "ckpt"
+    return sorted(int(p.name) for p in ck.iterdir() if p.is_dir() and p.name.isdigit()) if ck.is_dir() else []
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".syncing")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
+    """Brings the grid folder ``dst`` up to date with ``src``; returns a line per run folder it changed.
+
+    For carrying a long grid across machines through the repository: a *finished* run's result files
+    (:data:`RESULT_FILES`) are copied and any checkpoint parked beside them in ``dst`` is removed (results
+    are what is committed); an *unfinished* run that has a checkpoint is parked: its files so far plus its
+    newest checkpoint step only, with ``status.json`` saying so (``state = "parked"``), so that ``grid.py run``
+    on another machine, given this folder, resumes it from that round instead of starting over. Nothing in
+    ``dst`` that is further along is replaced: a run finished there, or a parked checkpoint at the same or a
+    later step, is left alone. The grid's ``grid.json`` (its declaration) is copied when it differs.
+    ``ckpt/`` is git-ignored: ``git add -f`` a parked checkpoint to commit it."""
+    from fedbpt_jax.checkpoint import read_json, write_json_atomic
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise GridError(f"sync: no grid folder {src}")
+    changed = []
+    if (src / "grid.json").exists():
+        same = (dst / "grid.json").exists() and (dst / "grid.json").read_bytes() == (src / "grid.json").read_bytes()
+        if not same:
+            changed.append("grid.json: copied")
+            if not dry_run:
+                dst.mkdir(parents=True, exist_ok=True)
+                _copy_atomic(src / "grid.json", dst / "grid.json")
+    for cfg_path in sorted(src.glob("*/config.json")):
+        s = cfg_path.parent
+        if s.name.endswith((".copying", ".syncing")):
+            continue
+        t = dst / s.name
+        try:
+            rounds = int(read_json(cfg_path)["settings"]["rounds"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            changed.append(f"{s.name}: config.json unreadable, not copied")
+            continue
+        done, last = is_finished(s, rounds)
+        t_done, t_last = is_finished(t, rounds)
+        files = [f for f in RESULT_FILES if (s / f).exists()]
+        if done:
+            parked = (t / "ckpt").is_dir()
+            same = all((t / f).exists() and (t / f).read_bytes() == (s / f).read_bytes() for f in files)
+            if same and not parked:
+                continue
+            changed.append(
+                f"{s.name}: finished (round {last}), results copied" + (", checkpoint removed" if parked else "")
+            )
+            if not dry_run:
+                t.mkdir(parents=True, exist_ok=True)
+                for f in files:
+                    _copy_atomic(s / f, t / f)
+                shutil.rmtree(t / "ckpt", ignore_errors=True)
+            continue
+        steps, t_steps = _ckpt_steps(s), _ckpt_steps(t)
+        if not steps:
+            continue  # nothing to resume from (a manual prompt, or a run before its first checkpoint)
+        if t_done or (t_steps and t_steps[-1] >= steps[-1]):
+            continue
+        changed.append(f"{s.name}: in flight, parked at checkpoint step {steps[-1]} (round {last} evaluated)")
+        if dry_run:
+            continue
+        t.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if f != "status.json":
+                _copy_atomic(s / f, t / f)
+        tmp = t / "ckpt.syncing"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        shutil.copytree(s / "ckpt" / str(steps[-1]), tmp / str(steps[-1]))
+        shutil.rmtree(t / "ckpt", ignore_errors=True)
+        os.replace(tmp, t / "ckpt")
+        status = read_json(s / "status.json") if (s / "status.json").exists() else {}
+        status.update(state="parked", parked_at_step=steps[-1], parked_at_round=last)
+        write_json_atomic(t / "status.json", status)
+    return changed
+
+
+def cmd_sync(args) -> int:
+    lines = sync(Path(args.src), Path(args.dst), args.dry_run)
+    for line in lines:
+        print(("would: " if args.dry_run else "") + line, flush=True)
+    print(f"sync {args.src} -> {args.dst}: {len(lines)} change(s){' (dry run)' if args.dry_run else ''}")
+    if not args.dry_run and any("parked at" in line for line in lines):
+        print("parked checkpoints are git-ignored: commit them with `git add -f <run folder>/ckpt`")
+    return 0
+
+
 def _portable(text: str) -> str:
     """``text`` with this machine's repository and Python prefixes shortened, for files that get committed."""
     for prefix, short in ((sys.prefix, "<python>"), (sys.base_prefix, "<python>"), (str(HERE.parent), ".")):
@@ -684,9 +786,16 @@ def main(argv=None) -> int:
     p.add_argument("dirs", nargs="+", help="grid output folders")
     p.add_argument("--out", default=None, help="report folder (default <first dir>/report)")
     p.add_argument("--title", default=None)
+    y = sub.add_parser(
+        "sync",
+        help="bring a grid folder up to date with another: finished runs' results, in-flight runs' newest checkpoint",
+    )
+    y.add_argument("src", help="grid folder where the runs are computed (e.g. in a pinned worktree)")
+    y.add_argument("dst", help="grid folder to update (e.g. the committed one, or a fresh worktree's)")
+    y.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
     args = ap.parse_args(argv)
     try:
-        return cmd_run(args) if args.command == "run" else cmd_report(args)
+        return {"run": cmd_run, "report": cmd_report, "sync": cmd_sync}[args.command](args)
     except GridError as err:
         print(f"grid.py: error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ clear errors for bad grid files."""
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,39 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     a = json.loads((full / name / "metrics.json").read_text())
     b = json.loads((part / name / "metrics.json").read_text())
     assert _strip_seconds(a) == _strip_seconds(b)
+
+    # Carrying a grid across machines: a run stopped after round 2 of 3 (the finished 2-round folder read as a
+    # 3-round run) is parked elsewhere with its newest checkpoint only, resumes there to the bits it reaches
+    # where it stopped, and landing it finished removes the parked checkpoint.
+    stopped, parked, resumed_here = tmp_path / "stopped", tmp_path / "parked", tmp_path / "here"
+    shutil.copytree(full, stopped)
+    for d in stopped.iterdir():
+        if d.is_dir():
+            cfg = json.loads((d / "config.json").read_text())
+            cfg["settings"]["rounds"] = 3
+            (d / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(stopped, resumed_here)
+    lines = grid.sync(stopped, parked)
+    assert any(line.startswith(f"{name}: in flight, parked at checkpoint step 2") for line in lines)
+    assert not (parked / man).exists()  # unfinished and nothing to resume from: not carried
+    assert sorted(p.name for p in (parked / name / "ckpt").iterdir()) == ["2"]
+    assert json.loads((parked / name / "status.json").read_text())["state"] == "parked"
+    assert grid.sync(stopped, parked) == []  # nothing newer
+    g3 = _grid_file(tmp_path, 3)
+    capsys.readouterr()
+    for where in (parked, resumed_here):
+        assert grid.main(["run", str(g3), "--out", str(where), "--no-reuse", "--only", "method=fedbpt"]) == 0
+        assert "resuming after round 2" in capsys.readouterr().out
+    assert _strip_seconds(json.loads((parked / name / "metrics.json").read_text())) == _strip_seconds(
+        json.loads((resumed_here / name / "metrics.json").read_text())
+    )
+    committed = tmp_path / "committed"
+    assert any("parked at checkpoint step 2" in line for line in grid.sync(stopped, committed))
+    landed = [line for line in grid.sync(parked, committed) if line.startswith(name)]
+    assert landed == [f"{name}: finished (round 3), results copied, checkpoint removed"]
+    assert not (committed / name / "ckpt").exists()
+    assert json.loads((committed / name / "status.json").read_text())["state"] == "finished"
+    assert grid.sync(parked, committed) == []
 
     # The report: table, JSON with paired differences, plots.
     assert grid.main(["report", str(full)]) == 0
