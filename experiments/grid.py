@@ -496,6 +496,7 @@ def write_grid_meta(out: Path, grid: dict, grid_file: str) -> None:
         "description": grid["description"],
         "axes": [a for a, _ in grid["axes"]],
         "pairs": grid["pairs"],
+        **{k: grid[k] for k in ("label_bias_pairs", "late_collapse") if k in grid},
         "source": Path(grid_file).name,
         "base": grid["base"],
     }
@@ -503,7 +504,8 @@ def write_grid_meta(out: Path, grid: dict, grid_file: str) -> None:
     if "declared" in old:  # the comparisons as they stood when the first run started: kept
         meta["declared"] = old["declared"]
     elif not any(out.glob("*/config.json")) and not any(out.glob("*/status.json")):
-        meta["declared"] = declaration(Path(grid_file), grid["pairs"])
+        extra = {k: grid[k] for k in ("label_bias_pairs", "late_collapse") if k in grid}
+        meta["declared"] = declaration(Path(grid_file), grid["pairs"], extra)
     write_json_atomic(out / "grid.json", meta)
     if meta.get("declared", {}).get("grid_file_commit") in (None, "uncommitted"):
         print(

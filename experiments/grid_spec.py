@@ -203,26 +203,58 @@ def check_grid(raw: dict, origin: str = "grid") -> dict:
         axes.append((axis, points))
     report = raw.get("report", {})
     for k in report:
-        if k != "pairs":
-            raise GridError(f"{origin}: unknown key {k!r} in [report]; accepted: ['pairs']")
-    pairs = report.get("pairs", [])
-    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
-        raise GridError(f"{origin} [report] pairs: a list of [label_a, label_b] pairs, got {pairs!r}")
+        if k not in REPORT_KEYS:
+            raise GridError(f"{origin}: unknown key {k!r} in [report]; accepted: {list(REPORT_KEYS)}")
     declared = sorted({label for _, points in axes for label, _ in points})
-    for p in pairs:
-        unknown = [x for x in p if x not in declared]
-        if unknown:
-            raise GridError(
-                f"{origin} [report] pairs: {p!r} names {', '.join(map(repr, unknown))}, not an axis label; "
-                f"declared labels: {declared}"
-            )
+    pairs = _check_pairs(report.get("pairs", []), declared, f"{origin} [report] pairs")
+    bias_pairs = _check_pairs(report.get("label_bias_pairs", []), declared, f"{origin} [report] label_bias_pairs")
+    late = _check_late_collapse(report.get("late_collapse"), f"{origin} [report] late_collapse")
     return {
         "name": str(name),
         "description": meta.get("description", ""),
         "base": base,
         "axes": axes,
-        "pairs": [list(p) for p in pairs],
+        "pairs": pairs,
+        # declared only where the grid file has them (grid.json stays as it was for grids without them)
+        **({"label_bias_pairs": bias_pairs} if bias_pairs else {}),
+        **({"late_collapse": late} if late else {}),
     }
+
+
+#: The keys of a grid file's ``[report]`` section.
+REPORT_KEYS = ("pairs", "label_bias_pairs", "late_collapse")
+#: ``late_collapse``'s keys: the reading "a run collapses late when, after round ``after_round``, one label takes
+#: at least ``share`` of the test predictions in any evaluation, or its final test accuracy is below
+#: ``accuracy_floor``" (a fraction, e.g. the manual prompt's accuracy).
+LATE_COLLAPSE_KEYS = ("after_round", "share", "accuracy_floor")
+
+
+def _check_pairs(pairs, declared: list, where: str) -> list:
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs
+    ):
+        raise GridError(f"{where}: a list of [label_a, label_b] pairs, got {pairs!r}")
+    for p in pairs:
+        unknown = [x for x in p if x not in declared]
+        if unknown:
+            raise GridError(
+                f"{where}: {p!r} names {', '.join(map(repr, unknown))}, not an axis label; declared labels: {declared}"
+            )
+    return [list(p) for p in pairs]
+
+
+def _check_late_collapse(v, where: str) -> dict | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) != set(LATE_COLLAPSE_KEYS):
+        raise GridError(f"{where}: a table with exactly the keys {list(LATE_COLLAPSE_KEYS)}, got {v!r}")
+    after, share, floor = v["after_round"], v["share"], v["accuracy_floor"]
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        raise GridError(f"{where}: after_round must be an integer >= 0, got {after!r}")
+    for name, x in (("share", share), ("accuracy_floor", floor)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 1:
+            raise GridError(f"{where}: {name} must be a fraction in (0, 1], got {x!r}")
+    return {"after_round": after, "share": float(share), "accuracy_floor": float(floor)}
 
 
 def _scalar_label(axis: str, v) -> str:
@@ -489,12 +521,14 @@ def parse_filters(items: list[str], runs: list[dict]) -> list[tuple[str, list[st
     return out
 
 
-def declaration(grid_file: Path, pairs: list) -> dict:
+def declaration(grid_file: Path, pairs: list, extra: dict | None = None) -> dict:
     """The comparisons a grid declares before its first run, with the commit that holds the grid file as it is
-    ("uncommitted" when it differs from that commit or is not tracked; None outside a repository)."""
+    ("uncommitted" when it differs from that commit or is not tracked; None outside a repository). ``extra``:
+    the grid's other declared readings (``label_bias_pairs``, ``late_collapse``), recorded beside the pairs."""
     import subprocess
 
-    rec = {"pairs": [list(p) for p in pairs], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    rec = {"pairs": [list(p) for p in pairs], **(extra or {})}
+    rec["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     where = grid_file.resolve().parent
     try:
         last = subprocess.run(

@@ -69,6 +69,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
                 m = read_json(d / "metrics.json")
                 rec.update(run_figures(m))
                 rec.update(run_diagnostics(m))
+                rec.update(label_shares(m))
             except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
                 rec["final_round"] = 0
             if rec["final_round"] >= cfg["settings"]["rounds"] and rec["state"] != "failed":
@@ -133,7 +134,9 @@ def group_runs(runs: list[dict]) -> list[dict]:
     return out
 
 
-def pair_groups(groups: list[dict], wanted: list[list[str]], declared: dict | None = None) -> list[dict]:
+def pair_groups(
+    groups: list[dict], wanted: list[list[str]], declared: dict | None = None, figures=FIGURES
+) -> list[dict]:
     """Pairs of groups that differ in exactly one axis label; ``wanted`` ([[a, b]] labels of that axis)
     picks and orients them (all pairs, in declared order, when empty). ``declared`` maps a grid's name to the
     pairs its first run recorded (``grid.json``'s ``declared``; None: not recorded): each pair says whether it
@@ -168,12 +171,19 @@ def pair_groups(groups: list[dict], wanted: list[list[str]], declared: dict | No
                 "declared": declared_status(declared.get(a["grid"]), la, lb),
                 "figures": {},
             }
-            for fig in FIGURES:
-                p = paired(a["by_seed"][fig], b["by_seed"][fig])
+            for fig in figures:
+                p = paired(_by_seed(a, fig), _by_seed(b, fig))
                 if p is not None:
                     rec["figures"][fig] = p
             pairs.append(rec)
     return pairs
+
+
+def _by_seed(group: dict, key: str) -> dict:
+    """``{seed: value}`` of one figure or measure over a group's runs (runs without it left out)."""
+    if key in group.get("by_seed", {}):
+        return group["by_seed"][key]
+    return {r["settings"]["seed"]: r[key] for r in group["runs"] if r.get(key) is not None}
 
 
 def declared_status(pairs: list | None, la: str, lb: str) -> str:
@@ -231,6 +241,148 @@ def pooled(pairs: list[dict]) -> list[dict]:
     return result
 
 
+# --------------------------------------------------------------------------------------------------
+# Label bias: the declared label-bias pairs and the late-collapse reading
+
+#: A run *drifts to one label* when one label takes at least this share of the test predictions in an evaluation
+#: after round 0 (the threshold of every drift count in this project's reports).
+DRIFT_SHARE = 0.85
+#: The label-bias measures of a run (:func:`label_shares`); the first is the tested one.
+BIAS_FIGURES = {
+    "final_label_share": "largest one-label share of the test predictions at the final round",
+    "peak_label_share": "largest one-label share in any evaluation after round 0",
+}
+
+
+def label_shares(metrics: dict) -> dict:
+    """The label-bias figures of a ``metrics.json``: ``final_label_share`` (the largest share one label takes among
+    the test predictions at the last evaluation; 1/L for a prompt that predicts all L labels equally often, 1.0
+    for one label) and ``label_share_by_round`` (``[round, largest share]`` per evaluation that recorded its
+    predictions). Missing or non-finite prediction counts are left out."""
+    rows = []
+    for e in metrics.get("evals") or []:
+        d = e.get("pred_dist")
+        if isinstance(d, list) and d and all(isinstance(x, (int, float)) and x == x for x in d):
+            rows.append([int(e.get("round", 0)), float(max(d))])
+    last = (metrics.get("evals") or [{}])[-1]
+    final = rows[-1][1] if rows and rows[-1][0] == int(last.get("round", -1)) else None
+    return {"final_label_share": final, "label_share_by_round": rows}
+
+
+def bias_pairs(groups: list[dict], wanted: list[list[str]], declared: dict | None = None) -> list[dict]:
+    """The declared label-bias pairs: per seed, A's largest one-label share minus B's (negative: A's prompt is
+    the less biased), tested on the final round's share (its own family: Holm over these pairs); the peak share
+    after round 0 is described, not tested; ``drifted`` counts each side's runs whose peak share reaches
+    :data:`DRIFT_SHARE`."""
+    if not wanted:
+        return []
+    out = pair_groups(groups, wanted, declared, figures=BIAS_FIGURES)
+    by_label = {(g["grid"], g["label"]): g for g in groups}
+    for p in out:
+        p["drifted"] = {}
+        for side in ("a", "b"):
+            runs = by_label[(p["grid"], p[side])]["runs"]
+            peaks = [r.get("peak_label_share") for r in runs if r.get("peak_label_share") is not None]
+            p["drifted"][side] = [sum(x >= DRIFT_SHARE for x in peaks), len(peaks)]
+    fstats.adjust([p["figures"]["final_label_share"] for p in out if "final_label_share" in p["figures"]])
+    for p in out:  # the verdict in the measure's own words
+        d = p["figures"].get("final_label_share")
+        if d is not None:
+            d["verdict"] = d["verdict"].replace("A < B", "A less biased").replace("A > B", "A more biased")
+    return out
+
+
+def late_collapse(runs: list[dict], rule: dict) -> list[dict]:
+    """The declared late-collapse reading of every complete run: after round ``rule["after_round"]``, the largest
+    one-label share of any evaluation (and its round) and the first round at or above ``rule["share"]``; the
+    final test accuracy against ``rule["accuracy_floor"]``; ``collapses`` when either criterion holds."""
+    out = []
+    for r in runs:
+        later = [(rd, x) for rd, x in r.get("label_share_by_round") or [] if rd > rule["after_round"]]
+        peak = max(later, key=lambda t: (t[1], -t[0])) if later else None
+        first = next((rd for rd, x in later if x >= rule["share"]), None)
+        final = r.get("final")
+        below = final is not None and final < rule["accuracy_floor"]
+        why = [w for w, hit in (("one label", first is not None), ("below the floor", below)) if hit]
+        out.append(
+            {
+                "dir": r["dir"],
+                "label": " / ".join(v for k, v in r["labels"].items() if k != "seed"),
+                "seed": r["settings"]["seed"],
+                "final_round": r.get("final_round"),
+                "final": final,
+                "peak_share_after": peak[1] if peak else None,
+                "peak_round_after": peak[0] if peak else None,
+                "first_round_at_share": first,
+                "collapses": bool(why) if later or final is not None else None,
+                "why": why,
+            }
+        )
+    return out
+
+
+def bias_markdown(pairs: list[dict]) -> list[str]:
+    rows = []
+    for p in pairs:
+        d = p["figures"].get("final_label_share")
+        pk = p["figures"].get("peak_label_share")
+        if d is None:
+            continue
+        per = ", ".join(f"{x:+.2f}" for x in d["per_seed"])
+        sd = f" ± {d['std']:.2f}" if d["std"] is not None else ""
+        ci = (
+            f"{d['mean'] - d['ci95_halfwidth']:+.2f} to {d['mean'] + d['ci95_halfwidth']:+.2f}"
+            if d["ci95_halfwidth"] is not None
+            else "—"
+        )
+        peak = f"{pk['mean']:+.2f}" if pk else "—"
+        (ka, na), (kb, nb) = p["drifted"]["a"], p["drifted"]["b"]
+        rows.append(
+            f"| {p['a']} | {p['b']} | {d['n']} | {per} | {d['mean']:+.2f}{sd} | {ci} | {fmt_p(d.get('p'))} "
+            f"| {fmt_p(d.get('p_holm'))} | {peak} | {ka} of {na} / {kb} of {nb} | {d['verdict']} | {p['declared']} |"
+        )
+    return [
+        "## Label bias (declared label-bias pairs)",
+        "",
+        "Per seed, A's largest one-label share of the test predictions minus B's (shares of all test predictions: "
+        "negative = A's prompt is the less biased). Tested: the final round's share, two-sided paired t-test, "
+        "Holm over these pairs (their own family); verdict 'A less biased' / 'A more biased' at Holm p < 0.05. "
+        f"Described: the mean difference of the peak share after round 0, and the runs whose peak reaches "
+        f"{DRIFT_SHARE} (drifted to one label), A / B.",
+        "",
+        "| A | B | n | per seed (final share) | mean ± std | 95 % CI | p | p Holm | peak share: mean diff. "
+        "| drifted ≥ 0.85 (A / B) | verdict | declared |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
+
+
+def late_collapse_markdown(rows: list[dict], rule: dict) -> list[str]:
+    lines = [
+        "## Late collapse (the declared reading)",
+        "",
+        f"A run collapses late when after round {rule['after_round']} one label takes ≥ {rule['share']:.2f} of the "
+        f"test predictions in any evaluation, or its final test accuracy is below {100 * rule['accuracy_floor']:.2f} %"
+        " (declared in the grid file before its runs). Complete runs only.",
+        "",
+        f"| configuration | seed | rounds | final | largest one-label share after round {rule['after_round']} (round) "
+        "| first round at the share | reading |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        peak = f"{r['peak_share_after']:.2f} ({r['peak_round_after']})" if r["peak_share_after"] is not None else "—"
+        first = "—" if r["first_round_at_share"] is None else str(r["first_round_at_share"])
+        reading = (
+            "n/a"
+            if r["collapses"] is None
+            else ("collapses late (" + ", ".join(r["why"]) + ")" if r["collapses"] else "holds")
+        )
+        lines.append(
+            f"| {r['label']} | {r['seed']} | {r['final_round']} | {_pct(r['final'])} | {peak} | {first} | {reading} |"
+        )
+    return lines
+
+
 def pair_rows(pairs: list[dict], per_seed: bool = True, grid_column: bool = False) -> list[str]:
     rows = []
     for p in pairs:
@@ -258,7 +410,14 @@ def fmt_p(p) -> str:
     return "—" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
-def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: str, pools: list[dict] = ()) -> str:
+def markdown(
+    groups: list[dict],
+    pairs: list[dict],
+    other: list[dict],
+    title: str,
+    pools: list[dict] = (),
+    extra: list[str] = (),
+) -> str:
     lines = [
         f"# {title}",
         "",
@@ -321,6 +480,8 @@ def markdown(groups: list[dict], pairs: list[dict], other: list[dict], title: st
             + "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *pair_rows(pairs, grid_column=by_grid),
         ]
+    if extra:
+        lines += ["", *extra]
     if groups:
         rows = [
             (g["display"], {**r, "seed": r["settings"]["seed"]})
@@ -348,15 +509,19 @@ def write_grid_report(dirs, out=None, title: str | None = None) -> dict:
         if not d.is_dir():
             raise ReportError(f"report: {str(d)!r} is not a folder (give the grid's output folder)")
     done, other = collect(dirs)
-    wanted = []
+    wanted, bias_wanted = [], []
     names = []
-    declared = {}
+    declared, bias_declared, late_rules = {}, {}, {}
     for d in dirs:
         if (d / "grid.json").exists():
             meta = json.loads((d / "grid.json").read_text())
             wanted += meta.get("pairs", [])
+            bias_wanted += meta.get("label_bias_pairs", [])
             names.append(meta["name"])
             declared[meta["name"]] = meta.get("declared", {}).get("pairs")
+            bias_declared[meta["name"]] = meta.get("declared", {}).get("label_bias_pairs")
+            if meta.get("late_collapse"):
+                late_rules[meta["name"]] = meta["late_collapse"]
     title = title or ("grid " + ", ".join(names or [d.name for d in dirs]))
     out = Path(out) if out else dirs[0] / "report"
     groups = group_runs(done)
@@ -367,11 +532,20 @@ def write_grid_report(dirs, out=None, title: str | None = None) -> dict:
     fstats.adjust(family(pairs))
     pools = pooled(pairs) if len(dirs) > 1 or len({p["context"] for p in pairs}) > 1 else []
     fstats.adjust(family(pools))
+    biases = bias_pairs(groups, bias_wanted, bias_declared)
+    late = {name: late_collapse([r for r in done if r["grid"] == name], rule) for name, rule in late_rules.items()}
+    extra = bias_markdown(biases) if biases else []
+    for name, rows in late.items():
+        extra += (
+            ["", *late_collapse_markdown(rows, late_rules[name])]
+            if extra
+            else late_collapse_markdown(rows, late_rules[name])
+        )
     precisions = sorted({g["precision"] for g in groups})
     if precisions:
         title += f" ({', '.join(precisions)})"
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "report.md", markdown(groups, pairs, other, title, pools))
+    write_text_atomic(out / "report.md", markdown(groups, pairs, other, title, pools, extra))
     made = plots(groups, out, title) if groups else []
     summary = {
         "title": title,
@@ -399,6 +573,9 @@ def write_grid_report(dirs, out=None, title: str | None = None) -> dict:
         ],
         "pairs": pairs,
         "pooled": pools,
+        # only where a grid declares them, so that the reports of grids without them stay as they were
+        **({"label_bias_pairs": biases} if biases else {}),
+        **({"late_collapse": {n: {"rule": late_rules[n], "runs": rows} for n, rows in late.items()}} if late else {}),
         "per_run": [per_run_record(g["label"], r["settings"]["seed"], r["dir"], r) for g in groups for r in g["runs"]],
         "incomplete": [{k: r.get(k) for k in ("dir", "state", "final_round", "error")} for r in other],
         "plots": [Path(p).name for p in made],

@@ -614,3 +614,82 @@ def test_one_label_in_two_grids_pools_and_is_shown_with_its_grid():
     ]
     (pool,) = comparisons.pooled(comparisons.pair_groups(groups, [["a", "b"]]))
     assert (pool["a"], pool["b"]) == ("a", "b (dev)") and pool["figures"]["final"]["n"] == 4
+
+
+def _grid_run(root, method, seed, shares, accs, grid_name="g"):
+    """A grid run folder as ``grid.py run`` writes one: evaluations at rounds 0..len(accs)-1 with these test
+    accuracies and largest one-label shares (two labels)."""
+    d = root / f"{method}_s{seed}-x"
+    d.mkdir(parents=True)
+    rounds = len(accs) - 1
+    cfg = {
+        "grid": grid_name,
+        "labels": {"method": method, "seed": f"s{seed}"},
+        "settings": {"seed": seed, "rounds": rounds, "algorithm": method, "task": "sst2"},
+        "resolved": {"dev_selection": False, "precision": "float32"},
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "status.json").write_text(json.dumps({"state": "finished"}))
+    evals = [{"round": r, "accuracy": a, "pred_dist": [s, 1 - s]} for r, (a, s) in enumerate(zip(accs, shares))]
+    (d / "metrics.json").write_text(json.dumps({"rounds": [], "evals": evals}))
+    return d
+
+
+def test_declared_label_bias_pairs_and_the_late_collapse_reading(tmp_path):
+    """A grid file's label_bias_pairs are tested on the final round's largest one-label share (their own Holm
+    family) with the drift counts beside; its late_collapse rule reads each complete run; both only appear where
+    declared, and a bad declaration is a clear error."""
+    root = tmp_path / "grid_g"
+    flat = [0.5] * 5
+    for seed, drift in ((0, 0.97), (1, 0.90), (2, 0.88)):
+        _grid_run(root, "fedbpt", seed, [0.5, 0.6, 0.7, 0.8, drift], [0.8, 0.8, 0.8, 0.75, 0.6])
+        _grid_run(root, "fix", seed, flat[:-1] + [0.5 + 0.01 * seed], [0.8, 0.8, 0.81, 0.82, 0.83])
+    meta = {
+        "name": "g",
+        "pairs": [["fix", "fedbpt"]],
+        "label_bias_pairs": [["fix", "fedbpt"]],
+        "late_collapse": {"after_round": 2, "share": 0.85, "accuracy_floor": 0.79},
+        "declared": {"pairs": [["fix", "fedbpt"]], "label_bias_pairs": [["fix", "fedbpt"]]},
+    }
+    (root / "grid.json").write_text(json.dumps(meta))
+    rep = comparisons.write_grid_report([root])
+    (bias,) = rep["label_bias_pairs"]
+    d = bias["figures"]["final_label_share"]
+    assert d["per_seed"] == pytest.approx([0.5 - 0.97, 0.51 - 0.90, 0.52 - 0.88])
+    assert d["p_holm"] == pytest.approx(d["p"]) and d["verdict"] == "A less biased"
+    assert bias["drifted"] == {"a": [0, 3], "b": [3, 3]} and bias["declared"] == "yes"
+    assert bias["figures"]["peak_label_share"]["mean"] == pytest.approx(d["mean"])
+    late = {(r["label"], r["seed"]): r for r in rep["late_collapse"]["g"]["runs"]}
+    assert late[("fedbpt", 0)]["collapses"] and late[("fedbpt", 0)]["why"] == ["one label", "below the floor"]
+    assert late[("fedbpt", 0)]["first_round_at_share"] == 4 and late[("fedbpt", 0)]["peak_share_after"] == 0.97
+    assert late[("fix", 1)]["collapses"] is False and late[("fix", 1)]["peak_round_after"] == 4
+    md = (root / "report" / "report.md").read_text()
+    assert "## Label bias (declared label-bias pairs)" in md and "| fix | fedbpt | 3 |" in md
+    assert "## Late collapse (the declared reading)" in md and "collapses late (one label, below the floor)" in md
+    # Not declared: neither section, and report.json has neither key (older grids' reports stay as they were).
+    meta2 = {k: v for k, v in meta.items() if k not in ("label_bias_pairs", "late_collapse")}
+    (root / "grid.json").write_text(json.dumps(meta2))
+    rep = comparisons.write_grid_report([root])
+    assert "label_bias_pairs" not in rep and "late_collapse" not in rep
+    assert "Label bias" not in (root / "report" / "report.md").read_text()
+    # A final evaluation without predictions has no final share; the reading ignores rounds up to after_round.
+    assert comparisons.label_shares({"evals": [{"round": 0, "pred_dist": [0.6, 0.4]}, {"round": 1}]}) == {
+        "final_label_share": None,
+        "label_share_by_round": [[0, 0.6]],
+    }
+
+
+@pytest.mark.parametrize(
+    "report_text, message",
+    [
+        ('label_bias_pairs = [["fedbpt", "nope"]]', "label_bias_pairs: ['fedbpt', 'nope'] names 'nope'"),
+        ("late_collapse = { after_round = 15, share = 0.85 }", "a table with exactly the keys"),
+        ("late_collapse = { after_round = -1, share = 0.85, accuracy_floor = 0.79 }", "after_round must be"),
+        ("late_collapse = { after_round = 15, share = 85, accuracy_floor = 0.79 }", "share must be a fraction"),
+        ("bias_pairs = []", "unknown key 'bias_pairs' in [report]; accepted: ['pairs', 'label_bias_pairs'"),
+    ],
+)
+def test_bad_label_bias_declarations_are_clear_errors(tmp_path, capsys, report_text, message):
+    g = _grid_file(tmp_path, 1, text=BASE + report_text.replace("{", "{{").replace("}", "}}") + "\n")
+    assert grid.main(["run", str(g), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
