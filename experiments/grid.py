@@ -711,8 +711,12 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         shutil.copytree(s / "ckpt" / str(steps[-1]), tmp / str(steps[-1]))
-        shutil.rmtree(t / "ckpt", ignore_errors=True)
+        old = t / "ckpt.old"  # the previous parked step stays on disk until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        if (t / "ckpt").exists():
+            os.replace(t / "ckpt", old)
         os.replace(tmp, t / "ckpt")
+        shutil.rmtree(old, ignore_errors=True)
         status = read_json(s / "status.json") if (s / "status.json").exists() else {}
         status.update(state="parked", parked_at_step=steps[-1], parked_at_round=last)
         write_json_atomic(t / "status.json", status)

@@ -124,8 +124,14 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     assert _strip_seconds(json.loads((parked / name / "metrics.json").read_text())) == _strip_seconds(
         json.loads((resumed_here / name / "metrics.json").read_text())
     )
-    committed = tmp_path / "committed"
+    committed, earlier = tmp_path / "committed", tmp_path / "earlier"
+    shutil.copytree(stopped, earlier)  # the same run one checkpoint earlier: parked first, then replaced
+    shutil.rmtree(earlier / name / "ckpt" / "2")
+    assert any("parked at checkpoint step 1" in line for line in grid.sync(earlier, committed))
     assert any("parked at checkpoint step 2" in line for line in grid.sync(stopped, committed))
+    assert sorted(p.name for p in (committed / name).iterdir() if p.name.startswith("ckpt")) == ["ckpt"]
+    assert sorted(p.name for p in (committed / name / "ckpt").iterdir()) == ["2"]
+    assert grid.sync(earlier, committed) == []  # an older checkpoint never replaces a newer one
     landed = [line for line in grid.sync(parked, committed) if line.startswith(name)]
     assert landed == [f"{name}: finished (round 3), results copied, checkpoint removed"]
     assert not (committed / name / "ckpt").exists()
