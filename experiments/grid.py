@@ -711,6 +711,8 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         shutil.copytree(s / "ckpt" / str(steps[-1]), tmp / str(steps[-1]))
+        for marker in (tmp / str(steps[-1])).rglob("commit_success.txt"):  # orbax writes the absolute path here
+            marker.write_text("Checkpoint commit was successful\n")
         old = t / "ckpt.old"  # the previous parked step stays on disk until the new one is in place
         shutil.rmtree(old, ignore_errors=True)
         if (t / "ckpt").exists():

@@ -115,6 +115,8 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     assert not (parked / man).exists()  # unfinished and nothing to resume from: not carried
     assert sorted(p.name for p in (parked / name / "ckpt").iterdir()) == ["2"]
     assert json.loads((parked / name / "status.json").read_text())["state"] == "parked"
+    for f in (parked / name / "ckpt").rglob("*"):  # nothing of this machine's paths travels with it
+        assert not f.is_file() or str(tmp_path).encode() not in f.read_bytes()
     assert grid.sync(stopped, parked) == []  # nothing newer
     g3 = _grid_file(tmp_path, 3)
     capsys.readouterr()
