@@ -63,6 +63,7 @@ from fedbpt_jax.machine import cpu_flags, cpu_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # grid_spec beside this file, however it is loaded
 from grid_spec import (  # noqa: E402
     NOT_IN_HASH,
+    READINGS,
     SETTINGS,
     GridError,
     algorithm_options,
@@ -491,12 +492,13 @@ def write_grid_meta(out: Path, grid: dict, grid_file: str) -> None:
     started (kept from then on)."""
     from fedbpt_jax.checkpoint import write_json_atomic
 
+    readings = {k: grid[k] for k in READINGS if k in grid}  # the declared readings besides the pairs
     meta = {
         "name": grid["name"],
         "description": grid["description"],
         "axes": [a for a, _ in grid["axes"]],
         "pairs": grid["pairs"],
-        **{k: grid[k] for k in ("label_bias_pairs", "late_collapse") if k in grid},
+        **readings,
         "source": Path(grid_file).name,
         "base": grid["base"],
     }
@@ -504,8 +506,7 @@ def write_grid_meta(out: Path, grid: dict, grid_file: str) -> None:
     if "declared" in old:  # the comparisons as they stood when the first run started: kept
         meta["declared"] = old["declared"]
     elif not any(out.glob("*/config.json")) and not any(out.glob("*/status.json")):
-        extra = {k: grid[k] for k in ("label_bias_pairs", "late_collapse") if k in grid}
-        meta["declared"] = declaration(Path(grid_file), grid["pairs"], extra)
+        meta["declared"] = declaration(Path(grid_file), grid["pairs"], readings)
     write_json_atomic(out / "grid.json", meta)
     if meta.get("declared", {}).get("grid_file_commit") in (None, "uncommitted"):
         print(
@@ -679,7 +680,7 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
             changed.append(f"{s.name}: config.json unreadable, not copied")
             continue
         done, last = is_finished(s, rounds)
-        t_done, t_last = is_finished(t, rounds)
+        t_done, _ = is_finished(t, rounds)
         files = [f for f in RESULT_FILES if (s / f).exists()]
         if done:
             parked = (t / "ckpt").is_dir()

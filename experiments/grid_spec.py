@@ -221,8 +221,10 @@ def check_grid(raw: dict, origin: str = "grid") -> dict:
     }
 
 
+#: The readings a grid file's ``[report]`` may declare besides its pairs (recorded in ``grid.json`` only when given).
+READINGS = ("label_bias_pairs", "late_collapse")
 #: The keys of a grid file's ``[report]`` section.
-REPORT_KEYS = ("pairs", "label_bias_pairs", "late_collapse")
+REPORT_KEYS = ("pairs", *READINGS)
 #: ``late_collapse``'s keys: the reading "a run collapses late when, after round ``after_round``, one label takes
 #: at least ``share`` of the test predictions in any evaluation, or its final test accuracy is below
 #: ``accuracy_floor``" (a fraction, e.g. the manual prompt's accuracy).

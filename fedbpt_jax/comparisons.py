@@ -17,7 +17,7 @@ from pathlib import Path
 from . import stats as fstats
 from .plots import FIGURES
 from .plots import comparison_plots as plots
-from .report import ReportError, diagnostics_markdown, per_run_record, run_diagnostics, run_figures
+from .report import ReportError, diagnostics_markdown, label_shares, per_run_record, run_diagnostics, run_figures
 from .report import cell as _cell
 from .report import pct as _pct
 from .report import seed_order as _seed_order
@@ -247,26 +247,11 @@ def pooled(pairs: list[dict]) -> list[dict]:
 #: A run *drifts to one label* when one label takes at least this share of the test predictions in an evaluation
 #: after round 0 (the threshold of every drift count in this project's reports).
 DRIFT_SHARE = 0.85
-#: The label-bias measures of a run (:func:`label_shares`); the first is the tested one.
+#: The label-bias measures of a run (:func:`fedbpt_jax.report.label_shares`); the first is the tested one.
 BIAS_FIGURES = {
     "final_label_share": "largest one-label share of the test predictions at the final round",
     "peak_label_share": "largest one-label share in any evaluation after round 0",
 }
-
-
-def label_shares(metrics: dict) -> dict:
-    """The label-bias figures of a ``metrics.json``: ``final_label_share`` (the largest share one label takes among
-    the test predictions at the last evaluation; 1/L for a prompt that predicts all L labels equally often, 1.0
-    for one label) and ``label_share_by_round`` (``[round, largest share]`` per evaluation that recorded its
-    predictions). Missing or non-finite prediction counts are left out."""
-    rows = []
-    for e in metrics.get("evals") or []:
-        d = e.get("pred_dist")
-        if isinstance(d, list) and d and all(isinstance(x, (int, float)) and x == x for x in d):
-            rows.append([int(e.get("round", 0)), float(max(d))])
-    last = (metrics.get("evals") or [{}])[-1]
-    final = rows[-1][1] if rows and rows[-1][0] == int(last.get("round", -1)) else None
-    return {"final_label_share": final, "label_share_by_round": rows}
 
 
 def bias_pairs(groups: list[dict], wanted: list[list[str]], declared: dict | None = None) -> list[dict]:
@@ -534,13 +519,10 @@ def write_grid_report(dirs, out=None, title: str | None = None) -> dict:
     fstats.adjust(family(pools))
     biases = bias_pairs(groups, bias_wanted, bias_declared)
     late = {name: late_collapse([r for r in done if r["grid"] == name], rule) for name, rule in late_rules.items()}
-    extra = bias_markdown(biases) if biases else []
-    for name, rows in late.items():
-        extra += (
-            ["", *late_collapse_markdown(rows, late_rules[name])]
-            if extra
-            else late_collapse_markdown(rows, late_rules[name])
-        )
+    sections = ([bias_markdown(biases)] if biases else []) + [
+        late_collapse_markdown(rows, late_rules[name]) for name, rows in late.items()
+    ]
+    extra = [line for i, sec in enumerate(sections) for line in ([""] if i else []) + sec]
     precisions = sorted({g["precision"] for g in groups})
     if precisions:
         title += f" ({', '.join(precisions)})"

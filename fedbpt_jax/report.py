@@ -170,6 +170,21 @@ def run_diagnostics(metrics: dict) -> dict:
     return out
 
 
+def label_shares(metrics: dict) -> dict:
+    """The label-bias figures of a ``metrics.json``: ``final_label_share`` (the largest share one label takes among
+    the test predictions at the last evaluation; 1/L for a prompt that predicts all L labels equally often, 1.0
+    for one label) and ``label_share_by_round`` (``[round, largest share]`` per evaluation that recorded its
+    predictions). Missing or non-finite prediction counts are left out."""
+    rows = []
+    for e in metrics.get("evals") or []:
+        d = e.get("pred_dist")
+        if isinstance(d, list) and d and all(_finite(x) for x in d):
+            rows.append([int(e.get("round", 0)), float(max(d))])
+    last = (metrics.get("evals") or [{}])[-1]
+    final = rows[-1][1] if rows and rows[-1][0] == int(last.get("round", -1)) else None
+    return {"final_label_share": final, "label_share_by_round": rows}
+
+
 #: The fields :func:`run_diagnostics` returns.
 DIAGNOSTICS = (
     "final_pred_dist",
