@@ -58,7 +58,7 @@ import traceback
 from pathlib import Path
 
 import fedbpt_jax  # noqa: E402,F401  (first: sets OPENBLAS_NUM_THREADS before numpy/jax load)
-from fedbpt_jax.machine import cpu_flags, cpu_model
+from fedbpt_jax.machine import machine_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # grid_spec beside this file, however it is loaded
 from grid_spec import (  # noqa: E402
@@ -352,12 +352,7 @@ def run_record(run: dict, grid_name: str, plan, options, dev: bool) -> dict:
             "fedbpt_jax": fb.__version__,
             "commit": _git_commit(),
             "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind,
-            "cpu": cpu_model(),
-            "cpu_flags": cpu_flags(),
-            # float32 on a GPU means TF32 matmul inputs unless this says "highest" (bit width of the figures)
-            "matmul_precision": jax.config.jax_default_matmul_precision or "default",
+            **machine_record(),
         },
     )
     return record
@@ -382,7 +377,9 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     plan = prepare(options, "simulate", lm=lm, algorithm_options=s["algorithm_options"])
     # runs that differ only in seed (or data) share one algorithm object, and so its compiled segment
     algo = ctx.algorithm(s["algorithm"], plan.config, lm, s["algorithm_options"])
-    write_json_atomic(d / "config.json", run_record(run, grid_name, plan, options, dev))
+    # config.json is written by the run once its checkpoint (if any) is accepted, with the earlier segments'
+    # provenance (which rounds ran where) when it resumes
+    record = run_record(run, grid_name, plan, options, dev)
     write_json_atomic(d / "status.json", {"state": "running", "started": t0, "from_round": seen})
     # The manual prompt never changes: evaluating it at round 0 and at the last round is enough (the same
     # numbers as every round, at a fraction of the evaluation cost; the run's identity is unchanged). It
@@ -396,6 +393,7 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
         checkpoint_dir=None if manual else d / "ckpt",
         checkpoint_every=s["checkpoint_every"],
         results_dir=d,
+        run_config=record,
         progress=False,
         eval_cache_budget=int(s["eval_cache_gb"] * 2**30),
         keep_clean_context={"auto": None, "on": True, "off": False}[s["keep_clean_cache"]],

@@ -31,3 +31,18 @@ def cpu_flags() -> str:
     ``/proc/cpuinfo`` cannot be read)."""
     flags = set((_cpuinfo_field("flags") or "").split())
     return " ".join(f for f in RELEVANT_FLAGS if f in flags)
+
+
+def machine_record() -> dict:
+    """Where figures are computed, as a run's records keep it: the JAX backend and device kind, the CPU's model
+    and relevant flags, and the default matmul precision (float32 on a GPU means TF32 matmul inputs unless this
+    says "highest")."""
+    import jax
+
+    return {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "matmul_precision": jax.config.jax_default_matmul_precision or "default",
+    }

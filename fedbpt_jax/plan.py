@@ -171,8 +171,10 @@ def git_revision() -> str | None:
 
 def config_record(args, resolved: dict) -> dict:
     """What ``config.json`` holds: the command line, every option, what was resolved from it, the package
-    versions and the git revision."""
+    versions, the git revision and the machine (:func:`fedbpt_jax.machine.machine_record`)."""
     import importlib.metadata as md
+
+    from .machine import machine_record
 
     versions = {}
     for name in ("fedbpt-jax", "jax", "jaxlib", "flax", "evosax", "optax", "transformers", "numpy", "orbax-checkpoint"):
@@ -186,6 +188,7 @@ def config_record(args, resolved: dict) -> dict:
         "resolved": resolved,
         "versions": versions,
         "git_revision": git_revision(),
+        "machine": machine_record(),
     }
 
 

@@ -179,8 +179,13 @@ def test_resume_is_bit_identical_and_results_are_written(tmp_path):
         assert not list((tmp_path / d).glob(".*.tmp"))
     # Another configuration in the same directory: a clear error naming the differing value.
     # A refused resume leaves the results folder's config.json as the finished run wrote it.
+    # A resumed run's record says which rounds an earlier process computed: here all 3, by a process that left
+    # no config.json (provenance unknown); resumed again, the record carries the same stretch forward.
     first = {"run": "the first"}
     fs.run_a(0, num_rounds=3, checkpoint_dir=ck, results_dir=tmp_path / "resumed", run_config=first)
+    first = {**first, "earlier_segments": [{"from_round": 0, "to_round": 3}]}
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text()) == first
+    fs.run_a(0, num_rounds=3, checkpoint_dir=ck, results_dir=tmp_path / "resumed", run_config={"run": "the first"})
     assert json.loads((tmp_path / "resumed" / "config.json").read_text()) == first
     with pytest.raises(CheckpointMismatch, match=r"HParams\.perturb_rate: checkpoint 0\.5, this run 0\.3"):
         fs.run_a(

@@ -98,6 +98,15 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     a = json.loads((full / name / "metrics.json").read_text())
     b = json.loads((part / name / "metrics.json").read_text())
     assert _strip_seconds(a) == _strip_seconds(b)
+    # Its config.json says which rounds an earlier process computed, and where (the manual prompt ran again).
+    cfg_full = json.loads((full / name / "config.json").read_text())
+    cfg_part = json.loads((part / name / "config.json").read_text())
+    assert "earlier_segments" not in cfg_full and "earlier_segments" not in json.loads(
+        (part / man / "config.json").read_text()
+    )
+    (seg,) = cfg_part["earlier_segments"]
+    assert (seg["from_round"], seg["to_round"]) == (0, 1) and seg["environment"] == cfg_full["environment"]
+    assert seg["machine"] == cfg_full["machine"] and {k: v for k, v in cfg_part.items() if k != "earlier_segments"}
 
     # Carrying a grid across machines: a run stopped after round 2 of 3 (the finished 2-round folder read as a
     # 3-round run) is parked elsewhere with its newest checkpoint only, resumes there to the bits it reaches
@@ -126,6 +135,10 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     assert _strip_seconds(json.loads((parked / name / "metrics.json").read_text())) == _strip_seconds(
         json.loads((resumed_here / name / "metrics.json").read_text())
     )
+    assert [
+        (g["from_round"], g["to_round"])
+        for g in json.loads((parked / name / "config.json").read_text())["earlier_segments"]
+    ] == [(0, 2)]
     committed, earlier = tmp_path / "committed", tmp_path / "earlier"
     shutil.copytree(stopped, earlier)  # the same run one checkpoint earlier: parked first, then replaced
     shutil.rmtree(earlier / name / "ckpt" / "2")

@@ -63,3 +63,35 @@ def test_completeness_says_whether_the_planned_rounds_were_reached():
     assert records.completeness(None, evals, stopped_early=4)["complete"] is False  # known: it was stopped
     assert records.completeness(4, evals, stopped_early=4)["complete"] is True  # stopped at its last round
     assert records.completeness(3, [], None) == {"planned_rounds": 3, "rounds_reached": 0, "complete": False}
+
+
+def test_a_resumed_run_records_which_rounds_ran_where(tmp_path):
+    amd = {"git_revision": "aaa", "machine": {"cpu": "AMD EPYC"}, "args": {"seed": 1}, "noise": 1}
+    intel = {"git_revision": "bbb", "machine": {"cpu": "Intel Xeon"}, "args": {"seed": 1}}
+    # A fresh run: nothing added.
+    assert records.resumed_record(amd, intel, 0) == intel
+    # Resumed after round 10: rounds 1-10 ran with the earlier record's code and machine (only its provenance).
+    once = records.resumed_record(amd, intel, 10)
+    assert once["earlier_segments"] == [
+        {"from_round": 0, "to_round": 10, "git_revision": "aaa", "machine": {"cpu": "AMD EPYC"}}
+    ]
+    assert {k: v for k, v in once.items() if k != "earlier_segments"} == intel
+    # Resumed again after round 12 elsewhere: both earlier stretches, in order.
+    twice = records.resumed_record(once, amd, 12)
+    assert [(s["from_round"], s["to_round"], s["machine"]["cpu"]) for s in twice["earlier_segments"]] == [
+        (0, 10, "AMD EPYC"),
+        (10, 12, "Intel Xeon"),
+    ]
+    # Resumed from an older checkpoint (round 11): the stretch past it is cut, the one that began at it dropped.
+    older = records.resumed_record(twice, amd, 11)
+    assert [(s["from_round"], s["to_round"]) for s in older["earlier_segments"]] == [(0, 10), (10, 11)]
+    assert [(s["from_round"], s["to_round"]) for s in records.resumed_record(twice, amd, 10)["earlier_segments"]] == [
+        (0, 10)
+    ]
+    # No earlier record (or an unreadable one): the stretch is there, its provenance unknown.
+    assert records.resumed_record(None, intel, 4)["earlier_segments"] == [{"from_round": 0, "to_round": 4}]
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    assert records.earlier_record(bad) is None and records.earlier_record(tmp_path / "none.json") is None
+    bad.write_text(json.dumps(amd))
+    assert records.earlier_record(bad) == amd

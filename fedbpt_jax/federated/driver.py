@@ -64,7 +64,18 @@ from .evaluation import (
     select,
 )
 from .identity import RunCheckpoint, describe
-from .records import History, claim, plot_metrics, round_rows, save_upload, summarize, warn_nonfinite, write_results
+from .records import (
+    History,
+    claim,
+    earlier_record,
+    plot_metrics,
+    resumed_record,
+    round_rows,
+    save_upload,
+    summarize,
+    warn_nonfinite,
+    write_results,
+)
 
 
 def round_key(key: jax.Array, r: int | jax.Array) -> jax.Array:
@@ -602,7 +613,7 @@ def _loop(
 
     from ..callbacks import dispatch
 
-    ckpt = None
+    ckpt = resumed = None
     if ckpt_args is not None:
         ckpt = RunCheckpoint(*ckpt_args)
         resumed = ckpt.resume(carry, num_rounds, mesh)
@@ -615,7 +626,10 @@ def _loop(
                     flush=True,
                 )
     if results_dir is not None and lead and run_config is not None:  # the checkpoint (if any) was accepted
-        write_json_atomic(Path(results_dir) / "config.json", run_config)
+        path = Path(results_dir) / "config.json"
+        if resumed is not None:  # which rounds ran where: the folder's earlier record names the earlier process
+            run_config = resumed_record(earlier_record(path), run_config, int(host(carry.rounds_done)))
+        write_json_atomic(path, run_config)
     stop = False
     if not history.evals:
         with mesh_context(mesh):

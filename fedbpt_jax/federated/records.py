@@ -30,6 +30,10 @@ from .core import (
 from .distributed import host
 from .evaluation import RunCarry
 
+#: The keys of a run's ``config.json`` that say with what code and where it ran: kept for each earlier segment
+#: of a resumed run (:func:`resumed_record`). ``fedbpt-jax simulate`` writes the first three, grid runs the last.
+PROVENANCE_KEYS = ("git_revision", "versions", "machine", "environment")
+
 #: The lock file a run holds in each folder it writes.
 LOCK_NAME = ".fedbpt-run.lock"
 
@@ -73,6 +77,36 @@ def claim(folder, what: str = "results folder"):
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def resumed_record(earlier: dict | None, record: dict, from_round: int) -> dict:
+    """``record`` (a run's ``config.json`` as this process writes it) for a run that resumed from a checkpoint
+    after round ``from_round``: with ``earlier_segments``, one entry per stretch of the rounds it kept that an
+    earlier process computed, ``{"from_round": a, "to_round": b}`` (rounds a+1 .. b) with that process's
+    provenance (:data:`PROVENANCE_KEYS`) as ``earlier`` (the ``config.json`` the folder held) recorded it, so
+    that a run carried across machines or commits says which rounds ran where. Without an earlier record the
+    stretch has no provenance keys (unknown). Stretches at or beyond ``from_round`` (rounds that are computed
+    again) are dropped; a fresh run (``from_round`` 0) is ``record`` unchanged."""
+    if from_round <= 0:
+        return record
+    earlier = earlier if isinstance(earlier, dict) else {}
+    stretches = [dict(s) for s in earlier.get("earlier_segments", []) if isinstance(s, dict)]
+    start = stretches[-1]["to_round"] if stretches else 0
+    stretches.append(
+        {"from_round": start, "to_round": from_round, **{k: earlier[k] for k in PROVENANCE_KEYS if k in earlier}}
+    )
+    kept = [{**s, "to_round": min(s["to_round"], from_round)} for s in stretches if s["from_round"] < from_round]
+    return {**record, "earlier_segments": kept}
+
+
+def earlier_record(path) -> dict | None:
+    """The ``config.json`` at ``path`` as a dict, or None where there is none or it cannot be read (then the
+    earlier rounds' provenance is unknown, not an error: the checkpoint decides whether a run resumes)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _holder(path: Path) -> str:
