@@ -47,10 +47,12 @@ Runs are ordered seed first, so ``--max-runs`` takes every configuration's first
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -532,6 +534,107 @@ def record_failure(d: Path, r: dict, err: Exception, tag: str) -> None:
     print(f"{tag}: FAILED: {type(err).__name__}: {err}", flush=True)
 
 
+def _round_cost(run_dir: Path) -> tuple[float, str] | None:
+    """(seconds a round, CPU) of a finished run as its ``status.json`` timed its last process (whole rounds,
+    evaluations and compilation included), or None where it has no such record (copied or unreadable runs)."""
+    from fedbpt_jax.checkpoint import read_json
+
+    try:
+        st, cfg = read_json(run_dir / "status.json"), read_json(run_dir / "config.json")
+        rounds = int(st["rounds"]) - int(st.get("from_round", 0))
+        seconds = float(st["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if st.get("state") != "finished" or rounds <= 0 or "copied_from" in cfg:
+        return None
+    return seconds / rounds, str(cfg.get("environment", {}).get("cpu", "unknown CPU"))
+
+
+def _own_round_seconds(run_dir: Path) -> list[float]:
+    """The seconds each round of an unfinished run took (``rounds.csv``), [] where there are none."""
+    try:
+        with open(run_dir / "rounds.csv", newline="") as f:
+            return [float(row["seconds"]) for row in csv.DictReader(f) if row.get("seconds")]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _costs_by_config(folder: Path) -> dict[tuple, dict]:
+    """The finished runs of a grid folder by their labels less the seed (one configuration):
+    ``{"costs": [(seconds a round, CPU)], "settings": one run's settings}``."""
+    found: dict[tuple, dict] = {}
+    for cfg_path in sorted(folder.glob("*/config.json")):
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            continue
+        labels = cfg.get("labels") if isinstance(cfg, dict) else None
+        cost = _round_cost(cfg_path.parent) if isinstance(labels, dict) else None
+        if cost is not None:
+            key = tuple(sorted((k, v) for k, v in labels.items() if k != "seed"))
+            entry = found.setdefault(key, {"costs": [], "settings": cfg.get("settings", {})})
+            entry["costs"].append(cost)
+    return found
+
+
+def estimate_left(out: Path, r: dict, last: int) -> tuple[float | None, str]:
+    """(seconds of compute ``r`` still needs, what the estimate rests on), for planning a grid across sessions
+    (an estimate for the machines named, not a measurement): its remaining rounds at the median cost a round of
+
+    1. the finished runs in ``out`` with its labels but the seed (the same configuration), else
+    2. such runs in a grid folder beside ``out`` whose settings differ least from its own (another task in the
+       same layout, say), scaled by the median ratio of the two folders' costs over the configurations
+       finished in both (the manual prompt's, evaluation only, left out of the ratio), else
+    3. its own rounds so far;
+
+    (None, why) without any of them."""
+    s = r["settings"]
+    left = s["rounds"] - (0 if s["algorithm"] == "manual" else last)
+    key = tuple(sorted((k, v) for k, v in r["labels"].items() if k != "seed"))
+
+    def median_cost(entry):
+        runs = entry["costs"]
+        return statistics.median(c for c, _ in runs), ", ".join(sorted({cpu for _, cpu in runs}))
+
+    here = _costs_by_config(out) if out.is_dir() else {}
+    if key in here:
+        per, cpus = median_cost(here[key])
+        return left * per, f"{len(here[key]['costs'])} finished run(s) like it, {per:.0f} s a round, {cpus}"
+    best = None
+    for other in sorted(d for d in out.parent.glob("*") if d.is_dir() and d.resolve() != out.resolve()):
+        there = _costs_by_config(other)
+        if key not in there:
+            continue
+        theirs = there[key]["settings"]  # settings an older record lacks are not counted as differences
+        differ = sorted(k for k in set(s) & set(theirs) if k not in ("seed", "rounds") and s[k] != theirs[k])
+        shared = [k for k in here if k in there and ("method", "manual") not in k]
+        if not shared and differ:
+            continue
+        ratio = statistics.median(median_cost(here[k])[0] / median_cost(there[k])[0] for k in shared) if shared else 1.0
+        rank = (len(differ), -len(shared))
+        if best is None or rank < best[0]:
+            best = (rank, other, ratio, median_cost(there[key]), differ, len(shared))
+    if best is not None:
+        _, other, ratio, (per, cpus), differ, n = best
+        like = (
+            f"its configuration's runs in {other.name} ({', '.join(differ)} differ)"
+            if differ
+            else (f"runs with its settings (rounds aside) in {other.name}")
+        )
+        scaled = f" x {ratio:.2f} (this grid's cost a round over that one's, median of {n} configuration(s) finished in both)"
+        return left * per * ratio, f"{like}, {per:.0f} s a round{scaled if n else ''}, {cpus}"
+    own = _own_round_seconds(out / r["dirname"])
+    if own:
+        per = statistics.median(own)
+        return left * per, f"its own {len(own)} round(s), {per:.0f} s a round"
+    return None, "no finished run like it here or beside"
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def settled(args, out: Path, r: dict, tag: str, grid_name: str) -> tuple[bool, int]:
     """(whether ``r`` needs no run here: finished, copied from a finished twin, or listed by --dry-run; the last
     round it has), saying so on the console."""
@@ -561,7 +664,10 @@ def settled(args, out: Path, r: dict, tag: str, grid_name: str) -> tuple[bool, i
             what = f"resume from round {last}" if last else "run"
         except GridError as err:
             what = f"would fail: {err}"
-        print(f"{tag}: {what} ({rounds} rounds)", flush=True)
+        seconds, basis = estimate_left(out, r, last)
+        r["estimate_left"] = seconds
+        guess = f"~{_duration(seconds)} left" if seconds is not None else "time left unknown"
+        print(f"{tag}: {what} ({rounds} rounds; {guess}: {basis})", flush=True)
     return False, last
 
 
@@ -614,8 +720,13 @@ def cmd_run(args) -> int:
         counts["finished"] += finished
         counts["failed"] += failed
     if args.dry_run:
+        left = [r.get("estimate_left") for r in selected if "estimate_left" in r]
+        known = [x for x in left if x is not None]
+        total = f"; ~{_duration(sum(known))} of compute left for {len(known)} of them" if known else ""
+        unknown = f", {len(left) - len(known)} without an estimate" if len(known) < len(left) else ""
         print(
-            f"grid {grid['name']}: dry run, {counts['skipped']} of {len(selected)} selected run(s) already finished",
+            f"grid {grid['name']}: dry run, {counts['skipped']} of {len(selected)} selected run(s) already "
+            f"finished, {len(left)} to run or resume{total}{unknown}",
             flush=True,
         )
         return 0

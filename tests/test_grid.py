@@ -314,7 +314,8 @@ def test_a_run_finished_in_another_grid_is_copied_not_recomputed(tmp_path, capsy
     capsys.readouterr()
     assert grid.main(["run", str(gb), "--out", str(b), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "would copy the finished" in out and "rp0_s0-" in out and ": run (1 rounds)" in out
+    assert "would copy the finished" in out and "rp0_s0-" in out
+    assert ": run (1 rounds; time left unknown: no finished run like it here or beside)" in out
     assert not b.exists() or not list(b.glob("rp0.5_s0-*"))
     assert grid.main(["run", str(gb), "--out", str(b), "--dry-run", "--no-reuse"]) == 0
     assert "would copy" not in capsys.readouterr().out
@@ -714,3 +715,49 @@ def test_bad_label_bias_declarations_are_clear_errors(tmp_path, capsys, report_t
     g = _grid_file(tmp_path, 1, text=BASE + report_text.replace("{", "{{").replace("}", "}}") + "\n")
     assert grid.main(["run", str(g), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
     assert message in capsys.readouterr().err
+
+
+def _timed_run(folder: Path, method: str, seed: int, task: str, seconds: float, rounds=15, from_round=0, **extra):
+    d = folder / f"{method}_s{seed}-{task}"
+    d.mkdir(parents=True)
+    settings = {"algorithm": method, "task": task, "seed": seed, "rounds": rounds, "layout": "before"}
+    cfg = {"labels": {"method": method, "seed": f"s{seed}"}, "settings": settings, "environment": {"cpu": "CPU X"}}
+    (d / "config.json").write_text(json.dumps({**cfg, **extra}))
+    st = {"state": "finished", "seconds": seconds, "rounds": rounds, "from_round": from_round}
+    (d / "status.json").write_text(json.dumps(st))
+    return d
+
+
+def test_dry_run_estimates_the_compute_left_from_runs_like_each(tmp_path):
+    here, beside = tmp_path / "grid_mr", tmp_path / "grid_sst2"
+    _timed_run(here, "fedbpt", 10, "mr", 15 * 300)
+    _timed_run(here, "fedbpt", 11, "mr", 10 * 500, from_round=5)  # resumed: 10 rounds timed, 500 s each
+    _timed_run(here, "manual", 10, "mr", 30)  # evaluation only: not in the ratio between grids
+    _timed_run(here, "fedavg", 12, "mr", 1.0, copied_from="elsewhere")  # a copy: its time is not a measurement
+    _timed_run(beside, "fedbpt", 10, "sst2", 15 * 200)
+    _timed_run(beside, "manual", 10, "sst2", 15)
+    _timed_run(beside, "fedavg", 10, "sst2", 15 * 100)
+
+    def run(method, seed, rounds=15):
+        labels = {"method": method, "seed": f"s{seed}"}
+        settings = {"algorithm": method, "task": "mr", "seed": seed, "rounds": rounds, "layout": "before"}
+        return {"labels": labels, "settings": settings, "dirname": f"{method}_s{seed}-new"}
+
+    # The same configuration finished here: the median of its rounds' costs (300 and 500 s), rounds left.
+    seconds, basis = grid.estimate_left(here, run("fedbpt", 12), last=5)
+    assert seconds == pytest.approx(10 * 400) and "2 finished run(s) like it, 400 s a round, CPU X" in basis
+    # Only beside: that grid's cost scaled by the two grids' ratio over the shared configurations (FedBPT:
+    # 400 / 200; the manual prompt left out), naming the settings that differ.
+    seconds, basis = grid.estimate_left(here, run("fedavg", 12), last=0)
+    assert seconds == pytest.approx(15 * 100 * 2.0)
+    assert "grid_sst2 (task differ)" in basis and "x 2.00" in basis and "1 configuration(s)" in basis
+    # Nothing like it anywhere: unknown, said so; its own rounds so far when it has some.
+    assert grid.estimate_left(here, run("fedprompt", 12), last=0) == (None, "no finished run like it here or beside")
+    own = here / "fedprompt_s12-new"
+    own.mkdir()
+    (own / "rounds.csv").write_text("round,seconds\n1,90\n2,110\n3,100\n")
+    seconds, basis = grid.estimate_left(here, run("fedprompt", 12), last=3)
+    assert seconds == pytest.approx(12 * 100) and "its own 3 round(s)" in basis
+    # The manual prompt runs again from round 0 (it keeps no checkpoint).
+    assert grid.estimate_left(here, run("manual", 12), last=3)[0] == pytest.approx(15 * 2)
+    assert grid._duration(59 * 60) == "59 min" and grid._duration(3 * 3600 + 5 * 60) == "3 h 05 min"
