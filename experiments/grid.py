@@ -763,7 +763,8 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
     newest checkpoint step only, with ``status.json`` saying so (``state = "parked"``), so that ``grid.py run``
     on another machine, given this folder, resumes it from that round instead of starting over. Nothing in
     ``dst`` that is further along is replaced: a run finished there, or a parked checkpoint at the same or a
-    later step, is left alone. The grid's ``grid.json`` (its declaration) is copied when it differs.
+    later step, is left alone, and so is a run finished in both as far whose files differ (said, not copied:
+    the committed record may carry what the source lacks). The grid's ``grid.json`` (its declaration) is copied when it differs.
     ``ckpt/`` is git-ignored: ``git add -f`` a parked checkpoint to commit it."""
     from fedbpt_jax.checkpoint import read_json, write_json_atomic
 
@@ -789,12 +790,18 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
             changed.append(f"{s.name}: config.json unreadable, not copied")
             continue
         done, last = is_finished(s, rounds)
-        t_done, _ = is_finished(t, rounds)
+        t_done, t_last = is_finished(t, rounds)
         files = [f for f in RESULT_FILES if (s / f).exists()]
         if done:
             parked = (t / "ckpt").is_dir()
             same = all((t / f).exists() and (t / f).read_bytes() == (s / f).read_bytes() for f in files)
             if same and not parked:
+                continue
+            if t_done and t_last >= last:  # finished there too and as far: never overwritten
+                changed.append(
+                    f"{s.name}: finished in both (round {t_last} there) with different files, left alone: compare "
+                    "them and copy by hand if the source is the record to keep"
+                )
                 continue
             changed.append(
                 f"{s.name}: finished (round {last}), results copied" + (", checkpoint removed" if parked else "")

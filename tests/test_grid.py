@@ -152,6 +152,12 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     assert not (committed / name / "ckpt").exists()
     assert json.loads((committed / name / "status.json").read_text())["state"] == "finished"
     assert grid.sync(parked, committed) == []
+    # A run finished in both whose files differ (here the committed record was amended) is said, never overwritten.
+    amended = json.loads((committed / name / "config.json").read_text()) | {"note": "amended"}
+    (committed / name / "config.json").write_text(json.dumps(amended))
+    (line,) = grid.sync(parked, committed)
+    assert line.startswith(f"{name}: finished in both (round 3 there) with different files, left alone")
+    assert json.loads((committed / name / "config.json").read_text())["note"] == "amended"
 
     # The report: table, JSON with paired differences, plots.
     assert grid.main(["report", str(full)]) == 0
