@@ -534,13 +534,14 @@ def record_failure(d: Path, r: dict, err: Exception, tag: str) -> None:
     print(f"{tag}: FAILED: {type(err).__name__}: {err}", flush=True)
 
 
-def _round_cost(run_dir: Path) -> tuple[float, str] | None:
-    """(seconds a round, CPU) of a finished run as its ``status.json`` timed its last process (whole rounds,
-    evaluations and compilation included), or None where it has no such record (copied or unreadable runs)."""
+def _round_cost(run_dir: Path, cfg: dict) -> tuple[float, str] | None:
+    """(seconds a round, CPU) of a finished run (``cfg``: its ``config.json``) as its ``status.json`` timed its
+    last process (whole rounds, evaluations and compilation included), or None where it has no such record
+    (copied or unreadable runs)."""
     from fedbpt_jax.checkpoint import read_json
 
     try:
-        st, cfg = read_json(run_dir / "status.json"), read_json(run_dir / "config.json")
+        st = read_json(run_dir / "status.json")
         rounds = int(st["rounds"]) - int(st.get("from_round", 0))
         seconds = float(st["seconds"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -569,7 +570,7 @@ def _costs_by_config(folder: Path) -> dict[tuple, dict]:
         except (OSError, ValueError):
             continue
         labels = cfg.get("labels") if isinstance(cfg, dict) else None
-        cost = _round_cost(cfg_path.parent) if isinstance(labels, dict) else None
+        cost = _round_cost(cfg_path.parent, cfg) if isinstance(labels, dict) else None
         if cost is not None:
             key = tuple(sorted((k, v) for k, v in labels.items() if k != "seed"))
             entry = found.setdefault(key, {"costs": [], "settings": cfg.get("settings", {})})
