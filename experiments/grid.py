@@ -578,7 +578,7 @@ def _costs_by_config(folder: Path) -> dict[tuple, dict]:
     return found
 
 
-def estimate_left(out: Path, r: dict, last: int) -> tuple[float | None, str]:
+def estimate_left(out: Path, r: dict, last: int, costs: dict | None = None) -> tuple[float | None, str]:
     """(seconds of compute ``r`` still needs, what the estimate rests on), for planning a grid across sessions
     (an estimate for the machines named, not a measurement): its remaining rounds at the median cost a round of
 
@@ -588,7 +588,15 @@ def estimate_left(out: Path, r: dict, last: int) -> tuple[float | None, str]:
        finished in both (the manual prompt's, evaluation only, left out of the ratio), else
     3. its own rounds so far;
 
-    (None, why) without any of them."""
+    (None, why) without any of them. ``costs`` caches each folder's finished runs (``_costs_by_config``) across
+    the calls of one dry run, so that the folders are read once."""
+    costs = {} if costs is None else costs
+
+    def by_config(folder: Path) -> dict[tuple, dict]:
+        if folder not in costs:
+            costs[folder] = _costs_by_config(folder) if folder.is_dir() else {}
+        return costs[folder]
+
     s = r["settings"]
     left = s["rounds"] - (0 if s["algorithm"] == "manual" else last)
     key = tuple(sorted((k, v) for k, v in r["labels"].items() if k != "seed"))
@@ -597,13 +605,13 @@ def estimate_left(out: Path, r: dict, last: int) -> tuple[float | None, str]:
         runs = entry["costs"]
         return statistics.median(c for c, _ in runs), ", ".join(sorted({cpu for _, cpu in runs}))
 
-    here = _costs_by_config(out) if out.is_dir() else {}
+    here = by_config(out.resolve())
     if key in here:
         per, cpus = median_cost(here[key])
         return left * per, f"{len(here[key]['costs'])} finished run(s) like it, {per:.0f} s a round, {cpus}"
     best = None
     for other in sorted(d for d in out.parent.glob("*") if d.is_dir() and d.resolve() != out.resolve()):
-        there = _costs_by_config(other)
+        there = by_config(other.resolve())
         if key not in there:
             continue
         theirs = there[key]["settings"]  # settings an older record lacks are not counted as differences
@@ -637,7 +645,7 @@ def _duration(seconds: float) -> str:
 
 
 def settled(args, out: Path, r: dict, tag: str, grid_name: str) -> tuple[bool, int]:
-    """(whether ``r`` needs no run here: finished, copied from a finished twin, or listed by --dry-run; the last
+    """(whether ``r`` needs no run here: finished or copied from a finished twin (--dry-run: would be); the last
     round it has), saying so on the console."""
     done, last = is_finished(out / r["dirname"], r["settings"]["rounds"])
     rounds = r["settings"]["rounds"]
@@ -659,17 +667,21 @@ def settled(args, out: Path, r: dict, tag: str, grid_name: str) -> tuple[bool, i
             last = stopped
         what = "would continue" if args.dry_run else "continuing"
         print(f"{tag}: {what} {_portable(str(part))} (stopped at round {stopped})", flush=True)
-    if args.dry_run:
-        try:
-            algorithm_options(r["settings"]["algorithm"], r["settings"]["algorithm_options"])
-            what = f"resume from round {last}" if last else "run"
-        except GridError as err:
-            what = f"would fail: {err}"
-        seconds, basis = estimate_left(out, r, last)
-        r["estimate_left"] = seconds
-        guess = f"~{_duration(seconds)} left" if seconds is not None else "time left unknown"
-        print(f"{tag}: {what} ({rounds} rounds; {guess}: {basis})", flush=True)
     return False, last
+
+
+def dry_run_line(out: Path, r: dict, last: int, tag: str, costs: dict) -> float | None:
+    """Says what a run ``--dry-run`` lists would do and about how long it would take; returns the estimated
+    seconds of compute left (None: unknown). ``costs``: the dry run's cache for ``estimate_left``."""
+    try:
+        algorithm_options(r["settings"]["algorithm"], r["settings"]["algorithm_options"])
+        what = f"resume from round {last}" if last else "run"
+    except GridError as err:
+        what = f"would fail: {err}"
+    seconds, basis = estimate_left(out, r, last, costs)
+    guess = f"~{_duration(seconds)} left" if seconds is not None else "time left unknown"
+    print(f"{tag}: {what} ({r['settings']['rounds']} rounds; {guess}: {basis})", flush=True)
+    return seconds
 
 
 def cmd_run(args) -> int:
@@ -685,9 +697,13 @@ def cmd_run(args) -> int:
     started = 0
     counts = {"finished": 0, "skipped": 0, "failed": 0}
     pending: list[tuple[str, dict]] = []
+    left: list[float | None] = []  # --dry-run: each listed run's estimated compute left
+    costs: dict = {}  # --dry-run: the finished runs' costs of each folder read, for estimate_left
     for i, r in enumerate(selected, 1):
         tag = f"[{i}/{len(selected)}] {r['dirname']}"
         skip, last = settled(args, out, r, tag, grid["name"])
+        if args.dry_run and not skip:
+            left.append(dry_run_line(out, r, last, tag, costs))
         if skip or args.dry_run:
             counts["skipped"] += skip
             continue
@@ -721,7 +737,6 @@ def cmd_run(args) -> int:
         counts["finished"] += finished
         counts["failed"] += failed
     if args.dry_run:
-        left = [r.get("estimate_left") for r in selected if "estimate_left" in r]
         known = [x for x in left if x is not None]
         total = f"; ~{_duration(sum(known))} of compute left for {len(known)} of them" if known else ""
         unknown = f", {len(left) - len(known)} without an estimate" if len(known) < len(left) else ""
