@@ -376,9 +376,9 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     options = run_options(s, lm.kind)
     algorithm_options(s["algorithm"], s["algorithm_options"])  # an option the factory does not take: named
     dev = resolve_dev_selection(s["dev_selection"])
-    plan = prepare(options, "simulate", lm=lm, algorithm_options=s["algorithm_options"])
     # runs that differ only in seed (or data) share one algorithm object, and so its compiled segment
-    algo = ctx.algorithm(s["algorithm"], plan.config, lm, s["algorithm_options"])
+    plan = prepare(options, "simulate", lm=lm, algorithm_options=s["algorithm_options"], make_algorithm=ctx.algorithm)
+    algo = plan.algo
     # config.json is written by the run once its checkpoint (if any) is accepted, with the earlier segments'
     # provenance (which rounds ran where) when it resumes
     record = run_record(run, grid_name, plan, options, dev)

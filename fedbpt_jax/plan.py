@@ -112,13 +112,18 @@ def check(options, command: str):
     return hp
 
 
-def prepare(options, command: str = "simulate", *, lm=None, algorithm_options: dict | None = None) -> Plan:
+def prepare(
+    options, command: str = "simulate", *, lm=None, algorithm_options: dict | None = None, make_algorithm=None
+) -> Plan:
     """The run the options of ``command`` ("simulate" or "sweep") describe (see the module docstring); prints
     what it loaded and resolved, one line each. ``options.n_prompt`` is set to the resolved length.
 
     ``lm``: a backbone already loaded (a driver that runs many points on one model, e.g. the experiment grid),
     used instead of loading ``options.model``. ``algorithm_options``: keyword options of the algorithm's factory
-    beyond the command's options (e.g. centralized BBT's ``population_size``).
+    beyond the command's options (e.g. centralized BBT's ``population_size``). ``make_algorithm(name, config, lm,
+    algorithm_options)``: what makes the algorithm (default :func:`fedbpt_jax.federated.make`); a driver that runs
+    many points passes its cache, so that runs differing only in seed share one algorithm object (and so one
+    compiled segment).
 
     Raises:
       CliError: a model or data source that cannot be loaded, in one line naming what is accepted.
@@ -138,7 +143,10 @@ def prepare(options, command: str = "simulate", *, lm=None, algorithm_options: d
         f"prompt start (the prompt at z = 0 and the manual baseline): {start.describe()}, {options.n_prompt} tokens",
         flush=True,
     )
-    algo = fl.make(algorithm_name(options), cfg, lm, **(algorithm_options or {}))
+    if make_algorithm is None:
+        algo = fl.make(algorithm_name(options), cfg, lm, **(algorithm_options or {}))
+    else:
+        algo = make_algorithm(algorithm_name(options), cfg, lm, algorithm_options or {})
     return Plan(options, lm, start, fed, FederatedData.from_host(fed), cfg, hp, model, key_run, algo)
 
 

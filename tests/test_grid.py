@@ -482,6 +482,27 @@ def test_runs_in_worker_processes_equal_runs_one_after_another(tmp_path, capsys)
     assert "--jobs 0: expected a positive number" in capsys.readouterr().err
 
 
+def test_runs_that_differ_only_in_seed_share_one_algorithm_object(tmp_path, monkeypatch, capsys):
+    import fedbpt_jax as fb
+    import fedbpt_jax.federated as fl
+
+    made = []
+    real = fl.make
+
+    def counting(name, *a, **kw):
+        made.append(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(fl, "make", counting)
+    monkeypatch.setattr(fb, "make", counting)
+    monkeypatch.setattr(grid, "CONTEXT", grid.Context())
+    g = _grid_file(tmp_path, 1, text=BASE.replace("seed = [0]", "seed = [0, 1]"))
+    assert grid.main(["run", str(g), "--out", str(tmp_path / "out")]) == 0
+    assert "4 finished now" in capsys.readouterr().out
+    # one object per configuration (FedBPT, the manual prompt), made once for both seeds: none made and discarded
+    assert sorted(made) == ["fedbpt", "manual"]
+
+
 def test_the_cpu_is_named_from_cpuinfo(monkeypatch, tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse avx2 fma avx512_bf16 avx512f\n")
