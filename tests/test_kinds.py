@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedbpt_jax import objective, testing
+from fedbpt_jax import objective, tasks, testing
 from fedbpt_jax.cli import main
 from fedbpt_jax.federated import FedConfig
 from fedbpt_jax.models import kind_of, kinds
@@ -18,6 +18,8 @@ def test_every_kind_names_modules_and_functions_that_exist():
         for t in k.model_types:
             assert kind_of(t) == k.name
     assert objective.LAYOUTS == {k.name: k.layouts for k in kinds.KINDS.values()}
+    # the task registry (which imports no model code) names the same kinds: a new kind needs its templates
+    assert tasks.KINDS == tuple(kinds.KINDS)
 
 
 def test_unknown_kinds_and_model_types_name_what_is_accepted():
