@@ -780,8 +780,8 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
     on another machine, given this folder, resumes it from that round instead of starting over. Nothing in
     ``dst`` that is further along is replaced: a run finished there, or a parked checkpoint at the same or a
     later step, is left alone, and so is a run finished in both as far whose files differ (said, not copied:
-    the committed record may carry what the source lacks). The grid's ``grid.json`` (its declaration) is copied when it differs.
-    ``ckpt/`` is git-ignored: ``git add -f`` a parked checkpoint to commit it."""
+    the committed record may carry what the source lacks). The grid's ``grid.json`` (its declaration) is copied
+    when it differs. ``ckpt/`` is git-ignored: ``git add -f`` a parked checkpoint to commit it."""
     from fedbpt_jax.checkpoint import read_json, write_json_atomic
 
     src, dst = Path(src), Path(dst)
