@@ -770,6 +770,56 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _same_result_file(s: Path, t: Path) -> bool:
+    """Whether the result file ``t`` already holds what ``s`` does: the same bytes, or for ``config.json`` the
+    same record but for the ``earlier_segments`` that landing added to ``t`` (:func:`_landing_record`)."""
+    if not t.exists():
+        return False
+    a, b = s.read_bytes(), t.read_bytes()
+    if a == b:
+        return True
+    if s.name != "config.json":
+        return False
+    try:
+        src, dst = json.loads(a), json.loads(b)
+    except ValueError:
+        return False
+    return (
+        isinstance(src, dict)
+        and isinstance(dst, dict)
+        and "earlier_segments" not in src
+        and "earlier_segments" in dst
+        and {k: v for k, v in dst.items() if k != "earlier_segments"} == src
+    )
+
+
+def _landing_record(s: Path, t: Path) -> dict | None:
+    """The ``config.json`` to land for the finished run ``s`` over the parked run ``t`` when ``s`` resumed
+    (``from_round`` > 0 in its ``status.json``) and does not list its earlier segments itself: its record with
+    ``earlier_segments`` taken from ``t``'s parked record. None when there is nothing to add."""
+    from fedbpt_jax.checkpoint import read_json
+    from fedbpt_jax.federated.records import earlier_record, resumed_record
+
+    try:
+        status_t = read_json(t / "status.json")
+        status_s = read_json(s / "status.json")
+        record = read_json(s / "config.json")
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(status_t, dict) and isinstance(status_s, dict) and isinstance(record, dict)):
+        return None
+    if status_t.get("state") != "parked" or "earlier_segments" in record:
+        return None
+    try:
+        from_round = int(status_s.get("from_round", 0))
+    except (TypeError, ValueError):
+        return None
+    earlier = earlier_record(t / "config.json")
+    if from_round <= 0 or earlier is None:
+        return None
+    return resumed_record(earlier, record, from_round)
+
+
 def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
     """Brings the grid folder ``dst`` up to date with ``src``; returns a line per run folder it changed.
 
@@ -781,7 +831,13 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
     ``dst`` that is further along is replaced: a run finished there, or a parked checkpoint at the same or a
     later step, is left alone, and so is a run finished in both as far whose files differ (said, not copied:
     the committed record may carry what the source lacks). The grid's ``grid.json`` (its declaration) is copied
-    when it differs. ``ckpt/`` is git-ignored: ``git add -f`` a parked checkpoint to commit it."""
+    when it differs. ``ckpt/`` is git-ignored: ``git add -f`` a parked checkpoint to commit it.
+
+    A finished run that replaces a parked one and resumed from it (its ``status.json`` has ``from_round`` > 0)
+    but whose ``config.json`` has no ``earlier_segments`` (written by code that predates them) lands with them
+    added from the parked ``config.json``, the record of the process that computed the earlier rounds
+    (:func:`fedbpt_jax.federated.records.resumed_record`), as a run resumed by this code records itself; later
+    syncs treat that record and the source's as the same."""
     from fedbpt_jax.checkpoint import read_json, write_json_atomic
 
     src, dst = Path(src), Path(dst)
@@ -810,7 +866,7 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
         files = [f for f in RESULT_FILES if (s / f).exists()]
         if done:
             parked = (t / "ckpt").is_dir()
-            same = all((t / f).exists() and (t / f).read_bytes() == (s / f).read_bytes() for f in files)
+            same = all(_same_result_file(s / f, t / f) for f in files)
             if same and not parked:
                 continue
             if t_done and t_last >= last:  # finished there too and as far: never overwritten
@@ -819,13 +875,25 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
                     "them and copy by hand if the source is the record to keep"
                 )
                 continue
+            record = _landing_record(s, t)
+            segments = (
+                ", rounds "
+                + ", ".join(f"{g['from_round'] + 1}-{g['to_round']}" for g in record["earlier_segments"])
+                + " recorded as earlier segments from the parked config.json"
+                if record
+                else ""
+            )
             changed.append(
-                f"{s.name}: finished (round {last}), results copied" + (", checkpoint removed" if parked else "")
+                f"{s.name}: finished (round {last}), results copied"
+                + (", checkpoint removed" if parked else "")
+                + segments
             )
             if not dry_run:
                 t.mkdir(parents=True, exist_ok=True)
                 for f in files:
                     _copy_atomic(s / f, t / f)
+                if record:
+                    write_json_atomic(t / "config.json", record)
                 shutil.rmtree(t / "ckpt", ignore_errors=True)
             continue
         steps, t_steps = _ckpt_steps(s), _ckpt_steps(t)

@@ -147,6 +147,20 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     assert sorted(p.name for p in (committed / name).iterdir() if p.name.startswith("ckpt")) == ["ckpt"]
     assert sorted(p.name for p in (committed / name / "ckpt").iterdir()) == ["2"]
     assert grid.sync(earlier, committed) == []  # an older checkpoint never replaces a newer one
+    # A run resumed by code that predates earlier_segments lands with them added from the parked record, as
+    # the run records them itself; a later sync finds nothing new.
+    old_code, committed_old = tmp_path / "old_code", tmp_path / "committed_old"
+    shutil.copytree(parked, old_code)
+    shutil.copytree(committed, committed_old)
+    record = json.loads((old_code / name / "config.json").read_text())
+    segments = record.pop("earlier_segments")
+    (old_code / name / "config.json").write_text(json.dumps(record))
+    assert [line for line in grid.sync(old_code, committed_old) if line.startswith(name)] == [
+        f"{name}: finished (round 3), results copied, checkpoint removed, rounds 1-2 recorded as earlier "
+        "segments from the parked config.json"
+    ]
+    assert json.loads((committed_old / name / "config.json").read_text()) == record | {"earlier_segments": segments}
+    assert grid.sync(old_code, committed_old) == []
     landed = [line for line in grid.sync(parked, committed) if line.startswith(name)]
     assert landed == [f"{name}: finished (round 3), results copied, checkpoint removed"]
     assert not (committed / name / "ckpt").exists()
