@@ -891,9 +891,10 @@ def sync(src: Path, dst: Path, dry_run: bool = False) -> list[str]:
             if not dry_run:
                 t.mkdir(parents=True, exist_ok=True)
                 for f in files:
-                    _copy_atomic(s / f, t / f)
-                if record:
-                    write_json_atomic(t / "config.json", record)
+                    if record and f == "config.json":
+                        write_json_atomic(t / f, record)  # the source's record with its earlier segments
+                    else:
+                        _copy_atomic(s / f, t / f)
                 shutil.rmtree(t / "ckpt", ignore_errors=True)
             continue
         steps, t_steps = _ckpt_steps(s), _ckpt_steps(t)
