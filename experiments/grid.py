@@ -15,6 +15,7 @@ Usage::
     python experiments/grid.py run experiments/grids/sst2_noniid.toml --only seed=0 --max-runs 3
     python experiments/grid.py run experiments/grids/sst2_noniid.toml               # the rest (resumes)
     python experiments/grid.py run experiments/grids/mr_iid.toml --jobs 8           # 8 runs at once (a GPU)
+    python experiments/grid.py run experiments/grids/mr_iid.toml --restart-every 4  # fresh process each 4 rounds
     python experiments/grid.py report experiments/results/grid_sst2_noniid           # tables and plots
     python experiments/grid.py sync ../wt/experiments/results/grid_mr experiments/results/grid_mr  # land/park
 
@@ -360,9 +361,13 @@ def run_record(run: dict, grid_name: str, plan, options, dev: bool) -> dict:
     return record
 
 
-def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
+def run_one(run: dict, out: Path, ctx: Context, grid_name: str, stop_after_rounds: int | None = None) -> dict:
     """Runs (or resumes) one grid point; returns its status record. The run is prepared as ``fedbpt-jax
-    simulate`` prepares one (:func:`fedbpt_jax.plan.prepare` from :func:`run_options`)."""
+    simulate`` prepares one (:func:`fedbpt_jax.plan.prepare` from :func:`run_options`).
+
+    ``stop_after_rounds``: compute at most this many rounds here (rounded up to whole evaluation segments),
+    then stop at a checkpoint (state ``"stopped"``); the next call resumes from it. The manual prompt, one
+    segment without a checkpoint, always runs to the end."""
     import fedbpt_jax as fb
     from fedbpt_jax.checkpoint import write_json_atomic
     from fedbpt_jax.plan import prepare
@@ -402,6 +407,9 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     )
     if dev:
         kw["dev"] = plan.fed.dev
+    if stop_after_rounds is not None and not manual:
+        every = kw["eval_every"]
+        kw["stop_after"] = seen + every * math.ceil(stop_after_rounds / every)
     watcher = Watcher(d, run["dirname"][:40], seen)
     watcher.start()
     try:
@@ -410,7 +418,7 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
         watcher.finish()
     ev = hist.evals
     status = {
-        "state": "finished",
+        "state": "finished" if ev[-1]["round"] >= s["rounds"] else "stopped",
         "started": t0,
         "seconds": time.time() - t0,
         "from_round": seen,
@@ -422,7 +430,45 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str) -> dict:
     return status
 
 
-def run_in_workers(grid_path: Path, out: Path, pending: list[tuple[str, dict]], jobs: int) -> tuple[int, int]:
+def run_restarting(grid_path: Path, out: Path, run: dict, tag: str, every: int) -> dict:
+    """Runs ``run`` in fresh processes, each computing at most ``every`` rounds (``grid.py run --run NAME
+    --stop-after-rounds every``) and resuming from the checkpoint the one before left, until it is finished;
+    returns its status record. The rounds are those of one process (a resume is bit-identical), but no
+    process lives long: on XLA:CPU a long-lived process's rounds were measured to slow down by up to a third
+    (experiments/README.md), and a fresh process restores their speed. A process that fails (its failure is
+    recorded in the run's ``status.json``) or adds no round raises :class:`GridError`."""
+    import subprocess
+
+    from fedbpt_jax.checkpoint import read_json
+
+    d, rounds = out / run["dirname"], run["settings"]["rounds"]
+    cmd = [sys.executable, str(HERE / "grid.py"), "run", str(grid_path), "--out", str(out)]
+    cmd += ["--run", run["dirname"], "--no-reuse", "--stop-after-rounds", str(every)]
+    while True:
+        _, before = is_finished(d, rounds)
+        proc = subprocess.Popen(cmd)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()  # the child stops cleanly (interrupts.py) and keeps its checkpoint
+            proc.wait()
+            raise
+        if code != 0:
+            raise GridError(f"{tag}: its process exited with code {code} (see its status.json)")
+        done, last = is_finished(d, rounds)
+        if done:
+            return read_json(d / "status.json")
+        if last <= before:
+            raise GridError(
+                f"{tag}: a process added no round (still after round {last} of {rounds}); "
+                "run it once without --restart-every to continue"
+            )
+        print(f"{tag}: stopped after round {last}; continuing in a fresh process (--restart-every {every})", flush=True)
+
+
+def run_in_workers(
+    grid_path: Path, out: Path, pending: list[tuple[str, dict]], jobs: int, restart_every=None
+) -> tuple[int, int]:
     """Runs each pending run in its own ``grid.py run --run NAME`` process, at most ``jobs`` at a time;
     returns (finished, failed). For accelerators that one small simulation does not fill (a SmolLM2 run with
     10 clients uses a few percent of a GPU): the runs share the device. Each worker writes only its own run
@@ -440,6 +486,8 @@ def run_in_workers(grid_path: Path, out: Path, pending: list[tuple[str, dict]], 
                 tag, r = queue.pop(0)
                 cmd = [sys.executable, str(HERE / "grid.py"), "run", str(grid_path), "--out", str(out)]
                 cmd += ["--run", r["dirname"], "--no-reuse"]
+                if restart_every is not None:  # the worker restarts its run's process itself
+                    cmd += ["--restart-every", str(restart_every)]
                 running[subprocess.Popen(cmd, env=env)] = tag
                 print(f"{tag}: started in a worker process ({len(running)} of {jobs})", flush=True)
             time.sleep(0.2)
@@ -688,6 +736,13 @@ def cmd_run(args) -> int:
     grid = load_grid(args.grid)
     if args.jobs < 1:
         raise GridError(f"--jobs {args.jobs}: expected a positive number of worker processes")
+    for flag, value in (("--restart-every", args.restart_every), ("--stop-after-rounds", args.stop_after_rounds)):
+        if value is not None and value < 1:
+            raise GridError(f"{flag} {value}: expected a positive number of rounds")
+    if args.restart_every is not None and args.stop_after_rounds is not None:
+        raise GridError(
+            "--restart-every and --stop-after-rounds: give one of them (the first runs the second in processes)"
+        )
     runs, selected = select_runs(args, grid)
     out = Path(args.out) if args.out else RESULTS / f"grid_{grid['name']}"
     if not args.dry_run:
@@ -695,7 +750,7 @@ def cmd_run(args) -> int:
     print(f"grid {grid['name']}: {len(runs)} runs, {len(selected)} selected, output {_portable(str(out))}", flush=True)
     _git_commit()
     started = 0
-    counts = {"finished": 0, "skipped": 0, "failed": 0}
+    counts = {"finished": 0, "skipped": 0, "failed": 0, "stopped": 0}
     pending: list[tuple[str, dict]] = []
     left: list[float | None] = []  # --dry-run: each listed run's estimated compute left
     costs: dict = {}  # --dry-run: the finished runs' costs of each folder read, for estimate_left
@@ -719,8 +774,25 @@ def cmd_run(args) -> int:
             pending.append((tag, r))
             continue
         print(f"{tag}: {what}", flush=True)
+        if args.restart_every is not None:
+            try:
+                st = run_restarting(Path(args.grid), out, r, tag, args.restart_every)
+            except GridError as err:  # the process recorded its failure in status.json
+                counts["failed"] += 1
+                print(f"{tag}: failed: {err}", flush=True)
+                continue
+            counts["finished"] += 1
+            print(f"{tag}: finished, final test {st['final_test_accuracy']:.4f}", flush=True)
+            continue
         try:
-            st = run_one(r, out, CONTEXT, grid["name"])
+            st = run_one(r, out, CONTEXT, grid["name"], stop_after_rounds=args.stop_after_rounds)
+            if st["state"] == "stopped":
+                counts["stopped"] += 1
+                print(
+                    f"{tag}: stopped after round {st['rounds']} (--stop-after-rounds {args.stop_after_rounds})",
+                    flush=True,
+                )
+                continue
             counts["finished"] += 1
             print(
                 f"{tag}: finished in {st['seconds']:.0f}s, test z=0 {st['initial_test_accuracy']:.4f} "
@@ -733,7 +805,7 @@ def cmd_run(args) -> int:
             counts["failed"] += 1
             record_failure(out / r["dirname"], r, err, tag)
     if pending:
-        finished, failed = run_in_workers(Path(args.grid), out, pending, args.jobs)
+        finished, failed = run_in_workers(Path(args.grid), out, pending, args.jobs, args.restart_every)
         counts["finished"] += finished
         counts["failed"] += failed
     if args.dry_run:
@@ -746,9 +818,10 @@ def cmd_run(args) -> int:
             flush=True,
         )
         return 0
+    stopped = f", {counts['stopped']} stopped to resume later" if counts["stopped"] else ""
     print(
         f"grid {grid['name']}: {counts['finished']} finished now, {counts['skipped']} already finished, "
-        f"{counts['failed']} failed",
+        f"{counts['failed']} failed{stopped}",
         flush=True,
     )
     return 1 if counts["failed"] else 0
@@ -983,6 +1056,23 @@ def main(argv=None) -> int:
         default=1,
         help="run up to N runs at once, each in its own process (for a GPU/TPU that one run does not fill; "
         "on a CPU they only share its cores)",
+    )
+    r.add_argument(
+        "--restart-every",
+        type=int,
+        default=None,
+        metavar="ROUNDS",
+        help="run each run in fresh processes of at most ROUNDS rounds each, every one resuming from the "
+        "checkpoint the one before left (the same numbers as one process; on XLA:CPU a long-lived process's "
+        "rounds slow down, and a fresh one restores their speed)",
+    )
+    r.add_argument(
+        "--stop-after-rounds",
+        type=int,
+        default=None,
+        metavar="ROUNDS",
+        help="compute at most ROUNDS rounds of each run here, then stop it at a checkpoint (it resumes there "
+        "next time); e.g. to split long runs over sessions",
     )
     r.add_argument("--dry-run", action="store_true", help="list what would run, resume or be skipped")
     r.add_argument(

@@ -496,6 +496,42 @@ def test_runs_in_worker_processes_equal_runs_one_after_another(tmp_path, capsys)
     assert "--jobs 0: expected a positive number" in capsys.readouterr().err
 
 
+def test_stop_after_rounds_and_restart_every_give_the_numbers_of_one_process(tmp_path, capfd):
+    """``--stop-after-rounds`` stops a run at a checkpoint (state "stopped", not finished) and the next call
+    resumes it; ``--restart-every`` runs each run in fresh processes of that many rounds until it is
+    finished. Both give the uninterrupted run's numbers, bit for bit."""
+    g, only = _grid_file(tmp_path, 3), ["--only", "method=fedbpt"]
+    straight, stopped, restarted = tmp_path / "straight", tmp_path / "stopped", tmp_path / "restarted"
+    assert grid.main(["run", str(g), "--out", str(straight), *only]) == 0
+    (ref,) = straight.glob("fedbpt_s0-*")
+    want = _strip_seconds(json.loads((ref / "metrics.json").read_text()))
+    capfd.readouterr()
+
+    assert grid.main(["run", str(g), "--out", str(stopped), "--no-reuse", "--stop-after-rounds", "2", *only]) == 0
+    printed = capfd.readouterr().out
+    assert "stopped after round 2 (--stop-after-rounds 2)" in printed and "1 stopped to resume later" in printed
+    (run,) = stopped.glob("fedbpt_s0-*")
+    assert json.loads((run / "status.json").read_text())["state"] == "stopped"
+    assert [e["round"] for e in json.loads((run / "metrics.json").read_text())["evals"]] == [0, 1, 2]
+    assert grid.main(["run", str(g), "--out", str(stopped), "--no-reuse", *only]) == 0
+    assert "resuming after round 2" in capfd.readouterr().out
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert _strip_seconds(json.loads((run / "metrics.json").read_text())) == want
+
+    assert grid.main(["run", str(g), "--out", str(restarted), "--no-reuse", "--restart-every", "2", *only]) == 0
+    printed = capfd.readouterr().out
+    assert "stopped after round 2; continuing in a fresh process (--restart-every 2)" in printed
+    assert "resuming after round 2" in printed and "1 finished now" in printed
+    (run,) = restarted.glob("fedbpt_s0-*")
+    assert _strip_seconds(json.loads((run / "metrics.json").read_text())) == want
+    cfg = json.loads((run / "config.json").read_text())
+    assert [(x["from_round"], x["to_round"]) for x in cfg["earlier_segments"]] == [(0, 2)]
+
+    for flag in ("--restart-every", "--stop-after-rounds"):
+        assert grid.main(["run", str(g), "--out", str(restarted), flag, "0"]) == 2
+        assert f"{flag} 0: expected a positive number of rounds" in capfd.readouterr().err
+
+
 def test_runs_that_differ_only_in_seed_share_one_algorithm_object(tmp_path, monkeypatch, capsys):
     import fedbpt_jax as fb
     import fedbpt_jax.federated as fl
