@@ -434,9 +434,10 @@ def run_restarting(grid_path: Path, out: Path, run: dict, tag: str, every: int) 
     """Runs ``run`` in fresh processes, each computing at most ``every`` rounds (``grid.py run --run NAME
     --stop-after-rounds every``) and resuming from the checkpoint the one before left, until it is finished;
     returns its status record. The rounds are those of one process (a resume is bit-identical), but no
-    process lives long: on XLA:CPU a long-lived process's rounds were measured to slow down by up to a third
-    (experiments/README.md), and a fresh process restores their speed. A process that fails (its failure is
-    recorded in the run's ``status.json``) or adds no round raises :class:`GridError`."""
+    process lives long (on the project's CPU machine a grid process's rounds were seen to slow down over hours
+    and a restart to restore them, though the host's own speed varies as much: experiments/README.md); each
+    restart costs one compilation. A process that fails (its failure is recorded in the run's
+    ``status.json``) or adds no round raises :class:`GridError`."""
     import subprocess
 
     from fedbpt_jax.checkpoint import read_json
@@ -1063,8 +1064,8 @@ def main(argv=None) -> int:
         default=None,
         metavar="ROUNDS",
         help="run each run in fresh processes of at most ROUNDS rounds each, every one resuming from the "
-        "checkpoint the one before left (the same numbers as one process; on XLA:CPU a long-lived process's "
-        "rounds slow down, and a fresh one restores their speed)",
+        "checkpoint the one before left (the same numbers as one process, one compilation more per restart; "
+        "for long runs on a CPU, where a long-lived process's rounds were seen to slow down)",
     )
     r.add_argument(
         "--stop-after-rounds",

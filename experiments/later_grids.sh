@@ -4,7 +4,8 @@
 # run it from a worktree pinned to a commit that has both grid files:
 #   git worktree add --detach ../wt-later HEAD && cd ../wt-later && bash experiments/later_grids.sh
 # Each run goes in fresh processes of at most RESTART_EVERY rounds (default 4), every one resuming from the
-# checkpoint the one before left: on XLA:CPU a long-lived process's rounds slow down (experiments/README.md).
+# checkpoint the one before left: a precaution against the slowdown of long-lived processes seen on the
+# project's CPU machine (experiments/README.md); each restart costs one compilation.
 set -euo pipefail
 export OPENBLAS_NUM_THREADS=1
 PY=${PY:-python}
