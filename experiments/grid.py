@@ -434,9 +434,8 @@ def run_restarting(grid_path: Path, out: Path, run: dict, tag: str, every: int) 
     """Runs ``run`` in fresh processes, each computing at most ``every`` rounds (``grid.py run --run NAME
     --stop-after-rounds every``) and resuming from the checkpoint the one before left, until it is finished;
     returns its status record. The rounds are those of one process (a resume is bit-identical), but no
-    process lives long (on the project's CPU machine a grid process's rounds were seen to slow down over hours
-    and a restart to restore them, though the host's own speed varies as much: experiments/README.md); each
-    restart costs one compilation. A process that fails (its failure is recorded in the run's
+    process lives long, e.g. where a process's memory or speed degrades over hours; each restart costs one
+    compilation. A process that fails (its failure is recorded in the run's
     ``status.json``) or adds no round raises :class:`GridError`."""
     import subprocess
 
@@ -1064,8 +1063,7 @@ def main(argv=None) -> int:
         default=None,
         metavar="ROUNDS",
         help="run each run in fresh processes of at most ROUNDS rounds each, every one resuming from the "
-        "checkpoint the one before left (the same numbers as one process, one compilation more per restart; "
-        "for long runs on a CPU, where a long-lived process's rounds were seen to slow down)",
+        "checkpoint the one before left (the same numbers as one process, one compilation more per restart)",
     )
     r.add_argument(
         "--stop-after-rounds",
