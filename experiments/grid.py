@@ -430,6 +430,22 @@ def run_one(run: dict, out: Path, ctx: Context, grid_name: str, stop_after_round
     return status
 
 
+def run_command(grid_path: Path, out: Path, run: dict) -> list[str]:
+    """The command that computes ``run`` alone in a process of its own (``grid.py run --run NAME --no-reuse``):
+    a worker of ``--jobs``, a process of ``--restart-every``."""
+    return [
+        sys.executable,
+        str(HERE / "grid.py"),
+        "run",
+        str(grid_path),
+        "--out",
+        str(out),
+        "--run",
+        run["dirname"],
+        "--no-reuse",
+    ]
+
+
 def run_restarting(grid_path: Path, out: Path, run: dict, tag: str, every: int) -> dict:
     """Runs ``run`` in fresh processes, each computing at most ``every`` rounds (``grid.py run --run NAME
     --stop-after-rounds every``) and resuming from the checkpoint the one before left, until it is finished;
@@ -442,8 +458,7 @@ def run_restarting(grid_path: Path, out: Path, run: dict, tag: str, every: int) 
     from fedbpt_jax.checkpoint import read_json
 
     d, rounds = out / run["dirname"], run["settings"]["rounds"]
-    cmd = [sys.executable, str(HERE / "grid.py"), "run", str(grid_path), "--out", str(out)]
-    cmd += ["--run", run["dirname"], "--no-reuse", "--stop-after-rounds", str(every)]
+    cmd = run_command(grid_path, out, run) + ["--stop-after-rounds", str(every)]
     while True:
         _, before = is_finished(d, rounds)
         proc = subprocess.Popen(cmd)
@@ -484,8 +499,7 @@ def run_in_workers(
         while queue or running:
             while queue and len(running) < jobs:
                 tag, r = queue.pop(0)
-                cmd = [sys.executable, str(HERE / "grid.py"), "run", str(grid_path), "--out", str(out)]
-                cmd += ["--run", r["dirname"], "--no-reuse"]
+                cmd = run_command(grid_path, out, r)
                 if restart_every is not None:  # the worker restarts its run's process itself
                     cmd += ["--restart-every", str(restart_every)]
                 running[subprocess.Popen(cmd, env=env)] = tag
